@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny Hugging Face checkpoints, tiny sentencepiece models, the real Mistral v1 tokenizer.
+
+Everything is seeded and small so the suite stays fast on two CPU cores. Reference models come from
+``transformers`` (random weights, ``save_pretrained``), never from our own code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import mlx_qlora  # noqa: F401  (loads OpenBLAS before MLX on Linux)
+
+TINY_MISTRAL = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    sliding_window=16,
+    tie_word_embeddings=False,
+)
+
+
+def make_hf_checkpoint(path: Path, arch: str = "mistral", seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised transformers Mistral/Llama model to ``path`` (float32 safetensors)."""
+    import torch
+    import transformers
+
+    config_kwargs = {**TINY_MISTRAL, **overrides}
+    if arch == "llama":
+        config_kwargs.pop("sliding_window", None)
+        config = transformers.LlamaConfig(**config_kwargs)
+        cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.MistralConfig(**config_kwargs)
+        cls = transformers.MistralForCausalLM
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    # transformers initialises norms to ones; perturb them so the test sees whether we load them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint_factory(tmp_path_factory):
+    """``factory(name, arch='mistral', seed=0, **config)`` -> directory of a saved transformers model."""
+    cache: dict = {}
+
+    def factory(name: str, arch: str = "mistral", seed: int = 0, **overrides) -> Path:
+        key = (name, arch, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = make_hf_checkpoint(tmp_path_factory.mktemp(name), arch=arch, seed=seed, **overrides)
+        return cache[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(hf_checkpoint_factory) -> Path:
+    """A 2-layer Mistral (hidden 64, GQA 4/2, window 16, vocab 320) saved by transformers."""
+    return hf_checkpoint_factory("tiny-mistral")
+
+
+def _corpus_lines(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = (
+        "the a an of to in on for with model data train answer question context response instruction "
+        "river mountain city music science history color number seven blue green quick lazy fox dog "
+        "write list explain summarize classify why how what when where who Paris Tokyo café naïve 42"
+    ).split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 16))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_spm_path(tmp_path_factory) -> Path:
+    """A 320-piece sentencepiece BPE model (unk 0, bos 1, eos 2, no pad) trained on a seeded corpus."""
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("spm")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(_corpus_lines()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(root / "tokenizer"),
+        vocab_size=320,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return root / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer_path() -> Path:
+    """The real Mistral v1 ``tokenizer.model`` (vocab 32000) shipped in the ``mistral-common`` package."""
+    import mistral_common
+
+    path = Path(os.path.dirname(mistral_common.__file__)) / "data" / "tokenizer.model.v1"
+    if not path.exists():
+        pytest.fail(f"mistral-common no longer ships {path.name}; update the fixture")
+    return path

@@ -1,0 +1,153 @@
+"""``ModelArgs``: the shape of a Mistral/Llama decoder, read from a Hugging Face ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+
+
+@dataclass
+class ModelArgs:
+    """Decoder hyper-parameters with Hugging Face's names.
+
+    ``model_type`` ``llama`` is Mistral without a sliding window. ``head_dim`` defaults to
+    ``hidden_size // num_attention_heads``. ``sliding_window`` None means full causal attention.
+    """
+
+    model_type: str = "mistral"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # "linear" RoPE scaling divides positions by this factor
+    sliding_window: Optional[int] = 4096
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type: {self.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key}: must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads: {self.num_key_value_heads} does not divide "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim: must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window: must be a positive integer or null, got {self.sliding_window!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta: must be > 0, got {self.rope_theta}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps: must be > 0, got {self.rms_norm_eps}")
+
+    @property
+    def n_kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> "ModelArgs":
+        """Build from a parsed Hugging Face ``config.json``; unknown keys are ignored, bad ones raise ValueError."""
+        config = dict(config)
+        model_type = config.get("model_type")
+        if model_type is None:
+            raise ValueError("model_type: missing")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type: {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        for key in ("hidden_act", "hidden_activation"):
+            if config.get(key, "silu") != "silu":
+                raise ValueError(f"{key}: only 'silu' is supported, got {config[key]!r}")
+        for key in ("attention_bias", "mlp_bias"):
+            if config.get(key):
+                raise ValueError(f"{key}: biases in linear layers are not supported")
+        config["rope_theta"], config["rope_scaling_factor"] = _read_rope(config)
+        if model_type == "llama":
+            if config.get("sliding_window") is not None:
+                raise ValueError("sliding_window: model_type 'llama' has no sliding window; use 'mistral'")
+            config["sliding_window"] = None
+        elif config.get("use_sliding_window") is False:
+            config["sliding_window"] = None
+        for key in ("bos_token_id", "eos_token_id"):
+            if isinstance(config.get(key), list):  # some configs list several; the first is the main one
+                config[key] = config[key][0] if config[key] else None
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.items() if k in names}
+        if "sliding_window" not in values:
+            values["sliding_window"] = None
+        return cls(**values)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` fields for these arguments."""
+        arch = "MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"
+        config = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if self.rope_scaling_factor != 1.0:
+            config["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_scaling_factor}
+        if self.model_type == "mistral":
+            config["sliding_window"] = self.sliding_window
+        return config
+
+
+def _read_rope(config: dict[str, Any]) -> tuple[float, float]:
+    """RoPE base and linear scaling factor from ``rope_theta``/``rope_scaling`` or ``rope_parameters``."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"rope_parameters: expected an object, got {params!r}")
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling: expected an object, got {scaling!r}")
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    if "rope_theta" in params and "rope_theta" in config and float(params["rope_theta"]) != float(config["rope_theta"]):
+        raise ValueError(
+            f"rope_theta: {config['rope_theta']} contradicts rope_parameters.rope_theta {params['rope_theta']}"
+        )
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    factor = 1.0
+    if kind == "linear":
+        factor = float(params.get("factor", scaling.get("factor", 1.0)))
+    elif kind != "default":
+        raise ValueError(f"rope_type: {kind!r} is not supported (supported: default, linear)")
+    return float(theta), factor

@@ -1,0 +1,107 @@
+"""The pieces of a Mistral decoder layer: RMSNorm, rotary embeddings, attention, SwiGLU MLP."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .args import ModelArgs
+from .cache import KVCache
+
+Mask = Union[None, str, mx.array]
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last axis."""
+
+    def __init__(self, dims: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def rope(x: mx.array, theta: float, scale: float, offset: int = 0, position_ids: Optional[mx.array] = None) -> mx.array:
+    """Rotate halves of the last axis of x (B, H, L, D) by position, as Hugging Face's ``rotate_half``.
+
+    Positions are ``offset + arange(L)`` or ``position_ids`` (B, L). ``scale`` multiplies positions.
+    """
+    head_dim = x.shape[-1]
+    if position_ids is None:
+        return mx.fast.rope(x, head_dim, traditional=False, base=theta, scale=scale, offset=offset)
+    inv_freq = 1.0 / (theta ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))  # (D/2,)
+    angles = (position_ids.astype(mx.float32) * scale)[:, None, :, None] * inv_freq  # (B, 1, L, D/2)
+    cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.num_attention_heads
+        self.n_kv_heads = args.num_key_value_heads
+        self.head_dim = args.head_dim
+        self.scale = self.head_dim**-0.5
+        self.rope_theta = args.rope_theta
+        self.rope_scale = 1.0 / args.rope_scaling_factor
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask_fn,
+        cache: Optional[KVCache] = None,
+        position_ids: Optional[mx.array] = None,
+    ) -> mx.array:
+        """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None) -> mask`` builds the attention mask."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, L, hd)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, L, hd)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = rope(q, self.rope_theta, self.rope_scale, offset, position_ids)
+        k = rope(k, self.rope_theta, self.rope_scale, offset, position_ids)
+        key_positions = None
+        if cache is not None:
+            k, v, key_positions = cache.update(k, v)  # (B, Hkv, S, hd)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask_fn(key_positions))
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask_fn, cache: Optional[KVCache] = None, position_ids=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask_fn, cache, position_ids)
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,0 +1,161 @@
+"""Load a Hugging Face (or converted) checkpoint directory into ``MistralForCausalLM``.
+
+Loading is strict: every parameter of the model must be in the checkpoint with the right shape, and
+every tensor of the checkpoint must belong to the model (a few known extras are skipped, see
+``IGNORED_KEY_SUFFIXES``). Tensors are read shard by shard and assigned straight into the model, so
+the weights are never held twice: MLX builds the model's initial arrays lazily and never computes the
+ones that are replaced.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import UserError
+from .args import ModelArgs
+from .mistral import MistralForCausalLM
+
+# Checkpoint tensors that carry no parameters of ours.
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+# The seven projections of a decoder layer, the ones that are quantized.
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def read_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Parsed ``config.json`` of a checkpoint directory, with a clear error when it is missing or broken."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory (expected a checkpoint folder with config.json)")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{config_file}: missing (not a Hugging Face or converted checkpoint folder)")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_file}: not valid JSON ({e})") from None
+
+
+def model_args_from_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
+    """``ModelArgs`` from a parsed config, turning a bad value into a ``UserError`` naming the file and key."""
+    try:
+        return ModelArgs.from_hf_config(config)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def weight_files(path: Union[str, os.PathLike]) -> list[Path]:
+    """The safetensors files of a checkpoint, in the order of its index when there is one."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise UserError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    files = sorted(Path(p) for p in glob.glob(str(path / "*.safetensors")))
+    if not files:
+        pickles = glob.glob(str(path / "*.bin")) + glob.glob(str(path / "*.pt")) + glob.glob(str(path / "*.pth"))
+        hint = " (found PyTorch pickle files, which are not loaded for safety; convert them to safetensors)" if pickles else ""
+        raise UserError(f"{path}: no *.safetensors weight files{hint}")
+    return files
+
+
+def quantize_layers(model: MistralForCausalLM, bits: int, group_size: Optional[int]) -> None:
+    """Replace the seven projections of every decoder layer with empty ``QuantizedLinear`` layers."""
+    from ..quant.quantized_linear import QuantizedLinear
+
+    swaps = []
+    for i, layer in enumerate(model.model.layers):
+        for name in PROJECTIONS:
+            parent_name, leaf = name.split(".")
+            linear = getattr(layer, parent_name)[leaf]
+            out_features, in_features = linear.weight.shape
+            swaps.append((f"model.layers.{i}.{name}", QuantizedLinear(in_features, out_features, bits, group_size)))
+    model.update_modules(tree_unflatten(swaps))
+
+
+def build_model(config: dict[str, Any], source: str = "config.json") -> MistralForCausalLM:
+    """An uninitialised model for a parsed config (quantized layers when it has a ``quantization`` section)."""
+    args = model_args_from_config(config, source)
+    model = MistralForCausalLM(args)
+    quant = config.get("quantization")
+    if quant:
+        if not isinstance(quant, dict) or "bits" not in quant:
+            raise UserError(f"{source}: quantization: expected an object with 'bits' and 'group_size'")
+        quantize_layers(model, int(quant["bits"]), quant.get("group_size"))
+    model.quantization = quant or None
+    return model
+
+
+def load_weights(model: nn.Module, files: list[Path], dtype: Optional[mx.Dtype] = None, strict: bool = True) -> None:
+    """Assign the tensors of ``files`` to ``model`` by name, shard by shard; floating tensors cast to ``dtype``."""
+    expected = dict(tree_flatten(model.parameters()))
+    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
+    seen: set[str] = set()
+    for file in files:
+        try:
+            tensors = mx.load(str(file))
+        except Exception as e:  # a truncated or foreign file
+            raise UserError(f"{file}: cannot be read as safetensors ({e})") from None
+        updates = []
+        for key, value in tensors.items():
+            if key.endswith(IGNORED_KEY_SUFFIXES) or (tied and key == "lm_head.weight"):
+                continue
+            if key not in expected:
+                if strict:
+                    raise UserError(f"{file}: unexpected tensor {key!r} (not a parameter of this model)")
+                continue
+            if tuple(value.shape) != tuple(expected[key].shape):
+                raise UserError(
+                    f"{file}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+                )
+            if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
+                value = value.astype(dtype)
+            updates.append((key, value))
+            seen.add(key)
+        model.update(tree_unflatten(updates))
+        mx.eval(model.parameters())  # materialise this shard before reading the next
+        del tensors, updates
+    missing = [k for k in expected if k not in seen]
+    if missing and strict:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UserError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
+
+
+def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> Optional[mx.Dtype]:
+    """``"float16"`` / ``mx.float16`` / None -> an MLX dtype or None."""
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(path: Union[str, os.PathLike], dtype: Union[None, str, mx.Dtype] = None) -> MistralForCausalLM:
+    """Load a local Hugging Face or converted checkpoint folder.
+
+    dtype: cast floating-point tensors to it (None keeps the stored dtypes). The model is frozen by
+    nothing here; training code decides what is trainable. The parsed config stays on ``model.config``.
+    """
+    path = Path(path)
+    config = read_config(path)
+    model = build_model(config, source=str(path / "config.json"))
+    load_weights(model, weight_files(path), resolve_dtype(dtype))
+    model.config = config
+    model.eval()
+    return model

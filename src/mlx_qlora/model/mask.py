@@ -1,0 +1,67 @@
+"""Attention masks: causal, sliding window, packed segments and key padding, as one boolean rule.
+
+Query at position q may see key at position k when ``k <= q`` and ``k > q - window`` (Hugging Face
+Mistral's window), both tokens are in the same segment (packing), and the key is not padding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import mlx.core as mx
+
+Mask = Union[None, str, mx.array]
+
+
+def build_mask(
+    query_positions: mx.array,
+    key_positions: mx.array,
+    window: Optional[int] = None,
+    segment_ids: Optional[mx.array] = None,
+    attention_mask: Optional[mx.array] = None,
+) -> mx.array:
+    """Boolean mask (B or 1, 1, L, S); True where attention is allowed.
+
+    query_positions (L,), key_positions (S,): absolute positions. segment_ids (B, L) when queries and keys
+    are the same tokens. attention_mask (B, T) over all positions so far, 0 for padding.
+    """
+    q = query_positions[:, None]  # (L, 1)
+    k = key_positions[None, :]  # (1, S)
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    allowed = allowed[None, None]  # (1, 1, L, S)
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, L, L)
+        allowed = allowed & same[:, None]
+    if attention_mask is not None:
+        valid = mx.take(attention_mask, key_positions, axis=1).astype(mx.bool_)  # (B, S)
+        allowed = allowed & valid[:, None, None, :]
+        # A padding query would otherwise see no key at all and produce NaNs that reach later layers.
+        allowed = allowed | (k == q)[None, None]
+    return allowed
+
+
+def make_mask(
+    length: int,
+    offset: int,
+    key_positions: Optional[mx.array],
+    window: Optional[int],
+    segment_ids: Optional[mx.array] = None,
+    attention_mask: Optional[mx.array] = None,
+) -> Mask:
+    """The cheapest mask that is exact for ``length`` new tokens after ``offset`` cached ones.
+
+    ``key_positions`` None means no cache: keys are the new tokens themselves.
+    """
+    if key_positions is None:
+        if segment_ids is None and attention_mask is None and (window is None or length <= window):
+            return "causal"
+        positions = mx.arange(length, dtype=mx.int32)
+        return build_mask(positions, positions, window, segment_ids, attention_mask)
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+    if length == 1 and attention_mask is None:
+        return None  # the cache returns exactly the keys inside the window
+    query_positions = mx.arange(offset, offset + length, dtype=mx.int32)
+    return build_mask(query_positions, key_positions, window, None, attention_mask)

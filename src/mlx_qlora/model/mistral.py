@@ -1,0 +1,112 @@
+"""``MistralModel`` and ``MistralForCausalLM``: parameter paths equal Hugging Face checkpoint keys."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .args import ModelArgs
+from .cache import KVCache
+from .layers import DecoderLayer, RMSNorm
+from .mask import make_mask
+
+
+class MistralModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (``model.*`` keys)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.grad_checkpoint = False
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: Optional[list[KVCache]] = None,
+        position_ids: Optional[mx.array] = None,
+        segment_ids: Optional[mx.array] = None,
+        attention_mask: Optional[mx.array] = None,
+    ) -> mx.array:
+        """input_ids (B, L) -> hidden states (B, L, D) after the final norm."""
+        h = self.embed_tokens(input_ids)  # (B, L, D)
+        L = input_ids.shape[1]
+        offset = cache[0].offset if cache else 0
+        built: dict[str, Any] = {}
+
+        def mask_fn(key_positions):
+            # Every layer sees the same positions: build the mask once per forward pass.
+            if "mask" not in built:
+                built["mask"] = make_mask(
+                    L, offset, key_positions, self.args.sliding_window, segment_ids, attention_mask
+                )
+            return built["mask"]
+
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache[i] if cache else None
+            if self.grad_checkpoint and cache is None:
+                h = _checkpointed(layer, h, mask_fn, position_ids)
+            else:
+                h = layer(h, mask_fn, layer_cache, position_ids)
+        return self.norm(h)
+
+
+def _checkpointed(layer: DecoderLayer, h: mx.array, mask_fn, position_ids) -> mx.array:
+    """Run ``layer`` so that its activations are recomputed in the backward pass instead of stored."""
+
+    def run(params, x):
+        layer.update(params)
+        return layer(x, mask_fn, None, position_ids)
+
+    return mx.checkpoint(run)(layer.trainable_parameters(), h)
+
+
+class MistralForCausalLM(nn.Module):
+    """The decoder plus the language-model head (tied to the embeddings when the config says so)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = MistralModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def hidden_states(
+        self,
+        input_ids: mx.array,
+        cache: Optional[list[KVCache]] = None,
+        position_ids: Optional[mx.array] = None,
+        segment_ids: Optional[mx.array] = None,
+        attention_mask: Optional[mx.array] = None,
+    ) -> mx.array:
+        """input_ids (B, L) -> final hidden states (B, L, D)."""
+        return self.model(input_ids, cache, position_ids, segment_ids, attention_mask)
+
+    def logits_from_hidden(self, h: mx.array) -> mx.array:
+        """Hidden states (..., D) -> logits (..., vocab)."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: Optional[list[KVCache]] = None,
+        position_ids: Optional[mx.array] = None,
+        segment_ids: Optional[mx.array] = None,
+        attention_mask: Optional[mx.array] = None,
+    ) -> mx.array:
+        """input_ids (B, L) -> logits (B, L, vocab). See docs/ARCHITECTURE.md for the optional inputs."""
+        return self.logits_from_hidden(self.hidden_states(input_ids, cache, position_ids, segment_ids, attention_mask))
+
+    def make_cache(self) -> list[KVCache]:
+        """One cache per layer; each keeps only the sliding window when the model has one."""
+        return [KVCache(self.args.sliding_window) for _ in self.model.layers]
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers

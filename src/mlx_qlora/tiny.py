@@ -58,7 +58,7 @@ def train_tokenizer(texts: Iterable[str], out_file: Path, vocab_size: int = 1024
         spm.SentencePieceTrainer.train(
             input=str(corpus), model_prefix=str(Path(tmp) / "tokenizer"), vocab_size=vocab_size,
             model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
-            character_coverage=1.0, num_threads=1, minloglevel=2, random_seed=0,
+            character_coverage=1.0, num_threads=1, minloglevel=2,
             remove_extra_whitespaces=False, split_digits=True,
         )
         out_file.parent.mkdir(parents=True, exist_ok=True)

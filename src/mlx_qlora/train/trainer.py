@@ -1,0 +1,339 @@
+"""The training loop: LoRA on a frozen (4-bit) base, AdamW, accumulation, clipping, evaluation,
+checkpoints, exact resume, Ctrl-C and NaN handling, metrics.
+
+A run directory holds:
+- ``run_config.json``: the resolved configuration (and what the data and model were);
+- ``metrics.jsonl``: one JSON object per logged step and per evaluation;
+- ``checkpoints/step-XXXXXXX/``: adapters, optimizer state, trainer state (see ``checkpoint.py``);
+- ``adapter_model.safetensors`` + ``adapter_config.json``: the final adapters, in PEFT's format;
+- ``loss.png``: the loss curve (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ..config import TrainConfig
+from ..data.dataset import BatchIterator, PreparedDataset, check_tokenizer
+from ..data.tokenizer import load_tokenizer
+from ..errors import UserError
+from ..io import atomic_write_json
+from ..model import load_model
+from ..model.loading import resolve_dtype
+from ..quant.lora import apply_lora, format_trainable
+from .adapters import save_adapters
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .optimizer import AdamW
+from .run_config import parse_duration
+from .schedule import build_schedule
+from .step import add_trees, make_eval_fn, make_grad_fn, make_update_fn
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must restore besides adapters and optimizer state."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0
+    best_val_loss: Optional[float] = None
+    data_cursor: dict[str, Any] = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of optimizer step ``step``: dropout masks depend on (seed, step) only, so resume is exact."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def lora_parameters(model) -> dict[str, mx.array]:
+    """The trainable parameters, flat, keyed by module path (``model.layers.0.self_attn.q_proj.lora_A``)."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def batch_arrays(batch: dict[str, np.ndarray], packed: bool) -> tuple[mx.array, ...]:
+    """The arrays the compiled step takes, in order."""
+    names = ("input_ids", "labels", "position_ids", "segment_ids") if packed else ("input_ids", "labels")
+    return tuple(mx.array(batch[name]) for name in names)
+
+
+class Trainer:
+    """Owns the model, data, optimizer and run directory of one fine-tuning run."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        self.config = config
+        self.run_dir = Path(config.out)
+        self.progress = progress
+        self.interrupted = False
+        self._setup(resume)
+
+    # ---- set-up ---------------------------------------------------------------------------------
+
+    def _setup(self, resume: bool) -> None:
+        c = self.config
+        if not c.model:
+            raise UserError("model: give the converted model folder (--model)")
+        if not c.data:
+            raise UserError("data: give the prepared data folder (--data)")
+        if not c.out:
+            raise UserError("out: give the run folder (--out)")
+        self.tokenizer = load_tokenizer(c.model)
+        self.train_data = PreparedDataset(c.data, "train")
+        check_tokenizer(self.train_data.meta, self.tokenizer)
+        has_val = (Path(c.data) / "validation.safetensors").exists()
+        self.val_data = PreparedDataset(c.data, "validation") if has_val else None
+
+        mx.random.seed(c.seed)
+        self.dtype = resolve_dtype(c.dtype)
+        self.model = load_model(c.model, dtype=self.dtype)
+        self.model.freeze()
+        apply_lora(self.model, c.lora)
+        # Adapters and their optimizer state stay in float32 whatever the compute dtype.
+        self.model.update(tree_map(lambda p: p.astype(mx.float32), self.model.trainable_parameters()))
+        self.model.model.grad_checkpoint = c.grad_checkpoint
+        self.model.train()
+
+        self.iterator = BatchIterator(
+            self.train_data, batch_size=c.batch_size, seed=c.seed, shuffle=True, packing=c.packing,
+            max_seq_len=self.train_data.meta.get("max_seq_len"),
+        )
+        self.total_steps = self._total_steps()
+        warmup = c.warmup_steps or int(round(c.warmup_ratio * self.total_steps))
+        self.schedule = build_schedule(c.schedule, c.learning_rate, self.total_steps, warmup_steps=warmup,
+                                       min_lr_ratio=c.min_lr_ratio)
+        self.optimizer = AdamW(betas=(c.beta1, c.beta2), eps=c.eps, weight_decay=c.weight_decay)
+        self.opt_state = self.optimizer.init(lora_parameters(self.model))
+        self.state = RunState()
+        if resume:
+            self._restore()
+        self.grad_fn = make_grad_fn(self.model, c.loss_chunk, c.packing)
+        self.eval_fn = make_eval_fn(self.model, c.loss_chunk, c.packing)
+        self.update_fn = make_update_fn(self.optimizer, c.max_grad_norm)
+        self._write_run_config()
+
+    def _total_steps(self) -> int:
+        c = self.config
+        steps_per_epoch = max(1, len(self.iterator) // c.grad_accum)
+        if c.iters is not None:
+            return c.iters
+        if c.epochs is not None:
+            return max(1, math.ceil(c.epochs * steps_per_epoch))
+        if c.max_time is not None:
+            return 10**9  # bounded by the clock
+        return steps_per_epoch  # one epoch by default
+
+    def _write_run_config(self) -> None:
+        record = self.config.to_dict()
+        record["data_meta"] = {k: self.train_data.meta.get(k) for k in ("template", "source", "max_seq_len",
+                                                                        "tokenizer_checksum")}
+        record["template"] = self.train_data.meta.get("template")
+        record["total_steps"] = self.total_steps
+        atomic_write_json(self.run_dir / "run_config.json", record)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise UserError(f"{self.run_dir}: no checkpoint to resume from")
+        ckpt = load_checkpoint(path)
+        params = ckpt["adapters"]
+        missing = set(lora_parameters(self.model)) - set(params)
+        if missing:
+            raise UserError(f"{path}: adapters lack {sorted(missing)[0]} (made with other LoRA settings?)")
+        self.model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in params.items()]))
+        self.opt_state = AdamW.load_state_dict(ckpt["optimizer"])
+        s = ckpt["trainer_state"]
+        self.state = RunState(step=s["step"], tokens_seen=s["tokens_seen"], elapsed=s["elapsed"],
+                              best_val_loss=s.get("best_val_loss"), data_cursor=s["data_cursor"])
+        self.iterator.load_state_dict(self.state.data_cursor)
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (atomically) and return its folder."""
+        self.state.data_cursor = self.iterator.state_dict()
+        trainer_state = {
+            "step": self.state.step, "tokens_seen": self.state.tokens_seen, "elapsed": self.state.elapsed,
+            "best_val_loss": self.state.best_val_loss, "data_cursor": self.state.data_cursor,
+            "seed": self.config.seed, "rng": "per-step seed: (seed * 1000003 + step)",
+        }
+        return save_checkpoint(
+            self.run_dir, self.state.step, adapters=lora_parameters(self.model), lora_config=self.config.lora,
+            base_model=self.config.model, optimizer_state=AdamW.state_dict(self.opt_state),
+            trainer_state=trainer_state, config=self.config.to_dict(), keep_last=self.config.keep_last,
+        )
+
+    # ---- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> Optional[dict[str, float]]:
+        """Mean loss and perplexity over (a fixed subset of) the validation split."""
+        if self.val_data is None or len(self.val_data) == 0:
+            return None
+        self.model.eval()
+        iterator = BatchIterator(self.val_data, batch_size=self.config.batch_size, seed=0, shuffle=False,
+                                 packing=self.config.packing, repeat=False)
+        total, count = 0.0, 0
+        for i, batch in enumerate(iterator):
+            if self.config.eval_batches is not None and i >= self.config.eval_batches:
+                break
+            loss_sum, n = self.eval_fn(*batch_arrays(batch, self.config.packing))
+            mx.eval(loss_sum, n)
+            total += loss_sum.item()
+            count += int(n.item())
+        self.model.train()
+        loss = total / max(count, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _one_step(self) -> dict[str, float]:
+        c = self.config
+        mx.random.seed(step_seed(c.seed, self.state.step))
+        loss_sum, n_learned, grad_sums, real_tokens = mx.array(0.0), mx.array(0), None, 0
+        for _ in range(c.grad_accum):
+            batch = next(self.iterator)
+            real_tokens += int(batch["lengths"].sum())
+            s, n, g = self.grad_fn(*batch_arrays(batch, c.packing))
+            loss_sum, n_learned, grad_sums = loss_sum + s, n_learned + n, add_trees(grad_sums, g)
+            mx.eval(loss_sum, n_learned, grad_sums)
+        lr = self.schedule(self.state.step)
+        params, opt_state, norm = self.update_fn(lora_parameters(self.model), grad_sums, self.opt_state,
+                                                 mx.array(lr, dtype=mx.float32), n_learned)
+        loss = loss_sum / mx.maximum(n_learned, 1)
+        mx.eval(params, opt_state, loss, norm)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value) or not math.isfinite(norm.item()):
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {self.state.step + 1}; stopped without saving this step "
+                f"(lower --learning-rate, or check the data); the last good checkpoint is kept"
+            )
+        self.model.update(tree_unflatten(list(params.items())))
+        self.opt_state = opt_state
+        self.state.step += 1
+        self.state.tokens_seen += real_tokens
+        return {"loss": loss_value, "lr": float(lr), "grad_norm": norm.item(),
+                "learned_tokens": int(n_learned.item()), "tokens": real_tokens}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def train(self) -> dict[str, Any]:
+        """Run until the step budget, the time budget or Ctrl-C; return a summary."""
+        c = self.config
+        max_seconds = parse_duration(c.max_time)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        start = time.perf_counter() - self.state.elapsed
+        window_start, window_tokens = time.perf_counter(), 0
+        last_saved = self.state.step if self.state.step else None
+        stop_reason = "done"
+        bar = _progress(self.state.step, self.total_steps, self.progress)
+        try:
+            if self.state.step == 0:
+                print(format_trainable(self.model))
+            while self.state.step < self.total_steps:
+                metrics = self._one_step()
+                bar.update(1)
+                window_tokens += metrics["tokens"]
+                self.state.elapsed = time.perf_counter() - start
+                step = self.state.step
+                if step % c.log_every == 0 or step == self.total_steps:
+                    now = time.perf_counter()
+                    tokens_per_sec = window_tokens / max(now - window_start, 1e-9)
+                    window_start, window_tokens = now, 0
+                    record = {"step": step, **metrics, "tokens_per_sec": tokens_per_sec,
+                              "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed": self.state.elapsed}
+                    self._log(record)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                    tok_s=f"{tokens_per_sec:.0f}", mem=f"{record['peak_memory_gb']:.2f}GB")
+                if step % c.eval_every == 0 or step == self.total_steps:
+                    result = self.evaluate()
+                    if result:
+                        self._log({"step": step, **result})
+                        if self.state.best_val_loss is None or result["val_loss"] < self.state.best_val_loss:
+                            self.state.best_val_loss = result["val_loss"]
+                        bar.write(f"step {step}: val_loss {result['val_loss']:.4f} ppl {result['val_ppl']:.2f}")
+                if step % c.save_every == 0:
+                    self.save()
+                    last_saved = step
+                if self.interrupted:
+                    stop_reason = "interrupted"
+                    break
+                if max_seconds is not None and self.state.elapsed >= max_seconds:
+                    stop_reason = "time budget reached"
+                    break
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, previous)
+        if last_saved != self.state.step:
+            self.save()
+        self._export_final()
+        summary = {"stop_reason": stop_reason, "step": self.state.step, "total_steps": self.total_steps,
+                   "tokens_seen": self.state.tokens_seen, "elapsed_s": self.state.elapsed,
+                   "best_val_loss": self.state.best_val_loss, "run_dir": str(self.run_dir)}
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _on_interrupt(self, signum, frame) -> None:
+        if self.interrupted:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def _export_final(self) -> None:
+        save_adapters(self.run_dir, lora_parameters(self.model), self.config.lora, self.config.model)
+        plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+
+
+def _progress(initial: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def plot_losses(metrics_file: Path, out_file: Path) -> Optional[Path]:
+    """Plot training and validation loss from ``metrics.jsonl``; skipped when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train, val = [], []
+    if not Path(metrics_file).exists():
+        return None
+    for line in Path(metrics_file).read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            train.append((record["step"], record["loss"]))
+        if "val_loss" in record:
+            val.append((record["step"], record["val_loss"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_file.with_name(f".{out_file.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_file)
+    return out_file

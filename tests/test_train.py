@@ -1,0 +1,271 @@
+"""The training loop: accumulation, exact resume, LoRA gradients through the 4-bit model against PEFT,
+PEFT interop of trained adapters, and the fault paths (NaN, Ctrl-C, another tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_qlora.config import DataConfig, LoRAConfig, TrainConfig
+from mlx_qlora.data.prepare import prepare_dataset
+from mlx_qlora.errors import UserError
+from mlx_qlora.model import load_model
+from mlx_qlora.quant import apply_lora, convert_checkpoint
+from mlx_qlora.train.adapters import load_adapters
+from mlx_qlora.train.checkpoint import latest_checkpoint, load_checkpoint
+from mlx_qlora.train.optimizer import AdamW
+from mlx_qlora.train.step import add_trees, make_grad_fn, make_update_fn
+from mlx_qlora.train.trainer import Trainer, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample" / "dolly_sample.jsonl"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_hf_checkpoint, tiny_spm_path):
+    """A full-precision and a 4-bit copy of the tiny transformers model (with the tiny tokenizer), and data."""
+    root = tmp_path_factory.mktemp("train")
+    full = root / "full"
+    shutil.copytree(tiny_hf_checkpoint, full)
+    shutil.copy(tiny_spm_path, full / "tokenizer.model")
+    quant = root / "q4"
+    convert_checkpoint(str(full), str(quant), bits=4, group_size=None, dtype="float32")
+    data = root / "data"
+    prepare_dataset(SAMPLE, full / "tokenizer.model", data, DataConfig(max_seq_len=96, val_fraction=0.1))
+    return {"root": root, "full": full, "quant": quant, "data": data}
+
+
+def _config(ws, out, **overrides) -> TrainConfig:
+    values = dict(model=str(ws["quant"]), data=str(ws["data"]), out=str(out), batch_size=4, iters=20,
+                  learning_rate=3e-3, warmup_steps=3, eval_every=1000, save_every=5, log_every=1,
+                  lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.1), seed=3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def _adapter_arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    params, _ = load_adapters(run_dir)
+    return {k: np.array(v) for k, v in params.items()}
+
+
+def test_accumulation_equals_one_big_batch(workspace):
+    """k micro-batches with summed token losses give the loss and update of one batch k times larger."""
+    model = load_model(workspace["quant"])
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    rng = np.random.default_rng(0)
+    # B starts at zero; make it non-zero so gradients reach A too.
+    model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)))
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    ids = rng.integers(3, 320, size=(4, 24)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :9] = -100
+    labels[1, 15:] = -100  # rows learn different numbers of tokens
+    labels[3, 20:] = -100
+    labels[2, 21:] = -100  # so trimming the second micro-batch to 21 columns drops only ignored labels
+    grad = make_grad_fn(model, chunk=16, packed=False)
+    update = make_update_fn(AdamW(weight_decay=0.01), max_grad_norm=None)
+    params = dict(tree_flatten(model.trainable_parameters()))
+    state = AdamW(weight_decay=0.01).init(params)
+    lr = mx.array(1e-2)
+
+    s_big, n_big, g_big = grad(mx.array(ids), mx.array(labels))
+    p_big, _, _ = update(params, g_big, state, lr, n_big)
+    s_acc, n_acc, g_acc = mx.array(0.0), mx.array(0), None
+    for rows, length in (([0, 1], 24), ([2, 3], 21)):  # the second micro-batch is also shorter
+        s, n, g = grad(mx.array(ids[rows, :length]), mx.array(labels[rows, :length]))
+        s_acc, n_acc, g_acc = s_acc + s, n_acc + n, add_trees(g_acc, g)
+    p_acc, _, _ = update(params, g_acc, state, lr, n_acc)
+    assert int(n_acc.item()) == int(n_big.item())
+    np.testing.assert_allclose((s_acc / n_acc).item(), (s_big / n_big).item(), rtol=0, atol=1e-6)
+    for key in p_big:
+        np.testing.assert_allclose(np.array(p_acc[key]), np.array(p_big[key]), rtol=0, atol=1e-6, err_msg=key)
+
+
+def test_exact_resume(workspace, tmp_path):
+    """Stopping at step 10 and resuming gives bit-identical losses and adapters to an uninterrupted run."""
+    full = Trainer(_config(workspace, tmp_path / "full"), progress=False)
+    full.train()
+
+    interrupted = Trainer(_config(workspace, tmp_path / "resumed"), progress=False)
+    one_step = interrupted._one_step
+
+    def stop_at_ten():
+        metrics = one_step()
+        if interrupted.state.step == 10:
+            interrupted.interrupted = True  # what Ctrl-C does
+        return metrics
+
+    interrupted._one_step = stop_at_ten
+    summary = interrupted.train()
+    assert summary["stop_reason"] == "interrupted" and summary["step"] == 10
+    resumed = Trainer(_config(workspace, tmp_path / "resumed"), resume=True, progress=False)
+    assert resumed.state.step == 10
+    assert resumed.train()["step"] == 20
+
+    expected, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(got) == list(range(1, 21))
+    assert got == expected  # exact float equality on the CPU
+    a, b = _adapter_arrays(tmp_path / "full"), _adapter_arrays(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert expected[20] < expected[1]  # and it learned something
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(workspace, tmp_path):
+    trainer = Trainer(_config(workspace, tmp_path / "run", save_every=2), progress=False)
+    grad, calls = trainer.grad_fn, []
+
+    def poisoned(*arrays):
+        calls.append(1)
+        loss_sum, n, grads = grad(*arrays)
+        return (loss_sum * float("nan"), n, grads) if len(calls) == 5 else (loss_sum, n, grads)
+
+    trainer.grad_fn = poisoned
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 5"):
+        trainer.train()
+    latest = latest_checkpoint(tmp_path / "run")
+    assert latest.name == "step-0000004"
+    ckpt = load_checkpoint(latest)
+    assert ckpt["step"] == 4
+    assert all(np.isfinite(np.array(v)).all() for v in ckpt["adapters"].values())
+
+
+def test_data_from_another_tokenizer_is_refused(workspace, tmp_path, mistral_tokenizer_path):
+    data = tmp_path / "other"
+    prepare_dataset(SAMPLE, mistral_tokenizer_path, data, DataConfig(max_seq_len=96, val_fraction=0.1))
+    with pytest.raises(UserError, match="another tokenizer"):
+        Trainer(_config(workspace, tmp_path / "run", data=str(data)), progress=False)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(workspace, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--model", str(workspace["quant"]),
+           "--data", str(workspace["data"]), "--out", str(run), "--iters", "100000", "--batch-size", "2",
+           "--save-every", "100000", "--log-every", "1", "--lora-rank", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "interrupted" in output
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] >= 2
+    assert (run / "adapter_model.safetensors").exists()
+    assert json.loads((run / "summary.json").read_text())["stop_reason"] == "interrupted"
+
+
+def test_lora_gradients_through_4bit_model_match_peft(workspace):
+    """Gradients of A and B through our 4-bit model equal PEFT's on the dequantized weights (1e-4)."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from mlx_qlora.train.step import make_loss_fn
+    import mlx.nn as nn
+
+    model = load_model(workspace["quant"])
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    rng = np.random.default_rng(1)
+    model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.2, v.shape).astype(np.float32)))
+                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    ids = rng.integers(3, 320, size=(2, 30)).astype(np.int64)
+    labels = ids.copy()
+    labels[:, :12] = -100
+
+    loss_fn = make_loss_fn(chunk=8, packed=False)
+    (loss_sum, n), grads = nn.value_and_grad(model, loss_fn)(model, mx.array(ids), mx.array(labels))
+    ours = {k: np.array(v) / n.item() for k, v in tree_flatten(grads)}
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(workspace["full"], dtype=torch.float32)
+    with torch.no_grad():  # the reference base is our dequantized 4-bit weights
+        for name, module in model.named_modules():
+            if hasattr(module, "base") and hasattr(module.base, "dequantize"):
+                ref.get_submodule(name).weight.copy_(torch.from_numpy(np.array(module.base.dequantize(mx.float32))))
+    peft_model = get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for key, value in tree_flatten(model.trainable_parameters()):
+            peft_model.get_parameter(f"base_model.model.{key}.default.weight").copy_(torch.from_numpy(np.array(value)))
+    out = peft_model(input_ids=torch.tensor(ids), labels=torch.tensor(labels))
+    out.loss.backward()
+    assert abs(out.loss.item() - loss_sum.item() / n.item()) < 1e-5
+    for key, value in ours.items():
+        theirs = peft_model.get_parameter(f"base_model.model.{key}.default.weight").grad.numpy()
+        np.testing.assert_allclose(value, theirs, rtol=0, atol=1e-4, err_msg=key)
+
+
+def test_trained_adapters_load_in_peft_with_equal_logits(workspace, tmp_path):
+    """Adapters trained here, loaded by PEFT on the transformers model, give our logits (1e-4)."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    run = tmp_path / "run"
+    config = _config(workspace, run, model=str(workspace["full"]), iters=6, save_every=100,
+                     lora=LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")))
+    Trainer(config, progress=False).train()
+
+    ours = load_model(workspace["full"])
+    params, lora_config = load_adapters(run)
+    apply_lora(ours, lora_config)
+    ours.update(tree_unflatten(list(params.items())))
+    ids = np.random.default_rng(2).integers(3, 320, size=(2, 40))
+    logits = np.array(ours(mx.array(ids)))
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(workspace["full"], dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(run)).eval()
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(ref - np.array(load_model(workspace["full"])(mx.array(ids)))).max() > 1e-3  # adapters matter
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-4)
+
+
+def test_adapters_saved_by_peft_load_here_with_equal_logits(workspace, tmp_path):
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(workspace["full"], dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["k_proj", "o_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = np.random.default_rng(3).integers(3, 320, size=(1, 33))
+    with torch.no_grad():
+        ref = peft_model.eval()(input_ids=torch.tensor(ids)).logits.numpy()
+
+    ours = load_model(workspace["full"])
+    params, lora_config = load_adapters(tmp_path / "peft")
+    apply_lora(ours, lora_config)
+    ours.update(tree_unflatten(list(params.items())))
+    np.testing.assert_allclose(np.array(ours(mx.array(ids))), ref, rtol=0, atol=1e-4)

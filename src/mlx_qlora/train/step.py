@@ -19,7 +19,7 @@ from .loss import loss_sums
 from .optimizer import AdamW, clip_grad_norm
 
 
-def make_loss_fn(chunk: int, packed: bool) -> Callable:
+def make_loss_fn(chunk: int, packed: bool, fused: bool = True) -> Callable:
     """``loss(model, input_ids, labels[, position_ids, segment_ids]) -> (loss_sum, n_learned)``.
 
     input_ids, labels: (B, L). Position t predicts token t + 1, so labels are shifted by one.
@@ -31,7 +31,7 @@ def make_loss_fn(chunk: int, packed: bool) -> Callable:
         if packed:
             position_ids, segment_ids = position_ids[:, :-1], segment_ids[:, :-1]
         hidden = model.hidden_states(inputs, position_ids=position_ids, segment_ids=segment_ids)  # (B, L-1, D)
-        return loss_sums(hidden, model.logits_from_hidden, targets, chunk=chunk)
+        return loss_sums(hidden, model.logits_from_hidden, targets, chunk=chunk, fused=fused)
 
     return loss
 
@@ -52,7 +52,7 @@ def make_grad_fn(model: nn.Module, chunk: int, packed: bool, compile: bool = Tru
 
 def make_eval_fn(model: nn.Module, chunk: int, packed: bool, compile: bool = True) -> Callable:
     """``evaluate(batch arrays...) -> (loss_sum, n_learned)`` without gradients."""
-    loss = make_loss_fn(chunk, packed)
+    loss = make_loss_fn(chunk, packed, fused=False)  # no gradient needed: skip the fused backward work
 
     def evaluate(*arrays):
         return loss(model, *arrays)

@@ -111,9 +111,8 @@ class Trainer:
             max_seq_len=self.train_data.meta.get("max_seq_len"),
         )
         self.total_steps = self._total_steps()
-        warmup = c.warmup_steps or int(round(c.warmup_ratio * self.total_steps))
-        self.schedule = build_schedule(c.schedule, c.learning_rate, self.total_steps, warmup_steps=warmup,
-                                       min_lr_ratio=c.min_lr_ratio)
+        self.schedule = build_schedule(c.schedule, c.learning_rate, self.total_steps, warmup_steps=c.warmup_steps,
+                                       warmup_ratio=c.warmup_ratio, min_lr_ratio=c.min_lr_ratio)
         self.optimizer = AdamW(betas=(c.beta1, c.beta2), eps=c.eps, weight_decay=c.weight_decay)
         self.opt_state = self.optimizer.init(lora_parameters(self.model))
         self.state = RunState()

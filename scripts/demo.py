@@ -48,7 +48,7 @@ def main() -> None:
                           "--max-seq-len", "256", "--val-fraction", "0.1"])
     step("fine-tune", ["scripts/finetune.py", "--model", str(out / "tiny-4bit"), "--data", str(out / "data"),
                        "--out", str(out / "run"), "--iters", str(args.iters), "--batch-size", "8",
-                       "--learning-rate", "2e-3", "--warmup-steps", "10", "--lora-rank", "16",
+                       "--learning-rate", "1e-3", "--warmup-steps", "10", "--lora-rank", "16",
                        "--eval-every", "50", "--save-every", "50", "--log-every", "10"])
     step("generate", ["scripts/generate.py", "--model", str(out / "tiny-4bit"), "--adapter", str(out / "run"),
                       "--prompt", "What is the boiling point of water at sea level in degrees Celsius?",

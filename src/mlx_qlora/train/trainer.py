@@ -243,6 +243,10 @@ class Trainer:
         try:
             if self.state.step == 0:
                 print(format_trainable(self.model))
+                result = self.evaluate()  # the base model's validation loss, for comparison
+                if result:
+                    self._log({"step": 0, **result})
+                    bar.write(f"step 0: val_loss {result['val_loss']:.4f} ppl {result['val_ppl']:.2f}")
             while self.state.step < self.total_steps:
                 metrics = self._one_step()
                 bar.update(1)

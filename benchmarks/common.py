@@ -1,0 +1,130 @@
+"""Shared pieces of the benchmarks: model presets, random quantized models, timing, table output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import mlx_qlora  # noqa: E402,F401  (OpenBLAS before MLX on Linux)
+
+import mlx.core as mx  # noqa: E402
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Mistral-7B-v0.1's real configuration.
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, sliding_window=4096, max_position_embeddings=32768),
+    # Small enough for a CI smoke test on two CPU cores.
+    "tiny": dict(model_type="mistral", vocab_size=1024, hidden_size=128, intermediate_size=384,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, sliding_window=256, max_position_embeddings=2048),
+}
+
+
+def on_gpu() -> bool:
+    return mx.default_device().type == mx.gpu
+
+
+def compute_dtype():
+    """bfloat16 on a GPU, float32 on the CPU (where narrow types are slow)."""
+    return mx.bfloat16 if on_gpu() else mx.float32
+
+
+def param_count(cfg: dict[str, Any], with_embeddings: bool = True) -> int:
+    """Parameters of a Mistral config (untied head): the 4 x N FLOPs-per-token rule uses the matmul ones."""
+    D, F, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or D // cfg["num_attention_heads"]
+    attn = D * hd * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])
+    per_layer = attn + 3 * D * F + 2 * D
+    total = L * per_layer + D + V * D  # layers, final norm, lm_head
+    return total + (V * D if with_embeddings else 0)
+
+
+def matmul_peak_tflops(repeats: int = 20) -> float:
+    """Measured dense matmul speed in this process: bf16 4096x14336x4096 on a GPU, f32 1024^3 on the CPU."""
+    if on_gpu():
+        m, k, n, dtype = 4096, 4096, 14336, mx.bfloat16
+    else:
+        m, k, n, dtype = 1024, 1024, 1024, mx.float32
+    a, b = mx.random.normal((m, k)).astype(dtype), mx.random.normal((k, n)).astype(dtype)
+    mx.eval(a, b)
+    for _ in range(3):
+        mx.eval(a @ b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        c = a @ b
+        mx.eval(c)
+    return 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e12
+
+
+def copy_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Measured device copy bandwidth (read + write) in GB/s."""
+    if not on_gpu():
+        n_bytes = 1 << 26
+    x = mx.zeros((n_bytes // 2,), dtype=mx.bfloat16)
+    mx.eval(x)
+    for _ in range(2):
+        mx.eval(x + 1)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(x + 1)
+    return 2 * n_bytes * repeats / (time.perf_counter() - start) / 1e9
+
+
+def timed(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+    """Seconds per call of ``fn`` (which must evaluate its own outputs), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def environment() -> dict[str, Any]:
+    info = {"mlx": mx.__version__, "device": str(mx.default_device()), "python": platform.python_version(),
+            "machine": platform.machine()}
+    try:
+        info["device_name"] = mx.device_info().get("device_name", "")
+    except Exception:
+        try:
+            info["device_name"] = mx.metal.device_info().get("device_name", "")  # older MLX
+        except Exception:
+            pass
+    from mlx_qlora import blas
+
+    info["blas"] = blas.describe()
+    return info
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """Print rows as a Markdown table; columns are (key, header, format)."""
+    print("| " + " | ".join(h for _, h, _ in columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else (fmt.format(value) if fmt else str(value)))
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""QLoRA training speed and memory: ours against mlx-lm's LoRA trainer on the same shapes, side by side.
+
+A Mistral-shaped model with random weights, 4-bit base (ours: per-row; mlx-lm: its group size 64),
+LoRA rank 16 on all seven projections, bfloat16 compute on a GPU (float32 on the CPU), all tokens learned.
+Every configuration runs in its own process so that peak memory is its own.
+
+  python benchmarks/gpu_train.py --preset tiny                      # CPU smoke test
+  python benchmarks/gpu_train.py --preset mistral-7b --json out.json # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import (PRESETS, compute_dtype, environment, matmul_peak_tflops, median, on_gpu, param_count,
+                    print_table, timed, write_json)
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool):
+    from mlx_qlora.config import LoRAConfig
+    from mlx_qlora.model import MistralForCausalLM, ModelArgs
+    from mlx_qlora.model.loading import PROJECTIONS
+    from mlx_qlora.quant import QuantizedLinear, apply_lora
+
+    model = MistralForCausalLM(ModelArgs(**cfg))
+    model.set_dtype(dtype)
+    for layer in model.model.layers:  # quantize layer by layer: full-precision weights never all exist
+        swaps = []
+        for name in PROJECTIONS:
+            parent, leaf = name.split(".")
+            swaps.append((name, QuantizedLinear.from_linear(getattr(layer, parent)[leaf], bits=4, dtype=dtype)))
+        layer.update_modules(tree_unflatten(swaps))
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+    apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank))
+    model.update(tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters()))
+    model.model.grad_checkpoint = grad_checkpoint
+    model.train()
+    mx.eval(model.parameters())
+    return model
+
+
+def step_ours(model, batch: mx.array, chunk: int):
+    from mlx_qlora.train.optimizer import AdamW
+    from mlx_qlora.train.step import make_grad_fn, make_update_fn
+
+    grad = make_grad_fn(model, chunk=chunk, packed=False)
+    optimizer = AdamW()
+    update = make_update_fn(optimizer, max_grad_norm=1.0)
+    state = {"opt": optimizer.init(dict(tree_flatten(model.trainable_parameters())))}
+    lr = mx.array(1e-5)
+
+    def run():
+        loss_sum, n, grads = grad(batch, batch)
+        params = dict(tree_flatten(model.trainable_parameters()))
+        params, state["opt"], _ = update(params, grads, state["opt"], lr, n)
+        model.update(tree_unflatten(list(params.items())))
+        mx.eval(loss_sum, params, state["opt"])
+
+    return run
+
+
+def build_mlx_lm(cfg: dict, dtype, rank: int, grad_checkpoint: bool):
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.trainer import grad_checkpoint as mlx_lm_grad_checkpoint
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    args = llama.ModelArgs.from_dict({**cfg, "model_type": "llama"})
+    model = llama.Model(args)
+    model.set_dtype(dtype)
+    for layer in model.layers:
+        nn.quantize(layer, group_size=64, bits=4)
+        mx.eval(layer.parameters())
+    nn.quantize(model, group_size=64, bits=4)  # embeddings and head too, as mlx-lm's converter does
+    mx.eval(model.parameters())
+    model.freeze()
+    keys = [f"self_attn.{t}" for t in TARGETS[:4]] + [f"mlp.{t}" for t in TARGETS[4:]]
+    linear_to_lora_layers(model, len(model.layers), {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": keys})
+    if grad_checkpoint:
+        mlx_lm_grad_checkpoint(model.layers[0])
+    model.train()
+    mx.eval(model.parameters())
+    return model
+
+
+def step_mlx_lm(model, batch: mx.array, chunk: int):
+    from functools import partial
+
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import default_loss
+
+    optimizer = optim.Adam(learning_rate=1e-5)
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    lengths = mx.array([[0, batch.shape[1]]] * batch.shape[0])
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, lengths):
+        (loss, toks), grads = loss_value_and_grad(model, batch, lengths)
+        optimizer.update(model, grads)
+        return loss, toks
+
+    def run():
+        loss, toks = step(batch, lengths)
+        mx.eval(state, loss, toks)
+
+    return run
+
+
+def worker(args) -> dict:
+    cfg = PRESETS[args.preset]
+    dtype = compute_dtype()
+    build, make_step = (build_ours, step_ours) if args.stack == "ours" else (build_mlx_lm, step_mlx_lm)
+    start = time.perf_counter()
+    model = build(cfg, dtype, args.rank, args.grad_checkpoint)
+    build_s = time.perf_counter() - start
+    batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)
+    mx.eval(batch)
+    mx.reset_peak_memory()
+    times = timed(make_step(model, batch, args.loss_chunk), steps=args.steps, warmup=args.warmup)
+    tokens = args.batch * args.seq
+    step_s = median(times)
+    return {"stack": args.stack, "batch": args.batch, "seq": args.seq, "grad_checkpoint": args.grad_checkpoint,
+            "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_gb": mx.get_peak_memory() / 1e9,
+            "build_s": build_s, "steps": args.steps}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--shapes", default=None, help="comma list of BxL (default: 4x512,1x2048; tiny: 4x128,1x256)")
+    p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    p.add_argument("--stacks", default="ours,mlx-lm", help="comma list of ours, mlx-lm")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--loss-chunk", type=int, default=1024)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--worker", dest="stack", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.stack:
+        print(json.dumps(worker(args)), flush=True)
+        return
+
+    cfg = PRESETS[args.preset]
+    shapes = args.shapes or ("4x512,1x2048" if args.preset == "mistral-7b" else "4x128,1x256")
+    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    peak = matmul_peak_tflops()
+    n_params = param_count(cfg, with_embeddings=False)
+    rows = []
+    for shape in shapes.split(","):
+        b, l = (int(x) for x in shape.lower().split("x"))
+        for ckpt in ckpts:
+            for stack in args.stacks.split(","):
+                cmd = [sys.executable, __file__, "--preset", args.preset, "--worker", stack, "--batch", str(b),
+                       "--seq", str(l), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--rank", str(args.rank), "--loss-chunk", str(args.loss_chunk)]
+                if ckpt:
+                    cmd.append("--grad-checkpoint")
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{stack} {shape} ckpt={ckpt} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    rows.append({"stack": stack, "batch": b, "seq": l, "grad_checkpoint": ckpt, "error": proc.stderr[-500:]})
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                flops_per_token = 4 * n_params + 6 * cfg["num_hidden_layers"] * l * cfg["hidden_size"]
+                row["tflops"] = row["tokens_per_s"] * flops_per_token / 1e12
+                row["mfu"] = row["tflops"] / peak
+                rows.append(row)
+                print(f"{stack:7s} {b}x{l} ckpt={ckpt!s:5s} {row['tokens_per_s']:9.0f} tok/s  "
+                      f"{row['peak_gb']:6.2f} GB  MFU {100 * row['mfu']:.1f}%", flush=True)
+    for row in rows:  # ratio against the peer on the same shape and checkpointing
+        peer = next((r for r in rows if r["stack"] == "mlx-lm" and r["batch"] == row["batch"]
+                     and r["seq"] == row["seq"] and r["grad_checkpoint"] == row["grad_checkpoint"]
+                     and "tokens_per_s" in r), None)
+        if peer and "tokens_per_s" in row:
+            row["speed_vs_mlx_lm"] = row["tokens_per_s"] / peer["tokens_per_s"]
+            row["memory_vs_mlx_lm"] = row["peak_gb"] / peer["peak_gb"]
+    env = environment()
+    print(f"\n{args.preset} on {env.get('device_name') or env['device']}, MLX {env['mlx']}; "
+          f"measured matmul peak {peak:.3g} TFLOP/s; {n_params:,} matmul parameters")
+    print_table(rows, [("stack", "stack", ""), ("batch", "batch", ""), ("seq", "seq", ""),
+                       ("grad_checkpoint", "checkpointing", ""), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+                       ("peak_gb", "peak GB", "{:.2f}"), ("mfu", "MFU", "{:.1%}"),
+                       ("speed_vs_mlx_lm", "speed vs mlx-lm", "{:.2f}x"),
+                       ("memory_vs_mlx_lm", "memory vs mlx-lm", "{:.2f}x")])
+    write_json(args.json, {"benchmark": "train", "preset": args.preset, "environment": env,
+                           "matmul_peak_tflops": peak, "matmul_params": n_params, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Talking to a model: a one-shot prompt, or a multi-turn chat read line by line from standard input.
+
+Conversations are encoded with the training template (``data.prepare.encode_chat``): BOS once, then each
+finished turn ``prompt + response + EOS`` and the new prompt, exactly as multi-turn training data is.
+Without a template (``template=None``) each input is sent as it is after BOS, with no history: that is
+for completion models and checks. Replies are streamed token by token. Commands: ``/reset`` forgets the
+conversation, ``/quit`` (or end of input) ends the session, ``/help`` lists them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence, TextIO
+
+from ..errors import UserError
+from .generator import GenerationResult, GenerationStats, check_prompt_length, context_length, generate_stream
+from .sampling import SamplerConfig
+
+HELP = "commands: /reset (forget the conversation), /quit (leave), /help (this text)"
+
+
+@dataclass
+class ChatSession:
+    """The state of one conversation: the model, how it is prompted and the turns so far."""
+
+    model: object
+    tokenizer: object
+    template: Optional[str]  # None: raw prompts after BOS, no history
+    max_tokens: int = 256
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    stop: Sequence[str] = ()
+    seed: int = 0
+    messages: list[dict] = field(default_factory=list)
+    totals: GenerationStats = field(default_factory=GenerationStats)
+    turns: int = 0
+
+    def reset(self) -> None:
+        """Forget the conversation (statistics are kept)."""
+        self.messages = []
+
+    def prompt_ids(self, text: str) -> tuple[list[int], int]:
+        """Token ids for the next reply to ``text`` and how many earlier turns had to be dropped to fit
+        the model's context. ``UserError`` when ``text`` alone does not fit."""
+        if self.template is None:
+            ids = self.tokenizer.encode(text, add_bos=True)
+            check_prompt_length(self.model, len(ids))
+            return ids, 0
+        from ..data.prepare import encode_chat
+
+        history = list(self.messages)
+        dropped = 0
+        while True:
+            ids, _ = encode_chat(self.tokenizer, self.template, history + [{"role": "user", "content": text}])
+            if len(ids) < context_length(self.model) or not history:
+                break
+            history = history[2:]  # the oldest user/assistant pair
+            dropped += 1
+        check_prompt_length(self.model, len(ids))
+        if dropped:
+            self.messages = history
+        return ids, dropped
+
+    def reply(self, text: str, write: Callable[[str], None]) -> GenerationResult:
+        """Generate the answer to ``text``, passing each new piece of text to ``write``; remember the turn.
+
+        When earlier turns had to be dropped to fit the context, a note saying so is written first."""
+        ids, dropped = self.prompt_ids(text)
+        if dropped:
+            write(f"(the conversation was too long for the context: dropped its {dropped} oldest turn(s))\n")
+        pieces, tokens, step = [], [], None
+        for step in generate_stream(self.model, self.tokenizer, ids, self.max_tokens, self.sampler, self.stop,
+                                    seed=self.seed + self.turns):
+            if step.finish_reason != "eos":
+                tokens.append(step.token)
+            if step.text:
+                pieces.append(step.text)
+                write(step.text)
+        answer = "".join(pieces)
+        self.turns += 1
+        self.totals.add(step.stats)
+        if self.template is not None:
+            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        return GenerationResult(tokens, answer, step.finish_reason, step.stats)
+
+
+def _lines(stream: TextIO, interactive: bool, out: TextIO) -> Iterable[str]:
+    """User inputs: ``input()`` with a ``>>>`` prompt in a terminal, else the lines of ``stream``."""
+    if interactive:
+        while True:
+            try:
+                yield input(">>> ")
+            except EOFError:
+                out.write("\n")
+                return
+    for line in stream:
+        yield line.rstrip("\n")
+
+
+def chat_loop(session: ChatSession, stream: TextIO = sys.stdin, out: TextIO = sys.stdout,
+              interactive: Optional[bool] = None) -> GenerationStats:
+    """Read inputs until ``/quit`` or the end of input; stream every reply to ``out``; return the totals.
+
+    With piped input (not a terminal) each input line is echoed after ``>>> `` so the output reads as a
+    transcript. A ``UserError`` of one turn (e.g. a message longer than the context) is reported and the
+    session goes on.
+    """
+    if interactive is None:
+        interactive = stream.isatty() and out.isatty()
+    mode = f"template {session.template!r}" if session.template else "no template (raw prompts after BOS)"
+    out.write(f"chat with {mode}; {HELP}\n")
+    out.flush()
+
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    for line in _lines(stream, interactive, out):
+        text = line.strip()
+        if not interactive and text:
+            out.write(f">>> {line}\n")
+        if not text:
+            continue
+        if text.startswith("/"):
+            command = text.split()[0].lower()
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                session.reset()
+                out.write("(conversation cleared)\n")
+            else:
+                out.write(f"{HELP}\n")
+            out.flush()
+            continue
+        try:
+            session.reply(text, write)
+        except UserError as e:
+            out.write(f"error: {e}\n")
+        out.write("\n")
+        out.flush()
+    return session.totals

@@ -1,0 +1,188 @@
+"""Load a model for generation: a base checkpoint (4-bit or full precision) plus, optionally, LoRA adapters
+attached at run time (not merged), and the prompt template the adapters were trained with.
+
+An adapter path is a run folder (``adapter_model.safetensors`` + ``adapter_config.json`` at its top level,
+written when training ends) or a checkpoint folder (``<run>/checkpoints/step-XXXXXXX/``). A run folder
+without final adapters falls back to its latest checkpoint (training was interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import UserError
+from ..model import load_model
+from ..train.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters
+from ..train.checkpoint import latest_checkpoint
+
+RUN_CONFIG_NAME = "run_config.json"
+# Written by merge into a merged model folder: which template the merged adapters were trained with.
+MODEL_META_NAME = "mlx_qlora.json"
+DEFAULT_TEMPLATE = "dolly"
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class AdapterInfo:
+    """Where the attached adapters came from and what they were trained with."""
+
+    path: Path  # the folder holding the two adapter files
+    lora_config: Any  # LoRAConfig
+    run_config: Optional[dict]  # the run's run_config.json, when found
+    note: str = ""  # e.g. "no final adapters: using checkpoint step-0000100"
+
+    @property
+    def template(self) -> Optional[str]:
+        if not self.run_config:
+            return None
+        return self.run_config.get("template") or (self.run_config.get("data_meta") or {}).get("template")
+
+    @property
+    def base_model(self) -> Optional[str]:
+        return (self.run_config or {}).get("model")
+
+
+def resolve_adapter_dir(path: PathLike) -> tuple[Path, str]:
+    """The folder holding the adapter files for a run or checkpoint folder, and a note when it is a
+    fallback. ``UserError`` naming the missing file(s) when there are no adapters."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: adapter folder not found (give a run folder or a checkpoint folder)")
+    if not path.is_dir():
+        raise UserError(f"{path}: not a folder (give the run or checkpoint folder, not a file)")
+    present = [(path / name).is_file() for name in (WEIGHTS_NAME, CONFIG_NAME)]
+    if all(present):
+        return path, ""
+    if not any(present):
+        checkpoint = latest_checkpoint(path)
+        if checkpoint is not None:
+            return checkpoint, f"{path} has no final adapters (training did not finish): using {checkpoint.name}"
+    missing = [name for name, ok in zip((WEIGHTS_NAME, CONFIG_NAME), present) if not ok]
+    raise UserError(f"{path}: missing {' and '.join(missing)} (not a run or checkpoint folder with LoRA adapters)")
+
+
+def read_run_config(adapter_dir: Path) -> Optional[dict]:
+    """``run_config.json`` of the run an adapter folder belongs to (the folder itself, or the run folder
+    two levels above a checkpoint), or None."""
+    for folder in (adapter_dir, adapter_dir.parent.parent):
+        file = folder / RUN_CONFIG_NAME
+        if file.is_file():
+            try:
+                value = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise UserError(f"{file}: cannot read ({e})") from None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def _expected_shapes(model, rank: int) -> dict[str, tuple[int, int]]:
+    """``{path.lora_A: (r, in), path.lora_B: (out, r)}`` for every decoder projection of ``model``."""
+    from ..quant import QuantizedLinear
+    from ..quant.lora import decoder_projections
+
+    shapes = {}
+    for path, _, _, module in decoder_projections(model):
+        if isinstance(module, QuantizedLinear):
+            out_features, in_features = module.out_features, module.in_features
+        else:
+            out_features, in_features = module.weight.shape
+        shapes[f"{path}.lora_A"] = (rank, in_features)
+        shapes[f"{path}.lora_B"] = (out_features, rank)
+    return shapes
+
+
+def _lora_parameters(model) -> dict[str, mx.array]:
+    return {k: v for k, v in tree_flatten(model.parameters()) if k.endswith((".lora_A", ".lora_B"))}
+
+
+def attach_adapters(model, adapter_path: PathLike) -> AdapterInfo:
+    """Wrap the adapted projections of ``model`` in LoRA layers and load the adapter weights (cast to the
+    model's compute dtype). ``UserError`` when the adapters do not fit this model's shape."""
+    from ..quant.lora import apply_lora
+
+    adapter_dir, note = resolve_adapter_dir(adapter_path)
+    params, lora_config = load_adapters(adapter_dir)
+    run_config = read_run_config(adapter_dir)
+    n_layers = model.args.num_hidden_layers
+    made_for = (run_config or {}).get("model") or _base_name(adapter_dir)
+    hint = f" (made for {made_for})" if made_for else ""
+    deepest = max(int(k.split(".")[2]) for k in params)
+    if deepest >= n_layers:
+        raise UserError(f"{adapter_dir / WEIGHTS_NAME}: adapts layer {deepest} but the model has {n_layers} "
+                        f"layers: the adapters were made for another model{hint}")
+    expected = _expected_shapes(model, lora_config.rank)
+    for key, value in sorted(params.items()):
+        if key not in expected:
+            raise UserError(f"{adapter_dir / WEIGHTS_NAME}: {key} has no projection to adapt in this model{hint}")
+        if tuple(value.shape) != expected[key]:
+            raise UserError(
+                f"{adapter_dir / WEIGHTS_NAME}: {key} has shape {tuple(value.shape)} but this model needs "
+                f"{expected[key]}: the adapters were made for another model shape{hint}"
+            )
+    try:
+        apply_lora(model, lora_config)
+    except ValueError as e:
+        raise UserError(f"{adapter_dir / CONFIG_NAME}: {e}{hint}") from None
+    missing = sorted(set(_lora_parameters(model)) - set(params))
+    if missing:
+        raise UserError(f"{adapter_dir / WEIGHTS_NAME}: lacks {missing[0]} (adapter_config.json and the weights disagree)")
+    dtype = model.model.embed_tokens.weight.dtype
+    if not mx.issubdtype(dtype, mx.floating):
+        dtype = mx.float32
+    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in params.items()]))
+    model.freeze()
+    mx.eval(model.parameters())
+    return AdapterInfo(adapter_dir, lora_config, run_config, note)
+
+
+def _base_name(adapter_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
+def load_for_inference(model_path: PathLike, adapter_path: Optional[PathLike] = None, dtype=None):
+    """``(model, tokenizer, adapter_info or None)`` for generation or evaluation.
+
+    model_path: a Hugging Face, converted (4-bit) or merged model folder holding its tokenizer.
+    dtype: cast floating weights (None keeps the stored dtypes; float32 is fastest on a CPU).
+    """
+    from ..data.tokenizer import load_tokenizer
+
+    model = load_model(model_path, dtype=dtype)
+    tokenizer = load_tokenizer(model_path)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise UserError(f"{model_path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model.args.vocab_size}")
+    info = attach_adapters(model, adapter_path) if adapter_path else None
+    model.eval()
+    return model, tokenizer, info
+
+
+def resolve_template(explicit: Optional[str], adapter: Optional[AdapterInfo], model_path: PathLike) -> tuple[str, str]:
+    """``(template name, where it came from)``: ``--template``, then the adapters' run, then a merged
+    model's ``mlx_qlora.json``, then the default."""
+    from ..data.templates import get_template
+
+    if explicit:
+        get_template(explicit)
+        return explicit, "--template"
+    if adapter is not None and adapter.template:
+        return get_template(adapter.template).name, f"the {RUN_CONFIG_NAME} of the adapters' run"
+    meta_file = Path(model_path) / MODEL_META_NAME
+    if meta_file.is_file():
+        try:
+            template = json.loads(meta_file.read_text(encoding="utf-8")).get("template")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{meta_file}: cannot read ({e})") from None
+        if template:
+            return get_template(template).name, str(meta_file.name)
+    return DEFAULT_TEMPLATE, "the default: no training metadata found; choose with --template"

@@ -1,0 +1,333 @@
+"""Merge LoRA adapters into full-precision weights and export a Hugging Face model folder.
+
+For every adapted projection ``W' = W + scale * B @ A`` (A (r, in), B (out, r), ``scale`` from the
+adapter config), computed in float32 and cast once to the output dtype. ``W`` is, in order of preference:
+
+1. the original full-precision checkpoint (``base_weights``, or ``model_path`` itself when it is not
+   quantized): the merge is lossless apart from the final cast;
+2. otherwise the 4-bit base dequantized (``w = scale * q + bias``): exactly the weights the adapters were
+   trained against, but not the original ones; the report says so.
+
+The output folder holds ``config.json`` (without the ``quantization`` section), safetensors shards (with
+``model.safetensors.index.json`` when there are several), the tokenizer files, and ``mlx_qlora.json`` (the
+training template, for ``generate.py``). It is written atomically and loads with
+``transformers.AutoModelForCausalLM.from_pretrained``. A check compares the logits of the merged model with
+those of the base + adapters on a few prompts (both in float32) and reports the largest difference.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from ..data.tokenizer import load_tokenizer
+from ..errors import UserError
+from ..io import atomic_dir, atomic_write_json
+from ..model import load_model, read_config
+from ..model.loading import model_args_from_config, resolve_dtype
+from ..train.adapters import load_adapters
+from .loading import MODEL_META_NAME, attach_adapters, read_run_config, resolve_adapter_dir
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja")
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "tie_word_embeddings")
+CHECK_PROMPTS = (
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Classify each of the following as a fruit or a vegetable: apple, carrot, pear.",
+)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass
+class MergeReport:
+    """What a merge did."""
+
+    out: Path
+    lossless: bool
+    base_description: str
+    dtype: str
+    merged_layers: int
+    shards: int
+    max_logit_diff: Optional[float] = None  # merged model vs base + adapters, float32
+    max_logit_diff_trained: Optional[float] = None  # merged from the originals vs the 4-bit model + adapters
+    check_prompts: int = 0
+    quantized_out: Optional[Path] = None
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """Human-readable summary, one fact per line."""
+        kind = "lossless merge into the original weights" if self.lossless else (
+            "merge into the DEQUANTIZED 4-bit base (not the original weights: give --base-weights for a "
+            "lossless merge)")
+        out = [*self.notes, f"{kind}: {self.base_description}",
+               f"merged {self.merged_layers} projection(s); wrote {self.shards} shard(s) in {self.dtype} to {self.out}"]
+        if self.max_logit_diff is not None:
+            out.append(f"max |logit difference| merged vs base + adapters (float32, {self.check_prompts} prompts): "
+                       f"{self.max_logit_diff:.3g}")
+        if self.max_logit_diff_trained is not None:
+            out.append(f"max |logit difference| merged vs the 4-bit model + adapters (its quantization error): "
+                       f"{self.max_logit_diff_trained:.3g}")
+        if self.quantized_out is not None:
+            out.append(f"4-bit copy of the merged model: {self.quantized_out}")
+        return out
+
+
+def parse_size(text: Union[str, int]) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UserError(f"max_shard_size: cannot read {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+
+
+def lora_delta(a: mx.array, b: mx.array, scale: float) -> mx.array:
+    """``scale * B @ A`` in float32: A (r, in), B (out, r) -> (out, in)."""
+    return scale * (b.astype(mx.float32) @ a.astype(mx.float32))
+
+
+def merge_weight(weight: mx.array, a: mx.array, b: mx.array, scale: float, dtype: Optional[mx.Dtype] = None) -> mx.array:
+    """``W + scale * B @ A`` computed in float32 and cast to ``dtype`` (default: W's dtype)."""
+    dtype = dtype or weight.dtype
+    return (weight.astype(mx.float32) + lora_delta(a, b, scale)).astype(dtype)
+
+
+def _dense_weight(module) -> mx.array:
+    """The float32 weight (out, in) of a linear layer, dequantized when it is quantized."""
+    from ..quant import QuantizedLinear
+
+    if isinstance(module, QuantizedLinear):
+        return module.dequantize(mx.float32)
+    return module.weight.astype(mx.float32)
+
+
+def _module(model, path: str):
+    """The module at a dotted path such as ``model.layers.0.self_attn.q_proj``."""
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+    return node
+
+
+def dense_state(model) -> dict[str, mx.array]:
+    """Hugging Face-named tensors of ``model`` with quantized layers dequantized to float32 (others as stored)."""
+    from ..quant import QuantizedLinear
+
+    quantized = {path for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    state: dict[str, mx.array] = {}
+    for key, value in tree_flatten(model.parameters()):
+        owner, name = key.rsplit(".", 1)
+        if owner in quantized:
+            if name == "weight":
+                state[key] = _dense_weight(_module(model, owner))
+        else:
+            state[key] = value
+    return state
+
+
+def merge_state(state: dict[str, mx.array], adapters: dict[str, mx.array], scale: float,
+                dtype: mx.Dtype) -> tuple[dict[str, mx.array], int]:
+    """Every floating tensor of ``state`` in ``dtype``, adapted projections merged; and how many were merged.
+
+    adapters: flat ``{model.layers.i.<parent>.<proj>.lora_A|lora_B: array}``. ``UserError`` when a
+    projection is missing or its shape does not fit the adapters (adapters for another model).
+    """
+    projections = sorted({k.rsplit(".", 1)[0] for k in adapters})
+    merged = dict(state)
+    for proj in projections:
+        key = f"{proj}.weight"
+        if key not in state:
+            raise UserError(f"the adapters adapt {proj}, which this model does not have (made for another model?)")
+        a, b = adapters[f"{proj}.lora_A"], adapters[f"{proj}.lora_B"]
+        w = state[key]
+        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise UserError(f"the adapters of {proj} make a ({b.shape[0]}, {a.shape[1]}) update but the weight is "
+                            f"{tuple(w.shape)}: the adapters were made for another model shape")
+        merged[key] = merge_weight(w, a, b, scale, dtype)
+    for key, value in merged.items():
+        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
+            merged[key] = value.astype(dtype)
+    return merged, len(projections)
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def write_safetensors_shards(tensors: dict[str, mx.array], folder: Path, max_shard_bytes: int) -> int:
+    """Write ``tensors`` as Hugging Face shards (``model.safetensors`` or ``model-0000i-of-0000n.safetensors``
+    plus ``model.safetensors.index.json``); return the number of shards."""
+    names = sorted(tensors, key=_natural_key)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        mx.save_safetensors(str(folder / file), {k: tensors[k] for k in shard}, metadata={"format": "pt"})
+        weight_map.update({k: file for k in shard})
+    if n > 1:
+        total = sum(t.nbytes for t in tensors.values())
+        atomic_write_json(folder / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return n
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}[dtype]
+
+
+def export_config(config: dict[str, Any], dtype: mx.Dtype) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` for merged weights: no ``quantization`` section, the new dtype."""
+    config = {k: v for k, v in config.items() if k != "quantization"}
+    args = model_args_from_config(config)
+    defaults = args.to_hf_config()
+    for key in ("architectures", "model_type"):
+        config.setdefault(key, defaults[key])
+    config["dtype"] = _dtype_name(dtype)
+    if "torch_dtype" in config:
+        config["torch_dtype"] = _dtype_name(dtype)
+    return config
+
+
+def _check_same_shape(model_config: dict, base_config: dict, model_path: Path, base_path: Path) -> None:
+    a, b = model_args_from_config(model_config), model_args_from_config(base_config)
+    for key in SHAPE_KEYS:
+        if getattr(a, key) != getattr(b, key):
+            raise UserError(f"{base_path}: {key} is {getattr(b, key)} but {model_path} has {getattr(a, key)}: "
+                            f"--base-weights must be the checkpoint the model was converted from")
+
+
+def _check_prompts(tokenizer, template: str, vocab_size: int) -> list[list[int]]:
+    if tokenizer is None:
+        rng = np.random.default_rng(0)
+        return [rng.integers(0, vocab_size, size=n).tolist() for n in (12, 20, 7)]
+    from ..data.prepare import encode_chat
+
+    return [encode_chat(tokenizer, template, [{"role": "user", "content": p}])[0] for p in CHECK_PROMPTS]
+
+
+def max_logit_difference(model_a, model_b, prompts: list[list[int]]) -> float:
+    """Largest |logit difference| between two models over ``prompts`` (each run on its own)."""
+    worst = 0.0
+    for ids in prompts:
+        x = mx.array(ids, dtype=mx.int32)[None]
+        diff = mx.abs(model_a(x).astype(mx.float32) - model_b(x).astype(mx.float32)).max()
+        worst = max(worst, float(diff.item()))
+    return worst
+
+
+def merge_adapters(
+    model_path: Union[str, Path],
+    adapter_path: Union[str, Path],
+    out: Union[str, Path],
+    base_weights: Optional[Union[str, Path]] = None,
+    dtype: Optional[str] = None,
+    max_shard_size: Union[str, int] = "5GB",
+    check: bool = True,
+    quantize: bool = False,
+    quantized_out: Optional[Union[str, Path]] = None,
+    group_size: Optional[int] = None,
+) -> MergeReport:
+    """Merge the adapters at ``adapter_path`` (run or checkpoint folder) into a full-precision model at ``out``.
+
+    model_path: the model the adapters were trained on (4-bit or full precision). base_weights: the original
+    full-precision Hugging Face folder the 4-bit model was made from (lossless merge). dtype: output dtype
+    (default: the base's). check: compare merged vs base + adapters logits. quantize: also write the merged
+    model in our 4-bit format to ``quantized_out`` (default ``<out>-4bit``) with ``group_size`` (None:
+    one scale per row), scales in the merged dtype.
+    """
+    model_path, out = Path(model_path), Path(out)
+    adapter_dir, note = resolve_adapter_dir(adapter_path)
+    adapters, lora_config = load_adapters(adapter_dir)
+    run_config = read_run_config(adapter_dir) or {}
+    model_config = read_config(model_path)
+    quantized = bool(model_config.get("quantization"))
+    notes = [note] if note else []
+
+    if base_weights is not None:
+        base_path = Path(base_weights)
+        base_config = read_config(base_path)
+        if base_config.get("quantization"):
+            raise UserError(f"{base_path}: is quantized; --base-weights must be the original full-precision folder")
+        _check_same_shape(model_config, base_config, model_path, base_path)
+        lossless = True
+    else:
+        base_path, base_config, lossless = model_path, model_config, not quantized
+    base = load_model(base_path)
+    stored = base.model.embed_tokens.weight.dtype
+    out_dtype = resolve_dtype(dtype) or stored
+    what = "original weights" if lossless else "4-bit weights"
+    base_description = f"{what} of {base_path} ({_dtype_name(stored)})"
+
+    state = dense_state(base)
+    merged, n_merged = merge_state(state, adapters, lora_config.scale, out_dtype)
+    del state
+
+    tokenizer_source = next((p for p in (model_path, base_path) if any((p / f).is_file() for f in TOKENIZER_FILES)), None)
+    template = run_config.get("template")
+    with atomic_dir(out) as tmp:
+        n_shards = write_safetensors_shards(merged, tmp, parse_size(max_shard_size))
+        atomic_write_json(tmp / "config.json", export_config(base_config, out_dtype))
+        for name in TOKENIZER_FILES:
+            for source in (model_path, base_path):
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+                    break
+        atomic_write_json(tmp / MODEL_META_NAME, {
+            "template": template,
+            "merged": {"adapter": str(adapter_dir), "base": base_description, "lossless": lossless,
+                       "lora": lora_config.to_dict(), "dtype": _dtype_name(out_dtype)},
+        })
+
+    report = MergeReport(out, lossless, base_description, _dtype_name(out_dtype), n_merged, n_shards, notes=notes)
+    if check:
+        tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source is not None else None
+        prompts = _check_prompts(tokenizer, template or "dolly", base.args.vocab_size)
+        merged_model = load_model(out, dtype="float32")
+        report.max_logit_diff = max_logit_difference(merged_model, _with_adapters(base, adapter_dir), prompts)
+        report.check_prompts = len(prompts)
+        if base_path != model_path:
+            trained = _with_adapters(load_model(model_path), adapter_dir)
+            report.max_logit_diff_trained = max_logit_difference(merged_model, trained, prompts)
+    if quantize:
+        report.quantized_out = _quantize_copy(out, Path(quantized_out) if quantized_out else
+                                              out.with_name(out.name + "-4bit"), group_size, report.dtype)
+    return report
+
+
+def _with_adapters(model, adapter_dir: Path):
+    """``model`` in float32 with the adapters attached (for the logit check)."""
+    model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
+    attach_adapters(model, adapter_dir)
+    return model
+
+
+def _quantize_copy(hf_dir: Path, out: Path, group_size: Optional[int], dtype: str) -> Path:
+    """Our 4-bit format of the merged Hugging Face folder (``quant.convert_checkpoint``), template included."""
+    from ..quant import convert_checkpoint
+
+    convert_checkpoint(hf_dir, out, bits=4, group_size=group_size, dtype=dtype, overwrite=True, progress=False)
+    if (hf_dir / MODEL_META_NAME).is_file():
+        shutil.copyfile(hf_dir / MODEL_META_NAME, out / MODEL_META_NAME)
+    return out

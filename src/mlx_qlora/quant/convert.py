@@ -1,0 +1,427 @@
+"""Convert a Hugging Face Mistral/Llama checkpoint into an MLX checkpoint with 4-bit projections.
+
+The conversion streams: the output's tensors and shards are planned from the input's safetensors
+headers alone, each output shard file is opened with its header already written, and every tensor is
+read (``mx.load`` reads a safetensors tensor only when it is evaluated), converted and appended to the
+open file before the next one is read. Peak memory is about one tensor in float32 plus its output,
+whatever the checkpoint's size. Everything is written into a temporary folder beside the output, checked
+by loading it with ``mlx_qlora.model.load_model``, and renamed into place only then.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Optional, Union
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..io import atomic_dir, atomic_write_json
+from .quantize import SUPPORTED_BITS, n_groups_for, quantize
+
+# What a conversion needs from a hub repository: never pickled *.bin weights.
+ALLOW_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+]
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+# The seven projections of each decoder layer: the weights that get quantized.
+QUANTIZED_KEY = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+DROPPED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; not parameters
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+SAFETENSORS_DTYPES = {  # safetensors header code -> MLX dtype
+    "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32,
+    "I64": mx.int64, "U8": mx.uint8, "I8": mx.int8, "BOOL": mx.bool_,
+}
+DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+DEFAULT_SHARD_BYTES = 3 * 2**30
+CHUNK_ELEMENTS = 2**22  # rows converted at a time: 16 MB of float32 per temporary
+
+
+@dataclass
+class _Tensor:
+    """One output tensor: where it comes from and what it becomes."""
+
+    name: str
+    source: str  # input tensor name
+    file: Path  # input file
+    kind: str  # "weight" | "scales" | "biases" (quantized) or "copy"
+    dtype: mx.Dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.size
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert_checkpoint`` wrote."""
+
+    path: Path
+    source: Path
+    n_tensors: int
+    n_quantized: int
+    n_shards: int
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    quantization: Optional[dict[str, Any]] = None
+    shards: list[str] = field(default_factory=list)
+
+
+def resolve_checkpoint(hf_path_or_repo: Union[str, Path]) -> Path:
+    """A local checkpoint folder, or a hub repo id downloaded (only the files in ``ALLOW_PATTERNS``)."""
+    path = Path(hf_path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path}: not a directory (expected a checkpoint folder or a hub repo id)")
+        return path
+    text = str(hf_path_or_repo)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        raise UserError(f"{text}: no such directory")
+
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except hub_errors.HFValidationError:
+        raise UserError(f"{text}: neither an existing directory nor a valid hub repo id (owner/name)") from None
+    try:
+        return Path(huggingface_hub.snapshot_download(text, allow_patterns=ALLOW_PATTERNS))
+    except hub_errors.GatedRepoError:
+        raise UserError(
+            f"{text}: the repository is gated; accept its terms on the Hub and log in (`hf auth login`)"
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise UserError(
+            f"{text}: repository not found on the Hugging Face Hub (check the name; private repos need a login)"
+        ) from None
+    except hub_errors.RevisionNotFoundError as e:
+        raise UserError(f"{text}: revision not found ({e})") from None
+    except hub_errors.LocalEntryNotFoundError:
+        raise UserError(
+            f"{text}: cannot reach the Hugging Face Hub (offline or HF_HUB_OFFLINE=1) and the repo is not in the "
+            "local cache; download it elsewhere and pass its folder"
+        ) from None
+    except hub_errors.HfHubHTTPError as e:
+        raise UserError(f"{text}: download failed: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"{text}: disk full while downloading into the Hugging Face cache") from None
+        raise UserError(f"{text}: download failed: {e}") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """``{name: (dtype code, shape, data start)}`` of a safetensors file, from its header only."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return {name: (info["dtype"], tuple(info["shape"]), info["data_offsets"][0]) for name, info in header.items()}
+
+
+def _check_config(config: dict[str, Any], source: Path, quantize: bool, bits: int, group_size: Optional[int]):
+    """Reject what cannot be converted, with the file and key in the message; returns the ``ModelArgs``."""
+    from ..model.loading import model_args_from_config
+
+    where = source / "config.json"
+    if "quantization_config" in config:
+        method = (config["quantization_config"] or {}).get("quant_method", "unknown")
+        raise UserError(f"{where}: quantization_config: the checkpoint is already quantized ({method}); "
+                        "convert its full-precision original")
+    if "quantization" in config:
+        raise UserError(f"{where}: quantization: already an MLX quantized checkpoint")
+    architectures = config.get("architectures") or []
+    known = ("MistralForCausalLM", "LlamaForCausalLM")
+    if architectures and not any(a in known for a in architectures):
+        raise UserError(f"{where}: architectures: {architectures} is not supported (supported: {', '.join(known)})")
+    args = model_args_from_config(config, str(where))
+    if quantize:
+        attn = args.num_attention_heads * args.head_dim
+        for name, in_features in (("hidden_size", args.hidden_size), ("intermediate_size", args.intermediate_size),
+                                  ("num_attention_heads * head_dim", attn)):
+            try:
+                n_groups_for(in_features, bits, group_size)
+            except ValueError as e:
+                raise UserError(f"{where}: {name} = {in_features} cannot be quantized this way: {e}") from None
+    return args
+
+
+def _plan(files: list[Path], quantize: bool, bits: int, group_size: Optional[int], dtype: mx.Dtype,
+          tied: bool) -> tuple[list[_Tensor], int, int]:
+    """Output tensors in input order, the input bytes and the number of quantized weights."""
+    plan: list[_Tensor] = []
+    input_bytes = n_quantized = 0
+    seen: dict[str, Path] = {}
+    for file in files:
+        header = read_safetensors_header(file)
+        for name, (code, shape, _) in sorted(header.items(), key=lambda item: item[1][2]):
+            if code not in SAFETENSORS_DTYPES:
+                raise UserError(f"{file}: tensor {name!r} has dtype {code}, which is not supported")
+            if name in seen:
+                raise UserError(f"{file}: tensor {name!r} is also in {seen[name]}")
+            seen[name] = file
+            source_dtype = SAFETENSORS_DTYPES[code]
+            size = source_dtype.size
+            for d in shape:
+                size *= d
+            input_bytes += size
+            if name.endswith(DROPPED_KEY_SUFFIXES) or (tied and name == "lm_head.weight"):
+                continue
+            if quantize and QUANTIZED_KEY.match(name):
+                out_features, in_features = shape
+                n_groups = n_groups_for(in_features, bits, group_size)
+                plan.append(_Tensor(name, name, file, "weight", mx.uint32, (out_features, in_features * bits // 32)))
+                for kind in ("scales", "biases"):
+                    plan.append(_Tensor(name[: -len("weight")] + kind, name, file, kind, dtype, (out_features, n_groups)))
+                n_quantized += 1
+            else:
+                out_dtype = dtype if mx.issubdtype(source_dtype, mx.floating) else source_dtype
+                plan.append(_Tensor(name, name, file, "copy", out_dtype, shape))
+    return plan, input_bytes, n_quantized
+
+
+def _shards(plan: list[_Tensor], shard_bytes: int) -> list[list[_Tensor]]:
+    shards: list[list[_Tensor]] = [[]]
+    size = 0
+    for tensor in plan:
+        if shards[-1] and size + tensor.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def _write_header(f: BinaryIO, tensors: list[_Tensor]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+
+
+def _write_bytes(f: BinaryIO, value: mx.array) -> None:
+    f.write(memoryview(mx.contiguous(value)))
+
+
+def _write_tensor(f: BinaryIO, tensor: _Tensor, chunks) -> None:
+    """Append the arrays ``chunks`` (consecutive rows of ``tensor``) to ``f``, checking them against the plan."""
+    written = 0
+    for value in chunks:
+        if value.dtype != tensor.dtype or tuple(value.shape[1:]) != tensor.shape[1:]:
+            raise AssertionError(f"{tensor.name}: produced {value.dtype} {value.shape}, planned {tensor.dtype} {tensor.shape}")
+        _write_bytes(f, value)
+        written += value.nbytes
+    if written != tensor.nbytes:
+        raise AssertionError(f"{tensor.name}: wrote {written} bytes, planned {tensor.nbytes}")
+
+
+def _row_chunks(source: mx.array) -> list[tuple[int, int]]:
+    """Row ranges of about ``CHUNK_ELEMENTS`` elements: bounds the float32 temporaries of a conversion."""
+    if source.ndim < 2:
+        return [(0, source.shape[0])]
+    rows = source.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, source.size // rows))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _disk_check(out_parent: Path, needed: int) -> None:
+    free = shutil.disk_usage(out_parent).free
+    if free < needed * 1.02 + 64 * 2**20:
+        raise UserError(
+            f"{out_parent}: not enough free disk space: the converted checkpoint needs about "
+            f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free"
+        )
+
+
+def convert_checkpoint(
+    hf_path_or_repo: Union[str, Path],
+    mlx_path: Union[str, Path],
+    bits: int = 4,
+    group_size: Optional[int] = None,
+    dtype: str = "float16",
+    quantize: bool = True,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    verify: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConvertResult:
+    """Convert a Hugging Face Mistral/Llama checkpoint (folder or hub repo id) to an MLX checkpoint folder.
+
+    The seven projections of every decoder layer are quantized to ``bits`` with one scale/bias per row
+    (``group_size`` None) or per 32/64/128 inputs, their scales and biases stored in ``dtype``; every other
+    floating-point tensor is cast to ``dtype``. ``quantize=False`` writes a full-precision copy. Writes
+    sharded ``model-XXXXX-of-YYYYY.safetensors`` of about ``shard_bytes`` each with
+    ``model.safetensors.index.json``, ``config.json`` (with a ``quantization`` section when quantized) and
+    the tokenizer files. With ``verify`` the result is loaded with ``load_model`` and checked for NaN/inf
+    before it is moved into place. An existing ``mlx_path`` is replaced only with ``overwrite``.
+    """
+    started = time.perf_counter()
+    if dtype not in DTYPES:
+        raise UserError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if quantize and bits not in SUPPORTED_BITS:
+        raise UserError(f"bits: {bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+    if quantize and group_size is not None and group_size not in (32, 64, 128):
+        raise UserError(f"group_size: {group_size} is not supported (per-row by default, or 32, 64, 128)")
+    out_dtype = DTYPES[dtype]
+    mlx_path = Path(mlx_path).expanduser()
+    if mlx_path.exists() and not overwrite:
+        raise UserError(f"{mlx_path}: already exists (choose another --mlx-path or allow overwriting)")
+
+    source = resolve_checkpoint(hf_path_or_repo)
+    if mlx_path.exists() and mlx_path.resolve() == source.resolve():
+        raise UserError(f"{mlx_path}: the output folder must differ from the input checkpoint")
+
+    from ..model.loading import read_config, weight_files
+
+    config = read_config(source)
+    args = _check_config(config, source, quantize, bits, group_size)
+    files = weight_files(source)
+    plan, input_bytes, n_quantized = _plan(files, quantize, bits, group_size, out_dtype, args.tie_word_embeddings)
+    shards = _shards(plan, shard_bytes)
+    output_bytes = sum(t.nbytes for t in plan)
+    mlx_path.parent.mkdir(parents=True, exist_ok=True)
+    _disk_check(mlx_path.parent, output_bytes)
+
+    quantization = {"bits": bits, "group_size": group_size, "mode": "affine"} if quantize else None
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    try:
+        with atomic_dir(mlx_path, overwrite=overwrite) as tmp:
+            _write_shards(tmp, shards, names, bits, group_size, out_dtype, input_bytes, progress)
+            weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
+            atomic_write_json(tmp / "model.safetensors.index.json",
+                              {"metadata": {"total_size": output_bytes}, "weight_map": weight_map})
+            out_config = dict(config)
+            for key in ("torch_dtype", "dtype"):
+                if key in out_config:
+                    out_config[key] = dtype
+            if quantization:
+                out_config["quantization"] = quantization
+            atomic_write_json(tmp / "config.json", out_config)
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, tmp / name)
+            if verify:
+                _verify(tmp)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"{mlx_path}: disk full while writing the converted checkpoint; nothing was written "
+                            f"(it needs about {output_bytes / 2**30:.2f} GiB)") from None
+        raise
+    return ConvertResult(
+        path=mlx_path, source=source, n_tensors=len(plan), n_quantized=n_quantized, n_shards=len(shards),
+        input_bytes=input_bytes, output_bytes=output_bytes, seconds=time.perf_counter() - started,
+        quantization=quantization, shards=names,
+    )
+
+
+def _write_shards(out_dir: Path, shards: list[list[_Tensor]], names: list[str], bits: int,
+                  group_size: Optional[int], dtype: mx.Dtype, input_bytes: int, progress: bool) -> None:
+    """Read, convert and append every planned tensor to its shard file, one tensor in memory at a time."""
+    loaded: dict[Path, dict[str, mx.array]] = {}
+    pending: dict[str, tuple[mx.array, mx.array]] = {}  # scales, biases of the weight just quantized
+    bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress)
+    try:
+        for name, shard in zip(names, shards):
+            with open(out_dir / name, "wb") as f:
+                _write_header(f, shard)
+                for tensor in shard:
+                    if tensor.kind in ("scales", "biases"):
+                        chunks = [pending.pop(tensor.name)]
+                    else:
+                        if tensor.file not in loaded:
+                            loaded.clear()  # inputs are read in order: drop the previous file's lazy arrays
+                            loaded[tensor.file] = mx.load(str(tensor.file))
+                        source = _evaluated(loaded[tensor.file].pop(tensor.source))  # reads this tensor only
+                        bar.update(source.nbytes)
+                        if tensor.kind == "weight":
+                            chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending)
+                        else:
+                            chunks = _cast_chunks(source, tensor.dtype)
+                        del source
+                    _write_tensor(f, tensor, chunks)
+                    del chunks
+                f.flush()
+    finally:
+        bar.close()
+        loaded.clear()
+
+
+def _evaluated(value: mx.array) -> mx.array:
+    mx.eval(value)
+    return value
+
+
+def _cast_chunks(source: mx.array, dtype: mx.Dtype):
+    """Yield ``source`` cast to ``dtype``, block of rows by block."""
+    if source.ndim == 0:
+        yield _evaluated(source.astype(dtype))
+        return
+    for start, stop in _row_chunks(source):
+        yield _evaluated(source[start:stop].astype(dtype))
+
+
+def _quantized_chunks(source: mx.array, bits: int, group_size: Optional[int], dtype: mx.Dtype, name: str,
+                      pending: dict[str, mx.array]):
+    """Yield the packed words of ``source`` block of rows by block; leave its scales/biases in ``pending``."""
+    scales, biases = [], []
+    for start, stop in _row_chunks(source):
+        wq, s, b = quantize(source[start:stop], bits, group_size, dtype=dtype)
+        mx.eval(wq, s, b)
+        scales.append(s)
+        biases.append(b)
+        yield wq
+    stem = name[: -len("weight")]
+    pending[stem + "scales"] = _evaluated(mx.concatenate(scales))
+    pending[stem + "biases"] = _evaluated(mx.concatenate(biases))
+
+
+def _verify(path: Path) -> None:
+    """Load the converted folder strictly (every name, shape and dtype) and check that no value is NaN/inf.
+
+    A forward pass is not run: in float16 on a CPU it costs minutes for a 7B model and checks nothing more.
+    """
+    from mlx.utils import tree_flatten
+
+    from ..model.loading import load_model
+
+    model = load_model(path)
+    for name, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
+            raise UserError(f"{path}: tensor {name} holds NaN or infinite values; the source checkpoint may be corrupt")

@@ -1,0 +1,233 @@
+"""Low-rank adapters: ``LoRALinear``, ``apply_lora``, ``quantize_model`` and parameter counts.
+
+``LoRALinear`` keeps PEFT's names and shapes (``lora_A`` (r, in), ``lora_B`` (out, r)), so adapters move
+between this project and PEFT without renaming. Layers are found by their Hugging Face path,
+``...layers.{i}.self_attn.q_proj`` or ``...layers.{i}.mlp.down_proj``, and swapped with
+``update_modules``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterator, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..config import ALL_TARGETS, LoRAConfig
+from .quantized_linear import QuantizedLinear
+
+# A decoder projection's module path: group 1 is the layer index, group 2 the projection's name.
+_PROJECTION_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+_proj)$")
+
+BaseLinear = Union[nn.Linear, QuantizedLinear]
+
+
+def _shape_of(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an ``nn.Linear`` or ``QuantizedLinear``."""
+    if isinstance(layer, QuantizedLinear):
+        return layer.out_features, layer.in_features
+    if isinstance(layer, nn.Linear):
+        return tuple(layer.weight.shape)
+    raise TypeError(f"LoRA wraps nn.Linear or QuantizedLinear, got {type(layer).__name__}")
+
+
+class LoRALinear(nn.Module):
+    """``y = base(x) + scale * (dropout(x) @ lora_A.T) @ lora_B.T``; only ``lora_A`` and ``lora_B`` train.
+
+    ``scale`` is ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA. ``lora_A`` (rank, in) starts as
+    PEFT's Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)); ``lora_B`` (out, rank) starts
+    at zero, so a new adapter leaves the base's output unchanged. The adapter computes in the input's dtype.
+    """
+
+    def __init__(
+        self,
+        base: BaseLinear,
+        rank: int = 16,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        dtype: mx.Dtype = mx.float32,
+    ):
+        super().__init__()
+        out_features, in_features = _shape_of(base)
+        if rank < 1:
+            raise ValueError(f"rank: must be >= 1, got {rank}")
+        self.base = base
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.dropout_p = float(dropout)
+        self.dropout = nn.Dropout(p=dropout)
+        # kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)) times sqrt(3 / fan_in) = 1 / sqrt(fan_in)
+        bound = 1.0 / math.sqrt(in_features)
+        self.lora_A = mx.random.uniform(-bound, bound, (rank, in_features), dtype=dtype)
+        self.lora_B = mx.zeros((out_features, rank), dtype=dtype)
+        self.base.freeze()
+
+    @classmethod
+    def from_base(
+        cls,
+        layer: BaseLinear,
+        rank: int = 16,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> "LoRALinear":
+        """Wrap ``layer`` (an ``nn.Linear`` or ``QuantizedLinear``, which is frozen) with a new adapter."""
+        return cls(layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    def unfreeze(self, *args, **kwargs):
+        """Unfreezing this layer trains the adapters, never the wrapped base layer.
+
+        (``Module.unfreeze`` of a parent does not call this method: after ``model.unfreeze()``, run
+        ``apply_lora`` on a fresh model or freeze the base layers again.)
+        """
+        super().unfreeze(*args, **kwargs)
+        self.base.freeze()
+        return self
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """x (..., in) -> (..., out)."""
+        y = self.base(x)
+        h = self.dropout(x) @ self.lora_A.astype(x.dtype).T  # (..., rank)
+        return y + (self.scale * (h @ self.lora_B.astype(x.dtype).T)).astype(y.dtype)
+
+    def delta_weight(self) -> mx.array:
+        """``scale * lora_B @ lora_A``, (out, in) in float32."""
+        return self.scale * (self.lora_B.astype(mx.float32) @ self.lora_A.astype(mx.float32))
+
+    def fuse(self, full_weight: Optional[mx.array] = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with weight ``W + scale * B @ A``.
+
+        ``full_weight`` (out, in): the original full-precision weight of a quantized base, so the merge
+        adds no quantization error. Without it, ``W`` is the base's weight (dequantized for a
+        ``QuantizedLinear``). The sum is formed in float32 and stored in ``W``'s dtype (for a quantized
+        base without ``full_weight``: its scales' dtype).
+        """
+        out_features, in_features = _shape_of(self.base)
+        if full_weight is not None:
+            if tuple(full_weight.shape) != (out_features, in_features):
+                raise ValueError(
+                    f"full_weight: expected shape {(out_features, in_features)}, got {tuple(full_weight.shape)}"
+                )
+            weight = full_weight
+        elif isinstance(self.base, QuantizedLinear):
+            weight = self.base.dequantize(mx.float32).astype(self.base.scales.dtype)
+        else:
+            weight = self.base.weight
+        has_bias = isinstance(self.base, nn.Linear) and "bias" in self.base
+        fused = nn.Linear(in_features, out_features, bias=has_bias)
+        fused.weight = (weight.astype(mx.float32) + self.delta_weight()).astype(weight.dtype)
+        if has_bias:
+            fused.bias = self.base.bias
+        return fused
+
+    def _extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout_p:g}"
+
+
+def decoder_projections(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Module]]:
+    """Yield ``(path, layer_index, projection_name, module)`` for each decoder projection of ``model``."""
+    for path, module in model.named_modules():
+        match = _PROJECTION_PATH.search(path)
+        if match:
+            yield path, int(match.group(1)), match.group(2), module
+
+
+def _resolve_layers(layers: Optional[list[int]], n_layers: int) -> set[int]:
+    if layers is None:
+        return set(range(n_layers))
+    chosen = set()
+    for index in layers:
+        if not -n_layers <= index < n_layers:
+            raise ValueError(f"layers: index {index} is out of range for a model with {n_layers} layers")
+        chosen.add(index % n_layers)
+    return chosen
+
+
+def apply_lora(model: nn.Module, config: Optional[LoRAConfig] = None, **kwargs) -> nn.Module:
+    """Freeze ``model`` and wrap the chosen decoder projections in ``LoRALinear``; returns ``model``.
+
+    ``config`` is a ``LoRAConfig``; keyword arguments (``targets``, ``rank``, ``alpha``, ``dropout``,
+    ``layers``, ``use_rslora``) build one or override its fields. ``targets`` names projections
+    (``"q_proj,v_proj"`` or a list; default all seven) and ``layers`` decoder-layer indices (negative
+    ones count from the end; default all). Afterwards only the adapters are trainable.
+    """
+    values = config.to_dict() if config is not None else {}
+    values.update(kwargs)
+    config = LoRAConfig.from_dict(values)
+
+    found = list(decoder_projections(model))
+    if not found:
+        raise ValueError("apply_lora: the model has no decoder projections (paths like layers.0.self_attn.q_proj)")
+    n_layers = max(index for _, index, _, _ in found) + 1
+    chosen_layers = _resolve_layers(config.layers, n_layers)
+
+    model.freeze()
+    replacements = []
+    for path, index, name, module in found:
+        if index not in chosen_layers or name not in config.targets:
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"apply_lora: {path} already has an adapter")
+        adapter = LoRALinear.from_base(
+            module, rank=config.rank, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora
+        )
+        replacements.append((path, adapter))
+    if not replacements:
+        raise ValueError(f"apply_lora: no projection matched targets {list(config.targets)} in layers {config.layers}")
+    model.update_modules(tree_unflatten(replacements))
+    return model
+
+
+def quantize_model(
+    model: nn.Module, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None
+) -> nn.Module:
+    """Replace every decoder projection that is an ``nn.Linear`` by a ``QuantizedLinear``; returns ``model``.
+
+    Embeddings, norms and ``lm_head`` stay as they are. ``dtype`` is the scales' dtype (default: each
+    weight's own).
+    """
+    replacements = [
+        (path, QuantizedLinear.from_linear(module, bits=bits, group_size=group_size, dtype=dtype))
+        for path, _, name, module in decoder_projections(model)
+        if isinstance(module, nn.Linear) and name in ALL_TARGETS
+    ]
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts.
+
+    A ``QuantizedLinear`` counts as the ``in * out`` weights it stands for (its packed words, scales and
+    biases are storage, not parameters), so the total is the original model's plus the adapters.
+    """
+    quantized = {path: m for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    total = sum(m.in_features * m.out_features for m in quantized.values())
+    for name, value in tree_flatten(model.parameters()):
+        owner = name.rpartition(".")[0]
+        if owner not in quantized:
+            total += value.size
+    trainable = sum(value.size for _, value in tree_flatten(model.trainable_parameters()))
+    return trainable, total
+
+
+def format_trainable(model: nn.Module) -> str:
+    """``"trainable: 20,971,520 / 7,262,703,616 (0.29%)"``."""
+    trainable, total = count_parameters(model)
+    share = 100.0 * trainable / total if total else 0.0
+    return f"trainable: {trainable:,} / {total:,} ({share:.2f}%)"

@@ -1,0 +1,247 @@
+"""convert_checkpoint and scripts/convert_weights.py: round trips, sharding, and clear errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx_qlora  # noqa: F401  (loads OpenBLAS before MLX)
+
+import mlx.core as mx
+
+from mlx_qlora.errors import UserError
+from mlx_qlora.model import load_model
+from mlx_qlora.quant import QuantizedLinear, quantize, quantize_model
+from mlx_qlora.quant import convert as convert_mod
+from mlx_qlora.quant.convert import QUANTIZED_KEY, convert_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _read_with_safetensors(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a folder through the ``safetensors`` library (torch reader: it knows bfloat16)."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key).float().numpy() if f.get_tensor(key).is_floating_point() else (
+                    f.get_tensor(key).numpy())
+    return out
+
+
+@pytest.fixture()
+def checkpoint_with_tokenizer(tiny_hf_checkpoint, tiny_spm_path, tmp_path) -> Path:
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_hf_checkpoint, src)
+    shutil.copyfile(tiny_spm_path, src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    return src
+
+
+def test_round_trip_float32_per_row(checkpoint_with_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(convert_mod, "CHUNK_ELEMENTS", 1000)  # several blocks of rows per tensor
+    src, out = checkpoint_with_tokenizer, tmp_path / "mlx"
+    result = convert_checkpoint(src, out, dtype="float32", shard_bytes=60_000, progress=False)
+    assert result.n_quantized == 14 and result.n_shards > 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        result.shards + ["config.json", "generation_config.json", "model.safetensors.index.json",
+                         "tokenizer.model", "tokenizer_config.json"])
+    assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"bits": 4, "group_size": None, "mode": "affine"}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+
+    original = _read_with_safetensors(src)
+    written = _read_with_safetensors(out)
+    assert set(index["weight_map"]) == set(written)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in written.values())
+    for key, value in original.items():
+        if QUANTIZED_KEY.match(key):
+            wq, scales, biases = quantize(mx.array(value), 4, None)
+            stem = key[: -len("weight")]
+            assert written[key].dtype == np.uint32 or written[key].dtype == np.int64  # torch has no uint32 view
+            assert np.array_equal(written[key].astype(np.uint64), np.array(wq).astype(np.uint64))
+            assert np.array_equal(written[stem + "scales"], np.array(scales))
+            assert np.array_equal(written[stem + "biases"], np.array(biases))
+        else:
+            assert np.array_equal(written[key], value), key
+
+    # the converted model is the in-memory quantized model, exactly
+    ids = mx.array([[1, 7, 42, 300, 5, 9]])
+    reference = quantize_model(load_model(src))
+    assert mx.array_equal(load_model(out)(ids), reference(ids))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_group_size_and_float16(tiny_hf_checkpoint, tmp_path):
+    out = tmp_path / "mlx16"
+    convert_checkpoint(tiny_hf_checkpoint, out, group_size=32, dtype="float16", progress=False)
+    model = load_model(out)
+    q = model.model.layers[1].mlp.down_proj
+    assert isinstance(q, QuantizedLinear) and q.group_size == 32 and q.scales.shape == (64, 5)
+    assert q.scales.dtype == mx.float16 and model.model.embed_tokens.weight.dtype == mx.float16
+    # float16 storage changes the logits by little next to 4-bit quantization itself
+    ids = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    full = np.array(load_model(tiny_hf_checkpoint)(ids))
+    ours = np.array(model(ids).astype(mx.float32))
+    in_memory = np.array(quantize_model(load_model(tiny_hf_checkpoint), group_size=32)(ids))
+    assert np.linalg.norm(ours - in_memory) <= 0.02 * np.linalg.norm(full)
+    assert np.linalg.norm(ours - full) <= 0.2 * np.linalg.norm(full)
+
+
+def test_full_precision_copy_and_llama(hf_checkpoint_factory, tmp_path):
+    src = hf_checkpoint_factory("tiny-llama", arch="llama")
+    out = tmp_path / "llama"
+    result = convert_checkpoint(src, out, dtype="float32", quantize=False, progress=False)
+    assert result.quantization is None and result.n_quantized == 0
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    ids = mx.array([[5, 6, 7, 8]])
+    assert mx.array_equal(load_model(out)(ids), load_model(src)(ids))
+
+
+def test_bfloat16_source(tiny_hf_checkpoint, tmp_path):
+    """A bfloat16 checkpoint (as Mistral's are) converts: bfloat16 -> float32 -> 4 bits."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "bf16"
+    shutil.copytree(tiny_hf_checkpoint, src)
+    file = src / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(file)).items()}, str(file), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    convert_checkpoint(src, out, dtype="bfloat16", progress=False)
+    written = _read_with_safetensors(out)
+    original = load_file(str(file))
+    key = "model.layers.0.mlp.up_proj.weight"
+    wq, scales, _ = quantize(mx.array(original[key].float().numpy()), 4, None, dtype=mx.bfloat16)
+    assert np.array_equal(written[key].astype(np.uint64), np.array(wq).astype(np.uint64))
+    assert np.array_equal(written["model.norm.weight"], original["model.norm.weight"].float().numpy())
+
+
+def test_verification_rejects_non_finite_weights(tiny_hf_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "nan"
+    shutil.copytree(tiny_hf_checkpoint, src)
+    file = src / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="model.norm.weight holds NaN"):
+        convert_checkpoint(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_pickles_and_unknown_architectures(tiny_hf_checkpoint, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copyfile(tiny_hf_checkpoint / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError, match=r"no \*\.safetensors.*pickle"):
+        convert_checkpoint(pickled, tmp_path / "o1", progress=False)
+
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(tiny_hf_checkpoint, gpt2)
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UserError, match="architectures.*not supported"):
+        convert_checkpoint(gpt2, tmp_path / "o2", progress=False)
+    (gpt2 / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": None}))
+    with pytest.raises(UserError, match="model_type"):
+        convert_checkpoint(gpt2, tmp_path / "o3", progress=False)
+    (gpt2 / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(UserError, match="already quantized"):
+        convert_checkpoint(gpt2, tmp_path / "o4", progress=False)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_existing_output_and_bad_options(tiny_hf_checkpoint, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists"):
+        convert_checkpoint(tiny_hf_checkpoint, out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="group_size"):
+        convert_checkpoint(tiny_hf_checkpoint, tmp_path / "g", group_size=48, progress=False)
+    with pytest.raises(UserError, match="intermediate_size = 160"):
+        convert_checkpoint(tiny_hf_checkpoint, tmp_path / "g", group_size=64, progress=False)
+    convert_checkpoint(tiny_hf_checkpoint, out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_disk_full_leaves_nothing(tiny_hf_checkpoint, tmp_path, monkeypatch):
+    parent = tmp_path / "disk"
+    parent.mkdir()
+    calls = []
+
+    def full(f, value):
+        calls.append(value.shape)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        f.write(memoryview(mx.contiguous(value)))
+
+    monkeypatch.setattr(convert_mod, "_write_bytes", full)
+    with pytest.raises(UserError, match="disk full.*nothing was written"):
+        convert_checkpoint(tiny_hf_checkpoint, parent / "out", progress=False)
+    assert list(parent.iterdir()) == []
+
+    monkeypatch.setattr(convert_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError, match="not enough free disk space"):
+        convert_checkpoint(tiny_hf_checkpoint, parent / "out", progress=False)
+    assert list(parent.iterdir()) == []
+
+
+def test_hub_errors(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub"):
+        convert_checkpoint("mistralai/Mistral-7B-v0.1", tmp_path / "o", progress=False)
+
+    requested = {}
+
+    def not_found(repo_id, allow_patterns):
+        requested.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        error = errors.RepositoryNotFoundError.__new__(errors.RepositoryNotFoundError)
+        error.args = ("404 Repository Not Found",)
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
+    with pytest.raises(UserError, match="repository not found"):
+        convert_checkpoint("someone/no-such-model", tmp_path / "o", progress=False)
+    assert requested["repo_id"] == "someone/no-such-model"
+    assert "*.safetensors" in requested["allow_patterns"] and not any(".bin" in p for p in requested["allow_patterns"])
+
+    with pytest.raises(UserError, match="no such directory"):
+        convert_checkpoint(str(tmp_path / "missing" / "folder"), tmp_path / "o", progress=False)
+    with pytest.raises(UserError, match="nor a valid hub repo id"):
+        convert_checkpoint("bad id!", tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_script(tiny_hf_checkpoint, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    script = str(ROOT / "scripts" / "convert_weights.py")
+    out = tmp_path / "cli"
+    done = subprocess.run([sys.executable, script, "--hf-path", str(tiny_hf_checkpoint), "--mlx-path", str(out),
+                           "--group-size", "32", "--dtype", "float32"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "4-bit, group size 32" in done.stdout
+    assert json.loads((out / "config.json").read_text())["quantization"]["group_size"] == 32
+    failed = subprocess.run([sys.executable, script, "--hf-path", str(tiny_hf_checkpoint), "--mlx-path", str(out)],
+                            capture_output=True, text=True, env=env)
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
+        f"error: {out}: already exists (choose another --mlx-path or allow overwriting)"]

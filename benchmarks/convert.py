@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -78,8 +77,13 @@ def run_conversion(src: Path, out: Path, group_size, dtype: str, verify: bool) -
         "from mlx_qlora.quant.convert import convert_checkpoint\n"
         "r = convert_checkpoint(sys.argv[1], sys.argv[2], group_size=json.loads(sys.argv[3]), dtype=sys.argv[4],\n"
         "                       verify=sys.argv[5] == '1', progress=False)\n"
-        "print(json.dumps({'seconds': r.seconds, 'output_bytes': r.output_bytes, 'shards': r.n_shards,\n"
-        "                  'maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)\n"
+        "try:  # Linux: ru_maxrss survives fork+exec from a large parent; VmHWM belongs to this process alone\n"
+        "    status = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
+        "    peak = int(status) * 1024\n"
+        "except (OSError, IndexError):\n"
+        "    pass\n"
+        "print(json.dumps({'seconds': r.seconds, 'output_bytes': r.output_bytes, 'shards': r.n_shards, 'peak': peak}))\n"
     )
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code, str(src), str(out), json.dumps(group_size), dtype,
@@ -87,9 +91,8 @@ def run_conversion(src: Path, out: Path, group_size, dtype: str, verify: bool) -
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise UserError(f"conversion failed:\n{done.stderr[-2000:]}")
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"wall_seconds": wall, "convert_seconds": result["seconds"], "peak_rss_bytes": result["maxrss"] * scale,
+    return {"wall_seconds": wall, "convert_seconds": result["seconds"], "peak_rss_bytes": result["peak"],
             "output_bytes": result["output_bytes"], "shards": result["shards"]}
 
 

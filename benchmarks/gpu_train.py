@@ -29,6 +29,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool):
+    """Random Mistral, per-row 4-bit projections; LoRA on all seven projections when ``rank`` > 0."""
     from mlx_qlora.config import LoRAConfig
     from mlx_qlora.model import MistralForCausalLM, ModelArgs
     from mlx_qlora.model.loading import PROJECTIONS
@@ -44,6 +45,8 @@ def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool):
         layer.update_modules(tree_unflatten(swaps))
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
+    if not rank:
+        return model
     apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank))
     model.update(tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters()))
     model.model.grad_checkpoint = grad_checkpoint
@@ -72,7 +75,8 @@ def step_ours(model, batch: mx.array, chunk: int):
     return run
 
 
-def build_mlx_lm(cfg: dict, dtype, rank: int, grad_checkpoint: bool):
+def build_mlx_lm(cfg: dict, dtype, rank: int, grad_checkpoint: bool, lora: bool = True):
+    """mlx-lm's llama model (which serves Mistral), quantized by mlx-lm (group 64), with its LoRA layers."""
     from mlx_lm.models import llama
     from mlx_lm.tuner.trainer import grad_checkpoint as mlx_lm_grad_checkpoint
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -85,6 +89,8 @@ def build_mlx_lm(cfg: dict, dtype, rank: int, grad_checkpoint: bool):
         mx.eval(layer.parameters())
     nn.quantize(model, group_size=64, bits=4)  # embeddings and head too, as mlx-lm's converter does
     mx.eval(model.parameters())
+    if not lora:
+        return model
     model.freeze()
     keys = [f"self_attn.{t}" for t in TARGETS[:4]] + [f"mlp.{t}" for t in TARGETS[4:]]
     linear_to_lora_layers(model, len(model.layers), {"rank": rank, "scale": 2.0, "dropout": 0.0, "keys": keys})

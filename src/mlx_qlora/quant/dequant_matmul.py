@@ -33,7 +33,11 @@ def dequantized_matmul_fn(dequantize: Callable, bits: int, group_size: Optional[
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, wq, scales, biases = primals
-        w = dequantize(wq, scales, biases, bits, group_size, cotangent.dtype)  # recomputed, not stored
+        # Tie the recomputation to the cotangent: it then cannot start before the backward pass reaches
+        # this layer, and mx.compile cannot merge it with the forward pass's dequantization (which would
+        # keep W alive again).
+        wq_late = mx.depends(wq, cotangent)
+        w = dequantize(wq_late, scales, biases, bits, group_size, cotangent.dtype)  # recomputed, not stored
         return (cotangent @ w).astype(x.dtype), mx.zeros_like(wq), mx.zeros_like(scales), mx.zeros_like(biases)
 
     return matmul

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Batch-1 decoding and prompt speed: ours against mlx-lm's generate_step on the same random model shapes.
+
+Also reports the memory-bandwidth limit of decoding: measured copy bandwidth / bytes of weights read
+per token (every parameter except the embedding table, of which one row is read).
+
+  python benchmarks/gpu_generate.py --preset tiny
+  python benchmarks/gpu_generate.py --preset mistral-7b --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from common import PRESETS, compute_dtype, copy_bandwidth_gbs, environment, median, print_table, write_json
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+
+def weight_bytes(model) -> int:
+    total = 0
+    for name, value in tree_flatten(model.parameters()):
+        if "embed_tokens" in name and "lm_head" not in name:
+            continue  # one row per token
+        total += value.nbytes
+    return total
+
+
+def run_ours(cfg, prompt: mx.array, max_tokens: int):
+    from gpu_train import build_ours
+
+    model = build_ours(cfg, compute_dtype(), rank=0, grad_checkpoint=False)
+    model.eval()
+    nbytes = weight_bytes(model)
+
+    def generate():
+        cache = model.make_cache()
+        start = time.perf_counter()
+        logits = model(prompt[None], cache=cache)
+        token = mx.argmax(logits[:, -1, :], axis=-1)
+        mx.eval(token)
+        prompt_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(max_tokens):
+            next_token = mx.argmax(model(token[:, None], cache=cache)[:, -1, :], axis=-1)
+            mx.async_eval(next_token)  # queue the next step while this one's token is read
+            token = next_token
+        mx.eval(token)
+        return prompt_s, time.perf_counter() - start
+
+    return generate, nbytes
+
+
+def run_mlx_lm(cfg, prompt: mx.array, max_tokens: int):
+    from gpu_train import build_mlx_lm
+    from mlx_lm.generate import generate_step
+
+    model = build_mlx_lm(cfg, compute_dtype(), rank=0, grad_checkpoint=False, lora=False)
+    model.eval()
+    nbytes = weight_bytes(model)
+
+    def generate():
+        start = time.perf_counter()
+        steps = generate_step(prompt, model, max_tokens=max_tokens + 1)
+        next(steps)
+        prompt_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in steps:
+            pass
+        return prompt_s, time.perf_counter() - start
+
+    return generate, nbytes
+
+
+def worker(args) -> dict:
+    cfg = PRESETS[args.preset]
+    mx.random.seed(0)
+    prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt_tokens,)).astype(mx.int32)
+    generate, nbytes = (run_ours if args.stack == "ours" else run_mlx_lm)(cfg, prompt, args.max_tokens)
+    generate()  # warm-up
+    runs = [generate() for _ in range(args.repeats)]
+    prompt_s = median([r[0] for r in runs])
+    decode_s = median([r[1] for r in runs])
+    return {"stack": args.stack, "prompt_tokens_per_s": args.prompt_tokens / prompt_s,
+            "decode_tokens_per_s": args.max_tokens / decode_s, "weight_bytes_per_token": nbytes,
+            "peak_gb": mx.get_peak_memory() / 1e9}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--stacks", default="ours,mlx-lm")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json")
+    p.add_argument("--worker", dest="stack", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.stack:
+        print(json.dumps(worker(args)), flush=True)
+        return
+    bandwidth = copy_bandwidth_gbs()
+    rows = []
+    for stack in args.stacks.split(","):
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--worker", stack, "--prompt-tokens",
+               str(args.prompt_tokens), "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{stack} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            rows.append({"stack": stack, "error": proc.stderr[-500:]})
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["bandwidth_limit_tokens_per_s"] = bandwidth * 1e9 / row["weight_bytes_per_token"]
+        row["share_of_limit"] = row["decode_tokens_per_s"] / row["bandwidth_limit_tokens_per_s"]
+        rows.append(row)
+    peer = next((r for r in rows if r["stack"] == "mlx-lm" and "decode_tokens_per_s" in r), None)
+    for row in rows:
+        if peer and "decode_tokens_per_s" in row:
+            row["decode_vs_mlx_lm"] = row["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
+            row["prompt_vs_mlx_lm"] = row["prompt_tokens_per_s"] / peer["prompt_tokens_per_s"]
+    env = environment()
+    print(f"\n{args.preset} on {env.get('device_name') or env['device']}, MLX {env['mlx']}; batch 1, "
+          f"{args.prompt_tokens}-token prompt, {args.max_tokens} tokens greedy; copy bandwidth {bandwidth:.0f} GB/s")
+    print_table(rows, [("stack", "stack", ""), ("prompt_tokens_per_s", "prompt tok/s", "{:,.0f}"),
+                       ("decode_tokens_per_s", "decode tok/s", "{:,.1f}"),
+                       ("weight_bytes_per_token", "weight bytes/token", "{:,}"),
+                       ("bandwidth_limit_tokens_per_s", "limit tok/s", "{:,.0f}"),
+                       ("share_of_limit", "of limit", "{:.0%}"), ("decode_vs_mlx_lm", "decode vs mlx-lm", "{:.2f}x"),
+                       ("prompt_vs_mlx_lm", "prompt vs mlx-lm", "{:.2f}x"), ("peak_gb", "peak GB", "{:.2f}")])
+    write_json(args.json, {"benchmark": "generate", "preset": args.preset, "environment": env,
+                           "copy_bandwidth_gbs": bandwidth, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
                        rope_theta=10000.0, sliding_window=4096, max_position_embeddings=32768),
+    # A small model for CPU measurements (vocab and head like Mistral's).
+    "small": dict(model_type="mistral", vocab_size=32000, hidden_size=256, intermediate_size=768,
+                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, sliding_window=4096, max_position_embeddings=4096),
     # Small enough for a CI smoke test on two CPU cores.
     "tiny": dict(model_type="mistral", vocab_size=1024, hidden_size=128, intermediate_size=384,
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,

@@ -82,6 +82,7 @@ def worker(args) -> dict:
     mx.random.seed(0)
     prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt_tokens,)).astype(mx.int32)
     generate, nbytes = (run_ours if args.stack == "ours" else run_mlx_lm)(cfg, prompt, args.max_tokens)
+    mx.reset_peak_memory()  # count generation, not building the random model
     generate()  # warm-up
     runs = [generate() for _ in range(args.repeats)]
     prompt_s = median([r[0] for r in runs])

@@ -128,6 +128,8 @@ def step_mlx_lm(model, batch: mx.array, chunk: int):
 def worker(args) -> dict:
     cfg = PRESETS[args.preset]
     dtype = compute_dtype()
+    if args.cache_limit_gb is not None:
+        mx.set_cache_limit(int(args.cache_limit_gb * 1e9))
     build, make_step = (build_ours, step_ours) if args.stack == "ours" else (build_mlx_lm, step_mlx_lm)
     start = time.perf_counter()
     model = build(cfg, dtype, args.rank, args.grad_checkpoint)
@@ -154,6 +156,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--cache-limit-gb", type=float, help="cap MLX's buffer cache in each worker")
     p.add_argument("--worker", dest="stack", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -178,6 +181,8 @@ def main() -> None:
                        "--rank", str(args.rank), "--loss-chunk", str(args.loss_chunk)]
                 if ckpt:
                     cmd.append("--grad-checkpoint")
+                if args.cache_limit_gb is not None:
+                    cmd += ["--cache-limit-gb", str(args.cache_limit_gb)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{stack} {shape} ckpt={ckpt} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)

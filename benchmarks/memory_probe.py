@@ -22,13 +22,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--loss-chunk", type=int, default=1024)
+    p.add_argument("--cache-limit-gb", type=float, help="cap MLX's buffer cache (0 frees buffers at once)")
     args = p.parse_args()
+    if args.cache_limit_gb is not None:
+        mx.set_cache_limit(int(args.cache_limit_gb * 1e9))
     from mlx_qlora.train.optimizer import AdamW
     from mlx_qlora.train.step import make_grad_fn, make_update_fn
 
     cfg = {**PRESETS[args.preset], "num_hidden_layers": args.layers}
     rows = []
-    for compiled in (True, False):
+    for compiled in (True,):
         for ckpt in (False, True):
             model = build_ours(cfg, compute_dtype(), 16, ckpt)
             batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)

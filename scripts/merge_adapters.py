@@ -4,7 +4,8 @@
 With --base-weights (the original float16/bfloat16/float32 checkpoint the 4-bit model was made from) the
 merge is lossless: W + scale * B @ A in float32, cast once. Without it the adapters are merged into the
 dequantized 4-bit base (the output says so). The folder loads with transformers' from_pretrained and with
-this project's scripts; --quantize also writes our 4-bit format of the merged model.
+this project's scripts; --quantize also writes our 4-bit format of the merged model, --gguf a GGUF file
+for llama.cpp / Ollama (float16, or 8-bit with --gguf-type q8_0).
 
 Example:
   python scripts/merge_adapters.py --model models/mistral-7b-4bit --adapter runs/dolly \
@@ -37,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantized-out", help="folder for --quantize (default: <out>-4bit)")
     p.add_argument("--group-size", type=int, default=None,
                    help="quantization group size for --quantize: 32, 64 or 128 (default: one scale per row)")
+    p.add_argument("--gguf", help="also write the merged model as this GGUF file (llama.cpp, Ollama)")
+    p.add_argument("--gguf-type", choices=["f16", "q8_0", "f32"], default="f16",
+                   help="GGUF tensor type of the matrices: f16 (default), q8_0 (8 bits) or f32")
     return p.parse_args(argv)
 
 
@@ -46,7 +50,8 @@ def main(argv=None) -> None:
 
     report = merge_adapters(args.model, args.adapter, args.out, base_weights=args.base_weights, dtype=args.dtype,
                             max_shard_size=args.max_shard_size, check=not args.no_check, quantize=args.quantize,
-                            quantized_out=args.quantized_out, group_size=args.group_size)
+                            quantized_out=args.quantized_out, group_size=args.group_size,
+                            gguf=args.gguf, gguf_type=args.gguf_type)
     for line in report.lines():
         print(line)
 

@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json
 from .constants import CROSS_ENTROPY_IGNORE_INDEX
 from .sources import ColumnMap, LoadResult, Record, load_records
-from .templates import chat_turns, format_prompt, format_response, get_template
+from .chat_template import check_template, prompt_for, response_for, turns_for
 from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -115,12 +115,12 @@ def fit_example(
     """
     if tokenizer.eos_id is None:
         raise UserError(f"tokenizer {tokenizer.path} has no EOS token; it cannot mark where a response ends")
-    response = format_response(template_name, record.response)
+    response = response_for(template_name, record.response)
     n_bos = 1 if tokenizer.bos_id is not None else 0
     context = record.context
     while True:
         if first is None:
-            prompt = format_prompt(template_name, record.instruction, context)
+            prompt = prompt_for(tokenizer, template_name, record.instruction, context)
             first = tokenize_prompt_response(tokenizer, prompt, response)
         ids, n_prompt = first
         total = n_bos + len(ids) + 1
@@ -153,13 +153,14 @@ def tokenize_example(
 
     Without ``max_seq_len`` nothing is truncated. Returns ``None`` when the example cannot fit.
     """
-    get_template(template_name)
+    check_template(tokenizer, template_name)
     record = Record(instruction, context, response)
     return fit_example(tokenizer, template_name, record, max_seq_len or 1 << 62, min_response_tokens)
 
 
 def encode_chat(tokenizer: Tokenizer, template_name: str, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
-    """Ids and labels of a multi-turn conversation (see ``templates.chat_turns``).
+    """Ids and labels of a multi-turn conversation (see ``templates.chat_turns``; for the template ``"chat"``,
+    the tokenizer's own chat template, ``chat_template.template_turns``).
 
     BOS once, then each turn's ``prompt + response`` tokenized on its own followed by EOS; a final user
     message gives its prompt alone (for generation). Prompts are masked, responses and their EOS learned.
@@ -168,7 +169,7 @@ def encode_chat(tokenizer: Tokenizer, template_name: str, messages: Sequence[dic
         raise UserError(f"tokenizer {tokenizer.path} has no EOS token; it cannot mark where a response ends")
     input_ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     labels = [CROSS_ENTROPY_IGNORE_INDEX] * len(input_ids)
-    for prompt, response in chat_turns(template_name, messages):
+    for prompt, response in turns_for(tokenizer, template_name, messages):
         if response is None:
             ids = tokenizer.encode(prompt)
             input_ids += ids
@@ -257,14 +258,14 @@ def tokenize_records(
 
     Gives exactly the same examples as calling ``fit_example`` one by one.
     """
-    get_template(template_name)
+    check_template(tokenizer, template_name)
     out: list[Optional[Example]] = []
     n_bos = 1 if tokenizer.bos_id is not None else 0
     with _progress(len(records), "tokenizing", progress) as bar:
         for start in range(0, len(records), _ENCODE_CHUNK):
             chunk = records[start : start + _ENCODE_CHUNK]
-            prompts = [format_prompt(template_name, r.instruction, r.context) for r in chunk]
-            responses = [format_response(template_name, r.response) for r in chunk]
+            prompts = [prompt_for(tokenizer, template_name, r.instruction, r.context) for r in chunk]
+            responses = [response_for(template_name, r.response) for r in chunk]
             full_ids = tokenizer.encode_batch([p + r for p, r in zip(prompts, responses)])
             prompt_ids = tokenizer.encode_batch(prompts)
             for record, ids, prompt in zip(chunk, full_ids, prompt_ids):
@@ -366,9 +367,9 @@ def prepare_dataset(
     from safetensors.numpy import save_file
 
     config = config or DataConfig()
-    get_template(config.template)
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
+    check_template(tokenizer, config.template)
     if loaded is None:
         loaded = load_records(source, columns=columns, skip_bad=skip_bad, split=source_split)
     records = loaded.records

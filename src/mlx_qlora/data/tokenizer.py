@@ -34,9 +34,10 @@ def file_checksum(path: PathLike) -> str:
 class Tokenizer:
     """Text <-> token ids.
 
-    Attributes: ``bos_id``, ``eos_id`` and ``pad_id`` (``None`` when the model has none), ``vocab_size``,
-    ``checksum`` (sha256 of the tokenizer file), ``path`` and ``kind`` (``"sentencepiece"`` or ``"json"``).
-    Build one with ``load_tokenizer``.
+    Attributes: ``bos_id``, ``eos_id`` and ``pad_id`` (``None`` when the model has none; ``bos_id`` is also
+    None when ``tokenizer_config.json`` says ``add_bos_token: false``), ``vocab_size``, ``checksum`` (sha256
+    of the tokenizer file), ``path``, ``kind`` (``"sentencepiece"`` or ``"json"``) and ``chat_template`` (the
+    jinja2 ``chat_template`` of ``tokenizer_config.json``, or None). Build one with ``load_tokenizer``.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class Tokenizer:
         eos_id: Optional[int],
         pad_id: Optional[int],
         vocab_size: int,
+        chat_template: Optional[str] = None,
     ):
         self._backend = backend
         self.kind = kind
@@ -56,6 +58,7 @@ class Tokenizer:
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.vocab_size = vocab_size
+        self.chat_template = chat_template
         self.checksum = file_checksum(path)
 
     def __repr__(self) -> str:
@@ -150,6 +153,7 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
         eos_id=optional(processor.eos_id()),
         pad_id=optional(processor.pad_id()),
         vocab_size=processor.get_piece_size(),
+        chat_template=_chat_template(path.parent, _read_json(path.parent / "tokenizer_config.json")),
     )
 
 
@@ -166,6 +170,18 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _chat_template(folder: Path, tokenizer_config: dict) -> Optional[str]:
+    """The jinja2 chat template of a tokenizer folder: ``tokenizer_config.json``'s ``chat_template`` (a string,
+    or the entry named "default" of a list), else a ``chat_template.jinja`` file, else None."""
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if isinstance(template, str) and template:
+        return template
+    file = folder / "chat_template.jinja"
+    return file.read_text(encoding="utf-8") if file.is_file() else None
 
 
 def _load_json(path: Path) -> Tokenizer:
@@ -192,14 +208,17 @@ def _load_json(path: Path) -> Tokenizer:
                 return backend.token_to_id(guess)
         return None
 
+    # A tokenizer that puts no BOS before a text (SmolLM2, Qwen) says so with add_bos_token: false.
+    no_bos = tokenizer_config.get("add_bos_token") is False
     return Tokenizer(
         backend,
         "json",
         path,
-        bos_id=resolve("bos", _BOS_GUESSES),
+        bos_id=None if no_bos else resolve("bos", _BOS_GUESSES),
         eos_id=resolve("eos", _EOS_GUESSES),
         pad_id=resolve("pad", _PAD_GUESSES),
         vocab_size=backend.get_vocab_size(with_added_tokens=True),
+        chat_template=_chat_template(path.parent, tokenizer_config),
     )
 
 

@@ -64,6 +64,7 @@ class MergeReport:
     check_prompts: int = 0
     quantized_out: Optional[Path] = None
     notes: list[str] = field(default_factory=list)
+    gguf_lines: list[str] = field(default_factory=list)  # what the GGUF export wrote
 
     def lines(self) -> list[str]:
         """Human-readable summary, one fact per line."""
@@ -80,7 +81,7 @@ class MergeReport:
                        f"{self.max_logit_diff_trained:.3g}")
         if self.quantized_out is not None:
             out.append(f"4-bit copy of the merged model: {self.quantized_out}")
-        return out
+        return out + self.gguf_lines
 
 
 def parse_size(text: Union[str, int]) -> int:
@@ -247,6 +248,8 @@ def merge_adapters(
     quantize: bool = False,
     quantized_out: Optional[Union[str, Path]] = None,
     group_size: Optional[int] = None,
+    gguf: Optional[Union[str, Path]] = None,
+    gguf_type: str = "f16",
 ) -> MergeReport:
     """Merge the adapters at ``adapter_path`` (run or checkpoint folder) into a full-precision model at ``out``.
 
@@ -254,7 +257,8 @@ def merge_adapters(
     full-precision Hugging Face folder the 4-bit model was made from (lossless merge). dtype: output dtype
     (default: the base's). check: compare merged vs base + adapters logits. quantize: also write the merged
     model in our 4-bit format to ``quantized_out`` (default ``<out>-4bit``) with ``group_size`` (None:
-    one scale per row), scales in the merged dtype.
+    one scale per row), scales in the merged dtype. gguf: also write the merged model as this GGUF file
+    for llama.cpp / Ollama, ``gguf_type`` ``f16`` or ``q8_0`` (``mlx_qlora.gguf.export_gguf``).
     """
     model_path, out = Path(model_path), Path(out)
     adapter_dir, note = resolve_adapter_dir(adapter_path)
@@ -312,6 +316,10 @@ def merge_adapters(
     if quantize:
         report.quantized_out = _quantize_copy(out, Path(quantized_out) if quantized_out else
                                               out.with_name(out.name + "-4bit"), group_size, report.dtype)
+    if gguf is not None:
+        from ..gguf.writer import export_gguf
+
+        report.gguf_lines = export_gguf(out, gguf, gguf_type).lines()
     return report
 
 

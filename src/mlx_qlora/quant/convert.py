@@ -137,6 +137,13 @@ def resolve_checkpoint(hf_path_or_repo: Union[str, Path]) -> Path:
         raise UserError(f"{text}: download failed: {e}") from None
 
 
+def _is_gguf_file(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a GGUF file (named ``*.gguf`` or starting with the GGUF magic bytes)."""
+    from ..gguf.reader import is_gguf
+
+    return is_gguf(Path(path).expanduser())
+
+
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
     """``{name: (dtype code, shape, data start)}`` of a safetensors file, from its header only."""
     try:
@@ -282,7 +289,8 @@ def convert_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConvertResult:
-    """Convert a Hugging Face Mistral/Llama checkpoint (folder or hub repo id) to an MLX checkpoint folder.
+    """Convert a Hugging Face Mistral/Llama checkpoint (folder, hub repo id, or a llama.cpp ``.gguf`` file)
+    to an MLX checkpoint folder.
 
     The seven projections of every decoder layer are quantized to ``bits`` with one scale/bias per row
     (``group_size`` None) or per 32/64/128 inputs, their scales and biases stored in ``dtype``; every other
@@ -292,6 +300,20 @@ def convert_checkpoint(
     the tokenizer files. With ``verify`` the result is loaded with ``load_model`` and checked for NaN/inf
     before it is moved into place. An existing ``mlx_path`` is replaced only with ``overwrite``.
     """
+    if _is_gguf_file(hf_path_or_repo):
+        # A llama.cpp GGUF: dequantize it into a temporary Hugging Face folder beside the output, convert that.
+        import tempfile
+
+        from ..gguf.reader import gguf_to_hf
+
+        parent = Path(mlx_path).expanduser().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".gguf-") as tmp:
+            hf = gguf_to_hf(hf_path_or_repo, Path(tmp) / "hf", progress=progress).out
+            result = convert_checkpoint(hf, mlx_path, bits, group_size, dtype, quantize, shard_bytes, verify,
+                                        overwrite, progress)
+        result.source = Path(hf_path_or_repo)
+        return result
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise UserError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")

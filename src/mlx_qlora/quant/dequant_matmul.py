@@ -27,7 +27,9 @@ def dequantized_matmul_fn(dequantize: Callable, bits: int, group_size: Optional[
 
     @mx.custom_function
     def matmul(x, wq, scales, biases):
-        w = dequantize(wq, scales, biases, bits, group_size, x.dtype)  # (out, in)
+        # Tied to x: a recomputation of this layer (gradient checkpointing) then differs from the first
+        # forward pass, and mx.compile cannot merge the two and keep the first W until the backward pass.
+        w = dequantize(mx.depends(wq, x), scales, biases, bits, group_size, x.dtype)  # (out, in)
         return x @ w.T
 
     @matmul.vjp

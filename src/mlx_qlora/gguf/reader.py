@@ -1,0 +1,281 @@
+"""Read a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder.
+
+``gguf_to_hf(path, out)`` writes ``config.json`` (rebuilt from the ``llama.*`` metadata), safetensors
+shards of the dequantized tensors under Hugging Face names (``mapping.TENSOR_NAMES``, with llama.cpp's
+query/key row order undone), the tokenizer rebuilt from the ``tokenizer.ggml.*`` metadata
+(``tokenizer.json`` or ``tokenizer.model``, see ``vocab.py``) and ``tokenizer_config.json`` with the chat
+template. Everything downstream (``load_model``, ``convert_checkpoint``, ``load_tokenizer``,
+``transformers``) reads that folder unchanged.
+
+Quantized tensors are dequantized with the ``gguf`` package to float32 (``w = d * q + m`` per block of 32
+for Q4_1), then stored in ``dtype``: float32 keeps them exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+
+from ..errors import UserError
+from ..io import atomic_dir, atomic_write_json
+from .mapping import ARCHITECTURES, CONFIG_KEYS, hf_name, reorder_from_gguf
+from .vocab import tokenizer_files
+
+# Tensor types we dequantize (every one the gguf package implements that llama.cpp models use).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+IGNORED_TENSORS = ("rope_freqs.weight",)  # llama.cpp's precomputed RoPE factors; refused below when they matter
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+DEFAULT_SHARD_BYTES = 2 * 2**30
+GGUF_MAGIC = b"GGUF"
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
+    return gguf
+
+
+def open_gguf(path: Union[str, Path]):
+    """A ``gguf.GGUFReader`` over ``path``; ``UserError`` for a missing, foreign or truncated file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path}: not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, OSError, KeyError) as e:
+        raise UserError(f"{path}: cannot be read as GGUF: the file is truncated or corrupt ({e})") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise UserError(f"{path}: truncated: tensor {tensor.name!r} ends at byte "
+                            f"{tensor.data_offset + tensor.n_bytes} but the file has {size}")
+    return reader
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    """Every key/value of a GGUF as plain Python values (strings, numbers, lists)."""
+    meta = {}
+    for key, value in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = value.contents()
+        except Exception as e:  # a malformed field
+            raise UserError(f"{reader.data.filename}: metadata key {key!r} cannot be read ({e})") from None
+    return meta
+
+
+def _float(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that reads back to it (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` for a GGUF's metadata and tensor names (tied embeddings when the
+    file has no ``output.weight``)."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{source}: general.architecture = {arch!r} is not supported (supported: "
+                        f"{', '.join(ARCHITECTURES)}: the Llama/Mistral decoder)")
+    config: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    for key, hf_key in CONFIG_KEYS.items():
+        if f"{arch}.{key}" in meta:
+            value = meta[f"{arch}.{key}"]
+            config[hf_key] = _float(value) if isinstance(value, float) else int(value)
+    for required in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
+        if required not in config:
+            key = next(k for k, v in CONFIG_KEYS.items() if v == required)
+            raise UserError(f"{source}: metadata key '{arch}.{key}' is missing")
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    if "vocab_size" not in config:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise UserError(f"{source}: neither '{arch}.vocab_size' nor a token list gives the vocabulary size")
+        config["vocab_size"] = len(tokens)
+    rope_dims = meta.get(f"{arch}.rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != config["head_dim"]:
+        raise UserError(f"{source}: {arch}.rope.dimension_count = {rope_dims} rotates part of each head "
+                        f"(head_dim {config['head_dim']}), which is not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": _float(meta[f"{arch}.rope.scaling.factor"])}
+    elif scaling not in (None, "none"):
+        raise UserError(f"{source}: {arch}.rope.scaling.type = {scaling!r} is not supported (supported: linear)")
+    if "rope_freqs.weight" in tensor_names:
+        raise UserError(f"{source}: has rope_freqs.weight (Llama 3.1-style RoPE scaling), which is not supported")
+    config.setdefault("rms_norm_eps", 1e-5)
+    config.setdefault("rope_theta", 10000.0)
+    config.setdefault("max_position_embeddings", 4096)
+    config["hidden_act"] = "silu"
+    config["tie_word_embeddings"] = "output.weight" not in tensor_names
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+        value = meta.get(f"tokenizer.ggml.{name}_token_id")
+        config[key] = int(value) if value is not None else None
+    return config
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of the file under its Hugging Face name."""
+
+    name: str  # Hugging Face name
+    gguf_name: str
+    type_name: str  # "Q4_1", "F32", ...
+    shape: tuple[int, ...]  # numpy order: (out, in) for a weight matrix
+
+
+def plan_tensors(reader, source: str) -> list[tuple[GGUFTensor, Any]]:
+    """``(GGUFTensor, the gguf package's tensor)`` for every tensor; ``UserError`` for an unknown name or
+    an unsupported type."""
+    out = []
+    for tensor in reader.tensors:
+        if tensor.name in IGNORED_TENSORS:
+            continue
+        name = hf_name(tensor.name)
+        if name is None:
+            raise UserError(f"{source}: tensor {tensor.name!r} has no counterpart in the Llama/Mistral decoder")
+        type_name = tensor.tensor_type.name
+        if type_name not in SUPPORTED_TYPES:
+            raise UserError(f"{source}: tensor {tensor.name!r} has type {type_name}, which is not supported "
+                            f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        out.append((GGUFTensor(name, tensor.name, type_name, shape), tensor))
+    return out
+
+
+def dequantized(tensor, info: GGUFTensor, n_heads: int, n_kv_heads: int) -> np.ndarray:
+    """The float32 values of one GGUF tensor, shaped and ordered as the Hugging Face tensor."""
+    gguf = _gguf()
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    values = np.asarray(values, dtype=np.float32).reshape(info.shape)
+    return reorder_from_gguf(info.name, values, n_heads, n_kv_heads)
+
+
+@dataclass
+class GGUFInfo:
+    """What ``gguf_to_hf`` read and wrote."""
+
+    source: Path
+    out: Path
+    config: dict[str, Any]
+    tensor_types: dict[str, int] = field(default_factory=dict)  # type name -> number of tensors
+    tokenizer_files: list[str] = field(default_factory=list)
+    name: Optional[str] = None  # general.name
+
+    def summary(self) -> str:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items()))
+        return (f"{self.source.name}: {self.name or 'unnamed'} ({self.config['num_hidden_layers']} layers, "
+                f"hidden {self.config['hidden_size']}, vocab {self.config['vocab_size']}; tensors {types}) -> "
+                f"{self.out} with {', '.join(self.tokenizer_files)}")
+
+
+def iter_tensors(path: Union[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(Hugging Face name, float32 array)`` of every tensor of a GGUF, one at a time."""
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    plan = plan_tensors(reader, str(path))
+    config = hf_config(meta, str(path), {t.name for t in reader.tensors})
+    for info, tensor in plan:
+        yield info.name, dequantized(tensor, info, config["num_attention_heads"], config["num_key_value_heads"])
+
+
+def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "float32",
+               shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False) -> GGUFInfo:
+    """Write the Hugging Face folder ``out`` for the GGUF file ``path`` (atomically); see the module doc.
+
+    dtype: float32 (exact dequantized values) or float16. Shards of about ``shard_bytes``.
+    """
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    path, out = Path(path), Path(out)
+    if dtype not in NP_DTYPES:
+        raise UserError(f"dtype: {dtype!r} is not one of {', '.join(NP_DTYPES)}")
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    source = str(path)
+    config = hf_config(meta, source, {t.name for t in reader.tensors})
+    plan = plan_tensors(reader, source)
+    files = tokenizer_files(meta, source)
+    names = {info.name for info, _ in plan}
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    missing = sorted(expected - names)
+    if missing:
+        raise UserError(f"{source}: tensor(s) missing: {', '.join(missing)}")
+    config["dtype"] = dtype
+    info = GGUFInfo(path, out, config, name=meta.get("general.name"), tokenizer_files=sorted(files))
+    for tensor_info, _ in plan:
+        info.tensor_types[tensor_info.type_name] = info.tensor_types.get(tensor_info.type_name, 0) + 1
+
+    np_dtype = NP_DTYPES[dtype]
+    n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    with atomic_dir(out) as tmp:
+        shard: dict[str, np.ndarray] = {}
+        shard_sizes, weight_map, written = 0, {}, []
+
+        def flush() -> None:
+            nonlocal shard, shard_sizes
+            if shard:
+                name = f"model-{len(written) + 1:05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+                written.append(name)
+                shard, shard_sizes = {}, 0
+
+        for tensor_info, tensor in tqdm(plan, desc="dequantizing", unit="tensor", disable=not progress):
+            values = dequantized(tensor, tensor_info, n_heads, n_kv).astype(np_dtype)
+            if shard and shard_sizes + values.nbytes > shard_bytes:
+                flush()
+            shard[tensor_info.name] = values
+            shard_sizes += values.nbytes
+        flush()
+        _name_shards(tmp, written, weight_map)
+        atomic_write_json(tmp / "config.json", config)
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        atomic_write_json(tmp / "generation_config.json",
+                          {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None})
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.iterdir():  # safetensors writes its files private; give them the usual permissions
+            os.chmod(file, 0o666 & ~umask)
+    return info
+
+
+def _name_shards(folder: Path, written: list[str], weight_map: dict[str, str]) -> None:
+    """Give the shards Hugging Face's names: ``model.safetensors``, or ``model-0000i-of-0000n`` + index."""
+    if len(written) == 1:
+        (folder / written[0]).rename(folder / "model.safetensors")
+        return
+    n = len(written)
+    renamed = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(written)}
+    for old, new in renamed.items():
+        (folder / old).rename(folder / new)
+    total = sum((folder / new).stat().st_size for new in renamed.values())
+    atomic_write_json(folder / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}})
+
+
+def is_gguf(path: Union[str, Path]) -> bool:
+    """Whether ``path`` names a GGUF file: ``*.gguf``, or an existing file starting with GGUF's magic bytes."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        return True  # a missing one then gets open_gguf's message
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+

@@ -1,0 +1,188 @@
+"""Write a model folder (Hugging Face, merged, or our 4-bit format) as a GGUF file for llama.cpp / Ollama.
+
+Tensors get llama.cpp's names (``mapping.TENSOR_NAMES``) and the query/key rows llama.cpp's order; the
+``llama.*`` metadata comes from ``config.json`` and the ``tokenizer.*`` metadata from the folder's
+tokenizer (``vocab.tokenizer_metadata``), the chat template included. Matrices are stored as float16
+(``F16``) or ``Q8_0`` (8 bits per weight, one float16 scale per 32 weights), vectors (the norms) as
+float32, as llama.cpp's own converter does. A 4-bit folder is dequantized first (``w = scale * q + bias``).
+
+The file is written under a temporary name beside ``out`` and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..errors import UserError
+from .mapping import gguf_name, reorder_to_gguf
+from .reader import _gguf
+from .vocab import tokenizer_metadata, tokenizer_notes
+
+FILE_TYPES = ("f16", "q8_0", "f32")
+Q8_0_BLOCK = 32
+
+
+@dataclass
+class ExportReport:
+    """What ``export_gguf`` wrote."""
+
+    out: Path
+    file_type: str
+    n_tensors: int
+    bytes: int
+    tensor_types: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items()))
+        return [*self.notes, f"wrote {self.out} ({self.file_type}): {self.n_tensors} tensors ({types}), "
+                             f"{self.bytes / 2**20:.1f} MiB"]
+
+
+def _config_metadata(args, name: str) -> dict[str, Any]:
+    """``llama.*`` / ``general.*`` metadata for ``ModelArgs``."""
+    meta: dict[str, Any] = {
+        "general.name": name,
+        "llama.vocab_size": args.vocab_size,
+        "llama.context_length": args.max_position_embeddings,
+        "llama.embedding_length": args.hidden_size,
+        "llama.block_count": args.num_hidden_layers,
+        "llama.feed_forward_length": args.intermediate_size,
+        "llama.attention.head_count": args.num_attention_heads,
+        "llama.attention.head_count_kv": args.num_key_value_heads,
+        "llama.rope.freq_base": float(args.rope_theta),
+        "llama.rope.dimension_count": args.head_dim,
+        "llama.attention.layer_norm_rms_epsilon": float(args.rms_norm_eps),
+    }
+    if args.head_dim * args.num_attention_heads != args.hidden_size:
+        meta["llama.attention.key_length"] = args.head_dim
+        meta["llama.attention.value_length"] = args.head_dim
+    if args.rope_scaling_factor != 1.0:
+        meta["llama.rope.scaling.type"] = "linear"
+        meta["llama.rope.scaling.factor"] = float(args.rope_scaling_factor)
+    return meta
+
+
+def _add_metadata(writer, meta: dict[str, Any]) -> None:
+    """Add ``{key: value}`` with GGUF's usual types: uint32 for integers, float32, bool, string, arrays."""
+    for key, value in meta.items():
+        if key == "general.architecture":
+            continue  # GGUFWriter writes it itself
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, (list, tuple)):
+            writer.add_array(key, list(value))
+        else:
+            raise TypeError(f"{key}: cannot write a {type(value).__name__} to GGUF")
+
+
+def _encode(values: np.ndarray, file_type: str) -> tuple[np.ndarray, Optional[Any], str]:
+    """``(data, raw GGML type or None, type name)`` of one tensor for ``file_type``."""
+    gguf = _gguf()
+    if values.ndim == 1 or file_type == "f32":
+        return values.astype(np.float32), None, "F32"
+    if file_type == "q8_0" and values.shape[-1] % Q8_0_BLOCK == 0:
+        q = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(values.astype(np.float32), q), q, "Q8_0"
+    half = values.astype(np.float16)
+    if not np.all(np.isfinite(half)):
+        raise UserError("a weight does not fit in float16 (|w| > 65504); export with file type f32")
+    return half, None, "F16"
+
+
+def model_tensors(folder: Path) -> tuple[Any, dict[str, np.ndarray]]:
+    """``(ModelArgs, {Hugging Face name: float32 numpy array})`` of a model folder, 4-bit layers dequantized."""
+    import mlx.core as mx
+
+    from ..generate.merge import dense_state
+    from ..model import load_model
+
+    model = load_model(folder)
+    state = dense_state(model)
+    tensors = {}
+    for name, value in state.items():
+        tensors[name] = np.array(value.astype(mx.float32))
+    del model, state
+    return model_args(folder), tensors
+
+
+def model_args(folder: Path):
+    from ..model.loading import model_args_from_config, read_config
+
+    return model_args_from_config(read_config(folder), str(Path(folder) / "config.json"))
+
+
+def export_gguf(model_path: Union[str, Path], out: Union[str, Path], file_type: str = "f16",
+                name: Optional[str] = None, progress: bool = False) -> ExportReport:
+    """Write ``model_path`` (a model folder with its tokenizer) as the GGUF file ``out``.
+
+    file_type: ``f16`` (float16 matrices), ``q8_0`` (8-bit blocks of 32; a matrix whose input size is not
+    a multiple of 32 stays float16) or ``f32``. name: ``general.name`` (default: the folder's name).
+    """
+    gguf = _gguf()
+    model_path, out = Path(model_path), Path(out)
+    if file_type not in FILE_TYPES:
+        raise UserError(f"file type {file_type!r} is not one of {', '.join(FILE_TYPES)}")
+    args = model_args(model_path)
+    token_meta = tokenizer_metadata(model_path)
+    notes = tokenizer_notes(model_path)
+    if args.model_type == "mistral" and args.sliding_window is not None:
+        notes.append(f"note: llama.cpp's 'llama' architecture has no sliding window: the GGUF attends to the "
+                     f"whole context (the model was trained with a window of {args.sliding_window})")
+    _, tensors = model_tensors(model_path)
+    if args.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+
+    ggml_file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                      "f32": gguf.LlamaFileType.ALL_F32}[file_type]
+    meta = _config_metadata(args, name or model_path.resolve().name)
+    meta["general.file_type"] = int(ggml_file_type)
+    if file_type == "q8_0":
+        meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION
+    meta.update(token_meta)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    report = ExportReport(out, file_type, 0, 0, notes=notes)
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        _add_metadata(writer, meta)
+        for hf, values in tensors.items():
+            target = gguf_name(hf)
+            if target is None:
+                raise UserError(f"{model_path}: tensor {hf!r} has no llama.cpp name")
+            values = reorder_to_gguf(hf, values, args.num_attention_heads, args.num_key_value_heads)
+            data, raw_type, type_name = _encode(values, file_type)
+            if raw_type is None:
+                writer.add_tensor(target, data)
+            else:
+                writer.add_tensor(target, data, raw_dtype=raw_type)  # byte rows; the writer derives the shape
+            report.tensor_types[type_name] = report.tensor_types.get(type_name, 0) + 1
+            report.n_tensors += 1
+        del tensors
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    report.bytes = out.stat().st_size
+    return report

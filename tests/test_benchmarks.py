@@ -1,0 +1,39 @@
+"""Smoke tests: the GPU benchmark scripts run end to end on the CPU with the tiny preset and write JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(args, tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, *args, "--json", str(out)], cwd=BENCH, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_gpu_train_tiny(tmp_path):
+    result, stdout = _run(["gpu_train.py", "--preset", "tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "1"],
+                          tmp_path)
+    rows = result["rows"]
+    assert {(r["stack"], r["grad_checkpoint"]) for r in rows} == {
+        ("ours", False), ("ours", True), ("mlx-lm", False), ("mlx-lm", True)}
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["peak_gb"] > 0 and 0 < row["mfu"]
+        assert row["speed_vs_mlx_lm"] > 0
+    assert "| stack |" in stdout
+
+
+def test_gpu_generate_tiny(tmp_path):
+    result, _ = _run(["gpu_generate.py", "--preset", "tiny", "--prompt-tokens", "16", "--max-tokens", "8",
+                      "--repeats", "1"], tmp_path)
+    stacks = {r["stack"]: r for r in result["rows"]}
+    assert set(stacks) == {"ours", "mlx-lm"}
+    for row in stacks.values():
+        assert row["decode_tokens_per_s"] > 0 and row["prompt_tokens_per_s"] > 0
+        # the 4-bit layers read about a quarter of the bytes of float32 weights, plus the float head
+        assert 0 < row["share_of_limit"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the whole chain on the embedded default: tiny random Mistral + our sample data.
 
-  make tiny model -> convert_weights.py (4-bit) -> prepare_data.py -> finetune.py -> generate.py -> evaluate.py
+  make the tiny model -> convert_weights.py (4-bit) -> prepare_data.py -> finetune.py -> generate.py -> evaluate.py
 
 Every step is the real script, run as a user would run it; outputs go under --out (default runs/demo).
 """
@@ -39,7 +39,7 @@ def main() -> None:
     from mlx_qlora.tiny import make_tiny_model
 
     start = time.perf_counter()
-    print(f"=== tiny default model (random weights, tokenizer trained on data/sample) -> {out / 'tiny-hf'}")
+    print(f"=== tiny default model (tokenizer and a short pre-training on data/sample) -> {out / 'tiny-hf'}")
     make_tiny_model(out / "tiny-hf")
     step("convert to 4-bit", ["scripts/convert_weights.py", "--hf-path", str(out / "tiny-hf"),
                               "--mlx-path", str(out / "tiny-4bit"), "--dtype", "float32"])

@@ -269,3 +269,14 @@ def test_adapters_saved_by_peft_load_here_with_equal_logits(workspace, tmp_path)
     apply_lora(ours, lora_config)
     ours.update(tree_unflatten(list(params.items())))
     np.testing.assert_allclose(np.array(ours(mx.array(ids))), ref, rtol=0, atol=1e-4)
+
+
+def test_max_time_stops_cleanly_and_saves(workspace, tmp_path):
+    run = tmp_path / "run"
+    config = _config(workspace, run, iters=None, max_time="1s", save_every=10**6, eval_every=10**6,
+                     lora=LoRAConfig(rank=2))
+    summary = Trainer(config, progress=False).train()
+    assert summary["stop_reason"] == "time budget reached"
+    assert summary["elapsed_s"] >= 1.0 and summary["step"] >= 1
+    assert load_checkpoint(run)["step"] == summary["step"]
+    assert (run / "adapter_model.safetensors").exists() and (run / "loss.png").exists()

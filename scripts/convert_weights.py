@@ -15,8 +15,9 @@ from mlx_qlora.errors import UserError, run_cli
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-path", required=True,
-                        help="hub repo id (owner/name; only config, safetensors and tokenizer files are downloaded) "
-                             "or a local checkpoint folder")
+                        help="hub repo id (owner/name; only config, safetensors and tokenizer files are downloaded), "
+                             "a local checkpoint folder, or a .gguf file (llama architecture; for a Q4_1 file "
+                             "--group-size 32 keeps its weights exactly)")
     parser.add_argument("--mlx-path", required=True, help="output folder (written to a temporary folder, then renamed)")
     parser.add_argument("--bits", type=int, default=4, choices=(2, 4, 8), help="bits per quantized weight (default 4)")
     parser.add_argument("--group-size", default="row",

@@ -5,6 +5,10 @@ Example:
   python scripts/finetune.py --model models/mistral-7b-4bit --data data/dolly --out runs/dolly \
       --batch-size 4 --grad-accum 4 --iters 1000 --learning-rate 2e-4 --grad-checkpoint
   python scripts/finetune.py --resume runs/dolly            # continue exactly where it stopped
+  mlx.launch -n 2 -- python scripts/finetune.py --model ... --batch-size 8 ...   # 2 data-parallel ranks
+
+Under mlx.launch, --batch-size is the global batch (a multiple of the number of ranks); only rank 0
+writes the run folder. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", help="converted model folder (convert_weights.py output)")
     p.add_argument("--data", help="prepared data folder (prepare_data.py output)")
     p.add_argument("--out", help="run folder for checkpoints, metrics and adapters")
-    p.add_argument("--batch-size", type=int, help="examples per micro-batch (default 4)")
+    p.add_argument("--batch-size", type=int,
+                   help="examples per micro-batch over all ranks (default 4; a multiple of the rank count)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--learning-rate", type=float, help="peak learning rate (default 2e-4)")
     p.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (default 0)")
@@ -71,20 +76,27 @@ def main(argv=None) -> None:
         if not saved.exists():
             raise UserError(f"{saved}: not found; --resume needs a run folder made by finetune.py")
         record = json.loads(saved.read_text(encoding="utf-8"))
-        base = {k: v for k, v in record.items() if k not in ("data_meta", "template", "total_steps")}
+        base = {k: v for k, v in record.items()
+                if k not in ("data_meta", "template", "total_steps", "world_size")}
         base.update({k: v for k, v in flags.items() if v is not None})
         base["out"] = str(Path(args.resume))
         flags = base
         config_file = None
     config = resolve_config(flags, config_file)
     trainer = Trainer(config, resume=bool(args.resume), progress=not args.no_progress)
+    main_rank = trainer.world.is_main  # the other ranks of an mlx.launch run stay quiet
     try:
         summary = trainer.train()
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    if not main_rank:
+        return
+    ranks = f" on {summary['world_size']} ranks" if "world_size" in summary else ""
     print(f"{summary['stop_reason']}: step {summary['step']}/{summary['total_steps']}, "
-          f"{summary['tokens_seen']:,} tokens in {summary['elapsed_s']:.1f}s; adapters in {summary['run_dir']}")
+          f"{summary['tokens_seen']:,} tokens in {summary['elapsed_s']:.1f}s{ranks}; "
+          f"adapters in {summary['run_dir']}")
 
 
 if __name__ == "__main__":

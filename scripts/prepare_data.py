@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="split of a hub data set or saved DatasetDict to read (default %(default)s)")
     p.add_argument("--tokenizer", required=True, help="model directory, tokenizer.model or tokenizer.json")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
-    p.add_argument("--template", default=defaults.template, choices=sorted(TEMPLATES),
+    p.add_argument("--template", default=defaults.template, choices=sorted(TEMPLATES) + ["chat"],
                    help="prompt template (default %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len,
                    help="longest example in tokens (default %(default)s)")

@@ -96,6 +96,14 @@ def test_export_then_read_back_gives_the_same_tensors(llama_dir, exported, file_
     assert info.tensor_types == expected_types
 
 
+def test_read_into_several_shards(llama_dir, exported, tmp_path):
+    gguf_to_hf(exported["f32"], tmp_path / "sharded", shard_bytes=40_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(_state(llama_dir))
+    ids = mx.array([[1, 17, 250, 3, 99]])
+    np.testing.assert_array_equal(np.array(load_model(tmp_path / "sharded")(ids)), np.array(load_model(llama_dir)(ids)))
+
+
 def test_exported_gguf_in_transformers_gives_our_logits(llama_dir, exported):
     """transformers' own GGUF loader (its dequantization, name mapping and q/k reordering) on our file."""
     import torch

@@ -170,13 +170,17 @@ def load_for_inference(model_path: PathLike, adapter_path: Optional[PathLike] = 
 def resolve_template(explicit: Optional[str], adapter: Optional[AdapterInfo], model_path: PathLike) -> tuple[str, str]:
     """``(template name, where it came from)``: ``--template``, then the adapters' run, then a merged
     model's ``mlx_qlora.json``, then the default."""
+    from ..data.chat_template import CHAT_TEMPLATE_NAME
     from ..data.templates import get_template
 
+    def checked(name: str) -> str:
+        # "chat" is the model's own chat template (tokenizer_config.json), not one of ours
+        return name if name == CHAT_TEMPLATE_NAME else get_template(name).name
+
     if explicit:
-        get_template(explicit)
-        return explicit, "--template"
+        return checked(explicit), "--template"
     if adapter is not None and adapter.template:
-        return get_template(adapter.template).name, f"the {RUN_CONFIG_NAME} of the adapters' run"
+        return checked(adapter.template), f"the {RUN_CONFIG_NAME} of the adapters' run"
     meta_file = Path(model_path) / MODEL_META_NAME
     if meta_file.is_file():
         try:
@@ -184,5 +188,5 @@ def resolve_template(explicit: Optional[str], adapter: Optional[AdapterInfo], mo
         except (OSError, ValueError) as e:
             raise UserError(f"{meta_file}: cannot read ({e})") from None
         if template:
-            return get_template(template).name, str(meta_file.name)
+            return checked(template), str(meta_file.name)
     return DEFAULT_TEMPLATE, "the default: no training metadata found; choose with --template"

@@ -2,10 +2,10 @@
 ``export_gguf`` writes a model folder as a float16, Q8_0 or float32 GGUF."""
 
 from .mapping import TENSOR_NAMES, from_gguf_rows, gguf_name, hf_name, to_gguf_rows
-from .reader import GGUFInfo, gguf_to_hf, is_gguf, iter_tensors, open_gguf, read_metadata
+from .reader import GGUFInfo, gguf_to_hf, is_gguf, open_gguf, read_metadata
 from .writer import ExportReport, export_gguf
 
 __all__ = [
     "TENSOR_NAMES", "from_gguf_rows", "gguf_name", "hf_name", "to_gguf_rows", "GGUFInfo", "gguf_to_hf",
-    "is_gguf", "iter_tensors", "open_gguf", "read_metadata", "ExportReport", "export_gguf",
+    "is_gguf", "open_gguf", "read_metadata", "ExportReport", "export_gguf",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -180,16 +180,6 @@ class GGUFInfo:
         return (f"{self.source.name}: {self.name or 'unnamed'} ({self.config['num_hidden_layers']} layers, "
                 f"hidden {self.config['hidden_size']}, vocab {self.config['vocab_size']}; tensors {types}) -> "
                 f"{self.out} with {', '.join(self.tokenizer_files)}")
-
-
-def iter_tensors(path: Union[str, Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """``(Hugging Face name, float32 array)`` of every tensor of a GGUF, one at a time."""
-    reader = open_gguf(path)
-    meta = read_metadata(reader)
-    plan = plan_tensors(reader, str(path))
-    config = hf_config(meta, str(path), {t.name for t in reader.tensors})
-    for info, tensor in plan:
-        yield info.name, dequantized(tensor, info, config["num_attention_heads"], config["num_key_value_heads"])
 
 
 def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "float32",

@@ -7,10 +7,15 @@ A run directory holds:
 - ``checkpoints/step-XXXXXXX/``: adapters, optimizer state, trainer state (see ``checkpoint.py``);
 - ``adapter_model.safetensors`` + ``adapter_config.json``: the final adapters, in PEFT's format;
 - ``loss.png``: the loss curve (when matplotlib is installed).
+
+Under ``mlx.launch`` (several ranks, see ``distributed.py``) every rank trains on its rows of each global
+batch and the gradients are summed across ranks before the update; only rank 0 writes the run folder
+and shows the progress bar, and every stop decision (Ctrl-C, time budget) is agreed by all ranks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -33,6 +38,7 @@ from ..model.loading import resolve_dtype
 from ..quant.lora import apply_lora, format_trainable
 from .adapters import save_adapters
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import World, all_sum_step, check_same_everywhere, init_world, rank_seed
 from .optimizer import AdamW
 from .run_config import parse_duration
 from .schedule import build_schedule
@@ -71,13 +77,20 @@ def batch_arrays(batch: dict[str, np.ndarray], packed: bool) -> tuple[mx.array, 
 
 
 class Trainer:
-    """Owns the model, data, optimizer and run directory of one fine-tuning run."""
+    """Owns the model, data, optimizer and run directory of one fine-tuning run.
 
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+    ``world``: this process's rank among the data-parallel ranks (default: ``init_world()``, which is a
+    single process unless started by ``mlx.launch``). ``config.batch_size`` is the global batch.
+    """
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True,
+                 world: Optional[World] = None):
         self.config = config
         self.run_dir = Path(config.out)
-        self.progress = progress
+        self.world = world if world is not None else init_world()
+        self.progress = progress and self.world.is_main
         self.interrupted = False
+        self.local_tokens = 0  # real tokens of this rank in the last step
         self._setup(resume)
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -106,9 +119,12 @@ class Trainer:
         self.model.model.grad_checkpoint = c.grad_checkpoint
         self.model.train()
 
+        if c.batch_size % self.world.size:
+            raise UserError(f"batch_size: the global batch of {c.batch_size} rows cannot be split evenly over "
+                            f"{self.world.size} ranks; give --batch-size a multiple of {self.world.size}")
         self.iterator = BatchIterator(
             self.train_data, batch_size=c.batch_size, seed=c.seed, shuffle=True, packing=c.packing,
-            max_seq_len=self.train_data.meta.get("max_seq_len"),
+            max_seq_len=self.train_data.meta.get("max_seq_len"), rank=self.world.rank, world_size=self.world.size,
         )
         self.total_steps = self._total_steps()
         self.schedule = build_schedule(c.schedule, c.learning_rate, self.total_steps, warmup_steps=c.warmup_steps,
@@ -121,7 +137,30 @@ class Trainer:
         self.grad_fn = make_grad_fn(self.model, c.loss_chunk, c.packing)
         self.eval_fn = make_eval_fn(self.model, c.loss_chunk, c.packing)
         self.update_fn = make_update_fn(self.optimizer, c.max_grad_norm)
-        self._write_run_config()
+        self._check_ranks_agree()
+        if self.world.is_main:
+            self._write_run_config()
+
+    def _check_ranks_agree(self) -> None:
+        """Ranks that disagree on the data, the schedule or the starting point would hang in a collective
+        or drift apart silently: compare what fixes them and stop every rank with the same message."""
+        if not self.world.distributed:
+            return
+        params = lora_parameters(self.model)
+        digest = hashlib.sha256()  # of the exact bits: the same on every machine, whatever its reductions
+        for key in sorted(params):
+            digest.update(key.encode() + np.array(params[key].astype(mx.float32)).tobytes())
+        problem = check_same_everywhere(self.world, {
+            "train examples": len(self.train_data), "train tokens": self.train_data.num_tokens,
+            "validation examples": len(self.val_data) if self.val_data is not None else -1,
+            "total steps": self.total_steps, "start step": self.state.step,
+            "global batch size": self.config.batch_size, "grad accum": self.config.grad_accum,
+            "seed": self.config.seed, "trainable parameters": sum(v.size for v in params.values()),
+            "adapter checksum": int.from_bytes(digest.digest()[:3], "little"),  # < 2**24: exact as float32
+        })
+        if problem:
+            raise UserError(f"distributed run: {problem}; every rank needs the same model, data, flags and "
+                            "checkpoint")
 
     def _total_steps(self) -> int:
         c = self.config
@@ -140,6 +179,8 @@ class Trainer:
                                                                         "tokenizer_checksum")}
         record["template"] = self.train_data.meta.get("template")
         record["total_steps"] = self.total_steps
+        if self.world.distributed:
+            record["world_size"] = self.world.size
         atomic_write_json(self.run_dir / "run_config.json", record)
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -160,8 +201,11 @@ class Trainer:
                               best_val_loss=s.get("best_val_loss"), data_cursor=s["data_cursor"])
         self.iterator.load_state_dict(self.state.data_cursor)
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step (atomically) and return its folder."""
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint of the current step (atomically) and return its folder (rank 0 only; other
+        ranks write nothing and return None)."""
+        if not self.world.is_main:
+            return None
         self.state.data_cursor = self.iterator.state_dict()
         trainer_state = {
             "step": self.state.step, "tokens_seen": self.state.tokens_seen, "elapsed": self.state.elapsed,
@@ -182,16 +226,22 @@ class Trainer:
             return None
         self.model.eval()
         iterator = BatchIterator(self.val_data, batch_size=self.config.batch_size, seed=0, shuffle=False,
-                                 packing=self.config.packing, repeat=False)
+                                 packing=self.config.packing, repeat=False, rank=self.world.rank,
+                                 world_size=self.world.size)
         total, count = 0.0, 0
-        for i, batch in enumerate(iterator):
+        for i, batch in enumerate(iterator):  # every rank walks the same global batches
             if self.config.eval_batches is not None and i >= self.config.eval_batches:
                 break
+            if len(batch["input_ids"]) == 0:  # a final partial batch may leave this rank no rows
+                continue
             loss_sum, n = self.eval_fn(*batch_arrays(batch, self.config.packing))
             mx.eval(loss_sum, n)
             total += loss_sum.item()
             count += int(n.item())
         self.model.train()
+        if self.world.distributed:  # one collective per evaluation on every rank
+            total, count = self.world.sum_exact([total, count])
+            count = int(count)
         loss = total / max(count, 1)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
@@ -199,14 +249,22 @@ class Trainer:
 
     def _one_step(self) -> dict[str, float]:
         c = self.config
-        mx.random.seed(step_seed(c.seed, self.state.step))
+        mx.random.seed(rank_seed(step_seed(c.seed, self.state.step), self.world.rank))
         loss_sum, n_learned, grad_sums, real_tokens = mx.array(0.0), mx.array(0), None, 0
         for _ in range(c.grad_accum):
-            batch = next(self.iterator)
+            batch = next(self.iterator)  # this rank's rows of the next global batch
+            if len(batch["input_ids"]) == 0:  # a final partial batch may leave this rank no rows
+                continue
             real_tokens += int(batch["lengths"].sum())
             s, n, g = self.grad_fn(*batch_arrays(batch, c.packing))
             loss_sum, n_learned, grad_sums = loss_sum + s, n_learned + n, add_trees(grad_sums, g)
             mx.eval(loss_sum, n_learned, grad_sums)
+        if grad_sums is None:
+            grad_sums = {k: mx.zeros_like(v) for k, v in lora_parameters(self.model).items()}
+        local_tokens = real_tokens
+        # Sums over the ranks, divided once below: the step of one process on the whole global batch.
+        grad_sums, loss_sum, n_learned, real_tokens = all_sum_step(self.world, grad_sums, loss_sum, n_learned,
+                                                                   real_tokens)
         lr = self.schedule(self.state.step)
         params, opt_state, norm = self.update_fn(lora_parameters(self.model), grad_sums, self.opt_state,
                                                  mx.array(lr, dtype=mx.float32), n_learned)
@@ -222,10 +280,13 @@ class Trainer:
         self.opt_state = opt_state
         self.state.step += 1
         self.state.tokens_seen += real_tokens
+        self.local_tokens = local_tokens
         return {"loss": loss_value, "lr": float(lr), "grad_norm": norm.item(),
                 "learned_tokens": int(n_learned.item()), "tokens": real_tokens}
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.world.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -233,7 +294,9 @@ class Trainer:
         """Run until the step budget, the time budget or Ctrl-C; return a summary."""
         c = self.config
         max_seconds = parse_duration(c.max_time)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.world.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         previous = signal.signal(signal.SIGINT, self._on_interrupt)
         start = time.perf_counter() - self.state.elapsed
         window_start, window_tokens = time.perf_counter(), 0
@@ -242,24 +305,28 @@ class Trainer:
         bar = _progress(self.state.step, self.total_steps, self.progress)
         try:
             if self.state.step == 0:
-                print(format_trainable(self.model))
+                if main:
+                    print(format_trainable(self.model))
                 result = self.evaluate()  # the base model's validation loss, for comparison
                 if result:
                     self._log({"step": 0, **result})
-                    bar.write(f"step 0: val_loss {result['val_loss']:.4f} ppl {result['val_ppl']:.2f}")
+                    if main:
+                        bar.write(f"step 0: val_loss {result['val_loss']:.4f} ppl {result['val_ppl']:.2f}")
             while self.state.step < self.total_steps:
                 metrics = self._one_step()
                 bar.update(1)
-                window_tokens += metrics["tokens"]
+                # this rank's tokens: with several ranks metrics["tokens"] counts all of them
+                window_tokens += self.local_tokens if self.world.distributed else metrics["tokens"]
                 self.state.elapsed = time.perf_counter() - start
                 step = self.state.step
                 if step % c.log_every == 0 or step == self.total_steps:
                     now = time.perf_counter()
-                    tokens_per_sec = window_tokens / max(now - window_start, 1e-9)
+                    record = {"step": step, **metrics,
+                              **self._throughput(window_tokens, now - window_start, mx.get_peak_memory() / 1e9),
+                              "elapsed": self.state.elapsed}
                     window_start, window_tokens = now, 0
-                    record = {"step": step, **metrics, "tokens_per_sec": tokens_per_sec,
-                              "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed": self.state.elapsed}
                     self._log(record)
+                    tokens_per_sec = record["tokens_per_sec"]
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                     tok_s=f"{tokens_per_sec:.0f}", mem=f"{record['peak_memory_gb']:.2f}GB")
                 if step % c.eval_every == 0 or step == self.total_steps:
@@ -268,14 +335,19 @@ class Trainer:
                         self._log({"step": step, **result})
                         if self.state.best_val_loss is None or result["val_loss"] < self.state.best_val_loss:
                             self.state.best_val_loss = result["val_loss"]
-                        bar.write(f"step {step}: val_loss {result['val_loss']:.4f} ppl {result['val_ppl']:.2f}")
+                        if main:
+                            bar.write(f"step {step}: val_loss {result['val_loss']:.4f} "
+                                      f"ppl {result['val_ppl']:.2f}")
                 if step % c.save_every == 0:
                     self.save()
                     last_saved = step
+                time_up = max_seconds is not None and self.state.elapsed >= max_seconds
+                if self.world.distributed:  # every rank stops after the same step, or the others would hang
+                    self.interrupted, time_up = self.world.agree(self.interrupted, time_up)
                 if self.interrupted:
                     stop_reason = "interrupted"
                     break
-                if max_seconds is not None and self.state.elapsed >= max_seconds:
+                if time_up:
                     stop_reason = "time budget reached"
                     break
         finally:
@@ -283,18 +355,34 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
         if last_saved != self.state.step:
             self.save()
-        self._export_final()
         summary = {"stop_reason": stop_reason, "step": self.state.step, "total_steps": self.total_steps,
                    "tokens_seen": self.state.tokens_seen, "elapsed_s": self.state.elapsed,
                    "best_val_loss": self.state.best_val_loss, "run_dir": str(self.run_dir)}
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.world.distributed:
+            summary["world_size"] = self.world.size
+        if main:
+            self._export_final()
+            atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def _throughput(self, tokens: int, seconds: float, peak_memory_gb: float) -> dict[str, Any]:
+        """Tokens/s and peak memory of a logging window: this process's, or with several ranks the total
+        tokens/s and the largest peak, plus every rank's (gathered, so every rank must call this)."""
+        if not self.world.distributed:
+            return {"tokens_per_sec": tokens / max(seconds, 1e-9), "peak_memory_gb": peak_memory_gb}
+        table = self.world.gather([tokens, seconds, peak_memory_gb])  # (ranks, 3)
+        per_rank = table[:, 0] / np.maximum(table[:, 1], 1e-9)
+        return {"tokens_per_sec": float(table[:, 0].sum() / max(float(table[:, 1].max()), 1e-9)),
+                "peak_memory_gb": float(table[:, 2].max()), "world_size": self.world.size,
+                "tokens_per_sec_per_rank": [float(v) for v in per_rank],
+                "peak_memory_gb_per_rank": [float(v) for v in table[:, 2]]}
 
     def _on_interrupt(self, signum, frame) -> None:
         if self.interrupted:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.interrupted = True
-        print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+        if self.world.is_main:
+            print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
 
     def _export_final(self) -> None:
         save_adapters(self.run_dir, lora_parameters(self.model), self.config.lora, self.config.model)

@@ -55,7 +55,9 @@ def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool):
     return model
 
 
-def step_ours(model, batch: mx.array, chunk: int):
+def step_ours(model, batch: mx.array, chunk: int, world=None):
+    """One optimizer step on ``batch``; with a ``world`` of several ranks, gradients are summed across ranks."""
+    from mlx_qlora.train.distributed import all_sum_step
     from mlx_qlora.train.optimizer import AdamW
     from mlx_qlora.train.step import make_grad_fn, make_update_fn
 
@@ -67,6 +69,8 @@ def step_ours(model, batch: mx.array, chunk: int):
 
     def run():
         loss_sum, n, grads = grad(batch, batch)
+        if world is not None and world.distributed:
+            grads, loss_sum, n, _ = all_sum_step(world, grads, loss_sum, n, batch.size)
         params = dict(tree_flatten(model.trainable_parameters()))
         params, state["opt"], _ = update(params, grads, state["opt"], lr, n)
         model.update(tree_unflatten(list(params.items())))
@@ -131,16 +135,27 @@ def worker(args) -> dict:
     if args.cache_limit_gb is not None:
         mx.set_cache_limit(int(args.cache_limit_gb * 1e9))
     build, make_step = (build_ours, step_ours) if args.stack == "ours" else (build_mlx_lm, step_mlx_lm)
+    world = None
+    if args.distributed:
+        from mlx_qlora.train.distributed import init_world
+
+        world = init_world()
+        mx.random.seed(world.rank)  # each rank its own rows of the global batch
     start = time.perf_counter()
     model = build(cfg, dtype, args.rank, args.grad_checkpoint)
     build_s = time.perf_counter() - start
     batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)
     mx.eval(batch)
     mx.reset_peak_memory()
-    times = timed(make_step(model, batch, args.loss_chunk), steps=args.steps, warmup=args.warmup)
-    tokens = args.batch * args.seq
+    step = make_step(model, batch, args.loss_chunk, world) if world else make_step(model, batch, args.loss_chunk)
+    times = timed(step, steps=args.steps, warmup=args.warmup)
+    ranks = world.size if world else 1
+    tokens = args.batch * args.seq * ranks  # every rank trains on its own batch: weak scaling
     step_s = median(times)
-    return {"stack": args.stack, "batch": args.batch, "seq": args.seq, "grad_checkpoint": args.grad_checkpoint,
+    if world is not None and world.rank != 0:
+        return None
+    return {"stack": args.stack, "ranks": ranks, "batch": args.batch, "seq": args.seq,
+            "grad_checkpoint": args.grad_checkpoint,
             "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_gb": mx.get_peak_memory() / 1e9,
             "build_s": build_s, "steps": args.steps}
 
@@ -161,9 +176,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     p.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--result-file", help=argparse.SUPPRESS)
+    p.add_argument("--ranks", type=int, default=0,
+                   help="also run ours data-parallel on this many GPUs (mlx.launch, NCCL) and report the scaling")
     args = p.parse_args()
     if args.stack:
-        print(json.dumps(worker(args)), flush=True)
+        result = worker(args)
+        if result is not None:
+            if args.result_file:
+                Path(args.result_file).write_text(json.dumps(result))
+            print(json.dumps(result), flush=True)
+        return
+    if args.ranks > 1:
+        scaling(args)
         return
 
     cfg = PRESETS[args.preset]
@@ -212,6 +238,48 @@ def main() -> None:
                        ("memory_vs_mlx_lm", "memory vs mlx-lm", "{:.2f}x")])
     write_json(args.json, {"benchmark": "train", "preset": args.preset, "environment": env,
                            "matmul_peak_tflops": peak, "matmul_params": n_params, "rows": rows})
+
+
+def scaling(args) -> None:
+    """Tokens/s of ours on 1 GPU and on ``args.ranks`` GPUs (same per-GPU batch), and the efficiency."""
+    import os
+    import tempfile
+
+    rows = []
+    shapes = args.shapes or "4x512"
+    for shape in shapes.split(","):
+        b, l = (int(x) for x in shape.lower().split("x"))
+        for ranks in (1, args.ranks):
+            result_file = Path(tempfile.mkdtemp()) / "result.json"
+            worker_cmd = [__file__, "--preset", args.preset, "--worker", "ours", "--batch", str(b), "--seq", str(l),
+                          "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank),
+                          "--loss-chunk", str(args.loss_chunk), "--result-file", str(result_file)]
+            if ranks == 1:
+                cmd = [sys.executable, *worker_cmd]
+            else:
+                backend = "nccl" if on_gpu() else "ring"  # ring: a CPU smoke test on one machine
+                cmd = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()", "-n",
+                       str(ranks), "--backend", backend, "--", sys.executable, *worker_cmd, "--distributed"]
+            env = {**os.environ, "NCCL_NVLS_ENABLE": "0"}  # never NVLink multicast on shared hosts
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0 or not result_file.exists():
+                print(f"{ranks} GPU(s) {shape} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            row = json.loads(result_file.read_text())
+            rows.append(row)
+            print(f"ours {ranks} GPU(s) {shape}/GPU: {row['tokens_per_s']:,.0f} tok/s, {row['peak_gb']:.2f} GB per GPU",
+                  flush=True)
+    for row in rows:
+        single = next((r for r in rows if r["ranks"] == 1 and r["batch"] == row["batch"] and r["seq"] == row["seq"]), None)
+        if single:
+            row["scaling_efficiency"] = row["tokens_per_s"] / (row["ranks"] * single["tokens_per_s"])
+    env = environment()
+    print(f"\n{args.preset} on {env.get('device_name') or env['device']}, MLX {env['mlx']}; data parallel, "
+          f"same batch per GPU (weak scaling), gradients summed with NCCL")
+    print_table(rows, [("ranks", "GPUs", ""), ("batch", "batch/GPU", ""), ("seq", "seq", ""),
+                       ("tokens_per_s", "tokens/s (all GPUs)", "{:,.0f}"), ("peak_gb", "peak GB per GPU", "{:.2f}"),
+                       ("scaling_efficiency", "scaling efficiency", "{:.0%}")])
+    write_json(args.json, {"benchmark": "train-scaling", "preset": args.preset, "environment": env, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="the model the adapters were trained on (4-bit or Hugging Face)")
     p.add_argument("--adapter", required=True, help="run folder or checkpoint folder with the adapters")
-    p.add_argument("--base-weights", help="original full-precision Hugging Face folder, for a lossless merge")
+    p.add_argument("--base-weights", help="original full-precision Hugging Face folder or hub repo id, for a lossless merge")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the base's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")

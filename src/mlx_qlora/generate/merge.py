@@ -269,7 +269,9 @@ def merge_adapters(
     notes = [note] if note else []
 
     if base_weights is not None:
-        base_path = Path(base_weights)
+        from ..quant.convert import resolve_checkpoint
+
+        base_path = resolve_checkpoint(base_weights)  # a local folder, or a hub id (from the local cache if offline)
         base_config = read_config(base_path)
         if base_config.get("quantization"):
             raise UserError(f"{base_path}: is quantized; --base-weights must be the original full-precision folder")

@@ -28,8 +28,9 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool):
-    """Random Mistral, per-row 4-bit projections; LoRA on all seven projections when ``rank`` > 0."""
+def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool, quantize: bool = True):
+    """Random Mistral, per-row 4-bit projections (unless ``quantize`` is False); LoRA on all seven
+    projections when ``rank`` > 0."""
     from mlx_qlora.config import LoRAConfig
     from mlx_qlora.model import MistralForCausalLM, ModelArgs
     from mlx_qlora.model.loading import PROJECTIONS
@@ -37,7 +38,7 @@ def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool):
 
     model = MistralForCausalLM(ModelArgs(**cfg))
     model.set_dtype(dtype)
-    for layer in model.model.layers:  # quantize layer by layer: full-precision weights never all exist
+    for layer in (model.model.layers if quantize else []):  # layer by layer: full precision never all exists
         swaps = []
         for name in PROJECTIONS:
             parent, leaf = name.split(".")

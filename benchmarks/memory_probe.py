@@ -22,6 +22,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--loss-chunk", type=int, default=1024)
+    p.add_argument("--no-quantize", action="store_true", help="bf16 base instead of 4-bit (is it the 4-bit path?)")
     p.add_argument("--cache-limit-gb", type=float, help="cap MLX's buffer cache (0 frees buffers at once)")
     args = p.parse_args()
     if args.cache_limit_gb is not None:
@@ -33,7 +34,7 @@ def main() -> None:
     rows = []
     for compiled in (True,):
         for ckpt in (False, True):
-            model = build_ours(cfg, compute_dtype(), 16, ckpt)
+            model = build_ours(cfg, compute_dtype(), 16, ckpt, quantize=not args.no_quantize)
             batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)
             mx.eval(batch)
             after_build = mx.get_active_memory() / 1e9
@@ -49,7 +50,7 @@ def main() -> None:
                 params, state, _ = update(params, g, state, mx.array(1e-5), n)
                 model.update(tree_unflatten(list(params.items())))
                 mx.eval(s, params, state)
-            row = {"compiled": compiled, "ckpt": ckpt, "layers": args.layers, "after_build_gb": after_build,
+            row = {"quantized": not args.no_quantize, "compiled": compiled, "ckpt": ckpt, "layers": args.layers, "after_build_gb": after_build,
                    "peak_gb": mx.get_peak_memory() / 1e9, "active_gb": mx.get_active_memory() / 1e9}
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -118,3 +118,19 @@ def mistral_tokenizer_path() -> Path:
     if not path.exists():
         pytest.fail(f"mistral-common no longer ships {path.name}; update the fixture")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_hf_checkpoint, tiny_spm_path) -> dict:
+    """The tiny transformers model with the tiny tokenizer: ``full`` (as saved) and ``quant`` (our 4-bit)."""
+    import shutil
+
+    from mlx_qlora.quant import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    full = root / "full"
+    shutil.copytree(tiny_hf_checkpoint, full)
+    shutil.copy(tiny_spm_path, full / "tokenizer.model")
+    quant = root / "q4"
+    convert_checkpoint(str(full), str(quant), bits=4, group_size=None, dtype="float32")
+    return {"full": full, "quant": quant}

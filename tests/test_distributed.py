@@ -20,7 +20,6 @@ from mlx_qlora.config import DataConfig, LoRAConfig, TrainConfig
 from mlx_qlora.data.dataset import PreparedDataset
 from mlx_qlora.data.prepare import prepare_dataset
 from mlx_qlora.errors import UserError
-from mlx_qlora.quant import convert_checkpoint
 from mlx_qlora.train.adapters import load_adapters
 from mlx_qlora.train.checkpoint import latest_checkpoint
 from mlx_qlora.train.distributed import World, rank_seed
@@ -33,15 +32,11 @@ GLOBAL_BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_hf_checkpoint, tiny_spm_path):
+def workspace(tmp_path_factory, tiny_model_dirs):
     """The tiny 4-bit model and a small prepared data set whose train and validation splits both end in a
     batch of one row, so that with 2 ranks rank 1 gets no rows of it."""
     root = tmp_path_factory.mktemp("distributed")
-    full = root / "full"
-    shutil.copytree(tiny_hf_checkpoint, full)
-    shutil.copy(tiny_spm_path, full / "tokenizer.model")
-    quant = root / "q4"
-    convert_checkpoint(str(full), str(quant), bits=4, group_size=None, dtype="float32")
+    full, quant = tiny_model_dirs["full"], tiny_model_dirs["quant"]
     records = root / "records.jsonl"
     records.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:55]) + "\n", encoding="utf-8")
     data = root / "data"

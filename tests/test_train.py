@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from mlx_qlora.config import DataConfig, LoRAConfig, TrainConfig
 from mlx_qlora.data.prepare import prepare_dataset
 from mlx_qlora.errors import UserError
 from mlx_qlora.model import load_model
-from mlx_qlora.quant import apply_lora, convert_checkpoint
+from mlx_qlora.quant import apply_lora
 from mlx_qlora.train.adapters import load_adapters
 from mlx_qlora.train.checkpoint import latest_checkpoint, load_checkpoint
 from mlx_qlora.train.optimizer import AdamW
@@ -34,17 +33,13 @@ SAMPLE = ROOT / "data" / "sample" / "dolly_sample.jsonl"
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_hf_checkpoint, tiny_spm_path):
+def workspace(tmp_path_factory, tiny_model_dirs):
     """A full-precision and a 4-bit copy of the tiny transformers model (with the tiny tokenizer), and data."""
     root = tmp_path_factory.mktemp("train")
-    full = root / "full"
-    shutil.copytree(tiny_hf_checkpoint, full)
-    shutil.copy(tiny_spm_path, full / "tokenizer.model")
-    quant = root / "q4"
-    convert_checkpoint(str(full), str(quant), bits=4, group_size=None, dtype="float32")
     data = root / "data"
+    full = tiny_model_dirs["full"]
     prepare_dataset(SAMPLE, full / "tokenizer.model", data, DataConfig(max_seq_len=96, val_fraction=0.1))
-    return {"root": root, "full": full, "quant": quant, "data": data}
+    return {"root": root, "full": full, "quant": tiny_model_dirs["quant"], "data": data}
 
 
 def _config(ws, out, **overrides) -> TrainConfig:

@@ -6,7 +6,6 @@ import json
 from common import PRESETS
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from gpu_train import build_ours
 

@@ -4,7 +4,6 @@ PEFT interop of trained adapters, and the fault paths (NaN, Ctrl-C, another toke
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

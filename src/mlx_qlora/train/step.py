@@ -8,7 +8,6 @@ accumulated micro-batches give exactly the update of one batch k times larger.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Optional
 
 import mlx.core as mx

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import itertools
 import subprocess
 import sys
 import time
@@ -135,6 +136,12 @@ def worker(args) -> dict:
     dtype = compute_dtype()
     if args.cache_limit_gb is not None:
         mx.set_cache_limit(int(args.cache_limit_gb * 1e9))
+    if args.memory_limit_gb is not None:
+        mx.set_memory_limit(int(args.memory_limit_gb * 1e9))
+    if args.stack == "ours":
+        from mlx_qlora.train.run_ahead import bound_run_ahead
+
+        bound_run_ahead(args.grad_checkpoint)  # what finetune.py does
     build, make_step = (build_ours, step_ours) if args.stack == "ours" else (build_mlx_lm, step_mlx_lm)
     world = None
     if args.distributed:
@@ -156,7 +163,7 @@ def worker(args) -> dict:
     if world is not None and world.rank != 0:
         return None
     return {"stack": args.stack, "ranks": ranks, "batch": args.batch, "seq": args.seq,
-            "grad_checkpoint": args.grad_checkpoint,
+            "grad_checkpoint": args.grad_checkpoint, "memory_limit_gb": args.memory_limit_gb,
             "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_gb": mx.get_peak_memory() / 1e9,
             "build_s": build_s, "steps": args.steps}
 
@@ -173,6 +180,10 @@ def main() -> None:
     p.add_argument("--loss-chunk", type=int, default=1024)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--cache-limit-gb", type=float, help="cap MLX's buffer cache in each worker")
+    p.add_argument("--memory-limits", default="none",
+                   help="comma list of MLX memory limits in GB to run each configuration under ('none': MLX's "
+                        "default); a limit makes MLX wait for the GPU instead of running ahead of it")
+    p.add_argument("--memory-limit-gb", type=float, help=argparse.SUPPRESS)
     p.add_argument("--worker", dest="stack", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
@@ -201,30 +212,32 @@ def main() -> None:
     rows = []
     for shape in shapes.split(","):
         b, l = (int(x) for x in shape.lower().split("x"))
-        for ckpt in ckpts:
-            for stack in args.stacks.split(","):
-                cmd = [sys.executable, __file__, "--preset", args.preset, "--worker", stack, "--batch", str(b),
-                       "--seq", str(l), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--rank", str(args.rank), "--loss-chunk", str(args.loss_chunk)]
-                if ckpt:
-                    cmd.append("--grad-checkpoint")
-                if args.cache_limit_gb is not None:
-                    cmd += ["--cache-limit-gb", str(args.cache_limit_gb)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(f"{stack} {shape} ckpt={ckpt} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                    rows.append({"stack": stack, "batch": b, "seq": l, "grad_checkpoint": ckpt, "error": proc.stderr[-500:]})
-                    continue
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-                flops_per_token = 4 * n_params + 6 * cfg["num_hidden_layers"] * l * cfg["hidden_size"]
-                row["tflops"] = row["tokens_per_s"] * flops_per_token / 1e12
-                row["mfu"] = row["tflops"] / peak
-                rows.append(row)
-                print(f"{stack:7s} {b}x{l} ckpt={ckpt!s:5s} {row['tokens_per_s']:9.0f} tok/s  "
-                      f"{row['peak_gb']:6.2f} GB  MFU {100 * row['mfu']:.1f}%", flush=True)
+        for ckpt, limit, stack in itertools.product(ckpts, args.memory_limits.split(","), args.stacks.split(",")):
+            cmd = [sys.executable, __file__, "--preset", args.preset, "--worker", stack, "--batch", str(b),
+                   "--seq", str(l), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--rank", str(args.rank), "--loss-chunk", str(args.loss_chunk)]
+            if ckpt:
+                cmd.append("--grad-checkpoint")
+            if args.cache_limit_gb is not None:
+                cmd += ["--cache-limit-gb", str(args.cache_limit_gb)]
+            if limit != "none":
+                cmd += ["--memory-limit-gb", limit]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{stack} {shape} ckpt={ckpt} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                rows.append({"stack": stack, "batch": b, "seq": l, "grad_checkpoint": ckpt, "memory_limit_gb": limit, "error": proc.stderr[-500:]})
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            flops_per_token = 4 * n_params + 6 * cfg["num_hidden_layers"] * l * cfg["hidden_size"]
+            row["tflops"] = row["tokens_per_s"] * flops_per_token / 1e12
+            row["mfu"] = row["tflops"] / peak
+            rows.append(row)
+            print(f"{stack:7s} {b}x{l} ckpt={ckpt!s:5s} {row['tokens_per_s']:9.0f} tok/s  "
+                  f"{row['peak_gb']:6.2f} GB (limit {limit})  MFU {100 * row['mfu']:.1f}%", flush=True)
     for row in rows:  # ratio against the peer on the same shape and checkpointing
         peer = next((r for r in rows if r["stack"] == "mlx-lm" and r["batch"] == row["batch"]
                      and r["seq"] == row["seq"] and r["grad_checkpoint"] == row["grad_checkpoint"]
+                     and r.get("memory_limit_gb") == row.get("memory_limit_gb")
                      and "tokens_per_s" in r), None)
         if peer and "tokens_per_s" in row:
             row["speed_vs_mlx_lm"] = row["tokens_per_s"] / peer["tokens_per_s"]
@@ -233,7 +246,8 @@ def main() -> None:
     print(f"\n{args.preset} on {env.get('device_name') or env['device']}, MLX {env['mlx']}; "
           f"measured matmul peak {peak:.3g} TFLOP/s; {n_params:,} matmul parameters")
     print_table(rows, [("stack", "stack", ""), ("batch", "batch", ""), ("seq", "seq", ""),
-                       ("grad_checkpoint", "checkpointing", ""), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+                       ("grad_checkpoint", "checkpointing", ""), ("memory_limit_gb", "memory limit GB", ""),
+                       ("tokens_per_s", "tokens/s", "{:,.0f}"),
                        ("peak_gb", "peak GB", "{:.2f}"), ("mfu", "MFU", "{:.1%}"),
                        ("speed_vs_mlx_lm", "speed vs mlx-lm", "{:.2f}x"),
                        ("memory_vs_mlx_lm", "memory vs mlx-lm", "{:.2f}x")])

@@ -37,3 +37,21 @@ def test_gpu_generate_tiny(tmp_path):
         assert row["decode_tokens_per_s"] > 0 and row["prompt_tokens_per_s"] > 0
         # the 4-bit layers read about a quarter of the bytes of float32 weights, plus the float head
         assert 0 < row["share_of_limit"]
+
+
+def test_probes_run_on_the_cpu():
+    for args in (["checkpoint_probe.py", "--blocks", "2", "--dim", "32", "--hidden", "64", "--tokens", "16"],
+                 ["memory_probe.py", "--preset", "tiny", "--layers", "1", "--seq", "32", "--checkpointing", "on",
+                  "--memory-limit-gb", "1"]):
+        proc = subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert row["peak_gb"] > 0
+
+
+def test_qmv_probe_tiny(tmp_path):
+    result, stdout = _run(["qmv_probe.py", "--shapes", "64x128", "--rows", "1,2", "--repeats", "1"], tmp_path)
+    for row in result["rows"]:
+        # MLX's quantized_matmul on the expanded per-row layout agrees with the exact formula
+        assert row["mlx_qmm_max_err"] < 1e-4 * max(1.0, row["max_abs_out"])
+    assert "| out x in |" in stdout

@@ -11,6 +11,7 @@ from .args import ModelArgs
 from .cache import KVCache
 from .layers import DecoderLayer, RMSNorm
 from .mask import make_mask
+from .recompute import checkpoint
 
 
 class MistralModel(nn.Module):
@@ -62,7 +63,7 @@ def _checkpointed(layer: DecoderLayer, h: mx.array, mask_fn, position_ids) -> mx
         layer.update(params)
         return layer(x, mask_fn, None, position_ids)
 
-    return mx.checkpoint(run)(layer.trainable_parameters(), h)
+    return checkpoint(run)(layer.trainable_parameters(), h)
 
 
 class MistralForCausalLM(nn.Module):

@@ -20,6 +20,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import qmv_cuda
 from .dequant_matmul import dequantized_matmul_fn
 from .quantize import dequantize, mlx_group_layout, mlx_group_size, n_groups_for, quantize
 
@@ -150,6 +151,10 @@ class QuantizedLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         """x (..., in) -> (..., out), computed in ``x.dtype``."""
         rows = x.size // max(x.shape[-1], 1)
+        if qmv_cuda.supports(x, self.in_features, self.bits, self.group_size, self.out_features):
+            # In training mode the call stays differentiable; in inference it runs bare (less Python).
+            dequantize = dequantize_weight if self.training else None
+            return qmv_cuda.qmv(x, self.weight, self.scales, self.biases, dequantize)
         if (
             rows <= QMM_MAX_ROWS[_device_type()]
             and mlx_group_size(self.in_features, self.group_size) is not None

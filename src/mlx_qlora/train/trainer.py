@@ -40,6 +40,7 @@ from .adapters import save_adapters
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import World, all_sum_step, check_same_everywhere, init_world, rank_seed
 from .optimizer import AdamW
+from .run_ahead import bound_run_ahead
 from .run_config import parse_duration
 from .schedule import build_schedule
 from .step import add_trees, make_eval_fn, make_grad_fn, make_update_fn
@@ -87,6 +88,7 @@ class Trainer:
                  world: Optional[World] = None):
         self.config = config
         self.run_dir = Path(config.out)
+        bound_run_ahead(config.grad_checkpoint)  # before anything runs on the GPU
         self.world = world if world is not None else init_world()
         self.progress = progress and self.world.is_main
         self.interrupted = False

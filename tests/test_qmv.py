@@ -1,0 +1,54 @@
+"""The few-row per-row 4-bit CUDA path (``quant/qmv_cuda.py``): its formula against the dequantized weight,
+and when it is taken. The kernel itself needs a CUDA GPU; ``benchmarks/qmv_probe.py`` checks it there
+against ``reference``."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_qlora.quant import QuantizedLinear, qmv_cuda
+
+
+@pytest.mark.parametrize("rows,out_f,in_f,dtype", [(1, 48, 64, mx.float32), (3, 40, 256, mx.float32),
+                                                   (8, 16, 96, mx.bfloat16)])
+def test_reference_formula_equals_the_dequantized_matmul(rows, out_f, in_f, dtype):
+    mx.random.seed(rows)
+    layer = QuantizedLinear.from_linear(nn.Linear(in_f, out_f, bias=False), dtype=dtype)
+    x = mx.random.normal((rows, in_f)).astype(dtype)
+    got = qmv_cuda.reference(x, layer.weight, layer.scales, layer.biases)
+    # exact: float64 of the same rounded inputs
+    w = np.array(layer.dequantize(mx.float32), dtype=np.float64)
+    want = np.array(x.astype(mx.float32), dtype=np.float64) @ w.T
+    assert got.dtype == mx.float32 and got.shape == (rows, out_f)
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_not_taken_off_cuda():
+    assert not qmv_cuda.available()  # CI and this CPU: no CUDA device
+    x = mx.zeros((1, 4096), dtype=mx.bfloat16)
+    assert not qmv_cuda.supports(x, 4096, 4, None, 14336)
+
+
+@pytest.mark.parametrize("shape,dtype,bits,group,out_f,taken", [
+    ((1, 4096), mx.bfloat16, 4, None, 14336, True),     # batch-1 decoding of an MLP layer
+    ((2, 4, 4096), mx.float32, 4, None, 14336, True),   # 8 rows
+    ((9, 4096), mx.bfloat16, 4, None, 14336, False),    # too many rows: dequantize + matmul
+    ((1, 4096), mx.float16, 4, None, 14336, False),     # a dtype the kernel does not read
+    ((1, 4096), mx.bfloat16, 8, None, 14336, False),    # 8-bit
+    ((1, 4096), mx.bfloat16, 4, 64, 14336, False),      # grouped: MLX's own layout
+    ((1, 4096), mx.bfloat16, 4, None, 4096, False),     # a small layer: MLX's quantized_matmul is cheaper to call
+    ((1, 4112), mx.bfloat16, 4, None, 14336, False),    # not whole 32-input blocks
+])
+def test_when_the_kernel_is_taken(monkeypatch, shape, dtype, bits, group, out_f, taken):
+    monkeypatch.setattr(qmv_cuda, "available", lambda: True)
+    x = mx.zeros(shape, dtype=dtype)
+    assert qmv_cuda.supports(x, shape[-1], bits, group, out_f) is taken
+
+
+def test_launch_arguments(monkeypatch):
+    args = qmv_cuda._launch_args(1, 4096, 14336, mx.bfloat16)
+    assert dict(args["template"]) == {"T": mx.bfloat16, "DT": 1, "M": 1, "K": 4096, "N": 14336}
+    assert args["grid"][0] == 14336 * 32  # one warp per output row
+    assert args["grid"][0] % args["threadgroup"][0] == 0
+    assert args["output_shapes"] == [(1, 14336)]

@@ -11,7 +11,7 @@ import argparse
 import json
 import time
 
-from common import compute_dtype
+from common import compute_dtype, set_memory_limits
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,9 +39,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--memory-limit-gb", type=float)
     args = p.parse_args()
-    mx.set_cache_limit(0)
-    if args.memory_limit_gb is not None:
-        mx.set_memory_limit(int(args.memory_limit_gb * 1e9))
+    set_memory_limits(0, args.memory_limit_gb)
     dtype = compute_dtype()
     blocks = [Block(args.dim, args.hidden) for _ in range(args.blocks)]
     for block in blocks:

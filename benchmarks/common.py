@@ -33,6 +33,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# --checkpointing off|on|both -> the settings to run
+CHECKPOINTING = {"off": [False], "on": [True], "both": [False, True]}
+
+
+def set_memory_limits(cache_limit_gb: float | None = None, memory_limit_gb: float | None = None) -> None:
+    """MLX's buffer-cache cap (0 frees buffers at once) and memory limit (above it MLX waits for the GPU)."""
+    if cache_limit_gb is not None:
+        mx.set_cache_limit(int(cache_limit_gb * 1e9))
+    if memory_limit_gb is not None:
+        mx.set_memory_limit(int(memory_limit_gb * 1e9))
+
+
 def on_gpu() -> bool:
     return mx.default_device().type == mx.gpu
 

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (PRESETS, compute_dtype, environment, matmul_peak_tflops, median, on_gpu, param_count,
-                    print_table, timed, write_json)
+from common import (CHECKPOINTING, PRESETS, compute_dtype, environment, matmul_peak_tflops, median, on_gpu,
+                    param_count, print_table, set_memory_limits, timed, write_json)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -134,10 +134,7 @@ def step_mlx_lm(model, batch: mx.array, chunk: int):
 def worker(args) -> dict:
     cfg = PRESETS[args.preset]
     dtype = compute_dtype()
-    if args.cache_limit_gb is not None:
-        mx.set_cache_limit(int(args.cache_limit_gb * 1e9))
-    if args.memory_limit_gb is not None:
-        mx.set_memory_limit(int(args.memory_limit_gb * 1e9))
+    set_memory_limits(args.cache_limit_gb, args.memory_limit_gb)
     if args.stack == "ours":
         from mlx_qlora.train.run_ahead import bound_run_ahead
 
@@ -206,7 +203,7 @@ def main() -> None:
 
     cfg = PRESETS[args.preset]
     shapes = args.shapes or ("4x512,1x2048" if args.preset == "mistral-7b" else "4x128,1x256")
-    ckpts = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    ckpts = CHECKPOINTING[args.checkpointing]
     peak = matmul_peak_tflops()
     n_params = param_count(cfg, with_embeddings=False)
     rows = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common import PRESETS, compute_dtype
+from common import CHECKPOINTING, PRESETS, compute_dtype, set_memory_limits
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -27,17 +27,14 @@ def main() -> None:
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
     p.add_argument("--cache-limit-gb", type=float, help="cap MLX's buffer cache (0 frees buffers at once)")
     args = p.parse_args()
-    if args.cache_limit_gb is not None:
-        mx.set_cache_limit(int(args.cache_limit_gb * 1e9))
-    if args.memory_limit_gb is not None:
-        mx.set_memory_limit(int(args.memory_limit_gb * 1e9))
+    set_memory_limits(args.cache_limit_gb, args.memory_limit_gb)
     from mlx_qlora.train.optimizer import AdamW
     from mlx_qlora.train.step import make_grad_fn, make_update_fn
 
     cfg = {**PRESETS[args.preset], "num_hidden_layers": args.layers}
     rows = []
     for compiled in (True,):
-        for ckpt in {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]:
+        for ckpt in CHECKPOINTING[args.checkpointing]:
             model = build_ours(cfg, compute_dtype(), 16, ckpt, quantize=not args.no_quantize)
             batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)
             mx.eval(batch)

@@ -25,7 +25,7 @@ def test_reference_formula_equals_the_dequantized_matmul(rows, out_f, in_f, dtyp
 
 
 def test_not_taken_off_cuda():
-    assert not qmv_cuda.available()  # CI and this CPU: no CUDA device
+    assert not qmv_cuda.on_cuda()  # CI and this CPU: no CUDA device
     x = mx.zeros((1, 4096), dtype=mx.bfloat16)
     assert not qmv_cuda.supports(x, 4096, 4, None, 14336)
 
@@ -41,7 +41,7 @@ def test_not_taken_off_cuda():
     ((1, 4112), mx.bfloat16, 4, None, 14336, False),    # not whole 32-input blocks
 ])
 def test_when_the_kernel_is_taken(monkeypatch, shape, dtype, bits, group, out_f, taken):
-    monkeypatch.setattr(qmv_cuda, "available", lambda: True)
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     x = mx.zeros(shape, dtype=dtype)
     assert qmv_cuda.supports(x, shape[-1], bits, group, out_f) is taken
 

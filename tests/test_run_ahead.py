@@ -15,7 +15,7 @@ def test_nothing_changes_on_the_cpu(monkeypatch):
 def test_set_for_checkpointing_on_cuda(monkeypatch):
     import os
 
-    monkeypatch.setattr(run_ahead, "_on_cuda", lambda: True)
+    monkeypatch.setattr(run_ahead, "on_cuda", lambda: True)
     monkeypatch.delenv(run_ahead.ENV, raising=False)
     assert run_ahead.bound_run_ahead(False) is None and run_ahead.ENV not in os.environ
     assert run_ahead.bound_run_ahead(True) == run_ahead.CHECKPOINTING_MB
@@ -25,7 +25,7 @@ def test_set_for_checkpointing_on_cuda(monkeypatch):
 def test_a_value_in_the_environment_wins(monkeypatch):
     import os
 
-    monkeypatch.setattr(run_ahead, "_on_cuda", lambda: True)
+    monkeypatch.setattr(run_ahead, "on_cuda", lambda: True)
     monkeypatch.setenv(run_ahead.ENV, "64")
     assert run_ahead.bound_run_ahead(True) is None
     assert os.environ[run_ahead.ENV] == "64"

@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from ..device import on_cuda
+
 MAX_ROWS = 8  # input rows handled by one launch (every warp keeps one accumulator per row)
 _DTYPE_CODES = {mx.float32: 0, mx.bfloat16: 1}  # input dtypes the kernel reads (float16: not yet)
 _THREADS = 256
@@ -129,14 +131,6 @@ def reference(x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array) -> 
     return scales.astype(mx.float32).T * dots + biases.astype(mx.float32).T * xf.sum(axis=-1, keepdims=True)
 
 
-def available() -> bool:
-    """True when the default device is a CUDA GPU (the kernel's only target)."""
-    try:
-        return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
-    except AttributeError:  # an MLX without the mx.cuda namespace
-        return False
-
-
 def supports(x: mx.array, in_features: int, bits: int, group_size, out_features: Optional[int] = None) -> bool:
     """Whether ``qmv`` takes this call: per-row 4-bit, an input dtype it reads, whole 32-input blocks,
     and (when ``out_features`` is given) a layer of at least ``MIN_WEIGHTS`` weights."""
@@ -144,7 +138,7 @@ def supports(x: mx.array, in_features: int, bits: int, group_size, out_features:
     return (
         bits == 4 and group_size is None and x.dtype in _DTYPE_CODES and 1 <= rows <= MAX_ROWS
         and in_features % 32 == 0 and (out_features is None or out_features * in_features >= MIN_WEIGHTS)
-        and _ENABLED and available()
+        and _ENABLED and on_cuda()
     )
 
 

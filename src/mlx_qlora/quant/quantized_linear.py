@@ -20,6 +20,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..device import device_type
 from . import qmv_cuda
 from .dequant_matmul import dequantized_matmul_fn
 from .quantize import dequantize, mlx_group_layout, mlx_group_size, n_groups_for, quantize
@@ -27,10 +28,6 @@ from .quantize import dequantize, mlx_group_layout, mlx_group_size, n_groups_for
 # Largest number of input rows for which ``mx.quantized_matmul`` is used, per device type (measured: see
 # the module docstring; the GPU value comes from CUDA, Metal was not measured).
 QMM_MAX_ROWS = {"cpu": 4, "gpu": 16}
-
-
-def _device_type() -> str:
-    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
 
 
 def dequantize_weight(
@@ -45,7 +42,7 @@ def dequantize_weight(
     is rounded to a coarser format before it multiplies.
     """
     in_features = wq.shape[1] * (32 // bits)
-    if _device_type() == "gpu" and dtype != mx.float32:
+    if device_type() == "gpu" and dtype != mx.float32:
         layout = mlx_group_layout(scales, biases, in_features, group_size)
         if layout is not None:
             mlx_scales, mlx_biases, mlx_size = layout
@@ -156,7 +153,7 @@ class QuantizedLinear(nn.Module):
             dequantize = dequantize_weight if self.training else None
             return qmv_cuda.qmv(x, self.weight, self.scales, self.biases, dequantize)
         if (
-            rows <= QMM_MAX_ROWS[_device_type()]
+            rows <= QMM_MAX_ROWS[device_type()]
             and mlx_group_size(self.in_features, self.group_size) is not None
         ):
             return self._quantized_matmul(x)

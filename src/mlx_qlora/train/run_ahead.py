@@ -19,17 +19,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import mlx.core as mx
+from ..device import on_cuda
 
 ENV = "MLX_MAX_MB_PER_BUFFER"
 CHECKPOINTING_MB = 20
-
-
-def _on_cuda() -> bool:
-    try:
-        return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
-    except AttributeError:
-        return False
 
 
 def bound_run_ahead(grad_checkpoint: bool) -> Optional[int]:
@@ -37,7 +30,7 @@ def bound_run_ahead(grad_checkpoint: bool) -> Optional[int]:
 
     Returns the value in effect when this call set it, else None (nothing changed).
     """
-    if not grad_checkpoint or ENV in os.environ or not _on_cuda():
+    if not grad_checkpoint or ENV in os.environ or not on_cuda():
         return None
     os.environ[ENV] = str(CHECKPOINTING_MB)
     return CHECKPOINTING_MB

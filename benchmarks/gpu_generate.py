@@ -31,27 +31,20 @@ def weight_bytes(model) -> int:
     return total
 
 
-def run_ours(cfg, prompt: mx.array, max_tokens: int):
+def run_ours(cfg, prompt: mx.array, max_tokens: int, compiled: bool = True):
+    """Our ``generate`` (greedy, no EOS): prompt time, then ``max_tokens`` decoding steps."""
     from gpu_train import build_ours
+    from mlx_qlora.generate.generator import generate as generate_tokens
 
     model = build_ours(cfg, compute_dtype(), rank=0, grad_checkpoint=False)
     model.eval()
     nbytes = weight_bytes(model)
+    ids = prompt.tolist()
 
     def generate():
-        cache = model.make_cache()
-        start = time.perf_counter()
-        logits = model(prompt[None], cache=cache)
-        token = mx.argmax(logits[:, -1, :], axis=-1)
-        mx.eval(token)
-        prompt_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(max_tokens):
-            next_token = mx.argmax(model(token[:, None], cache=cache)[:, -1, :], axis=-1)
-            mx.async_eval(next_token)  # queue the next step while this one's token is read
-            token = next_token
-        mx.eval(token)
-        return prompt_s, time.perf_counter() - start
+        # max_tokens + 1 tokens: the first comes from the prompt, each later one from one decoding step
+        stats = generate_tokens(model, None, ids, max_tokens=max_tokens + 1, eos_ids=set(), compiled=compiled).stats
+        return stats.prompt_seconds, stats.generation_seconds
 
     return generate, nbytes
 
@@ -81,7 +74,10 @@ def worker(args) -> dict:
     cfg = PRESETS[args.preset]
     mx.random.seed(0)
     prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt_tokens,)).astype(mx.int32)
-    generate, nbytes = (run_ours if args.stack == "ours" else run_mlx_lm)(cfg, prompt, args.max_tokens)
+    if args.stack == "mlx-lm":
+        generate, nbytes = run_mlx_lm(cfg, prompt, args.max_tokens)
+    else:
+        generate, nbytes = run_ours(cfg, prompt, args.max_tokens, compiled=args.stack == "ours")
     mx.reset_peak_memory()  # count generation, not building the random model
     generate()  # warm-up
     runs = [generate() for _ in range(args.repeats)]
@@ -95,7 +91,8 @@ def worker(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--stacks", default="ours,mlx-lm")
+    p.add_argument("--stacks", default="ours,mlx-lm",
+                   help="comma-separated: ours (compiled decoding step), ours-eager (graph built per token), mlx-lm")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)

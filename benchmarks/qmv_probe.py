@@ -15,6 +15,7 @@ from common import compute_dtype, environment, print_table, write_json
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_qlora.device import on_cuda
 from mlx_qlora.quant import QuantizedLinear, qmv_cuda
 from mlx_qlora.quant.quantize import mlx_group_layout
 
@@ -30,14 +31,68 @@ def timed_us(fn, layers, x, repeats: int) -> tuple[float, float]:
     return (built - start) / calls * 1e6, (time.perf_counter() - built) / calls * 1e6
 
 
+def _joined(y):
+    return mx.concatenate(y, axis=-1) if isinstance(y, list) else y
+
+
+def fused_rows(dtype, repeats: int) -> list[dict]:
+    """Mistral-7B's q/k/v (one launch for three weights) and gate/up with SwiGLU, one input row: our fused
+    kernels against MLX's quantized_matmul per projection (plus the activation)."""
+    def layer(out_f, in_f):
+        q = QuantizedLinear.from_linear(nn.Linear(in_f, out_f, bias=False), dtype=dtype)
+        mx.eval(q.parameters())
+        return q
+
+    out = []
+    for name, shapes, swiglu in (("q+k+v", [(4096, 4096), (1024, 4096), (1024, 4096)], False),
+                                 ("silu(gate)*up", [(14336, 4096), (14336, 4096)], True)):
+        groups = [[layer(*shape) for shape in shapes] for _ in range(4)]  # cycled, so weights come from memory
+        for group in groups:
+            for q in group:
+                q._mlx_layout(dtype)
+        x = mx.random.normal((1, shapes[0][1])).astype(dtype)
+        weights = lambda group: [(q.weight, q.scales, q.biases) for q in group]  # noqa: E731
+
+        def mlx_path(group, x):
+            ys = [q._quantized_matmul(x) for q in group]
+            return nn.silu(ys[0]) * ys[1] if swiglu else ys
+
+        def ours(group, x):
+            if swiglu:
+                return qmv_cuda.qmv_swiglu(x, *weights(group))
+            return qmv_cuda.qmv_split(x, weights(group))  # three outputs, as MLX's three calls
+
+        if swiglu:
+            exact = qmv_cuda.reference_swiglu(x, *weights(groups[0]))
+        else:
+            exact = mx.concatenate([qmv_cuda.reference(x, *w) for w in weights(groups[0])], axis=-1)
+        mlx_out = mlx_path(groups[0], x)
+        mlx_out = mlx_out if swiglu else mx.concatenate(mlx_out, axis=-1)
+        row = {"shape": name, "rows": 1, "dtype": str(dtype).rpartition(".")[2], "per_warp": "fused",
+               "mlx_qmm_max_err": mx.abs(mlx_out.astype(mx.float32) - exact).max().item(),
+               "ours_max_err": mx.abs(_joined(ours(groups[0], x)).astype(mx.float32) - exact).max().item(),
+               "max_abs_out": mx.abs(exact).max().item()}
+        row["mlx_qmm_build_us"], row["mlx_qmm_us"] = timed_us(mlx_path, groups, x, repeats)
+        row["ours_build_us"], row["ours_us"] = timed_us(ours, groups, x, repeats)
+        nbytes = sum(q.weight.nbytes + q.scales.nbytes + q.biases.nbytes for q in groups[0])
+        row["ours_GB_s"] = nbytes / row["ours_us"] / 1e3
+        row["speedup"] = row["mlx_qmm_us"] / row["ours_us"]
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shapes", default="14336x4096,4096x14336,4096x4096,1024x4096", help="comma list of OUTxIN")
     p.add_argument("--rows", default="1,4")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--rows-per-warp", default="0", help="comma list of output rows per warp to try (0: the default)")
+    p.add_argument("--fused", action="store_true", help="also time the fused q/k/v and gate/up kernels")
     p.add_argument("--json")
     args = p.parse_args()
     dtype = compute_dtype()
+    per_warp_choices = [int(v) for v in args.rows_per_warp.split(",")]
     rows_out = []
     for shape in args.shapes.split(","):
         out_f, in_f = (int(v) for v in shape.split("x"))
@@ -55,25 +110,30 @@ def main() -> None:
             s, b, g = by_id[id(layer)]
             return mx.quantized_matmul(x, layer.weight, s, b, transpose=True, group_size=g, bits=4)
 
-        def ours(layer, x):
-            return qmv_cuda.qmv(x, layer.weight, layer.scales, layer.biases, None)
-
         for m in (int(v) for v in args.rows.split(",")):
             x = mx.random.normal((m, in_f)).astype(dtype)
             exact = qmv_cuda.reference(x, layers[0].weight, layers[0].scales, layers[0].biases)
-            row = {"shape": shape, "rows": m, "dtype": str(dtype).rpartition(".")[2],
-                   "mlx_qmm_build_us": 0.0, "mlx_qmm_us": 0.0,
-                   "mlx_qmm_max_err": mx.abs(mlx_qmm(layers[0], x).astype(mx.float32) - exact).max().item()}
-            row["mlx_qmm_build_us"], row["mlx_qmm_us"] = timed_us(mlx_qmm, layers, x, args.repeats)
-            if qmv_cuda.supports(x, in_f, 4, None):
-                row["ours_build_us"], row["ours_us"] = timed_us(ours, layers, x, args.repeats)
-                row["ours_max_err"] = mx.abs(ours(layers[0], x).astype(mx.float32) - exact).max().item()
-                row["ours_GB_s"] = weight_bytes / row["ours_us"] / 1e3
-                row["speedup"] = row["mlx_qmm_us"] / row["ours_us"]
-            row["max_abs_out"] = mx.abs(exact).max().item()
-            rows_out.append(row)
-            print(json.dumps(row), flush=True)
-    print_table(rows_out, [("shape", "out x in", ""), ("rows", "rows", ""), ("mlx_qmm_us", "MLX qmm us", "{:.1f}"),
+            base = {"shape": shape, "rows": m, "dtype": str(dtype).rpartition(".")[2],
+                    "mlx_qmm_max_err": mx.abs(mlx_qmm(layers[0], x).astype(mx.float32) - exact).max().item(),
+                    "max_abs_out": mx.abs(exact).max().item()}
+            base["mlx_qmm_build_us"], base["mlx_qmm_us"] = timed_us(mlx_qmm, layers, x, args.repeats)
+            for per_warp in per_warp_choices:
+                row = dict(base)
+                if qmv_cuda.supports(x, in_f, 4, None) and (per_warp == 0 or out_f % per_warp == 0):
+                    def ours(layer, x, per_warp=per_warp):
+                        x2 = x.reshape(-1, x.shape[-1])
+                        return qmv_cuda._launch(x2, [(layer.weight, layer.scales, layer.biases)], per_warp=per_warp)[0]
+
+                    row["per_warp"] = per_warp or qmv_cuda.rows_per_warp((out_f,))
+                    row["ours_build_us"], row["ours_us"] = timed_us(ours, layers, x, args.repeats)
+                    row["ours_max_err"] = mx.abs(ours(layers[0], x).astype(mx.float32) - exact).max().item()
+                    row["ours_GB_s"] = weight_bytes / row["ours_us"] / 1e3
+                    row["speedup"] = row["mlx_qmm_us"] / row["ours_us"]
+                rows_out.append(row)
+                print(json.dumps(row), flush=True)
+    if args.fused and on_cuda():
+        rows_out += fused_rows(dtype, args.repeats)
+    print_table(rows_out, [("shape", "out x in", ""), ("rows", "rows", ""), ("per_warp", "rows/warp", ""), ("mlx_qmm_us", "MLX qmm us", "{:.1f}"),
                            ("ours_us", "ours us", "{:.1f}"), ("mlx_qmm_build_us", "MLX build us", "{:.1f}"),
                            ("ours_build_us", "ours build us", "{:.1f}"), ("ours_GB_s", "ours GB/s", "{:.0f}"),
                            ("speedup", "speed-up", "{:.2f}x"), ("ours_max_err", "ours max err", "{:.2g}"),

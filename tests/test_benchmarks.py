@@ -30,9 +30,9 @@ def test_gpu_train_tiny(tmp_path):
 
 def test_gpu_generate_tiny(tmp_path):
     result, _ = _run(["gpu_generate.py", "--preset", "tiny", "--prompt-tokens", "16", "--max-tokens", "8",
-                      "--repeats", "1"], tmp_path)
+                      "--repeats", "1", "--stacks", "ours,ours-eager,mlx-lm"], tmp_path)
     stacks = {r["stack"]: r for r in result["rows"]}
-    assert set(stacks) == {"ours", "mlx-lm"}
+    assert set(stacks) == {"ours", "ours-eager", "mlx-lm"}
     for row in stacks.values():
         assert row["decode_tokens_per_s"] > 0 and row["prompt_tokens_per_s"] > 0
         # the 4-bit layers read about a quarter of the bytes of float32 weights, plus the float head
@@ -55,3 +55,12 @@ def test_qmv_probe_tiny(tmp_path):
         # MLX's quantized_matmul on the expanded per-row layout agrees with the exact formula
         assert row["mlx_qmm_max_err"] < 1e-4 * max(1.0, row["max_abs_out"])
     assert "| out x in |" in stdout
+
+
+def test_attention_probe_tiny(tmp_path):
+    result, stdout = _run(["attention_probe.py", "--heads", "4,2,32", "--capacities", "32", "--repeats", "1"],
+                          tmp_path)
+    rows = result["rows"]
+    assert [(r["capacity"], r["filled"]) for r in rows] == [(32, 17), (32, 32)]  # half full; wrapped
+    assert all(r["mlx_masked_us"] > 0 and r["mlx_sliced_us"] > 0 for r in rows)
+    assert "| slots |" in stdout

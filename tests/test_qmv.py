@@ -46,9 +46,48 @@ def test_when_the_kernel_is_taken(monkeypatch, shape, dtype, bits, group, out_f,
     assert qmv_cuda.supports(x, shape[-1], bits, group, out_f) is taken
 
 
-def test_launch_arguments(monkeypatch):
-    args = qmv_cuda._launch_args(1, 4096, 14336, mx.bfloat16)
-    assert dict(args["template"]) == {"T": mx.bfloat16, "DT": 1, "M": 1, "K": 4096, "N": 14336}
-    assert args["grid"][0] == 14336 * 32  # one warp per output row
+@pytest.mark.parametrize("out_rows,per_warp", [((14336,), 4), ((4096,), 2), ((1024,), 1), ((4096, 1024, 1024), 2),
+                                               ((4100,), 2), ((4098,), 2), ((4097,), 1)])
+def test_rows_per_warp_divides_every_matrix(out_rows, per_warp):
+    got = qmv_cuda.rows_per_warp(out_rows)
+    assert got == per_warp
+    assert all(n % got == 0 for n in out_rows)  # a warp never straddles two matrices
+
+
+def test_launch_arguments():
+    args = qmv_cuda._launch_args(1, 4096, (14336,), False, mx.bfloat16)
+    template = dict(args["template"])
+    assert template == {"T": mx.bfloat16, "DT": 1, "M": 1, "K": 4096, "ROWS": 14336, "R": 4, "P": 1,
+                        "N0": 14336, "N1": 0, "N2": 0}
+    assert args["grid"][0] == 14336 // 4 * 32  # one warp per 4 output rows
     assert args["grid"][0] % args["threadgroup"][0] == 0
     assert args["output_shapes"] == [(1, 14336)]
+
+
+def test_launch_arguments_of_the_fused_kernels():
+    qkv = qmv_cuda._launch_args(1, 4096, (4096, 1024, 1024), False, mx.bfloat16,
+                                shapes=((1, 32, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128)))
+    assert dict(qkv["template"])["ROWS"] == 6144 and len(qkv["output_shapes"]) == 3
+    assert qkv["output_shapes"][0] == (1, 32, 1, 128) and qkv["output_dtypes"] == [mx.bfloat16] * 3
+    swiglu = qmv_cuda._launch_args(2, 4096, (14336, 14336), True, mx.float32)
+    template = dict(swiglu["template"])
+    assert template["ROWS"] == 14336 and template["P"] == 2  # gate and up rows of one index in one warp
+    assert swiglu["output_shapes"] == [(2, 14336)]
+
+
+def test_generated_sources_name_only_existing_inputs():
+    for g in (1, 2, 3):
+        code = qmv_cuda._select_split(g) + qmv_cuda._epilogue_split(g)
+        assert all(f"w{i}" in code and f"y{i}" in code for i in range(g))
+        assert f"w{g}" not in code and f"s{g}" not in code and f"y{g}" not in code
+
+
+def test_swiglu_reference_formula():
+    mx.random.seed(3)
+    gate, up = (QuantizedLinear.from_linear(nn.Linear(64, 24, bias=False)) for _ in range(2))
+    x = mx.random.normal((2, 64))
+    got = qmv_cuda.reference_swiglu(x, (gate.weight, gate.scales, gate.biases), (up.weight, up.scales, up.biases))
+    xd = np.array(x, dtype=np.float64)
+    g = xd @ np.array(gate.dequantize(mx.float32), dtype=np.float64).T
+    u = xd @ np.array(up.dequantize(mx.float32), dtype=np.float64).T
+    np.testing.assert_allclose(np.array(got), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-5)

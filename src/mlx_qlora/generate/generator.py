@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import UserError
+from .decode_step import DecodeState, decoder_for
 from .sampling import KeyStream, SamplerConfig, mark_seen, sample, seen_mask
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -178,11 +179,14 @@ def generate_stream(
     seed: int = 0,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     eos_ids: Optional[set[int]] = None,
+    compiled: bool = True,
 ) -> Iterator[StreamStep]:
     """Generate after ``prompt_ids`` (BOS included if wanted), yielding one ``StreamStep`` per token.
 
     ``tokenizer`` may be None (no text; ids only). ``eos_ids`` default: ``eos_token_ids(model, tokenizer)``.
     The EOS token ends the stream and is yielded (with ``finish_reason="eos"``) but releases no text.
+    ``compiled``: decode through ``CompiledDecoder`` (one traced graph per step, same numbers) instead of
+    building every step's graph in Python.
     """
     sampler = sampler or SamplerConfig()
     prompt_ids = [int(t) for t in prompt_ids]
@@ -204,6 +208,16 @@ def generate_stream(
     seen = seen_mask(prompt, vocab) if use_seen else None
     logits = _prefill(model, prompt, cache, prefill_chunk)
     token = sample(logits, sampler, None if sampler.greedy else keys.next(), seen)  # (1,)
+    if compiled and max_tokens > 1:
+        decoder = decoder_for(model)
+        state = DecodeState.from_caches(cache, len(prompt_ids) + max_tokens)
+        cache = None
+
+        def forward(tokens):
+            return decoder.step(state, tokens)
+    else:
+        def forward(tokens):
+            return model(tokens, cache=cache)[:, -1, :]
     mx.eval(token)
     stats.prompt_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -212,7 +226,7 @@ def generate_stream(
         if n < max_tokens:  # compute the next token while this one is handed out
             if use_seen:
                 seen = mark_seen(seen, token)
-            logits = model(token[:, None], cache=cache)[:, -1, :]
+            logits = forward(token[:, None])
             next_token = sample(logits, sampler, None if sampler.greedy else keys.next(), seen)
             mx.async_eval(next_token)
         value = int(token.item())
@@ -234,12 +248,14 @@ def generate_stream(
 
 def generate(model, tokenizer, prompt_ids: Sequence[int], max_tokens: int = 256,
              sampler: Optional[SamplerConfig] = None, stop: Sequence[str] = (), seed: int = 0,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, eos_ids: Optional[set[int]] = None) -> GenerationResult:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, eos_ids: Optional[set[int]] = None,
+             compiled: bool = True) -> GenerationResult:
     """``generate_stream`` run to the end: the tokens (no EOS), the text and the statistics."""
     tokens: list[int] = []
     text = ""
     step = None
-    for step in generate_stream(model, tokenizer, prompt_ids, max_tokens, sampler, stop, seed, prefill_chunk, eos_ids):
+    for step in generate_stream(model, tokenizer, prompt_ids, max_tokens, sampler, stop, seed, prefill_chunk, eos_ids,
+                                compiled):
         if step.finish_reason != "eos":
             tokens.append(step.token)
         text += step.text

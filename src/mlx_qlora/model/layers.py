@@ -7,8 +7,11 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..quant.fused import fused_projections, fused_swiglu
+from . import attention_cuda
 from .args import ModelArgs
 from .cache import KVCache
+from .static_cache import StaticKVCache
 
 Mask = Union[None, str, mx.array]
 
@@ -25,10 +28,11 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
-def rope(x: mx.array, theta: float, scale: float, offset: int = 0, position_ids: Optional[mx.array] = None) -> mx.array:
+def rope(x: mx.array, theta: float, scale: float, offset: Union[int, mx.array] = 0, position_ids: Optional[mx.array] = None) -> mx.array:
     """Rotate halves of the last axis of x (B, H, L, D) by position, as Hugging Face's ``rotate_half``.
 
-    Positions are ``offset + arange(L)`` or ``position_ids`` (B, L). ``scale`` multiplies positions.
+    Positions are ``offset + arange(L)`` (offset an int or an int32 scalar array) or ``position_ids`` (B, L).
+    ``scale`` multiplies positions.
     """
     head_dim = x.shape[-1]
     if position_ids is None:
@@ -65,17 +69,29 @@ class Attention(nn.Module):
     ) -> mx.array:
         """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None) -> mask`` builds the attention mask."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, L, hd)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, L, hd)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+        # One launch for q, k and v on CUDA decoding (None elsewhere); with one token per sequence it
+        # writes (B, heads, 1, hd) directly, the same memory as (B, 1, heads * hd).
+        fused = fused_projections([self.q_proj, self.k_proj, self.v_proj], x,
+                                  [(B, n, 1, self.head_dim) for n in heads] if L == 1 else None)
+        if fused is not None and L == 1:
+            q, k, v = fused  # (B, H, 1, hd), (B, Hkv, 1, hd) x 2
+        else:
+            q, k, v = fused if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+            q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, L, hd)
+            k = k.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, L, hd)
+            v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q = rope(q, self.rope_theta, self.rope_scale, offset, position_ids)
         k = rope(k, self.rope_theta, self.rope_scale, offset, position_ids)
         key_positions = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v)  # (B, Hkv, S, hd)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask_fn(key_positions))
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
+        if isinstance(cache, StaticKVCache) and attention_cuda.supports(q, k):
+            out = attention_cuda.decode_attention(q, k, v, offset, self.scale)  # (B, 1, H*hd), no mask
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask_fn(key_positions))
+            out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
         return self.o_proj(out)
 
 
@@ -89,7 +105,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = fused_swiglu(self.gate_proj, self.up_proj, x)  # None unless CUDA decoding
+        if h is None:
+            h = nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):

@@ -44,7 +44,7 @@ def build_mask(
 
 def make_mask(
     length: int,
-    offset: int,
+    offset: Union[int, mx.array],
     key_positions: Optional[mx.array],
     window: Optional[int],
     segment_ids: Optional[mx.array] = None,
@@ -52,7 +52,8 @@ def make_mask(
 ) -> Mask:
     """The cheapest mask that is exact for ``length`` new tokens after ``offset`` cached ones.
 
-    ``key_positions`` None means no cache: keys are the new tokens themselves.
+    ``key_positions`` None means no cache: keys are the new tokens themselves. An array ``offset`` (a
+    ``StaticKVCache``, whose buffers include empty slots) always gets a mask.
     """
     if key_positions is None:
         if segment_ids is None and attention_mask is None and (window is None or length <= window):
@@ -61,7 +62,10 @@ def make_mask(
         return build_mask(positions, positions, window, segment_ids, attention_mask)
     if segment_ids is not None:
         raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
-    if length == 1 and attention_mask is None:
+    if isinstance(offset, mx.array):
+        query_positions = offset.astype(mx.int32) + mx.arange(length, dtype=mx.int32)
+    elif length == 1 and attention_mask is None:
         return None  # the cache returns exactly the keys inside the window
-    query_positions = mx.arange(offset, offset + length, dtype=mx.int32)
+    else:
+        query_positions = mx.arange(offset, offset + length, dtype=mx.int32)
     return build_mask(query_positions, key_positions, window, None, attention_mask)

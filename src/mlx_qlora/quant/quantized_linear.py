@@ -145,17 +145,26 @@ class QuantizedLinear(nn.Module):
             bits=self.bits,
         )
 
+    def prepare_decoding(self, dtype: mx.Dtype) -> None:
+        """Build now what a one-row call in ``dtype`` will need (MLX's group layout, when that path is
+        taken), so that a compiled decoding step finds it cached."""
+        x = mx.zeros((1, self.in_features), dtype=dtype)
+        if not qmv_cuda.supports(x, self.in_features, self.bits, self.group_size, self.out_features) and (
+            self._takes_quantized_matmul(x)
+        ):
+            self._mlx_layout(dtype)
+
+    def _takes_quantized_matmul(self, x: mx.array) -> bool:
+        rows = x.size // max(x.shape[-1], 1)
+        return rows <= QMM_MAX_ROWS[device_type()] and mlx_group_size(self.in_features, self.group_size) is not None
+
     def __call__(self, x: mx.array) -> mx.array:
         """x (..., in) -> (..., out), computed in ``x.dtype``."""
-        rows = x.size // max(x.shape[-1], 1)
         if qmv_cuda.supports(x, self.in_features, self.bits, self.group_size, self.out_features):
             # In training mode the call stays differentiable; in inference it runs bare (less Python).
             dequantize = dequantize_weight if self.training else None
             return qmv_cuda.qmv(x, self.weight, self.scales, self.biases, dequantize)
-        if (
-            rows <= QMM_MAX_ROWS[device_type()]
-            and mlx_group_size(self.in_features, self.group_size) is not None
-        ):
+        if self._takes_quantized_matmul(x):
             return self._quantized_matmul(x)
         # dequantize + one dense matmul; the backward pass dequantizes again rather than keep W
         matmul = dequantized_matmul_fn(dequantize_weight, self.bits, self.group_size)

@@ -1,0 +1,85 @@
+"""One decoding step as a compiled graph: the per-token Python work done once instead of every token.
+
+Batch-1 decoding of a 7B model issues a few thousand small operations per token; building them in
+Python took longer than the GPU took to run them (``benchmarks/RESULTS.md``). ``CompiledDecoder`` traces
+the model once per cache capacity with ``mx.compile`` over a ``StaticKVCache`` (fixed-size buffers, the
+offset an array), so every later token replays the traced graph.
+
+The weights are constants of the traced graph: the decoder belongs to one set of weight arrays, and
+``decoder_for`` builds a new one when any parameter array of the model was replaced (new adapters,
+``load_weights``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..model.cache import KVCache
+from ..model.static_cache import StaticKVCache, slot_positions, static_capacity
+from ..quant.quantized_linear import QuantizedLinear
+
+
+class DecodeState:
+    """The static caches of every layer and the number of positions stored."""
+
+    def __init__(self, keys: list[mx.array], values: list[mx.array], offset: mx.array):
+        self.keys, self.values, self.offset = keys, values, offset
+
+    @classmethod
+    def from_caches(cls, caches: list[KVCache], positions_needed: int) -> "DecodeState":
+        """Copy the prompt's caches into static buffers with room for ``positions_needed`` positions."""
+        capacity = static_capacity(positions_needed, caches[0].max_size)
+        static = [StaticKVCache.from_cache(c, capacity) for c in caches]
+        return cls([c.keys for c in static], [c.values for c in static], static[0].offset)
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return self.keys + self.values + [self.offset]
+
+
+class CompiledDecoder:
+    """``step(state, tokens)``: tokens (B, 1) -> logits (B, vocab) of the next position; advances ``state``."""
+
+    def __init__(self, model):
+        self.model = model
+        self.fingerprint = _fingerprint(model)
+        _prepare_layouts(model)
+        self._compiled = mx.compile(self._forward)
+
+    def _forward(self, tokens, offset, keys, values):
+        positions = slot_positions(offset, keys[0].shape[2])  # once for all layers
+        caches = [StaticKVCache(k, v, offset, positions) for k, v in zip(keys, values)]
+        logits = self.model(tokens, cache=caches)[:, -1, :]  # (B, vocab)
+        return logits, [c.keys for c in caches], [c.values for c in caches]
+
+    def step(self, state: DecodeState, tokens: mx.array) -> mx.array:
+        logits, state.keys, state.values = self._compiled(tokens, state.offset, state.keys, state.values)
+        state.offset = state.offset + 1
+        return logits
+
+
+def decoder_for(model) -> CompiledDecoder:
+    """The model's compiled decoder, built again when its weights or its mode (train/eval) changed."""
+    decoder: Optional[CompiledDecoder] = model.__dict__.get("_compiled_decoder")
+    if decoder is None or decoder.fingerprint != _fingerprint(model):
+        decoder = CompiledDecoder(model)
+        model.__dict__["_compiled_decoder"] = decoder
+    return decoder
+
+
+def _fingerprint(model) -> tuple:
+    # Identity of every parameter array: the traced graph keeps them alive, so an id is never reused
+    # while the decoder that recorded it exists.
+    return (model.training,) + tuple(id(v) for _, v in tree_flatten(model.parameters()))
+
+
+def _prepare_layouts(model) -> None:
+    """Build the cached group layouts of the layers that decode through ``mx.quantized_matmul`` now:
+    inside ``mx.compile`` they cannot be cached and would be rebuilt on every token."""
+    dtype = model.model.embed_tokens.weight.dtype
+    for _, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            module.prepare_decoding(dtype)

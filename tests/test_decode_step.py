@@ -1,0 +1,158 @@
+"""The compiled decoding step (``generate/decode_step.py``) over the static cache, and the pieces of the
+CUDA decoding path that can be checked without a GPU: the attention kernel's formula and when the fused
+projections are taken. The kernels themselves run on CUDA only (``benchmarks/qmv_probe.py --fused`` and
+``benchmarks/attention_probe.py`` check them there against the same formulas)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_qlora.config import LoRAConfig
+from mlx_qlora.generate.decode_step import DecodeState, decoder_for
+from mlx_qlora.model import KVCache, MistralForCausalLM, ModelArgs, build_mask, load_model
+from mlx_qlora.model import attention_cuda
+from mlx_qlora.model.static_cache import EMPTY_SLOT, StaticKVCache, slot_positions, static_capacity
+from mlx_qlora.quant import QuantizedLinear, apply_lora, fused, qmv_cuda
+
+
+def _random_model(window):
+    mx.random.seed(1)
+    args = ModelArgs(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=96,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     max_position_embeddings=512, sliding_window=window)
+    model = MistralForCausalLM(args)
+    mx.eval(model.parameters())
+    return model.eval()
+
+
+def _eager_and_compiled_logits(model, prompt, steps):
+    """Greedy decoding fed the same tokens two ways: KVCache built per step, and the compiled step."""
+    cache = model.make_cache()
+    logits = model(mx.array([prompt]), cache=cache)[:, -1, :]
+    tokens = [int(mx.argmax(logits, axis=-1).item())]
+    state = DecodeState.from_caches(cache, len(prompt) + steps)
+    decoder = decoder_for(model)
+    eager, compiled = [], []
+    for _ in range(steps):
+        t = mx.array([[tokens[-1]]])
+        eager.append(model(t, cache=cache)[:, -1, :])
+        compiled.append(decoder.step(state, t))
+        tokens.append(int(mx.argmax(eager[-1], axis=-1).item()))
+    return mx.stack(eager), mx.stack(compiled), state
+
+
+@pytest.mark.parametrize("window,prompt_len,steps", [(None, 7, 20), (16, 5, 30), (16, 21, 12), (300, 9, 10)])
+def test_compiled_step_equals_the_eager_step(window, prompt_len, steps):
+    """Float32, 1e-5: no window; a window the ring wraps around (from a short and a long prompt); a window
+    larger than the capacity (the buffer holds every position)."""
+    model = _random_model(window)
+    prompt = np.random.default_rng(prompt_len).integers(0, 96, size=prompt_len).tolist()
+    eager, compiled, state = _eager_and_compiled_logits(model, prompt, steps)
+    np.testing.assert_allclose(np.array(compiled), np.array(eager), rtol=1e-5, atol=1e-5)
+    assert state.keys[0].shape[2] == static_capacity(prompt_len + steps, window)
+    assert int(state.offset.item()) == prompt_len + steps
+
+
+def test_compiled_step_on_the_quantized_checkpoint(tiny_hf_checkpoint):
+    """The 4-bit model from a transformers checkpoint (window 16), prompt longer than the window."""
+    model = load_model(tiny_hf_checkpoint)
+    from mlx_qlora.quant import quantize_model
+
+    quantize_model(model, bits=4)
+    model.eval()
+    prompt = np.random.default_rng(0).integers(3, 320, size=19).tolist()
+    eager, compiled, _ = _eager_and_compiled_logits(model, prompt, 10)
+    np.testing.assert_allclose(np.array(compiled), np.array(eager), rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_is_rebuilt_when_weights_change():
+    model = _random_model(None)
+    first = decoder_for(model)
+    assert decoder_for(model) is first  # same weights: the traced graph is reused
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0))
+    model.eval()
+    second = decoder_for(model)
+    assert second is not first
+    # the adapters are part of the new graph: non-zero B changes the logits like the eager path
+    model.update(tree_map_lora_b(model))
+    prompt = [3, 4, 5]
+    eager, compiled, _ = _eager_and_compiled_logits(model, prompt, 4)
+    np.testing.assert_allclose(np.array(compiled), np.array(eager), rtol=1e-5, atol=1e-5)
+
+
+def tree_map_lora_b(model):
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    return tree_unflatten([(k, mx.full(v.shape, 0.05)) for k, v in tree_flatten(model.parameters())
+                           if k.endswith("lora_B")])
+
+
+def test_slot_positions_and_capacity():
+    # capacity 4: after writing position 5, slots hold 4, 5, 2, 3
+    assert slot_positions(mx.array(5), 4).tolist() == [4, 5, 2, 3]
+    assert slot_positions(mx.array(1), 4).tolist() == [0, 1, EMPTY_SLOT, EMPTY_SLOT]
+    assert static_capacity(300, None) == 512 and static_capacity(300, 4096) == 512
+    assert static_capacity(5000, 4096) == 4096 and static_capacity(10, 16) == 16
+
+
+def test_static_cache_refuses_a_capacity_that_loses_positions():
+    cache = KVCache(None)
+    cache.update(mx.zeros((1, 2, 10, 8)), mx.zeros((1, 2, 10, 8)))
+    with pytest.raises(ValueError, match="smaller than the 10 cached positions"):
+        StaticKVCache.from_cache(cache, 8)
+    windowed = KVCache(8)
+    windowed.update(mx.zeros((1, 2, 10, 8)), mx.zeros((1, 2, 10, 8)))
+    with pytest.raises(ValueError, match="must equal the window 8"):
+        StaticKVCache.from_cache(windowed, 4)
+
+
+@pytest.mark.parametrize("offset", [0, 5, 15, 16, 40])
+def test_attention_kernel_formula_equals_masked_attention(offset):
+    """``attention_cuda.reference`` (attend to the filled slots) = MLX attention with the mask that
+    ``build_mask`` makes from the slots' positions, for a capacity-16 ring before and after it wraps."""
+    mx.random.seed(offset)
+    B, H, HKV, C, D = 2, 4, 2, 16, 32
+    q = mx.random.normal((B, H, 1, D))
+    keys, values = mx.random.normal((B, HKV, C, D)), mx.random.normal((B, HKV, C, D))
+    positions = slot_positions(mx.array(offset), C)
+    mask = build_mask(mx.array([offset]), positions, window=C)
+    want = mx.fast.scaled_dot_product_attention(q, keys, values, scale=D**-0.5, mask=mask)
+    want = want.transpose(0, 2, 1, 3).reshape(B, 1, H * D)
+    got = attention_cuda.reference(q, keys, values, offset, D**-0.5)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_kernel_is_taken_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(attention_cuda, "on_cuda", lambda: True)
+    q, k = mx.zeros((1, 32, 1, 128), dtype=mx.bfloat16), mx.zeros((1, 8, 768, 128), dtype=mx.bfloat16)
+    assert not attention_cuda.supports(q, k)  # opt-in (MLX_QLORA_DECODE_ATTENTION=ours)
+    monkeypatch.setattr(attention_cuda, "_ENABLED", True)
+    assert attention_cuda.supports(q, k)
+    assert not attention_cuda.supports(mx.zeros((1, 32, 2, 128), dtype=mx.bfloat16), k)  # two queries
+    assert not attention_cuda.supports(q, mx.zeros((1, 8, 16384, 128), dtype=mx.bfloat16))  # too many slots
+    assert not attention_cuda.supports(mx.zeros((1, 32, 1, 80), dtype=mx.bfloat16), k[..., :80])  # head dim
+    monkeypatch.setattr(attention_cuda, "on_cuda", lambda: False)
+    assert not attention_cuda.supports(q, k)
+
+
+def test_fused_projections_are_taken_only_for_bare_4bit_layers_in_inference(monkeypatch):
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
+    layers = [QuantizedLinear.from_linear(nn.Linear(64, n, bias=False)) for n in (64, 32, 32)]
+    x = mx.zeros((1, 1, 64))
+    for layer in layers:
+        layer.eval()
+    assert fused._fusable(layers, x)
+    assert not fused._fusable(layers, mx.zeros((1, 9, 64)))  # prompt rows: dequantize + matmul
+    layers[1].train()
+    assert not fused._fusable(layers, x)  # training keeps the differentiable path
+    layers[1].eval()
+    grouped = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), group_size=32)
+    assert not fused._fusable([layers[0], grouped], x)
+    from mlx_qlora.quant import LoRALinear
+
+    assert not fused._fusable([layers[0], LoRALinear.from_base(layers[1], rank=2)], x)  # adapters: one by one
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: False)
+    assert fused.fused_projections(layers, x) is None and fused.fused_swiglu(layers[1], layers[2], x) is None

@@ -4,11 +4,13 @@
   make the tiny model -> convert_weights.py (4-bit) -> prepare_data.py -> finetune.py -> generate.py -> evaluate.py
 
 Every step is the real script, run as a user would run it; outputs go under --out (default runs/demo).
+Running it again replaces the previous demo's outputs there.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -18,13 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import mlx_qlora  # noqa: E402,F401
-from mlx_qlora.errors import run_cli  # noqa: E402
+from mlx_qlora.errors import UserError, run_cli  # noqa: E402
+
+# What the demo writes under --out; a new run removes them first.
+OUTPUTS = ("tiny-hf", "tiny-4bit", "data", "run", "eval")
 
 
 def step(title: str, args: list[str]) -> None:
     print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
+    code = subprocess.run([sys.executable, *args], cwd=ROOT).returncode
+    if code != 0:
+        raise UserError(f"demo step '{title}' failed (exit {code}); its message is above")
     print(f"({time.perf_counter() - start:.1f}s)", flush=True)
 
 
@@ -38,6 +45,8 @@ def main() -> None:
         out = ROOT / out
     from mlx_qlora.tiny import make_tiny_model
 
+    for name in OUTPUTS:
+        shutil.rmtree(out / name, ignore_errors=True)
     start = time.perf_counter()
     print(f"=== tiny default model (tokenizer and a short pre-training on data/sample) -> {out / 'tiny-hf'}")
     make_tiny_model(out / "tiny-hf")

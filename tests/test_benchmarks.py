@@ -64,3 +64,10 @@ def test_attention_probe_tiny(tmp_path):
     assert [(r["capacity"], r["filled"]) for r in rows] == [(32, 17), (32, 32)]  # half full; wrapped
     assert all(r["mlx_masked_us"] > 0 and r["mlx_sliced_us"] > 0 for r in rows)
     assert "| slots |" in stdout
+
+
+def test_dequant_probe_tiny(tmp_path):
+    result, stdout = _run(["dequant_probe.py", "--shapes", "64x128", "--tokens", "8", "--repeats", "1"], tmp_path)
+    (row,) = result["rows"]
+    assert row["mlx_us"] > 0 and row["mlx_max_err"] < 1e-5  # float32 on the CPU: our exact ops
+    assert "| out x in |" in stdout

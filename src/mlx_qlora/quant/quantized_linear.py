@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..device import device_type
-from . import qmv_cuda
+from . import dequant_cuda, qmv_cuda
 from .dequant_matmul import dequantized_matmul_fn
 from .quantize import dequantize, mlx_group_layout, mlx_group_size, n_groups_for, quantize
 
@@ -42,6 +42,8 @@ def dequantize_weight(
     is rounded to a coarser format before it multiplies.
     """
     in_features = wq.shape[1] * (32 // bits)
+    if dequant_cuda.supports(wq, bits, group_size, dtype):  # opt-in: MLX_QLORA_DEQUANT=ours
+        return dequant_cuda.dequantize(wq, scales, biases, dtype)
     if device_type() == "gpu" and dtype != mx.float32:
         layout = mlx_group_layout(scales, biases, in_features, group_size)
         if layout is not None:

@@ -45,32 +45,31 @@ __device__ __forceinline__ void store32<0>(void* y, size_t t, const unsigned int
   }
 }
 
+// Two values rounded to a 16-bit float type, packed in one word (first value in the low half).
+template <int DT>
+__device__ __forceinline__ unsigned int pack2(float a, float b);
+
 template <>
-__device__ __forceinline__ void store32<1>(void* y, size_t t, const unsigned int* words, float s, float b) {
-  uint4* out = reinterpret_cast<uint4*>(y) + t * 4;  // 32 bfloat16
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    unsigned int pairs[4];
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      __nv_bfloat162 v = __floats2bfloat162_rn(fmaf(s, nibble(words[w], 2 * p), b),
-                                               fmaf(s, nibble(words[w], 2 * p + 1), b));
-      pairs[p] = *reinterpret_cast<unsigned int*>(&v);
-    }
-    out[w] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
-  }
+__device__ __forceinline__ unsigned int pack2<1>(float a, float b) {  // bfloat16
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<unsigned int*>(&v);
 }
 
 template <>
-__device__ __forceinline__ void store32<2>(void* y, size_t t, const unsigned int* words, float s, float b) {
-  uint4* out = reinterpret_cast<uint4*>(y) + t * 4;  // 32 float16
+__device__ __forceinline__ unsigned int pack2<2>(float a, float b) {  // float16
+  __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<unsigned int*>(&v);
+}
+
+template <int DT>
+__device__ __forceinline__ void store32(void* y, size_t t, const unsigned int* words, float s, float b) {
+  uint4* out = reinterpret_cast<uint4*>(y) + t * 4;  // 32 16-bit values
 #pragma unroll
   for (int w = 0; w < 4; ++w) {
     unsigned int pairs[4];
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
-      __half2 v = __floats2half2_rn(fmaf(s, nibble(words[w], 2 * p), b), fmaf(s, nibble(words[w], 2 * p + 1), b));
-      pairs[p] = *reinterpret_cast<unsigned int*>(&v);
+      pairs[p] = pack2<DT>(fmaf(s, nibble(words[w], 2 * p), b), fmaf(s, nibble(words[w], 2 * p + 1), b));
     }
     out[w] = make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
   }

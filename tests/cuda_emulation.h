@@ -1,0 +1,108 @@
+// Runs the bodies of our mx.fast.cuda_kernel sources on the CPU: one std::thread per CUDA thread,
+// blocks one after another, __syncthreads as a block barrier and warp shuffles through a per-warp
+// exchange buffer. Enough of CUDA for kernels whose warps call shuffles uniformly; used by
+// tests/test_cuda_kernels_emulated.py to check the kernels' logic where no GPU exists.
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct uint4 { unsigned int x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+
+struct Dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 blockDim, gridDim;
+
+inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+inline float __expf(float x) { return std::exp(x); }
+
+// bfloat16 with round-to-nearest-even, as CUDA's conversions.
+inline uint16_t float_to_bf16_bits(float f) {
+  unsigned int u = __float_as_uint(f);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+struct __nv_bfloat16 {
+  uint16_t bits;
+  __nv_bfloat16() = default;
+  explicit __nv_bfloat16(float f) : bits(float_to_bf16_bits(f)) {}
+  operator float() const { return __uint_as_float((unsigned int)bits << 16); }
+};
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__nv_bfloat16(a), __nv_bfloat16(b)}; }
+struct __half2 { _Float16 x, y; };
+inline __half2 __floats2half2_rn(float a, float b) { return {(_Float16)a, (_Float16)b}; }
+
+struct EmulatedWarp {
+  std::barrier<> sync{32};
+  float exchange[32];
+};
+inline std::barrier<>* g_block_barrier = nullptr;
+inline std::vector<std::unique_ptr<EmulatedWarp>> g_warps;
+
+inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
+
+inline float __shfl_xor_sync(unsigned int, float value, int lane_mask) {
+  EmulatedWarp& w = *g_warps[threadIdx.x >> 5];
+  const int lane = threadIdx.x & 31;
+  w.exchange[lane] = value;
+  w.sync.arrive_and_wait();
+  const float other = w.exchange[lane ^ lane_mask];
+  w.sync.arrive_and_wait();
+  return other;
+}
+
+// grid and block in threads per block and blocks (CUDA's launch shape, not MLX's total threads).
+inline void launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
+  blockDim = block;
+  gridDim = grid;
+  const unsigned n = block.x;  // 1-D blocks only
+  for (unsigned b = 0; b < grid.x; ++b) {
+    std::barrier<> block_barrier(n);
+    g_block_barrier = &block_barrier;
+    g_warps.clear();
+    for (unsigned w = 0; w < (n + 31) / 32; ++w) g_warps.push_back(std::make_unique<EmulatedWarp>());
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < n; ++t) {
+      threads.emplace_back([&, t, b] {
+        threadIdx = {t, 0, 0};
+        blockIdx = {b, 0, 0};
+        kernel();
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+
+inline std::vector<char> read_file(const char* path) {
+  FILE* f = std::fopen(path, "rb");
+  if (!f) { std::perror(path); std::exit(1); }
+  std::fseek(f, 0, SEEK_END);
+  long size = std::ftell(f);
+  std::fseek(f, 0, SEEK_SET);
+  std::vector<char> data(size);
+  if (size && std::fread(data.data(), 1, size, f) != (size_t)size) { std::perror(path); std::exit(1); }
+  std::fclose(f);
+  return data;
+}
+
+inline void write_file(const char* path, const void* data, size_t size) {
+  FILE* f = std::fopen(path, "wb");
+  std::fwrite(data, 1, size, f);
+  std::fclose(f);
+}

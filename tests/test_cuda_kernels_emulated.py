@@ -1,0 +1,170 @@
+"""Our CUDA kernels' sources, run on the CPU by ``tests/cuda_emulation.h`` (one thread per CUDA thread,
+warp shuffles and block barriers emulated), against the formulas they implement: the few-row 4-bit
+matmul (one weight, three weights with split outputs, gate/up with SwiGLU), the per-row dequantization
+and the one-token attention over a static cache. The sources are the strings the library hands to
+``mx.fast.cuda_kernel``; the launch shapes come from the library's own launch arguments. This checks the
+kernels' indexing and arithmetic where no GPU exists; their speed is measured on a GPU by the probes in
+``benchmarks/``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_qlora.model import attention_cuda
+from mlx_qlora.quant import QuantizedLinear, dequant_cuda, qmv_cuda
+from mlx_qlora.quant.quantize import dequantize
+
+HERE = Path(__file__).resolve().parent
+CXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++)")
+
+_C_TYPES = {mx.uint32: "uint32_t", mx.int32: "int32_t", mx.float32: "float", mx.bfloat16: "__nv_bfloat16"}
+
+
+def _bytes(a: mx.array) -> bytes:
+    return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).tobytes()
+
+
+def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names: list[str], args: dict) -> list:
+    """Run one kernel launch described by MLX launch ``args`` (template, grid, threadgroup, output shapes
+    and dtypes) on ``inputs`` (name -> mx.array); return the outputs as mx arrays."""
+    lines = ['#include "cuda_emulation.h"']
+    for name, value in args["template"]:
+        if isinstance(value, mx.Dtype):
+            lines.append(f"using {name} = {_C_TYPES[value]};")
+        else:
+            lines.append(f"constexpr int {name} = {int(value)};")
+    lines.append(header)
+    params = [f"const {_C_TYPES[a.dtype]}* {name}" for name, a in inputs.items()]
+    params += [f"{_C_TYPES[dt]}* {name}" for name, dt in zip(output_names, args["output_dtypes"])]
+    lines.append(f"void kernel_body({', '.join(params)}) {{\n{source}\n}}")
+    main = ["int main() {"]
+    call = []
+    for i, (name, a) in enumerate(inputs.items()):
+        (tmp_path / f"in{i}.bin").write_bytes(_bytes(a))
+        main.append(f'  auto in{i} = read_file("{tmp_path / f"in{i}.bin"}");')
+        call.append(f"(const {_C_TYPES[a.dtype]}*)in{i}.data()")
+    for i, (shape, dt) in enumerate(zip(args["output_shapes"], args["output_dtypes"])):
+        size = int(np.prod(shape)) * dt.size
+        main.append(f"  std::vector<char> out{i}({size});")
+        call.append(f"({_C_TYPES[dt]}*)out{i}.data()")
+    blocks = args["grid"][0] // args["threadgroup"][0]
+    main.append(f"  launch({{{blocks}, 1, 1}}, {{{args['threadgroup'][0]}, 1, 1}}, [&] {{ kernel_body({', '.join(call)}); }});")
+    for i in range(len(output_names)):
+        main.append(f'  write_file("{tmp_path / f"out{i}.bin"}", out{i}.data(), out{i}.size());')
+    main.append("  return 0;\n}")
+    src = tmp_path / "kernel.cpp"
+    src.write_text("\n".join(lines + main) + "\n")
+    exe = tmp_path / "kernel"
+    subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", f"-I{HERE}", str(src), "-o", str(exe)], check=True,
+                   capture_output=True, text=True)
+    subprocess.run([str(exe)], check=True, timeout=120)
+    outs = []
+    for i, (shape, dt) in enumerate(zip(args["output_shapes"], args["output_dtypes"])):
+        raw = (tmp_path / f"out{i}.bin").read_bytes()
+        if dt == mx.bfloat16:
+            outs.append(mx.array(np.frombuffer(raw, dtype=np.uint16).reshape(shape)).view(mx.bfloat16))
+        else:
+            outs.append(mx.array(np.frombuffer(raw, dtype=np.dtype(str(dt).rpartition(".")[2])).reshape(shape)))
+    return outs
+
+
+def _layer(out_f: int, in_f: int, seed: int, dtype=mx.bfloat16) -> QuantizedLinear:
+    mx.random.seed(seed)
+    layer = QuantizedLinear.from_linear(nn.Linear(in_f, out_f, bias=False), dtype=dtype)
+    mx.eval(layer.parameters())
+    return layer
+
+
+def _weights(layer):
+    return (layer.weight, layer.scales, layer.biases)
+
+
+def _assert_close_to_rounded(got: mx.array, exact: mx.array):
+    """Computed in float32 and rounded once: within one bfloat16 step of the exact value (plus float32
+    summation error), relative to the largest output."""
+    scale = float(mx.abs(exact).max().item())
+    err = float(mx.abs(got.astype(mx.float32) - exact.astype(mx.float32)).max().item())
+    assert err <= 2.0**-8 * scale + 1e-5, (err, scale)
+
+
+@pytest.mark.parametrize("rows,out_f,in_f,per_warp,dtype", [
+    (1, 64, 128, 4, mx.bfloat16), (3, 48, 256, 2, mx.bfloat16), (2, 40, 64, 1, mx.float32)])
+def test_qmv_kernel(tmp_path, rows, out_f, in_f, per_warp, dtype):
+    layer = _layer(out_f, in_f, rows, dtype)
+    x = mx.random.normal((rows, in_f)).astype(dtype)
+    args = qmv_cuda._launch_args(rows, in_f, (out_f,), False, dtype, per_warp)
+    source = qmv_cuda._BODY.replace("@SELECT@", qmv_cuda._select_split(1)).replace(
+        "@EPILOGUE@", qmv_cuda._epilogue_split(1))
+    (y,) = emulate(tmp_path, source, qmv_cuda._HEADER, {"w0": layer.weight, "s0": layer.scales, "b0": layer.biases,
+                                                       "x": x}, ["y0"], args)
+    _assert_close_to_rounded(y, qmv_cuda.reference(x, *_weights(layer)))
+
+
+def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path):
+    """q/k/v of a layer (64, 32, 32 rows) in one launch, written as (B, heads, 1, head_dim)."""
+    layers = [_layer(n, 128, 10 + i) for i, n in enumerate((64, 32, 32))]
+    x = mx.random.normal((1, 128)).astype(mx.bfloat16)
+    shapes = ((1, 4, 1, 16), (1, 2, 1, 16), (1, 2, 1, 16))
+    args = qmv_cuda._launch_args(1, 128, (64, 32, 32), False, mx.bfloat16, 2, shapes)
+    source = qmv_cuda._BODY.replace("@SELECT@", qmv_cuda._select_split(3)).replace(
+        "@EPILOGUE@", qmv_cuda._epilogue_split(3))
+    inputs = {}
+    for g, layer in enumerate(layers):
+        inputs.update({f"w{g}": layer.weight, f"s{g}": layer.scales, f"b{g}": layer.biases})
+    inputs["x"] = x
+    outs = emulate(tmp_path, source, qmv_cuda._HEADER, inputs, ["y0", "y1", "y2"], args)
+    for out, layer, shape in zip(outs, layers, shapes):
+        assert out.shape == shape
+        _assert_close_to_rounded(out.reshape(1, -1), qmv_cuda.reference(x, *_weights(layer)))
+
+
+def test_swiglu_kernel(tmp_path):
+    gate, up = _layer(96, 128, 1), _layer(96, 128, 2)
+    x = mx.random.normal((2, 128)).astype(mx.bfloat16)
+    args = qmv_cuda._launch_args(2, 128, (96, 96), True, mx.bfloat16, 4)
+    source = qmv_cuda._BODY.replace("@SELECT@", qmv_cuda._SELECT_SWIGLU).replace(
+        "@EPILOGUE@", qmv_cuda._EPILOGUE_SWIGLU)
+    (y,) = emulate(tmp_path, source, qmv_cuda._HEADER,
+                   {"w0": gate.weight, "s0": gate.scales, "b0": gate.biases,
+                    "w1": up.weight, "s1": up.scales, "b1": up.biases, "x": x}, ["y"], args)
+    _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(x, _weights(gate), _weights(up)))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_dequantize_kernel(tmp_path, dtype):
+    layer = _layer(24, 256, 5, dtype=mx.bfloat16)
+    args = dequant_cuda._launch_args(24, 256, dtype)
+    (w,) = emulate(tmp_path, dequant_cuda._SOURCE, dequant_cuda._HEADER,
+                   {"w": layer.weight, "scales": layer.scales, "biases": layer.biases}, ["y"], args)
+    exact = dequantize(layer.weight, layer.scales, layer.biases, 4, None, mx.float32)
+    if dtype == mx.float32:
+        np.testing.assert_allclose(np.array(w), np.array(exact), rtol=0, atol=1e-6)  # fma vs mul + add
+    else:
+        assert mx.array_equal(w, exact.astype(mx.bfloat16))  # rounded once from the float32 value
+
+
+@pytest.mark.parametrize("offset", [0, 9, 31, 32, 45])
+def test_decode_attention_kernel(tmp_path, offset):
+    """Capacity 32, GQA 4 query heads on 2 key/value heads, head dim 32: before and after the ring wraps."""
+    mx.random.seed(offset)
+    B, H, HKV, C, D = 1, 4, 2, 32, 32
+    q = mx.random.normal((B, H, 1, D))
+    keys, values = mx.random.normal((B, HKV, C, D)), mx.random.normal((B, HKV, C, D))
+    scale = D**-0.5
+    args = dict(template=[("T", mx.float32), ("H", H), ("HKV", HKV), ("D", D), ("C", C),
+                          ("THREADS", attention_cuda._THREADS)],
+                grid=(B * H * attention_cuda._THREADS, 1, 1), threadgroup=(attention_cuda._THREADS, 1, 1),
+                output_shapes=[(B, 1, H * D)], output_dtypes=[mx.float32])
+    source = attention_cuda._SOURCE.replace("SCALE", repr(scale) + "f")
+    (out,) = emulate(tmp_path, source, "", {"q": q, "k": keys, "v": values,
+                                            "offset": mx.array([offset], dtype=mx.int32)}, ["out"], args)
+    np.testing.assert_allclose(np.array(out), np.array(attention_cuda.reference(q, keys, values, offset, scale)),
+                               rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One-token attention over a static key/value cache: our CUDA kernel (``model/attention_cuda.py``)
+"""One-token attention over a static key/value cache: our CUDA kernels (``model/attention_cuda.py``)
 against MLX's attention with the slot mask (what the static cache needs without the kernel) and MLX's
 attention on the filled slots without a mask (what a growing cache does), with the kernel's error
 against ``attention_cuda.reference``. Many calls go into one evaluation, as in ``qmv_probe.py``.

@@ -35,6 +35,7 @@ def _bytes(a: mx.array) -> bytes:
 def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names: list[str], args: dict) -> list:
     """Run one kernel launch described by MLX launch ``args`` (template, grid, threadgroup, output shapes
     and dtypes) on ``inputs`` (name -> mx.array); return the outputs as mx arrays."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     lines = ['#include "cuda_emulation.h"']
     for name, value in args["template"]:
         if isinstance(value, mx.Dtype):
@@ -151,20 +152,23 @@ def test_dequantize_kernel(tmp_path, dtype):
         assert mx.array_equal(w, exact.astype(mx.bfloat16))  # rounded once from the float32 value
 
 
-@pytest.mark.parametrize("offset", [0, 9, 31, 32, 45])
-def test_decode_attention_kernel(tmp_path, offset):
-    """Capacity 32, GQA 4 query heads on 2 key/value heads, head dim 32: before and after the ring wraps."""
+@pytest.mark.parametrize("offset,capacity,heads", [(0, 32, (4, 2)), (9, 32, (4, 2)), (45, 32, (4, 2)),
+                                                   (2, 256, (4, 2)), (70, 256, (6, 2)), (200, 256, (4, 4)),
+                                                   (300, 256, (4, 1))])
+def test_decode_attention_kernels(tmp_path, offset, capacity, heads):
+    """Both passes, head dim 32: a ring before and after it wraps, several slot ranges (capacity 256: 4
+    ranges, some empty while few slots are filled), 1 to 4 query heads per key/value head."""
     mx.random.seed(offset)
-    B, H, HKV, C, D = 1, 4, 2, 32, 32
+    (H, HKV), B, C, D = heads, 2, capacity, 32
     q = mx.random.normal((B, H, 1, D))
     keys, values = mx.random.normal((B, HKV, C, D)), mx.random.normal((B, HKV, C, D))
     scale = D**-0.5
-    args = dict(template=[("T", mx.float32), ("H", H), ("HKV", HKV), ("D", D), ("C", C),
-                          ("THREADS", attention_cuda._THREADS)],
-                grid=(B * H * attention_cuda._THREADS, 1, 1), threadgroup=(attention_cuda._THREADS, 1, 1),
-                output_shapes=[(B, 1, H * D)], output_dtypes=[mx.float32])
-    source = attention_cuda._SOURCE.replace("SCALE", repr(scale) + "f")
-    (out,) = emulate(tmp_path, source, "", {"q": q, "k": keys, "v": values,
-                                            "offset": mx.array([offset], dtype=mx.int32)}, ["out"], args)
+    partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, mx.float32)
+    part_acc, part_ml = emulate(
+        tmp_path / "partial", attention_cuda._PARTIAL.replace("SCALE", repr(scale) + "f"), "",
+        {"q": q, "k": keys, "v": values, "offset": mx.array([offset], dtype=mx.int32)},
+        ["part_acc", "part_ml"], partial_args)
+    (out,) = emulate(tmp_path / "combine", attention_cuda._COMBINE, "", {"part_acc": part_acc, "part_ml": part_ml},
+                     ["out"], combine_args)
     np.testing.assert_allclose(np.array(out), np.array(attention_cuda.reference(q, keys, values, offset, scale)),
                                rtol=1e-5, atol=1e-5)

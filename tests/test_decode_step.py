@@ -132,8 +132,11 @@ def test_attention_kernel_is_taken_only_where_it_applies(monkeypatch):
     monkeypatch.setattr(attention_cuda, "_ENABLED", True)
     assert attention_cuda.supports(q, k)
     assert not attention_cuda.supports(mx.zeros((1, 32, 2, 128), dtype=mx.bfloat16), k)  # two queries
-    assert not attention_cuda.supports(q, mx.zeros((1, 8, 16384, 128), dtype=mx.bfloat16))  # too many slots
+    assert attention_cuda.supports(q, mx.zeros((1, 8, 16384, 128), dtype=mx.bfloat16))  # any capacity
+    assert not attention_cuda.supports(q, mx.zeros((1, 1, 768, 128), dtype=mx.bfloat16))  # 32 heads per group
     assert not attention_cuda.supports(mx.zeros((1, 32, 1, 80), dtype=mx.bfloat16), k[..., :80])  # head dim
+    assert not attention_cuda.supports(mx.zeros((1, 8, 1, 256), dtype=mx.bfloat16),
+                                       mx.zeros((1, 8, 768, 256), dtype=mx.bfloat16))
     monkeypatch.setattr(attention_cuda, "on_cuda", lambda: False)
     assert not attention_cuda.supports(q, k)
 

@@ -1,21 +1,21 @@
-"""One-token attention over a ``StaticKVCache`` as one CUDA kernel (compiled decoding on NVIDIA GPUs).
+"""One-token attention over a ``StaticKVCache`` in two CUDA kernels (compiled decoding on NVIDIA GPUs).
 
 A static cache holds empty slots, so ``mx.fast.scaled_dot_product_attention`` needs an array mask, and
 with an array mask MLX's CUDA backend composes attention from several operations (matmuls, softmax,
 select) in every layer. Decoding is bound by the host's work per operation (``benchmarks/RESULTS.md``),
-so this kernel does the whole attention of one query per head in one launch, and reads the number of
-filled slots from the cache's offset on the device: with position ``p`` just written, slots
-``0 .. p`` are filled while ``p`` < capacity, and all of them once the ring has wrapped (the capacity is
-then the sliding window, so every slot is inside it). No mask exists.
+so attention here is two launches that read the number of filled slots from the cache's offset on the
+device: with position ``p`` just written, slots ``0 .. p`` are filled while ``p`` < capacity, and all of
+them once the ring has wrapped (the capacity is then the sliding window, so every slot is inside it).
+No mask exists.
 
-One block per (sequence, head): each warp scores whole slots (q . k, lanes over the head dimension),
-eight slots at a time so that their loads are in flight together, the block takes the softmax in
-float32 in shared memory, then threads over the head dimension sum the values, again eight slots at a
-time. Grouped-query heads read their key/value head ``h // (H / HKV)``.
+Pass 1 splits the filled slots of each key/value head into ``splits(capacity)`` ranges, one block each,
+and scores them for every query head of the group (grouped-query attention reads each key and value
+row once); it writes per head and range the maximum score, the sum of exponentials and the weighted sum
+of values, in float32. Pass 2 combines the ranges (the split softmax of flash-decoding).
 
 ``reference`` is the same computation in MLX operations (CPU tests check it against attention with the
-mask of ``build_mask``; the GPU probe checks the kernel against it). Metal and the CPU keep MLX's
-attention with the mask.
+mask of ``build_mask``, and run the kernels' sources on the CPU through ``tests/cuda_emulation.h``).
+Metal and the CPU keep MLX's attention with the mask.
 """
 
 from __future__ import annotations
@@ -27,174 +27,221 @@ import mlx.core as mx
 
 from ..device import on_cuda
 
-_THREADS = 256
-MAX_CAPACITY = 8192  # scores of every slot live in shared memory (4 bytes each)
-# Off unless MLX_QLORA_DECODE_ATTENTION=ours: on an H100 the first form of this kernel (one slot per warp
-# at a time) took more GPU time than it saved host time (decoding 5.9 against 4.6 ms per token with
-# MLX's masked attention; benchmarks/RESULTS.md); the present form, eight slots per warp in flight, has
-# not been measured on a GPU yet.
+_THREADS = 128  # 4 warps; the head dimension is at most this
+# Off unless MLX_QLORA_DECODE_ATTENTION=ours: on an H100 a first form (one block per query head, 32
+# blocks in all) took more GPU time than it saved host time (decoding 5.9 against 4.6 ms per token with
+# MLX's masked attention; benchmarks/RESULTS.md); the present two-pass form has not been measured on a
+# GPU yet.
 _ENABLED = os.environ.get("MLX_QLORA_DECODE_ATTENTION", "mlx") == "ours"
 
-_SOURCE = r"""
-  // q (B, H, 1, D); k, v (B, HKV, C, D); offset: the position just written; out (B, 1, H * D).
+# Pass 1: one block per (sequence, key/value head, split of the slots). The block scores its slots for
+# all REP query heads that share the key/value head (each key and value row is read once), then writes
+# per head the maximum score, the sum of exp(score - max) and the exp-weighted sum of values.
+_PARTIAL = r"""
+  // q (B, H, 1, D); k, v (B, HKV, C, D); offset: the position just written.
+  // part_acc (B, H, S, D), part_ml (B, H, S, 2): float32 partial results of split s.
+  constexpr int REP = H / HKV;
   constexpr int WARPS = THREADS / 32;
-  constexpr int UNROLL = 8;  // slots whose loads are issued together
   constexpr int PER_LANE = D / 32;
-  __shared__ float scores[C];
-  __shared__ float reduce[WARPS];
-  __shared__ float partial[THREADS];
-  const int bh = blockIdx.x;
-  const int b = bh / H;
-  const int h = bh % H;
-  const int hk = h / (H / HKV);
+  constexpr int CHUNK_MAX = (C + S - 1) / S;
+  constexpr int UNROLL = 4;
+  __shared__ float qs[REP * D];
+  __shared__ float scores[REP * CHUNK_MAX];
+  __shared__ float stats[2 * REP];
+  const int split = blockIdx.x % S;
+  const int bk = blockIdx.x / S;  // b * HKV + hk
+  const int b = bk / HKV;
+  const int hk = bk % HKV;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int pos = offset[0];
-  const int n_valid = pos >= C ? C : pos + 1;
-  const float scale = SCALE;
-
-  float qv[PER_LANE];
-#pragma unroll
-  for (int i = 0; i < PER_LANE; ++i) {
-    qv[i] = static_cast<float>(q[(size_t)bh * D + lane + 32 * i]) * scale;
+  const int n_valid = pos >= C ? C : pos + 1;  // slots 0 .. pos until the ring wraps, then all
+  const int chunk = (n_valid + S - 1) / S;
+  const int s0 = split * chunk < n_valid ? split * chunk : n_valid;
+  const int s1 = s0 + chunk < n_valid ? s0 + chunk : n_valid;
+  const size_t q0 = ((size_t)b * H + (size_t)hk * REP) * D;
+  for (int i = tid; i < REP * D; i += THREADS) {
+    qs[i] = static_cast<float>(q[q0 + i]) * SCALE;
   }
-  const T* kh = k + ((size_t)b * HKV + hk) * C * D;
-  const T* vh = v + ((size_t)b * HKV + hk) * C * D;
+  __syncthreads();
+  const T* kh = k + (size_t)bk * C * D;
+  const T* vh = v + (size_t)bk * C * D;
 
-  // 1. scores: each warp takes UNROLL slots at a time (their loads in flight together); the maximum
-  float m = -INFINITY;
-  for (int s0 = warp * UNROLL; s0 < n_valid; s0 += WARPS * UNROLL) {
-    float dots[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      dots[u] = 0.0f;
-      if (s0 + u < n_valid) {
-        const T* row = kh + (size_t)(s0 + u) * D;
-#pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) {
-          dots[u] = fmaf(qv[i], static_cast<float>(row[lane + 32 * i]), dots[u]);
-        }
-      }
-    }
+  // 1. scores: one slot per warp, UNROLL slots in flight
+  for (int base = s0 + warp * UNROLL; base < s1; base += WARPS * UNROLL) {
+    float kv[UNROLL][PER_LANE];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        dots[u] += __shfl_xor_sync(0xffffffffu, dots[u], o);
-      }
-      if (s0 + u < n_valid) {
-        if (lane == 0) {
-          scores[s0 + u] = dots[u];
-        }
-        m = fmaxf(m, dots[u]);
+      for (int i = 0; i < PER_LANE; ++i) {
+        kv[u][i] = base + u < s1 ? static_cast<float>(kh[(size_t)(base + u) * D + lane + 32 * i]) : 0.0f;
       }
     }
-  }
-  if (lane == 0) {
-    reduce[warp] = m;
-  }
-  __syncthreads();
-  m = reduce[0];
-#pragma unroll
-  for (int w = 1; w < WARPS; ++w) {
-    m = fmaxf(m, reduce[w]);
-  }
-  __syncthreads();
-
-  // 2. exp(score - max) in place, and the sum
-  float sum = 0.0f;
-  for (int s = tid; s < n_valid; s += THREADS) {
-    const float e = __expf(scores[s] - m);
-    scores[s] = e;
-    sum += e;
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  }
-  if (lane == 0) {
-    reduce[warp] = sum;
-  }
-  __syncthreads();
-  sum = 0.0f;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) {
-    sum += reduce[w];
-  }
-
-  // 3. weighted values: THREADS / D groups of threads split the slots, one head dimension per thread
-  constexpr int GROUPS = THREADS / D;
-  const int d = tid % D;
-  const int group = tid / D;
-  float acc = 0.0f;
-  if (group < GROUPS) {
-    float part[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      part[u] = 0.0f;
-    }
-    for (int s0 = group * UNROLL; s0 < n_valid; s0 += GROUPS * UNROLL) {
+    for (int r = 0; r < REP; ++r) {
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
-        if (s0 + u < n_valid) {
-          part[u] = fmaf(scores[s0 + u], static_cast<float>(vh[(size_t)(s0 + u) * D + d]), part[u]);
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+          dot = fmaf(qs[r * D + lane + 32 * i], kv[u][i], dot);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        }
+        if (lane == 0 && base + u < s1) {
+          scores[r * CHUNK_MAX + base + u - s0] = dot;
         }
       }
     }
+  }
+  __syncthreads();
+
+  // 2. per query head (one warp each): maximum, exp(score - max) in place, sum
+  for (int r = warp; r < REP; r += WARPS) {
+    float m = -INFINITY;
+    for (int j = lane; j < s1 - s0; j += 32) {
+      m = fmaxf(m, scores[r * CHUNK_MAX + j]);
+    }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      acc += part[u];
+    for (int o = 16; o > 0; o >>= 1) {
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    float l = 0.0f;
+    for (int j = lane; j < s1 - s0; j += 32) {
+      const float e = __expf(scores[r * CHUNK_MAX + j] - m);
+      scores[r * CHUNK_MAX + j] = e;
+      l += e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      l += __shfl_xor_sync(0xffffffffu, l, o);
+    }
+    if (lane == 0) {
+      stats[2 * r] = m;
+      stats[2 * r + 1] = l;
     }
   }
-  partial[tid] = acc;
   __syncthreads();
-  if (group == 0) {
-    float total = 0.0f;
+
+  // 3. exp-weighted values: one head dimension per thread, every value row read once for all heads
+  if (tid < D) {
+    float acc[REP];
 #pragma unroll
-    for (int g = 0; g < GROUPS; ++g) {
-      total += partial[g * D + d];
+    for (int r = 0; r < REP; ++r) {
+      acc[r] = 0.0f;
     }
-    out[(size_t)bh * D + d] = static_cast<T>(total / sum);
+#pragma unroll 4
+    for (int j = 0; j < s1 - s0; ++j) {
+      const float val = static_cast<float>(vh[(size_t)(s0 + j) * D + tid]);
+#pragma unroll
+      for (int r = 0; r < REP; ++r) {
+        acc[r] = fmaf(scores[r * CHUNK_MAX + j], val, acc[r]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+      part_acc[(((size_t)b * H + hk * REP + r) * S + split) * D + tid] = acc[r];
+    }
+  }
+  if (tid < REP) {
+    const size_t at = (((size_t)b * H + hk * REP + tid) * S + split) * 2;
+    part_ml[at] = stats[2 * tid];
+    part_ml[at + 1] = stats[2 * tid + 1];
+  }
+"""
+
+# Pass 2: one block per (sequence, query head) combines the splits: out = sum_s e^(m_s - M) acc_s /
+# sum_s e^(m_s - M) l_s, with M the largest m_s (splits without slots have m = -inf and weigh 0).
+_COMBINE = r"""
+  // part_acc (B, H, S, D), part_ml (B, H, S, 2) -> out (B, 1, H * D)
+  const int bh = blockIdx.x;
+  const int d = threadIdx.x;
+  float M = -INFINITY;
+  for (int j = 0; j < S; ++j) {
+    M = fmaxf(M, part_ml[((size_t)bh * S + j) * 2]);
+  }
+  float L = 0.0f;
+  float acc = 0.0f;
+  for (int j = 0; j < S; ++j) {
+    const float m = part_ml[((size_t)bh * S + j) * 2];
+    if (m == -INFINITY) {
+      continue;
+    }
+    const float w = __expf(m - M);
+    L += w * part_ml[((size_t)bh * S + j) * 2 + 1];
+    if (d < D) {
+      acc += w * part_acc[((size_t)bh * S + j) * D + d];
+    }
+  }
+  if (d < D) {
+    out[(size_t)bh * D + d] = static_cast<T>(acc / L);
   }
 """
 
 
 def supports(q: mx.array, keys: mx.array) -> bool:
-    """Whether ``decode_attention`` takes this call: CUDA, one query per sequence, a head dimension that is
-    a multiple of 32 up to 256, whole key heads per query head, and a capacity whose scores fit."""
+    """Whether ``decode_attention`` takes this call: opted in, CUDA, one query per sequence, a head dimension
+    that is a multiple of 32 up to 128, and at most 16 query heads per key/value head."""
     B, H, L, D = q.shape
     C = keys.shape[2]
     return (
-        _ENABLED and L == 1 and D % 32 == 0 and D <= _THREADS and H % keys.shape[1] == 0 and C <= MAX_CAPACITY
+        _ENABLED and L == 1 and D % 32 == 0 and D <= _THREADS and H % keys.shape[1] == 0 and H // keys.shape[1] <= 16
         and q.dtype in (mx.float32, mx.bfloat16, mx.float16) and keys.dtype == q.dtype and on_cuda()
     )
 
 
+def splits(capacity: int) -> int:
+    """Slot ranges per key/value head: about 64 slots each, at most 32 (enough blocks to fill a GPU)."""
+    return max(1, min(32, capacity // 64))
+
+
 @lru_cache(maxsize=None)
-def _kernel(scale: float):
-    # The scale is a compile-time constant of the kernel (one per model).
-    source = _SOURCE.replace("SCALE", repr(float(scale)) + "f")
-    return mx.fast.cuda_kernel(
-        name=f"mlx_qlora_decode_attention_{abs(hash(scale))}",
+def _kernels(scale: float):
+    # The scale is a compile-time constant of the first kernel (one per model).
+    partial = mx.fast.cuda_kernel(
+        name=f"mlx_qlora_decode_attention_partial_{abs(hash(scale))}",
         input_names=["q", "k", "v", "offset"],
-        output_names=["out"],
-        source=source,
+        output_names=["part_acc", "part_ml"],
+        source=_PARTIAL.replace("SCALE", repr(float(scale)) + "f"),
     )
+    combine = mx.fast.cuda_kernel(
+        name="mlx_qlora_decode_attention_combine",
+        input_names=["part_acc", "part_ml"],
+        output_names=["out"],
+        source=_COMBINE,
+    )
+    return partial, combine
+
+
+def launch_args(B: int, H: int, HKV: int, D: int, C: int, dtype: mx.Dtype) -> tuple[dict, dict]:
+    """Launch arguments of the two passes (``partial``, ``combine``)."""
+    S = splits(C)
+    partial = dict(
+        template=[("T", dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("S", S), ("THREADS", _THREADS)],
+        grid=(B * HKV * S * _THREADS, 1, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(B, H, S, D), (B, H, S, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    combine = dict(
+        template=[("T", dtype), ("H", H), ("D", D), ("S", S)],
+        grid=(B * H * _THREADS, 1, 1),
+        threadgroup=(_THREADS, 1, 1),
+        output_shapes=[(B, 1, H * D)],
+        output_dtypes=[dtype],
+    )
+    return partial, combine
 
 
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float) -> mx.array:
     """q (B, H, 1, D), keys/values (B, HKV, C, D) with position ``offset`` just written -> (B, 1, H * D)."""
     B, H, _, D = q.shape
-    HKV, C = keys.shape[1], keys.shape[2]
-    return _kernel(float(scale))(
-        inputs=[q, keys, values, offset.astype(mx.int32)],  # offset: a 0-d array, read as offset[0]
-        template=[("T", q.dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("THREADS", _THREADS)],
-        grid=(B * H * _THREADS, 1, 1),
-        threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(B, 1, H * D)],
-        output_dtypes=[q.dtype],
-    )[0]
+    partial_args, combine_args = launch_args(B, H, keys.shape[1], D, keys.shape[2], q.dtype)
+    partial, combine = _kernels(float(scale))
+    part_acc, part_ml = partial(inputs=[q, keys, values, offset.astype(mx.int32)], **partial_args)
+    return combine(inputs=[part_acc, part_ml], **combine_args)[0]
 
 
 def reference(q: mx.array, keys: mx.array, values: mx.array, offset: int, scale: float) -> mx.array:

@@ -31,6 +31,7 @@ inline Dim3 blockDim, gridDim;
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 // bfloat16 with round-to-nearest-even, as CUDA's conversions.
 inline uint16_t float_to_bf16_bits(float f) {

@@ -71,3 +71,10 @@ def test_dequant_probe_tiny(tmp_path):
     (row,) = result["rows"]
     assert row["mlx_us"] > 0 and row["mlx_max_err"] < 1e-5  # float32 on the CPU: our exact ops
     assert "| out x in |" in stdout
+
+
+def test_fused_decode_probe_tiny(tmp_path):
+    result, stdout = _run(["fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4"], tmp_path)
+    (row,) = result["rows"]  # on the CPU only the default path runs
+    assert row["path"] == "mlx attention" and row["ms_per_token"] > 0 and row["max_logit_diff"] == 0
+    assert "| path |" in stdout

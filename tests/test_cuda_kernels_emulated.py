@@ -101,9 +101,9 @@ def _assert_close_to_rounded(got: mx.array, exact: mx.array):
 def test_qmv_kernel(tmp_path, rows, out_f, in_f, per_warp, dtype):
     layer = _layer(out_f, in_f, rows, dtype)
     x = mx.random.normal((rows, in_f)).astype(dtype)
-    args = qmv_cuda._launch_args(rows, in_f, (out_f,), False, dtype, per_warp)
-    source = qmv_cuda._BODY.replace("@SELECT@", qmv_cuda._select_split(1)).replace(
-        "@EPILOGUE@", qmv_cuda._epilogue_split(1))
+    variant = qmv_cuda.Variant(1)
+    args = qmv_cuda._launch_args(rows, in_f, (out_f,), variant, dtype, per_warp)
+    source = variant.source()
     (y,) = emulate(tmp_path, source, qmv_cuda._HEADER, {"w0": layer.weight, "s0": layer.scales, "b0": layer.biases,
                                                        "x": x}, ["y0"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference(x, *_weights(layer)))
@@ -114,9 +114,9 @@ def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path):
     layers = [_layer(n, 128, 10 + i) for i, n in enumerate((64, 32, 32))]
     x = mx.random.normal((1, 128)).astype(mx.bfloat16)
     shapes = ((1, 4, 1, 16), (1, 2, 1, 16), (1, 2, 1, 16))
-    args = qmv_cuda._launch_args(1, 128, (64, 32, 32), False, mx.bfloat16, 2, shapes)
-    source = qmv_cuda._BODY.replace("@SELECT@", qmv_cuda._select_split(3)).replace(
-        "@EPILOGUE@", qmv_cuda._epilogue_split(3))
+    variant = qmv_cuda.Variant(3)
+    args = qmv_cuda._launch_args(1, 128, (64, 32, 32), variant, mx.bfloat16, 2, shapes)
+    source = variant.source()
     inputs = {}
     for g, layer in enumerate(layers):
         inputs.update({f"w{g}": layer.weight, f"s{g}": layer.scales, f"b{g}": layer.biases})
@@ -130,13 +130,64 @@ def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path):
 def test_swiglu_kernel(tmp_path):
     gate, up = _layer(96, 128, 1), _layer(96, 128, 2)
     x = mx.random.normal((2, 128)).astype(mx.bfloat16)
-    args = qmv_cuda._launch_args(2, 128, (96, 96), True, mx.bfloat16, 4)
-    source = qmv_cuda._BODY.replace("@SELECT@", qmv_cuda._SELECT_SWIGLU).replace(
-        "@EPILOGUE@", qmv_cuda._EPILOGUE_SWIGLU)
+    variant = qmv_cuda.Variant(2, swiglu=True)
+    args = qmv_cuda._launch_args(2, 128, (96, 96), variant, mx.bfloat16, 4)
+    source = variant.source()
     (y,) = emulate(tmp_path, source, qmv_cuda._HEADER,
                    {"w0": gate.weight, "s0": gate.scales, "b0": gate.biases,
                     "w1": up.weight, "s1": up.scales, "b1": up.biases, "x": x}, ["y"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(x, _weights(gate), _weights(up)))
+
+
+def _inputs(layers, x, **extra):
+    inputs = {}
+    for g, layer in enumerate(layers):
+        inputs.update({f"w{g}": layer.weight, f"s{g}": layer.scales, f"b{g}": layer.biases})
+    return {**inputs, "x": x, **extra}
+
+
+@pytest.mark.parametrize("position,rope_scale,dtype", [(0, 1.0, mx.bfloat16), (37, 1.0, mx.bfloat16),
+                                                       (1000, 0.25, mx.bfloat16), (37, 1.0, mx.float32)])
+def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_scale, dtype):
+    """RMSNorm in the prologue, q/k rotated in the epilogue: 2 sequences, 4 query and 2 key/value heads of 16."""
+    layers = [_layer(n, 128, 20 + i, dtype) for i, n in enumerate((64, 32, 32))]
+    x = (3.0 * mx.random.normal((2, 128))).astype(dtype)
+    gamma = (1.0 + 0.1 * mx.random.normal((128,))).astype(dtype)
+    variant = qmv_cuda.Variant(3, norm_eps=1e-5, rope=(True, True, False), rope_base=10000.0, rope_scale=rope_scale)
+    shapes = ((2, 4, 1, 16), (2, 2, 1, 16), (2, 2, 1, 16))
+    args = qmv_cuda._launch_args(2, 128, (64, 32, 32), variant, dtype, 0, shapes, 16)
+    assert dict(args["template"])["R"] == 2  # rotary pairs need an even number of rows per warp
+    outs = emulate(tmp_path, variant.source(), qmv_cuda._HEADER,
+                   _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32)),
+                   variant.output_names, args)
+    want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [_weights(l) for l in layers], position, 16, 10000.0,
+                                            rope_scale)
+    for out, ref in zip(outs, want):
+        if dtype == mx.float32:  # no rounding to hide behind: float32 summation order only
+            np.testing.assert_allclose(np.array(out.reshape(2, -1)), np.array(ref), rtol=1e-4, atol=1e-4)
+        else:
+            _assert_close_to_rounded(out.reshape(2, -1), ref)
+
+
+def test_swiglu_kernel_with_norm(tmp_path):
+    gate, up = _layer(64, 128, 31), _layer(64, 128, 32)
+    x = (2.0 * mx.random.normal((1, 128))).astype(mx.bfloat16)
+    gamma = (1.0 + 0.1 * mx.random.normal((128,))).astype(mx.bfloat16)
+    variant = qmv_cuda.Variant(2, swiglu=True, norm_eps=1e-6)
+    args = qmv_cuda._launch_args(1, 128, (64, 64), variant, mx.bfloat16, 4)
+    (y,) = emulate(tmp_path, variant.source(), qmv_cuda._HEADER, _inputs([gate, up], x, gamma=gamma), ["y"], args)
+    normed = qmv_cuda.reference_rms_norm(x, gamma, 1e-6)
+    _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(normed, _weights(gate), _weights(up)))
+
+
+def test_matmul_kernel_with_residual(tmp_path):
+    layer = _layer(48, 256, 40)
+    x = mx.random.normal((2, 256)).astype(mx.bfloat16)
+    res = (4.0 * mx.random.normal((2, 48))).astype(mx.bfloat16)
+    variant = qmv_cuda.Variant(1, residual=True)
+    args = qmv_cuda._launch_args(2, 256, (48,), variant, mx.bfloat16, 2)
+    (y,) = emulate(tmp_path, variant.source(), qmv_cuda._HEADER, _inputs([layer], x, res=res), ["y0"], args)
+    _assert_close_to_rounded(y, qmv_cuda.reference(x, *_weights(layer)) + res.astype(mx.float32))
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])

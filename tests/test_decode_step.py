@@ -18,11 +18,11 @@ from mlx_qlora.model.static_cache import EMPTY_SLOT, StaticKVCache, slot_positio
 from mlx_qlora.quant import QuantizedLinear, apply_lora, fused, qmv_cuda
 
 
-def _random_model(window):
+def _random_model(window, **overrides):
     mx.random.seed(1)
     args = ModelArgs(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=96,
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=512, sliding_window=window)
+                     max_position_embeddings=512, sliding_window=window, **overrides)
     model = MistralForCausalLM(args)
     mx.eval(model.parameters())
     return model.eval()
@@ -159,3 +159,82 @@ def test_fused_projections_are_taken_only_for_bare_4bit_layers_in_inference(monk
     assert not fused._fusable([layers[0], LoRALinear.from_base(layers[1], rank=2)], x)  # adapters: one by one
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: False)
     assert fused.fused_projections(layers, x) is None and fused.fused_swiglu(layers[1], layers[2], x) is None
+
+
+def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
+    """``model/fused_decode.py`` with each CUDA kernel replaced by the formula it implements (the kernels
+    themselves are checked in test_cuda_kernels_emulated.py): the logits of every step equal the
+    operation-by-operation path (float32, per-row 4-bit projections, a window the ring wraps around)."""
+    from mlx_qlora.generate.decode_step import CompiledDecoder
+    from mlx_qlora.model import fused_decode
+    from mlx_qlora.quant import quantize_model
+
+    model = _random_model(16, rope_theta=500.0, rope_scaling_factor=2.0)  # non-default rotary settings
+    quantize_model(model, bits=4)
+    for layer in model.layers:  # norms that differ, so that mixing them up shows
+        layer.input_layernorm.weight = 1.0 + 0.3 * mx.random.normal((64,))
+        layer.post_attention_layernorm.weight = 1.0 + 0.3 * mx.random.normal((64,))
+    model.eval()
+    prompt, steps = [5, 7, 11, 13, 17, 19, 23, 29, 31], 12
+    cache = model.make_cache()
+    logits = model(mx.array([prompt]), cache=cache)[:, -1, :]
+    state = DecodeState.from_caches(cache, len(prompt) + steps)
+    tokens, eager = [int(mx.argmax(logits, axis=-1).item())], []
+    for _ in range(steps):
+        eager.append(model(mx.array([[tokens[-1]]]), cache=cache)[:, -1, :])
+        tokens.append(int(mx.argmax(eager[-1], axis=-1).item()))
+
+    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, shapes):
+        outs = qmv_cuda.reference_qkv_norm_rope(x.reshape(-1, x.shape[-1]), gamma, eps, weights,
+                                                int(position.item()), head_dim, base, scale)
+        return [o.astype(x.dtype).reshape(s) for o, s in zip(outs, shapes)]
+
+    def swiglu(x, gamma, eps, gate, up):
+        normed = qmv_cuda.reference_rms_norm(x.reshape(-1, x.shape[-1]), gamma, eps)
+        return qmv_cuda.reference_swiglu(normed, gate, up).reshape(*x.shape[:-1], gate[0].shape[0])
+
+    def residual(x, weight, res):
+        return (qmv_cuda.reference(x.reshape(-1, x.shape[-1]), *weight) + res.reshape(-1, res.shape[-1])).reshape(
+            res.shape)
+
+    calls = []
+    monkeypatch.setattr(fused_decode, "_ENABLED", True)
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
+    monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)  # head dim 16 here
+    monkeypatch.setattr(qmv_cuda, "qkv_norm_rope", lambda *a: calls.append("qkv") or qkv(*a))
+    monkeypatch.setattr(qmv_cuda, "swiglu_norm", swiglu)
+    monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
+    monkeypatch.setattr(attention_cuda, "decode_attention",
+                        lambda q, k, v, pos, scale: attention_cuda.reference(q, k, v, int(pos.item()), scale))
+    decoder = CompiledDecoder(model)
+    fused = []
+    for t in tokens[:-1]:
+        logits, state.keys, state.values = decoder._forward(mx.array([[t]]), state.offset, state.keys, state.values)
+        state.offset = state.offset + 1
+        fused.append(logits)
+    assert len(calls) == steps * model.args.num_hidden_layers  # every layer of every step took the fused path
+    np.testing.assert_allclose(np.array(mx.stack(fused)), np.array(mx.stack(eager)), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_decode_is_opt_in_and_needs_bare_4bit_layers(monkeypatch):
+    from mlx_qlora.model import fused_decode
+    from mlx_qlora.quant import quantize_model
+
+    model = _random_model(None)
+    quantize_model(model, bits=4)
+    model.eval()
+    layer = model.layers[0]
+    cache = StaticKVCache(mx.zeros((1, 2, 256, 16)), mx.zeros((1, 2, 256, 16)), mx.array(3))
+    x = mx.zeros((1, 1, 64))
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
+    monkeypatch.setattr(attention_cuda, "on_cuda", lambda: True)
+    assert not fused_decode.applies(layer, x, cache)  # off unless MLX_QLORA_FUSED_DECODE=1
+    monkeypatch.setattr(fused_decode, "_ENABLED", True)
+    assert fused_decode.applies(layer, x, cache) is False  # head dim 16: the attention kernel needs 32
+    monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)
+    assert fused_decode.applies(layer, x, cache)
+    assert not fused_decode.applies(layer, mx.zeros((1, 2, 64)), cache)  # two tokens
+    assert not fused_decode.applies(layer, x, KVCache(None))  # growing cache
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0))
+    model.eval()
+    assert not fused_decode.applies(model.layers[0], x, cache)  # adapters: layer by layer

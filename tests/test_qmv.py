@@ -55,7 +55,7 @@ def test_rows_per_warp_divides_every_matrix(out_rows, per_warp):
 
 
 def test_launch_arguments():
-    args = qmv_cuda._launch_args(1, 4096, (14336,), False, mx.bfloat16)
+    args = qmv_cuda._launch_args(1, 4096, (14336,), qmv_cuda.Variant(1), mx.bfloat16)
     template = dict(args["template"])
     assert template == {"T": mx.bfloat16, "DT": 1, "M": 1, "K": 4096, "ROWS": 14336, "R": 4, "P": 1,
                         "N0": 14336, "N1": 0, "N2": 0}
@@ -65,11 +65,11 @@ def test_launch_arguments():
 
 
 def test_launch_arguments_of_the_fused_kernels():
-    qkv = qmv_cuda._launch_args(1, 4096, (4096, 1024, 1024), False, mx.bfloat16,
+    qkv = qmv_cuda._launch_args(1, 4096, (4096, 1024, 1024), qmv_cuda.Variant(3), mx.bfloat16,
                                 shapes=((1, 32, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128)))
     assert dict(qkv["template"])["ROWS"] == 6144 and len(qkv["output_shapes"]) == 3
     assert qkv["output_shapes"][0] == (1, 32, 1, 128) and qkv["output_dtypes"] == [mx.bfloat16] * 3
-    swiglu = qmv_cuda._launch_args(2, 4096, (14336, 14336), True, mx.float32)
+    swiglu = qmv_cuda._launch_args(2, 4096, (14336, 14336), qmv_cuda.Variant(2, swiglu=True), mx.float32)
     template = dict(swiglu["template"])
     assert template["ROWS"] == 14336 and template["P"] == 2  # gate and up rows of one index in one warp
     assert swiglu["output_shapes"] == [(2, 14336)]

@@ -182,13 +182,19 @@ _COMBINE = r"""
 
 
 def supports(q: mx.array, keys: mx.array) -> bool:
-    """Whether ``decode_attention`` takes this call: opted in, CUDA, one query per sequence, a head dimension
-    that is a multiple of 32 up to 128, and at most 16 query heads per key/value head."""
-    B, H, L, D = q.shape
-    C = keys.shape[2]
+    """Whether ``decode_attention`` takes this call: opted in (``MLX_QLORA_DECODE_ATTENTION=ours``) and
+    ``supports_shapes``."""
+    return _ENABLED and supports_shapes(q.shape, keys.shape, q.dtype, keys.dtype)
+
+
+def supports_shapes(q_shape, kv_shape, q_dtype: mx.Dtype, kv_dtype: mx.Dtype) -> bool:
+    """CUDA, one query per sequence, a head dimension that is a multiple of 32 up to 128, at most 16
+    query heads per key/value head."""
+    B, H, L, D = q_shape
+    HKV = kv_shape[1]
     return (
-        _ENABLED and L == 1 and D % 32 == 0 and D <= _THREADS and H % keys.shape[1] == 0 and H // keys.shape[1] <= 16
-        and q.dtype in (mx.float32, mx.bfloat16, mx.float16) and keys.dtype == q.dtype and on_cuda()
+        L == 1 and D % 32 == 0 and D <= _THREADS and H % HKV == 0 and H // HKV <= 16
+        and q_dtype in (mx.float32, mx.bfloat16, mx.float16) and kv_dtype == q_dtype and on_cuda()
     )
 
 

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..quant.fused import fused_projections, fused_swiglu
-from . import attention_cuda
+from . import attention_cuda, fused_decode
 from .args import ModelArgs
 from .cache import KVCache
 from .static_cache import StaticKVCache
@@ -122,5 +122,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask_fn, cache: Optional[KVCache] = None, position_ids=None) -> mx.array:
+        if cache is not None and position_ids is None and fused_decode.applies(self, x, cache):
+            return fused_decode.layer_step(self, x, cache)  # CUDA decoding, opt-in: seven launches
         h = x + self.self_attn(self.input_layernorm(x), mask_fn, cache, position_ids)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -18,6 +18,8 @@ dequantized weight; the GPU benchmark checks the kernel against it).
 from __future__ import annotations
 
 import os
+import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
@@ -81,6 +83,7 @@ _BODY = r"""
   const uint4* row_ptr[RR];
   @SELECT@
   const unsigned char* xb = reinterpret_cast<const unsigned char*>(x);
+  @PROLOGUE@
   float acc[RR][M];
   float xsum[M];
 #pragma unroll
@@ -105,6 +108,7 @@ _BODY = r"""
       for (int m = 0; m < M; ++m) {
         float xv[8];
         load_x8<DT>(xb + (size_t)m * K * XBYTES, k, xv);
+        @XSCALE@
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           xsum[m] += xv[i];
@@ -133,6 +137,7 @@ _BODY = r"""
       }
     }
   }
+  @POSTREDUCE@
   // Lane r writes row n0 + r (unrolled with a compare: indexing registers by lane would spill them).
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -145,29 +150,120 @@ _BODY = r"""
 
 # Up to three weight matrices of one input (G of them, N0 + N1 + N2 rows in all); matrix g writes its own
 # output y<g> (M, N<g>). The code names only the inputs that exist, so it is written out for each G.
-def _select_split(n_matrices: int) -> str:
-    lines = ["  const unsigned int* base = w0;", "  int local = n0;"]
+# A matrix with rope set gets rotary embeddings in its epilogue: its output rows are heads of HD rows, and
+# a warp reads rows (p, p + HD/2) of one head for R/2 consecutive p, the pairs that rotate together.
+def _matrix_branches(n_matrices: int) -> list[str]:
+    """C code choosing ``base``, ``local`` and ``g`` for the warp's first row ``n0``."""
+    lines = ["  const unsigned int* base = w0;", "  int local = n0;", "  int g = 0;"]
     for g in range(1, n_matrices):
         first = " + ".join(f"N{i}" for i in range(g))
-        lines += [f"  if (n0 >= {first}) {{", f"    base = w{g};", f"    local = n0 - ({first});", "  }"]
-    lines += ["#pragma unroll", "  for (int r = 0; r < R; ++r) {",
-              "    row_ptr[r] = reinterpret_cast<const uint4*>(base) + (size_t)(local + r) * CHUNKS;", "  }"]
+        lines += [f"  if (n0 >= {first}) {{", f"    base = w{g};", f"    local = n0 - ({first});", f"    g = {g};", "  }"]
+    return lines
+
+
+def _roped_expr(rope: tuple[bool, ...]) -> str:
+    terms = [f"g == {g}" for g, on in enumerate(rope) if on]
+    return " || ".join(terms) if terms else "false"
+
+
+def _select_split(n_matrices: int, rope: tuple[bool, ...] = ()) -> str:
+    lines = _matrix_branches(n_matrices)
+    lines += [f"  const bool roped = {_roped_expr(rope)};",
+              "#pragma unroll", "  for (int r = 0; r < R; ++r) {", "    int row = local + r;"]
+    if any(rope):
+        lines += ["    if (roped) {",
+                  "      row = (local / HD) * HD + (local % HD) / 2 + (r < R / 2 ? r : r - R / 2 + HD / 2);",
+                  "    }"]
+    lines += ["    row_ptr[r] = reinterpret_cast<const uint4*>(base) + (size_t)row * CHUNKS;", "  }"]
     return "\n".join(lines)
 
 
-def _epilogue_split(n_matrices: int) -> str:
-    lines = []
+def _epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool = False) -> str:
+    """Lane r's writes. Plain rows: row local + r of matrix g. Roped matrices: lanes r < R/2 write the pair
+    (p, p + HD/2), p = (local % HD) / 2 + r, rotated by position ``rope_pos[0]``."""
+    lines = ["      " + line.strip() for line in _matrix_branches(n_matrices)]
+    lines += [f"      const bool roped = {_roped_expr(rope)};"]
+    if any(rope):
+        lines += ["      if (roped) {", "        if (r < R / 2) {",
+                  "          const int p = (local % HD) / 2 + r;",
+                  "          const int na = (local / HD) * HD + p;",
+                  "          const int nb = na + HD / 2;",
+                  "          const float angle = (float)rope_pos[0] * ROPE_SCALE * exp2f(-(float)p * LOG2_BASE / (HD / 2));",
+                  "          float sn, cs;",
+                  "          sincosf(angle, &sn, &cs);"]
+        for g, on in enumerate(rope):
+            if not on:
+                continue
+            lines += [f"          if (g == {g}) {{",
+                      f"            const float sa = static_cast<float>(s{g}[na]), ba = static_cast<float>(b{g}[na]);",
+                      f"            const float sb = static_cast<float>(s{g}[nb]), bb = static_cast<float>(b{g}[nb]);",
+                      "#pragma unroll", "            for (int m = 0; m < M; ++m) {",
+                      "              const float va = 16.0f * sa * (acc[r][m] - xsum[m]) + ba * xsum[m];",
+                      "              const float vb = 16.0f * sb * (acc[R / 2 + r][m] - xsum[m]) + bb * xsum[m];",
+                      f"              y{g}[(size_t)m * N{g} + na] = static_cast<T>(va * cs - vb * sn);",
+                      f"              y{g}[(size_t)m * N{g} + nb] = static_cast<T>(vb * cs + va * sn);",
+                      "            }", "          }"]
+        lines += ["        }", "      } else {"]
+    else:
+        lines += ["      {"]
     for g in range(n_matrices):
-        first = " + ".join(f"N{i}" for i in range(g)) or "0"
-        last = " + ".join(f"N{i}" for i in range(g + 1))
-        lines += [f"      if (n >= {first} && n < {last}) {{",
-                  f"        const int local_n = n - ({first});",
-                  f"        const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
-                  "#pragma unroll", "        for (int m = 0; m < M; ++m) {",
-                  f"          y{g}[(size_t)m * N{g} + local_n] = "
-                  "static_cast<T>(16.0f * s * (acc[r][m] - xsum[m]) + b * xsum[m]);",
-                  "        }", "      }"]
+        res = f" + static_cast<float>(res[(size_t)m * N{g} + local_n])" if residual else ""
+        lines += [f"        if (g == {g}) {{",
+                  "          const int local_n = local + r;",
+                  f"          const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
+                  "#pragma unroll", "          for (int m = 0; m < M; ++m) {",
+                  f"            y{g}[(size_t)m * N{g} + local_n] = "
+                  f"static_cast<T>(16.0f * s * (acc[r][m] - xsum[m]) + b * xsum[m]{res});",
+                  "          }", "        }"]
+    lines += ["      }"]
     return "\n".join(lines)
+
+
+# RMSNorm of the input rows before the matmul: every warp computes 1/rms of each input row (the rows
+# are short and cached), the loop multiplies the inputs by the norm's weight ``gamma``, and the sums are
+# scaled by 1/rms after the reduction (the epilogue's formula is linear in acc and xsum).
+_NORM_PROLOGUE = r"""
+  float inv_rms[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float ss = 0.0f;
+    for (int kk = lane * 8; kk < K; kk += 256) {
+      float xv[8];
+      load_x8<DT>(xb + (size_t)m * K * XBYTES, kk, xv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        ss = fmaf(xv[i], xv[i], ss);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    }
+    inv_rms[m] = rsqrtf(ss / (float)K + EPS);
+  }
+"""
+
+_NORM_XSCALE = r"""
+        {
+          float gv[8];
+          load_x8<DT>(reinterpret_cast<const unsigned char*>(gamma), k, gv);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            xv[i] *= gv[i];
+          }
+        }
+"""
+
+_NORM_POSTREDUCE = r"""
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    xsum[m] *= inv_rms[m];
+#pragma unroll
+    for (int r = 0; r < RR; ++r) {
+      acc[r][m] *= inv_rms[m];
+    }
+  }
+"""
 
 
 # SwiGLU: gate rows (w0) and up rows (w1) of the same index in one warp; y (M, ROWS) = silu(gate) * up.
@@ -212,52 +308,103 @@ def supports(x: mx.array, in_features: int, bits: int, group_size, out_features:
     )
 
 
+@dataclass(frozen=True)
+class Variant:
+    """What one kernel computes besides the matmuls: ``n_matrices`` weights with one output each, or gate
+    and up with SwiGLU; optional RMSNorm of the input (``norm_eps``; input ``gamma``), rotary embeddings
+    on some outputs (``rope`` per matrix; input ``rope_pos``), a residual added to the output (input
+    ``res``)."""
+
+    n_matrices: int = 1
+    swiglu: bool = False
+    norm_eps: Optional[float] = None
+    rope: tuple[bool, ...] = ()
+    rope_base: float = 10000.0
+    rope_scale: float = 1.0
+    residual: bool = False
+
+    @property
+    def input_names(self) -> list[str]:
+        names = [f"{a}{g}" for g in range(self.n_matrices) for a in ("w", "s", "b")] + ["x"]
+        names += ["gamma"] if self.norm_eps is not None else []
+        names += ["rope_pos"] if any(self.rope) else []
+        return names + (["res"] if self.residual else [])
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["y"] if self.swiglu else [f"y{g}" for g in range(self.n_matrices)]
+
+    @property
+    def name(self) -> str:
+        kind = "swiglu" if self.swiglu else f"split{self.n_matrices}"
+        extra = [] if self.norm_eps is None else ["norm"]
+        extra += ["rope" + "".join(str(int(f)) for f in self.rope)] if any(self.rope) else []
+        extra += ["res"] if self.residual else []
+        consts = abs(hash((self.norm_eps, self.rope_base, self.rope_scale))) if extra else 0
+        return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, str(consts)])
+
+    def source(self) -> str:
+        if self.swiglu:
+            select, epilogue = _SELECT_SWIGLU, _EPILOGUE_SWIGLU
+        else:
+            select = _select_split(self.n_matrices, self.rope)
+            epilogue = _epilogue_split(self.n_matrices, self.rope, self.residual)
+        norm = self.norm_eps is not None
+        body = (_BODY.replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
+                .replace("@PROLOGUE@", _NORM_PROLOGUE if norm else "")
+                .replace("@XSCALE@", _NORM_XSCALE if norm else "")
+                .replace("@POSTREDUCE@", _NORM_POSTREDUCE if norm else ""))
+        if norm:
+            body = body.replace("EPS", repr(float(self.norm_eps)) + "f")
+        if any(self.rope):
+            body = (body.replace("LOG2_BASE", repr(math.log2(self.rope_base)) + "f")
+                    .replace("ROPE_SCALE", repr(float(self.rope_scale)) + "f"))
+        return body
+
+
 @lru_cache(maxsize=None)
-def _kernel(n_matrices: int, swiglu: bool):
-    """The kernel for ``n_matrices`` weights (one output each), or gate and up with SwiGLU (one output)."""
-    names = []
-    for g in range(n_matrices):
-        names += [f"w{g}", f"s{g}", f"b{g}"]
-    if swiglu:
-        select, epilogue = _SELECT_SWIGLU, _EPILOGUE_SWIGLU
-    else:
-        select, epilogue = _select_split(n_matrices), _epilogue_split(n_matrices)
-    kind = "swiglu" if swiglu else f"split{n_matrices}"
+def _kernel(variant: Variant):
     return mx.fast.cuda_kernel(
-        name=f"mlx_qlora_qmv_per_row_4bit_{kind}",
-        input_names=names + ["x"],
-        output_names=["y"] if swiglu else [f"y{g}" for g in range(n_matrices)],
-        source=_BODY.replace("@SELECT@", select).replace("@EPILOGUE@", epilogue),
+        name=variant.name,
+        input_names=variant.input_names,
+        output_names=variant.output_names,
+        source=variant.source(),
         header=_HEADER,
     )
 
 
-def rows_per_warp(out_rows: tuple[int, ...]) -> int:
+def rows_per_warp(out_rows: tuple[int, ...], even: bool = False) -> int:
     """Output rows one warp computes: more rows share each loaded input, fewer keep small layers busy.
-    A warp never straddles two matrices, so R divides every matrix's rows."""
+    A warp never straddles two matrices, so R divides every matrix's rows; ``even`` (rotary pairs)
+    excludes 1."""
     total = sum(out_rows)
     for r in (4, 2):
-        if all(n % r == 0 for n in out_rows) and total // r >= ROWS_PER_WARP_MIN_WARPS:
+        if all(n % r == 0 for n in out_rows) and (total // r >= ROWS_PER_WARP_MIN_WARPS or (even and r == 2)):
             return r
+    if even:
+        raise ValueError(f"rotary outputs need an even number of rows per matrix, got {out_rows}")
     return 1
 
 
 @lru_cache(maxsize=None)
-def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], swiglu: bool, dtype: mx.Dtype,
-                 per_warp: int = 0, shapes: Optional[tuple] = None) -> dict:
+def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant: "Variant", dtype: mx.Dtype,
+                 per_warp: int = 0, shapes: Optional[tuple] = None, head_dim: int = 0) -> dict:
     """The launch arguments of one shape, built once: decoding calls every layer once per token, and
     building them on each call cost more than the kernel itself. ``shapes``: the outputs' shapes (any
     shape with the elements of (rows, N) in row-major order), default (rows, N) each."""
-    per_warp = per_warp or rows_per_warp(out_rows)
-    n_warp_rows = out_rows[0] if swiglu else sum(out_rows)
+    per_warp = per_warp or rows_per_warp(out_rows, even=any(variant.rope))
+    n_warp_rows = out_rows[0] if variant.swiglu else sum(out_rows)
     padded = tuple(out_rows) + (0,) * (3 - len(out_rows))
     threads = n_warp_rows // per_warp * 32
     if shapes is None:
-        shapes = ((rows, out_rows[0]),) if swiglu else tuple((rows, n) for n in out_rows)
+        shapes = ((rows, out_rows[0]),) if variant.swiglu else tuple((rows, n) for n in out_rows)
+    template = [("T", dtype), ("DT", _DTYPE_CODES[dtype]), ("M", rows), ("K", in_features), ("ROWS", n_warp_rows),
+                ("R", per_warp), ("P", 2 if variant.swiglu else 1), ("N0", padded[0]), ("N1", padded[1]),
+                ("N2", padded[2])]
+    if any(variant.rope):
+        template.append(("HD", head_dim))
     return dict(
-        template=[("T", dtype), ("DT", _DTYPE_CODES[dtype]), ("M", rows), ("K", in_features),
-                  ("ROWS", n_warp_rows), ("R", per_warp), ("P", 2 if swiglu else 1), ("N0", padded[0]),
-                  ("N1", padded[1]), ("N2", padded[2])],
+        template=template,
         grid=(((threads + _THREADS - 1) // _THREADS) * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1),
         output_shapes=list(shapes),
@@ -265,14 +412,16 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], swiglu:
     )
 
 
-def _launch(x2: mx.array, weights: Sequence[tuple[mx.array, mx.array, mx.array]], swiglu: bool = False,
-            per_warp: int = 0, shapes: Optional[tuple] = None) -> list[mx.array]:
+def _launch(x2: mx.array, weights: Sequence[tuple[mx.array, mx.array, mx.array]], variant: Optional[Variant] = None,
+            per_warp: int = 0, shapes: Optional[tuple] = None, extra: Sequence[mx.array] = (),
+            head_dim: int = 0) -> list[mx.array]:
     """x2 (M, K) and (packed, scales, biases) per matrix -> one (M, N) output per matrix, or with SwiGLU
-    one (M, N) output."""
+    one (M, N) output. ``extra``: the variant's further inputs in ``Variant.input_names`` order."""
+    variant = variant or Variant(n_matrices=len(weights))
     out_rows = tuple(w.shape[0] for w, _, _ in weights)
-    args = _launch_args(x2.shape[0], x2.shape[1], out_rows, swiglu, x2.dtype, per_warp, shapes)
-    inputs = [a for triple in weights for a in triple] + [x2]
-    return _kernel(len(weights), swiglu)(inputs=inputs, **args)
+    args = _launch_args(x2.shape[0], x2.shape[1], out_rows, variant, x2.dtype, per_warp, shapes, head_dim)
+    inputs = [a for triple in weights for a in triple] + [x2, *extra]
+    return _kernel(variant)(inputs=inputs, **args)
 
 
 @lru_cache(maxsize=None)
@@ -332,7 +481,8 @@ def qmv_swiglu(x: mx.array, gate: tuple[mx.array, mx.array, mx.array], up: tuple
     if gate[0].shape != up[0].shape:
         raise ValueError(f"gate and up weights differ in shape: {gate[0].shape} vs {up[0].shape}")
     lead = x.shape[:-1]
-    return _launch(x.reshape(-1, x.shape[-1]), [gate, up], swiglu=True, shapes=((*lead, gate[0].shape[0]),))[0]
+    return _launch(x.reshape(-1, x.shape[-1]), [gate, up], Variant(2, swiglu=True),
+                   shapes=((*lead, gate[0].shape[0]),))[0]
 
 
 def reference_swiglu(x: mx.array, gate: tuple[mx.array, mx.array, mx.array],
@@ -340,3 +490,52 @@ def reference_swiglu(x: mx.array, gate: tuple[mx.array, mx.array, mx.array],
     """``qmv_swiglu``'s formula in MLX operations, in float32: x (M, K) -> (M, N)."""
     g = reference(x, *gate)
     return g * mx.sigmoid(g) * reference(x, *up)
+
+
+# ---- one decoder layer of batch decoding in four launches (``model/fused_decode.py``) -------------------
+
+
+def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[tuple[mx.array, mx.array, mx.array]],
+                  position: mx.array, head_dim: int, rope_base: float, rope_scale: float,
+                  shapes: Sequence[tuple[int, ...]]) -> list[mx.array]:
+    """``q, k, v`` of ``rms_norm(x, gamma, eps)`` (x (M, K), M sequences of one token) in one launch, with
+    rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d)."""
+    variant = Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
+                      rope_scale=float(rope_scale))
+    return _launch(x.reshape(-1, x.shape[-1]), weights, variant, shapes=tuple(tuple(s) for s in shapes),
+                   extra=[gamma, position.astype(mx.int32)], head_dim=head_dim)
+
+
+def swiglu_norm(x: mx.array, gamma: mx.array, eps: float, gate: tuple[mx.array, mx.array, mx.array],
+                up: tuple[mx.array, mx.array, mx.array]) -> mx.array:
+    """``silu(gate(n)) * up(n)`` with ``n = rms_norm(x, gamma, eps)``, in one launch: x (..., K) -> (..., N)."""
+    lead = x.shape[:-1]
+    variant = Variant(2, swiglu=True, norm_eps=float(eps))
+    return _launch(x.reshape(-1, x.shape[-1]), [gate, up], variant, shapes=((*lead, gate[0].shape[0]),),
+                   extra=[gamma])[0]
+
+
+def matmul_residual(x: mx.array, weight: tuple[mx.array, mx.array, mx.array], residual: mx.array) -> mx.array:
+    """``residual + x @ W.T`` in one launch (added in float32, rounded once): x (..., K) -> residual's shape."""
+    variant = Variant(1, residual=True)
+    return _launch(x.reshape(-1, x.shape[-1]), [weight], variant, shapes=(tuple(residual.shape),),
+                   extra=[residual.reshape(-1, residual.shape[-1])])[0]
+
+
+def reference_rms_norm(x: mx.array, gamma: mx.array, eps: float) -> mx.array:
+    """float32 RMSNorm: x (M, K) -> (M, K)."""
+    xf = x.astype(mx.float32)
+    return xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps) * gamma.astype(mx.float32)
+
+
+def reference_qkv_norm_rope(x, gamma, eps, weights, position: int, head_dim: int, rope_base: float,
+                            rope_scale: float) -> list[mx.array]:
+    """``qkv_norm_rope``'s formula in MLX operations, float32: outputs (M, N_g) each."""
+    n = reference_rms_norm(x, gamma, eps)
+    outs = [reference(n, *w) for w in weights]
+    for g in (0, 1):
+        y = outs[g]
+        heads = y.reshape(y.shape[0], -1, 1, head_dim)  # (M, heads, 1, hd)
+        roped = mx.fast.rope(heads, head_dim, traditional=False, base=rope_base, scale=rope_scale, offset=position)
+        outs[g] = roped.reshape(y.shape)
+    return outs

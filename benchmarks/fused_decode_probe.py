@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Compiled batch-1 decoding of a Mistral-shaped model three ways in one process: MLX's operations
+(fused q/k/v and SwiGLU launches only, the default), with our attention kernels
+(``MLX_QLORA_DECODE_ATTENTION``), and the whole layer fused (``model/fused_decode.py``). Reports ms per
+token, the host's share (time inside ``mx.async_eval``) and each path's largest logit difference from
+the default path over the same tokens.
+
+  python benchmarks/fused_decode_probe.py --preset mistral-7b --layers 32     # on a CUDA GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from common import PRESETS, compute_dtype, environment, print_table, write_json
+
+import mlx.core as mx
+
+from gpu_train import build_ours
+from mlx_qlora.device import on_cuda
+from mlx_qlora.generate.decode_step import CompiledDecoder, DecodeState
+from mlx_qlora.model import attention_cuda, fused_decode
+
+PATHS = {"mlx attention": (False, False), "our attention": (True, False), "fused layer": (True, True)}
+
+
+def decode(model, prompt: mx.array, tokens: list[int]) -> tuple[mx.array, float, float]:
+    """Feed ``tokens`` after ``prompt``; return the logits of every step, ms per token, host ms per token."""
+    cache = model.make_cache()
+    mx.eval(model(prompt[None], cache=cache))
+    state = DecodeState.from_caches(cache, prompt.size + len(tokens))
+    mx.eval(state.arrays)
+    decoder = CompiledDecoder(model)
+    mx.eval(decoder.step(state, mx.array([[tokens[0]]])))  # trace
+    state = DecodeState.from_caches(cache, prompt.size + len(tokens))
+    outs, host = [], 0.0
+    start = time.perf_counter()
+    for t in tokens:
+        logits = decoder.step(state, mx.array([[t]]))
+        a = time.perf_counter()
+        mx.async_eval(logits)
+        host += time.perf_counter() - a
+        outs.append(logits)
+    mx.eval(outs)
+    total = time.perf_counter() - start
+    return mx.concatenate(outs).astype(mx.float32), total / len(tokens) * 1e3, host / len(tokens) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--json")
+    args = p.parse_args()
+    cfg = dict(PRESETS[args.preset])
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    mx.random.seed(0)
+    model = build_ours(cfg, compute_dtype(), rank=0, grad_checkpoint=False)
+    model.eval()
+    prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt_tokens,)).astype(mx.int32)
+    tokens = mx.random.randint(0, cfg["vocab_size"], (args.steps,)).tolist()
+    rows, base = [], None
+    for name, (attention, fused) in PATHS.items():
+        if (attention or fused) and not on_cuda():
+            continue  # the kernels need CUDA
+        attention_cuda._ENABLED, fused_decode._ENABLED = attention, fused
+        logits, ms, host_ms = decode(model, prompt, tokens)
+        base = logits if base is None else base
+        row = {"path": name, "ms_per_token": ms, "host_ms_per_token": host_ms, "tokens_per_s": 1e3 / ms,
+               "max_logit_diff": mx.abs(logits - base).max().item(), "max_abs_logit": mx.abs(base).max().item()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print_table(rows, [("path", "path", ""), ("ms_per_token", "ms/token", "{:.2f}"),
+                       ("host_ms_per_token", "host ms/token", "{:.2f}"), ("tokens_per_s", "tokens/s", "{:.1f}"),
+                       ("max_logit_diff", "max logit diff", "{:.3g}"), ("max_abs_logit", "max |logit|", "{:.3g}")])
+    write_json(args.json, {"benchmark": "fused_decode", "preset": args.preset, "layers": cfg["num_hidden_layers"],
+                           "environment": environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

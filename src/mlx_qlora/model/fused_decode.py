@@ -1,0 +1,75 @@
+"""One decoder layer of compiled decoding on CUDA in seven launches instead of about twenty.
+
+Batch decoding is bound by MLX's host work per operation (``benchmarks/RESULTS.md``), so with one token
+per sequence, a ``StaticKVCache`` and bare per-row 4-bit projections, a layer runs as:
+
+1. ``qkv_norm_rope``: input RMSNorm, q/k/v and rotary embeddings on q and k (one kernel);
+2. the cache update of k and v (two ``slice_update``);
+3. ``decode_attention`` over the static cache (two kernels, no mask);
+4. ``matmul_residual``: o_proj plus the residual;
+5. ``swiglu_norm``: post-attention RMSNorm, gate, up and SwiGLU;
+6. ``matmul_residual``: down_proj plus the residual.
+
+The norms, rotations and residual sums happen in float32 inside the kernels and are rounded once, so
+outputs differ from the operation-by-operation path by bfloat16 rounding only. Opt-in with
+``MLX_QLORA_FUSED_DECODE=1`` until measured on a GPU; the CPU tests check the kernels by emulation and
+this wiring with the kernels' reference formulas in their place.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from ..quant import qmv_cuda
+from ..quant.quantized_linear import QuantizedLinear
+from . import attention_cuda
+from .static_cache import StaticKVCache
+
+_ENABLED = os.environ.get("MLX_QLORA_FUSED_DECODE", "0") == "1"
+
+
+def _projections(layer) -> list:
+    a, m = layer.self_attn, layer.mlp
+    return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+
+
+def applies(layer, x: mx.array, cache) -> bool:
+    """Opted in, one token per sequence over a ``StaticKVCache``, every projection a bare per-row 4-bit
+    layer in inference, and shapes the kernels take."""
+    if not (_ENABLED and isinstance(cache, StaticKVCache) and x.ndim == 3 and x.shape[1] == 1):
+        return False
+    if not all(type(p) is QuantizedLinear and not p.training and p.bits == 4 and p.group_size is None
+               for p in _projections(layer)):
+        return False
+    a = layer.self_attn
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+    return (
+        a.head_dim % 4 == 0 and all(n.dtype == x.dtype for n in norms)
+        and qmv_cuda.supports(x, a.q_proj.in_features, 4, None)
+        and qmv_cuda.supports(x, layer.mlp.down_proj.in_features, 4, None)
+        and attention_cuda.supports_shapes((x.shape[0], a.n_heads, 1, a.head_dim), cache.keys.shape,
+                                           x.dtype, cache.keys.dtype)
+    )
+
+
+def _weights(layer: QuantizedLinear) -> tuple[mx.array, mx.array, mx.array]:
+    return layer.weight, layer.scales, layer.biases
+
+
+def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
+    """x (B, 1, hidden) -> the layer's output (B, 1, hidden); stores this position's keys and values."""
+    a, m = layer.self_attn, layer.mlp
+    B = x.shape[0]
+    shapes = [(B, n, 1, a.head_dim) for n in (a.n_heads, a.n_kv_heads, a.n_kv_heads)]
+    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    q, k, v = qmv_cuda.qkv_norm_rope(x, norm1.weight, norm1.eps, [_weights(a.q_proj), _weights(a.k_proj),
+                                     _weights(a.v_proj)], cache.offset, a.head_dim, a.rope_theta, a.rope_scale,
+                                     shapes)  # (B, heads, 1, hd)
+    position = cache.offset
+    keys, values, _ = cache.update(k, v)  # (B, Hkv, C, hd)
+    attn = attention_cuda.decode_attention(q, keys, values, position, a.scale)  # (B, 1, H * hd)
+    h = qmv_cuda.matmul_residual(attn, _weights(a.o_proj), x)  # (B, 1, hidden)
+    act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, _weights(m.gate_proj), _weights(m.up_proj))
+    return qmv_cuda.matmul_residual(act, _weights(m.down_proj), h)

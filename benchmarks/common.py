@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,6 +36,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # --checkpointing off|on|both -> the settings to run
 CHECKPOINTING = {"off": [False], "on": [True], "both": [False, True]}
+
+# Variants of our stack for side-by-side runs: each worker process starts with these variables set
+# (they are read at import; docs/ARCHITECTURE.md lists them).
+OUR_VARIANTS = {
+    "ours": {},
+    "ours-dequant": {"MLX_QLORA_DEQUANT": "ours"},
+    "ours-mb5": {"MLX_MAX_MB_PER_BUFFER": "5"},
+    "ours-attn": {"MLX_QLORA_DECODE_ATTENTION": "ours"},
+    "ours-fused": {"MLX_QLORA_FUSED_DECODE": "1"},
+}
+
+
+def worker_env(stack: str) -> dict:
+    """The environment of the worker process for ``stack`` (a key of OUR_VARIANTS, or a peer)."""
+    return {**os.environ, **OUR_VARIANTS.get(stack, {})}
 
 
 def set_memory_limits(cache_limit_gb: float | None = None, memory_limit_gb: float | None = None) -> None:

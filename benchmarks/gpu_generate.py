@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 
-from common import PRESETS, compute_dtype, copy_bandwidth_gbs, environment, median, print_table, write_json
+from common import (OUR_VARIANTS, PRESETS, compute_dtype, copy_bandwidth_gbs, environment, median, print_table,
+                    worker_env, write_json)
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -77,7 +78,7 @@ def worker(args) -> dict:
     if args.stack == "mlx-lm":
         generate, nbytes = run_mlx_lm(cfg, prompt, args.max_tokens)
     else:
-        generate, nbytes = run_ours(cfg, prompt, args.max_tokens, compiled=args.stack == "ours")
+        generate, nbytes = run_ours(cfg, prompt, args.max_tokens, compiled=args.stack != "ours-eager")
     mx.reset_peak_memory()  # count generation, not building the random model
     generate()  # warm-up
     runs = [generate() for _ in range(args.repeats)]
@@ -92,7 +93,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--stacks", default="ours,mlx-lm",
-                   help="comma-separated: ours (compiled decoding step), ours-eager (graph built per token), mlx-lm")
+                   help="comma-separated: mlx-lm, ours-eager (graph built per token), ours (compiled decoding "
+                        "step) or its variants: " + ", ".join(OUR_VARIANTS))
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
@@ -107,7 +109,7 @@ def main() -> None:
     for stack in args.stacks.split(","):
         cmd = [sys.executable, __file__, "--preset", args.preset, "--worker", stack, "--prompt-tokens",
                str(args.prompt_tokens), "--max-tokens", str(args.max_tokens), "--repeats", str(args.repeats)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(stack))
         if proc.returncode != 0:
             print(f"{stack} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
             rows.append({"stack": stack, "error": proc.stderr[-500:]})

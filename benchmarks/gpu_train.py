@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import itertools
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import (CHECKPOINTING, PRESETS, compute_dtype, environment, matmul_peak_tflops, median, on_gpu,
-                    param_count, print_table, set_memory_limits, timed, write_json)
+from common import (CHECKPOINTING, OUR_VARIANTS, PRESETS, compute_dtype, environment, matmul_peak_tflops, median,
+                    on_gpu, param_count, print_table, set_memory_limits, timed, worker_env, write_json)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -135,11 +136,12 @@ def worker(args) -> dict:
     cfg = PRESETS[args.preset]
     dtype = compute_dtype()
     set_memory_limits(args.cache_limit_gb, args.memory_limit_gb)
-    if args.stack == "ours":
+    ours = args.stack in OUR_VARIANTS
+    if ours:
         from mlx_qlora.train.run_ahead import bound_run_ahead
 
         bound_run_ahead(args.grad_checkpoint)  # what finetune.py does
-    build, make_step = (build_ours, step_ours) if args.stack == "ours" else (build_mlx_lm, step_mlx_lm)
+    build, make_step = (build_ours, step_ours) if ours else (build_mlx_lm, step_mlx_lm)
     world = None
     if args.distributed:
         from mlx_qlora.train.distributed import init_world
@@ -162,7 +164,8 @@ def worker(args) -> dict:
     return {"stack": args.stack, "ranks": ranks, "batch": args.batch, "seq": args.seq,
             "grad_checkpoint": args.grad_checkpoint, "memory_limit_gb": args.memory_limit_gb,
             "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_gb": mx.get_peak_memory() / 1e9,
-            "build_s": build_s, "steps": args.steps}
+            "build_s": build_s, "steps": args.steps,
+            "env": {k: os.environ.get(k) for k in OUR_VARIANTS.get(args.stack, {})}}
 
 
 def main() -> None:
@@ -170,7 +173,8 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--shapes", default=None, help="comma list of BxL (default: 4x512,1x2048; tiny: 4x128,1x256)")
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
-    p.add_argument("--stacks", default="ours,mlx-lm", help="comma list of ours, mlx-lm")
+    p.add_argument("--stacks", default="ours,mlx-lm",
+                   help="comma list of mlx-lm and ours or its variants: " + ", ".join(OUR_VARIANTS))
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rank", type=int, default=16)
@@ -219,7 +223,7 @@ def main() -> None:
                 cmd += ["--cache-limit-gb", str(args.cache_limit_gb)]
             if limit != "none":
                 cmd += ["--memory-limit-gb", limit]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(stack))
             if proc.returncode != 0:
                 print(f"{stack} {shape} ckpt={ckpt} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 rows.append({"stack": stack, "batch": b, "seq": l, "grad_checkpoint": ckpt, "memory_limit_gb": limit, "error": proc.stderr[-500:]})

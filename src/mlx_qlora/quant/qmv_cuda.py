@@ -1,18 +1,25 @@
-"""Few-row matmul with a per-row 4-bit weight, as one CUDA kernel (batch-1 decoding on NVIDIA GPUs).
+"""Few-row matmuls with per-row 4-bit weights as CUDA kernels (batch decoding on NVIDIA GPUs).
 
 For a row ``n`` with scale ``s`` and offset ``b``, ``W[n, k] = s * q[n, k] + b``, so
 
     y[m, n] = s * sum_k q[n, k] * x[m, k]  +  b * sum_k x[m, k]
 
-and the kernel reads each packed row once, straight from memory: one warp per output row, each lane
-loading 16 bytes (32 weights) at a time, the M <= ``MAX_ROWS`` input rows read alongside and both sums
-accumulated in float32, then a warp reduction. No dequantized weight and no expanded scales exist.
-``mx.quantized_matmul`` needs MLX's group layout (our one scale per row repeated for every group of 64),
-which costs memory and ran far below the memory's speed on an H100 (``benchmarks/RESULTS.md``).
+and the kernel reads each packed row once, straight from memory: each warp computes 1, 2 or 4 output
+rows (``rows_per_warp``) that share every loaded input, each lane loading 16 bytes (32 weights) at a
+time, the M <= ``MAX_ROWS`` input rows read alongside and both sums accumulated in float32, then a warp
+reduction. No dequantized weight and no expanded scales exist. ``mx.quantized_matmul`` needs MLX's group
+layout (our one scale per row repeated for every group of 64) and ran far below the memory's speed on an
+H100 (``benchmarks/RESULTS.md``).
+
+One kernel body serves every ``Variant``: one weight (``qmv``), up to three weights of one input with
+one output each (``qmv_split``: q, k and v), gate and up with SwiGLU (``qmv_swiglu``), and for the fused
+decoder layer an RMSNorm prologue, rotary embeddings in the epilogue and a residual sum
+(``qkv_norm_rope``, ``swiglu_norm``, ``matmul_residual``).
 
 Only CUDA is covered: on Metal and on the CPU, ``QuantizedLinear`` keeps MLX's ``quantized_matmul``.
-``reference`` is the same formula in portable MLX operations (the CPU tests check it against the
-dequantized weight; the GPU benchmark checks the kernel against it).
+The ``reference*`` functions are the same formulas in portable MLX operations (the CPU tests check them
+against the dequantized weight and run the kernels' sources through a CUDA emulation against them; the
+GPU probes check the kernels against them).
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ MAX_ROWS = 8  # input rows handled by one launch (every warp keeps one accumulat
 _DTYPE_CODES = {mx.float32: 0, mx.bfloat16: 1}  # input dtypes the kernel reads (float16: not yet)
 _THREADS = 256
 ROWS_PER_WARP_MIN_WARPS = int(os.environ.get("MLX_QLORA_QMV_MIN_WARPS", "2048"))
-# Layers smaller than this keep MLX's quantized_matmul: building a custom-kernel call costs ~13 us of
-# Python/C++ time against ~3 us for MLX's op, which only the MLP-sized layers (4096 x 14336) win back
-# (benchmarks/qmv_probe.py on an H100). Env knob MLX_QLORA_QMV_MIN for measurements.
+# Alone (not fused), layers smaller than this keep MLX's quantized_matmul: a custom-kernel call costs
+# more host time than MLX's op, and decoding is host-bound; with the kernel on every layer decoding was
+# slower (161.8 against 190.3 tokens/s compiled, H100; benchmarks/RESULTS.md). Env knob for measurements.
 MIN_WEIGHTS = int(os.environ.get("MLX_QLORA_QMV_MIN", str(1 << 25)))
 # Benchmark knob: MLX_QLORA_QMV=mlx keeps MLX's quantized_matmul (expanded layout) even on CUDA.
 _ENABLED = os.environ.get("MLX_QLORA_QMV", "ours") != "mlx"

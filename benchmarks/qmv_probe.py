@@ -51,7 +51,6 @@ def fused_rows(dtype, repeats: int) -> list[dict]:
             for q in group:
                 q._mlx_layout(dtype)
         x = mx.random.normal((1, shapes[0][1])).astype(dtype)
-        weights = lambda group: [(q.weight, q.scales, q.biases) for q in group]  # noqa: E731
 
         def mlx_path(group, x):
             ys = [q._quantized_matmul(x) for q in group]
@@ -59,13 +58,13 @@ def fused_rows(dtype, repeats: int) -> list[dict]:
 
         def ours(group, x):
             if swiglu:
-                return qmv_cuda.qmv_swiglu(x, *weights(group))
-            return qmv_cuda.qmv_split(x, weights(group))  # three outputs, as MLX's three calls
+                return qmv_cuda.qmv_swiglu(x, *[q.parts for q in group])
+            return qmv_cuda.qmv_split(x, [q.parts for q in group])  # three outputs, as MLX's three calls
 
         if swiglu:
-            exact = qmv_cuda.reference_swiglu(x, *weights(groups[0]))
+            exact = qmv_cuda.reference_swiglu(x, *[q.parts for q in groups[0]])
         else:
-            exact = mx.concatenate([qmv_cuda.reference(x, *w) for w in weights(groups[0])], axis=-1)
+            exact = mx.concatenate([qmv_cuda.reference(x, *q.parts) for q in groups[0]], axis=-1)
         mlx_out = mlx_path(groups[0], x)
         mlx_out = mlx_out if swiglu else mx.concatenate(mlx_out, axis=-1)
         row = {"shape": name, "rows": 1, "dtype": str(dtype).rpartition(".")[2], "per_warp": "fused",

@@ -84,10 +84,6 @@ def _layer(out_f: int, in_f: int, seed: int, dtype=mx.bfloat16) -> QuantizedLine
     return layer
 
 
-def _weights(layer):
-    return (layer.weight, layer.scales, layer.biases)
-
-
 def _assert_close_to_rounded(got: mx.array, exact: mx.array):
     """Computed in float32 and rounded once: within one bfloat16 step of the exact value (plus float32
     summation error), relative to the largest output."""
@@ -104,9 +100,8 @@ def test_qmv_kernel(tmp_path, rows, out_f, in_f, per_warp, dtype):
     variant = qmv_cuda.Variant(1)
     args = qmv_cuda._launch_args(rows, in_f, (out_f,), variant, dtype, per_warp)
     source = variant.source()
-    (y,) = emulate(tmp_path, source, qmv_cuda._HEADER, {"w0": layer.weight, "s0": layer.scales, "b0": layer.biases,
-                                                       "x": x}, ["y0"], args)
-    _assert_close_to_rounded(y, qmv_cuda.reference(x, *_weights(layer)))
+    (y,) = emulate(tmp_path, source, qmv_cuda._HEADER, _inputs([layer], x), ["y0"], args)
+    _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts))
 
 
 def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path):
@@ -124,7 +119,7 @@ def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path):
     outs = emulate(tmp_path, source, qmv_cuda._HEADER, inputs, ["y0", "y1", "y2"], args)
     for out, layer, shape in zip(outs, layers, shapes):
         assert out.shape == shape
-        _assert_close_to_rounded(out.reshape(1, -1), qmv_cuda.reference(x, *_weights(layer)))
+        _assert_close_to_rounded(out.reshape(1, -1), qmv_cuda.reference(x, *layer.parts))
 
 
 def test_swiglu_kernel(tmp_path):
@@ -136,7 +131,7 @@ def test_swiglu_kernel(tmp_path):
     (y,) = emulate(tmp_path, source, qmv_cuda._HEADER,
                    {"w0": gate.weight, "s0": gate.scales, "b0": gate.biases,
                     "w1": up.weight, "s1": up.scales, "b1": up.biases, "x": x}, ["y"], args)
-    _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(x, _weights(gate), _weights(up)))
+    _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(x, gate.parts, up.parts))
 
 
 def _inputs(layers, x, **extra):
@@ -160,7 +155,7 @@ def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_sca
     outs = emulate(tmp_path, variant.source(), qmv_cuda._HEADER,
                    _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32)),
                    variant.output_names, args)
-    want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [_weights(l) for l in layers], position, 16, 10000.0,
+    want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], position, 16, 10000.0,
                                             rope_scale)
     for out, ref in zip(outs, want):
         if dtype == mx.float32:  # no rounding to hide behind: float32 summation order only
@@ -177,7 +172,7 @@ def test_swiglu_kernel_with_norm(tmp_path):
     args = qmv_cuda._launch_args(1, 128, (64, 64), variant, mx.bfloat16, 4)
     (y,) = emulate(tmp_path, variant.source(), qmv_cuda._HEADER, _inputs([gate, up], x, gamma=gamma), ["y"], args)
     normed = qmv_cuda.reference_rms_norm(x, gamma, 1e-6)
-    _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(normed, _weights(gate), _weights(up)))
+    _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(normed, gate.parts, up.parts))
 
 
 def test_matmul_kernel_with_residual(tmp_path):
@@ -187,7 +182,7 @@ def test_matmul_kernel_with_residual(tmp_path):
     variant = qmv_cuda.Variant(1, residual=True)
     args = qmv_cuda._launch_args(2, 256, (48,), variant, mx.bfloat16, 2)
     (y,) = emulate(tmp_path, variant.source(), qmv_cuda._HEADER, _inputs([layer], x, res=res), ["y0"], args)
-    _assert_close_to_rounded(y, qmv_cuda.reference(x, *_weights(layer)) + res.astype(mx.float32))
+    _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts) + res.astype(mx.float32))
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])

@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..model.cache import KVCache
-from ..model.static_cache import StaticKVCache, slot_positions, static_capacity
+from ..model.static_cache import StaticKVCache, static_capacity
 from ..quant.quantized_linear import QuantizedLinear
 
 
@@ -50,8 +50,7 @@ class CompiledDecoder:
         self._compiled = mx.compile(self._forward)
 
     def _forward(self, tokens, offset, keys, values):
-        positions = slot_positions(offset, keys[0].shape[2])  # once for all layers
-        caches = [StaticKVCache(k, v, offset, positions) for k, v in zip(keys, values)]
+        caches = [StaticKVCache(k, v, offset) for k, v in zip(keys, values)]
         logits = self.model(tokens, cache=caches)[:, -1, :]  # (B, vocab)
         return logits, [c.keys for c in caches], [c.values for c in caches]
 

@@ -40,8 +40,7 @@ def applies(layer, x: mx.array, cache) -> bool:
     layer in inference, and shapes the kernels take."""
     if not (_ENABLED and isinstance(cache, StaticKVCache) and x.ndim == 3 and x.shape[1] == 1):
         return False
-    if not all(type(p) is QuantizedLinear and not p.training and p.bits == 4 and p.group_size is None
-               for p in _projections(layer)):
+    if not all(type(p) is QuantizedLinear and p.runs_bare_per_row_4bit for p in _projections(layer)):
         return False
     a = layer.self_attn
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
@@ -54,22 +53,17 @@ def applies(layer, x: mx.array, cache) -> bool:
     )
 
 
-def _weights(layer: QuantizedLinear) -> tuple[mx.array, mx.array, mx.array]:
-    return layer.weight, layer.scales, layer.biases
-
-
 def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     """x (B, 1, hidden) -> the layer's output (B, 1, hidden); stores this position's keys and values."""
     a, m = layer.self_attn, layer.mlp
     B = x.shape[0]
     shapes = [(B, n, 1, a.head_dim) for n in (a.n_heads, a.n_kv_heads, a.n_kv_heads)]
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-    q, k, v = qmv_cuda.qkv_norm_rope(x, norm1.weight, norm1.eps, [_weights(a.q_proj), _weights(a.k_proj),
-                                     _weights(a.v_proj)], cache.offset, a.head_dim, a.rope_theta, a.rope_scale,
-                                     shapes)  # (B, heads, 1, hd)
-    position = cache.offset
+    position = cache.offset  # of this token
+    q, k, v = qmv_cuda.qkv_norm_rope(x, norm1.weight, norm1.eps, [a.q_proj.parts, a.k_proj.parts, a.v_proj.parts],
+                                     position, a.head_dim, a.rope_theta, a.rope_scale, shapes)  # (B, heads, 1, hd)
     keys, values, _ = cache.update(k, v)  # (B, Hkv, C, hd)
     attn = attention_cuda.decode_attention(q, keys, values, position, a.scale)  # (B, 1, H * hd)
-    h = qmv_cuda.matmul_residual(attn, _weights(a.o_proj), x)  # (B, 1, hidden)
-    act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, _weights(m.gate_proj), _weights(m.up_proj))
-    return qmv_cuda.matmul_residual(act, _weights(m.down_proj), h)
+    h = qmv_cuda.matmul_residual(attn, a.o_proj.parts, x)  # (B, 1, hidden)
+    act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, m.gate_proj.parts, m.up_proj.parts)
+    return qmv_cuda.matmul_residual(act, m.down_proj.parts, h)

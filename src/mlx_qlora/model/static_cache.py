@@ -26,12 +26,10 @@ EMPTY_SLOT = 1 << 30
 class StaticKVCache:
     """One layer's buffers (B, n_kv_heads, capacity, head_dim) and ``offset`` (int32 scalar array)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, positions: Optional[mx.array] = None):
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
         self.keys = keys
         self.values = values
         self.offset = offset  # positions stored before this step
-        # slot positions after this step's update (``slot_positions``); layers of one model share them
-        self.positions = positions
 
     @property
     def capacity(self) -> int:
@@ -45,19 +43,15 @@ class StaticKVCache:
         window = cache.max_size
         if window is not None and cache.offset > capacity and capacity != window:
             raise ValueError(f"capacity {capacity} must equal the window {window} once positions wrap around")
-        n = min(cache.offset, cache.keys.shape[2], capacity)
         if cache.offset > capacity and window is None:
             raise ValueError(f"capacity {capacity} is smaller than the {cache.offset} cached positions")
+        n = min(cache.offset, cache.keys.shape[2], capacity)
         B, H, _, D = cache.keys.shape
         keys = mx.zeros((B, H, capacity, D), dtype=cache.keys.dtype)
         values = mx.zeros((B, H, capacity, D), dtype=cache.values.dtype)
         keys[:, :, :n, :] = cache.keys[:, :, :n, :]
         values[:, :, :n, :] = cache.values[:, :, :n, :]
         return cls(keys, values, mx.array(cache.offset, dtype=mx.int32))
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [self.keys, self.values]
 
     def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Store one new position; return the whole buffers and the position of every slot.
@@ -71,8 +65,8 @@ class StaticKVCache:
         slot = (self.offset % C).reshape(1)
         self.keys = mx.slice_update(self.keys, keys, slot, axes=(2,))
         self.values = mx.slice_update(self.values, values, slot, axes=(2,))
-        positions = self.positions if self.positions is not None else slot_positions(self.offset, C)
-        return self.keys, self.values, positions
+        # every layer computes the same positions: mx.compile keeps one copy of them
+        return self.keys, self.values, slot_positions(self.offset, C)
 
 
 def slot_positions(offset: mx.array, capacity: int) -> mx.array:

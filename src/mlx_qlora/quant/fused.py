@@ -27,14 +27,9 @@ _ENABLED = os.environ.get("MLX_QLORA_FUSED", "1") != "0"
 def _fusable(layers: Sequence, x: mx.array) -> bool:
     first = layers[0]
     return _ENABLED and all(
-        type(layer) is QuantizedLinear and not layer.training and layer.bits == 4 and layer.group_size is None
-        and layer.in_features == first.in_features
+        type(layer) is QuantizedLinear and layer.runs_bare_per_row_4bit and layer.in_features == first.in_features
         for layer in layers
     ) and qmv_cuda.supports(x, first.in_features, 4, None)
-
-
-def _weights(layer: QuantizedLinear) -> tuple[mx.array, mx.array, mx.array]:
-    return layer.weight, layer.scales, layer.biases
 
 
 def fused_projections(layers: Sequence, x: mx.array,
@@ -45,11 +40,11 @@ def fused_projections(layers: Sequence, x: mx.array,
     row-major order, such as (B, heads, 1, head_dim) for one token per sequence."""
     if not _fusable(layers, x):
         return None
-    return qmv_cuda.qmv_split(x, [_weights(layer) for layer in layers], shapes)
+    return qmv_cuda.qmv_split(x, [layer.parts for layer in layers], shapes)
 
 
 def fused_swiglu(gate, up, x: mx.array) -> Optional[mx.array]:
     """``silu(gate(x)) * up(x)`` from one launch, or None (see the module docstring)."""
     if not _fusable([gate, up], x) or gate.out_features != up.out_features:
         return None
-    return qmv_cuda.qmv_swiglu(x, _weights(gate), _weights(up))
+    return qmv_cuda.qmv_swiglu(x, gate.parts, up.parts)

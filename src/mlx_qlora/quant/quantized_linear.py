@@ -147,6 +147,16 @@ class QuantizedLinear(nn.Module):
             bits=self.bits,
         )
 
+    @property
+    def parts(self) -> tuple[mx.array, mx.array, mx.array]:
+        """``(weight, scales, biases)``: the arrays a kernel reads."""
+        return self.weight, self.scales, self.biases
+
+    @property
+    def runs_bare_per_row_4bit(self) -> bool:
+        """In inference, 4 bits, one scale per row: what the fused CUDA kernels take."""
+        return not self.training and self.bits == 4 and self.group_size is None
+
     def prepare_decoding(self, dtype: mx.Dtype) -> None:
         """Build now what a one-row call in ``dtype`` will need (MLX's group layout, when that path is
         taken), so that a compiled decoding step finds it cached."""

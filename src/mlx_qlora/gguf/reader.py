@@ -268,4 +268,3 @@ def is_gguf(path: Union[str, Path]) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(4) == GGUF_MAGIC
-

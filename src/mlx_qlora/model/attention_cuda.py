@@ -261,4 +261,3 @@ def reference(q: mx.array, keys: mx.array, values: mx.array, offset: int, scale:
     scores = (q.astype(mx.float32) * scale) @ k.transpose(0, 1, 3, 2)  # (B, H, 1, n)
     out = mx.softmax(scores, axis=-1) @ v  # (B, H, 1, D)
     return out.transpose(0, 2, 1, 3).reshape(B, 1, H * D)
-

@@ -155,6 +155,7 @@ _BODY = r"""
   }
 """
 
+
 # Up to three weight matrices of one input (G of them, N0 + N1 + N2 rows in all); matrix g writes its own
 # output y<g> (M, N<g>). The code names only the inputs that exist, so it is written out for each G.
 # A matrix with rope set gets rotary embeddings in its epilogue: its output rows are heads of HD rows, and

@@ -16,7 +16,6 @@ number.
 from __future__ import annotations
 
 import os
-
 from typing import Optional
 
 import mlx.core as mx

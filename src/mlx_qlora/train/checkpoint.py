@@ -143,7 +143,6 @@ def save_checkpoint(
     return final
 
 
-
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint folder (or a run folder: its latest checkpoint).
 

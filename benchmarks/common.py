@@ -45,6 +45,8 @@ OUR_VARIANTS = {
     "ours-mb5": {"MLX_MAX_MB_PER_BUFFER": "5"},
     "ours-attn": {"MLX_QLORA_DECODE_ATTENTION": "ours"},
     "ours-fused": {"MLX_QLORA_FUSED_DECODE": "1"},
+    "ours-unfused": {"MLX_QLORA_FUSED_DECODE": "0"},
+    "ours-kernel": {"MLX_QLORA_FUSED_DECODE": "kernel"},
 }
 
 

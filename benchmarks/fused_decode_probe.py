@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Compiled batch-1 decoding of a Mistral-shaped model three ways in one process: MLX's operations
-(fused q/k/v and SwiGLU launches only, the default), with our attention kernels
-(``MLX_QLORA_DECODE_ATTENTION``), and the whole layer fused (``model/fused_decode.py``). Reports ms per
-token, the host's share (time inside ``mx.async_eval``) and each path's largest logit difference from
-the default path over the same tokens.
+"""Compiled batch-1 decoding of a Mistral-shaped model several ways in one process: MLX's operations
+(fused q/k/v and SwiGLU launches only), with our attention kernels (``MLX_QLORA_DECODE_ATTENTION``), each
+decoder layer in seven launches (``model/fused_decode.py``) and in one launch (``model/layer_kernel.py``;
+one and two blocks per multiprocessor, several sleeps between barrier polls). Reports ms per token, the
+host's share (time inside ``mx.async_eval``) and each path's largest logit difference from the first path
+over the same tokens.
 
   python benchmarks/fused_decode_probe.py --preset mistral-7b --layers 32     # on a CUDA GPU
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from common import PRESETS, compute_dtype, environment, print_table, write_json
@@ -21,9 +23,14 @@ import mlx.core as mx
 from gpu_train import build_ours
 from mlx_qlora.device import on_cuda
 from mlx_qlora.generate.decode_step import CompiledDecoder, DecodeState
-from mlx_qlora.model import attention_cuda, fused_decode
+from mlx_qlora.model import attention_cuda, fused_decode, layer_kernel
 
-PATHS = {"mlx attention": (False, False), "our attention": (True, False), "fused layer": (True, True)}
+# name -> (our attention kernels, MLX_QLORA_FUSED_DECODE, blocks per multiprocessor of the one-launch
+# layer, its sleep between barrier polls in ns)
+PATHS = {"mlx attention": (False, "0", 0, 0), "our attention": (True, "0", 0, 0),
+         "seven launches": (True, "1", 0, 0), "one launch, no sleep": (True, "kernel", 2, 0),
+         "one launch, sleep 128 ns": (True, "kernel", 2, 128), "one launch, sleep 512 ns": (True, "kernel", 2, 512),
+         "one launch, 1 block/SM": (True, "kernel", 1, 128)}
 
 
 def decode(model, prompt: mx.array, tokens: list[int]) -> tuple[mx.array, float, float]:
@@ -65,10 +72,15 @@ def main() -> None:
     prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt_tokens,)).astype(mx.int32)
     tokens = mx.random.randint(0, cfg["vocab_size"], (args.steps,)).tolist()
     rows, base = [], None
-    for name, (attention, fused) in PATHS.items():
-        if (attention or fused) and not on_cuda():
+    for name, (attention, fused, per_sm, sleep_ns) in PATHS.items():
+        if attention and not on_cuda():
             continue  # the kernels need CUDA
-        attention_cuda._ENABLED, fused_decode._ENABLED = attention, fused
+        if per_sm and not layer_kernel.multiprocessors():
+            continue
+        attention_cuda._ENABLED = attention
+        fused_decode.MODE, fused_decode._ENABLED = fused, fused != "0"
+        os.environ["MLX_QLORA_LAYER_KERNEL_BLOCKS"] = str(per_sm * (layer_kernel.multiprocessors() or 0))
+        layer_kernel.SLEEP_NS = sleep_ns
         logits, ms, host_ms = decode(model, prompt, tokens)
         base = logits if base is None else base
         row = {"path": name, "ms_per_token": ms, "host_ms_per_token": host_ms, "tokens_per_s": 1e3 / ms,

@@ -2,7 +2,13 @@
 // blocks one after another, __syncthreads as a block barrier and warp shuffles through a per-warp
 // exchange buffer. Enough of CUDA for kernels whose warps call shuffles uniformly; used by
 // tests/test_cuda_kernels_emulated.py to check the kernels' logic where no GPU exists.
+// launch_cooperative runs every block at once, each in a forked process (its own shared memory; global
+// memory from shared_alloc is shared), for kernels with grid-wide barriers.
 #pragma once
+
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <barrier>
 #include <cmath>
@@ -19,6 +25,9 @@
 #define __forceinline__ inline
 #define __shared__ static
 
+using uint32_t = std::uint32_t;
+using int32_t = std::int32_t;
+using uint8_t = std::uint8_t;
 struct uint4 { unsigned int x, y, z, w; };
 struct float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
@@ -31,6 +40,12 @@ inline Dim3 blockDim, gridDim;
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline float __expf(float x) { return std::exp(x); }
+template <typename U> inline U __ldcg(const U* p) { return *p; }
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned int atomicExch(unsigned int* p, unsigned int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __nanosleep(unsigned int) { std::this_thread::yield(); }
+[[noreturn]] inline void __trap() { std::fprintf(stderr, "__trap\n"); std::abort(); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 // bfloat16 with round-to-nearest-even, as CUDA's conversions.
@@ -53,13 +68,13 @@ struct EmulatedWarp {
   std::barrier<> sync{32};
   float exchange[32];
 };
-inline std::barrier<>* g_block_barrier = nullptr;
-inline std::vector<std::unique_ptr<EmulatedWarp>> g_warps;
+inline thread_local std::barrier<>* g_block_barrier = nullptr;
+inline thread_local std::vector<std::unique_ptr<EmulatedWarp>>* g_warps = nullptr;
 
 inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned int, float value, int lane_mask) {
-  EmulatedWarp& w = *g_warps[threadIdx.x >> 5];
+  EmulatedWarp& w = *(*g_warps)[threadIdx.x >> 5];
   const int lane = threadIdx.x & 31;
   w.exchange[lane] = value;
   w.sync.arrive_and_wait();
@@ -68,25 +83,54 @@ inline float __shfl_xor_sync(unsigned int, float value, int lane_mask) {
   return other;
 }
 
+inline void run_block(unsigned b, unsigned n, const std::function<void()>& kernel) {
+  std::barrier<> block_barrier(n);
+  std::vector<std::unique_ptr<EmulatedWarp>> warps;
+  for (unsigned w = 0; w < (n + 31) / 32; ++w) warps.push_back(std::make_unique<EmulatedWarp>());
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < n; ++t) {
+    threads.emplace_back([&, t, b] {
+      threadIdx = {t, 0, 0};
+      blockIdx = {b, 0, 0};
+      g_block_barrier = &block_barrier;
+      g_warps = &warps;
+      kernel();
+    });
+  }
+  for (auto& th : threads) th.join();
+}
+
 // grid and block in threads per block and blocks (CUDA's launch shape, not MLX's total threads).
 inline void launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
   blockDim = block;
   gridDim = grid;
-  const unsigned n = block.x;  // 1-D blocks only
+  for (unsigned b = 0; b < grid.x; ++b) run_block(b, block.x, kernel);  // 1-D blocks only
+}
+
+// Memory every block process sees (inputs, outputs, counters).
+inline char* shared_alloc(size_t n) {
+  void* p = mmap(nullptr, n ? n : 1, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) { std::perror("mmap"); std::exit(1); }
+  return static_cast<char*>(p);
+}
+
+inline void launch_cooperative(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
+  blockDim = block;
+  gridDim = grid;
+  std::vector<pid_t> pids;
   for (unsigned b = 0; b < grid.x; ++b) {
-    std::barrier<> block_barrier(n);
-    g_block_barrier = &block_barrier;
-    g_warps.clear();
-    for (unsigned w = 0; w < (n + 31) / 32; ++w) g_warps.push_back(std::make_unique<EmulatedWarp>());
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < n; ++t) {
-      threads.emplace_back([&, t, b] {
-        threadIdx = {t, 0, 0};
-        blockIdx = {b, 0, 0};
-        kernel();
-      });
+    pid_t pid = fork();
+    if (pid == 0) {
+      run_block(b, block.x, kernel);
+      std::fflush(nullptr);
+      _exit(0);
     }
-    for (auto& th : threads) th.join();
+    pids.push_back(pid);
+  }
+  for (pid_t pid : pids) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) { std::fprintf(stderr, "block failed\n"); std::exit(1); }
   }
 }
 

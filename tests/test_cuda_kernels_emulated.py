@@ -25,16 +25,19 @@ HERE = Path(__file__).resolve().parent
 CXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++)")
 
-_C_TYPES = {mx.uint32: "uint32_t", mx.int32: "int32_t", mx.float32: "float", mx.bfloat16: "__nv_bfloat16"}
+_C_TYPES = {mx.uint32: "uint32_t", mx.int32: "int32_t", mx.float32: "float", mx.bfloat16: "__nv_bfloat16",
+            mx.uint8: "uint8_t"}
 
 
 def _bytes(a: mx.array) -> bytes:
     return np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a).tobytes()
 
 
-def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names: list[str], args: dict) -> list:
+def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names: list[str], args: dict,
+            cooperative: bool = False) -> list:
     """Run one kernel launch described by MLX launch ``args`` (template, grid, threadgroup, output shapes
-    and dtypes) on ``inputs`` (name -> mx.array); return the outputs as mx arrays."""
+    and dtypes) on ``inputs`` (name -> mx.array); return the outputs as mx arrays. ``cooperative``: all
+    blocks at once (grid-wide barriers), global memory shared between the block processes."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     lines = ['#include "cuda_emulation.h"']
     for name, value in args["template"]:
@@ -50,16 +53,23 @@ def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names
     call = []
     for i, (name, a) in enumerate(inputs.items()):
         (tmp_path / f"in{i}.bin").write_bytes(_bytes(a))
-        main.append(f'  auto in{i} = read_file("{tmp_path / f"in{i}.bin"}");')
-        call.append(f"(const {_C_TYPES[a.dtype]}*)in{i}.data()")
+        main.append(f'  auto file{i} = read_file("{tmp_path / f"in{i}.bin"}");')
+        main.append(f"  char* in{i} = shared_alloc(file{i}.size());")
+        main.append(f"  std::memcpy(in{i}, file{i}.data(), file{i}.size());")
+        call.append(f"(const {_C_TYPES[a.dtype]}*)in{i}")
+    sizes = []
     for i, (shape, dt) in enumerate(zip(args["output_shapes"], args["output_dtypes"])):
-        size = int(np.prod(shape)) * dt.size
-        main.append(f"  std::vector<char> out{i}({size});")
-        call.append(f"({_C_TYPES[dt]}*)out{i}.data()")
+        sizes.append(int(np.prod(shape)) * dt.size)
+        main.append(f"  char* out{i} = shared_alloc({sizes[-1]});")
+        call.append(f"({_C_TYPES[dt]}*)out{i}")
     blocks = args["grid"][0] // args["threadgroup"][0]
-    main.append(f"  launch({{{blocks}, 1, 1}}, {{{args['threadgroup'][0]}, 1, 1}}, [&] {{ kernel_body({', '.join(call)}); }});")
+    run = "launch_cooperative" if cooperative else "launch"
+    threads = args["threadgroup"][0]
+    main.append(f"  {run}({{{blocks}, 1, 1}}, {{{threads}, 1, 1}}, [&] {{ kernel_body({', '.join(call)}); }});")
     for i in range(len(output_names)):
-        main.append(f'  write_file("{tmp_path / f"out{i}.bin"}", out{i}.data(), out{i}.size());')
+        main.append(f'  write_file("{tmp_path / f"out{i}.bin"}", out{i}, {sizes[i]});')
+    for i in range(len(inputs)):  # inputs a kernel may change (counters) come back too
+        main.append(f'  write_file("{tmp_path / f"in{i}.out"}", in{i}, file{i}.size());')
     main.append("  return 0;\n}")
     src = tmp_path / "kernel.cpp"
     src.write_text("\n".join(lines + main) + "\n")
@@ -211,10 +221,59 @@ def test_decode_attention_kernels(tmp_path, offset, capacity, heads):
     scale = D**-0.5
     partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, mx.float32)
     part_acc, part_ml = emulate(
-        tmp_path / "partial", attention_cuda._PARTIAL.replace("SCALE", repr(scale) + "f"), "",
+        tmp_path / "partial", attention_cuda.partial_source(scale), "",
         {"q": q, "k": keys, "v": values, "offset": mx.array([offset], dtype=mx.int32)},
         ["part_acc", "part_ml"], partial_args)
-    (out,) = emulate(tmp_path / "combine", attention_cuda._COMBINE, "", {"part_acc": part_acc, "part_ml": part_ml},
+    (out,) = emulate(tmp_path / "combine", attention_cuda.combine_source(), "",
+                     {"part_acc": part_acc, "part_ml": part_ml},
                      ["out"], combine_args)
     np.testing.assert_allclose(np.array(out), np.array(attention_cuda.reference(q, keys, values, offset, scale)),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,prompt_len,capacity,dtype", [(None, 9, 64, mx.float32), (16, 21, 16, mx.float32),
+                                                              (None, 40, 64, mx.bfloat16)])
+def test_decoder_layer_in_one_launch(tmp_path, window, prompt_len, capacity, dtype):
+    """``model/layer_kernel.py``: the six phases and their grid-wide barriers, three blocks at once, against
+    the layer's MLX operations over the same static cache (before and after the ring wraps; float32 and
+    bfloat16). The barrier counters are back to zero afterwards."""
+    from mlx_qlora.model import MistralForCausalLM, ModelArgs, layer_kernel
+    from mlx_qlora.model.mistral import make_mask
+    from mlx_qlora.model.static_cache import StaticKVCache
+    from mlx_qlora.quant import quantize_model
+
+    mx.random.seed(prompt_len)
+    args = ModelArgs(model_type="mistral", vocab_size=64, hidden_size=128, intermediate_size=192,
+                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                     sliding_window=window, rope_theta=500.0, rope_scaling_factor=2.0)
+    model = MistralForCausalLM(args)
+    quantize_model(model, bits=4)
+    layer = model.model.layers[0]
+    layer.input_layernorm.weight = 1.0 + 0.3 * mx.random.normal((128,))
+    layer.post_attention_layernorm.weight = 1.0 + 0.3 * mx.random.normal((128,))
+    model.set_dtype(dtype)
+    model.eval()
+    cache = model.make_cache()
+    mx.eval(model(mx.array([list(range(3, 3 + prompt_len))]), cache=cache))
+    static = StaticKVCache.from_cache(cache[0], capacity)
+    x = (2.0 * mx.random.normal((1, 1, 128))).astype(dtype)
+
+    c = layer_kernel.constants_of(layer)
+    launch = layer_kernel.launch_args(c, 1, capacity, dtype, layer.self_attn.q_proj.scales.dtype, blocks=3)
+    inputs = dict(zip(layer_kernel.INPUT_NAMES,
+                      layer_kernel.inputs(layer, x, static.keys, static.values, static.offset)))
+    out, k_new, v_new, _ = emulate(tmp_path, c.source(), c.header(spin_limit=1 << 40), inputs,
+                                   layer_kernel.OUTPUT_NAMES, launch, cooperative=True)
+    counters = np.fromfile(tmp_path / f"in{len(inputs) - 1}.out", dtype=np.uint32)
+    assert counters.shape == (layer_kernel.LINE * (2 * layer_kernel.BARRIERS + 1),) and not counters.any()
+
+    # The reference: the layer's MLX operations in float32 on the same (bfloat16-valued) numbers.
+    layer.set_dtype(mx.float32)
+    ref_cache = StaticKVCache(static.keys.astype(mx.float32), static.values.astype(mx.float32), static.offset)
+    want = layer(x.astype(mx.float32), lambda keys: make_mask(1, static.offset, keys, window), ref_cache)
+    slot = prompt_len % capacity
+    for got, ref in ((out, want), (k_new, ref_cache.keys[:, :, slot:slot + 1]),
+                     (v_new, ref_cache.values[:, :, slot:slot + 1])):
+        # float32: summation order only; bfloat16: q, k, v, attention, h and the activation rounded once each
+        atol = 1e-4 if dtype == mx.float32 else 2.0**-7 * float(mx.abs(ref).max().item())
+        np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref), rtol=1e-4, atol=atol)

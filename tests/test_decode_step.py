@@ -5,6 +5,8 @@ projections are taken. The kernels themselves run on CUDA only (``benchmarks/qmv
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -165,24 +167,9 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     """``model/fused_decode.py`` with each CUDA kernel replaced by the formula it implements (the kernels
     themselves are checked in test_cuda_kernels_emulated.py): the logits of every step equal the
     operation-by-operation path (float32, per-row 4-bit projections, a window the ring wraps around)."""
-    from mlx_qlora.generate.decode_step import CompiledDecoder
     from mlx_qlora.model import fused_decode
-    from mlx_qlora.quant import quantize_model
 
-    model = _random_model(16, rope_theta=500.0, rope_scaling_factor=2.0)  # non-default rotary settings
-    quantize_model(model, bits=4)
-    for layer in model.layers:  # norms that differ, so that mixing them up shows
-        layer.input_layernorm.weight = 1.0 + 0.3 * mx.random.normal((64,))
-        layer.post_attention_layernorm.weight = 1.0 + 0.3 * mx.random.normal((64,))
-    model.eval()
-    prompt, steps = [5, 7, 11, 13, 17, 19, 23, 29, 31], 12
-    cache = model.make_cache()
-    logits = model(mx.array([prompt]), cache=cache)[:, -1, :]
-    state = DecodeState.from_caches(cache, len(prompt) + steps)
-    tokens, eager = [int(mx.argmax(logits, axis=-1).item())], []
-    for _ in range(steps):
-        eager.append(model(mx.array([[tokens[-1]]]), cache=cache)[:, -1, :])
-        tokens.append(int(mx.argmax(eager[-1], axis=-1).item()))
+    model, state, tokens, eager = _quantized_model_and_eager_steps(steps=12)
 
     def qkv(x, gamma, eps, weights, position, head_dim, base, scale, shapes):
         outs = qmv_cuda.reference_qkv_norm_rope(x.reshape(-1, x.shape[-1]), gamma, eps, weights,
@@ -206,17 +193,93 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(attention_cuda, "decode_attention",
                         lambda q, k, v, pos, scale: attention_cuda.reference(q, k, v, int(pos.item()), scale))
+    monkeypatch.setattr(fused_decode, "MODE", "1")
+    fused = _traced_steps(model, state, tokens)
+    assert len(calls) == 12 * model.args.num_hidden_layers  # every layer of every step took the fused path
+    np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
+
+
+def _quantized_model_and_eager_steps(steps: int):
+    """A 4-bit model with non-default rotary settings, distinct norms and a window of 16, its static decode
+    state after a 9-token prompt, and the operation-by-operation logits of ``steps`` greedy steps."""
+    from mlx_qlora.quant import quantize_model
+
+    model = _random_model(16, rope_theta=500.0, rope_scaling_factor=2.0)  # non-default rotary settings
+    quantize_model(model, bits=4)
+    for layer in model.layers:  # norms that differ, so that mixing them up shows
+        layer.input_layernorm.weight = 1.0 + 0.3 * mx.random.normal((64,))
+        layer.post_attention_layernorm.weight = 1.0 + 0.3 * mx.random.normal((64,))
+    model.eval()
+    prompt = [5, 7, 11, 13, 17, 19, 23, 29, 31]
+    cache = model.make_cache()
+    logits = model(mx.array([prompt]), cache=cache)[:, -1, :]
+    state = DecodeState.from_caches(cache, len(prompt) + steps)
+    tokens, eager = [int(mx.argmax(logits, axis=-1).item())], []
+    for _ in range(steps):
+        eager.append(model(mx.array([[tokens[-1]]]), cache=cache)[:, -1, :])
+        tokens.append(int(mx.argmax(eager[-1], axis=-1).item()))
+    return model, state, tokens, mx.stack(eager)
+
+
+def _traced_steps(model, state, tokens) -> mx.array:
+    """The compiled decoder's function, run without ``mx.compile`` (the stand-in kernels read values)."""
+    from mlx_qlora.generate.decode_step import CompiledDecoder
+
     decoder = CompiledDecoder(model)
-    fused = []
+    out = []
     for t in tokens[:-1]:
         logits, state.keys, state.values = decoder._forward(mx.array([[t]]), state.offset, state.keys, state.values)
         state.offset = state.offset + 1
-        fused.append(logits)
-    assert len(calls) == steps * model.args.num_hidden_layers  # every layer of every step took the fused path
-    np.testing.assert_allclose(np.array(mx.stack(fused)), np.array(mx.stack(eager)), rtol=1e-4, atol=1e-4)
+        out.append(logits)
+    return mx.stack(out)
 
 
-def test_fused_decode_is_opt_in_and_needs_bare_4bit_layers(monkeypatch):
+def test_layer_kernel_wiring_with_a_reference_launch(monkeypatch):
+    """``MLX_QLORA_FUSED_DECODE=kernel``: each layer is one launch of ``model/layer_kernel.py`` (here a
+    stand-in computing the kernel's formulas from the launch's named inputs; the kernel itself is checked
+    in test_cuda_kernels_emulated.py) followed by the cache update; the barrier counters are made before
+    tracing. The logits of every step equal the operation-by-operation path."""
+    from mlx_qlora.model import fused_decode, layer_kernel
+
+    model, state, tokens, eager = _quantized_model_and_eager_steps(steps=12)
+    calls = []
+
+    def launch(c, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        d = dict(zip(layer_kernel.INPUT_NAMES, inputs))
+        t = dict(template)
+        assert grid == (4 * 2 * layer_kernel.THREADS, 1, 1)  # two blocks per multiprocessor
+        assert d["counters"] is layer_kernel.counters(layer_of[id(d["q_w"])])  # the layer's own, made before
+        pos, x = int(d["offset"].item()), d["x"]  # (B, hidden)
+        B, H, HKV, D = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
+        triples = [tuple(d[f"{n}_{p}"] for p in "wsb") for n in "qkvogud"]
+        q, k, v = qmv_cuda.reference_qkv_norm_rope(x, d["gamma1"], c.eps1, triples[:3], pos, D, c.rope_base,
+                                                   c.rope_scale)
+        k, v = k.reshape(B, HKV, 1, D), v.reshape(B, HKV, 1, D)
+        slot = mx.array([pos % t["C"]])
+        keys = mx.slice_update(d["keys"], k, slot, axes=(2,))
+        values = mx.slice_update(d["values"], v, slot, axes=(2,))
+        attn = attention_cuda.reference(q.reshape(B, H, 1, D), keys, values, pos, c.scale).reshape(B, -1)
+        h = qmv_cuda.reference(attn, *triples[3]) + x
+        act = qmv_cuda.reference_swiglu(qmv_cuda.reference_rms_norm(h, d["gamma2"], c.eps2), triples[4], triples[5])
+        out = qmv_cuda.reference(act, *triples[6]) + h
+        calls.append(c)
+        return [out.reshape(output_shapes[0]), k, v, mx.zeros(output_shapes[3], dtype=mx.uint8)]
+
+    layer_of = {id(layer.self_attn.q_proj.weight): layer for layer in model.layers}
+    monkeypatch.setattr(fused_decode, "MODE", "kernel")
+    monkeypatch.setattr(fused_decode, "_ENABLED", True)
+    monkeypatch.setattr(fused_decode, "on_cuda", lambda: True)
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
+    monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)  # head dim 16 here
+    monkeypatch.setattr(layer_kernel, "multiprocessors", lambda: 4)
+    monkeypatch.setattr(layer_kernel, "_kernel", lambda c: lambda **kw: launch(c, **kw))
+    fused = _traced_steps(model, state, tokens)
+    assert len(calls) == 12 * model.args.num_hidden_layers  # every layer of every step was one launch
+    assert calls[0] == layer_kernel.LayerConstants(64, 96, 4, 2, 16, 1e-5, 1e-5, 500.0, 0.5, 16**-0.5)
+    np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_decode_is_default_and_needs_bare_4bit_layers(monkeypatch):
     from mlx_qlora.model import fused_decode
     from mlx_qlora.quant import quantize_model
 
@@ -228,7 +291,13 @@ def test_fused_decode_is_opt_in_and_needs_bare_4bit_layers(monkeypatch):
     x = mx.zeros((1, 1, 64))
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     monkeypatch.setattr(attention_cuda, "on_cuda", lambda: True)
-    assert not fused_decode.applies(layer, x, cache)  # off unless MLX_QLORA_FUSED_DECODE=1
+    monkeypatch.setattr(fused_decode, "_ENABLED", False)
+    monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)
+    assert not fused_decode.applies(layer, x, cache)  # off with MLX_QLORA_FUSED_DECODE=0
+    monkeypatch.undo()
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
+    monkeypatch.setattr(attention_cuda, "on_cuda", lambda: True)
+    assert fused_decode._ENABLED == (os.environ.get("MLX_QLORA_FUSED_DECODE", "1") != "0")  # on by default
     monkeypatch.setattr(fused_decode, "_ENABLED", True)
     assert fused_decode.applies(layer, x, cache) is False  # head dim 16: the attention kernel needs 32
     monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)

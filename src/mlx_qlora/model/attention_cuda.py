@@ -28,10 +28,10 @@ import mlx.core as mx
 from ..device import on_cuda
 
 _THREADS = 128  # 4 warps; the head dimension is at most this
-# Off unless MLX_QLORA_DECODE_ATTENTION=ours: on an H100 a first form (one block per query head, 32
-# blocks in all) took more GPU time than it saved host time (decoding 5.9 against 4.6 ms per token with
-# MLX's masked attention; benchmarks/RESULTS.md); the present two-pass form has not been measured on a
-# GPU yet.
+# Off unless MLX_QLORA_DECODE_ATTENTION=ours (the fused decoder layers use these passes regardless). On an
+# H100 a first form (one block per query head, 32 blocks in all) took more GPU time than it saved host
+# time (5.9 against 4.6 ms per token with MLX's masked attention); the present two-pass form measured
+# 5.21 against 5.91 ms in one run and 6.48 against 5.29 in another (benchmarks/RESULTS.md).
 _ENABLED = os.environ.get("MLX_QLORA_DECODE_ATTENTION", "mlx") == "ours"
 
 # Pass 1: one block per (sequence, key/value head, split of the slots). The block scores its slots for
@@ -48,8 +48,8 @@ _PARTIAL = r"""
   __shared__ float qs[REP * D];
   __shared__ float scores[REP * CHUNK_MAX];
   __shared__ float stats[2 * REP];
-  const int split = blockIdx.x % S;
-  const int bk = blockIdx.x / S;  // b * HKV + hk
+  const int split = (@BLOCK@) % S;
+  const int bk = (@BLOCK@) / S;  // b * HKV + hk
   const int b = bk / HKV;
   const int hk = bk % HKV;
   const int tid = threadIdx.x;
@@ -61,12 +61,13 @@ _PARTIAL = r"""
   const int s0 = split * chunk < n_valid ? split * chunk : n_valid;
   const int s1 = s0 + chunk < n_valid ? s0 + chunk : n_valid;
   const size_t q0 = ((size_t)b * H + (size_t)hk * REP) * D;
-  for (int i = tid; i < REP * D; i += THREADS) {
-    qs[i] = static_cast<float>(q[q0 + i]) * SCALE;
-  }
-  __syncthreads();
   const T* kh = k + (size_t)bk * C * D;
   const T* vh = v + (size_t)bk * C * D;
+  @ACCESS@
+  for (int i = tid; i < REP * D; i += THREADS) {
+    qs[i] = q_at(q0 + i) * SCALE;
+  }
+  __syncthreads();
 
   // 1. scores: one slot per warp, UNROLL slots in flight
   for (int base = s0 + warp * UNROLL; base < s1; base += WARPS * UNROLL) {
@@ -75,7 +76,7 @@ _PARTIAL = r"""
     for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
       for (int i = 0; i < PER_LANE; ++i) {
-        kv[u][i] = base + u < s1 ? static_cast<float>(kh[(size_t)(base + u) * D + lane + 32 * i]) : 0.0f;
+        kv[u][i] = base + u < s1 ? key_at(base + u, lane + 32 * i) : 0.0f;
       }
     }
     for (int r = 0; r < REP; ++r) {
@@ -134,7 +135,7 @@ _PARTIAL = r"""
     }
 #pragma unroll 4
     for (int j = 0; j < s1 - s0; ++j) {
-      const float val = static_cast<float>(vh[(size_t)(s0 + j) * D + tid]);
+      const float val = value_at(s0 + j, tid);
 #pragma unroll
       for (int r = 0; r < REP; ++r) {
         acc[r] = fmaf(scores[r * CHUNK_MAX + j], val, acc[r]);
@@ -156,23 +157,24 @@ _PARTIAL = r"""
 # sum_s e^(m_s - M) l_s, with M the largest m_s (splits without slots have m = -inf and weigh 0).
 _COMBINE = r"""
   // part_acc (B, H, S, D), part_ml (B, H, S, 2) -> out (B, 1, H * D)
-  const int bh = blockIdx.x;
+  const int bh = @BLOCK@;
   const int d = threadIdx.x;
+  @ACCESS@
   float M = -INFINITY;
   for (int j = 0; j < S; ++j) {
-    M = fmaxf(M, part_ml[((size_t)bh * S + j) * 2]);
+    M = fmaxf(M, ml_at(((size_t)bh * S + j) * 2));
   }
   float L = 0.0f;
   float acc = 0.0f;
   for (int j = 0; j < S; ++j) {
-    const float m = part_ml[((size_t)bh * S + j) * 2];
+    const float m = ml_at(((size_t)bh * S + j) * 2);
     if (m == -INFINITY) {
       continue;
     }
     const float w = __expf(m - M);
-    L += w * part_ml[((size_t)bh * S + j) * 2 + 1];
+    L += w * ml_at(((size_t)bh * S + j) * 2 + 1);
     if (d < D) {
-      acc += w * part_acc[((size_t)bh * S + j) * D + d];
+      acc += w * acc_at(((size_t)bh * S + j) * D + d);
     }
   }
   if (d < D) {
@@ -203,6 +205,64 @@ def splits(capacity: int) -> int:
     return max(1, min(32, capacity // 64))
 
 
+# How the passes read their inputs. As kernels: plain loads. Inside the one-launch decoder layer
+# (``model/layer_kernel.py``): q and the partial results come from other blocks of the same launch (read
+# through L2), and this position's key and value come from ``k_new``/``v_new``, not from the cache, whose
+# slot for it is written after the launch.
+_PARTIAL_ACCESS = {
+    "kernel": """auto q_at = [&](size_t i) { return static_cast<float>(q[i]); };
+  auto key_at = [&](int s, int d) { return static_cast<float>(kh[(size_t)s * D + d]); };
+  auto value_at = [&](int s, int d) { return static_cast<float>(vh[(size_t)s * D + d]); };""",
+    "fused": """const int cur = pos % C;
+  const T* kn = k_new + (size_t)bk * D;
+  const T* vn = v_new + (size_t)bk * D;
+  auto q_at = [&](size_t i) { return load_f_cg<DT>(q, i); };
+  auto key_at = [&](int s, int d) {
+    return s == cur ? load_f_cg<DT>(kn, d) : static_cast<float>(kh[(size_t)s * D + d]);
+  };
+  auto value_at = [&](int s, int d) {
+    return s == cur ? load_f_cg<DT>(vn, d) : static_cast<float>(vh[(size_t)s * D + d]);
+  };""",
+}
+_COMBINE_ACCESS = {
+    "kernel": """auto ml_at = [&](size_t i) { return part_ml[i]; };
+  auto acc_at = [&](size_t i) { return part_acc[i]; };""",
+    "fused": """auto ml_at = [&](size_t i) { return __ldcg(part_ml + i); };
+  auto acc_at = [&](size_t i) { return __ldcg(part_acc + i); };""",
+}
+
+
+def partial_source(scale: float) -> str:
+    """Pass 1 as a kernel body (one block per (sequence, key/value head, split))."""
+    return (_PARTIAL.replace("@BLOCK@", "blockIdx.x").replace("@ACCESS@", _PARTIAL_ACCESS["kernel"])
+            .replace("SCALE", repr(float(scale)) + "f"))
+
+
+def combine_source() -> str:
+    """Pass 2 as a kernel body (one block per (sequence, query head))."""
+    return _COMBINE.replace("@BLOCK@", "blockIdx.x").replace("@ACCESS@", _COMBINE_ACCESS["kernel"])
+
+
+def device_functions(scale: float) -> str:
+    """Both passes as ``__device__`` functions of the block index ``vb`` for a launch that loops over
+    them (``model/layer_kernel.py``); the partial pass takes this position's key and value apart."""
+    partial = (_PARTIAL.replace("@BLOCK@", "vb").replace("@ACCESS@", _PARTIAL_ACCESS["fused"])
+               .replace("SCALE", repr(float(scale)) + "f"))
+    combine = _COMBINE.replace("@BLOCK@", "vb").replace("@ACCESS@", _COMBINE_ACCESS["fused"])
+    return f"""
+template <typename T, int DT, int H, int HKV, int D, int C, int S, int THREADS>
+__device__ __forceinline__ void attention_partial(const int vb, const T* q, const T* k, const T* v, const T* k_new,
+    const T* v_new, const int32_t* offset, float* part_acc, float* part_ml) {{
+{partial}
+}}
+
+template <typename T, int H, int D, int S>
+__device__ __forceinline__ void attention_combine(const int vb, const float* part_acc, const float* part_ml, T* out) {{
+{combine}
+}}
+"""
+
+
 @lru_cache(maxsize=None)
 def _kernels(scale: float):
     # The scale is a compile-time constant of the first kernel (one per model).
@@ -210,13 +270,13 @@ def _kernels(scale: float):
         name=f"mlx_qlora_decode_attention_partial_{abs(hash(scale))}",
         input_names=["q", "k", "v", "offset"],
         output_names=["part_acc", "part_ml"],
-        source=_PARTIAL.replace("SCALE", repr(float(scale)) + "f"),
+        source=partial_source(scale),
     )
     combine = mx.fast.cuda_kernel(
         name="mlx_qlora_decode_attention_combine",
         input_names=["part_acc", "part_ml"],
         output_names=["out"],
-        source=_COMBINE,
+        source=combine_source(),
     )
     return partial, combine
 

@@ -123,6 +123,6 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask_fn, cache: Optional[KVCache] = None, position_ids=None) -> mx.array:
         if cache is not None and position_ids is None and fused_decode.applies(self, x, cache):
-            return fused_decode.layer_step(self, x, cache)  # CUDA decoding, opt-in: seven launches
+            return fused_decode.layer_step(self, x, cache)  # CUDA decoding: seven launches (or one)
         h = x + self.self_attn(self.input_layernorm(x), mask_fn, cache, position_ids)
         return h + self.mlp(self.post_attention_layernorm(h))

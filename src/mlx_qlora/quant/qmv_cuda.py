@@ -46,6 +46,11 @@ MIN_WEIGHTS = int(os.environ.get("MLX_QLORA_QMV_MIN", str(1 << 25)))
 _ENABLED = os.environ.get("MLX_QLORA_QMV", "ours") != "mlx"
 
 _HEADER = r"""
+template <typename U>
+__device__ __forceinline__ float load_res(const U* p, size_t i) {
+  return static_cast<float>(p[i]);
+}
+
 // Eight consecutive inputs of row `x` starting at element k (a multiple of 8), as floats.
 template <int DT>
 __device__ __forceinline__ void load_x8(const unsigned char* x, int k, float* o);
@@ -80,7 +85,7 @@ _BODY = r"""
   // integer-to-float conversion), so the warp accumulates
   //   acc = sum_k (1 + q/16) x = sum(x) + (q.x)/16   and   q.x = 16 * (acc - sum(x)).
   const int lane = threadIdx.x & 31;
-  const int n0 = ((blockIdx.x * blockDim.x + threadIdx.x) >> 5) * R;
+  const int n0 = (@WARP@) * R;
   if (n0 >= ROWS) {
     return;
   }
@@ -215,7 +220,7 @@ def _epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool
     else:
         lines += ["      {"]
     for g in range(n_matrices):
-        res = f" + static_cast<float>(res[(size_t)m * N{g} + local_n])" if residual else ""
+        res = f" + load_res(res, (size_t)m * N{g} + local_n)" if residual else ""
         lines += [f"        if (g == {g}) {{",
                   "          const int local_n = local + r;",
                   f"          const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
@@ -351,14 +356,15 @@ class Variant:
         consts = abs(hash((self.norm_eps, self.rope_base, self.rope_scale))) if extra else 0
         return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, str(consts)])
 
-    def source(self) -> str:
+    def source(self, warp: str = "(blockIdx.x * blockDim.x + threadIdx.x) >> 5") -> str:
+        """The kernel body; ``warp``: the expression of the warp's index (its first row is ``warp * R``)."""
         if self.swiglu:
             select, epilogue = _SELECT_SWIGLU, _EPILOGUE_SWIGLU
         else:
             select = _select_split(self.n_matrices, self.rope)
             epilogue = _epilogue_split(self.n_matrices, self.rope, self.residual)
         norm = self.norm_eps is not None
-        body = (_BODY.replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
+        body = (_BODY.replace("@WARP@", warp).replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
                 .replace("@PROLOGUE@", _NORM_PROLOGUE if norm else "")
                 .replace("@XSCALE@", _NORM_XSCALE if norm else "")
                 .replace("@POSTREDUCE@", _NORM_POSTREDUCE if norm else ""))
@@ -368,6 +374,23 @@ class Variant:
             body = (body.replace("LOG2_BASE", repr(math.log2(self.rope_base)) + "f")
                     .replace("ROPE_SCALE", repr(float(self.rope_scale)) + "f"))
         return body
+
+    def device_function(self, name: str) -> str:
+        """The body as ``__device__`` function ``name`` of the warp index ``vw`` for a launch that loops
+        over warps (``model/layer_kernel.py``): the launch's constants become template parameters (``TS``
+        the dtype of the scales and offsets), and the inputs and the residual are read through L2, since
+        other blocks of the same launch wrote them."""
+        params = []
+        for n in self.input_names:
+            kind = "const uint32_t*" if n[0] == "w" else "const int32_t*" if n == "rope_pos" else (
+                "const TS*" if n[0] in "sb" and n[1:].isdigit() else "const T*")
+            params.append(f"{kind} {n}")
+        params += [f"T* {n}" for n in self.output_names]
+        body = (self.source(warp="vw").replace("load_x8<DT>(xb", "load_x8_cg<DT>(xb")
+                .replace("load_res(res,", "load_f_cg<DT>(res,"))
+        return (f"template <typename T, int DT, int M, int K, int ROWS, int R, int P, int N0, int N1, int N2, int HD, "
+                f"typename TS>\n__device__ __forceinline__ void {name}(const int vw, {', '.join(params)}) {{\n"
+                f"{body}\n}}\n")
 
 
 @lru_cache(maxsize=None)

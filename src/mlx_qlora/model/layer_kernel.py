@@ -11,14 +11,20 @@ time than the GPU needs for the layer's weights. Here the seven steps run as pha
 5. post-attention RMSNorm, gate, up and SwiGLU;
 6. down_proj plus the residual;
 
-separated by grid-wide barriers: every block adds one to a counter and waits until all blocks have.
-Such a barrier needs every block resident at once, so the grid is two blocks of 128 threads per
-multiprocessor (read from the CUDA driver; two such blocks always fit), and a wait that lasts seconds
-traps instead of hanging. The counters live in a small per-layer array that the last block leaving puts
-back to zero. Data written by other blocks of the launch is read through L2 (``__ldcg``).
+separated by grid-wide barriers: every block adds one to a counter, the last one sets a release flag
+the others poll. Such a barrier needs every block resident at once, so the grid is two blocks of 128
+threads per multiprocessor (read from the CUDA driver; two such blocks always fit), and a wait that
+lasts seconds traps instead of hanging. The counters and flags live in a small per-layer array that
+the last block leaving puts back to zero. Data written by other blocks of the launch is read through
+L2 (``__ldcg``).
 
 The launch writes this position's key and value (``k_new``, ``v_new``); the cache's ``slice_update``
 follows it, so a layer is three operations instead of about nine.
+
+Opt-in (``MLX_QLORA_FUSED_DECODE=kernel``): on an H100 it is correct but slower than seven launches
+(9.6 against 5.0 ms per token): with 8 warps per multiprocessor the matrix-vector phases are
+latency-bound and each barrier costs about 12 us (``benchmarks/layer_kernel_probe.py``,
+``benchmarks/RESULTS.md``).
 
 The CPU tests run the source through ``tests/cuda_emulation.h`` with every block a process of its own
 (shared memory per block, global memory and the counters shared) against the layer's MLX operations.

@@ -68,7 +68,7 @@ def prepare(model) -> None:
 
 def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     """x (B, 1, hidden) -> the layer's output (B, 1, hidden); stores this position's keys and values."""
-    if MODE == "kernel" and layer_kernel.applies(layer):
+    if MODE == "kernel" and layer_kernel.applies(layer, _projections(layer)):
         return layer_kernel.layer_step(layer, x, cache)
     a, m = layer.self_attn, layer.mlp
     B = x.shape[0]

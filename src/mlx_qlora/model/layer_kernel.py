@@ -72,21 +72,12 @@ __device__ __forceinline__ void load_x8_cg(const unsigned char* x, int k, float*
 template <>
 __device__ __forceinline__ void load_x8_cg<0>(const unsigned char* x, int k, float* o) {
   const float4* p = reinterpret_cast<const float4*>(x) + (k >> 2);
-  float4 a = __ldcg(p);
-  float4 b = __ldcg(p + 1);
-  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-  o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+  unpack_x8(__ldcg(p), __ldcg(p + 1), o);
 }
 
 template <>
 __device__ __forceinline__ void load_x8_cg<1>(const unsigned char* x, int k, float* o) {
-  uint4 v = __ldcg(reinterpret_cast<const uint4*>(x) + (k >> 3));
-  unsigned int u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    o[2 * i] = __uint_as_float(u[i] << 16);
-    o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-  }
+  unpack_x8(__ldcg(reinterpret_cast<const uint4*>(x) + (k >> 3)), o);
 }
 
 // Every block waits here until all blocks of the launch have arrived (they are all resident). Barrier i
@@ -321,14 +312,12 @@ def inputs(layer, x: mx.array, keys: mx.array, values: mx.array, offset: mx.arra
             counters(layer)]
 
 
-def applies(layer) -> bool:
+def applies(layer, projections) -> bool:
     """Prepared (``counters`` made before tracing), the grid size known, one dtype for every scale and
-    offset. The caller (``fused_decode.applies``) has checked the rest."""
+    offset of the layer's ``projections``. The caller (``fused_decode.applies``) has checked the rest."""
     if "_barrier_counters" not in layer.__dict__ or not blocks():
         return False
-    a, m = layer.self_attn, layer.mlp
-    projections = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-    dtype = a.q_proj.scales.dtype
+    dtype = projections[0].scales.dtype
     return all(p.scales.dtype == dtype and p.biases.dtype == dtype for p in projections)
 
 

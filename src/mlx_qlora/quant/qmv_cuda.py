@@ -51,6 +51,21 @@ __device__ __forceinline__ float load_res(const U* p, size_t i) {
   return static_cast<float>(p[i]);
 }
 
+// Eight values as floats: two float4 of float32, or one uint4 of eight bfloat16 (first in the low half).
+__device__ __forceinline__ void unpack_x8(float4 a, float4 b, float* o) {
+  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+  o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+}
+
+__device__ __forceinline__ void unpack_x8(uint4 v, float* o) {
+  unsigned int u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    o[2 * i] = __uint_as_float(u[i] << 16);
+    o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+
 // Eight consecutive inputs of row `x` starting at element k (a multiple of 8), as floats.
 template <int DT>
 __device__ __forceinline__ void load_x8(const unsigned char* x, int k, float* o);
@@ -58,21 +73,12 @@ __device__ __forceinline__ void load_x8(const unsigned char* x, int k, float* o)
 template <>
 __device__ __forceinline__ void load_x8<0>(const unsigned char* x, int k, float* o) {  // float32
   const float4* p = reinterpret_cast<const float4*>(x) + (k >> 2);
-  float4 a = p[0];
-  float4 b = p[1];
-  o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-  o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+  unpack_x8(p[0], p[1], o);
 }
 
 template <>
 __device__ __forceinline__ void load_x8<1>(const unsigned char* x, int k, float* o) {  // bfloat16
-  uint4 v = *(reinterpret_cast<const uint4*>(x) + (k >> 3));
-  unsigned int u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    o[2 * i] = __uint_as_float(u[i] << 16);
-    o[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-  }
+  unpack_x8(*(reinterpret_cast<const uint4*>(x) + (k >> 3)), o);
 }
 """
 
@@ -313,9 +319,14 @@ def reference(x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array) -> 
 def supports(x: mx.array, in_features: int, bits: int, group_size, out_features: Optional[int] = None) -> bool:
     """Whether ``qmv`` takes this call: per-row 4-bit, an input dtype it reads, whole 32-input blocks,
     and (when ``out_features`` is given) a layer of at least ``MIN_WEIGHTS`` weights."""
-    rows = x.size // max(x.shape[-1], 1)
+    return supports_rows(x.size // max(x.shape[-1], 1), x.dtype, in_features, bits, group_size, out_features)
+
+
+def supports_rows(rows: int, dtype: mx.Dtype, in_features: int, bits: int, group_size,
+                  out_features: Optional[int] = None) -> bool:
+    """``supports`` for an input of ``rows`` rows in ``dtype``."""
     return (
-        bits == 4 and group_size is None and x.dtype in _DTYPE_CODES and 1 <= rows <= MAX_ROWS
+        bits == 4 and group_size is None and dtype in _DTYPE_CODES and 1 <= rows <= MAX_ROWS
         and in_features % 32 == 0 and (out_features is None or out_features * in_features >= MIN_WEIGHTS)
         and _ENABLED and on_cuda()
     )

@@ -160,23 +160,23 @@ class QuantizedLinear(nn.Module):
     def prepare_decoding(self, dtype: mx.Dtype) -> None:
         """Build now what a one-row call in ``dtype`` will need (MLX's group layout, when that path is
         taken), so that a compiled decoding step finds it cached."""
-        x = mx.zeros((1, self.in_features), dtype=dtype)
-        if not qmv_cuda.supports(x, self.in_features, self.bits, self.group_size, self.out_features) and (
-            self._takes_quantized_matmul(x)
-        ):
+        if not self._takes_qmv(1, dtype) and self._takes_quantized_matmul(1):
             self._mlx_layout(dtype)
 
-    def _takes_quantized_matmul(self, x: mx.array) -> bool:
-        rows = x.size // max(x.shape[-1], 1)
+    def _takes_qmv(self, rows: int, dtype: mx.Dtype) -> bool:
+        return qmv_cuda.supports_rows(rows, dtype, self.in_features, self.bits, self.group_size, self.out_features)
+
+    def _takes_quantized_matmul(self, rows: int) -> bool:
         return rows <= QMM_MAX_ROWS[device_type()] and mlx_group_size(self.in_features, self.group_size) is not None
 
     def __call__(self, x: mx.array) -> mx.array:
         """x (..., in) -> (..., out), computed in ``x.dtype``."""
-        if qmv_cuda.supports(x, self.in_features, self.bits, self.group_size, self.out_features):
+        rows = x.size // max(x.shape[-1], 1)
+        if self._takes_qmv(rows, x.dtype):
             # In training mode the call stays differentiable; in inference it runs bare (less Python).
             dequantize = dequantize_weight if self.training else None
             return qmv_cuda.qmv(x, self.weight, self.scales, self.biases, dequantize)
-        if self._takes_quantized_matmul(x):
+        if self._takes_quantized_matmul(rows):
             return self._quantized_matmul(x)
         # dequantize + one dense matmul; the backward pass dequantizes again rather than keep W
         matmul = dequantized_matmul_fn(dequantize_weight, self.bits, self.group_size)

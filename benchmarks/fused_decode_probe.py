@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--paths", help="comma list of the paths to run (default: all): " + ", ".join(PATHS))
     p.add_argument("--json")
     args = p.parse_args()
     cfg = dict(PRESETS[args.preset])
@@ -71,8 +72,13 @@ def main() -> None:
     model.eval()
     prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt_tokens,)).astype(mx.int32)
     tokens = mx.random.randint(0, cfg["vocab_size"], (args.steps,)).tolist()
+    chosen = args.paths.split(",") if args.paths else list(PATHS)
+    unknown = [n for n in chosen if n not in PATHS]
+    if unknown:
+        p.error(f"unknown paths {unknown}; choose from {list(PATHS)}")
     rows, base = [], None
-    for name, (attention, fused, per_sm, sleep_ns) in PATHS.items():
+    for name in chosen:
+        attention, fused, per_sm, sleep_ns = PATHS[name]
         if attention and not on_cuda():
             continue  # the kernels need CUDA
         if per_sm and not layer_kernel.multiprocessors():

@@ -34,10 +34,11 @@ def _bytes(a: mx.array) -> bytes:
 
 
 def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names: list[str], args: dict,
-            cooperative: bool = False) -> list:
+            cooperative: bool = False, changed: tuple = ()) -> list:
     """Run one kernel launch described by MLX launch ``args`` (template, grid, threadgroup, output shapes
-    and dtypes) on ``inputs`` (name -> mx.array); return the outputs as mx arrays. ``cooperative``: all
-    blocks at once (grid-wide barriers), global memory shared between the block processes."""
+    and dtypes) on ``inputs`` (name -> mx.array); return the outputs as mx arrays, followed by the inputs
+    named in ``changed`` as the kernel left them. ``cooperative``: all blocks at once (grid-wide barriers),
+    global memory shared between the block processes."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     lines = ['#include "cuda_emulation.h"']
     for name, value in args["template"]:
@@ -77,9 +78,13 @@ def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names
     subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", f"-I{HERE}", str(src), "-o", str(exe)], check=True,
                    capture_output=True, text=True)
     subprocess.run([str(exe)], check=True, timeout=120)
+    files = [(tmp_path / f"out{i}.bin", shape, dt)
+             for i, (shape, dt) in enumerate(zip(args["output_shapes"], args["output_dtypes"]))]
+    names = list(inputs)
+    files += [(tmp_path / f"in{names.index(n)}.out", inputs[n].shape, inputs[n].dtype) for n in changed]
     outs = []
-    for i, (shape, dt) in enumerate(zip(args["output_shapes"], args["output_dtypes"])):
-        raw = (tmp_path / f"out{i}.bin").read_bytes()
+    for path, shape, dt in files:
+        raw = path.read_bytes()
         if dt == mx.bfloat16:
             outs.append(mx.array(np.frombuffer(raw, dtype=np.uint16).reshape(shape)).view(mx.bfloat16))
         else:
@@ -172,6 +177,37 @@ def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_sca
             np.testing.assert_allclose(np.array(out.reshape(2, -1)), np.array(ref), rtol=1e-4, atol=1e-4)
         else:
             _assert_close_to_rounded(out.reshape(2, -1), ref)
+
+
+@pytest.mark.parametrize("position,capacity,dtype", [(5, 8, mx.bfloat16), (13, 8, mx.bfloat16), (3, 16, mx.float32)])
+def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, capacity, dtype):
+    """The ``cache`` variant: q as output, this position's rotated k and v written in place into slot
+    ``position % capacity`` of the (sequences, kv heads, capacity, head dim) buffers; every other slot
+    keeps its old value."""
+    layers = [_layer(n, 128, 50 + i, dtype) for i, n in enumerate((64, 32, 32))]
+    x = (3.0 * mx.random.normal((2, 128))).astype(dtype)
+    gamma = (1.0 + 0.1 * mx.random.normal((128,))).astype(dtype)
+    kc, vc = (mx.random.normal((2, 2, capacity, 16)).astype(dtype) for _ in range(2))
+    variant = qmv_cuda.Variant(3, norm_eps=1e-5, rope=(True, True, False), cache=True)
+    args = qmv_cuda._launch_args(2, 128, (64, 32, 32), variant, dtype, 0, ((2, 4, 1, 16),), 16, capacity)
+    q, kc_after, vc_after = emulate(
+        tmp_path, variant.source(), qmv_cuda._HEADER,
+        _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32), kc=kc, vc=vc),
+        variant.output_names, args, changed=("kc", "vc"))
+    want_q, want_k, want_v = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers],
+                                                              position, 16, 10000.0, 1.0)
+    def check(got, want):
+        if dtype == mx.float32:
+            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+        else:
+            _assert_close_to_rounded(got, want)
+
+    check(q.reshape(2, 64), want_q)
+    slot = position % capacity
+    others = [s for s in range(capacity) if s != slot]
+    for after, before, want in ((kc_after, kc, want_k), (vc_after, vc, want_v)):
+        assert mx.array_equal(after[:, :, others], before[:, :, others])
+        check(after[:, :, slot].reshape(2, 32), want)  # (sequence, kv head * head dim)
 
 
 def test_swiglu_kernel_with_norm(tmp_path):

@@ -171,10 +171,13 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
 
     model, state, tokens, eager = _quantized_model_and_eager_steps(steps=12)
 
-    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, shapes):
+    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, shapes, cache):
+        # the kernel writes k and v into the cache's buffers in place; here: a slice_update at its slot
         outs = qmv_cuda.reference_qkv_norm_rope(x.reshape(-1, x.shape[-1]), gamma, eps, weights,
                                                 int(position.item()), head_dim, base, scale)
-        return [o.astype(x.dtype).reshape(s) for o, s in zip(outs, shapes)]
+        q, k, v = [o.astype(x.dtype).reshape(s) for o, s in zip(outs, shapes)]
+        slot = (position % cache[0].shape[2]).reshape(1)
+        return [q] + [mx.slice_update(c, n, slot, axes=(2,)) for c, n in zip(cache, (k, v))]
 
     def swiglu(x, gamma, eps, gate, up):
         normed = qmv_cuda.reference_rms_norm(x.reshape(-1, x.shape[-1]), gamma, eps)
@@ -188,7 +191,7 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     monkeypatch.setattr(fused_decode, "_ENABLED", True)
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)  # head dim 16 here
-    monkeypatch.setattr(qmv_cuda, "qkv_norm_rope", lambda *a: calls.append("qkv") or qkv(*a))
+    monkeypatch.setattr(qmv_cuda, "qkv_norm_rope", lambda *a, cache: calls.append("qkv") or qkv(*a, cache))
     monkeypatch.setattr(qmv_cuda, "swiglu_norm", swiglu)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(attention_cuda, "decode_attention",

@@ -34,20 +34,22 @@ _THREADS = 128  # 4 warps; the head dimension is at most this
 # 5.21 against 5.91 ms in one run and 6.48 against 5.29 in another (benchmarks/RESULTS.md).
 _ENABLED = os.environ.get("MLX_QLORA_DECODE_ATTENTION", "mlx") == "ours"
 
-# Pass 1: one block per (sequence, key/value head, split of the slots). The block scores its slots for
-# all REP query heads that share the key/value head (each key and value row is read once), then writes
-# per head the maximum score, the sum of exp(score - max) and the exp-weighted sum of values.
+# Pass 1: one block per (sequence, key/value head, split of the slots). Each warp takes runs of UNROLL
+# consecutive slots of the split and keeps, for all REP query heads that share the key/value head, a
+# running maximum, sum of exponentials and exp-weighted sum of values (online softmax), each lane holding
+# D/32 consecutive head dimensions: every key and value row is read once, by one warp, with the loads of
+# UNROLL rows in flight together. The warps' results are then merged through shared memory and the block
+# writes per head the maximum score, the sum of exp(score - max) and the exp-weighted sum of values.
 _PARTIAL = r"""
   // q (B, H, 1, D); k, v (B, HKV, C, D); offset: the position just written.
   // part_acc (B, H, S, D), part_ml (B, H, S, 2): float32 partial results of split s.
   constexpr int REP = H / HKV;
   constexpr int WARPS = THREADS / 32;
-  constexpr int PER_LANE = D / 32;
-  constexpr int CHUNK_MAX = (C + S - 1) / S;
+  constexpr int PL = D / 32;  // head dimensions per lane
   constexpr int UNROLL = 4;
   __shared__ float qs[REP * D];
-  __shared__ float scores[REP * CHUNK_MAX];
-  __shared__ float stats[2 * REP];
+  __shared__ float wacc[WARPS * REP * D];
+  __shared__ float wml[WARPS * REP * 2];
   const int split = (@BLOCK@) % S;
   const int bk = (@BLOCK@) / S;  // b * HKV + hk
   const int b = bk / HKV;
@@ -68,88 +70,103 @@ _PARTIAL = r"""
     qs[i] = q_at(q0 + i) * SCALE;
   }
   __syncthreads();
+  float qr[REP][PL];
+  float m[REP];
+  float l[REP];
+  float acc[REP][PL];
+#pragma unroll
+  for (int r = 0; r < REP; ++r) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      qr[r][i] = qs[r * D + lane * PL + i];
+      acc[r][i] = 0.0f;
+    }
+  }
 
-  // 1. scores: one slot per warp, UNROLL slots in flight
   for (int base = s0 + warp * UNROLL; base < s1; base += WARPS * UNROLL) {
-    float kv[UNROLL][PER_LANE];
+    float kv[UNROLL][PL];
+    float vv[UNROLL][PL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
-      for (int i = 0; i < PER_LANE; ++i) {
-        kv[u][i] = base + u < s1 ? key_at(base + u, lane + 32 * i) : 0.0f;
+      for (int i = 0; i < PL; ++i) {
+        kv[u][i] = base + u < s1 ? key_at(base + u, lane * PL + i) : 0.0f;
+        vv[u][i] = base + u < s1 ? value_at(base + u, lane * PL + i) : 0.0f;
       }
     }
-    for (int r = 0; r < REP; ++r) {
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        float dot = 0.0f;
+    for (int u = 0; u < UNROLL; ++u) {
+      if (base + u < s1) {  // the same for every lane
+        float dot[REP];
 #pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) {
-          dot = fmaf(qs[r * D + lane + 32 * i], kv[u][i], dot);
+        for (int r = 0; r < REP; ++r) {
+          dot[r] = 0.0f;
+#pragma unroll
+          for (int i = 0; i < PL; ++i) {
+            dot[r] = fmaf(qr[r][i], kv[u][i], dot[r]);
+          }
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
-          dot += __shfl_xor_sync(0xffffffffu, dot, o);
+#pragma unroll
+          for (int r = 0; r < REP; ++r) {
+            dot[r] += __shfl_xor_sync(0xffffffffu, dot[r], o);
+          }
         }
-        if (lane == 0 && base + u < s1) {
-          scores[r * CHUNK_MAX + base + u - s0] = dot;
+#pragma unroll
+        for (int r = 0; r < REP; ++r) {
+          const float mn = fmaxf(m[r], dot[r]);
+          const float alpha = __expf(m[r] - mn);  // 0 for the first slot (m = -inf)
+          const float p = __expf(dot[r] - mn);
+          l[r] = fmaf(l[r], alpha, p);
+#pragma unroll
+          for (int i = 0; i < PL; ++i) {
+            acc[r][i] = fmaf(acc[r][i], alpha, p * vv[u][i]);
+          }
+          m[r] = mn;
         }
       }
     }
   }
-  __syncthreads();
 
-  // 2. per query head (one warp each): maximum, exp(score - max) in place, sum
-  for (int r = warp; r < REP; r += WARPS) {
-    float m = -INFINITY;
-    for (int j = lane; j < s1 - s0; j += 32) {
-      m = fmaxf(m, scores[r * CHUNK_MAX + j]);
-    }
+  // merge the warps: M = max of their maxima, weights exp(m_w - M) (0 for a warp without slots)
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    }
-    float l = 0.0f;
-    for (int j = lane; j < s1 - s0; j += 32) {
-      const float e = __expf(scores[r * CHUNK_MAX + j] - m);
-      scores[r * CHUNK_MAX + j] = e;
-      l += e;
-    }
+  for (int r = 0; r < REP; ++r) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      l += __shfl_xor_sync(0xffffffffu, l, o);
+    for (int i = 0; i < PL; ++i) {
+      wacc[(warp * REP + r) * D + lane * PL + i] = acc[r][i];
     }
     if (lane == 0) {
-      stats[2 * r] = m;
-      stats[2 * r + 1] = l;
+      wml[(warp * REP + r) * 2] = m[r];
+      wml[(warp * REP + r) * 2 + 1] = l[r];
     }
   }
   __syncthreads();
-
-  // 3. exp-weighted values: one head dimension per thread, every value row read once for all heads
-  if (tid < D) {
-    float acc[REP];
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-      acc[r] = 0.0f;
+  for (int idx = tid; idx < REP * D; idx += THREADS) {
+    const int r = idx / D;
+    const int d = idx % D;
+    float M = -INFINITY;
+    for (int w = 0; w < WARPS; ++w) {
+      M = fmaxf(M, wml[(w * REP + r) * 2]);
     }
-#pragma unroll 4
-    for (int j = 0; j < s1 - s0; ++j) {
-      const float val = value_at(s0 + j, tid);
-#pragma unroll
-      for (int r = 0; r < REP; ++r) {
-        acc[r] = fmaf(scores[r * CHUNK_MAX + j], val, acc[r]);
+    float a = 0.0f;
+    float L = 0.0f;
+    for (int w = 0; w < WARPS; ++w) {
+      const float mw = wml[(w * REP + r) * 2];
+      if (mw != -INFINITY) {
+        const float e = __expf(mw - M);
+        a = fmaf(e, wacc[(w * REP + r) * D + d], a);
+        L = fmaf(e, wml[(w * REP + r) * 2 + 1], L);
       }
     }
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-      part_acc[(((size_t)b * H + hk * REP + r) * S + split) * D + tid] = acc[r];
+    const size_t row = ((size_t)b * H + hk * REP + r) * S + split;
+    part_acc[row * D + d] = a;
+    if (d == 0) {
+      part_ml[row * 2] = M;
+      part_ml[row * 2 + 1] = L;
     }
-  }
-  if (tid < REP) {
-    const size_t at = (((size_t)b * H + hk * REP + tid) * S + split) * 2;
-    part_ml[at] = stats[2 * tid];
-    part_ml[at + 1] = stats[2 * tid + 1];
   }
 """
 
@@ -201,8 +218,8 @@ def supports_shapes(q_shape, kv_shape, q_dtype: mx.Dtype, kv_dtype: mx.Dtype) ->
 
 
 def splits(capacity: int) -> int:
-    """Slot ranges per key/value head: about 64 slots each, at most 32 (enough blocks to fill a GPU)."""
-    return max(1, min(32, capacity // 64))
+    """Slot ranges per key/value head: about 32 slots each, at most 64 (enough blocks to fill a GPU)."""
+    return max(1, min(64, capacity // 32))
 
 
 # How the passes read their inputs. As kernels: plain loads. Inside the one-launch decoder layer

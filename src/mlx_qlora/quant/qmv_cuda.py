@@ -197,9 +197,19 @@ def _select_split(n_matrices: int, rope: tuple[bool, ...] = ()) -> str:
     return "\n".join(lines)
 
 
-def _epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool = False) -> str:
+def _store(g: int, n: str, value: str, cache: bool) -> str:
+    """Write ``value`` to output row ``n`` (of sequence m) of matrix g; with ``cache``, matrices 1 and 2 (k
+    and v) go to slot ``rope_pos[0] % C`` of the key/value cache instead, (M, N/HD, C, HD) in place."""
+    if cache and g in (1, 2):
+        buf = "kc" if g == 1 else "vc"
+        return (f"const_cast<T*>({buf})[(((size_t)m * (N{g} / HD) + ({n}) / HD) * C + rope_pos[0] % C) * HD "
+                f"+ ({n}) % HD] = static_cast<T>({value});")
+    return f"y{g}[(size_t)m * N{g} + {n}] = static_cast<T>({value});"
+
+
+def _epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool = False, cache: bool = False) -> str:
     """Lane r's writes. Plain rows: row local + r of matrix g. Roped matrices: lanes r < R/2 write the pair
-    (p, p + HD/2), p = (local % HD) / 2 + r, rotated by position ``rope_pos[0]``."""
+    (p, p + HD/2), p = (local % HD) / 2 + r, rotated by position ``rope_pos[0]``. ``cache``: see ``_store``."""
     lines = ["      " + line.strip() for line in _matrix_branches(n_matrices)]
     lines += [f"      const bool roped = {_roped_expr(rope)};"]
     if any(rope):
@@ -219,8 +229,8 @@ def _epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool
                       "#pragma unroll", "            for (int m = 0; m < M; ++m) {",
                       "              const float va = 16.0f * sa * (acc[r][m] - xsum[m]) + ba * xsum[m];",
                       "              const float vb = 16.0f * sb * (acc[R / 2 + r][m] - xsum[m]) + bb * xsum[m];",
-                      f"              y{g}[(size_t)m * N{g} + na] = static_cast<T>(va * cs - vb * sn);",
-                      f"              y{g}[(size_t)m * N{g} + nb] = static_cast<T>(vb * cs + va * sn);",
+                      "              " + _store(g, "na", "va * cs - vb * sn", cache),
+                      "              " + _store(g, "nb", "vb * cs + va * sn", cache),
                       "            }", "          }"]
         lines += ["        }", "      } else {"]
     else:
@@ -231,8 +241,7 @@ def _epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool
                   "          const int local_n = local + r;",
                   f"          const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
                   "#pragma unroll", "          for (int m = 0; m < M; ++m) {",
-                  f"            y{g}[(size_t)m * N{g} + local_n] = "
-                  f"static_cast<T>(16.0f * s * (acc[r][m] - xsum[m]) + b * xsum[m]{res});",
+                  "            " + _store(g, "local_n", f"16.0f * s * (acc[r][m] - xsum[m]) + b * xsum[m]{res}", cache),
                   "          }", "        }"]
     lines += ["      }"]
     return "\n".join(lines)
@@ -346,16 +355,20 @@ class Variant:
     rope_base: float = 10000.0
     rope_scale: float = 1.0
     residual: bool = False
+    cache: bool = False
 
     @property
     def input_names(self) -> list[str]:
         names = [f"{a}{g}" for g in range(self.n_matrices) for a in ("w", "s", "b")] + ["x"]
         names += ["gamma"] if self.norm_eps is not None else []
         names += ["rope_pos"] if any(self.rope) else []
+        names += ["kc", "vc"] if self.cache else []
         return names + (["res"] if self.residual else [])
 
     @property
     def output_names(self) -> list[str]:
+        if self.cache:
+            return ["y0"]  # k and v go to the cache
         return ["y"] if self.swiglu else [f"y{g}" for g in range(self.n_matrices)]
 
     @property
@@ -364,6 +377,7 @@ class Variant:
         extra = [] if self.norm_eps is None else ["norm"]
         extra += ["rope" + "".join(str(int(f)) for f in self.rope)] if any(self.rope) else []
         extra += ["res"] if self.residual else []
+        extra += ["cache"] if self.cache else []
         consts = abs(hash((self.norm_eps, self.rope_base, self.rope_scale))) if extra else 0
         return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, str(consts)])
 
@@ -373,7 +387,7 @@ class Variant:
             select, epilogue = _SELECT_SWIGLU, _EPILOGUE_SWIGLU
         else:
             select = _select_split(self.n_matrices, self.rope)
-            epilogue = _epilogue_split(self.n_matrices, self.rope, self.residual)
+            epilogue = _epilogue_split(self.n_matrices, self.rope, self.residual, self.cache)
         norm = self.norm_eps is not None
         body = (_BODY.replace("@WARP@", warp).replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
                 .replace("@PROLOGUE@", _NORM_PROLOGUE if norm else "")
@@ -430,10 +444,11 @@ def rows_per_warp(out_rows: tuple[int, ...], even: bool = False) -> int:
 
 @lru_cache(maxsize=None)
 def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant: "Variant", dtype: mx.Dtype,
-                 per_warp: int = 0, shapes: Optional[tuple] = None, head_dim: int = 0) -> dict:
+                 per_warp: int = 0, shapes: Optional[tuple] = None, head_dim: int = 0, capacity: int = 0) -> dict:
     """The launch arguments of one shape, built once: decoding calls every layer once per token, and
     building them on each call cost more than the kernel itself. ``shapes``: the outputs' shapes (any
-    shape with the elements of (rows, N) in row-major order), default (rows, N) each."""
+    shape with the elements of (rows, N) in row-major order), default (rows, N) each. ``capacity``: the
+    slots of the cache a ``Variant.cache`` kernel writes to."""
     per_warp = per_warp or rows_per_warp(out_rows, even=any(variant.rope))
     n_warp_rows = out_rows[0] if variant.swiglu else sum(out_rows)
     padded = tuple(out_rows) + (0,) * (3 - len(out_rows))
@@ -443,8 +458,10 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
     template = [("T", dtype), ("DT", _DTYPE_CODES[dtype]), ("M", rows), ("K", in_features), ("ROWS", n_warp_rows),
                 ("R", per_warp), ("P", 2 if variant.swiglu else 1), ("N0", padded[0]), ("N1", padded[1]),
                 ("N2", padded[2])]
-    if any(variant.rope):
+    if any(variant.rope) or variant.cache:
         template.append(("HD", head_dim))
+    if variant.cache:
+        template.append(("C", capacity))
     return dict(
         template=template,
         grid=(((threads + _THREADS - 1) // _THREADS) * _THREADS, 1, 1),
@@ -456,12 +473,12 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
 
 def _launch(x2: mx.array, weights: Sequence[tuple[mx.array, mx.array, mx.array]], variant: Optional[Variant] = None,
             per_warp: int = 0, shapes: Optional[tuple] = None, extra: Sequence[mx.array] = (),
-            head_dim: int = 0) -> list[mx.array]:
+            head_dim: int = 0, capacity: int = 0) -> list[mx.array]:
     """x2 (M, K) and (packed, scales, biases) per matrix -> one (M, N) output per matrix, or with SwiGLU
     one (M, N) output. ``extra``: the variant's further inputs in ``Variant.input_names`` order."""
     variant = variant or Variant(n_matrices=len(weights))
     out_rows = tuple(w.shape[0] for w, _, _ in weights)
-    args = _launch_args(x2.shape[0], x2.shape[1], out_rows, variant, x2.dtype, per_warp, shapes, head_dim)
+    args = _launch_args(x2.shape[0], x2.shape[1], out_rows, variant, x2.dtype, per_warp, shapes, head_dim, capacity)
     inputs = [a for triple in weights for a in triple] + [x2, *extra]
     return _kernel(variant)(inputs=inputs, **args)
 
@@ -539,13 +556,24 @@ def reference_swiglu(x: mx.array, gate: tuple[mx.array, mx.array, mx.array],
 
 def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[tuple[mx.array, mx.array, mx.array]],
                   position: mx.array, head_dim: int, rope_base: float, rope_scale: float,
-                  shapes: Sequence[tuple[int, ...]]) -> list[mx.array]:
+                  shapes: Sequence[tuple[int, ...]],
+                  cache: Optional[tuple[mx.array, mx.array]] = None) -> list[mx.array]:
     """``q, k, v`` of ``rms_norm(x, gamma, eps)`` (x (M, K), M sequences of one token) in one launch, with
-    rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d)."""
+    rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d).
+
+    ``cache``: the key and value buffers (M, n_kv_heads, C, head_dim) of a ``StaticKVCache``, row-major.
+    k and v are then written into them in place, at slot ``position % C``, and the buffers are returned
+    in their place: ``[q, keys, values]``. Only the q shape of ``shapes`` is used. The write is invisible
+    to MLX's graph, so whatever reads the buffers must depend on q (attention does) and nothing may read
+    the buffers' old contents afterwards (the cache's are dropped as it advances)."""
     variant = Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
-                      rope_scale=float(rope_scale))
-    return _launch(x.reshape(-1, x.shape[-1]), weights, variant, shapes=tuple(tuple(s) for s in shapes),
-                   extra=[gamma, position.astype(mx.int32)], head_dim=head_dim)
+                      rope_scale=float(rope_scale), cache=cache is not None)
+    extra = [gamma, position.astype(mx.int32)] + (list(cache) if cache is not None else [])
+    capacity = cache[0].shape[2] if cache is not None else 0
+    outs = _launch(x.reshape(-1, x.shape[-1]), weights, variant,
+                   shapes=tuple(tuple(s) for s in (shapes[:1] if cache is not None else shapes)),
+                   extra=extra, head_dim=head_dim, capacity=capacity)
+    return outs + list(cache) if cache is not None else outs
 
 
 def swiglu_norm(x: mx.array, gamma: mx.array, eps: float, gate: tuple[mx.array, mx.array, mx.array],

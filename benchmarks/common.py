@@ -47,6 +47,8 @@ OUR_VARIANTS = {
     "ours-fused": {"MLX_QLORA_FUSED_DECODE": "1"},
     "ours-unfused": {"MLX_QLORA_FUSED_DECODE": "0"},
     "ours-kernel": {"MLX_QLORA_FUSED_DECODE": "kernel"},
+    "ours-r4": {"MLX_QLORA_QMV_MIN_WARPS": "1024"},
+    "ours-slots32": {"MLX_QLORA_ATTENTION_SLOTS": "32"},
 }
 
 

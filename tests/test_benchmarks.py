@@ -96,3 +96,10 @@ def test_variant_stacks_run_in_their_own_environment(tmp_path):
     assert [r["stack"] for r in result["rows"]] == ["ours", "ours-dequant"]
     assert all(r["tokens_per_s"] > 0 for r in result["rows"])
     assert [r["env"] for r in result["rows"]] == [{}, {"MLX_QLORA_DEQUANT": "ours"}]
+
+
+def test_kernel_profile_runs_on_the_cpu(tmp_path):
+    for mode in (["decode", "--prompt-tokens", "8", "--tokens", "2"], ["train", "--seq", "16", "--steps", "1"]):
+        result, stdout = _run(["kernel_profile.py", *mode, "--preset", "tiny", "--layers", "1"], tmp_path)
+        assert result["totals"]["wall_ms"] > 0 and result["rows"] == []  # no GPU kernels on the CPU
+        assert "no GPU kernels recorded" in stdout

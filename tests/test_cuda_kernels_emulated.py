@@ -196,6 +196,7 @@ def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, ca
         variant.output_names, args, changed=("kc", "vc"))
     want_q, want_k, want_v = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers],
                                                               position, 16, 10000.0, 1.0)
+
     def check(got, want):
         if dtype == mx.float32:
             np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)

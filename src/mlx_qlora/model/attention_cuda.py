@@ -217,9 +217,14 @@ def supports_shapes(q_shape, kv_shape, q_dtype: mx.Dtype, kv_dtype: mx.Dtype) ->
     )
 
 
+# Slots per range of pass 1 (env knob for measurements).
+SLOTS_PER_SPLIT = int(os.environ.get("MLX_QLORA_ATTENTION_SLOTS", "64"))
+
+
 def splits(capacity: int) -> int:
-    """Slot ranges per key/value head: about 32 slots each, at most 64 (enough blocks to fill a GPU)."""
-    return max(1, min(64, capacity // 32))
+    """Slot ranges per key/value head: about ``SLOTS_PER_SPLIT`` slots each, at most 64 (enough blocks to
+    fill a GPU, few partial results to combine)."""
+    return max(1, min(64, capacity // SLOTS_PER_SPLIT))
 
 
 # How the passes read their inputs. As kernels: plain loads. Inside the one-launch decoder layer

@@ -1,19 +1,20 @@
-"""One decoder layer of compiled decoding on CUDA in seven launches instead of about twenty.
+"""One decoder layer of compiled decoding on CUDA in six launches instead of about twenty.
 
-Batch decoding is bound by MLX's host work per operation (``benchmarks/RESULTS.md``), so with one token
-per sequence, a ``StaticKVCache`` and bare per-row 4-bit projections, a layer runs as:
+With one token per sequence, a ``StaticKVCache`` and bare per-row 4-bit projections, a layer runs as:
 
-1. ``qkv_norm_rope``: input RMSNorm, q/k/v and rotary embeddings on q and k (one kernel);
-2. the cache update of k and v (two ``slice_update``);
-3. ``decode_attention`` over the static cache (two kernels, no mask);
-4. ``matmul_residual``: o_proj plus the residual;
-5. ``swiglu_norm``: post-attention RMSNorm, gate, up and SwiGLU;
-6. ``matmul_residual``: down_proj plus the residual.
+1. ``qkv_norm_rope``: input RMSNorm, q/k/v and rotary embeddings on q and k, and k and v written into
+   the cache's buffers in place at this position's slot (one kernel);
+2. ``decode_attention`` over the static cache (two kernels, no mask);
+3. ``matmul_residual``: o_proj plus the residual;
+4. ``swiglu_norm``: post-attention RMSNorm, gate, up and SwiGLU;
+5. ``matmul_residual``: down_proj plus the residual.
 
 The norms, rotations and residual sums happen in float32 inside the kernels and are rounded once, so
 outputs differ from the operation-by-operation path by bfloat16 rounding only (largest logit difference
-0.037 at logits up to 2.6 on Mistral-7B shapes). On by default: on an H100 decoding went from 138.2 to
-210.5 tokens/s (mlx-lm: 137.8) in one run and from 169.7 to 221.9 in another (``benchmarks/RESULTS.md``).
+0.039 at logits up to 2.6 on Mistral-7B shapes). On by default: on an H100 decoding ran at 1.96-2.36x
+mlx-lm's tokens/s in four runs (325.8 against 145.8 in the latest; ``benchmarks/RESULTS.md``). Writing
+the cache in place instead of two ``slice_update`` per layer took a token from 5.0 to 3.1 ms: those
+copies were a quarter of the GPU's time (``benchmarks/kernel_profile.py``).
 ``MLX_QLORA_FUSED_DECODE=kernel`` runs the layer as one launch instead (``model/layer_kernel.py``).
 The CPU tests check the kernels by emulation and this wiring with the kernels' formulas in their place.
 """
@@ -30,7 +31,7 @@ from ..quant.quantized_linear import QuantizedLinear
 from . import attention_cuda, layer_kernel
 from .static_cache import StaticKVCache
 
-# MLX_QLORA_FUSED_DECODE: "0" off (layer by layer in MLX operations), "1" seven launches per layer,
+# MLX_QLORA_FUSED_DECODE: "0" off (layer by layer in MLX operations), "1" six launches per layer,
 # "kernel" one launch per layer (``model/layer_kernel.py``) where the GPU's multiprocessors are known.
 MODE = os.environ.get("MLX_QLORA_FUSED_DECODE", "1")
 _ENABLED = MODE != "0"

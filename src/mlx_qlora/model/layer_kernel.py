@@ -1,8 +1,8 @@
 """One decoder layer of batch decoding in one CUDA launch (compiled decoding on NVIDIA GPUs).
 
-Batch decoding is bound by MLX's host work per operation, about 10 us each on the GPU machine
-(``benchmarks/RESULTS.md``): seven launches per layer (``model/fused_decode.py``) still cost more host
-time than the GPU needs for the layer's weights. Here the seven steps run as phases of one launch:
+MLX's host work per operation is about 10 us on the GPU machine (``benchmarks/RESULTS.md``), and the
+launches of ``model/fused_decode.py`` once cost more host time than the GPU needed for the layer's
+weights. Here the steps run as phases of one launch:
 
 1. input RMSNorm, q/k/v and rotary embeddings (``qmv_cuda`` device functions);
 2. attention over the static cache, this position's key and value taken from phase 1 (split slots);
@@ -21,8 +21,8 @@ L2 (``__ldcg``).
 The launch writes this position's key and value (``k_new``, ``v_new``); the cache's ``slice_update``
 follows it, so a layer is three operations instead of about nine.
 
-Opt-in (``MLX_QLORA_FUSED_DECODE=kernel``): on an H100 it is correct but slower than seven launches
-(9.6 against 5.0 ms per token): with 8 warps per multiprocessor the matrix-vector phases are
+Opt-in (``MLX_QLORA_FUSED_DECODE=kernel``): on an H100 it is correct but slower than the launches of
+``fused_decode`` (9.6 against 5.0 ms per token when they were seven; 3.1 ms now): with 8 warps per multiprocessor the matrix-vector phases are
 latency-bound and each barrier costs about 12 us (``benchmarks/layer_kernel_probe.py``,
 ``benchmarks/RESULTS.md``).
 

@@ -8,8 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..quant.fused import fused_projections, fused_swiglu
-from ..device import on_cuda
-from . import attention_cuda, fused_decode, sdpa
+from . import attention_cuda, fused_decode
 from .args import ModelArgs
 from .cache import KVCache
 from .static_cache import StaticKVCache
@@ -91,9 +90,7 @@ class Attention(nn.Module):
         if isinstance(cache, StaticKVCache) and attention_cuda.supports(q, k):
             out = attention_cuda.decode_attention(q, k, v, offset, self.scale)  # (B, 1, H*hd), no mask
         else:
-            # training on CUDA: the length padded to cuDNN's tile, for its fused backward (model/sdpa.py)
-            out = sdpa.attention(q, k, v, self.scale, mask_fn(key_positions), pad=self.training and cache is None
-                                 and on_cuda())
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask_fn(key_positions))
             out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
         return self.o_proj(out)
 
@@ -126,6 +123,6 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, mask_fn, cache: Optional[KVCache] = None, position_ids=None) -> mx.array:
         if cache is not None and position_ids is None and fused_decode.applies(self, x, cache):
-            return fused_decode.layer_step(self, x, cache)  # CUDA decoding: seven launches (or one)
+            return fused_decode.layer_step(self, x, cache)  # CUDA decoding: six launches (or one)
         h = x + self.self_attn(self.input_layernorm(x), mask_fn, cache, position_ids)
         return h + self.mlp(self.post_attention_layernorm(h))

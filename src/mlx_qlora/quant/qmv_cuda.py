@@ -241,7 +241,8 @@ def _epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool
                   "          const int local_n = local + r;",
                   f"          const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
                   "#pragma unroll", "          for (int m = 0; m < M; ++m) {",
-                  "            " + _store(g, "local_n", f"16.0f * s * (acc[r][m] - xsum[m]) + b * xsum[m]{res}", cache),
+                  "            " + _store(g, "local_n", f"16.0f * s * (acc[r][m] - xsum[m]) + b * xsum[m]{res}",
+                                           cache),
                   "          }", "        }"]
     lines += ["      }"]
     return "\n".join(lines)
@@ -551,7 +552,7 @@ def reference_swiglu(x: mx.array, gate: tuple[mx.array, mx.array, mx.array],
     return g * mx.sigmoid(g) * reference(x, *up)
 
 
-# ---- one decoder layer of batch decoding in four launches (``model/fused_decode.py``) -------------------
+# ---- the kernels of one decoder layer of batch decoding (``model/fused_decode.py``) -----------------------
 
 
 def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[tuple[mx.array, mx.array, mx.array]],

@@ -2,16 +2,16 @@
 
 A static cache holds empty slots, so ``mx.fast.scaled_dot_product_attention`` needs an array mask, and
 with an array mask MLX's CUDA backend composes attention from several operations (matmuls, softmax,
-select) in every layer. Decoding is bound by the host's work per operation (``benchmarks/RESULTS.md``),
-so attention here is two launches that read the number of filled slots from the cache's offset on the
+select) in every layer, each with the host's work per operation (``benchmarks/RESULTS.md``), so
+attention here is two launches that read the number of filled slots from the cache's offset on the
 device: with position ``p`` just written, slots ``0 .. p`` are filled while ``p`` < capacity, and all of
 them once the ring has wrapped (the capacity is then the sliding window, so every slot is inside it).
 No mask exists.
 
 Pass 1 splits the filled slots of each key/value head into ``splits(capacity)`` ranges, one block each,
-and scores them for every query head of the group (grouped-query attention reads each key and value
-row once); it writes per head and range the maximum score, the sum of exponentials and the weighted sum
-of values, in float32. Pass 2 combines the ranges (the split softmax of flash-decoding).
+and scores them for every query head of the group, one warp per run of slots with an online softmax
+(grouped-query attention reads each key and value row once); it writes per head and range the maximum
+score, the sum of exponentials and the weighted sum of values, in float32. Pass 2 combines the ranges (the split softmax of flash-decoding).
 
 ``reference`` is the same computation in MLX operations (CPU tests check it against attention with the
 mask of ``build_mask``, and run the kernels' sources on the CPU through ``tests/cuda_emulation.h``).

@@ -171,13 +171,14 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
 
     model, state, tokens, eager = _quantized_model_and_eager_steps(steps=12)
 
-    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, shapes, cache):
+    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache):
         # the kernel writes k and v into the cache's buffers in place; here: a slice_update at its slot
-        outs = qmv_cuda.reference_qkv_norm_rope(x.reshape(-1, x.shape[-1]), gamma, eps, weights,
-                                                int(position.item()), head_dim, base, scale)
-        q, k, v = [o.astype(x.dtype).reshape(s) for o, s in zip(outs, shapes)]
+        q, k, v = [o.astype(x.dtype) for o in qmv_cuda.reference_qkv_norm_rope(
+            x.reshape(-1, x.shape[-1]), gamma, eps, weights, int(position.item()), head_dim, base, scale)]
         slot = (position % cache[0].shape[2]).reshape(1)
-        return [q] + [mx.slice_update(c, n, slot, axes=(2,)) for c, n in zip(cache, (k, v))]
+        kv_shape = (x.shape[0], -1, 1, head_dim)  # (B, Hkv, 1, hd)
+        return [q.reshape(q_shape)] + [mx.slice_update(c, n.reshape(kv_shape), slot, axes=(2,))
+                                       for c, n in zip(cache, (k, v))]
 
     def swiglu(x, gamma, eps, gate, up):
         normed = qmv_cuda.reference_rms_norm(x.reshape(-1, x.shape[-1]), gamma, eps)

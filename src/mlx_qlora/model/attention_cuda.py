@@ -11,7 +11,8 @@ No mask exists.
 Pass 1 splits the filled slots of each key/value head into ``splits(capacity)`` ranges, one block each,
 and scores them for every query head of the group, one warp per run of slots with an online softmax
 (grouped-query attention reads each key and value row once); it writes per head and range the maximum
-score, the sum of exponentials and the weighted sum of values, in float32. Pass 2 combines the ranges (the split softmax of flash-decoding).
+score, the sum of exponentials and the weighted sum of values, in float32. Pass 2 combines the ranges
+(the split softmax of flash-decoding).
 
 ``reference`` is the same computation in MLX operations (CPU tests check it against attention with the
 mask of ``build_mask``, and run the kernels' sources on the CPU through ``tests/cuda_emulation.h``).

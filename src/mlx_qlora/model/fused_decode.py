@@ -73,13 +73,12 @@ def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
         return layer_kernel.layer_step(layer, x, cache)
     a, m = layer.self_attn, layer.mlp
     B = x.shape[0]
-    shapes = [(B, n, 1, a.head_dim) for n in (a.n_heads, a.n_kv_heads, a.n_kv_heads)]
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     position = cache.offset  # of this token
     # q (B, H, 1, hd); this position's k and v written into the cache's buffers (B, Hkv, C, hd) in place
     q, keys, values = qmv_cuda.qkv_norm_rope(
         x, norm1.weight, norm1.eps, [a.q_proj.parts, a.k_proj.parts, a.v_proj.parts], position, a.head_dim,
-        a.rope_theta, a.rope_scale, shapes, cache=(cache.keys, cache.values))
+        a.rope_theta, a.rope_scale, (B, a.n_heads, 1, a.head_dim), cache=(cache.keys, cache.values))
     cache.keys, cache.values = keys, values
     attn = attention_cuda.decode_attention(q, keys, values, position, a.scale)  # (B, 1, H * hd)
     h = qmv_cuda.matmul_residual(attn, a.o_proj.parts, x)  # (B, 1, hidden)

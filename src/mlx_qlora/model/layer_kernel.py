@@ -22,9 +22,9 @@ The launch writes this position's key and value (``k_new``, ``v_new``); the cach
 follows it, so a layer is three operations instead of about nine.
 
 Opt-in (``MLX_QLORA_FUSED_DECODE=kernel``): on an H100 it is correct but slower than the launches of
-``fused_decode`` (9.6 against 5.0 ms per token when they were seven; 3.1 ms now): with 8 warps per multiprocessor the matrix-vector phases are
-latency-bound and each barrier costs about 12 us (``benchmarks/layer_kernel_probe.py``,
-``benchmarks/RESULTS.md``).
+``fused_decode`` (9.6 against 5.0 ms per token when they were seven; 3.1 ms now): with 8 warps per
+multiprocessor the matrix-vector phases are latency-bound and each barrier costs about 12 us
+(``benchmarks/layer_kernel_probe.py``, ``benchmarks/RESULTS.md``).
 
 The CPU tests run the source through ``tests/cuda_emulation.h`` with every block a process of its own
 (shared memory per block, global memory and the counters shared) against the layer's MLX operations.

@@ -556,25 +556,22 @@ def reference_swiglu(x: mx.array, gate: tuple[mx.array, mx.array, mx.array],
 
 
 def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[tuple[mx.array, mx.array, mx.array]],
-                  position: mx.array, head_dim: int, rope_base: float, rope_scale: float,
-                  shapes: Sequence[tuple[int, ...]],
-                  cache: Optional[tuple[mx.array, mx.array]] = None) -> list[mx.array]:
-    """``q, k, v`` of ``rms_norm(x, gamma, eps)`` (x (M, K), M sequences of one token) in one launch, with
-    rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d).
+                  position: mx.array, head_dim: int, rope_base: float, rope_scale: float, q_shape: tuple[int, ...],
+                  cache: tuple[mx.array, mx.array]) -> list[mx.array]:
+    """q, k and v of ``rms_norm(x, gamma, eps)`` (x (M, K), M sequences of one token) in one launch, with
+    rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d); q comes
+    out in ``q_shape`` (any shape of its elements in row-major order).
 
-    ``cache``: the key and value buffers (M, n_kv_heads, C, head_dim) of a ``StaticKVCache``, row-major.
-    k and v are then written into them in place, at slot ``position % C``, and the buffers are returned
-    in their place: ``[q, keys, values]``. Only the q shape of ``shapes`` is used. The write is invisible
-    to MLX's graph, so whatever reads the buffers must depend on q (attention does) and nothing may read
-    the buffers' old contents afterwards (the cache's are dropped as it advances)."""
+    ``cache``: the key and value buffers (M, n_kv_heads, C, head_dim) of a ``StaticKVCache``, row-major;
+    k and v are written into them in place, at slot ``position % C``, and the buffers are returned in
+    their place: ``[q, keys, values]``. The write is invisible to MLX's graph, so whatever reads the
+    buffers must depend on q (attention does) and nothing may read the buffers' old contents afterwards
+    (the cache's are dropped as it advances)."""
     variant = Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
-                      rope_scale=float(rope_scale), cache=cache is not None)
-    extra = [gamma, position.astype(mx.int32)] + (list(cache) if cache is not None else [])
-    capacity = cache[0].shape[2] if cache is not None else 0
-    outs = _launch(x.reshape(-1, x.shape[-1]), weights, variant,
-                   shapes=tuple(tuple(s) for s in (shapes[:1] if cache is not None else shapes)),
-                   extra=extra, head_dim=head_dim, capacity=capacity)
-    return outs + list(cache) if cache is not None else outs
+                      rope_scale=float(rope_scale), cache=True)
+    q = _launch(x.reshape(-1, x.shape[-1]), weights, variant, shapes=(tuple(q_shape),),
+                extra=[gamma, position.astype(mx.int32), *cache], head_dim=head_dim, capacity=cache[0].shape[2])
+    return q + list(cache)
 
 
 def swiglu_norm(x: mx.array, gamma: mx.array, eps: float, gate: tuple[mx.array, mx.array, mx.array],

@@ -72,6 +72,9 @@ def step_ours(model, batch: mx.array, chunk: int, world=None):
 
     def run():
         loss_sum, n, grads = grad(batch, batch)
+        # The gradients are evaluated before the update is built, as the trainer does (train/trainer.py): in
+        # one evaluation with the update, MLX holds more of the optimizer's arrays at the backward pass's peak.
+        mx.eval(loss_sum, n, grads)
         if world is not None and world.distributed:
             grads, loss_sum, n, _ = all_sum_step(world, grads, loss_sum, n, batch.size)
         params = dict(tree_flatten(model.trainable_parameters()))

@@ -48,6 +48,7 @@ def main() -> None:
             for i in range(3):
                 mx.reset_peak_memory()
                 s, n, g = grad(batch, batch)
+                mx.eval(s, n, g)  # the gradients first, as the trainer evaluates them
                 params, state, _ = update(params, g, state, mx.array(1e-5), n)
                 model.update(tree_unflatten(list(params.items())))
                 mx.eval(s, params, state)

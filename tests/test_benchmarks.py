@@ -103,3 +103,11 @@ def test_kernel_profile_runs_on_the_cpu(tmp_path):
         result, stdout = _run(["kernel_profile.py", *mode, "--preset", "tiny", "--layers", "1"], tmp_path)
         assert result["totals"]["wall_ms"] > 0 and result["rows"] == []  # no GPU kernels on the CPU
         assert "no GPU kernels recorded" in stdout
+
+
+def test_step_probe_tiny(tmp_path):
+    result, stdout = _run(["step_probe.py", "--preset", "tiny", "--seq", "32", "--layers", "2", "--steps", "1",
+                           "--warmup", "1", "--checkpointing", "--variants", "default,composed+one-eval"], tmp_path)
+    assert [r["variant"] for r in result["rows"]] == ["default", "composed+one-eval"]
+    assert all(r["tokens_per_s"] > 0 and r["layers"] == 2 and r["checkpointing"] for r in result["rows"])
+    assert "| composed+one-eval |" in stdout

@@ -100,6 +100,64 @@ def test_forward_and_gradients_match_torch(kind):
 
 
 @pytest.mark.parametrize("kind", ["linear", "quantized"])
+def test_input_gradient_matches_torch(kind):
+    """dL/dx of the fused layer (base and adapter sums inside the matmuls) against torch autograd."""
+    import torch
+
+    layer = _with_random_b(LoRALinear.from_base(_bases()[kind], rank=RANK, alpha=16.0))
+    x = mx.random.normal((3, 4, IN), key=mx.random.key(5))
+    cotangent = mx.random.normal((3, 4, OUT), key=mx.random.key(6))
+    assert layer._fused(x) is not None  # 12 rows: the dense path, which the fused form covers
+    dx = mx.grad(lambda x: (layer(x) * cotangent).sum())(x)
+
+    tx = torch.tensor(np.array(x), dtype=torch.float64, requires_grad=True)
+    a, b = (torch.tensor(np.array(v), dtype=torch.float64) for v in (layer.lora_A, layer.lora_B))
+    w = torch.tensor(_base_weight(layer.base), dtype=torch.float64)
+    y = tx @ w.T + layer.scale * (tx @ a.T) @ b.T
+    (y * torch.tensor(np.array(cotangent), dtype=torch.float64)).sum().backward()
+    ref = tx.grad.numpy()
+    assert np.abs(np.array(dx) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_fused_form_applies_where_it_is_exact():
+    """No fused form with dropout in training (the adapter sees other inputs than the base), a biased base or
+    a 4-bit base's few-row path; in eval mode dropout is off, so the fused form applies again."""
+    bases = _bases()
+    x, one_row = mx.random.normal((2, 8, IN)), mx.random.normal((1, 1, IN))
+    with_dropout = LoRALinear.from_base(bases["quantized"], rank=RANK, dropout=0.1)
+    assert with_dropout._fused(x) is None
+    with_dropout.eval()
+    assert with_dropout._fused(x) is not None
+    assert LoRALinear.from_base(bases["quantized"], rank=RANK)._fused(one_row) is None
+    assert LoRALinear.from_base(nn.Linear(IN, OUT), rank=RANK)._fused(x) is None
+    assert LoRALinear.from_base(bases["linear"], rank=RANK)._fused(one_row) is not None
+
+
+def test_bfloat16_fused_form_stays_near_the_float32_formula():
+    """In bfloat16 the fused layer's output and gradients are within bfloat16 rounding of the float32 formula."""
+    layer = _with_random_b(LoRALinear.from_base(_bases()["quantized"], rank=RANK, alpha=16.0))
+    x = mx.random.normal((4, 16, IN), key=mx.random.key(7))
+    cotangent = mx.random.normal((4, 16, OUT), key=mx.random.key(8))
+    w = layer.base.dequantize(mx.float32)
+
+    def formula(params, x):
+        y = x @ w.T + layer.scale * (x @ params["lora_A"].T) @ params["lora_B"].T
+        return (y * cotangent).sum()
+
+    def ours(params, x):
+        layer.update(params)
+        return (layer(x.astype(mx.bfloat16)).astype(mx.float32) * cotangent.astype(mx.bfloat16)).sum()
+
+    params = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+    (ref_grads, ref_dx), (got_grads, got_dx) = (mx.grad(f, argnums=(0, 1))(params, x) for f in (formula, ours))
+    assert got_grads["lora_A"].dtype == mx.float32 and got_dx.dtype == mx.float32
+    for got, ref in ((got_dx, ref_dx), (got_grads["lora_A"], ref_grads["lora_A"]),
+                     (got_grads["lora_B"], ref_grads["lora_B"])):
+        err = float(mx.abs(got - ref).max() / mx.abs(ref).max())
+        assert err < 0.03, err
+
+
+@pytest.mark.parametrize("kind", ["linear", "quantized"])
 def test_fuse_equals_lora_output(kind):
     layer = _with_random_b(LoRALinear.from_base(_bases()[kind], rank=RANK, alpha=16.0))
     fused = layer.fuse()

@@ -17,7 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..config import ALL_TARGETS, LoRAConfig
-from .quantized_linear import QuantizedLinear
+from .lora_matmul import lora_matmul_fn
+from .quantized_linear import QuantizedLinear, dequantize_weight
 
 # A decoder projection's module path: group 1 is the layer index, group 2 the projection's name.
 _PROJECTION_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+_proj)$")
@@ -40,6 +41,8 @@ class LoRALinear(nn.Module):
     ``scale`` is ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA. ``lora_A`` (rank, in) starts as
     PEFT's Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)); ``lora_B`` (out, rank) starts
     at zero, so a new adapter leaves the base's output unchanged. The adapter computes in the input's dtype.
+    Where the base runs one dense matmul (training, prompts), the layer is one function with the adapter's
+    product added in that matmul's epilogue (``lora_matmul.py``).
     """
 
     def __init__(
@@ -100,9 +103,26 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """x (..., in) -> (..., out)."""
+        fused = self._fused(x)
+        if fused is not None:
+            return fused
         y = self.base(x)
         h = self.dropout(x) @ self.lora_A.astype(x.dtype).T  # (..., rank)
         return y + (self.scale * (h @ self.lora_B.astype(x.dtype).T)).astype(y.dtype)
+
+    def _fused(self, x: mx.array) -> Optional[mx.array]:
+        """The adapter's sum inside the base's dense matmul (``lora_matmul.py``), or None where that does not
+        apply: dropout in effect, a biased base, or a 4-bit base whose call on ``x`` is not dequantize +
+        matmul (decoding few rows)."""
+        if self.training and self.dropout_p > 0:
+            return None
+        base = self.base
+        if isinstance(base, QuantizedLinear) and base.takes_dense(x):
+            fn = lora_matmul_fn(dequantize_weight, base.bits, base.group_size, self.scale)
+            return fn(x, self.lora_A, self.lora_B, *base.parts)
+        if isinstance(base, nn.Linear) and "bias" not in base:
+            return lora_matmul_fn(None, 0, None, self.scale)(x, self.lora_A, self.lora_B, base.weight)
+        return None
 
     def delta_weight(self) -> mx.array:
         """``scale * lora_B @ lora_A``, (out, in) in float32."""

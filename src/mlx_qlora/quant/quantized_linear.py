@@ -169,6 +169,11 @@ class QuantizedLinear(nn.Module):
     def _takes_quantized_matmul(self, rows: int) -> bool:
         return rows <= QMM_MAX_ROWS[device_type()] and mlx_group_size(self.in_features, self.group_size) is not None
 
+    def takes_dense(self, x: mx.array) -> bool:
+        """Whether a call on ``x`` dequantizes the whole weight and runs one dense matmul."""
+        rows = x.size // max(x.shape[-1], 1)
+        return not self._takes_qmv(rows, x.dtype) and not self._takes_quantized_matmul(rows)
+
     def __call__(self, x: mx.array) -> mx.array:
         """x (..., in) -> (..., out), computed in ``x.dtype``."""
         rows = x.size // max(x.shape[-1], 1)

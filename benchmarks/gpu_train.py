@@ -58,8 +58,10 @@ def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool, quantize: boo
     return model
 
 
-def step_ours(model, batch: mx.array, chunk: int, world=None):
-    """One optimizer step on ``batch``; with a ``world`` of several ranks, gradients are summed across ranks."""
+def step_ours(model, batch: mx.array, chunk: int, world=None, grads_first: bool = True):
+    """One optimizer step on ``batch``; with a ``world`` of several ranks, gradients are summed across ranks.
+
+    ``grads_first=False`` evaluates the gradients and the update together (``step_probe.py`` compares)."""
     from mlx_qlora.train.distributed import all_sum_step
     from mlx_qlora.train.optimizer import AdamW
     from mlx_qlora.train.step import make_grad_fn, make_update_fn
@@ -74,7 +76,8 @@ def step_ours(model, batch: mx.array, chunk: int, world=None):
         loss_sum, n, grads = grad(batch, batch)
         # The gradients are evaluated before the update is built, as the trainer does (train/trainer.py): in
         # one evaluation with the update, MLX holds more of the optimizer's arrays at the backward pass's peak.
-        mx.eval(loss_sum, n, grads)
+        if grads_first:
+            mx.eval(loss_sum, n, grads)
         if world is not None and world.distributed:
             grads, loss_sum, n, _ = all_sum_step(world, grads, loss_sum, n, batch.size)
         params = dict(tree_flatten(model.trainable_parameters()))

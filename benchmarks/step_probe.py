@@ -25,30 +25,6 @@ from common import PRESETS, compute_dtype, environment, median, print_table, set
 VARIANTS = ("default", "composed", "one-eval")
 
 
-def _step_one_eval(model, batch, chunk: int):
-    """The step with gradients and update in one evaluation."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    from mlx_qlora.train.optimizer import AdamW
-    from mlx_qlora.train.step import make_grad_fn, make_update_fn
-
-    grad = make_grad_fn(model, chunk=chunk, packed=False)
-    optimizer = AdamW()
-    update = make_update_fn(optimizer, max_grad_norm=1.0)
-    state = {"opt": optimizer.init(dict(tree_flatten(model.trainable_parameters())))}
-    lr = mx.array(1e-5)
-
-    def run():
-        loss_sum, n, grads = grad(batch, batch)
-        params = dict(tree_flatten(model.trainable_parameters()))
-        params, state["opt"], _ = update(params, grads, state["opt"], lr, n)
-        model.update(tree_unflatten(list(params.items())))
-        mx.eval(loss_sum, params, state["opt"])
-
-    return run
-
-
 def worker(args) -> dict:
     import mlx.core as mx
 
@@ -67,7 +43,7 @@ def worker(args) -> dict:
     mx.eval(batch)
     built = mx.get_active_memory() / 1e9
     mx.reset_peak_memory()
-    step = (_step_one_eval if "one-eval" in parts else step_ours)(model, batch, args.loss_chunk)
+    step = step_ours(model, batch, args.loss_chunk, grads_first="one-eval" not in parts)
     seconds = median(timed(step, steps=args.steps, warmup=args.warmup))
     return {"variant": args.worker, "layers": cfg["num_hidden_layers"], "batch": args.batch, "seq": args.seq,
             "checkpointing": args.checkpointing, "memory_limit_gb": args.memory_limit_gb, "built_gb": built,

@@ -13,8 +13,9 @@ while it writes the product) and ``scale`` is folded into ``B``:
 
 For a 4-bit base, ``W`` is dequantized in the forward pass and again in the backward pass, never kept
 (as in ``dequant_matmul.py``), each time tied to the pass's own input so that ``mx.compile`` cannot merge
-the two. ``x @ A.T`` (rows, r) is recomputed in the backward pass rather than kept. The base is frozen:
-its cotangents are zeros that nothing evaluates. Gradients come back in the adapters' own dtype.
+the two. The backward pass forms ``x @ A.T`` (rows, r) again; inside ``mx.compile`` that is merged with the
+forward pass's copy, which is then kept (it is small). The base is frozen: its cotangents are zeros that
+nothing evaluates. Gradients come back in the adapters' own dtype.
 """
 
 from __future__ import annotations

@@ -19,13 +19,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from common import (CHECKPOINTING, OUR_VARIANTS, PRESETS, compute_dtype, environment, matmul_peak_tflops, median,
                     on_gpu, param_count, print_table, set_memory_limits, timed, worker_env, write_json)
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map, tree_unflatten
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -58,32 +59,47 @@ def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool, quantize: boo
     return model
 
 
-def step_ours(model, batch: mx.array, chunk: int, world=None, grads_first: bool = True):
+def step_ours(model, batch: mx.array, chunk: int, world=None, grads_first: bool = True, wait_for_grads: bool = False,
+              phases: Optional[list] = None):
     """One optimizer step on ``batch``; with a ``world`` of several ranks, gradients are summed across ranks.
 
-    ``grads_first=False`` evaluates the gradients and the update together (``step_probe.py`` compares)."""
+    ``grads_first=False`` evaluates the gradients and the update together; ``wait_for_grads`` waits for the
+    gradients before building the update instead of only queueing them (``step_probe.py`` compares). With a
+    ``phases`` list, each step appends its host times in seconds: the gradient function's call, queueing
+    its graph (``mx.async_eval``), building the update, queueing it, and the final wait for the GPU."""
     from mlx_qlora.train.distributed import all_sum_step
     from mlx_qlora.train.optimizer import AdamW
+    from mlx_qlora.train.params import TrainableSlots
     from mlx_qlora.train.step import make_grad_fn, make_update_fn
 
     grad = make_grad_fn(model, chunk=chunk, packed=False)
     optimizer = AdamW()
     update = make_update_fn(optimizer, max_grad_norm=1.0)
-    state = {"opt": optimizer.init(dict(tree_flatten(model.trainable_parameters())))}
+    slots = TrainableSlots(model)
+    state = {"opt": optimizer.init(slots.get())}
     lr = mx.array(1e-5)
 
     def run():
+        t = [time.perf_counter()]
         loss_sum, n, grads = grad(batch, batch)
-        # The gradients are evaluated before the update is built, as the trainer does (train/trainer.py): in
-        # one evaluation with the update, MLX holds more of the optimizer's arrays at the backward pass's peak.
+        t.append(time.perf_counter())
+        # The gradients are queued in an evaluation of their own before the update is built, as the trainer
+        # does (train/trainer.py): in one evaluation with the update, MLX holds more of the optimizer's arrays
+        # at the backward pass's peak. Not waiting for them lets the host build the update meanwhile.
         if grads_first:
-            mx.eval(loss_sum, n, grads)
+            (mx.eval if wait_for_grads else mx.async_eval)(loss_sum, n, grads)
+        t.append(time.perf_counter())
         if world is not None and world.distributed:
             grads, loss_sum, n, _ = all_sum_step(world, grads, loss_sum, n, batch.size)
-        params = dict(tree_flatten(model.trainable_parameters()))
-        params, state["opt"], _ = update(params, grads, state["opt"], lr, n)
-        model.update(tree_unflatten(list(params.items())))
+        params, state["opt"], _ = update(slots.get(), grads, state["opt"], lr, n)
+        slots.set(params)
+        t.append(time.perf_counter())
+        mx.async_eval(loss_sum, params, state["opt"])
+        t.append(time.perf_counter())
         mx.eval(loss_sum, params, state["opt"])
+        t.append(time.perf_counter())
+        if phases is not None:
+            phases.append([b - a for a, b in zip(t, t[1:])])
 
     return run
 

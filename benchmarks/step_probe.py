@@ -6,7 +6,16 @@ Variants (``--variants``, comma list; ``+`` combines):
 - ``composed``: LoRA layers compute the adapter's sum outside the base matmul (MLX's operations, the form
   that dropout still takes) instead of in the matmuls' epilogue (``quant/lora_matmul.py``);
 - ``one-eval``: the gradients and the optimizer update evaluated together, instead of the gradients first
-  as the trainer does.
+  as the trainer does;
+- ``wait``: the gradients waited for before the update is built, instead of only queued (the host then
+  cannot build the update while the GPU runs the backward pass);
+- ``unpadded``: attention over the real 2047 query rows, so that MLX differentiates it through its composed
+  formula instead of cuDNN's fused backward (``model/sdpa.py``).
+
+Besides tokens/s and peak memory, each row gives the host's time per step (median, ms): calling the
+compiled gradient function, queueing its graph (``mx.async_eval``: MLX encodes every operation for the
+GPU here), building and queueing the update, and the wait for the GPU at the end. When the GPU waits
+for the host, the first three add up to the step.
 
 The model is Mistral-7B-shaped with ``--layers`` layers (random weights, 4-bit, LoRA r16 on all seven
 projections); ``--memory-limit-gb`` makes MLX wait for the GPU above it (1: the step runs serialized).
@@ -22,13 +31,15 @@ import sys
 
 from common import PRESETS, compute_dtype, environment, median, print_table, set_memory_limits, timed, write_json
 
-VARIANTS = ("default", "composed", "one-eval")
+PHASES = ("grad_call_ms", "grad_queue_ms", "update_build_ms", "update_queue_ms", "wait_ms")
+VARIANTS = ("default", "composed", "one-eval", "wait", "unpadded")
 
 
 def worker(args) -> dict:
     import mlx.core as mx
 
     from gpu_train import build_ours, step_ours
+    from mlx_qlora.model import sdpa
     from mlx_qlora.quant.lora import LoRALinear
     from mlx_qlora.train.run_ahead import bound_run_ahead
 
@@ -37,15 +48,22 @@ def worker(args) -> dict:
     bound_run_ahead(args.checkpointing)
     if "composed" in parts:
         LoRALinear._fused = lambda self, x: None
+    if "unpadded" in parts:
+        unpadded = sdpa.attention
+        sdpa.attention = lambda *a, pad: unpadded(*a, pad=False)
     cfg = {**PRESETS[args.preset], "num_hidden_layers": args.layers or PRESETS[args.preset]["num_hidden_layers"]}
     model = build_ours(cfg, compute_dtype(), 16, args.checkpointing)
     batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)
     mx.eval(batch)
     built = mx.get_active_memory() / 1e9
     mx.reset_peak_memory()
-    step = step_ours(model, batch, args.loss_chunk, grads_first="one-eval" not in parts)
+    phases = []
+    step = step_ours(model, batch, args.loss_chunk, grads_first="one-eval" not in parts,
+                     wait_for_grads="wait" in parts, phases=phases)
     seconds = median(timed(step, steps=args.steps, warmup=args.warmup))
-    return {"variant": args.worker, "layers": cfg["num_hidden_layers"], "batch": args.batch, "seq": args.seq,
+    timed_phases = phases[args.warmup:]
+    ms = {name: 1e3 * median([p[i] for p in timed_phases]) for i, name in enumerate(PHASES)}
+    return {**ms, "variant": args.worker, "layers": cfg["num_hidden_layers"], "batch": args.batch, "seq": args.seq,
             "checkpointing": args.checkpointing, "memory_limit_gb": args.memory_limit_gb, "built_gb": built,
             "peak_gb": mx.get_peak_memory() / 1e9, "tokens_per_s": args.batch * args.seq / seconds}
 
@@ -91,7 +109,10 @@ def main() -> None:
     print(f"\n{args.preset} on {env.get('device_name') or env['device']}, MLX {env['mlx']}; {args.batch} x {args.seq}, "
           f"checkpointing {args.checkpointing}")
     print_table(rows, [("variant", "variant", ""), ("layers", "layers", ""), ("tokens_per_s", "tokens/s", "{:,.0f}"),
-                       ("peak_gb", "peak GB", "{:.2f}"), ("built_gb", "after build GB", "{:.2f}")])
+                       ("peak_gb", "peak GB", "{:.2f}"), ("built_gb", "after build GB", "{:.2f}"),
+                       ("grad_call_ms", "grad call ms", "{:.1f}"), ("grad_queue_ms", "grad queue ms", "{:.1f}"),
+                       ("update_build_ms", "update build ms", "{:.1f}"),
+                       ("update_queue_ms", "update queue ms", "{:.1f}"), ("wait_ms", "wait ms", "{:.1f}")])
     write_json(args.json, {"environment": env, "args": vars(args), "rows": rows})
 
 

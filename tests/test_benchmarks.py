@@ -107,7 +107,20 @@ def test_kernel_profile_runs_on_the_cpu(tmp_path):
 
 def test_step_probe_tiny(tmp_path):
     result, stdout = _run(["step_probe.py", "--preset", "tiny", "--seq", "32", "--layers", "2", "--steps", "1",
-                           "--warmup", "1", "--checkpointing", "--variants", "default,composed+one-eval"], tmp_path)
-    assert [r["variant"] for r in result["rows"]] == ["default", "composed+one-eval"]
+                           "--warmup", "1", "--checkpointing", "--variants", "default,composed+one-eval,wait+unpadded"],
+                          tmp_path)
+    assert [r["variant"] for r in result["rows"]] == ["default", "composed+one-eval", "wait+unpadded"]
     assert all(r["tokens_per_s"] > 0 and r["layers"] == 2 and r["checkpointing"] for r in result["rows"])
-    assert "| composed+one-eval |" in stdout
+    for r in result["rows"]:  # the host phases are parts of the step: together no longer than it
+        phases = [r[k] for k in ("grad_call_ms", "grad_queue_ms", "update_build_ms", "update_queue_ms", "wait_ms")]
+        assert all(ms >= 0 for ms in phases) and sum(phases) <= 1.05 * 1e3 * 32 / r["tokens_per_s"] + 1
+    assert "| composed+one-eval |" in stdout and "grad queue ms" in stdout
+
+
+def test_sdpa_probe_tiny(tmp_path):
+    result, stdout = _run(["sdpa_probe.py", "--lengths", "5", "--repeats", "1", "--trials", "1"], tmp_path)
+    (row,) = result["rows"]
+    assert row["length"] == 5 and row["tile"] == 128
+    assert row["unpadded_ms"] > 0 and row["padded_ms"] > 0 and row["at_tile_ms"] > 0
+    assert row["max_diff"] <= 1e-5 * max(1.0, row["max_abs"])  # float32 on the CPU: padding changes nothing
+    assert "| 5 |" in stdout

@@ -172,3 +172,67 @@ def test_clip_inside_compile_with_nonfinite_norm():
     assert not np.isfinite(norm.item())
     clipped, norm = clip({"a": mx.array([30.0, 40.0])})
     np.testing.assert_allclose(np.array(clipped["a"]), [0.6, 0.8], rtol=1e-6)
+
+
+def test_update_fn_matches_torch_clip_and_adamw_over_steps():
+    """``make_update_fn`` (one float32 vector for all tensors) against torch: grad sums divided by the learned
+    token count, clipped by global norm, then AdamW, for 20 steps; the low-precision parameter comes back in
+    its own dtype with float32 moments."""
+    import torch
+
+    from mlx_qlora.train.step import make_update_fn
+
+    steps, n_tokens, max_norm, lr = 20, 37, 1.0, 5e-3
+    init = _random_params(5)
+    rng = np.random.default_rng(6)
+    sums = [{k: (rng.standard_normal(s) * n_tokens * rng.uniform(0.005, 0.08)).astype(np.float32)
+             for k, s in SHAPES.items()} for _ in range(steps)]
+    torch_params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in init.items()}
+    torch_opt = torch.optim.AdamW(list(torch_params.values()), lr=lr, weight_decay=0.01, foreach=False)
+    clipped_steps = 0
+    for g in sums:
+        for k, p in torch_params.items():
+            p.grad = torch.from_numpy(g[k] / n_tokens)
+        clipped_steps += float(torch.nn.utils.clip_grad_norm_(list(torch_params.values()), max_norm)) > max_norm
+        torch_opt.step()
+
+    opt = AdamW(weight_decay=0.01)
+    update = make_update_fn(opt, max_grad_norm=max_norm)
+    params = {k: mx.array(v) for k, v in init.items()}
+    state = opt.init(params)
+    for g in sums:
+        params, state, norm = update(params, {k: mx.array(v) for k, v in g.items()}, state,
+                                     mx.array(lr, dtype=mx.float32), mx.array(n_tokens))
+        mx.eval(params, state, norm)
+    assert 0 < clipped_steps < steps  # both the clipped and the unclipped case occur
+    assert list(params) == list(SHAPES) and state["step"].item() == steps
+    for k, p in torch_params.items():
+        assert params[k].shape == SHAPES[k] and params[k].dtype == mx.float32
+        np.testing.assert_allclose(np.array(params[k]), p.detach().numpy(), rtol=0, atol=2e-6, err_msg=k)
+        np.testing.assert_allclose(np.array(state["exp_avg"][k]), torch_opt.state[p]["exp_avg"].numpy(),
+                                   rtol=1e-5, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(np.array(state["exp_avg_sq"][k]), torch_opt.state[p]["exp_avg_sq"].numpy(),
+                                   rtol=1e-5, atol=1e-9, err_msg=k)
+    assert max(np.abs(np.array(params[k]) - init[k]).max() for k in init) > 0.05
+
+    # A bfloat16 parameter among float32 ones: its update is the per-tensor one, rounded to bfloat16 once.
+    mixed = {**{k: mx.array(v) for k, v in init.items()}}
+    first = next(iter(SHAPES))
+    mixed[first] = mixed[first].astype(mx.bfloat16)
+    g = {k: mx.array(v) for k, v in sums[0].items()}
+    new, new_state, _ = update(mixed, g, opt.init(mixed), mx.array(lr, dtype=mx.float32), mx.array(n_tokens))
+    per_tensor, _ = opt.update(mixed, clip_grad_norm({k: v / n_tokens for k, v in g.items()}, max_norm)[0],
+                               opt.init(mixed), mx.array(lr, dtype=mx.float32))
+    assert new[first].dtype == mx.bfloat16 and new_state["exp_avg"][first].dtype == mx.float32
+    for k in SHAPES:
+        np.testing.assert_allclose(np.array(new[k].astype(mx.float32)), np.array(per_tensor[k].astype(mx.float32)),
+                                   rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_update_fn_names_a_parameter_without_moments():
+    from mlx_qlora.train.step import make_update_fn
+
+    params = {k: mx.array(v) for k, v in _random_params().items()}
+    state = AdamW().init({k: v for k, v in params.items() if not k.endswith("down_proj.lora_B")})
+    with pytest.raises(KeyError, match="down_proj.lora_B"):
+        make_update_fn(AdamW(), 1.0, compile=False)(params, params, state, mx.array(1e-3), mx.array(1))

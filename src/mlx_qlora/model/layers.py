@@ -7,8 +7,9 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..device import on_cuda
 from ..quant.fused import fused_projections, fused_swiglu
-from . import attention_cuda, fused_decode
+from . import attention_cuda, fused_decode, sdpa
 from .args import ModelArgs
 from .cache import KVCache
 from .static_cache import StaticKVCache
@@ -90,7 +91,9 @@ class Attention(nn.Module):
         if isinstance(cache, StaticKVCache) and attention_cuda.supports(q, k):
             out = attention_cuda.decode_attention(q, k, v, offset, self.scale)  # (B, 1, H*hd), no mask
         else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask_fn(key_positions))
+            # training on CUDA: the length padded to cuDNN's tile, for its fused backward (model/sdpa.py)
+            out = sdpa.attention(q, k, v, self.scale, mask_fn(key_positions),
+                                 pad=self.training and cache is None and on_cuda())
             out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
         return self.o_proj(out)
 

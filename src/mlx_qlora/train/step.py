@@ -64,16 +64,59 @@ def make_update_fn(optimizer: AdamW, max_grad_norm: Optional[float], compile: bo
 
     grad_sums are summed over the micro-batches of the step; they are divided by the number of learned
     tokens here, then clipped to ``max_grad_norm`` (global norm; None or 0 disables).
+
+    params and grad_sums are flat dicts keyed by parameter path (``lora_parameters()``). The parameters,
+    gradients and both moments go through the arithmetic as one float32 vector each, concatenated in path
+    order and split again at the end: a few operations instead of several per tensor (a 7B model has 448
+    LoRA tensors), which on a GPU is most of the update's cost, the host's work per operation
+    (``benchmarks/RESULTS.md``). Element by element this is the per-tensor arithmetic of ``AdamW.update``
+    and ``clip_grad_norm``; only the global norm's summation order differs.
     """
 
     def update(params, grad_sums, opt_state, lr, n_learned):
+        paths = list(params)
         scale = 1.0 / mx.maximum(n_learned, 1).astype(mx.float32)
-        grads = tree_map(lambda g: g * scale, grad_sums)
-        grads, norm = clip_grad_norm(grads, max_grad_norm)
-        params, opt_state = optimizer.update(params, grads, opt_state, lr)
-        return params, opt_state, norm
+        if not paths:
+            grads, norm = clip_grad_norm(grad_sums, max_grad_norm)
+            params, opt_state = optimizer.update(params, grads, opt_state, lr)
+            return params, opt_state, norm
+        moments = {key: _flat_moments(opt_state[key], paths) for key in ("exp_avg", "exp_avg_sq")}
+        (flat_grads,), norm = clip_grad_norm([_concat(grad_sums, paths) * scale], max_grad_norm)
+        state = {"step": opt_state["step"], "exp_avg": {_FLAT: moments["exp_avg"]},
+                 "exp_avg_sq": {_FLAT: moments["exp_avg_sq"]}}
+        new_params, state = optimizer.update({_FLAT: _concat(params, paths)}, {_FLAT: flat_grads}, state, lr)
+        return (_split(new_params[_FLAT], params),
+                {"step": state["step"], "exp_avg": _split(state["exp_avg"][_FLAT], params, mx.float32),
+                 "exp_avg_sq": _split(state["exp_avg_sq"][_FLAT], params, mx.float32)},
+                norm)
 
     return mx.compile(update) if compile else update
+
+
+_FLAT = "flat"  # the one key of the concatenated trees
+
+
+def _concat(tree: dict, paths: list) -> mx.array:
+    """The arrays of ``tree`` at ``paths``, flattened and concatenated in that order, as float32 (total,)."""
+    return mx.concatenate([tree[path].reshape(-1).astype(mx.float32) for path in paths])
+
+
+def _flat_moments(moments, paths: list) -> mx.array:
+    flat = dict(tree_flatten(moments))  # the moments may be given as nested trees
+    missing = [path for path in paths if path not in flat]
+    if missing:
+        raise KeyError(f"optimizer state has no moments for parameter {missing[0]!r}")
+    return _concat(flat, paths)
+
+
+def _split(flat: mx.array, like: dict, dtype: Optional[mx.Dtype] = None) -> dict:
+    """Inverse of ``_concat``: ``flat`` cut into the shapes of ``like`` (in its order), cast to ``dtype`` or
+    to each array's own dtype."""
+    out, start = {}, 0
+    for path, ref in like.items():
+        out[path] = flat[start:start + ref.size].reshape(ref.shape).astype(dtype or ref.dtype)
+        start += ref.size
+    return out
 
 
 def add_trees(a, b):

@@ -43,6 +43,7 @@ from .optimizer import AdamW
 from .run_ahead import bound_run_ahead
 from .run_config import parse_duration
 from .schedule import build_schedule
+from .params import TrainableSlots
 from .step import add_trees, make_eval_fn, make_grad_fn, make_update_fn
 
 
@@ -132,7 +133,8 @@ class Trainer:
         self.schedule = build_schedule(c.schedule, c.learning_rate, self.total_steps, warmup_steps=c.warmup_steps,
                                        warmup_ratio=c.warmup_ratio, min_lr_ratio=c.min_lr_ratio)
         self.optimizer = AdamW(betas=(c.beta1, c.beta2), eps=c.eps, weight_decay=c.weight_decay)
-        self.opt_state = self.optimizer.init(lora_parameters(self.model))
+        self.slots = TrainableSlots(self.model)
+        self.opt_state = self.optimizer.init(self.slots.get())
         self.state = RunState()
         if resume:
             self._restore()
@@ -258,17 +260,21 @@ class Trainer:
             if len(batch["input_ids"]) == 0:  # a final partial batch may leave this rank no rows
                 continue
             real_tokens += int(batch["lengths"].sum())
+            if grad_sums is not None:  # the previous micro-batch done before this one's activations exist
+                mx.eval(loss_sum, n_learned, grad_sums)
             s, n, g = self.grad_fn(*batch_arrays(batch, c.packing))
             loss_sum, n_learned, grad_sums = loss_sum + s, n_learned + n, add_trees(grad_sums, g)
-            mx.eval(loss_sum, n_learned, grad_sums)
+            # Queued in an evaluation of their own, not waited for: the update below is built while the GPU
+            # runs the backward pass (in one evaluation with the update, MLX would hold more at its peak).
+            mx.async_eval(loss_sum, n_learned, grad_sums)
         if grad_sums is None:
-            grad_sums = {k: mx.zeros_like(v) for k, v in lora_parameters(self.model).items()}
+            grad_sums = {k: mx.zeros_like(v) for k, v in self.slots.get().items()}
         local_tokens = real_tokens
         # Sums over the ranks, divided once below: the step of one process on the whole global batch.
         grad_sums, loss_sum, n_learned, real_tokens = all_sum_step(self.world, grad_sums, loss_sum, n_learned,
                                                                    real_tokens)
         lr = self.schedule(self.state.step)
-        params, opt_state, norm = self.update_fn(lora_parameters(self.model), grad_sums, self.opt_state,
+        params, opt_state, norm = self.update_fn(self.slots.get(), grad_sums, self.opt_state,
                                                  mx.array(lr, dtype=mx.float32), n_learned)
         loss = loss_sum / mx.maximum(n_learned, 1)
         mx.eval(params, opt_state, loss, norm)
@@ -278,7 +284,7 @@ class Trainer:
                 f"loss is {loss_value} at step {self.state.step + 1}; stopped without saving this step "
                 f"(lower --learning-rate, or check the data); the last good checkpoint is kept"
             )
-        self.model.update(tree_unflatten(list(params.items())))
+        self.slots.set(params)
         self.opt_state = opt_state
         self.state.step += 1
         self.state.tokens_seen += real_tokens

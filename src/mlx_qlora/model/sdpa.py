@@ -1,0 +1,56 @@
+"""Training attention on CUDA: the sequence padded to a multiple of 128 so that MLX's cuDNN backward runs.
+
+MLX's CUDA backend differentiates ``mx.fast.scaled_dot_product_attention`` with cuDNN's fused flash
+backward only when the query length is a multiple of 128 (cuDNN's tile). Otherwise the gradient goes
+through the composed formula, which materializes the (B, H, L, L) scores several times over. Training
+sequences rarely have such lengths: a row of 2048 tokens is 2047 inputs once shifted for next-token
+prediction. On an H100 at Mistral-7B's heads, forward + backward of one layer's attention took 4.27 ms over
+2,047 rows and 0.59 ms padded to 2,048 (``benchmarks/sdpa_probe.py``): about 120 ms of GPU time per
+1 x 2048 step of 32 layers. The step gained from it only once the host no longer waited for the gradients
+before building the update (``benchmarks/RESULTS.md``): until then the host's work, not the GPU's, set the
+step's length.
+
+Padding changes nothing in the result. The padded keys come after every real query: a causal mask hides
+them already, and an array mask gets ``False`` there. Each padded query sees only itself, so its softmax
+is defined, and its rows are sliced off (their cotangent is zero). ``pad`` is what the model asks for
+(training on CUDA, no cache); masks that are neither ``"causal"`` nor boolean arrays are left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import mlx.core as mx
+
+TILE = 128  # cuDNN's flash backward needs the query length to be a multiple of this
+
+
+def padded_length(length: int) -> int:
+    return -(-length // TILE) * TILE
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Union[None, str, mx.array],
+              pad: bool) -> mx.array:
+    """q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, H, L, D): ``mx.fast.scaled_dot_product_attention``, with
+    ``pad`` computed on L rounded up to a multiple of ``TILE`` (see the module docstring)."""
+    L = q.shape[2]
+    mask_p = _padded_mask(mask, L) if pad and L % TILE and k.shape[2] == L else None
+    if mask_p is None:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    widths = [(0, 0), (0, 0), (0, padded_length(L) - L), (0, 0)]
+    out = mx.fast.scaled_dot_product_attention(mx.pad(q, widths), mx.pad(k, widths), mx.pad(v, widths),
+                                               scale=scale, mask=mask_p)
+    return out[:, :, :L, :]
+
+
+def _padded_mask(mask: Union[None, str, mx.array], length: int) -> Optional[Union[str, mx.array]]:
+    """The mask over the padded length, or None where padding does not apply."""
+    if isinstance(mask, str):
+        return mask if mask == "causal" else None
+    if mask is None or mask.dtype != mx.bool_ or mask.shape[-2:] != (length, length):
+        return None
+    extra = padded_length(length) - length
+    widths = [(0, 0)] * (mask.ndim - 2) + [(0, extra), (0, extra)]
+    idx = mx.arange(length + extra)
+    own = (idx[:, None] == idx[None, :]) & (idx >= length)[:, None]  # padded queries see themselves only
+    return mx.pad(mask, widths, constant_values=False) | own

@@ -1,0 +1,75 @@
+"""``model/sdpa.py``: attention over a length padded to cuDNN's tile gives the same outputs and gradients
+as over the real length (causal, packed segments, key padding), and the model pads only when training on
+CUDA without a cache."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_qlora.model import MistralForCausalLM, ModelArgs, layers, sdpa
+from mlx_qlora.model.mask import build_mask
+
+
+def _qkv(L: int, seed: int = 0):
+    mx.random.seed(seed)
+    return (mx.random.normal((2, 4, L, 16)), mx.random.normal((2, 2, L, 16)), mx.random.normal((2, 2, L, 16)))
+
+
+def _masks(L: int) -> dict:
+    positions = mx.arange(L)
+    cut = min(10, L - 2)
+    segments = mx.array([[0] * cut + [1] * (L - cut), [0] * (L - 2) + [1] * 2])  # two packed rows each
+    keep = mx.array([[1] * L, [0] * 3 + [1] * (L - 3)])  # left padding in the second row
+    return {"causal": "causal",
+            "segments": build_mask(positions, positions, None, segment_ids=segments),
+            "window and key padding": build_mask(positions, positions, 8, attention_mask=keep)}
+
+
+@pytest.mark.parametrize("name", ["causal", "segments", "window and key padding"])
+@pytest.mark.parametrize("L", [37, 130])
+def test_padded_attention_equals_attention(name, L):
+    q, k, v = _qkv(L)
+    mask = _masks(L)[name]
+    cot = mx.random.normal(q.shape)
+
+    def run(pad):
+        return mx.vjp(lambda q, k, v: sdpa.attention(q, k, v, 0.25, mask, pad), [q, k, v], [cot])
+
+    (want,), want_grads = run(False)
+    (got,), got_grads = run(True)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-5)
+
+
+def test_padded_mask_hides_padded_keys_and_lets_padded_queries_see_themselves():
+    mask = _masks(6)["segments"]
+    padded = sdpa._padded_mask(mask, 6)
+    assert padded.shape == (2, 1, 128, 128)
+    assert mx.array_equal(padded[..., :6, :6], mask)
+    assert not padded[..., :6, 6:].any().item()  # no real query sees a padded key
+    assert mx.array_equal(padded[1, 0, 6:, 6:], mx.eye(122, dtype=mx.bool_))
+    assert sdpa._padded_mask(mask.astype(mx.float32), 6) is None  # additive masks: left alone
+    assert sdpa._padded_mask(None, 6) is None and sdpa.padded_length(128) == 128
+
+
+def test_the_model_pads_only_when_training_on_cuda(monkeypatch):
+    args = ModelArgs(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48,
+                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    model = MistralForCausalLM(args)
+    seen = []
+    real = sdpa.attention
+    monkeypatch.setattr(sdpa, "attention", lambda *a, pad: seen.append(pad) or real(*a, pad=pad))
+    tokens = mx.array([[1, 2, 3, 4, 5]])
+    monkeypatch.setattr(layers, "on_cuda", lambda: True)
+    model.train()
+    mx.eval(model(tokens))
+    model.eval()
+    mx.eval(model(tokens))
+    monkeypatch.setattr(layers, "on_cuda", lambda: False)
+    model.train()
+    mx.eval(model(tokens))
+    assert seen == [True, False, False]

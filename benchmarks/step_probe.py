@@ -19,6 +19,7 @@ for the host, the first three add up to the step.
 
 The model is Mistral-7B-shaped with ``--layers`` layers (random weights, 4-bit, LoRA r16 on all seven
 projections); ``--memory-limit-gb`` makes MLX wait for the GPU above it (1: the step runs serialized).
+MLX's buffer cache is always off here (``gpu_train.py --cache-limit-gb 0``), so the peak is what is in use.
 """
 
 from __future__ import annotations

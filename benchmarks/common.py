@@ -97,11 +97,7 @@ def matmul_peak_tflops(repeats: int = 20, trials: int = 5) -> float:
     mx.eval(a, b)
     for _ in range(3):
         mx.eval(a @ b)
-    best = float("inf")
-    for _ in range(trials):
-        start = time.perf_counter()
-        mx.eval([a @ b for _ in range(repeats)])
-        best = min(best, time.perf_counter() - start)
+    best = best_seconds(lambda: mx.eval([a @ b for _ in range(repeats)]), trials)
     return 2 * m * k * n * repeats / best / 1e12
 
 
@@ -114,15 +110,24 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 10, trials: int = 
     mx.eval(x)
     for _ in range(2):
         mx.eval(x + 1)
-    best = float("inf")
-    for _ in range(trials):
+
+    def chain():
         y = x
-        start = time.perf_counter()
         for _ in range(repeats):
             y = y + 1  # each pass reads the previous one's output: two buffers alive, no wait in between
         mx.eval(y)
+
+    return 2 * n_bytes * repeats / best_seconds(chain, trials) / 1e9
+
+
+def best_seconds(run: Callable[[], Any], trials: int) -> float:
+    """The shortest of ``trials`` timings of ``run()``, which queues its work and waits for it once."""
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        run()
         best = min(best, time.perf_counter() - start)
-    return 2 * n_bytes * repeats / best / 1e9
+    return best
 
 
 def timed(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:

@@ -14,9 +14,8 @@ the unpadded outputs and gradients.
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import compute_dtype, environment, print_table, write_json
+from common import best_seconds, compute_dtype, environment, print_table, write_json
 
 import mlx.core as mx
 
@@ -40,14 +39,10 @@ def forward_backward(length: int, pad: bool, heads=(32, 8), head_dim: int = 128,
 
 
 def time_ms(fn, inputs, repeats: int, trials: int) -> tuple[float, list]:
-    mx.eval(fn(*inputs))
-    best = float("inf")
-    for _ in range(trials):
-        start = time.perf_counter()
-        outs = [fn(*inputs) for _ in range(repeats)]
-        mx.eval(outs)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return best * 1e3, outs[-1]
+    """ms per call of ``fn(*inputs)`` (``repeats`` calls queued together, best of ``trials``) and its outputs."""
+    outs = fn(*inputs)
+    mx.eval(outs)
+    return best_seconds(lambda: mx.eval([fn(*inputs) for _ in range(repeats)]), trials) / repeats * 1e3, outs
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .loss import loss_sums
-from .optimizer import AdamW, clip_grad_norm
+from .optimizer import STATE_KEYS, AdamW, clip_grad_norm
 
 
 def make_loss_fn(chunk: int, packed: bool, fused: bool = True) -> Callable:
@@ -80,20 +80,17 @@ def make_update_fn(optimizer: AdamW, max_grad_norm: Optional[float], compile: bo
             grads, norm = clip_grad_norm(grad_sums, max_grad_norm)
             params, opt_state = optimizer.update(params, grads, opt_state, lr)
             return params, opt_state, norm
-        moments = {key: _flat_moments(opt_state[key], paths) for key in ("exp_avg", "exp_avg_sq")}
         (flat_grads,), norm = clip_grad_norm([_concat(grad_sums, paths) * scale], max_grad_norm)
-        state = {"step": opt_state["step"], "exp_avg": {_FLAT: moments["exp_avg"]},
-                 "exp_avg_sq": {_FLAT: moments["exp_avg_sq"]}}
+        state = {"step": opt_state["step"], **{key: {_FLAT: _flat_moments(opt_state[key], paths)} for key in _MOMENTS}}
         new_params, state = optimizer.update({_FLAT: _concat(params, paths)}, {_FLAT: flat_grads}, state, lr)
-        return (_split(new_params[_FLAT], params),
-                {"step": state["step"], "exp_avg": _split(state["exp_avg"][_FLAT], params, mx.float32),
-                 "exp_avg_sq": _split(state["exp_avg_sq"][_FLAT], params, mx.float32)},
-                norm)
+        new_state = {"step": state["step"], **{key: _split(state[key][_FLAT], params, mx.float32) for key in _MOMENTS}}
+        return _split(new_params[_FLAT], params), new_state, norm
 
     return mx.compile(update) if compile else update
 
 
 _FLAT = "flat"  # the one key of the concatenated trees
+_MOMENTS = STATE_KEYS[1:]  # exp_avg, exp_avg_sq
 
 
 def _concat(tree: dict, paths: list) -> mx.array:

@@ -41,7 +41,7 @@ CHECKPOINTING = {"off": [False], "on": [True], "both": [False, True]}
 # (they are read at import; docs/ARCHITECTURE.md lists them).
 OUR_VARIANTS = {
     "ours": {},
-    "ours-dequant": {"MLX_QLORA_DEQUANT": "ours"},
+    "ours-mlx-dequant": {"MLX_QLORA_DEQUANT": "mlx"},
     "ours-mb5": {"MLX_MAX_MB_PER_BUFFER": "5"},
     "ours-attn": {"MLX_QLORA_DECODE_ATTENTION": "ours"},
     "ours-fused": {"MLX_QLORA_FUSED_DECODE": "1"},

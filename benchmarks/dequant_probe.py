@@ -36,9 +36,12 @@ def main() -> None:
     p.add_argument("--shapes", default="14336x4096,4096x14336,4096x4096,1024x4096", help="comma list of OUTxIN")
     p.add_argument("--tokens", type=int, default=2048, help="rows of the matmul that follows")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--words-per-thread", default=str(dequant_cuda._PER_THREAD),
+                   help="comma list: our kernel once for each number of 32-bit words per thread")
     p.add_argument("--json")
     args = p.parse_args()
     dtype = compute_dtype()
+    counts = args.words_per_thread.split(",")
     rows = []
     for shape in args.shapes.split(","):
         out_f, in_f = (int(v) for v in shape.split("x"))
@@ -48,10 +51,13 @@ def main() -> None:
         exact = dequantize(layers[0].weight, layers[0].scales, layers[0].biases, 4, None, mx.float32)
         nbytes = layers[0].weight.nbytes + out_f * in_f * mx.zeros((), dtype=dtype).itemsize
         row = {"shape": shape, "dtype": str(dtype).rpartition(".")[2], "tokens": args.tokens}
-        for name, enabled in (("mlx", False), ("ours", True)):
-            dequant_cuda._ENABLED = enabled
-            if enabled and not dequant_cuda.supports(layers[0].weight, 4, None, dtype):
-                continue
+        for name, per_thread in [("mlx", None)] + [(f"ours_w{n}", n) for n in counts]:
+            dequant_cuda._ENABLED = per_thread is not None
+            if per_thread is not None:
+                if not dequant_cuda.supports(layers[0].weight, 4, None, dtype):
+                    continue
+                dequant_cuda._PER_THREAD = int(per_thread)
+                dequant_cuda._launch_args.cache_clear()
 
             def deq(layer):
                 return dequantize_weight(layer.weight, layer.scales, layer.biases, 4, None, dtype)
@@ -62,10 +68,11 @@ def main() -> None:
             row[f"{name}_max_err"] = mx.abs(deq(layers[0]).astype(mx.float32) - exact).max().item()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print_table(rows, [("shape", "out x in", ""), ("mlx_us", "MLX us", "{:.1f}"), ("ours_us", "ours us", "{:.1f}"),
-                       ("mlx_GB_s", "MLX GB/s", "{:.0f}"), ("ours_GB_s", "ours GB/s", "{:.0f}"),
-                       ("mlx_matmul_us", "MLX + matmul us", "{:.1f}"), ("ours_matmul_us", "ours + matmul us", "{:.1f}"),
-                       ("mlx_max_err", "MLX max err", "{:.2g}"), ("ours_max_err", "ours max err", "{:.2g}")])
+    names = ["mlx"] + [f"ours_w{n}" for n in counts]
+    print_table(rows, [("shape", "out x in", "")]
+                + [(f"{n}_us", f"{n} us", "{:.1f}") for n in names] + [(f"{n}_GB_s", f"{n} GB/s", "{:.0f}") for n in names]
+                + [(f"{n}_matmul_us", f"{n} + matmul us", "{:.1f}") for n in names]
+                + [(f"{n}_max_err", f"{n} max err", "{:.2g}") for n in names])
     write_json(args.json, {"benchmark": "dequantize", "environment": environment(), "rows": rows})
 
 

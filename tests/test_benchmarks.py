@@ -92,10 +92,10 @@ def test_variant_stacks_run_in_their_own_environment(tmp_path):
     """A variant of our stack is our code with its variables set in the worker process (here the
     dequantization kernel, which the CPU does not take, so both rows run the same path)."""
     result, stdout = _run(["gpu_train.py", "--preset", "tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "1",
-                           "--checkpointing", "off", "--stacks", "ours,ours-dequant"], tmp_path)
-    assert [r["stack"] for r in result["rows"]] == ["ours", "ours-dequant"]
+                           "--checkpointing", "off", "--stacks", "ours,ours-mlx-dequant"], tmp_path)
+    assert [r["stack"] for r in result["rows"]] == ["ours", "ours-mlx-dequant"]
     assert all(r["tokens_per_s"] > 0 for r in result["rows"])
-    assert [r["env"] for r in result["rows"]] == [{}, {"MLX_QLORA_DEQUANT": "ours"}]
+    assert [r["env"] for r in result["rows"]] == [{}, {"MLX_QLORA_DEQUANT": "mlx"}]
 
 
 def test_kernel_profile_runs_on_the_cpu(tmp_path):

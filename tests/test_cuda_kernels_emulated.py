@@ -232,10 +232,12 @@ def test_matmul_kernel_with_residual(tmp_path):
     _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts) + res.astype(mx.float32))
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_dequantize_kernel(tmp_path, dtype):
-    layer = _layer(24, 256, 5, dtype=mx.bfloat16)
-    args = dequant_cuda._launch_args(24, 256, dtype)
+# 40 x 264: 33 words per row, 1,320 words in two blocks of 1,024 (a row across them, the last block partly idle).
+@pytest.mark.parametrize("out_f,in_f,dtype", [(24, 256, mx.float32), (24, 256, mx.bfloat16),
+                                               (40, 264, mx.bfloat16)])
+def test_dequantize_kernel(tmp_path, out_f, in_f, dtype):
+    layer = _layer(out_f, in_f, 5, dtype=mx.bfloat16)
+    args = dequant_cuda._launch_args(out_f, in_f, dtype)
     (w,) = emulate(tmp_path, dequant_cuda._SOURCE, dequant_cuda._HEADER,
                    {"w": layer.weight, "scales": layer.scales, "biases": layer.biases}, ["y"], args)
     exact = dequantize(layer.weight, layer.scales, layer.biases, 4, None, mx.float32)

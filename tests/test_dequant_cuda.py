@@ -8,24 +8,28 @@ import numpy as np
 from mlx_qlora.quant import dequant_cuda
 
 
-def test_opt_in_and_taken_only_for_per_row_4bit(monkeypatch):
+def test_default_and_taken_only_for_per_row_4bit(monkeypatch):
     wq = mx.zeros((64, 16), dtype=mx.uint32)  # 64 x 128 weights
     monkeypatch.setattr(dequant_cuda, "on_cuda", lambda: True)
-    assert not dequant_cuda.supports(wq, 4, None, mx.bfloat16)  # off unless MLX_QLORA_DEQUANT=ours
-    monkeypatch.setattr(dequant_cuda, "_ENABLED", True)
+    monkeypatch.setattr(dequant_cuda, "_ENABLED", False)  # MLX_QLORA_DEQUANT=mlx
+    assert not dequant_cuda.supports(wq, 4, None, mx.bfloat16)
+    monkeypatch.setattr(dequant_cuda, "_ENABLED", True)  # the default
     assert dequant_cuda.supports(wq, 4, None, mx.bfloat16)
     assert dequant_cuda.supports(wq, 4, None, mx.float32) and dequant_cuda.supports(wq, 4, None, mx.float16)
     assert not dequant_cuda.supports(wq, 4, 64, mx.bfloat16)  # grouped
     assert not dequant_cuda.supports(wq, 8, None, mx.bfloat16)
-    assert not dequant_cuda.supports(mx.zeros((64, 18), dtype=mx.uint32), 4, None, mx.bfloat16)  # 144 inputs
     monkeypatch.setattr(dequant_cuda, "on_cuda", lambda: False)
     assert not dequant_cuda.supports(wq, 4, None, mx.bfloat16)
 
 
-def test_launch_covers_every_16_byte_chunk_once():
+def test_launch_covers_every_word_once():
     args = dequant_cuda._launch_args(14336, 4096, mx.bfloat16)
-    assert dict(args["template"]) == {"DT": 1, "N": 14336, "K": 4096}
-    assert args["grid"][0] >= 14336 * 4096 // 32 and args["grid"][0] % args["threadgroup"][0] == 0
+    template = dict(args["template"])
+    assert {k: template[k] for k in ("DT", "N", "K")} == {"DT": 1, "N": 14336, "K": 4096}
+    threads, block = args["grid"][0], args["threadgroup"][0]
+    words = 14336 * 4096 // 8
+    per_block = block * template["PER"]
+    assert threads % block == 0 and words <= threads // block * per_block < words + per_block
     assert args["output_shapes"] == [(14336, 4096)] and args["output_dtypes"] == [mx.bfloat16]
 
 

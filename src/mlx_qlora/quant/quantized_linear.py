@@ -42,7 +42,7 @@ def dequantize_weight(
     is rounded to a coarser format before it multiplies.
     """
     in_features = wq.shape[1] * (32 // bits)
-    if dequant_cuda.supports(wq, bits, group_size, dtype):  # opt-in: MLX_QLORA_DEQUANT=ours
+    if dequant_cuda.supports(wq, bits, group_size, dtype):  # CUDA, unless MLX_QLORA_DEQUANT=mlx
         return dequant_cuda.dequantize(wq, scales, biases, dtype)
     if device_type() == "gpu" and dtype != mx.float32:
         layout = mlx_group_layout(scales, biases, in_features, group_size)

@@ -60,23 +60,29 @@ def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool, quantize: boo
 
 
 def step_ours(model, batch: mx.array, chunk: int, world=None, grads_first: bool = True, wait_for_grads: bool = False,
-              phases: Optional[list] = None):
+              overlap: Optional[bool] = None, phases: Optional[list] = None):
     """One optimizer step on ``batch``; with a ``world`` of several ranks, gradients are summed across ranks.
 
+    As the trainer does on a GPU, each call queues its step and then waits for the previous call's step
+    (``overlap``, default: on a GPU; False: for its own), so the GPU does not wait while the host builds a step.
     ``grads_first=False`` evaluates the gradients and the update together; ``wait_for_grads`` waits for the
     gradients before building the update instead of only queueing them (``step_probe.py`` compares). With a
     ``phases`` list, each step appends its host times in seconds: the gradient function's call, queueing
     its graph (``mx.async_eval``), building the update, queueing it, and the final wait for the GPU."""
     from mlx_qlora.train.distributed import all_sum_step
+    from mlx_qlora.train.flat import FLAT, FlatLayout
     from mlx_qlora.train.optimizer import AdamW
     from mlx_qlora.train.params import TrainableSlots
     from mlx_qlora.train.step import make_grad_fn, make_update_fn
 
     grad = make_grad_fn(model, chunk=chunk, packed=False)
     optimizer = AdamW()
-    update = make_update_fn(optimizer, max_grad_norm=1.0)
     slots = TrainableSlots(model)
-    state = {"opt": optimizer.init(slots.get())}
+    layout = FlatLayout(slots.get())
+    update = make_update_fn(optimizer, max_grad_norm=1.0, layout=layout)
+    flat = layout.concat(slots.get())
+    state = {"flat": flat, "opt": optimizer.init({FLAT: flat}), "previous": None}
+    overlap = on_gpu() if overlap is None else overlap
     lr = mx.array(1e-5)
 
     def run():
@@ -91,12 +97,14 @@ def step_ours(model, batch: mx.array, chunk: int, world=None, grads_first: bool 
         t.append(time.perf_counter())
         if world is not None and world.distributed:
             grads, loss_sum, n, _ = all_sum_step(world, grads, loss_sum, n, batch.size)
-        params, state["opt"], _ = update(slots.get(), grads, state["opt"], lr, n)
+        state["flat"], params, state["opt"], _ = update(state["flat"], grads, state["opt"], lr, n)
         slots.set(params)
         t.append(time.perf_counter())
-        mx.async_eval(loss_sum, params, state["opt"])
+        mx.async_eval(loss_sum, state["flat"], params, state["opt"])
         t.append(time.perf_counter())
-        mx.eval(loss_sum, params, state["opt"])
+        wait_for = state["previous"] if overlap and state["previous"] is not None else loss_sum
+        wait_for.item()
+        state["previous"] = loss_sum
         t.append(time.perf_counter())
         if phases is not None:
             phases.append([b - a for a, b in zip(t, t[1:])])

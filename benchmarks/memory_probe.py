@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Where training memory goes: peak and active memory of one step, with and without compile and
-checkpointing, on a Mistral-7B-shaped model with fewer layers (``--layers``)."""
+"""Where training memory goes: peak and active memory of one step (``gpu_train.py``'s, each step waited
+for), with and without checkpointing, on a Mistral-7B-shaped model with fewer layers (``--layers``)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import json
 from common import CHECKPOINTING, PRESETS, compute_dtype, set_memory_limits
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
 
-from gpu_train import build_ours
+from gpu_train import build_ours, step_ours
 
 
 def main() -> None:
@@ -28,37 +27,26 @@ def main() -> None:
     p.add_argument("--cache-limit-gb", type=float, help="cap MLX's buffer cache (0 frees buffers at once)")
     args = p.parse_args()
     set_memory_limits(args.cache_limit_gb, args.memory_limit_gb)
-    from mlx_qlora.train.optimizer import AdamW
-    from mlx_qlora.train.step import make_grad_fn, make_update_fn
-
     cfg = {**PRESETS[args.preset], "num_hidden_layers": args.layers}
     rows = []
-    for compiled in (True,):
-        for ckpt in CHECKPOINTING[args.checkpointing]:
-            model = build_ours(cfg, compute_dtype(), 16, ckpt, quantize=not args.no_quantize)
-            batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)
-            mx.eval(batch)
-            after_build = mx.get_active_memory() / 1e9
-            grad = make_grad_fn(model, args.loss_chunk, False, compile=compiled)
-            opt = AdamW()
-            update = make_update_fn(opt, 1.0, compile=compiled)
-            params = dict(tree_flatten(model.trainable_parameters()))
-            state = opt.init(params)
-            step_peaks = []
-            for i in range(3):
-                mx.reset_peak_memory()
-                s, n, g = grad(batch, batch)
-                mx.eval(s, n, g)  # the gradients first, as the trainer evaluates them
-                params, state, _ = update(params, g, state, mx.array(1e-5), n)
-                model.update(tree_unflatten(list(params.items())))
-                mx.eval(s, params, state)
-                step_peaks.append(round(mx.get_peak_memory() / 1e9, 3))
-            row = {"loss_chunk": args.loss_chunk, "memory_limit_gb": args.memory_limit_gb, "quantized": not args.no_quantize, "compiled": compiled, "ckpt": ckpt, "layers": args.layers, "after_build_gb": after_build,
-                   "peak_gb": max(step_peaks), "step_peaks_gb": step_peaks, "active_gb": mx.get_active_memory() / 1e9}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            del model, grad, update, params, state, g
-            mx.clear_cache()
+    for ckpt in CHECKPOINTING[args.checkpointing]:
+        model = build_ours(cfg, compute_dtype(), 16, ckpt, quantize=not args.no_quantize)
+        batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)
+        mx.eval(batch)
+        after_build = mx.get_active_memory() / 1e9
+        step = step_ours(model, batch, args.loss_chunk, overlap=False)  # each step's peak on its own
+        step_peaks = []
+        for i in range(3):
+            mx.reset_peak_memory()
+            step()
+            step_peaks.append(round(mx.get_peak_memory() / 1e9, 3))
+        row = {"loss_chunk": args.loss_chunk, "memory_limit_gb": args.memory_limit_gb,
+               "quantized": not args.no_quantize, "ckpt": ckpt, "layers": args.layers, "after_build_gb": after_build,
+               "peak_gb": max(step_peaks), "step_peaks_gb": step_peaks, "active_gb": mx.get_active_memory() / 1e9}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del model, step
+        mx.clear_cache()
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ Variants (``--variants``, comma list; ``+`` combines):
   as the trainer does;
 - ``wait``: the gradients waited for before the update is built, instead of only queued (the host then
   cannot build the update while the GPU runs the backward pass);
+- ``serial``: each step waited for before the next is built, instead of the next queued first;
 - ``unpadded``: attention over the real 2047 query rows, so that MLX differentiates it through its composed
   formula instead of cuDNN's fused backward (``model/sdpa.py``).
 
 Besides tokens/s and peak memory, each row gives the host's time per step (median, ms): calling the
 compiled gradient function, queueing its graph (``mx.async_eval``: MLX encodes every operation for the
-GPU here), building and queueing the update, and the wait for the GPU at the end. When the GPU waits
-for the host, the first three add up to the step.
+GPU here), building and queueing the update, and the wait for the GPU at the end (for the previous
+step, or with ``serial`` for this one). When the GPU waits for the host, the first four add up to the step.
 
 The model is Mistral-7B-shaped with ``--layers`` layers (random weights, 4-bit, LoRA r16 on all seven
 projections); ``--memory-limit-gb`` makes MLX wait for the GPU above it (1: the step runs serialized).
@@ -33,7 +34,7 @@ import sys
 from common import PRESETS, compute_dtype, environment, median, print_table, set_memory_limits, timed, write_json
 
 PHASES = ("grad_call_ms", "grad_queue_ms", "update_build_ms", "update_queue_ms", "wait_ms")
-VARIANTS = ("default", "composed", "one-eval", "wait", "unpadded")
+VARIANTS = ("default", "composed", "one-eval", "wait", "serial", "unpadded")
 
 
 def worker(args) -> dict:
@@ -60,7 +61,7 @@ def worker(args) -> dict:
     mx.reset_peak_memory()
     phases = []
     step = step_ours(model, batch, args.loss_chunk, grads_first="one-eval" not in parts,
-                     wait_for_grads="wait" in parts, phases=phases)
+                     wait_for_grads="wait" in parts, overlap="serial" not in parts, phases=phases)
     seconds = median(timed(step, steps=args.steps, warmup=args.warmup))
     timed_phases = phases[args.warmup:]
     ms = {name: 1e3 * median([p[i] for p in timed_phases]) for i, name in enumerate(PHASES)}

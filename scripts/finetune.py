@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, help="global gradient-norm clip (default 1.0; 0 disables)")
     p.add_argument("--grad-checkpoint", action="store_const", const=True,
                    help="recompute each decoder layer in the backward pass (less memory, ~30%% slower)")
+    p.add_argument("--overlap-steps", action=argparse.BooleanOptionalAction,
+                   help="queue each step before the previous one's loss is read, so the device never waits for "
+                        "the host (default: on a GPU)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default float32; adapters and optimizer state stay float32)")
     p.add_argument("--packing", action="store_const", const=True, help="pack several examples per row")

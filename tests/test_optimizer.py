@@ -9,6 +9,7 @@ import mlx_qlora  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_qlora.train.flat import FlatLayout
 from mlx_qlora.train.optimizer import AdamW, clip_grad_norm
 from mlx_qlora.train.schedule import build_schedule
 
@@ -197,13 +198,16 @@ def test_update_fn_matches_torch_clip_and_adamw_over_steps():
         torch_opt.step()
 
     opt = AdamW(weight_decay=0.01)
-    update = make_update_fn(opt, max_grad_norm=max_norm)
     params = {k: mx.array(v) for k, v in init.items()}
-    state = opt.init(params)
+    layout = FlatLayout(params)
+    update = make_update_fn(opt, max_grad_norm=max_norm, layout=layout)
+    flat, flat_state = layout.concat(params), layout.flat_state(opt.init(params))
     for g in sums:
-        params, state, norm = update(params, {k: mx.array(v) for k, v in g.items()}, state,
-                                     mx.array(lr, dtype=mx.float32), mx.array(n_tokens))
-        mx.eval(params, state, norm)
+        flat, params, flat_state, norm = update(flat, {k: mx.array(v) for k, v in g.items()}, flat_state,
+                                                mx.array(lr, dtype=mx.float32), mx.array(n_tokens))
+        mx.eval(flat, params, flat_state, norm)
+    state = layout.tensor_state(flat_state)
+    assert mx.array_equal(flat, layout.concat(params))  # the views and the vector agree
     assert 0 < clipped_steps < steps  # both the clipped and the unclipped case occur
     assert list(params) == list(SHAPES) and state["step"].item() == steps
     for k, p in torch_params.items():
@@ -215,24 +219,45 @@ def test_update_fn_matches_torch_clip_and_adamw_over_steps():
                                    rtol=1e-5, atol=1e-9, err_msg=k)
     assert max(np.abs(np.array(params[k]) - init[k]).max() for k in init) > 0.05
 
-    # A bfloat16 parameter among float32 ones: its update is the per-tensor one, rounded to bfloat16 once.
+    # A bfloat16 parameter among float32 ones: each step's update is the per-tensor one, rounded to bfloat16
+    # every step (the flat vector keeps the rounded value, not a float32 master copy).
     mixed = {**{k: mx.array(v) for k, v in init.items()}}
     first = next(iter(SHAPES))
     mixed[first] = mixed[first].astype(mx.bfloat16)
-    g = {k: mx.array(v) for k, v in sums[0].items()}
-    new, new_state, _ = update(mixed, g, opt.init(mixed), mx.array(lr, dtype=mx.float32), mx.array(n_tokens))
-    per_tensor, _ = opt.update(mixed, clip_grad_norm({k: v / n_tokens for k, v in g.items()}, max_norm)[0],
-                               opt.init(mixed), mx.array(lr, dtype=mx.float32))
-    assert new[first].dtype == mx.bfloat16 and new_state["exp_avg"][first].dtype == mx.float32
-    for k in SHAPES:
-        np.testing.assert_allclose(np.array(new[k].astype(mx.float32)), np.array(per_tensor[k].astype(mx.float32)),
-                                   rtol=0, atol=1e-6, err_msg=k)
+    layout = FlatLayout(mixed)
+    update = make_update_fn(opt, max_grad_norm=max_norm, layout=layout)
+    flat, flat_state = layout.concat(mixed), layout.flat_state(opt.init(mixed))
+    per_tensor, state = dict(mixed), opt.init(mixed)
+    for g in sums[:3]:
+        g = {k: mx.array(v) for k, v in g.items()}
+        flat, new, flat_state, _ = update(flat, g, flat_state, mx.array(lr, dtype=mx.float32), mx.array(n_tokens))
+        per_tensor, state = opt.update(per_tensor, clip_grad_norm({k: v / n_tokens for k, v in g.items()},
+                                                                  max_norm)[0], state, mx.array(lr, dtype=mx.float32))
+        assert new[first].dtype == mx.bfloat16 and layout.tensor_state(flat_state)["exp_avg"][first].dtype == mx.float32
+        for k in SHAPES:
+            np.testing.assert_allclose(np.array(new[k].astype(mx.float32)),
+                                       np.array(per_tensor[k].astype(mx.float32)), rtol=0, atol=1e-6, err_msg=k)
 
 
-def test_update_fn_names_a_parameter_without_moments():
-    from mlx_qlora.train.step import make_update_fn
-
+def test_flat_state_names_a_parameter_without_moments():
     params = {k: mx.array(v) for k, v in _random_params().items()}
     state = AdamW().init({k: v for k, v in params.items() if not k.endswith("down_proj.lora_B")})
     with pytest.raises(KeyError, match="down_proj.lora_B"):
-        make_update_fn(AdamW(), 1.0, compile=False)(params, params, state, mx.array(1e-3), mx.array(1))
+        FlatLayout(params).flat_state(state)
+
+
+def test_flat_layout_round_trips_parameters_and_state():
+    """concat/split and flat_state/tensor_state are inverses; the order is the layout's, whatever the tree's."""
+    params = {k: mx.array(v) for k, v in _random_params(2).items()}
+    layout = FlatLayout(params)
+    shuffled = dict(reversed(list(params.items())))
+    flat = layout.concat(shuffled)
+    assert flat.shape == (sum(v.size for v in params.values()),) and flat.dtype == mx.float32
+    assert list(layout.split(flat)) == list(params)
+    assert all(mx.array_equal(layout.split(flat)[k], v) for k, v in params.items())
+    state = {"step": mx.array(3), "exp_avg": {k: v * 2 for k, v in shuffled.items()},
+             "exp_avg_sq": {k: v * v for k, v in shuffled.items()}}
+    back = layout.tensor_state(layout.flat_state(state))
+    assert back["step"].item() == 3
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert all(mx.array_equal(back[key][k], state[key][k]) for k in params)

@@ -24,6 +24,7 @@ from mlx_qlora.quant import apply_lora
 from mlx_qlora.train.adapters import load_adapters
 from mlx_qlora.train.checkpoint import latest_checkpoint, load_checkpoint
 from mlx_qlora.train.optimizer import AdamW
+from mlx_qlora.train.flat import FlatLayout
 from mlx_qlora.train.step import add_trees, make_grad_fn, make_update_fn
 from mlx_qlora.train.trainer import Trainer, TrainingDiverged
 
@@ -78,43 +79,47 @@ def test_accumulation_equals_one_big_batch(workspace):
     labels[3, 20:] = -100
     labels[2, 21:] = -100  # so trimming the second micro-batch to 21 columns drops only ignored labels
     grad = make_grad_fn(model, chunk=16, packed=False)
-    update = make_update_fn(AdamW(weight_decay=0.01), max_grad_norm=None)
     params = dict(tree_flatten(model.trainable_parameters()))
-    state = AdamW(weight_decay=0.01).init(params)
+    layout = FlatLayout(params)
+    update = make_update_fn(AdamW(weight_decay=0.01), max_grad_norm=None, layout=layout)
+    flat, state = layout.concat(params), layout.flat_state(AdamW(weight_decay=0.01).init(params))
     lr = mx.array(1e-2)
 
     s_big, n_big, g_big = grad(mx.array(ids), mx.array(labels))
-    p_big, _, _ = update(params, g_big, state, lr, n_big)
+    _, p_big, _, _ = update(flat, g_big, state, lr, n_big)
     s_acc, n_acc, g_acc = mx.array(0.0), mx.array(0), None
     for rows, length in (([0, 1], 24), ([2, 3], 21)):  # the second micro-batch is also shorter
         s, n, g = grad(mx.array(ids[rows, :length]), mx.array(labels[rows, :length]))
         s_acc, n_acc, g_acc = s_acc + s, n_acc + n, add_trees(g_acc, g)
-    p_acc, _, _ = update(params, g_acc, state, lr, n_acc)
+    _, p_acc, _, _ = update(flat, g_acc, state, lr, n_acc)
     assert int(n_acc.item()) == int(n_big.item())
     np.testing.assert_allclose((s_acc / n_acc).item(), (s_big / n_big).item(), rtol=0, atol=1e-6)
     for key in p_big:
         np.testing.assert_allclose(np.array(p_acc[key]), np.array(p_big[key]), rtol=0, atol=1e-6, err_msg=key)
 
 
-def test_exact_resume(workspace, tmp_path):
-    """Stopping at step 10 and resuming gives bit-identical losses and adapters to an uninterrupted run."""
-    full = Trainer(_config(workspace, tmp_path / "full"), progress=False)
+@pytest.mark.parametrize("overlap,stopped_at", [(True, 9), (False, 8)])
+def test_exact_resume(workspace, tmp_path, overlap, stopped_at):
+    """Ctrl-C after step 8 and resuming gives bit-identical losses and adapters to an uninterrupted run.
+
+    With overlapping steps, step 9 was queued before step 8's loss was read: it is finished and saved too."""
+    full = Trainer(_config(workspace, tmp_path / "full", overlap_steps=overlap), progress=False)
     full.train()
 
-    interrupted = Trainer(_config(workspace, tmp_path / "resumed"), progress=False)
-    one_step = interrupted._one_step
+    interrupted = Trainer(_config(workspace, tmp_path / "resumed", overlap_steps=overlap), progress=False)
+    finish_step = interrupted._finish_step
 
-    def stop_at_ten():
-        metrics = one_step()
-        if interrupted.state.step == 10:
+    def stop_after_eight(queued):
+        metrics = finish_step(queued)
+        if interrupted.state.step == 8:
             interrupted.interrupted = True  # what Ctrl-C does
         return metrics
 
-    interrupted._one_step = stop_at_ten
+    interrupted._finish_step = stop_after_eight
     summary = interrupted.train()
-    assert summary["stop_reason"] == "interrupted" and summary["step"] == 10
-    resumed = Trainer(_config(workspace, tmp_path / "resumed"), resume=True, progress=False)
-    assert resumed.state.step == 10
+    assert summary["stop_reason"] == "interrupted" and summary["step"] == stopped_at
+    resumed = Trainer(_config(workspace, tmp_path / "resumed", overlap_steps=overlap), resume=True, progress=False)
+    assert resumed.state.step == stopped_at
     assert resumed.train()["step"] == 20
 
     expected, got = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
@@ -125,6 +130,18 @@ def test_exact_resume(workspace, tmp_path):
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert expected[20] < expected[1]  # and it learned something
+
+
+def test_overlapping_steps_train_exactly_as_waiting_for_each(workspace, tmp_path):
+    """Queueing each step before the previous loss is read changes when the host waits, not what is computed."""
+    runs = {}
+    for overlap in (True, False):
+        run = tmp_path / f"overlap_{overlap}"
+        Trainer(_config(workspace, run, iters=7, save_every=3, overlap_steps=overlap), progress=False).train()
+        runs[overlap] = (_losses(run), _adapter_arrays(run))
+    assert sorted(runs[True][0]) == list(range(1, 8)) and runs[True][0] == runs[False][0]
+    for key, value in runs[True][1].items():
+        np.testing.assert_array_equal(value, runs[False][1][key], err_msg=key)
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(workspace, tmp_path):

@@ -108,6 +108,9 @@ class TrainConfig(_Config):
     max_time: Optional[str] = None  # e.g. "2h", "30m", "90s"
     max_grad_norm: Optional[float] = 1.0  # None or 0 disables clipping
     grad_checkpoint: bool = False
+    # Queue each step before the previous one's loss is read (Trainer.train). None: on a GPU, where the device
+    # then never waits for the host; on the CPU the host's thread and the computation share the cores.
+    overlap_steps: Optional[bool] = None
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
     packing: bool = False
     seed: int = 0

@@ -15,7 +15,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from .loss import loss_sums
-from .optimizer import STATE_KEYS, AdamW, clip_grad_norm
+from .flat import FLAT, FlatLayout
+from .optimizer import AdamW, clip_grad_norm
 
 
 def make_loss_fn(chunk: int, packed: bool, fused: bool = True) -> Callable:
@@ -59,61 +60,30 @@ def make_eval_fn(model: nn.Module, chunk: int, packed: bool, compile: bool = Tru
     return mx.compile(evaluate, inputs=[model.state]) if compile else evaluate
 
 
-def make_update_fn(optimizer: AdamW, max_grad_norm: Optional[float], compile: bool = True) -> Callable:
-    """``update(params, grad_sums, opt_state, lr, n_learned) -> (params, opt_state, grad_norm)``.
+def make_update_fn(optimizer: AdamW, max_grad_norm: Optional[float], layout: FlatLayout,
+                   compile: bool = True) -> Callable:
+    """``update(flat_params, grad_sums, flat_state, lr, n_learned) -> (flat_params, params, flat_state, norm)``.
 
-    grad_sums are summed over the micro-batches of the step; they are divided by the number of learned
-    tokens here, then clipped to ``max_grad_norm`` (global norm; None or 0 disables).
+    The parameters and the optimizer state are flat (``train/flat.py``): ``layout.concat(params)`` and
+    ``layout.flat_state(state)``; both come back flat for the next step, and ``params`` is the new
+    parameters per path (views of the new vector, in each parameter's dtype) for the model.
 
-    params and grad_sums are flat dicts keyed by parameter path (``lora_parameters()``). The parameters,
-    gradients and both moments go through the arithmetic as one float32 vector each, concatenated in path
-    order and split again at the end: a few operations instead of several per tensor (a 7B model has 448
-    LoRA tensors), which on a GPU is most of the update's cost, the host's work per operation
-    (``benchmarks/RESULTS.md``). Element by element this is the per-tensor arithmetic of ``AdamW.update``
-    and ``clip_grad_norm``; only the global norm's summation order differs.
+    grad_sums (a dict keyed like the layout) are summed over the micro-batches of the step; they are divided
+    by the number of learned tokens here, then clipped to ``max_grad_norm`` (global norm; None or 0
+    disables). Element by element this is the per-tensor arithmetic of ``AdamW.update`` and
+    ``clip_grad_norm``; only the global norm's summation order differs.
     """
 
-    def update(params, grad_sums, opt_state, lr, n_learned):
-        paths = list(params)
+    def update(flat_params, grad_sums, flat_state, lr, n_learned):
         scale = 1.0 / mx.maximum(n_learned, 1).astype(mx.float32)
-        if not paths:
-            grads, norm = clip_grad_norm(grad_sums, max_grad_norm)
-            params, opt_state = optimizer.update(params, grads, opt_state, lr)
-            return params, opt_state, norm
-        (flat_grads,), norm = clip_grad_norm([_concat(grad_sums, paths) * scale], max_grad_norm)
-        state = {"step": opt_state["step"], **{key: {_FLAT: _flat_moments(opt_state[key], paths)} for key in _MOMENTS}}
-        new_params, state = optimizer.update({_FLAT: _concat(params, paths)}, {_FLAT: flat_grads}, state, lr)
-        new_state = {"step": state["step"], **{key: _split(state[key][_FLAT], params, mx.float32) for key in _MOMENTS}}
-        return _split(new_params[_FLAT], params), new_state, norm
+        (flat_grads,), norm = clip_grad_norm([layout.concat(grad_sums) * scale], max_grad_norm)
+        new, flat_state = optimizer.update({FLAT: flat_params}, {FLAT: flat_grads}, flat_state, lr)
+        params = layout.split(new[FLAT])
+        # A parameter kept in a lower precision is rounded every step, as the per-tensor update does.
+        flat = new[FLAT] if layout.all_float32 else layout.concat(params)
+        return flat, params, flat_state, norm
 
     return mx.compile(update) if compile else update
-
-
-_FLAT = "flat"  # the one key of the concatenated trees
-_MOMENTS = STATE_KEYS[1:]  # exp_avg, exp_avg_sq
-
-
-def _concat(tree: dict, paths: list) -> mx.array:
-    """The arrays of ``tree`` at ``paths``, flattened and concatenated in that order, as float32 (total,)."""
-    return mx.concatenate([tree[path].reshape(-1).astype(mx.float32) for path in paths])
-
-
-def _flat_moments(moments, paths: list) -> mx.array:
-    flat = dict(tree_flatten(moments))  # the moments may be given as nested trees
-    missing = [path for path in paths if path not in flat]
-    if missing:
-        raise KeyError(f"optimizer state has no moments for parameter {missing[0]!r}")
-    return _concat(flat, paths)
-
-
-def _split(flat: mx.array, like: dict, dtype: Optional[mx.Dtype] = None) -> dict:
-    """Inverse of ``_concat``: ``flat`` cut into the shapes of ``like`` (in its order), cast to ``dtype`` or
-    to each array's own dtype."""
-    out, start = {}, 0
-    for path, ref in like.items():
-        out[path] = flat[start:start + ref.size].reshape(ref.shape).astype(dtype or ref.dtype)
-        start += ref.size
-    return out
 
 
 def add_trees(a, b):

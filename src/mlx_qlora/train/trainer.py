@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..config import TrainConfig
 from ..data.dataset import BatchIterator, PreparedDataset, check_tokenizer
 from ..data.tokenizer import load_tokenizer
+from ..device import device_type
 from ..errors import UserError
 from ..io import atomic_write_json
 from ..model import load_model
@@ -43,6 +44,7 @@ from .optimizer import AdamW
 from .run_ahead import bound_run_ahead
 from .run_config import parse_duration
 from .schedule import build_schedule
+from .flat import FLAT, FlatLayout
 from .params import TrainableSlots
 from .step import add_trees, make_eval_fn, make_grad_fn, make_update_fn
 
@@ -93,6 +95,7 @@ class Trainer:
         self.world = world if world is not None else init_world()
         self.progress = progress and self.world.is_main
         self.interrupted = False
+        self._queued = 0  # steps queued and not yet finished
         self.local_tokens = 0  # real tokens of this rank in the last step
         self._setup(resume)
 
@@ -134,13 +137,15 @@ class Trainer:
                                        warmup_ratio=c.warmup_ratio, min_lr_ratio=c.min_lr_ratio)
         self.optimizer = AdamW(betas=(c.beta1, c.beta2), eps=c.eps, weight_decay=c.weight_decay)
         self.slots = TrainableSlots(self.model)
-        self.opt_state = self.optimizer.init(self.slots.get())
+        self.layout = FlatLayout(self.slots.get())
+        self.flat_params = self.layout.concat(self.slots.get())  # the update's input: one float32 vector
+        self.flat_state = self.optimizer.init({FLAT: self.flat_params})
         self.state = RunState()
         if resume:
             self._restore()
         self.grad_fn = make_grad_fn(self.model, c.loss_chunk, c.packing)
         self.eval_fn = make_eval_fn(self.model, c.loss_chunk, c.packing)
-        self.update_fn = make_update_fn(self.optimizer, c.max_grad_norm)
+        self.update_fn = make_update_fn(self.optimizer, c.max_grad_norm, self.layout)
         self._check_ranks_agree()
         if self.world.is_main:
             self._write_run_config()
@@ -199,7 +204,11 @@ class Trainer:
         if missing:
             raise UserError(f"{path}: adapters lack {sorted(missing)[0]} (made with other LoRA settings?)")
         self.model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in params.items()]))
-        self.opt_state = AdamW.load_state_dict(ckpt["optimizer"])
+        self.flat_params = self.layout.concat(self.slots.get())
+        try:
+            self.flat_state = self.layout.flat_state(AdamW.load_state_dict(ckpt["optimizer"]))
+        except KeyError as e:
+            raise UserError(f"{path}: {e.args[0]}") from None
         s = ckpt["trainer_state"]
         self.state = RunState(step=s["step"], tokens_seen=s["tokens_seen"], elapsed=s["elapsed"],
                               best_val_loss=s.get("best_val_loss"), data_cursor=s["data_cursor"])
@@ -218,7 +227,8 @@ class Trainer:
         }
         return save_checkpoint(
             self.run_dir, self.state.step, adapters=lora_parameters(self.model), lora_config=self.config.lora,
-            base_model=self.config.model, optimizer_state=AdamW.state_dict(self.opt_state),
+            base_model=self.config.model,
+            optimizer_state=AdamW.state_dict(self.layout.tensor_state(self.flat_state)),
             trainer_state=trainer_state, config=self.config.to_dict(), keep_last=self.config.keep_last,
         )
 
@@ -251,9 +261,14 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
 
-    def _one_step(self) -> dict[str, float]:
+    def _queue_step(self) -> dict[str, Any]:
+        """Build the next optimizer step and queue it on the device without waiting for it.
+
+        The model's adapters and the optimizer state are replaced by the step's results (not yet computed),
+        so a step queued after this one builds on them. Returns what ``_finish_step`` reads."""
         c = self.config
-        mx.random.seed(rank_seed(step_seed(c.seed, self.state.step), self.world.rank))
+        step = self.state.step + self._queued  # steps before this one
+        mx.random.seed(rank_seed(step_seed(c.seed, step), self.world.rank))
         loss_sum, n_learned, grad_sums, real_tokens = mx.array(0.0), mx.array(0), None, 0
         for _ in range(c.grad_accum):
             batch = next(self.iterator)  # this rank's rows of the next global batch
@@ -273,24 +288,42 @@ class Trainer:
         # Sums over the ranks, divided once below: the step of one process on the whole global batch.
         grad_sums, loss_sum, n_learned, real_tokens = all_sum_step(self.world, grad_sums, loss_sum, n_learned,
                                                                    real_tokens)
-        lr = self.schedule(self.state.step)
-        params, opt_state, norm = self.update_fn(self.slots.get(), grad_sums, self.opt_state,
-                                                 mx.array(lr, dtype=mx.float32), n_learned)
+        lr = self.schedule(step)
+        self.flat_params, params, self.flat_state, norm = self.update_fn(
+            self.flat_params, grad_sums, self.flat_state, mx.array(lr, dtype=mx.float32), n_learned)
+        self.slots.set(params)
         loss = loss_sum / mx.maximum(n_learned, 1)
-        mx.eval(params, opt_state, loss, norm)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value) or not math.isfinite(norm.item()):
+        mx.async_eval(self.flat_params, params, self.flat_state, loss, norm)
+        self._queued += 1
+        return {"loss": loss, "norm": norm, "n_learned": n_learned, "lr": lr, "tokens": real_tokens,
+                "local_tokens": local_tokens}
+
+    def _finish_step(self, queued: dict[str, Any]) -> dict[str, float]:
+        """Wait for a step queued by ``_queue_step`` (the oldest one) and count it; its metrics."""
+        loss_value, norm = queued["loss"].item(), queued["norm"].item()
+        self._queued -= 1
+        if not math.isfinite(loss_value) or not math.isfinite(norm):
             raise TrainingDiverged(
                 f"loss is {loss_value} at step {self.state.step + 1}; stopped without saving this step "
                 f"(lower --learning-rate, or check the data); the last good checkpoint is kept"
             )
-        self.slots.set(params)
-        self.opt_state = opt_state
         self.state.step += 1
-        self.state.tokens_seen += real_tokens
-        self.local_tokens = local_tokens
-        return {"loss": loss_value, "lr": float(lr), "grad_norm": norm.item(),
-                "learned_tokens": int(n_learned.item()), "tokens": real_tokens}
+        self.state.tokens_seen += queued["tokens"]
+        self.local_tokens = queued["local_tokens"]
+        return {"loss": loss_value, "lr": float(queued["lr"]), "grad_norm": norm,
+                "learned_tokens": int(queued["n_learned"].item()), "tokens": queued["tokens"]}
+
+    def _one_step(self) -> dict[str, float]:
+        """One optimizer step, waited for."""
+        return self._finish_step(self._queue_step())
+
+    def _may_overlap(self, step: int) -> bool:
+        """Whether the step after ``step`` may be queued before ``step``'s results are read: not when
+        ``step`` is evaluated, saved or the last, which need the adapters as they are after it."""
+        c = self.config
+        overlap = c.overlap_steps if c.overlap_steps is not None else device_type() == "gpu"
+        return (overlap and step < self.total_steps and step % c.save_every != 0
+                and not (self.val_data is not None and step % c.eval_every == 0))
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.world.is_main:
@@ -320,8 +353,17 @@ class Trainer:
                     self._log({"step": 0, **result})
                     if main:
                         bar.write(f"step 0: val_loss {result['val_loss']:.4f} ppl {result['val_ppl']:.2f}")
-            while self.state.step < self.total_steps:
-                metrics = self._one_step()
+            queued, stopping = None, False
+            while queued is not None or (not stopping and self.state.step < self.total_steps):
+                if queued is None:
+                    queued = self._queue_step()
+                # The next step is queued before this one's loss is read, so the device never waits for the
+                # host to build a step; a step that is being stopped after is not followed by another.
+                ahead = None
+                if not stopping and self._may_overlap(self.state.step + 1):
+                    ahead = self._queue_step()
+                metrics = self._finish_step(queued)
+                queued = ahead
                 bar.update(1)
                 # this rank's tokens: with several ranks metrics["tokens"] counts all of them
                 window_tokens += self.local_tokens if self.world.distributed else metrics["tokens"]
@@ -352,12 +394,9 @@ class Trainer:
                 time_up = max_seconds is not None and self.state.elapsed >= max_seconds
                 if self.world.distributed:  # every rank stops after the same step, or the others would hang
                     self.interrupted, time_up = self.world.agree(self.interrupted, time_up)
-                if self.interrupted:
-                    stop_reason = "interrupted"
-                    break
-                if time_up:
-                    stop_reason = "time budget reached"
-                    break
+                if not stopping and (self.interrupted or time_up):  # a step already queued still runs
+                    stop_reason = "interrupted" if self.interrupted else "time budget reached"
+                    stopping = True
         finally:
             bar.close()
             signal.signal(signal.SIGINT, previous)

@@ -70,7 +70,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     names = ["mlx"] + [f"ours_w{n}" for n in counts]
     print_table(rows, [("shape", "out x in", "")]
-                + [(f"{n}_us", f"{n} us", "{:.1f}") for n in names] + [(f"{n}_GB_s", f"{n} GB/s", "{:.0f}") for n in names]
+                + [(f"{n}_us", f"{n} us", "{:.1f}") for n in names]
+                + [(f"{n}_GB_s", f"{n} GB/s", "{:.0f}") for n in names]
                 + [(f"{n}_matmul_us", f"{n} + matmul us", "{:.1f}") for n in names]
                 + [(f"{n}_max_err", f"{n} max err", "{:.2g}") for n in names])
     write_json(args.json, {"benchmark": "dequantize", "environment": environment(), "rows": rows})

@@ -107,8 +107,10 @@ def _assert_close_to_rounded(got: mx.array, exact: mx.array):
     assert err <= 2.0**-8 * scale + 1e-5, (err, scale)
 
 
+# 1,056 and 2,080 inputs: 33 and 65 chunks of 32 weights, so lanes loop 2 and 3 times, the last time lane 0 alone.
 @pytest.mark.parametrize("rows,out_f,in_f,per_warp,dtype", [
-    (1, 64, 128, 4, mx.bfloat16), (3, 48, 256, 2, mx.bfloat16), (2, 40, 64, 1, mx.float32)])
+    (1, 64, 128, 4, mx.bfloat16), (3, 48, 256, 2, mx.bfloat16), (2, 40, 64, 1, mx.float32),
+    (2, 16, 1056, 2, mx.bfloat16), (1, 16, 2080, 4, mx.bfloat16)])
 def test_qmv_kernel(tmp_path, rows, out_f, in_f, per_warp, dtype):
     layer = _layer(out_f, in_f, rows, dtype)
     x = mx.random.normal((rows, in_f)).astype(dtype)

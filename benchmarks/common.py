@@ -49,6 +49,9 @@ OUR_VARIANTS = {
     "ours-kernel": {"MLX_QLORA_FUSED_DECODE": "kernel"},
     "ours-r4": {"MLX_QLORA_QMV_MIN_WARPS": "1024"},
     "ours-slots32": {"MLX_QLORA_ATTENTION_SLOTS": "32"},
+    "ours-slots16": {"MLX_QLORA_ATTENTION_SLOTS": "16"},
+    "ours-slots128": {"MLX_QLORA_ATTENTION_SLOTS": "128"},
+    "ours-no-mma": {"MLX_QLORA_QMV_MMA": "0"},  # the few-row 4-bit kernels on CUDA cores only
 }
 
 

@@ -86,7 +86,8 @@ def main() -> None:
     p.add_argument("--shapes", default="14336x4096,4096x14336,4096x4096,1024x4096", help="comma list of OUTxIN")
     p.add_argument("--rows", default="1,4")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--rows-per-warp", default="0", help="comma list of output rows per warp to try (0: the default)")
+    p.add_argument("--rows-per-warp", default="0",
+                   help="comma list of output rows per warp to try (0: the default; 16: the tensor-core body)")
     p.add_argument("--fused", action="store_true", help="also time the fused q/k/v and gate/up kernels")
     p.add_argument("--json")
     args = p.parse_args()
@@ -118,12 +119,15 @@ def main() -> None:
             base["mlx_qmm_build_us"], base["mlx_qmm_us"] = timed_us(mlx_qmm, layers, x, args.repeats)
             for per_warp in per_warp_choices:
                 row = dict(base)
-                if qmv_cuda.supports(x, in_f, 4, None) and (per_warp == 0 or out_f % per_warp == 0):
+                mma_ok = (per_warp != qmv_cuda.MMA_ROWS
+                          or qmv_cuda.takes_mma(m, in_f, (out_f,), qmv_cuda.Variant(1), dtype))
+                if qmv_cuda.supports(x, in_f, 4, None) and (per_warp == 0 or out_f % per_warp == 0) and mma_ok:
                     def ours(layer, x, per_warp=per_warp):
                         x2 = x.reshape(-1, x.shape[-1])
                         return qmv_cuda._launch(x2, [(layer.weight, layer.scales, layer.biases)], per_warp=per_warp)[0]
 
-                    row["per_warp"] = per_warp or qmv_cuda.rows_per_warp((out_f,))
+                    launch = qmv_cuda._launch_args(m, in_f, (out_f,), qmv_cuda.Variant(1), dtype, per_warp)
+                    row["per_warp"] = dict(launch["template"])["R"]  # 16: the tensor-core body
                     row["ours_build_us"], row["ours_us"] = timed_us(ours, layers, x, args.repeats)
                     row["ours_max_err"] = mx.abs(ours(layers[0], x).astype(mx.float32) - exact).max().item()
                     row["ours_GB_s"] = weight_bytes / row["ours_us"] / 1e3

@@ -67,6 +67,7 @@ inline __half2 __floats2half2_rn(float a, float b) { return {(_Float16)a, (_Floa
 struct EmulatedWarp {
   std::barrier<> sync{32};
   float exchange[32];
+  unsigned int mma_a[32][4], mma_b[32][2];
 };
 inline thread_local std::barrier<>* g_block_barrier = nullptr;
 inline thread_local std::vector<std::unique_ptr<EmulatedWarp>>* g_warps = nullptr;
@@ -81,6 +82,34 @@ inline float __shfl_xor_sync(unsigned int, float value, int lane_mask) {
   const float other = w.exchange[lane ^ lane_mask];
   w.sync.arrive_and_wait();
   return other;
+}
+
+inline void __syncwarp() { (*g_warps)[threadIdx.x >> 5]->sync.arrive_and_wait(); }
+
+// mma.sync.m16n8k16 (bfloat16 in, float32 accumulate) for the warp: each lane hands in its fragments, then
+// computes its four outputs from the whole A (16 x 16) and b (16 x 8), products summed in float32 in k order.
+#define MLX_QLORA_MMA_DEFINED
+inline float bf16_half(unsigned int reg, int high) { return __uint_as_float(high ? reg & 0xffff0000u : reg << 16); }
+inline void mma_bf16_16816(float* d, unsigned int a0, unsigned int a1, unsigned int a2, unsigned int a3,
+                           unsigned int b0, unsigned int b1) {
+  EmulatedWarp& w = *(*g_warps)[threadIdx.x >> 5];
+  const int lane = threadIdx.x & 31;
+  w.mma_a[lane][0] = a0; w.mma_a[lane][1] = a1; w.mma_a[lane][2] = a2; w.mma_a[lane][3] = a3;
+  w.mma_b[lane][0] = b0; w.mma_b[lane][1] = b1;
+  w.sync.arrive_and_wait();
+  const int group = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = group + 8 * (i >> 1), col = 2 * t + (i & 1);
+    float sum = 0.0f;
+    for (int k = 0; k < 16; ++k) {
+      const int kt = (k & 7) >> 1, high = k & 1, upper = k >> 3;  // k = 2 kt + high (+ 8 upper)
+      const float a = bf16_half(w.mma_a[(row & 7) * 4 + kt][(row >> 3) + 2 * upper], high);
+      const float b = bf16_half(w.mma_b[col * 4 + kt][upper], high);
+      sum += a * b;
+    }
+    d[i] += sum;
+  }
+  w.sync.arrive_and_wait();
 }
 
 inline void run_block(unsigned b, unsigned n, const std::function<void()>& kernel) {

@@ -108,27 +108,32 @@ def _assert_close_to_rounded(got: mx.array, exact: mx.array):
 
 
 # 1,056 and 2,080 inputs: 33 and 65 chunks of 32 weights, so lanes loop 2 and 3 times, the last time lane 0 alone.
+# Tensor-core body (16 rows per block): 768 inputs are 3 chunks per warp (lanes of t = 3 idle), 8 input rows
+# fill all of the mma's columns.
 @pytest.mark.parametrize("rows,out_f,in_f,per_warp,dtype", [
     (1, 64, 128, 4, mx.bfloat16), (3, 48, 256, 2, mx.bfloat16), (2, 40, 64, 1, mx.float32),
-    (2, 16, 1056, 2, mx.bfloat16), (1, 16, 2080, 4, mx.bfloat16)])
+    (2, 16, 1056, 2, mx.bfloat16), (1, 16, 2080, 4, mx.bfloat16),
+    (1, 32, 512, 16, mx.bfloat16), (3, 48, 768, 16, mx.bfloat16), (8, 16, 256, 16, mx.bfloat16)])
 def test_qmv_kernel(tmp_path, rows, out_f, in_f, per_warp, dtype):
     layer = _layer(out_f, in_f, rows, dtype)
     x = mx.random.normal((rows, in_f)).astype(dtype)
     variant = qmv_cuda.Variant(1)
     args = qmv_cuda._launch_args(rows, in_f, (out_f,), variant, dtype, per_warp)
-    source = variant.source()
+    assert qmv_cuda.uses_mma(args) == (per_warp == qmv_cuda.MMA_ROWS)
+    source = variant.source(mma=qmv_cuda.uses_mma(args))
     (y,) = emulate(tmp_path, source, qmv_cuda._HEADER, _inputs([layer], x), ["y0"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts))
 
 
-def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path):
+@pytest.mark.parametrize("in_f,per_warp", [(128, 2), (256, 16)])
+def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path, in_f, per_warp):
     """q/k/v of a layer (64, 32, 32 rows) in one launch, written as (B, heads, 1, head_dim)."""
-    layers = [_layer(n, 128, 10 + i) for i, n in enumerate((64, 32, 32))]
-    x = mx.random.normal((1, 128)).astype(mx.bfloat16)
+    layers = [_layer(n, in_f, 10 + i) for i, n in enumerate((64, 32, 32))]
+    x = mx.random.normal((1, in_f)).astype(mx.bfloat16)
     shapes = ((1, 4, 1, 16), (1, 2, 1, 16), (1, 2, 1, 16))
     variant = qmv_cuda.Variant(3)
-    args = qmv_cuda._launch_args(1, 128, (64, 32, 32), variant, mx.bfloat16, 2, shapes)
-    source = variant.source()
+    args = qmv_cuda._launch_args(1, in_f, (64, 32, 32), variant, mx.bfloat16, per_warp, shapes)
+    source = variant.source(mma=qmv_cuda.uses_mma(args))
     inputs = {}
     for g, layer in enumerate(layers):
         inputs.update({f"w{g}": layer.weight, f"s{g}": layer.scales, f"b{g}": layer.biases})
@@ -139,12 +144,13 @@ def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path):
         _assert_close_to_rounded(out.reshape(1, -1), qmv_cuda.reference(x, *layer.parts))
 
 
-def test_swiglu_kernel(tmp_path):
-    gate, up = _layer(96, 128, 1), _layer(96, 128, 2)
-    x = mx.random.normal((2, 128)).astype(mx.bfloat16)
+@pytest.mark.parametrize("in_f,per_warp", [(128, 4), (512, 16)])
+def test_swiglu_kernel(tmp_path, in_f, per_warp):
+    gate, up = _layer(96, in_f, 1), _layer(96, in_f, 2)
+    x = mx.random.normal((2, in_f)).astype(mx.bfloat16)
     variant = qmv_cuda.Variant(2, swiglu=True)
-    args = qmv_cuda._launch_args(2, 128, (96, 96), variant, mx.bfloat16, 4)
-    source = variant.source()
+    args = qmv_cuda._launch_args(2, in_f, (96, 96), variant, mx.bfloat16, per_warp)
+    source = variant.source(mma=qmv_cuda.uses_mma(args))
     (y,) = emulate(tmp_path, source, qmv_cuda._HEADER,
                    {"w0": gate.weight, "s0": gate.scales, "b0": gate.biases,
                     "w1": up.weight, "s1": up.scales, "b1": up.biases, "x": x}, ["y"], args)
@@ -158,18 +164,21 @@ def _inputs(layers, x, **extra):
     return {**inputs, "x": x, **extra}
 
 
-@pytest.mark.parametrize("position,rope_scale,dtype", [(0, 1.0, mx.bfloat16), (37, 1.0, mx.bfloat16),
-                                                       (1000, 0.25, mx.bfloat16), (37, 1.0, mx.float32)])
-def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_scale, dtype):
-    """RMSNorm in the prologue, q/k rotated in the epilogue: 2 sequences, 4 query and 2 key/value heads of 16."""
-    layers = [_layer(n, 128, 20 + i, dtype) for i, n in enumerate((64, 32, 32))]
-    x = (3.0 * mx.random.normal((2, 128))).astype(dtype)
-    gamma = (1.0 + 0.1 * mx.random.normal((128,))).astype(dtype)
+@pytest.mark.parametrize("position,rope_scale,dtype,in_f", [
+    (0, 1.0, mx.bfloat16, 128), (37, 1.0, mx.bfloat16, 128), (1000, 0.25, mx.bfloat16, 128), (37, 1.0, mx.float32, 128),
+    (37, 1.0, mx.bfloat16, 256), (1000, 0.25, mx.bfloat16, 512)])
+def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_scale, dtype, in_f):
+    """RMSNorm in the prologue, q/k rotated in the epilogue: 2 sequences, 4 query and 2 key/value heads of 16.
+    bfloat16 with 256 or more inputs: the tensor-core body (16 rows per block: rotary pairs (p, p + 8))."""
+    layers = [_layer(n, in_f, 20 + i, dtype) for i, n in enumerate((64, 32, 32))]
+    x = (3.0 * mx.random.normal((2, in_f))).astype(dtype)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(dtype)
     variant = qmv_cuda.Variant(3, norm_eps=1e-5, rope=(True, True, False), rope_base=10000.0, rope_scale=rope_scale)
     shapes = ((2, 4, 1, 16), (2, 2, 1, 16), (2, 2, 1, 16))
-    args = qmv_cuda._launch_args(2, 128, (64, 32, 32), variant, dtype, 0, shapes, 16)
-    assert dict(args["template"])["R"] == 2  # rotary pairs need an even number of rows per warp
-    outs = emulate(tmp_path, variant.source(), qmv_cuda._HEADER,
+    mma = in_f >= 256 and dtype == mx.bfloat16
+    args = qmv_cuda._launch_args(2, in_f, (64, 32, 32), variant, dtype, qmv_cuda.MMA_ROWS if mma else 0, shapes, 16)
+    assert dict(args["template"])["R"] == (16 if mma else 2)  # rotary pairs need an even number of rows per warp
+    outs = emulate(tmp_path, variant.source(mma=mma), qmv_cuda._HEADER,
                    _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32)),
                    variant.output_names, args)
     want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], position, 16, 10000.0,
@@ -181,19 +190,21 @@ def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_sca
             _assert_close_to_rounded(out.reshape(2, -1), ref)
 
 
-@pytest.mark.parametrize("position,capacity,dtype", [(5, 8, mx.bfloat16), (13, 8, mx.bfloat16), (3, 16, mx.float32)])
-def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, capacity, dtype):
+@pytest.mark.parametrize("position,capacity,dtype,in_f", [(5, 8, mx.bfloat16, 128), (13, 8, mx.bfloat16, 128),
+                                                          (3, 16, mx.float32, 128), (13, 8, mx.bfloat16, 256)])
+def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, capacity, dtype, in_f):
     """The ``cache`` variant: q as output, this position's rotated k and v written in place into slot
     ``position % capacity`` of the (sequences, kv heads, capacity, head dim) buffers; every other slot
     keeps its old value."""
-    layers = [_layer(n, 128, 50 + i, dtype) for i, n in enumerate((64, 32, 32))]
-    x = (3.0 * mx.random.normal((2, 128))).astype(dtype)
-    gamma = (1.0 + 0.1 * mx.random.normal((128,))).astype(dtype)
+    layers = [_layer(n, in_f, 50 + i, dtype) for i, n in enumerate((64, 32, 32))]
+    x = (3.0 * mx.random.normal((2, in_f))).astype(dtype)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(dtype)
     kc, vc = (mx.random.normal((2, 2, capacity, 16)).astype(dtype) for _ in range(2))
     variant = qmv_cuda.Variant(3, norm_eps=1e-5, rope=(True, True, False), cache=True)
-    args = qmv_cuda._launch_args(2, 128, (64, 32, 32), variant, dtype, 0, ((2, 4, 1, 16),), 16, capacity)
+    per_warp = qmv_cuda.MMA_ROWS if in_f >= 256 else 0
+    args = qmv_cuda._launch_args(2, in_f, (64, 32, 32), variant, dtype, per_warp, ((2, 4, 1, 16),), 16, capacity)
     q, kc_after, vc_after = emulate(
-        tmp_path, variant.source(), qmv_cuda._HEADER,
+        tmp_path, variant.source(mma=qmv_cuda.uses_mma(args)), qmv_cuda._HEADER,
         _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32), kc=kc, vc=vc),
         variant.output_names, args, changed=("kc", "vc"))
     want_q, want_k, want_v = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers],
@@ -213,30 +224,33 @@ def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, ca
         check(after[:, :, slot].reshape(2, 32), want)  # (sequence, kv head * head dim)
 
 
-def test_swiglu_kernel_with_norm(tmp_path):
-    gate, up = _layer(64, 128, 31), _layer(64, 128, 32)
-    x = (2.0 * mx.random.normal((1, 128))).astype(mx.bfloat16)
-    gamma = (1.0 + 0.1 * mx.random.normal((128,))).astype(mx.bfloat16)
+@pytest.mark.parametrize("in_f,per_warp", [(128, 4), (1024, 16)])
+def test_swiglu_kernel_with_norm(tmp_path, in_f, per_warp):
+    gate, up = _layer(64, in_f, 31), _layer(64, in_f, 32)
+    x = (2.0 * mx.random.normal((1, in_f))).astype(mx.bfloat16)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(mx.bfloat16)
     variant = qmv_cuda.Variant(2, swiglu=True, norm_eps=1e-6)
-    args = qmv_cuda._launch_args(1, 128, (64, 64), variant, mx.bfloat16, 4)
-    (y,) = emulate(tmp_path, variant.source(), qmv_cuda._HEADER, _inputs([gate, up], x, gamma=gamma), ["y"], args)
+    args = qmv_cuda._launch_args(1, in_f, (64, 64), variant, mx.bfloat16, per_warp)
+    (y,) = emulate(tmp_path, variant.source(mma=qmv_cuda.uses_mma(args)), qmv_cuda._HEADER,
+                   _inputs([gate, up], x, gamma=gamma), ["y"], args)
     normed = qmv_cuda.reference_rms_norm(x, gamma, 1e-6)
     _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(normed, gate.parts, up.parts))
 
 
-def test_matmul_kernel_with_residual(tmp_path):
+@pytest.mark.parametrize("per_warp", [2, 16])
+def test_matmul_kernel_with_residual(tmp_path, per_warp):
     layer = _layer(48, 256, 40)
     x = mx.random.normal((2, 256)).astype(mx.bfloat16)
     res = (4.0 * mx.random.normal((2, 48))).astype(mx.bfloat16)
     variant = qmv_cuda.Variant(1, residual=True)
-    args = qmv_cuda._launch_args(2, 256, (48,), variant, mx.bfloat16, 2)
-    (y,) = emulate(tmp_path, variant.source(), qmv_cuda._HEADER, _inputs([layer], x, res=res), ["y0"], args)
+    args = qmv_cuda._launch_args(2, 256, (48,), variant, mx.bfloat16, per_warp)
+    (y,) = emulate(tmp_path, variant.source(mma=qmv_cuda.uses_mma(args)), qmv_cuda._HEADER,
+                   _inputs([layer], x, res=res), ["y0"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts) + res.astype(mx.float32))
 
 
 # 40 x 264: 33 words per row, 1,320 words in two blocks of 1,024 (a row across them, the last block partly idle).
-@pytest.mark.parametrize("out_f,in_f,dtype", [(24, 256, mx.float32), (24, 256, mx.bfloat16),
-                                               (40, 264, mx.bfloat16)])
+@pytest.mark.parametrize("out_f,in_f,dtype", [(24, 256, mx.float32), (24, 256, mx.bfloat16), (40, 264, mx.bfloat16)])
 def test_dequantize_kernel(tmp_path, out_f, in_f, dtype):
     layer = _layer(out_f, in_f, 5, dtype=mx.bfloat16)
     args = dequant_cuda._launch_args(out_f, in_f, dtype)

@@ -55,13 +55,39 @@ def test_rows_per_warp_divides_every_matrix(out_rows, per_warp):
 
 
 def test_launch_arguments():
-    args = qmv_cuda._launch_args(1, 4096, (14336,), qmv_cuda.Variant(1), mx.bfloat16)
+    args = qmv_cuda._launch_args(1, 4096, (14336,), qmv_cuda.Variant(1), mx.float32)
     template = dict(args["template"])
-    assert template == {"T": mx.bfloat16, "DT": 1, "M": 1, "K": 4096, "ROWS": 14336, "R": 4, "P": 1,
+    assert template == {"T": mx.float32, "DT": 0, "M": 1, "K": 4096, "ROWS": 14336, "R": 4, "P": 1,
                         "N0": 14336, "N1": 0, "N2": 0}
     assert args["grid"][0] == 14336 // 4 * 32  # one warp per 4 output rows
     assert args["grid"][0] % args["threadgroup"][0] == 0
     assert args["output_shapes"] == [(1, 14336)]
+    assert not qmv_cuda.uses_mma(args)  # float32 inputs stay on the CUDA-core body
+
+
+@pytest.mark.parametrize("rows,in_f,out_rows,swiglu,takes,prefers", [
+    (1, 4096, (14336,), False, True, True),                 # gate- or up-sized: the tensor cores by default
+    (1, 4096, (14336, 14336), True, True, True),
+    (1, 14336, (4096,), False, True, False),                # down: can (28 KB of inputs in shared memory)
+    (4, 4096, (4096, 1024, 1024), False, True, False),      # q/k/v: can, but the CUDA-core body is faster
+    (8, 4096, (14336,), False, False, True),                # 64 KB of inputs: more than 48 KB of shared memory
+    (2, 14336, (4096,), False, False, False),
+    (1, 4096 + 32, (14336,), False, False, True),           # K not 8 warps of whole chunks
+    (1, 4096, (14344,), False, False, True),                # rows not whole tiles of 16
+])
+def test_when_the_tensor_core_body_is_taken(rows, in_f, out_rows, swiglu, takes, prefers):
+    variant = qmv_cuda.Variant(2, swiglu=True) if swiglu else qmv_cuda.Variant(len(out_rows))
+    assert qmv_cuda.takes_mma(rows, in_f, out_rows, variant, mx.bfloat16) is takes
+    args = qmv_cuda._launch_args(rows, in_f, out_rows, variant, mx.bfloat16)
+    assert qmv_cuda.uses_mma(args) is (takes and prefers)
+    assert not qmv_cuda.takes_mma(rows, in_f, out_rows, variant, mx.float32)  # float32 inputs would be rounded
+    if takes:  # asked for: a block of 8 warps per 16 rows (gate and up: 16 of each)
+        forced = qmv_cuda._launch_args(rows, in_f, out_rows, variant, mx.bfloat16, qmv_cuda.MMA_ROWS)
+        assert qmv_cuda.uses_mma(forced)
+        assert forced["grid"][0] == (out_rows[0] if swiglu else sum(out_rows)) // 16 * 256
+    else:
+        with pytest.raises(ValueError, match="tensor-core"):
+            qmv_cuda._launch_args(rows, in_f, out_rows, variant, mx.bfloat16, qmv_cuda.MMA_ROWS)
 
 
 def test_launch_arguments_of_the_fused_kernels():

@@ -7,7 +7,8 @@ For a row ``n`` with scale ``s`` and offset ``b``, ``W[n, k] = s * q[n, k] + b``
 and the kernel reads each packed row once, straight from memory: each warp computes 1, 2 or 4 output
 rows (``rows_per_warp``) that share every loaded input, each lane loading 16 bytes (32 weights) at a
 time, the M <= ``MAX_ROWS`` input rows read alongside and both sums accumulated in float32, then a warp
-reduction. No dequantized weight and no expanded scales exist. ``mx.quantized_matmul`` needs MLX's group
+reduction. No dequantized weight and no expanded scales exist. A second body (``_BODY_MMA``) does the
+multiply-adds on the tensor cores (bfloat16 inputs, float32 sums) for the launches with the most rows. ``mx.quantized_matmul`` needs MLX's group
 layout (our one scale per row repeated for every group of 64) and ran far below the memory's speed on an
 H100 (``benchmarks/RESULTS.md``).
 
@@ -37,6 +38,15 @@ from ..device import on_cuda
 MAX_ROWS = 8  # input rows handled by one launch (every warp keeps one accumulator per row)
 _DTYPE_CODES = {mx.float32: 0, mx.bfloat16: 1}  # input dtypes the kernel reads (float16: not yet)
 _THREADS = 256
+MMA_ROWS = 16  # output rows per block of the tensor-core body (``_BODY_MMA``); also its ``per_warp`` code
+_MMA_WARPS = _THREADS // 32
+_MMA_SHARED_BYTES = 48 * 1024
+# Benchmark knob: MLX_QLORA_QMV_MMA=0 keeps the tensor-core body off (the CUDA-core body everywhere).
+_MMA_ENABLED = os.environ.get("MLX_QLORA_QMV_MMA", "1") != "0"
+# Adjacent 16-byte chunks a lane loads per iteration of the tensor-core body (env knob for measurements).
+MMA_CHUNKS = int(os.environ.get("MLX_QLORA_QMV_MMA_CHUNKS", "2"))
+# The tensor-core body only for launches of at least this many output rows (gate and up: rows of each).
+MMA_MIN_ROWS = int(os.environ.get("MLX_QLORA_QMV_MMA_MIN_ROWS", "8192"))
 ROWS_PER_WARP_MIN_WARPS = int(os.environ.get("MLX_QLORA_QMV_MIN_WARPS", "2048"))
 # Alone (not fused), layers smaller than this keep MLX's quantized_matmul: a custom-kernel call costs
 # more host time than MLX's op, and decoding is host-bound; with the kernel on every layer decoding was
@@ -80,6 +90,27 @@ template <>
 __device__ __forceinline__ void load_x8<1>(const unsigned char* x, int k, float* o) {  // bfloat16
   unpack_x8(*(reinterpret_cast<const uint4*>(x) + (k >> 3)), o);
 }
+
+// The bits of a float rounded to bfloat16 (to nearest, ties to even), in the low 16 bits.
+__device__ __forceinline__ unsigned int bf16_bits(float f) {
+  const unsigned int u = __float_as_uint(f);
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+#ifndef MLX_QLORA_MMA_DEFINED
+// d += A b on the tensor cores, for one warp: A 16 x 16 and b 16 x 8 in bfloat16 pairs, d 16 x 8 in float32,
+// in PTX's fragment layouts for mma.m16n8k16 (lane = 4 * group + t: a0 = A[group][2t, 2t+1], a1 = A[group+8][..],
+// a2 = A[group][2t+8, 2t+9], a3 = A[group+8][..]; b0 = b[2t, 2t+1][group], b1 = b[2t+8, 2t+9][group];
+// d = (row group, columns 2t, 2t+1), (row group+8, the same columns)).
+__device__ __forceinline__ void mma_bf16_16816(float* d, unsigned int a0, unsigned int a1, unsigned int a2,
+                                               unsigned int a3, unsigned int b0, unsigned int b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
 """
 
 # The kernel body, shared by every variant. ``ROWS`` output rows in all, ``P * R`` weight rows loaded per
@@ -155,6 +186,13 @@ _BODY = r"""
       }
     }
   }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int r = 0; r < RR; ++r) {
+      acc[r][m] = 16.0f * (acc[r][m] - xsum[m]);  // q.x, what the epilogues read
+    }
+  }
   @POSTREDUCE@
   // Lane r writes row n0 + r (unrolled with a compare: indexing registers by lane would spill them).
 #pragma unroll
@@ -164,6 +202,183 @@ _BODY = r"""
       @EPILOGUE@
     }
   }
+"""
+
+# The tensor-core body (``MMA_ROWS`` = 16 output rows per block, bfloat16 inputs): the same sums as ``_BODY``
+# with the multiply-adds done by mma.m16n8k16, so a lane spends about one integer operation per weight
+# (``_BODY`` spends three instructions per weight and input row: with several input rows it is bound by
+# issuing them). Each of the block's 8 warps takes one eighth of K for all the block's rows and the partial
+# sums meet in shared memory; then warp 0's lanes r < R run the same epilogues on ``acc`` (shared) and
+# ``xsum``. Taken where ``takes_mma`` and ``prefers_mma`` (on an H100: gate/up, not o, down or q/k/v).
+_BODY_MMA = r"""
+  // A 4-bit value q becomes the bfloat16 128 + q by placing it in the low mantissa bits of 128.0 (two at
+  // a time: nibbles j and j + 4 of a word land in the two halves of one register), so the mma sums
+  // (128 + q) x over k and q.x = sum - 128 sum(x). The inputs are rounded to bfloat16 once (after the
+  // RMSNorm's weight, if any) and stored in shared memory in the pair order of the weights.
+  constexpr int WARPS = 8;
+  constexpr int KS = K / WARPS;    // inputs per warp
+  constexpr int CH = KS / 32;      // 16-byte chunks (32 weights) of a row per warp
+  constexpr int CHUNKS = K / 32;
+  constexpr int RR = P * R;        // weight rows of the block: P tiles of 16
+  constexpr int U = MMA_CHUNKS;    // chunks per lane and iteration
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tid = lane & 3;
+  const int n0 = blockIdx.x * R;
+  const uint4* row_ptr[2 * P];     // rows gid and gid + 8 of each tile
+  @SELECT@
+  __shared__ uint4 xs[M * K / 8];  // (M, K) as pairs (j, j + 4), (j + 1, j + 5), ... of 8 inputs
+  __shared__ float part[WARPS][RR][M];
+  __shared__ float part_x[WARPS][2][M];
+  __shared__ float acc[RR][M];
+  __shared__ float sum_x[M];
+  const unsigned char* xb = reinterpret_cast<const unsigned char*>(x);
+  const int k0 = warp * KS;
+  float xsum[M];
+  float ss[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    xsum[m] = 0.0f;
+    ss[m] = 0.0f;
+    for (int gi = lane; gi < KS / 8; gi += 32) {
+      const int k = k0 + gi * 8;
+      float xv[8];
+      load_x8<DT>(xb + (size_t)m * K * 2, k, xv);
+      @XPREP@
+      unsigned int hb[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        hb[i] = bf16_bits(xv[i]);
+        xsum[m] += __uint_as_float(hb[i] << 16);
+      }
+      xs[(m * K + k) / 8] = make_uint4(hb[0] | (hb[4] << 16), hb[1] | (hb[5] << 16), hb[2] | (hb[6] << 16),
+                                       hb[3] | (hb[7] << 16));
+    }
+  }
+  __syncwarp();
+  float d[P][4];
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    d[p][0] = d[p][1] = d[p][2] = d[p][3] = 0.0f;
+  }
+  // Lane (gid, tid) loads chunks c0 + U tid + u (u < U) of rows gid and gid + 8 and of input row gid, so a
+  // quad reads 16 U contiguous bytes of a row: the mma's k index 2 tid, 2 tid + 1, 2 tid + 8, 2 tid + 9 are
+  // inputs 8w + (0, 4, 1, 5) or 8w + (2, 6, 3, 7) of a chunk's word w.
+#pragma unroll 1
+  for (int c0 = 0; c0 < CH; c0 += 4 * U) {
+    uint4 wv[U][2 * P];
+    uint4 xv[U][4];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + U * tid + u;
+      const bool ok = c < CH;
+#pragma unroll
+      for (int h = 0; h < 2 * P; ++h) {
+        wv[u][h] = ok ? row_ptr[h][k0 / 32 + c] : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        xv[u][w] = ok && gid < M ? xs[(gid * K + k0 + c * 32) / 8 + w] : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const unsigned int b[4] = {xv[u][w].x, xv[u][w].y, xv[u][w].z, xv[u][w].w};
+#pragma unroll
+        for (int p = 0; p < P; ++p) {
+          const uint4 wl = wv[u][2 * p], wh = wv[u][2 * p + 1];
+          const unsigned int lo = w == 0 ? wl.x : w == 1 ? wl.y : w == 2 ? wl.z : wl.w;
+          const unsigned int hi = w == 0 ? wh.x : w == 1 ? wh.y : w == 2 ? wh.z : wh.w;
+          unsigned int a[4], a8[4];  // nibbles (j, j + 4) as bfloat16 128 + q
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            a[j] = ((lo >> (4 * j)) & 0x000f000fu) | 0x43004300u;
+            a8[j] = ((hi >> (4 * j)) & 0x000f000fu) | 0x43004300u;
+          }
+          mma_bf16_16816(d[p], a[0], a8[0], a[1], a8[1], b[0], b[1]);
+          mma_bf16_16816(d[p], a[2], a8[2], a[3], a8[3], b[2], b[3]);
+        }
+      }
+    }
+  }
+  // The warps' partial sums: d[p][i] is row p * 16 + gid + 8 (i / 2) of input row 2 tid + i % 2.
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = 2 * tid + (i & 1);
+      if (m < M) {
+        part[warp][p * 16 + gid + 8 * (i >> 1)][m] = d[p][i];
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      xsum[m] += __shfl_xor_sync(0xffffffffu, xsum[m], offset);
+      ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], offset);
+    }
+    if (lane == 0) {
+      part_x[warp][0][m] = xsum[m];
+      part_x[warp][1][m] = ss[m];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < RR * M) {
+    const int rr = threadIdx.x / M, m = threadIdx.x % M;
+    float a = 0.0f, sx = 0.0f, sq = 0.0f;
+#pragma unroll
+    for (int v = 0; v < WARPS; ++v) {
+      a += part[v][rr][m];
+      sx += part_x[v][0][m];
+      sq += part_x[v][1][m];
+    }
+    a -= 128.0f * sx;
+    @NORM@
+    acc[rr][m] = a;
+    if (rr == 0) {
+      sum_x[m] = sx;
+    }
+  }
+  __syncthreads();
+  if (warp != 0) {
+    return;
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    xsum[m] = sum_x[m];
+  }
+  // Lane r writes row n0 + r.
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (r == lane) {
+      const int n = n0 + r;
+      @EPILOGUE@
+    }
+  }
+"""
+
+_MMA_XPREP_NORM = r"""
+      {
+        float gv[8];
+        load_x8<DT>(reinterpret_cast<const unsigned char*>(gamma), k, gv);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          ss[m] = fmaf(xv[i], xv[i], ss[m]);
+          xv[i] *= gv[i];
+        }
+      }
+"""
+
+_MMA_NORM = r"""
+    {
+      const float inv_rms = rsqrtf(sq / (float)K + EPS);
+      a *= inv_rms;
+      sx *= inv_rms;
+    }
 """
 
 
@@ -185,15 +400,21 @@ def _roped_expr(rope: tuple[bool, ...]) -> str:
     return " || ".join(terms) if terms else "false"
 
 
-def _select_split(n_matrices: int, rope: tuple[bool, ...] = ()) -> str:
+def _select_split(n_matrices: int, rope: tuple[bool, ...] = (), mma: bool = False) -> str:
+    """``row_ptr`` of the warp's rows: all R (``_BODY``), or rows gid and gid + 8 of the block (``_BODY_MMA``)."""
     lines = _matrix_branches(n_matrices)
-    lines += [f"  const bool roped = {_roped_expr(rope)};",
-              "#pragma unroll", "  for (int r = 0; r < R; ++r) {", "    int row = local + r;"]
+    lines += [f"  const bool roped = {_roped_expr(rope)};", "#pragma unroll"]
+    if mma:
+        lines += ["  for (int h = 0; h < 2; ++h) {", "    const int r = gid + 8 * h;"]
+    else:
+        lines += ["  for (int r = 0; r < R; ++r) {"]
+    lines += ["    int row = local + r;"]
     if any(rope):
         lines += ["    if (roped) {",
                   "      row = (local / HD) * HD + (local % HD) / 2 + (r < R / 2 ? r : r - R / 2 + HD / 2);",
                   "    }"]
-    lines += ["    row_ptr[r] = reinterpret_cast<const uint4*>(base) + (size_t)row * CHUNKS;", "  }"]
+    lines += [f"    row_ptr[{'h' if mma else 'r'}] = reinterpret_cast<const uint4*>(base) + (size_t)row * CHUNKS;",
+              "  }"]
     return "\n".join(lines)
 
 
@@ -227,8 +448,8 @@ def _epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool
                       f"            const float sa = static_cast<float>(s{g}[na]), ba = static_cast<float>(b{g}[na]);",
                       f"            const float sb = static_cast<float>(s{g}[nb]), bb = static_cast<float>(b{g}[nb]);",
                       "#pragma unroll", "            for (int m = 0; m < M; ++m) {",
-                      "              const float va = 16.0f * sa * (acc[r][m] - xsum[m]) + ba * xsum[m];",
-                      "              const float vb = 16.0f * sb * (acc[R / 2 + r][m] - xsum[m]) + bb * xsum[m];",
+                      "              const float va = sa * acc[r][m] + ba * xsum[m];",
+                      "              const float vb = sb * acc[R / 2 + r][m] + bb * xsum[m];",
                       "              " + _store(g, "na", "va * cs - vb * sn", cache),
                       "              " + _store(g, "nb", "vb * cs + va * sn", cache),
                       "            }", "          }"]
@@ -241,7 +462,7 @@ def _epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool
                   "          const int local_n = local + r;",
                   f"          const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
                   "#pragma unroll", "          for (int m = 0; m < M; ++m) {",
-                  "            " + _store(g, "local_n", f"16.0f * s * (acc[r][m] - xsum[m]) + b * xsum[m]{res}",
+                  "            " + _store(g, "local_n", f"s * acc[r][m] + b * xsum[m]{res}",
                                            cache),
                   "          }", "        }"]
     lines += ["      }"]
@@ -304,13 +525,21 @@ _SELECT_SWIGLU = r"""
   }
 """
 
+_SELECT_SWIGLU_MMA = r"""
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_ptr[h] = reinterpret_cast<const uint4*>(w0) + (size_t)(n0 + gid + 8 * h) * CHUNKS;
+    row_ptr[2 + h] = reinterpret_cast<const uint4*>(w1) + (size_t)(n0 + gid + 8 * h) * CHUNKS;
+  }
+"""
+
 _EPILOGUE_SWIGLU = r"""
       const float sg = static_cast<float>(s0[n]), bg = static_cast<float>(b0[n]);
       const float su = static_cast<float>(s1[n]), bu = static_cast<float>(b1[n]);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float g = 16.0f * sg * (acc[r][m] - xsum[m]) + bg * xsum[m];
-        const float u = 16.0f * su * (acc[R + r][m] - xsum[m]) + bu * xsum[m];
+        const float g = sg * acc[r][m] + bg * xsum[m];
+        const float u = su * acc[R + r][m] + bu * xsum[m];
         y[(size_t)m * ROWS + n] = static_cast<T>(g / (1.0f + __expf(-g)) * u);
       }
 """
@@ -382,18 +611,25 @@ class Variant:
         consts = abs(hash((self.norm_eps, self.rope_base, self.rope_scale))) if extra else 0
         return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, str(consts)])
 
-    def source(self, warp: str = "(blockIdx.x * blockDim.x + threadIdx.x) >> 5") -> str:
-        """The kernel body; ``warp``: the expression of the warp's index (its first row is ``warp * R``)."""
-        if self.swiglu:
-            select, epilogue = _SELECT_SWIGLU, _EPILOGUE_SWIGLU
-        else:
-            select = _select_split(self.n_matrices, self.rope)
-            epilogue = _epilogue_split(self.n_matrices, self.rope, self.residual, self.cache)
+    def source(self, warp: str = "(blockIdx.x * blockDim.x + threadIdx.x) >> 5", mma: bool = False) -> str:
+        """The kernel body; ``warp``: the expression of the warp's index (its first row is ``warp * R``).
+        ``mma``: the tensor-core body, one block per ``MMA_ROWS`` rows (``warp`` unused)."""
         norm = self.norm_eps is not None
-        body = (_BODY.replace("@WARP@", warp).replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
-                .replace("@PROLOGUE@", _NORM_PROLOGUE if norm else "")
-                .replace("@XSCALE@", _NORM_XSCALE if norm else "")
-                .replace("@POSTREDUCE@", _NORM_POSTREDUCE if norm else ""))
+        if self.swiglu:
+            select, epilogue = (_SELECT_SWIGLU_MMA if mma else _SELECT_SWIGLU), _EPILOGUE_SWIGLU
+        else:
+            select = _select_split(self.n_matrices, self.rope, mma)
+            epilogue = _epilogue_split(self.n_matrices, self.rope, self.residual, self.cache)
+        if mma:
+            body = (_BODY_MMA.replace("MMA_CHUNKS", str(MMA_CHUNKS)).replace("@SELECT@", select)
+                    .replace("@EPILOGUE@", epilogue)
+                    .replace("@XPREP@", _MMA_XPREP_NORM if norm else "")
+                    .replace("@NORM@", _MMA_NORM if norm else ""))
+        else:
+            body = (_BODY.replace("@WARP@", warp).replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
+                    .replace("@PROLOGUE@", _NORM_PROLOGUE if norm else "")
+                    .replace("@XSCALE@", _NORM_XSCALE if norm else "")
+                    .replace("@POSTREDUCE@", _NORM_POSTREDUCE if norm else ""))
         if norm:
             body = body.replace("EPS", repr(float(self.norm_eps)) + "f")
         if any(self.rope):
@@ -420,14 +656,34 @@ class Variant:
 
 
 @lru_cache(maxsize=None)
-def _kernel(variant: Variant):
+def _kernel(variant: Variant, mma: bool = False):
     return mx.fast.cuda_kernel(
-        name=variant.name,
+        name=variant.name + (f"_mma{MMA_CHUNKS}" if mma else ""),
         input_names=variant.input_names,
         output_names=variant.output_names,
-        source=variant.source(),
+        source=variant.source(mma=mma),
         header=_HEADER,
     )
+
+
+def takes_mma(rows: int, in_features: int, out_rows: tuple[int, ...], variant: Variant, dtype: mx.Dtype,
+              head_dim: int = 0) -> bool:
+    """Whether a launch can use the tensor-core body: bfloat16 inputs (float32 ones would be rounded),
+    K split into 8 warps of whole 32-input chunks, every matrix in whole tiles of ``MMA_ROWS`` rows
+    (rotary pairs (p, p + HD/2) of 8 consecutive p), and the inputs and partial sums within the
+    48 KB of static shared memory."""
+    tiles = 2 if variant.swiglu else 1
+    shared = rows * in_features * 2 + (_MMA_WARPS + 1) * tiles * MMA_ROWS * rows * 4 + (2 * _MMA_WARPS + 1) * rows * 4
+    return (dtype == mx.bfloat16 and in_features % (32 * _MMA_WARPS) == 0
+            and all(n % MMA_ROWS == 0 for n in out_rows) and shared <= _MMA_SHARED_BYTES
+            and (not any(variant.rope) or head_dim % MMA_ROWS == 0))
+
+
+def prefers_mma(out_rows: tuple[int, ...], variant: Variant) -> bool:
+    """Whether the tensor-core body is the faster one (where ``takes_mma``): launches of at least
+    ``MMA_MIN_ROWS`` rows (``benchmarks/RESULTS.md``: faster for gate/up, slower for o, down and q/k/v)."""
+    n_rows = out_rows[0] if variant.swiglu else sum(out_rows)
+    return _MMA_ENABLED and n_rows >= MMA_MIN_ROWS
 
 
 def rows_per_warp(out_rows: tuple[int, ...], even: bool = False) -> int:
@@ -449,11 +705,16 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
     """The launch arguments of one shape, built once: decoding calls every layer once per token, and
     building them on each call cost more than the kernel itself. ``shapes``: the outputs' shapes (any
     shape with the elements of (rows, N) in row-major order), default (rows, N) each. ``capacity``: the
-    slots of the cache a ``Variant.cache`` kernel writes to."""
-    per_warp = per_warp or rows_per_warp(out_rows, even=any(variant.rope))
+    slots of the cache a ``Variant.cache`` kernel writes to. ``per_warp``: 0 picks (the tensor-core body
+    where ``takes_mma``), ``MMA_ROWS`` asks for the tensor-core body, 1, 2 or 4 for the CUDA-core body."""
+    mma = takes_mma(rows, in_features, out_rows, variant, dtype, head_dim)
+    if per_warp == MMA_ROWS and not mma:
+        raise ValueError(f"the tensor-core body does not take {rows} x {in_features} inputs for rows {out_rows}")
+    mma = mma and (per_warp == MMA_ROWS or (per_warp == 0 and prefers_mma(out_rows, variant)))
+    per_warp = MMA_ROWS if mma else per_warp or rows_per_warp(out_rows, even=any(variant.rope))
     n_warp_rows = out_rows[0] if variant.swiglu else sum(out_rows)
     padded = tuple(out_rows) + (0,) * (3 - len(out_rows))
-    threads = n_warp_rows // per_warp * 32
+    threads = n_warp_rows // per_warp * (_THREADS if mma else 32)  # the tensor-core body: a block per R rows
     if shapes is None:
         shapes = ((rows, out_rows[0]),) if variant.swiglu else tuple((rows, n) for n in out_rows)
     template = [("T", dtype), ("DT", _DTYPE_CODES[dtype]), ("M", rows), ("K", in_features), ("ROWS", n_warp_rows),
@@ -481,7 +742,12 @@ def _launch(x2: mx.array, weights: Sequence[tuple[mx.array, mx.array, mx.array]]
     out_rows = tuple(w.shape[0] for w, _, _ in weights)
     args = _launch_args(x2.shape[0], x2.shape[1], out_rows, variant, x2.dtype, per_warp, shapes, head_dim, capacity)
     inputs = [a for triple in weights for a in triple] + [x2, *extra]
-    return _kernel(variant)(inputs=inputs, **args)
+    return _kernel(variant, uses_mma(args))(inputs=inputs, **args)
+
+
+def uses_mma(args: dict) -> bool:
+    """Whether launch arguments from ``_launch_args`` are the tensor-core body's."""
+    return dict(args["template"])["R"] == MMA_ROWS
 
 
 @lru_cache(maxsize=None)

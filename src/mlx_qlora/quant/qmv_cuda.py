@@ -8,9 +8,9 @@ and the kernel reads each packed row once, straight from memory: each warp compu
 rows (``rows_per_warp``) that share every loaded input, each lane loading 16 bytes (32 weights) at a
 time, the M <= ``MAX_ROWS`` input rows read alongside and both sums accumulated in float32, then a warp
 reduction. No dequantized weight and no expanded scales exist. A second body (``_BODY_MMA``) does the
-multiply-adds on the tensor cores (bfloat16 inputs, float32 sums) for the launches with the most rows. ``mx.quantized_matmul`` needs MLX's group
-layout (our one scale per row repeated for every group of 64) and ran far below the memory's speed on an
-H100 (``benchmarks/RESULTS.md``).
+multiply-adds on the tensor cores (bfloat16 inputs, float32 sums) for the launches with the most rows.
+``mx.quantized_matmul`` needs MLX's group layout (our one scale per row repeated for every group of 64)
+and ran far below the memory's speed on an H100 (``benchmarks/RESULTS.md``).
 
 One kernel body serves every ``Variant``: one weight (``qmv``), up to three weights of one input with
 one output each (``qmv_split``: q, k and v), gate and up with SwiGLU (``qmv_swiglu``), and for the fused
@@ -215,7 +215,7 @@ _BODY_MMA = r"""
   // a time: nibbles j and j + 4 of a word land in the two halves of one register), so the mma sums
   // (128 + q) x over k and q.x = sum - 128 sum(x). The inputs are rounded to bfloat16 once (after the
   // RMSNorm's weight, if any) and stored in shared memory in the pair order of the weights.
-  constexpr int WARPS = 8;
+  constexpr int WARPS = MMA_WARPS;
   constexpr int KS = K / WARPS;    // inputs per warp
   constexpr int CH = KS / 32;      // 16-byte chunks (32 weights) of a row per warp
   constexpr int CHUNKS = K / 32;
@@ -621,7 +621,8 @@ class Variant:
             select = _select_split(self.n_matrices, self.rope, mma)
             epilogue = _epilogue_split(self.n_matrices, self.rope, self.residual, self.cache)
         if mma:
-            body = (_BODY_MMA.replace("MMA_CHUNKS", str(MMA_CHUNKS)).replace("@SELECT@", select)
+            body = (_BODY_MMA.replace("MMA_CHUNKS", str(MMA_CHUNKS)).replace("MMA_WARPS", str(_MMA_WARPS))
+                    .replace("@SELECT@", select)
                     .replace("@EPILOGUE@", epilogue)
                     .replace("@XPREP@", _MMA_XPREP_NORM if norm else "")
                     .replace("@NORM@", _MMA_NORM if norm else ""))
@@ -679,10 +680,10 @@ def takes_mma(rows: int, in_features: int, out_rows: tuple[int, ...], variant: V
             and (not any(variant.rope) or head_dim % MMA_ROWS == 0))
 
 
-def prefers_mma(out_rows: tuple[int, ...], variant: Variant) -> bool:
-    """Whether the tensor-core body is the faster one (where ``takes_mma``): launches of at least
-    ``MMA_MIN_ROWS`` rows (``benchmarks/RESULTS.md``: faster for gate/up, slower for o, down and q/k/v)."""
-    n_rows = out_rows[0] if variant.swiglu else sum(out_rows)
+def prefers_mma(n_rows: int) -> bool:
+    """Whether the tensor-core body is the faster one (where ``takes_mma``) for a launch of ``n_rows``
+    output rows (gate and up: rows of each): from ``MMA_MIN_ROWS`` (``benchmarks/RESULTS.md``: faster for
+    gate/up, slower for o, down and q/k/v)."""
     return _MMA_ENABLED and n_rows >= MMA_MIN_ROWS
 
 
@@ -707,12 +708,12 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
     shape with the elements of (rows, N) in row-major order), default (rows, N) each. ``capacity``: the
     slots of the cache a ``Variant.cache`` kernel writes to. ``per_warp``: 0 picks (the tensor-core body
     where ``takes_mma``), ``MMA_ROWS`` asks for the tensor-core body, 1, 2 or 4 for the CUDA-core body."""
+    n_warp_rows = out_rows[0] if variant.swiglu else sum(out_rows)
     mma = takes_mma(rows, in_features, out_rows, variant, dtype, head_dim)
     if per_warp == MMA_ROWS and not mma:
         raise ValueError(f"the tensor-core body does not take {rows} x {in_features} inputs for rows {out_rows}")
-    mma = mma and (per_warp == MMA_ROWS or (per_warp == 0 and prefers_mma(out_rows, variant)))
+    mma = mma and (per_warp == MMA_ROWS or (per_warp == 0 and prefers_mma(n_warp_rows)))
     per_warp = MMA_ROWS if mma else per_warp or rows_per_warp(out_rows, even=any(variant.rope))
-    n_warp_rows = out_rows[0] if variant.swiglu else sum(out_rows)
     padded = tuple(out_rows) + (0,) * (3 - len(out_rows))
     threads = n_warp_rows // per_warp * (_THREADS if mma else 32)  # the tensor-core body: a block per R rows
     if shapes is None:
@@ -740,9 +741,19 @@ def _launch(x2: mx.array, weights: Sequence[tuple[mx.array, mx.array, mx.array]]
     one (M, N) output. ``extra``: the variant's further inputs in ``Variant.input_names`` order."""
     variant = variant or Variant(n_matrices=len(weights))
     out_rows = tuple(w.shape[0] for w, _, _ in weights)
-    args = _launch_args(x2.shape[0], x2.shape[1], out_rows, variant, x2.dtype, per_warp, shapes, head_dim, capacity)
+    kernel, args = _launch_plan(x2.shape[0], x2.shape[1], out_rows, variant, x2.dtype, per_warp, shapes, head_dim,
+                                capacity)
     inputs = [a for triple in weights for a in triple] + [x2, *extra]
-    return _kernel(variant, uses_mma(args))(inputs=inputs, **args)
+    return kernel(inputs=inputs, **args)
+
+
+@lru_cache(maxsize=None)
+def _launch_plan(rows: int, in_features: int, out_rows: tuple[int, ...], variant: Variant, dtype: mx.Dtype,
+                 per_warp: int, shapes: Optional[tuple], head_dim: int, capacity: int) -> tuple[Callable, dict]:
+    """The kernel and launch arguments of one shape (see ``_launch_args``): one cache lookup per call on
+    the decoding path."""
+    args = _launch_args(rows, in_features, out_rows, variant, dtype, per_warp, shapes, head_dim, capacity)
+    return _kernel(variant, uses_mma(args)), args
 
 
 def uses_mma(args: dict) -> bool:

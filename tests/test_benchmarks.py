@@ -124,3 +124,12 @@ def test_sdpa_probe_tiny(tmp_path):
     assert row["unpadded_ms"] > 0 and row["padded_ms"] > 0 and row["at_tile_ms"] > 0
     assert row["max_diff"] <= 1e-5 * max(1.0, row["max_abs"])  # float32 on the CPU: padding changes nothing
     assert "| 5 |" in stdout
+
+
+def test_decode_layer_probe_tiny(tmp_path):
+    """Builds every case (the kernels need CUDA: on the CPU nothing is timed and the table is empty)."""
+    result, stdout = _run(["decode_layer_probe.py", "--preset", "tiny", "--copies", "2", "--calls", "2",
+                           "--capacity", "64", "--filled", "30"], tmp_path)
+    assert result["args"]["capacity"] == 64 and "| case |" in stdout
+    assert result["rows"] or "nothing to time here" in stdout
+    assert all(row["kernel_us"] > 0 for row in result["rows"])

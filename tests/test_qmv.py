@@ -81,10 +81,10 @@ def test_when_the_tensor_core_body_is_taken(rows, in_f, out_rows, swiglu, takes,
     args = qmv_cuda._launch_args(rows, in_f, out_rows, variant, mx.bfloat16)
     assert qmv_cuda.uses_mma(args) is (takes and prefers)
     assert not qmv_cuda.takes_mma(rows, in_f, out_rows, variant, mx.float32)  # float32 inputs would be rounded
-    if takes:  # asked for: a block of 8 warps per 16 rows (gate and up: 16 of each)
+    if takes:  # asked for: a block of _MMA_WARPS warps per 16 rows (gate and up: 16 of each)
         forced = qmv_cuda._launch_args(rows, in_f, out_rows, variant, mx.bfloat16, qmv_cuda.MMA_ROWS)
         assert qmv_cuda.uses_mma(forced)
-        assert forced["grid"][0] == (out_rows[0] if swiglu else sum(out_rows)) // 16 * 256
+        assert forced["grid"][0] == (out_rows[0] if swiglu else sum(out_rows)) // 16 * 32 * qmv_cuda._MMA_WARPS
     else:
         with pytest.raises(ValueError, match="tensor-core"):
             qmv_cuda._launch_args(rows, in_f, out_rows, variant, mx.bfloat16, qmv_cuda.MMA_ROWS)

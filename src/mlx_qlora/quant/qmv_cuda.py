@@ -39,7 +39,12 @@ MAX_ROWS = 8  # input rows handled by one launch (every warp keeps one accumulat
 _DTYPE_CODES = {mx.float32: 0, mx.bfloat16: 1}  # input dtypes the kernel reads (float16: not yet)
 _THREADS = 256
 MMA_ROWS = 16  # output rows per block of the tensor-core body (``_BODY_MMA``); also its ``per_warp`` code
-_MMA_WARPS = _THREADS // 32
+# Warps per block of the tensor-core body (K split over them): with 4, gate/up's 896 blocks fit on an
+# H100 at once (8 blocks per multiprocessor; with 8 warps, 4 blocks: 1.7 waves), 6.5% faster than 8 warps
+# (2 warps: no faster than 8). How often the CUDA-core body's weight loop is unrolled (loads in flight per
+# lane): 4 took o and down 2% faster than 2 (benchmarks/RESULTS.md). Env knobs for measurements.
+_MMA_WARPS = int(os.environ.get("MLX_QLORA_QMV_MMA_WARPS", "4"))
+_UNROLL = int(os.environ.get("MLX_QLORA_QMV_UNROLL", "4"))
 _MMA_SHARED_BYTES = 48 * 1024
 # Benchmark knob: MLX_QLORA_QMV_MMA=0 keeps the tensor-core body off (the CUDA-core body everywhere).
 _MMA_ENABLED = os.environ.get("MLX_QLORA_QMV_MMA", "1") != "0"
@@ -143,7 +148,7 @@ _BODY = r"""
       acc[r][m] = 0.0f;
     }
   }
-#pragma unroll 2
+#pragma unroll @UNROLL@
   for (int j = lane; j < CHUNKS; j += 32) {
     uint4 packed[RR];
 #pragma unroll
@@ -207,9 +212,9 @@ _BODY = r"""
 # The tensor-core body (``MMA_ROWS`` = 16 output rows per block, bfloat16 inputs): the same sums as ``_BODY``
 # with the multiply-adds done by mma.m16n8k16, so a lane spends about one integer operation per weight
 # (``_BODY`` spends three instructions per weight and input row: with several input rows it is bound by
-# issuing them). Each of the block's 8 warps takes one eighth of K for all the block's rows and the partial
-# sums meet in shared memory; then warp 0's lanes r < R run the same epilogues on ``acc`` (shared) and
-# ``xsum``. Taken where ``takes_mma`` and ``prefers_mma`` (on an H100: gate/up, not o, down or q/k/v).
+# issuing them). Each of the block's ``_MMA_WARPS`` warps takes its share of K for all the block's rows
+# and the partial sums meet in shared memory; then warp 0's lanes r < R run the same epilogues on ``acc``
+# (shared) and ``xsum``. Taken where ``takes_mma`` and ``prefers_mma`` (on an H100: gate/up, not o, down or q/k/v).
 _BODY_MMA = r"""
   // A 4-bit value q becomes the bfloat16 128 + q by placing it in the low mantissa bits of 128.0 (two at
   // a time: nibbles j and j + 4 of a word land in the two halves of one register), so the mma sums
@@ -327,8 +332,8 @@ _BODY_MMA = r"""
     }
   }
   __syncthreads();
-  if (threadIdx.x < RR * M) {
-    const int rr = threadIdx.x / M, m = threadIdx.x % M;
+  for (int idx = threadIdx.x; idx < RR * M; idx += WARPS * 32) {
+    const int rr = idx / M, m = idx % M;
     float a = 0.0f, sx = 0.0f, sq = 0.0f;
 #pragma unroll
     for (int v = 0; v < WARPS; ++v) {
@@ -627,7 +632,8 @@ class Variant:
                     .replace("@XPREP@", _MMA_XPREP_NORM if norm else "")
                     .replace("@NORM@", _MMA_NORM if norm else ""))
         else:
-            body = (_BODY.replace("@WARP@", warp).replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
+            body = (_BODY.replace("@WARP@", warp).replace("@UNROLL@", str(_UNROLL))
+                    .replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
                     .replace("@PROLOGUE@", _NORM_PROLOGUE if norm else "")
                     .replace("@XSCALE@", _NORM_XSCALE if norm else "")
                     .replace("@POSTREDUCE@", _NORM_POSTREDUCE if norm else ""))
@@ -659,7 +665,7 @@ class Variant:
 @lru_cache(maxsize=None)
 def _kernel(variant: Variant, mma: bool = False):
     return mx.fast.cuda_kernel(
-        name=variant.name + (f"_mma{MMA_CHUNKS}" if mma else ""),
+        name=variant.name + (f"_mma{MMA_CHUNKS}w{_MMA_WARPS}" if mma else f"_u{_UNROLL}"),
         input_names=variant.input_names,
         output_names=variant.output_names,
         source=variant.source(mma=mma),
@@ -715,7 +721,8 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
     mma = mma and (per_warp == MMA_ROWS or (per_warp == 0 and prefers_mma(n_warp_rows)))
     per_warp = MMA_ROWS if mma else per_warp or rows_per_warp(out_rows, even=any(variant.rope))
     padded = tuple(out_rows) + (0,) * (3 - len(out_rows))
-    threads = n_warp_rows // per_warp * (_THREADS if mma else 32)  # the tensor-core body: a block per R rows
+    block = 32 * _MMA_WARPS if mma else _THREADS
+    threads = n_warp_rows // per_warp * (block if mma else 32)  # the tensor-core body: a block per R rows
     if shapes is None:
         shapes = ((rows, out_rows[0]),) if variant.swiglu else tuple((rows, n) for n in out_rows)
     template = [("T", dtype), ("DT", _DTYPE_CODES[dtype]), ("M", rows), ("K", in_features), ("ROWS", n_warp_rows),
@@ -727,8 +734,8 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
         template.append(("C", capacity))
     return dict(
         template=template,
-        grid=(((threads + _THREADS - 1) // _THREADS) * _THREADS, 1, 1),
-        threadgroup=(_THREADS, 1, 1),
+        grid=(((threads + block - 1) // block) * block, 1, 1),
+        threadgroup=(block, 1, 1),
         output_shapes=list(shapes),
         output_dtypes=[dtype] * len(shapes),
     )

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""GPU time of each kernel of one fused decoder layer (``model/fused_decode.py``) at Mistral-7B shapes,
+and of variants of them, from PyTorch's profiler (CUPTI records MLX's kernels): which part of a kernel
+costs what. Every case runs ``--calls`` times, cycling ``--copies`` sets of weights so that they come
+from memory and not from L2; its time per call is the sum of its kernels' durations, and the gap is the
+time between the kernels of a call (the attention's two passes).
+
+  python benchmarks/decode_layer_probe.py --json layer.json        # on a CUDA GPU (nothing recorded elsewhere)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common import PRESETS, compute_dtype, environment, print_table, write_json
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_qlora.device import on_cuda
+from mlx_qlora.model import attention_cuda
+from mlx_qlora.quant import QuantizedLinear, qmv_cuda
+
+
+def _linear(out_f: int, in_f: int, dtype) -> tuple:
+    q = QuantizedLinear.from_linear(nn.Linear(in_f, out_f, bias=False), dtype=dtype)
+    mx.eval(q.parameters())
+    return q.parts
+
+
+def cases(cfg: dict, dtype, copies: int, capacity: int, filled: int) -> dict:
+    """name -> (function of the copy index, weight bytes per call)."""
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    H, HKV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = hidden // H
+    shapes = dict(q=(H * hd, hidden), k=(HKV * hd, hidden), v=(HKV * hd, hidden), o=(hidden, H * hd),
+                  gate=(inter, hidden), up=(inter, hidden), down=(hidden, inter))  # (out, in)
+    layers = [{name: _linear(*shape, dtype) for name, shape in shapes.items()} for _ in range(copies)]
+    x = mx.random.normal((1, hidden)).astype(dtype)
+    act = mx.random.normal((1, inter)).astype(dtype)
+    gamma = (1 + 0.1 * mx.random.normal((hidden,))).astype(dtype)
+    # The position as 4 int32 (the kernels read element 0): MLX's CUDA allocator serves arrays of at most 8
+    # bytes from managed memory, and a 0-d position made on the host cost the kernels that read it about
+    # 10 us per call here (not in decoding, where it comes from the GPU; benchmarks/RESULTS.md).
+    pos = mx.full((4,), filled - 1, dtype=mx.int32)
+    keys = mx.random.normal((1, HKV, capacity, hd)).astype(dtype)
+    values = mx.random.normal((1, HKV, capacity, hd)).astype(dtype)
+    q4 = mx.random.normal((1, H, 1, hd)).astype(dtype)
+    mx.eval(x, act, gamma, pos, keys, values, q4)
+    eps, base = cfg["rms_norm_eps"], cfg["rope_theta"]
+
+    def nbytes(*names):
+        return sum(a.nbytes for n in names for a in layers[0][n])
+
+    def qkv(variant, per_warp=0, extra_fn=None):
+        def fn(i):
+            w = [layers[i][n] for n in ("q", "k", "v")]
+            extra = extra_fn() if extra_fn else []
+            shapes = ((1, H * hd),) if variant.cache else None  # k and v go to the cache
+            return qmv_cuda._launch(x, w, variant, per_warp=per_warp, shapes=shapes, extra=extra, head_dim=hd,
+                                    capacity=capacity)
+        return fn, nbytes("q", "k", "v")
+
+    full = qmv_cuda.Variant(3, norm_eps=eps, rope=(True, True, False), rope_base=base, cache=True)
+    out = {
+        "qkv (norm, rope, cache)": qkv(full, extra_fn=lambda: [gamma, pos, keys, values]),
+        "qkv (norm, rope, cache) mma": qkv(full, qmv_cuda.MMA_ROWS, lambda: [gamma, pos, keys, values]),
+        "qkv (norm, rope)": qkv(qmv_cuda.Variant(3, norm_eps=eps, rope=(True, True, False), rope_base=base),
+                                extra_fn=lambda: [gamma, pos]),
+        "qkv (norm)": qkv(qmv_cuda.Variant(3, norm_eps=eps), 2, lambda: [gamma]),
+        "qkv (rope, cache)": qkv(qmv_cuda.Variant(3, rope=(True, True, False), rope_base=base, cache=True),
+                                 extra_fn=lambda: [pos, keys, values]),
+        "qkv plain": qkv(qmv_cuda.Variant(3), 2),
+        "o + residual": (lambda i: qmv_cuda.matmul_residual(x, layers[i]["o"], x), nbytes("o")),
+        "gate/up (norm)": (lambda i: qmv_cuda.swiglu_norm(x, gamma, eps, layers[i]["gate"], layers[i]["up"]),
+                           nbytes("gate", "up")),
+        "down + residual": (lambda i: qmv_cuda.matmul_residual(act, layers[i]["down"], x), nbytes("down")),
+    }
+
+    def attention(slots):
+        def fn(i):
+            before, attention_cuda.SLOTS_PER_SPLIT = attention_cuda.SLOTS_PER_SPLIT, slots
+            try:
+                return attention_cuda.decode_attention(q4, keys, values, pos, hd**-0.5)
+            finally:
+                attention_cuda.SLOTS_PER_SPLIT = before
+        return fn, 0
+
+    for slots in (attention_cuda.SLOTS_PER_SPLIT, 16, 32, 128):
+        out[f"attention, {slots} slots per range"] = attention(slots)
+    return out
+
+
+def timed(fn, copies: int, calls: int) -> tuple[float, float, int]:
+    """(us of kernels per call, us of gaps per call, kernels per call). Each call is evaluated alone: calls
+    in one evaluation are independent, and MLX's CUDA graphs would run them side by side."""
+    mx.eval([fn(i % copies) for i in range(copies)])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(calls):
+            mx.eval(fn(i % copies))
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        return float("nan"), float("nan"), 0
+    busy = sum(e.time_range.end - e.time_range.start for e in kernels)
+    per_call = len(kernels) // calls
+    kernels.sort(key=lambda e: e.time_range.start)
+    gaps = sum(kernels[j + 1].time_range.start - kernels[j].time_range.end
+               for j in range(len(kernels) - 1) if (j + 1) % per_call)
+    return busy / calls, gaps / calls, per_call
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="mistral-7b")
+    p.add_argument("--copies", type=int, default=6, help="weight sets cycled (more than L2 holds)")
+    p.add_argument("--calls", type=int, default=120)
+    p.add_argument("--capacity", type=int, default=768, help="cache slots")
+    p.add_argument("--filled", type=int, default=600, help="filled slots (the position + 1)")
+    p.add_argument("--only", help="comma list of case-name prefixes")
+    p.add_argument("--json")
+    args = p.parse_args()
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")  # the profiler traces CUDA once torch's context exists
+    mx.random.seed(0)
+    dtype = compute_dtype()
+    rows = []
+    if not on_cuda():
+        print("the kernels need MLX's CUDA backend: nothing to time here")
+        args.only = "-"
+    for name, (fn, nbytes) in cases(PRESETS[args.preset], dtype, args.copies, args.capacity, args.filled).items():
+        if args.only and not any(name.startswith(s) for s in args.only.split(",")):
+            continue
+        try:
+            us, gap, n = timed(fn, args.copies, args.calls)
+        except ValueError as e:  # a variant the shapes do not take
+            print(f"{name}: {e}")
+            continue
+        row = {"case": name, "kernel_us": us, "gap_us": gap, "kernels": n,
+               "GB_s": nbytes / us / 1e3 if nbytes and us == us else None}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print_table(rows, [("case", "case", ""), ("kernel_us", "kernel us", "{:.2f}"), ("gap_us", "gap us", "{:.2f}"),
+                       ("kernels", "kernels", ""), ("GB_s", "weights GB/s", "{:.0f}")])
+    write_json(args.json, {"benchmark": "decode_layer_probe", "environment": environment(), "args": vars(args),
+                           "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

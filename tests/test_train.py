@@ -291,3 +291,23 @@ def test_max_time_stops_cleanly_and_saves(workspace, tmp_path):
     assert summary["elapsed_s"] >= 1.0 and summary["step"] >= 1
     assert load_checkpoint(run)["step"] == summary["step"]
     assert (run / "adapter_model.safetensors").exists() and (run / "loss.png").exists()
+
+
+def test_resume_refuses_other_lora_settings(workspace, tmp_path):
+    """Adapters of another shape, set or scale cannot continue the checkpoint's run: a clear error naming the
+    checkpoint and the setting, before anything is written."""
+    run = tmp_path / "run"
+    Trainer(_config(workspace, run, iters=5), progress=False).train()  # rank 4, alpha 8, dropout 0.1, all
+    before = sorted(p.name for p in run.rglob("*"))
+    for changed, match in ((dict(rank=8), r"is \(4, 64\) in the checkpoint \(rank 4\) and \(8, 64\) here"),
+                           (dict(targets=("q_proj", "v_proj")), "have an extra .*mlp.down_proj.lora_A"),
+                           (dict(layers=[0]), "have an extra model.layers.1."),
+                           (dict(alpha=16.0), "lora alpha 8.0, this run asks for 16.0"),
+                           (dict(use_rslora=True), "lora use_rslora False"),
+                           (dict(dropout=0.0), "lora dropout 0.1, this run asks for 0.0")):
+        lora = LoRAConfig(**{**dict(rank=4, alpha=8.0, dropout=0.1), **changed})
+        with pytest.raises(UserError, match=match) as error:
+            Trainer(_config(workspace, run, iters=10, lora=lora), resume=True, progress=False)
+        assert "step-0000005" in str(error.value) and "new --out folder" in str(error.value)
+    assert sorted(p.name for p in run.rglob("*")) == before
+    assert Trainer(_config(workspace, run, iters=10), resume=True, progress=False).state.step == 5  # same: resumes

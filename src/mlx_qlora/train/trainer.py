@@ -200,9 +200,7 @@ class Trainer:
             raise UserError(f"{self.run_dir}: no checkpoint to resume from")
         ckpt = load_checkpoint(path)
         params = ckpt["adapters"]
-        missing = set(lora_parameters(self.model)) - set(params)
-        if missing:
-            raise UserError(f"{path}: adapters lack {sorted(missing)[0]} (made with other LoRA settings?)")
+        self._check_same_adapters(path, params, ckpt["lora_config"])
         self.model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in params.items()]))
         self.flat_params = self.layout.concat(self.slots.get())
         try:
@@ -213,6 +211,25 @@ class Trainer:
         self.state = RunState(step=s["step"], tokens_seen=s["tokens_seen"], elapsed=s["elapsed"],
                               best_val_loss=s.get("best_val_loss"), data_cursor=s["data_cursor"])
         self.iterator.load_state_dict(self.state.data_cursor)
+
+    def _check_same_adapters(self, path: Path, params: dict, saved) -> None:
+        """A resumed run continues the checkpoint's training exactly only with the same LoRA settings:
+        the same adapters (layers, projections, rank) and the same scale and dropout."""
+        hint = "resume with the LoRA settings of that run, or train into a new --out folder"
+        expected = lora_parameters(self.model)
+        for keys, what in ((set(expected) - set(params), "lack"), (set(params) - set(expected), "have an extra")):
+            if keys:
+                raise UserError(f"{path}: the checkpoint's adapters {what} {sorted(keys)[0]} (other layers or "
+                                f"projections than this run's); {hint}")
+        for key, value in expected.items():
+            if params[key].shape != value.shape:
+                raise UserError(f"{path}: {key} is {tuple(params[key].shape)} in the checkpoint (rank {saved.rank}) "
+                                f"and {tuple(value.shape)} here (rank {self.config.lora.rank}); {hint}")
+        for name in ("alpha", "use_rslora", "dropout"):
+            there, here = getattr(saved, name), getattr(self.config.lora, name)
+            if there != here:
+                raise UserError(f"{path}: the checkpoint's adapters were trained with lora {name} {there}, this "
+                                f"run asks for {here}; {hint}")
 
     def save(self) -> Optional[Path]:
         """Write a checkpoint of the current step (atomically) and return its folder (rank 0 only; other

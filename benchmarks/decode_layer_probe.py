@@ -81,17 +81,26 @@ def cases(cfg: dict, dtype, copies: int, capacity: int, filled: int) -> dict:
         "down + residual": (lambda i: qmv_cuda.matmul_residual(act, layers[i]["down"], x), nbytes("down")),
     }
 
-    def attention(slots):
+    def attention(**settings):  # module settings of attention_cuda for this case (read at each call)
         def fn(i):
-            before, attention_cuda.SLOTS_PER_SPLIT = attention_cuda.SLOTS_PER_SPLIT, slots
+            before = {name: getattr(attention_cuda, name) for name in settings}
+            for name, value in settings.items():
+                setattr(attention_cuda, name, value)
             try:
                 return attention_cuda.decode_attention(q4, keys, values, pos, hd**-0.5)
             finally:
-                attention_cuda.SLOTS_PER_SPLIT = before
+                for name, value in before.items():
+                    setattr(attention_cuda, name, value)
         return fn, 0
 
-    for slots in (attention_cuda.SLOTS_PER_SPLIT, 16, 32, 128):
-        out[f"attention, {slots} slots per range"] = attention(slots)
+    a = attention_cuda
+    default = f"attention, {a.SLOTS_PER_SPLIT} slots per range, {a.PARTIAL_THREADS // 32} warps, runs of {a.UNROLL}"
+    out[default] = attention()
+    for slots in (16, 32, 128):
+        out[f"attention, {slots} slots per range"] = attention(SLOTS_PER_SPLIT=slots)
+    for threads, unroll in ((256, 4), (128, 8), (256, 8), (64, 4)):
+        name = f"attention, {threads // 32} warps, runs of {unroll} slots"
+        out[name] = attention(PARTIAL_THREADS=threads, UNROLL=unroll)
     return out
 
 

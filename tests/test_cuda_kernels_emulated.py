@@ -269,6 +269,20 @@ def test_dequantize_kernel(tmp_path, out_f, in_f, dtype):
 def test_decode_attention_kernels(tmp_path, offset, capacity, heads):
     """Both passes, head dim 32: a ring before and after it wraps, several slot ranges (capacity 256: 4
     ranges, some empty while few slots are filled), 1 to 4 query heads per key/value head."""
+    _check_decode_attention(tmp_path, offset, capacity, heads)
+
+
+@pytest.mark.parametrize("threads,unroll", [(64, 2), (256, 8)])
+def test_decode_attention_block_shapes(tmp_path, monkeypatch, threads, unroll):
+    """The first pass with other warps per block and slots per run (``MLX_QLORA_ATTENTION_THREADS`` and
+    ``_UNROLL``): runs that end inside a range, warps without slots."""
+    monkeypatch.setattr(attention_cuda, "PARTIAL_THREADS", threads)
+    monkeypatch.setattr(attention_cuda, "UNROLL", unroll)
+    _check_decode_attention(tmp_path, 70, 256, (4, 2))
+    _check_decode_attention(tmp_path / "wrapped", 300, 64, (4, 1))
+
+
+def _check_decode_attention(tmp_path, offset, capacity, heads):
     mx.random.seed(offset)
     (H, HKV), B, C, D = heads, 2, capacity, 32
     q = mx.random.normal((B, H, 1, D))

@@ -29,6 +29,11 @@ import mlx.core as mx
 from ..device import on_cuda
 
 _THREADS = 128  # 4 warps; the head dimension is at most this
+# Threads per block of pass 1 and the slots each warp reads per run (in flight together): env knobs for
+# measurements (pass 2 keeps _THREADS).
+PARTIAL_THREADS = int(os.environ.get("MLX_QLORA_ATTENTION_THREADS", "128"))
+UNROLL = int(os.environ.get("MLX_QLORA_ATTENTION_UNROLL", "4"))
+_SHARED_BYTES = 48 * 1024
 # Off unless MLX_QLORA_DECODE_ATTENTION=ours (the fused decoder layers use these passes regardless). On an
 # H100 a first form (one block per query head, 32 blocks in all) took more GPU time than it saved host
 # time (5.9 against 4.6 ms per token with MLX's masked attention); the present two-pass form measured
@@ -47,7 +52,7 @@ _PARTIAL = r"""
   constexpr int REP = H / HKV;
   constexpr int WARPS = THREADS / 32;
   constexpr int PL = D / 32;  // head dimensions per lane
-  constexpr int UNROLL = 4;
+  constexpr int UNROLL = @UNROLL@;
   __shared__ float qs[REP * D];
   __shared__ float wacc[WARPS * REP * D];
   __shared__ float wml[WARPS * REP * 2];
@@ -212,8 +217,10 @@ def supports_shapes(q_shape, kv_shape, q_dtype: mx.Dtype, kv_dtype: mx.Dtype) ->
     query heads per key/value head."""
     B, H, L, D = q_shape
     HKV = kv_shape[1]
+    rep = H // max(HKV, 1)
+    shared = (PARTIAL_THREADS // 32 + 1) * rep * D * 4 + PARTIAL_THREADS // 32 * rep * 8  # pass 1's arrays
     return (
-        L == 1 and D % 32 == 0 and D <= _THREADS and H % HKV == 0 and H // HKV <= 16
+        L == 1 and D % 32 == 0 and D <= _THREADS and H % HKV == 0 and rep <= 16 and shared <= _SHARED_BYTES
         and q_dtype in (mx.float32, mx.bfloat16, mx.float16) and kv_dtype == q_dtype and on_cuda()
     )
 
@@ -258,7 +265,7 @@ _COMBINE_ACCESS = {
 def partial_source(scale: float) -> str:
     """Pass 1 as a kernel body (one block per (sequence, key/value head, split))."""
     return (_PARTIAL.replace("@BLOCK@", "blockIdx.x").replace("@ACCESS@", _PARTIAL_ACCESS["kernel"])
-            .replace("SCALE", repr(float(scale)) + "f"))
+            .replace("@UNROLL@", str(UNROLL)).replace("SCALE", repr(float(scale)) + "f"))
 
 
 def combine_source() -> str:
@@ -270,7 +277,7 @@ def device_functions(scale: float) -> str:
     """Both passes as ``__device__`` functions of the block index ``vb`` for a launch that loops over
     them (``model/layer_kernel.py``); the partial pass takes this position's key and value apart."""
     partial = (_PARTIAL.replace("@BLOCK@", "vb").replace("@ACCESS@", _PARTIAL_ACCESS["fused"])
-               .replace("SCALE", repr(float(scale)) + "f"))
+               .replace("@UNROLL@", str(UNROLL)).replace("SCALE", repr(float(scale)) + "f"))
     combine = _COMBINE.replace("@BLOCK@", "vb").replace("@ACCESS@", _COMBINE_ACCESS["fused"])
     return f"""
 template <typename T, int DT, int H, int HKV, int D, int C, int S, int THREADS>
@@ -287,10 +294,10 @@ __device__ __forceinline__ void attention_combine(const int vb, const float* par
 
 
 @lru_cache(maxsize=None)
-def _kernels(scale: float):
+def _kernels(scale: float, unroll: int):
     # The scale is a compile-time constant of the first kernel (one per model).
     partial = mx.fast.cuda_kernel(
-        name=f"mlx_qlora_decode_attention_partial_{abs(hash(scale))}",
+        name=f"mlx_qlora_decode_attention_partial_{abs(hash(scale))}_u{unroll}",
         input_names=["q", "k", "v", "offset"],
         output_names=["part_acc", "part_ml"],
         source=partial_source(scale),
@@ -308,9 +315,9 @@ def launch_args(B: int, H: int, HKV: int, D: int, C: int, dtype: mx.Dtype) -> tu
     """Launch arguments of the two passes (``partial``, ``combine``)."""
     S = splits(C)
     partial = dict(
-        template=[("T", dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("S", S), ("THREADS", _THREADS)],
-        grid=(B * HKV * S * _THREADS, 1, 1),
-        threadgroup=(_THREADS, 1, 1),
+        template=[("T", dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("S", S), ("THREADS", PARTIAL_THREADS)],
+        grid=(B * HKV * S * PARTIAL_THREADS, 1, 1),
+        threadgroup=(PARTIAL_THREADS, 1, 1),
         output_shapes=[(B, H, S, D), (B, H, S, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
@@ -328,7 +335,7 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.a
     """q (B, H, 1, D), keys/values (B, HKV, C, D) with position ``offset`` just written -> (B, 1, H * D)."""
     B, H, _, D = q.shape
     partial_args, combine_args = launch_args(B, H, keys.shape[1], D, keys.shape[2], q.dtype)
-    partial, combine = _kernels(float(scale))
+    partial, combine = _kernels(float(scale), UNROLL)
     part_acc, part_ml = partial(inputs=[q, keys, values, offset.astype(mx.int32)], **partial_args)
     return combine(inputs=[part_acc, part_ml], **combine_args)[0]
 

@@ -99,6 +99,35 @@ def test_greedy_matches_transformers_past_the_sliding_window(model, reference, p
     assert model.make_cache()[0].max_size == 16  # the cache really is the rotating window
 
 
+@pytest.mark.parametrize("eval_every", [1, 2, 5])
+def test_prompt_pass_in_groups_of_layers_is_the_same(eval_every):
+    """The prompt pass evaluated every few layers (``MLX_QLORA_PREFILL_EVAL_LAYERS``) computes exactly what
+    one queued pass does, the cache included: 5 layers in groups of 1 and 2 (a group waited for while the
+    next is queued) and of 5 (one group)."""
+    from mlx_qlora.model import MistralForCausalLM
+
+    mx.random.seed(0)
+    model = MistralForCausalLM(ModelArgs(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512, sliding_window=16))
+    model.eval()
+    ids = mx.array(np.random.default_rng(3).integers(3, 96, size=(2, 21)))
+    caches = [model.make_cache(), model.make_cache()]
+    whole = model.hidden_states(ids, cache=caches[0])
+    grouped = model.hidden_states(ids, cache=caches[1], eval_every=eval_every)
+    assert mx.array_equal(grouped, whole)
+    for a, b in zip(*caches):
+        assert a.offset == b.offset and all(mx.array_equal(x, y) for x, y in zip(a.state, b.state))
+
+
+def test_generation_with_the_prompt_pass_in_groups_equals_transformers(model, reference, monkeypatch):
+    from mlx_qlora.generate import generator
+
+    monkeypatch.setattr(generator, "PREFILL_EVAL_LAYERS", 1)
+    prompt = np.random.default_rng(4).integers(3, 320, size=21).tolist()
+    assert generate(model, None, prompt, max_tokens=12, eos_ids=set()).tokens == _hf_greedy(reference, prompt, 12)
+
+
 def test_greedy_stops_at_eos_like_transformers(model, reference):
     ids = np.random.default_rng(7).integers(3, 320, size=9).tolist()
     free = _hf_greedy(reference, ids, 30)

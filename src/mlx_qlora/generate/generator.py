@@ -9,6 +9,7 @@ string, after ``max_tokens``, or when the next position would pass the model's c
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -21,6 +22,10 @@ from .decode_step import DecodeState, decoder_for
 from .sampling import KeyStream, SamplerConfig, mark_seen, sample, seen_mask
 
 DEFAULT_PREFILL_CHUNK = 512
+# Layers per group of the prompt pass (``MistralModel``'s ``eval_every``; 0: the whole pass queued at once).
+# On an H100 a 512-token prompt peaked at 14-16 GB for 3.8 GB of 4-bit weights, each layer's dequantized
+# weights held until the queued pass had run (benchmarks/RESULTS.md). Env knob for measurements.
+PREFILL_EVAL_LAYERS = int(os.environ.get("MLX_QLORA_PREFILL_EVAL_LAYERS", "0"))
 
 
 @dataclass
@@ -163,7 +168,8 @@ def _prefill(model, ids: mx.array, cache, chunk: int, position_ids=None, attenti
             kwargs["position_ids"] = position_ids[:, start:end]
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask[:, :end]
-        hidden = model.hidden_states(ids[:, start:end], cache=cache, **kwargs)  # (B, l, D)
+        hidden = model.hidden_states(ids[:, start:end], cache=cache, eval_every=PREFILL_EVAL_LAYERS,
+                                     **kwargs)  # (B, l, D)
         if end < L:
             mx.eval([c.state for c in cache])
     return model.logits_from_hidden(hidden[:, -1, :]).astype(mx.float32)  # (B, V)

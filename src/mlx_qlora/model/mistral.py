@@ -32,9 +32,15 @@ class MistralModel(nn.Module):
         position_ids: Optional[mx.array] = None,
         segment_ids: Optional[mx.array] = None,
         attention_mask: Optional[mx.array] = None,
+        eval_every: int = 0,
     ) -> mx.array:
-        """input_ids (B, L) -> hidden states (B, L, D) after the final norm."""
+        """input_ids (B, L) -> hidden states (B, L, D) after the final norm.
+
+        ``eval_every`` (inference outside ``mx.compile`` only): queue the work of every that many layers
+        and wait for the group before, so that at most two groups' temporaries (a GPU keeps every buffer
+        until the queued work that read it has run: the dequantized weights of a prompt pass) are held."""
         h = self.embed_tokens(input_ids)  # (B, L, D)
+        pending = None
         L = input_ids.shape[1]
         offset = cache[0].offset if cache else 0
         built: dict[str, Any] = {}
@@ -53,6 +59,11 @@ class MistralModel(nn.Module):
                 h = _checkpointed(layer, h, mask_fn, position_ids)
             else:
                 h = layer(h, mask_fn, layer_cache, position_ids)
+            if eval_every and (i + 1) % eval_every == 0 and i + 1 < len(self.layers):
+                mx.async_eval(h)
+                if pending is not None:
+                    mx.eval(pending)
+                pending = h
         return self.norm(h)
 
 
@@ -83,9 +94,10 @@ class MistralForCausalLM(nn.Module):
         position_ids: Optional[mx.array] = None,
         segment_ids: Optional[mx.array] = None,
         attention_mask: Optional[mx.array] = None,
+        eval_every: int = 0,
     ) -> mx.array:
-        """input_ids (B, L) -> final hidden states (B, L, D)."""
-        return self.model(input_ids, cache, position_ids, segment_ids, attention_mask)
+        """input_ids (B, L) -> final hidden states (B, L, D); ``eval_every``: see ``MistralModel``."""
+        return self.model(input_ids, cache, position_ids, segment_ids, attention_mask, eval_every)
 
     def logits_from_hidden(self, h: mx.array) -> mx.array:
         """Hidden states (..., D) -> logits (..., vocab)."""

@@ -133,3 +133,16 @@ def test_decode_layer_probe_tiny(tmp_path):
     assert result["args"]["capacity"] == 64 and "| case |" in stdout
     assert result["rows"] or "nothing to time here" in stdout
     assert all(row["kernel_us"] > 0 for row in result["rows"])
+
+
+def test_decode_sweep_tiny(tmp_path):
+    """One profile per setting (nothing is recorded on the CPU: the parts are zero there)."""
+    result, stdout = _run(["decode_sweep.py", "--preset", "tiny", "--layers", "1", "--tokens", "2",
+                           "--settings", "default; MLX_QLORA_QMV_UNROLL=2 MLX_QLORA_ATTENTION_UNROLL=8"], tmp_path)
+    assert [r["setting"] for r in result["rows"]] == ["default", "MLX_QLORA_QMV_UNROLL=2 MLX_QLORA_ATTENTION_UNROLL=8"]
+    for row in result["rows"]:
+        assert row["wall_ms"] > 0 and row["busy_ms"] >= row["gate_up"] >= 0
+    assert "| setting |" in stdout
+    bad = subprocess.run([sys.executable, "decode_sweep.py", "--settings", "default;UNROLL"], cwd=BENCH,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "'UNROLL' is not NAME=VALUE" in bad.stderr

@@ -56,25 +56,25 @@ def cases(cfg: dict, dtype, copies: int, capacity: int, filled: int) -> dict:
     def nbytes(*names):
         return sum(a.nbytes for n in names for a in layers[0][n])
 
-    def qkv(variant, per_warp=0, extra_fn=None):
+    def qkv(variant, extra, per_warp=0):
+        shapes = ((1, H * hd),) if variant.cache else None  # k and v go to the cache
+
         def fn(i):
             w = [layers[i][n] for n in ("q", "k", "v")]
-            extra = extra_fn() if extra_fn else []
-            shapes = ((1, H * hd),) if variant.cache else None  # k and v go to the cache
             return qmv_cuda._launch(x, w, variant, per_warp=per_warp, shapes=shapes, extra=extra, head_dim=hd,
                                     capacity=capacity)
         return fn, nbytes("q", "k", "v")
 
     full = qmv_cuda.Variant(3, norm_eps=eps, rope=(True, True, False), rope_base=base, cache=True)
     out = {
-        "qkv (norm, rope, cache)": qkv(full, extra_fn=lambda: [gamma, pos, keys, values]),
-        "qkv (norm, rope, cache) mma": qkv(full, qmv_cuda.MMA_ROWS, lambda: [gamma, pos, keys, values]),
+        "qkv (norm, rope, cache)": qkv(full, [gamma, pos, keys, values]),
+        "qkv (norm, rope, cache) mma": qkv(full, [gamma, pos, keys, values], qmv_cuda.MMA_ROWS),
         "qkv (norm, rope)": qkv(qmv_cuda.Variant(3, norm_eps=eps, rope=(True, True, False), rope_base=base),
-                                extra_fn=lambda: [gamma, pos]),
-        "qkv (norm)": qkv(qmv_cuda.Variant(3, norm_eps=eps), 2, lambda: [gamma]),
+                                [gamma, pos]),
+        "qkv (norm)": qkv(qmv_cuda.Variant(3, norm_eps=eps), [gamma], 2),
         "qkv (rope, cache)": qkv(qmv_cuda.Variant(3, rope=(True, True, False), rope_base=base, cache=True),
-                                 extra_fn=lambda: [pos, keys, values]),
-        "qkv plain": qkv(qmv_cuda.Variant(3), 2),
+                                 [pos, keys, values]),
+        "qkv plain": qkv(qmv_cuda.Variant(3), [], 2),
         "o + residual": (lambda i: qmv_cuda.matmul_residual(x, layers[i]["o"], x), nbytes("o")),
         "gate/up (norm)": (lambda i: qmv_cuda.swiglu_norm(x, gamma, eps, layers[i]["gate"], layers[i]["up"]),
                            nbytes("gate", "up")),

@@ -262,10 +262,15 @@ _COMBINE_ACCESS = {
 }
 
 
+def _partial(block: str, access: str, scale: float) -> str:
+    """Pass 1's body with its block index expression, input access (``_PARTIAL_ACCESS``) and constants."""
+    return (_PARTIAL.replace("@BLOCK@", block).replace("@ACCESS@", _PARTIAL_ACCESS[access])
+            .replace("@UNROLL@", str(UNROLL)).replace("SCALE", repr(float(scale)) + "f"))
+
+
 def partial_source(scale: float) -> str:
     """Pass 1 as a kernel body (one block per (sequence, key/value head, split))."""
-    return (_PARTIAL.replace("@BLOCK@", "blockIdx.x").replace("@ACCESS@", _PARTIAL_ACCESS["kernel"])
-            .replace("@UNROLL@", str(UNROLL)).replace("SCALE", repr(float(scale)) + "f"))
+    return _partial("blockIdx.x", "kernel", scale)
 
 
 def combine_source() -> str:
@@ -276,8 +281,7 @@ def combine_source() -> str:
 def device_functions(scale: float) -> str:
     """Both passes as ``__device__`` functions of the block index ``vb`` for a launch that loops over
     them (``model/layer_kernel.py``); the partial pass takes this position's key and value apart."""
-    partial = (_PARTIAL.replace("@BLOCK@", "vb").replace("@ACCESS@", _PARTIAL_ACCESS["fused"])
-               .replace("@UNROLL@", str(UNROLL)).replace("SCALE", repr(float(scale)) + "f"))
+    partial = _partial("vb", "fused", scale)
     combine = _COMBINE.replace("@BLOCK@", "vb").replace("@ACCESS@", _COMBINE_ACCESS["fused"])
     return f"""
 template <typename T, int DT, int H, int HKV, int D, int C, int S, int THREADS>

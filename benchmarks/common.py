@@ -52,10 +52,11 @@ OUR_VARIANTS = {
     "ours-slots16": {"MLX_QLORA_ATTENTION_SLOTS": "16"},
     "ours-slots128": {"MLX_QLORA_ATTENTION_SLOTS": "128"},
     "ours-no-mma": {"MLX_QLORA_QMV_MMA": "0"},  # the few-row 4-bit kernels on CUDA cores only
-    "ours-attn-w8": {"MLX_QLORA_ATTENTION_THREADS": "256"},  # attention's first pass in blocks of 8 warps
-    "ours-attn-u8": {"MLX_QLORA_ATTENTION_UNROLL": "8"},  # ... each warp reading runs of 8 slots
-    "ours-prefill4": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "4"},  # the prompt pass in groups of 4 layers
-    "ours-prefill1": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "1"},
+    "ours-attn-w4": {"MLX_QLORA_ATTENTION_THREADS": "128"},  # attention's first pass in blocks of 4 warps
+    "ours-attn-u4": {"MLX_QLORA_ATTENTION_UNROLL": "4"},  # ... each warp reading runs of 4 slots
+    "ours-prefill0": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "0"},  # the prompt pass queued at once
+    "ours-prefill4": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "4"},  # ... in groups of 4 layers
+    "ours-prefill1": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "1"},  # ... a layer at a time (the default)
 }
 
 

@@ -98,7 +98,7 @@ def cases(cfg: dict, dtype, copies: int, capacity: int, filled: int) -> dict:
     out[default] = attention()
     for slots in (16, 32, 128):
         out[f"attention, {slots} slots per range"] = attention(SLOTS_PER_SPLIT=slots)
-    for threads, unroll in ((256, 4), (128, 8), (256, 8), (64, 4)):
+    for threads, unroll in ((256, 4), (128, 8), (128, 4), (64, 4)):
         name = f"attention, {threads // 32} warps, runs of {unroll} slots"
         out[name] = attention(PARTIAL_THREADS=threads, UNROLL=unroll)
     return out

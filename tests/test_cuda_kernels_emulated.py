@@ -272,7 +272,7 @@ def test_decode_attention_kernels(tmp_path, offset, capacity, heads):
     _check_decode_attention(tmp_path, offset, capacity, heads)
 
 
-@pytest.mark.parametrize("threads,unroll", [(64, 2), (256, 8)])
+@pytest.mark.parametrize("threads,unroll", [(64, 2), (128, 4)])
 def test_decode_attention_block_shapes(tmp_path, monkeypatch, threads, unroll):
     """The first pass with other warps per block and slots per run (``MLX_QLORA_ATTENTION_THREADS`` and
     ``_UNROLL``): runs that end inside a range, warps without slots."""
@@ -280,6 +280,20 @@ def test_decode_attention_block_shapes(tmp_path, monkeypatch, threads, unroll):
     monkeypatch.setattr(attention_cuda, "UNROLL", unroll)
     _check_decode_attention(tmp_path, 70, 256, (4, 2))
     _check_decode_attention(tmp_path / "wrapped", 300, 64, (4, 1))
+
+
+def test_decode_attention_block_fits_shared_memory():
+    """Pass 1's block shrinks (halving its warps) only as far as its shared arrays need: Mistral's 4 query
+    heads per key/value head keep ``PARTIAL_THREADS``; 16 heads of 128 dimensions take 4 warps."""
+    limit = 48 * 1024
+    for rep in range(1, 17):
+        for D in (32, 64, 96, 128):
+            threads = attention_cuda.partial_threads(rep, D)
+            assert attention_cuda._partial_shared_bytes(threads, rep, D) <= limit
+            assert threads == attention_cuda.PARTIAL_THREADS or (
+                attention_cuda._partial_shared_bytes(2 * threads, rep, D) > limit)
+    assert attention_cuda.partial_threads(4, 128) == 256
+    assert attention_cuda.partial_threads(16, 128) == 128
 
 
 def _check_decode_attention(tmp_path, offset, capacity, heads):

@@ -120,10 +120,13 @@ def test_prompt_pass_in_groups_of_layers_is_the_same(eval_every):
         assert a.offset == b.offset and all(mx.array_equal(x, y) for x, y in zip(a.state, b.state))
 
 
-def test_generation_with_the_prompt_pass_in_groups_equals_transformers(model, reference, monkeypatch):
+@pytest.mark.parametrize("eval_layers", [0, 1])
+def test_generation_with_the_prompt_pass_in_groups_equals_transformers(model, reference, monkeypatch, eval_layers):
+    """Greedy generation equals transformers' with the prompt pass a layer at a time (the default) and
+    queued at once (``MLX_QLORA_PREFILL_EVAL_LAYERS=0``)."""
     from mlx_qlora.generate import generator
 
-    monkeypatch.setattr(generator, "PREFILL_EVAL_LAYERS", 1)
+    monkeypatch.setattr(generator, "PREFILL_EVAL_LAYERS", eval_layers)
     prompt = np.random.default_rng(4).integers(3, 320, size=21).tolist()
     assert generate(model, None, prompt, max_tokens=12, eos_ids=set()).tokens == _hf_greedy(reference, prompt, 12)
 

@@ -23,9 +23,11 @@ from .sampling import KeyStream, SamplerConfig, mark_seen, sample, seen_mask
 
 DEFAULT_PREFILL_CHUNK = 512
 # Layers per group of the prompt pass (``MistralModel``'s ``eval_every``; 0: the whole pass queued at once).
-# On an H100 a 512-token prompt peaked at 14-16 GB for 3.8 GB of 4-bit weights, each layer's dequantized
-# weights held until the queued pass had run (benchmarks/RESULTS.md). Env knob for measurements.
-PREFILL_EVAL_LAYERS = int(os.environ.get("MLX_QLORA_PREFILL_EVAL_LAYERS", "0"))
+# Queued at once, a 512-token prompt of Mistral-7B peaked at 16.0 GB on an H100 for 3.8 GB of 4-bit
+# weights (each layer's dequantized weights held until the queued pass had run); a layer at a time at
+# 5.7 GB (mlx-lm: 5.8), and faster: 21,237-21,502 against 16,658 tokens/s (groups of 4: 8.8 GB;
+# benchmarks/RESULTS.md). The same on the CPU (no difference in time or memory). Env knob.
+PREFILL_EVAL_LAYERS = int(os.environ.get("MLX_QLORA_PREFILL_EVAL_LAYERS", "1"))
 
 
 @dataclass

@@ -29,10 +29,12 @@ import mlx.core as mx
 from ..device import on_cuda
 
 _THREADS = 128  # 4 warps; the head dimension is at most this
-# Threads per block of pass 1 and the slots each warp reads per run (in flight together): env knobs for
-# measurements (pass 2 keeps _THREADS).
-PARTIAL_THREADS = int(os.environ.get("MLX_QLORA_ATTENTION_THREADS", "128"))
-UNROLL = int(os.environ.get("MLX_QLORA_ATTENTION_UNROLL", "4"))
+# Threads per block of pass 1 (fewer where its shared arrays would not fit: ``partial_threads``) and the
+# slots each warp reads per run (in flight together). 8 warps with runs of 8 slots: pass 1 of Mistral-7B's
+# decoding 0.287 against 0.315 ms per token with 4 warps and runs of 4 (H100, benchmarks/RESULTS.md).
+# Env knobs for measurements (pass 2 keeps _THREADS).
+PARTIAL_THREADS = int(os.environ.get("MLX_QLORA_ATTENTION_THREADS", "256"))
+UNROLL = int(os.environ.get("MLX_QLORA_ATTENTION_UNROLL", "8"))
 _SHARED_BYTES = 48 * 1024
 # Off unless MLX_QLORA_DECODE_ATTENTION=ours (the fused decoder layers use these passes regardless). On an
 # H100 a first form (one block per query head, 32 blocks in all) took more GPU time than it saved host
@@ -217,12 +219,25 @@ def supports_shapes(q_shape, kv_shape, q_dtype: mx.Dtype, kv_dtype: mx.Dtype) ->
     query heads per key/value head."""
     B, H, L, D = q_shape
     HKV = kv_shape[1]
-    rep = H // max(HKV, 1)
-    shared = (PARTIAL_THREADS // 32 + 1) * rep * D * 4 + PARTIAL_THREADS // 32 * rep * 8  # pass 1's arrays
     return (
-        L == 1 and D % 32 == 0 and D <= _THREADS and H % HKV == 0 and rep <= 16 and shared <= _SHARED_BYTES
+        L == 1 and D % 32 == 0 and D <= _THREADS and H % HKV == 0 and H // HKV <= 16
         and q_dtype in (mx.float32, mx.bfloat16, mx.float16) and kv_dtype == q_dtype and on_cuda()
     )
+
+
+def _partial_shared_bytes(threads: int, rep: int, D: int) -> int:
+    """Pass 1's shared arrays: ``qs``, ``wacc`` and ``wml``."""
+    warps = threads // 32
+    return (warps + 1) * rep * D * 4 + warps * rep * 2 * 4
+
+
+def partial_threads(rep: int, D: int) -> int:
+    """Threads per block of pass 1: ``PARTIAL_THREADS``, halved (down to one warp) while its shared arrays
+    would exceed 48 KB (with 16 query heads per key/value head and D = 128, 4 warps)."""
+    threads = PARTIAL_THREADS
+    while threads > 32 and _partial_shared_bytes(threads, rep, D) > _SHARED_BYTES:
+        threads //= 2
+    return threads
 
 
 # Slots per range of pass 1 (env knob for measurements).
@@ -318,10 +333,11 @@ def _kernels(scale: float, unroll: int):
 def launch_args(B: int, H: int, HKV: int, D: int, C: int, dtype: mx.Dtype) -> tuple[dict, dict]:
     """Launch arguments of the two passes (``partial``, ``combine``)."""
     S = splits(C)
+    threads = partial_threads(H // HKV, D)
     partial = dict(
-        template=[("T", dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("S", S), ("THREADS", PARTIAL_THREADS)],
-        grid=(B * HKV * S * PARTIAL_THREADS, 1, 1),
-        threadgroup=(PARTIAL_THREADS, 1, 1),
+        template=[("T", dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("S", S), ("THREADS", threads)],
+        grid=(B * HKV * S * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
         output_shapes=[(B, H, S, D), (B, H, S, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )

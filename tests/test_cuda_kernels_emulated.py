@@ -304,7 +304,7 @@ def _check_decode_attention(tmp_path, offset, capacity, heads):
     scale = D**-0.5
     partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, mx.float32)
     part_acc, part_ml = emulate(
-        tmp_path / "partial", attention_cuda.partial_source(scale), "",
+        tmp_path / "partial", attention_cuda.partial_source(scale, attention_cuda.UNROLL), "",
         {"q": q, "k": keys, "v": values, "offset": mx.array([offset], dtype=mx.int32)},
         ["part_acc", "part_ml"], partial_args)
     (out,) = emulate(tmp_path / "combine", attention_cuda.combine_source(), "",

@@ -277,15 +277,15 @@ _COMBINE_ACCESS = {
 }
 
 
-def _partial(block: str, access: str, scale: float) -> str:
+def _partial(block: str, access: str, scale: float, unroll: int) -> str:
     """Pass 1's body with its block index expression, input access (``_PARTIAL_ACCESS``) and constants."""
     return (_PARTIAL.replace("@BLOCK@", block).replace("@ACCESS@", _PARTIAL_ACCESS[access])
-            .replace("@UNROLL@", str(UNROLL)).replace("SCALE", repr(float(scale)) + "f"))
+            .replace("@UNROLL@", str(unroll)).replace("SCALE", repr(float(scale)) + "f"))
 
 
-def partial_source(scale: float) -> str:
-    """Pass 1 as a kernel body (one block per (sequence, key/value head, split))."""
-    return _partial("blockIdx.x", "kernel", scale)
+def partial_source(scale: float, unroll: int) -> str:
+    """Pass 1 as a kernel body (one block per (sequence, key/value head, split)), runs of ``unroll`` slots."""
+    return _partial("blockIdx.x", "kernel", scale, unroll)
 
 
 def combine_source() -> str:
@@ -296,7 +296,7 @@ def combine_source() -> str:
 def device_functions(scale: float) -> str:
     """Both passes as ``__device__`` functions of the block index ``vb`` for a launch that loops over
     them (``model/layer_kernel.py``); the partial pass takes this position's key and value apart."""
-    partial = _partial("vb", "fused", scale)
+    partial = _partial("vb", "fused", scale, UNROLL)
     combine = _COMBINE.replace("@BLOCK@", "vb").replace("@ACCESS@", _COMBINE_ACCESS["fused"])
     return f"""
 template <typename T, int DT, int H, int HKV, int D, int C, int S, int THREADS>
@@ -319,7 +319,7 @@ def _kernels(scale: float, unroll: int):
         name=f"mlx_qlora_decode_attention_partial_{abs(hash(scale))}_u{unroll}",
         input_names=["q", "k", "v", "offset"],
         output_names=["part_acc", "part_ml"],
-        source=partial_source(scale),
+        source=partial_source(scale, unroll),
     )
     combine = mx.fast.cuda_kernel(
         name="mlx_qlora_decode_attention_combine",

@@ -29,6 +29,7 @@ using uint32_t = std::uint32_t;
 using int32_t = std::int32_t;
 using uint8_t = std::uint8_t;
 struct uint4 { unsigned int x, y, z, w; };
+struct uint2 { unsigned int x, y; };
 struct float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }

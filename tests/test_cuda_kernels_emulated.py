@@ -110,17 +110,20 @@ def _assert_close_to_rounded(got: mx.array, exact: mx.array):
 # 1,056 and 2,080 inputs: 33 and 65 chunks of 32 weights, so lanes loop 2 and 3 times, the last time lane 0 alone.
 # Tensor-core body (16 rows per block): 768 inputs are 3 chunks per warp (lanes of t = 3 idle), 8 input rows
 # fill all of the mma's columns.
-@pytest.mark.parametrize("rows,out_f,in_f,per_warp,dtype", [
-    (1, 64, 128, 4, mx.bfloat16), (3, 48, 256, 2, mx.bfloat16), (2, 40, 64, 1, mx.float32),
-    (2, 16, 1056, 2, mx.bfloat16), (1, 16, 2080, 4, mx.bfloat16),
-    (1, 32, 512, 16, mx.bfloat16), (3, 48, 768, 16, mx.bfloat16), (8, 16, 256, 16, mx.bfloat16)])
-def test_qmv_kernel(tmp_path, rows, out_f, in_f, per_warp, dtype):
+# stage: the CUDA-core body with the input rows staged in shared memory once per block (2,080 inputs:
+# the block's 256 threads stage 8 each in two rounds, the second partly idle).
+@pytest.mark.parametrize("rows,out_f,in_f,per_warp,dtype,stage", [
+    (1, 64, 128, 4, mx.bfloat16, False), (3, 48, 256, 2, mx.bfloat16, False), (2, 40, 64, 1, mx.float32, False),
+    (2, 16, 1056, 2, mx.bfloat16, False), (1, 16, 2080, 4, mx.bfloat16, False),
+    (1, 32, 512, 16, mx.bfloat16, False), (3, 48, 768, 16, mx.bfloat16, False), (8, 16, 256, 16, mx.bfloat16, False),
+    (3, 48, 256, 2, mx.bfloat16, True), (2, 40, 64, 1, mx.float32, True), (1, 16, 2080, 4, mx.bfloat16, True)])
+def test_qmv_kernel(tmp_path, rows, out_f, in_f, per_warp, dtype, stage):
     layer = _layer(out_f, in_f, rows, dtype)
     x = mx.random.normal((rows, in_f)).astype(dtype)
     variant = qmv_cuda.Variant(1)
     args = qmv_cuda._launch_args(rows, in_f, (out_f,), variant, dtype, per_warp)
     assert qmv_cuda.uses_mma(args) == (per_warp == qmv_cuda.MMA_ROWS)
-    source = variant.source(mma=qmv_cuda.uses_mma(args))
+    source = variant.source(mma=qmv_cuda.uses_mma(args), stage=stage)
     (y,) = emulate(tmp_path, source, qmv_cuda._HEADER, _inputs([layer], x), ["y0"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts))
 
@@ -164,12 +167,14 @@ def _inputs(layers, x, **extra):
     return {**inputs, "x": x, **extra}
 
 
-@pytest.mark.parametrize("position,rope_scale,dtype,in_f", [
-    (0, 1.0, mx.bfloat16, 128), (37, 1.0, mx.bfloat16, 128), (1000, 0.25, mx.bfloat16, 128), (37, 1.0, mx.float32, 128),
-    (37, 1.0, mx.bfloat16, 256), (1000, 0.25, mx.bfloat16, 512)])
-def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_scale, dtype, in_f):
+@pytest.mark.parametrize("position,rope_scale,dtype,in_f,stage", [
+    (0, 1.0, mx.bfloat16, 128, False), (37, 1.0, mx.bfloat16, 128, False), (1000, 0.25, mx.bfloat16, 128, False),
+    (37, 1.0, mx.float32, 128, False), (37, 1.0, mx.bfloat16, 256, False), (1000, 0.25, mx.bfloat16, 512, False),
+    (37, 1.0, mx.bfloat16, 128, True), (1000, 0.25, mx.float32, 128, True)])
+def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_scale, dtype, in_f, stage):
     """RMSNorm in the prologue, q/k rotated in the epilogue: 2 sequences, 4 query and 2 key/value heads of 16.
-    bfloat16 with 256 or more inputs: the tensor-core body (16 rows per block: rotary pairs (p, p + 8))."""
+    bfloat16 with 256 or more inputs: the tensor-core body (16 rows per block: rotary pairs (p, p + 8)).
+    ``stage``: the CUDA-core body staging x * gamma in shared memory."""
     layers = [_layer(n, in_f, 20 + i, dtype) for i, n in enumerate((64, 32, 32))]
     x = (3.0 * mx.random.normal((2, in_f))).astype(dtype)
     gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(dtype)
@@ -178,7 +183,7 @@ def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_sca
     mma = in_f >= 256 and dtype == mx.bfloat16
     args = qmv_cuda._launch_args(2, in_f, (64, 32, 32), variant, dtype, qmv_cuda.MMA_ROWS if mma else 0, shapes, 16)
     assert dict(args["template"])["R"] == (16 if mma else 2)  # rotary pairs need an even number of rows per warp
-    outs = emulate(tmp_path, variant.source(mma=mma), qmv_cuda._HEADER,
+    outs = emulate(tmp_path, variant.source(mma=mma, stage=stage), qmv_cuda._HEADER,
                    _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32)),
                    variant.output_names, args)
     want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], position, 16, 10000.0,
@@ -190,9 +195,10 @@ def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_sca
             _assert_close_to_rounded(out.reshape(2, -1), ref)
 
 
-@pytest.mark.parametrize("position,capacity,dtype,in_f", [(5, 8, mx.bfloat16, 128), (13, 8, mx.bfloat16, 128),
-                                                          (3, 16, mx.float32, 128), (13, 8, mx.bfloat16, 256)])
-def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, capacity, dtype, in_f):
+@pytest.mark.parametrize("position,capacity,dtype,in_f,stage", [
+    (5, 8, mx.bfloat16, 128, False), (13, 8, mx.bfloat16, 128, False), (3, 16, mx.float32, 128, False),
+    (13, 8, mx.bfloat16, 256, False), (13, 8, mx.bfloat16, 128, True)])
+def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, capacity, dtype, in_f, stage):
     """The ``cache`` variant: q as output, this position's rotated k and v written in place into slot
     ``position % capacity`` of the (sequences, kv heads, capacity, head dim) buffers; every other slot
     keeps its old value."""
@@ -204,7 +210,7 @@ def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, ca
     per_warp = qmv_cuda.MMA_ROWS if in_f >= 256 else 0
     args = qmv_cuda._launch_args(2, in_f, (64, 32, 32), variant, dtype, per_warp, ((2, 4, 1, 16),), 16, capacity)
     q, kc_after, vc_after = emulate(
-        tmp_path, variant.source(mma=qmv_cuda.uses_mma(args)), qmv_cuda._HEADER,
+        tmp_path, variant.source(mma=qmv_cuda.uses_mma(args), stage=stage), qmv_cuda._HEADER,
         _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32), kc=kc, vc=vc),
         variant.output_names, args, changed=("kc", "vc"))
     want_q, want_k, want_v = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers],
@@ -237,14 +243,14 @@ def test_swiglu_kernel_with_norm(tmp_path, in_f, per_warp):
     _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(normed, gate.parts, up.parts))
 
 
-@pytest.mark.parametrize("per_warp", [2, 16])
-def test_matmul_kernel_with_residual(tmp_path, per_warp):
+@pytest.mark.parametrize("per_warp,stage", [(2, False), (16, False), (2, True)])
+def test_matmul_kernel_with_residual(tmp_path, per_warp, stage):
     layer = _layer(48, 256, 40)
     x = mx.random.normal((2, 256)).astype(mx.bfloat16)
     res = (4.0 * mx.random.normal((2, 48))).astype(mx.bfloat16)
     variant = qmv_cuda.Variant(1, residual=True)
     args = qmv_cuda._launch_args(2, 256, (48,), variant, mx.bfloat16, per_warp)
-    (y,) = emulate(tmp_path, variant.source(mma=qmv_cuda.uses_mma(args)), qmv_cuda._HEADER,
+    (y,) = emulate(tmp_path, variant.source(mma=qmv_cuda.uses_mma(args), stage=stage), qmv_cuda._HEADER,
                    _inputs([layer], x, res=res), ["y0"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts) + res.astype(mx.float32))
 
@@ -296,22 +302,33 @@ def test_decode_attention_block_fits_shared_memory():
     assert attention_cuda.partial_threads(16, 128) == 128
 
 
-def _check_decode_attention(tmp_path, offset, capacity, heads):
+@pytest.mark.parametrize("D,dtype", [(128, mx.float32), (128, mx.bfloat16), (64, mx.bfloat16)])
+def test_decode_attention_kernels_head_dims(tmp_path, D, dtype):
+    """Head dimensions of 128 (each lane's 4 values of a key or value row in one load: 16 bytes of float32,
+    8 of bfloat16) and 64 (2 values, one load each); bfloat16 rounds the output once."""
+    _check_decode_attention(tmp_path, 70, 128, (4, 2), D, dtype)
+
+
+def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.float32):
     mx.random.seed(offset)
-    (H, HKV), B, C, D = heads, 2, capacity, 32
-    q = mx.random.normal((B, H, 1, D))
-    keys, values = mx.random.normal((B, HKV, C, D)), mx.random.normal((B, HKV, C, D))
+    (H, HKV), B, C = heads, 2, capacity
+    q = mx.random.normal((B, H, 1, D)).astype(dtype)
+    keys, values = mx.random.normal((B, HKV, C, D)).astype(dtype), mx.random.normal((B, HKV, C, D)).astype(dtype)
     scale = D**-0.5
-    partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, mx.float32)
+    partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, dtype)
     part_acc, part_ml = emulate(
-        tmp_path / "partial", attention_cuda.partial_source(scale, attention_cuda.UNROLL), "",
+        tmp_path / "partial", attention_cuda.partial_source(scale, attention_cuda.UNROLL),
+        attention_cuda.PARTIAL_HEADER,
         {"q": q, "k": keys, "v": values, "offset": mx.array([offset], dtype=mx.int32)},
         ["part_acc", "part_ml"], partial_args)
     (out,) = emulate(tmp_path / "combine", attention_cuda.combine_source(), "",
                      {"part_acc": part_acc, "part_ml": part_ml},
                      ["out"], combine_args)
-    np.testing.assert_allclose(np.array(out), np.array(attention_cuda.reference(q, keys, values, offset, scale)),
-                               rtol=1e-5, atol=1e-5)
+    want = attention_cuda.reference(q, keys, values, offset, scale)
+    if dtype == mx.float32:
+        np.testing.assert_allclose(np.array(out), np.array(want), rtol=1e-5, atol=1e-5)
+    else:
+        _assert_close_to_rounded(out, want)
 
 
 @pytest.mark.parametrize("window,prompt_len,capacity,dtype", [(None, 9, 64, mx.float32), (16, 21, 16, mx.float32),

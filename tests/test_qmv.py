@@ -65,6 +65,27 @@ def test_launch_arguments():
     assert not qmv_cuda.uses_mma(args)  # float32 inputs stay on the CUDA-core body
 
 
+@pytest.mark.parametrize("rows,in_f,out_rows,norm,dtype,staged", [
+    (1, 4096, (4096, 1024, 1024), True, mx.bfloat16, True),     # q/k/v: 16 KB of x * gamma in float32
+    (2, 4096, (4096, 1024, 1024), True, mx.bfloat16, True),     # 32 KB
+    (4, 4096, (4096, 1024, 1024), True, mx.bfloat16, False),    # 64 KB: read per warp
+    (1, 4096, (4096,), False, mx.bfloat16, False),              # o: no norm, not staged by default
+    (1, 14336, (4096,), False, mx.bfloat16, False),             # down
+])
+def test_when_the_input_is_staged(monkeypatch, rows, in_f, out_rows, norm, dtype, staged):
+    """``MLX_QLORA_QMV_STAGE=norm`` (the default): the CUDA-core RMSNorm launches whose float32 rows fit in
+    ``STAGE_MAX_BYTES``; with ``all`` every CUDA-core launch that fits (bfloat16 rows as they are)."""
+    monkeypatch.setattr(qmv_cuda, "STAGE", "norm")
+    monkeypatch.setattr(qmv_cuda, "STAGE_MAX_BYTES", 32 * 1024)
+    variant = qmv_cuda.Variant(len(out_rows), norm_eps=1e-5 if norm else None)
+    args = qmv_cuda._launch_args(rows, in_f, out_rows, variant, dtype)
+    assert not qmv_cuda.uses_mma(args)
+    assert qmv_cuda.stages(variant, args) is staged
+    assert qmv_cuda.stage_bytes(rows, in_f, dtype, norm) == rows * in_f * (4 if norm else 2)
+    monkeypatch.setattr(qmv_cuda, "STAGE", "all")
+    assert qmv_cuda.stages(variant, args) is (rows * in_f * (4 if norm else 2) <= 32 * 1024)
+
+
 @pytest.mark.parametrize("rows,in_f,out_rows,swiglu,takes,prefers", [
     (1, 4096, (14336,), False, True, True),                 # gate- or up-sized: the tensor cores by default
     (1, 4096, (14336, 14336), True, True, True),

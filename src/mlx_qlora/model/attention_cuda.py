@@ -98,10 +98,15 @@ _PARTIAL = r"""
     float vv[UNROLL][PL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
+      if (base + u < s1) {
+        key_row(base + u, kv[u]);
+        value_row(base + u, vv[u]);
+      } else {
 #pragma unroll
-      for (int i = 0; i < PL; ++i) {
-        kv[u][i] = base + u < s1 ? key_at(base + u, lane * PL + i) : 0.0f;
-        vv[u][i] = base + u < s1 ? value_at(base + u, lane * PL + i) : 0.0f;
+        for (int i = 0; i < PL; ++i) {
+          kv[u][i] = 0.0f;
+          vv[u][i] = 0.0f;
+        }
       }
     }
 #pragma unroll
@@ -179,28 +184,30 @@ _PARTIAL = r"""
 """
 
 # Pass 2: one block per (sequence, query head) combines the splits: out = sum_s e^(m_s - M) acc_s /
-# sum_s e^(m_s - M) l_s, with M the largest m_s (splits without slots have m = -inf and weigh 0).
+# sum_s e^(m_s - M) l_s, with M the largest m_s (splits without slots have m = -inf, l = 0 and acc = 0, and
+# weigh 0). The loops have no branch, so the compiler may issue their loads together.
 _COMBINE = r"""
   // part_acc (B, H, S, D), part_ml (B, H, S, 2) -> out (B, 1, H * D)
   const int bh = @BLOCK@;
   const int d = threadIdx.x;
   @ACCESS@
-  float M = -INFINITY;
+  float ms[S];
+#pragma unroll
   for (int j = 0; j < S; ++j) {
-    M = fmaxf(M, ml_at(((size_t)bh * S + j) * 2));
+    ms[j] = ml_at(((size_t)bh * S + j) * 2);
+  }
+  float M = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < S; ++j) {
+    M = fmaxf(M, ms[j]);
   }
   float L = 0.0f;
   float acc = 0.0f;
+#pragma unroll
   for (int j = 0; j < S; ++j) {
-    const float m = ml_at(((size_t)bh * S + j) * 2);
-    if (m == -INFINITY) {
-      continue;
-    }
-    const float w = __expf(m - M);
+    const float w = ms[j] == -INFINITY ? 0.0f : __expf(ms[j] - M);
     L += w * ml_at(((size_t)bh * S + j) * 2 + 1);
-    if (d < D) {
-      acc += w * acc_at(((size_t)bh * S + j) * D + d);
-    }
+    acc += w * (d < D ? acc_at(((size_t)bh * S + j) * D + d) : 0.0f);
   }
   if (d < D) {
     out[(size_t)bh * D + d] = static_cast<T>(acc / L);
@@ -250,14 +257,46 @@ def splits(capacity: int) -> int:
     return max(1, min(64, capacity // SLOTS_PER_SPLIT))
 
 
-# How the passes read their inputs. As kernels: plain loads. Inside the one-launch decoder layer
-# (``model/layer_kernel.py``): q and the partial results come from other blocks of the same launch (read
-# through L2), and this position's key and value come from ``k_new``/``v_new``, not from the cache, whose
-# slot for it is written after the launch.
+# Pass 1's kernel reads a lane's PL consecutive values of a key or value row with one load where it can (4
+# values of bfloat16: 8 bytes; of float32: 16 bytes; rows of D = 128 start at multiples of that), else one
+# load per value.
+PARTIAL_HEADER = r"""
+template <typename U, int N>
+struct RowLoad {
+  static __device__ __forceinline__ void run(const U* p, float* o) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      o[i] = static_cast<float>(p[i]);
+    }
+  }
+};
+
+template <>
+struct RowLoad<float, 4> {
+  static __device__ __forceinline__ void run(const float* p, float* o) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+  }
+};
+
+template <>
+struct RowLoad<__nv_bfloat16, 4> {
+  static __device__ __forceinline__ void run(const __nv_bfloat16* p, float* o) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    o[0] = __uint_as_float(v.x << 16); o[1] = __uint_as_float(v.x & 0xffff0000u);
+    o[2] = __uint_as_float(v.y << 16); o[3] = __uint_as_float(v.y & 0xffff0000u);
+  }
+};
+"""
+
+# How the passes read their inputs. As kernels: plain loads (key and value rows through ``RowLoad``).
+# Inside the one-launch decoder layer (``model/layer_kernel.py``): q and the partial results come from
+# other blocks of the same launch (read through L2), and this position's key and value come from
+# ``k_new``/``v_new``, not from the cache, whose slot for it is written after the launch.
 _PARTIAL_ACCESS = {
     "kernel": """auto q_at = [&](size_t i) { return static_cast<float>(q[i]); };
-  auto key_at = [&](int s, int d) { return static_cast<float>(kh[(size_t)s * D + d]); };
-  auto value_at = [&](int s, int d) { return static_cast<float>(vh[(size_t)s * D + d]); };""",
+  auto key_row = [&](int s, float* o) { RowLoad<T, PL>::run(kh + (size_t)s * D + lane * PL, o); };
+  auto value_row = [&](int s, float* o) { RowLoad<T, PL>::run(vh + (size_t)s * D + lane * PL, o); };""",
     "fused": """const int cur = pos % C;
   const T* kn = k_new + (size_t)bk * D;
   const T* vn = v_new + (size_t)bk * D;
@@ -267,6 +306,16 @@ _PARTIAL_ACCESS = {
   };
   auto value_at = [&](int s, int d) {
     return s == cur ? load_f_cg<DT>(vn, d) : static_cast<float>(vh[(size_t)s * D + d]);
+  };
+  auto key_row = [&](int s, float* o) {
+    for (int i = 0; i < PL; ++i) {
+      o[i] = key_at(s, lane * PL + i);
+    }
+  };
+  auto value_row = [&](int s, float* o) {
+    for (int i = 0; i < PL; ++i) {
+      o[i] = value_at(s, lane * PL + i);
+    }
   };""",
 }
 _COMBINE_ACCESS = {
@@ -320,6 +369,7 @@ def _kernels(scale: float, unroll: int):
         input_names=["q", "k", "v", "offset"],
         output_names=["part_acc", "part_ml"],
         source=partial_source(scale, unroll),
+        header=PARTIAL_HEADER,
     )
     combine = mx.fast.cuda_kernel(
         name="mlx_qlora_decode_attention_combine",

@@ -7,7 +7,8 @@ For a row ``n`` with scale ``s`` and offset ``b``, ``W[n, k] = s * q[n, k] + b``
 and the kernel reads each packed row once, straight from memory: each warp computes 1, 2 or 4 output
 rows (``rows_per_warp``) that share every loaded input, each lane loading 16 bytes (32 weights) at a
 time, the M <= ``MAX_ROWS`` input rows read alongside and both sums accumulated in float32, then a warp
-reduction. No dequantized weight and no expanded scales exist. A second body (``_BODY_MMA``) does the
+reduction (the RMSNorm launches first stage their input rows in shared memory once per block,
+``_STAGE``). No dequantized weight and no expanded scales exist. A second body (``_BODY_MMA``) does the
 multiply-adds on the tensor cores (bfloat16 inputs, float32 sums) for the launches with the most rows.
 ``mx.quantized_matmul`` needs MLX's group layout (our one scale per row repeated for every group of 64)
 and ran far below the memory's speed on an H100 (``benchmarks/RESULTS.md``).
@@ -57,6 +58,12 @@ ROWS_PER_WARP_MIN_WARPS = int(os.environ.get("MLX_QLORA_QMV_MIN_WARPS", "2048"))
 # more host time than MLX's op, and decoding is host-bound; with the kernel on every layer decoding was
 # slower (161.8 against 190.3 tokens/s compiled, H100; benchmarks/RESULTS.md). Env knob for measurements.
 MIN_WEIGHTS = int(os.environ.get("MLX_QLORA_QMV_MIN", str(1 << 25)))
+# Which CUDA-core launches stage their input rows in shared memory once per block (``_STAGE``): "norm" (the
+# RMSNorm kernels: q/k/v), "all", or "none"; only where the staged rows fit in STAGE_MAX_BYTES. On an H100
+# q/k/v took 0.41 against 0.46 ms per token of Mistral-7B (medians), while o and down staged were slower
+# (0.77-0.79 against 0.72 ms; benchmarks/RESULTS.md). Env knobs for measurements.
+STAGE = os.environ.get("MLX_QLORA_QMV_STAGE", "norm")
+STAGE_MAX_BYTES = int(os.environ.get("MLX_QLORA_QMV_STAGE_BYTES", str(32 * 1024)))
 # Benchmark knob: MLX_QLORA_QMV=mlx keeps MLX's quantized_matmul (expanded layout) even on CUDA.
 _ENABLED = os.environ.get("MLX_QLORA_QMV", "ours") != "mlx"
 
@@ -96,6 +103,21 @@ __device__ __forceinline__ void load_x8<1>(const unsigned char* x, int k, float*
   unpack_x8(*(reinterpret_cast<const uint4*>(x) + (k >> 3)), o);
 }
 
+// Eight staged inputs (``_STAGE``): 16-byte unit u of shared memory (float32: and unit u + stride).
+template <int DT>
+__device__ __forceinline__ void load_staged(const uint4* s, int u, int stride, float* o);
+
+template <>
+__device__ __forceinline__ void load_staged<0>(const uint4* s, int u, int stride, float* o) {  // float32
+  const float4* f = reinterpret_cast<const float4*>(s);
+  unpack_x8(f[u], f[u + stride], o);
+}
+
+template <>
+__device__ __forceinline__ void load_staged<1>(const uint4* s, int u, int stride, float* o) {  // bfloat16
+  unpack_x8(s[u], o);
+}
+
 // The bits of a float rounded to bfloat16 (to nearest, ties to even), in the low 16 bits.
 __device__ __forceinline__ unsigned int bf16_bits(float f) {
   const unsigned int u = __float_as_uint(f);
@@ -128,21 +150,22 @@ _BODY = r"""
   //   acc = sum_k (1 + q/16) x = sum(x) + (q.x)/16   and   q.x = 16 * (acc - sum(x)).
   const int lane = threadIdx.x & 31;
   const int n0 = (@WARP@) * R;
+  constexpr int XBYTES = DT == 0 ? 4 : 2;
+  constexpr int CHUNKS = K / 32;  // 16-byte chunks (32 weights) per weight row
+  const unsigned char* xb = reinterpret_cast<const unsigned char*>(x);
+  @STAGE@
   if (n0 >= ROWS) {
     return;
   }
-  constexpr int XBYTES = DT == 0 ? 4 : 2;
-  constexpr int CHUNKS = K / 32;  // 16-byte chunks (32 weights) per weight row
   constexpr int RR = P * R;       // weight rows read by this warp
   const uint4* row_ptr[RR];
   @SELECT@
-  const unsigned char* xb = reinterpret_cast<const unsigned char*>(x);
   @PROLOGUE@
   float acc[RR][M];
   float xsum[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    xsum[m] = 0.0f;
+    xsum[m] = @XSUM0@;
 #pragma unroll
     for (int r = 0; r < RR; ++r) {
       acc[r][m] = 0.0f;
@@ -161,12 +184,9 @@ _BODY = r"""
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         float xv[8];
-        load_x8<DT>(xb + (size_t)m * K * XBYTES, k, xv);
+        @XLOAD@
         @XSCALE@
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          xsum[m] += xv[i];
-        }
+        @XSUM@
 #pragma unroll
         for (int r = 0; r < RR; ++r) {
           const unsigned int word = t == 0 ? packed[r].x : t == 1 ? packed[r].y : t == 2 ? packed[r].z : packed[r].w;
@@ -184,7 +204,7 @@ _BODY = r"""
   for (int m = 0; m < M; ++m) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
-      xsum[m] += __shfl_xor_sync(0xffffffffu, xsum[m], offset);
+      @XSUM_REDUCE@
 #pragma unroll
       for (int r = 0; r < RR; ++r) {
         acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], offset);
@@ -521,6 +541,136 @@ _NORM_POSTREDUCE = r"""
 """
 
 
+# The CUDA-core body's per-warp input handling (``_BODY``'s @XLOAD@, @XSUM@, @XSUM_REDUCE@, @XSUM0@): each
+# warp reads the input rows from L1/L2 and sums them itself.
+_PER_WARP_INPUT = {
+    "@STAGE@": "",
+    "@XLOAD@": "load_x8<DT>(xb + (size_t)m * K * XBYTES, k, xv);",
+    "@XSUM@": """#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          xsum[m] += xv[i];
+        }""",
+    "@XSUM_REDUCE@": "xsum[m] += __shfl_xor_sync(0xffffffffu, xsum[m], offset);",
+    "@XSUM0@": "0.0f",
+}
+
+# Staged input: the block's warps first copy the M input rows into shared memory once, the RMSNorm's
+# x * gamma in float32 where there is a norm (x as it is otherwise), and sum each row (and its squares)
+# together; every warp then reads the rows from shared memory and starts from the block's sums, instead
+# of reading the rows (and gamma) from L1/L2 and summing them itself. ``stage_bytes`` is its size. The
+# rows are stored in planes of 16-byte units, so that the lanes' reads of one step (group t of 8 inputs of
+# chunks j = lane + 32 i) are consecutive units, free of bank conflicts: inputs 8 (4 j + t) .. + 7 of row m
+# are unit (m * 4 + t) * SU * CHUNKS + j, and its second half (float32) CHUNKS units further.
+_STAGE = r"""
+  constexpr int SW = STAGE_WARPS;  // warps of the block
+  constexpr int SX = @STAGE_XBYTES@;  // bytes per staged input
+  constexpr int SU = SX / 2;  // 16-byte units per group of 8 inputs
+  __shared__ uint4 xs4[M * K * SX / 16];
+  __shared__ float stage_part[2][M][SW];
+  {
+    const int sw = threadIdx.x >> 5;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float sx = 0.0f, ss = 0.0f;
+      for (int kk = threadIdx.x * 8; kk < K; kk += SW * 256) {
+        const int unit = (m * 4 + ((kk >> 3) & 3)) * SU * CHUNKS + (kk >> 5);
+        float xv[8];
+        load_x8<DT>(xb + (size_t)m * K * XBYTES, kk, xv);
+        @STAGE_STORE@
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          sx += xv[i];
+        }
+      }
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        sx += __shfl_xor_sync(0xffffffffu, sx, offset);
+        ss += __shfl_xor_sync(0xffffffffu, ss, offset);
+      }
+      if (lane == 0) {
+        stage_part[0][m][sw] = sx;
+        stage_part[1][m][sw] = ss;
+      }
+    }
+  }
+  __syncthreads();
+  float stage_sum[M];
+  float stage_ss[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    stage_sum[m] = 0.0f;
+    stage_ss[m] = 0.0f;
+#pragma unroll
+    for (int w = 0; w < SW; ++w) {
+      stage_sum[m] += stage_part[0][m][w];
+      stage_ss[m] += stage_part[1][m][w];
+    }
+  }
+"""
+
+# Staged as it is: the raw bytes of 8 inputs (one or two 16-byte words).
+_STAGE_STORE_RAW = r"""
+        {
+          const uint4* src = reinterpret_cast<const uint4*>(xb + ((size_t)m * K + kk) * XBYTES);
+#pragma unroll
+          for (int c = 0; c < SU; ++c) {
+            xs4[unit + c * CHUNKS] = src[c];
+          }
+        }
+"""
+
+# Staged through the RMSNorm's weight: the sum of squares of x, then x * gamma as two float4.
+_STAGE_STORE_NORM = r"""
+        {
+          float gv[8];
+          load_x8<DT>(reinterpret_cast<const unsigned char*>(gamma), kk, gv);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            ss = fmaf(xv[i], xv[i], ss);
+            xv[i] *= gv[i];
+          }
+          float4* dst = reinterpret_cast<float4*>(xs4);
+          dst[unit] = make_float4(xv[0], xv[1], xv[2], xv[3]);
+          dst[unit + CHUNKS] = make_float4(xv[4], xv[5], xv[6], xv[7]);
+        }
+"""
+
+_NORM_PROLOGUE_STAGED = r"""
+  float inv_rms[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    inv_rms[m] = rsqrtf(stage_ss[m] / (float)K + EPS);
+  }
+"""
+
+
+def _staged_input(norm: bool) -> dict[str, str]:
+    """``_BODY``'s input handling with the rows staged in shared memory (``_STAGE``)."""
+    return {
+        "@STAGE@": (_STAGE.replace("@STAGE_XBYTES@", "4" if norm else "XBYTES")
+                    .replace("@STAGE_STORE@", _STAGE_STORE_NORM if norm else _STAGE_STORE_RAW)
+                    .replace("STAGE_WARPS", str(_THREADS // 32))),
+        "@XLOAD@": (f"load_staged<{'0' if norm else 'DT'}>(xs4, (m * 4 + t) * SU * CHUNKS + j, CHUNKS, xv);"),
+        "@XSUM@": "",
+        "@XSUM_REDUCE@": "",
+        "@XSUM0@": "stage_sum[m]",
+    }
+
+
+def stage_bytes(rows: int, in_features: int, dtype: mx.Dtype, norm: bool) -> int:
+    """Shared memory of the staged input (``_STAGE``): float32 rows through the norm, else the rows as they are."""
+    return rows * in_features * (4 if norm else dtype.size)
+
+
+def stages(variant: "Variant", args: dict) -> bool:
+    """Whether a CUDA-core launch (``_launch_args``) stages its input rows in shared memory: per ``STAGE``
+    (the RMSNorm kernels, every kernel or none) where they fit in ``STAGE_MAX_BYTES``."""
+    t = dict(args["template"])
+    if t["R"] == MMA_ROWS or STAGE == "none" or (STAGE == "norm" and variant.norm_eps is None):
+        return False
+    return stage_bytes(t["M"], t["K"], t["T"], variant.norm_eps is not None) <= STAGE_MAX_BYTES
+
+
 # SwiGLU: gate rows (w0) and up rows (w1) of the same index in one warp; y (M, ROWS) = silu(gate) * up.
 _SELECT_SWIGLU = r"""
 #pragma unroll
@@ -616,9 +766,11 @@ class Variant:
         consts = abs(hash((self.norm_eps, self.rope_base, self.rope_scale))) if extra else 0
         return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, str(consts)])
 
-    def source(self, warp: str = "(blockIdx.x * blockDim.x + threadIdx.x) >> 5", mma: bool = False) -> str:
+    def source(self, warp: str = "(blockIdx.x * blockDim.x + threadIdx.x) >> 5", mma: bool = False,
+               stage: bool = False) -> str:
         """The kernel body; ``warp``: the expression of the warp's index (its first row is ``warp * R``).
-        ``mma``: the tensor-core body, one block per ``MMA_ROWS`` rows (``warp`` unused)."""
+        ``mma``: the tensor-core body, one block per ``MMA_ROWS`` rows (``warp`` unused). ``stage``: the
+        CUDA-core body with its input rows staged in shared memory (``_STAGE``; blocks of ``_THREADS``)."""
         norm = self.norm_eps is not None
         if self.swiglu:
             select, epilogue = (_SELECT_SWIGLU_MMA if mma else _SELECT_SWIGLU), _EPILOGUE_SWIGLU
@@ -632,10 +784,14 @@ class Variant:
                     .replace("@XPREP@", _MMA_XPREP_NORM if norm else "")
                     .replace("@NORM@", _MMA_NORM if norm else ""))
         else:
-            body = (_BODY.replace("@WARP@", warp).replace("@UNROLL@", str(_UNROLL))
+            body = _BODY
+            for key, code in (_staged_input(norm) if stage else _PER_WARP_INPUT).items():
+                body = body.replace(key, code)
+            prologue = (_NORM_PROLOGUE_STAGED if stage else _NORM_PROLOGUE) if norm else ""
+            body = (body.replace("@WARP@", warp).replace("@UNROLL@", str(_UNROLL))
                     .replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
-                    .replace("@PROLOGUE@", _NORM_PROLOGUE if norm else "")
-                    .replace("@XSCALE@", _NORM_XSCALE if norm else "")
+                    .replace("@PROLOGUE@", prologue)
+                    .replace("@XSCALE@", _NORM_XSCALE if norm and not stage else "")
                     .replace("@POSTREDUCE@", _NORM_POSTREDUCE if norm else ""))
         if norm:
             body = body.replace("EPS", repr(float(self.norm_eps)) + "f")
@@ -663,12 +819,12 @@ class Variant:
 
 
 @lru_cache(maxsize=None)
-def _kernel(variant: Variant, mma: bool = False):
+def _kernel(variant: Variant, mma: bool = False, stage: bool = False):
     return mx.fast.cuda_kernel(
-        name=variant.name + (f"_mma{MMA_CHUNKS}w{_MMA_WARPS}" if mma else f"_u{_UNROLL}"),
+        name=variant.name + (f"_mma{MMA_CHUNKS}w{_MMA_WARPS}" if mma else f"_u{_UNROLL}{'_staged' if stage else ''}"),
         input_names=variant.input_names,
         output_names=variant.output_names,
-        source=variant.source(mma=mma),
+        source=variant.source(mma=mma, stage=stage),
         header=_HEADER,
     )
 
@@ -760,7 +916,7 @@ def _launch_plan(rows: int, in_features: int, out_rows: tuple[int, ...], variant
     """The kernel and launch arguments of one shape (see ``_launch_args``): one cache lookup per call on
     the decoding path."""
     args = _launch_args(rows, in_features, out_rows, variant, dtype, per_warp, shapes, head_dim, capacity)
-    return _kernel(variant, uses_mma(args)), args
+    return _kernel(variant, uses_mma(args), stages(variant, args)), args
 
 
 def uses_mma(args: dict) -> bool:

@@ -118,6 +118,18 @@ __device__ __forceinline__ void load_staged<1>(const uint4* s, int u, int stride
   unpack_x8(s[u], o);
 }
 
+// RMSNorm of eight inputs xv at k (before the 1/rms factor): adds their squares to ss, multiplies them by gamma.
+template <int DT>
+__device__ __forceinline__ void norm_x8(const void* gamma, int k, float* xv, float& ss) {
+  float gv[8];
+  load_x8<DT>(reinterpret_cast<const unsigned char*>(gamma), k, gv);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    ss = fmaf(xv[i], xv[i], ss);
+    xv[i] *= gv[i];
+  }
+}
+
 // The bits of a float rounded to bfloat16 (to nearest, ties to even), in the low 16 bits.
 __device__ __forceinline__ unsigned int bf16_bits(float f) {
   const unsigned int u = __float_as_uint(f);
@@ -387,15 +399,7 @@ _BODY_MMA = r"""
 """
 
 _MMA_XPREP_NORM = r"""
-      {
-        float gv[8];
-        load_x8<DT>(reinterpret_cast<const unsigned char*>(gamma), k, gv);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          ss[m] = fmaf(xv[i], xv[i], ss[m]);
-          xv[i] *= gv[i];
-        }
-      }
+      norm_x8<DT>(gamma, k, xv, ss[m]);
 """
 
 _MMA_NORM = r"""
@@ -622,13 +626,7 @@ _STAGE_STORE_RAW = r"""
 # Staged through the RMSNorm's weight: the sum of squares of x, then x * gamma as two float4.
 _STAGE_STORE_NORM = r"""
         {
-          float gv[8];
-          load_x8<DT>(reinterpret_cast<const unsigned char*>(gamma), kk, gv);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            ss = fmaf(xv[i], xv[i], ss);
-            xv[i] *= gv[i];
-          }
+          norm_x8<DT>(gamma, kk, xv, ss);
           float4* dst = reinterpret_cast<float4*>(xs4);
           dst[unit] = make_float4(xv[0], xv[1], xv[2], xv[3]);
           dst[unit + CHUNKS] = make_float4(xv[4], xv[5], xv[6], xv[7]);
@@ -650,7 +648,7 @@ def _staged_input(norm: bool) -> dict[str, str]:
         "@STAGE@": (_STAGE.replace("@STAGE_XBYTES@", "4" if norm else "XBYTES")
                     .replace("@STAGE_STORE@", _STAGE_STORE_NORM if norm else _STAGE_STORE_RAW)
                     .replace("STAGE_WARPS", str(_THREADS // 32))),
-        "@XLOAD@": (f"load_staged<{'0' if norm else 'DT'}>(xs4, (m * 4 + t) * SU * CHUNKS + j, CHUNKS, xv);"),
+        "@XLOAD@": f"load_staged<{'0' if norm else 'DT'}>(xs4, (m * 4 + t) * SU * CHUNKS + j, CHUNKS, xv);",
         "@XSUM@": "",
         "@XSUM_REDUCE@": "",
         "@XSUM0@": "stage_sum[m]",

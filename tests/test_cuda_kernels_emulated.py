@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from mlx_qlora.model import attention_cuda
+from mlx_qlora.quant import l2_prefetch
 from mlx_qlora.quant import QuantizedLinear, dequant_cuda, qmv_cuda
 from mlx_qlora.quant.quantize import dequantize
 
@@ -243,15 +244,24 @@ def test_swiglu_kernel_with_norm(tmp_path, in_f, per_warp):
     _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(normed, gate.parts, up.parts))
 
 
-@pytest.mark.parametrize("per_warp,stage", [(2, False), (16, False), (2, True)])
-def test_matmul_kernel_with_residual(tmp_path, per_warp, stage):
+# prefetch: blocks appended to the launch that only ask L2 for other arrays (``l2_prefetch``; the emulation
+# has no L2, so they only return): the working blocks' results are unchanged.
+@pytest.mark.parametrize("per_warp,stage,prefetch", [(2, False, False), (16, False, False), (2, True, False),
+                                                     (2, False, True), (16, False, True)])
+def test_matmul_kernel_with_residual(tmp_path, monkeypatch, per_warp, stage, prefetch):
     layer = _layer(48, 256, 40)
     x = mx.random.normal((2, 256)).astype(mx.bfloat16)
     res = (4.0 * mx.random.normal((2, 48))).astype(mx.bfloat16)
     variant = qmv_cuda.Variant(1, residual=True)
-    args = qmv_cuda._launch_args(2, 256, (48,), variant, mx.bfloat16, per_warp)
-    (y,) = emulate(tmp_path, variant.source(mma=qmv_cuda.uses_mma(args), stage=stage), qmv_cuda._HEADER,
-                   _inputs([layer], x, res=res), ["y0"], args)
+    extra, ranges = {}, ()
+    if prefetch:
+        monkeypatch.setattr(l2_prefetch, "BLOCKS", 3)
+        variant = qmv_cuda.Variant(1, residual=True, prefetch=2)
+        extra = {"pf0": mx.zeros((64, 8), dtype=mx.uint32), "pf1": mx.ones((4096,), dtype=mx.bfloat16)}
+        ranges = ((0, 2048), (128, 8192))
+    args = qmv_cuda._launch_args(2, 256, (48,), variant, mx.bfloat16, per_warp, prefetch_ranges=ranges)
+    (y,) = emulate(tmp_path, variant.source(mma=qmv_cuda.uses_mma(args), stage=stage),
+                   qmv_cuda._HEADER + l2_prefetch.HEADER, _inputs([layer], x, res=res) | extra, ["y0"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts) + res.astype(mx.float32))
 
 
@@ -309,17 +319,28 @@ def test_decode_attention_kernels_head_dims(tmp_path, D, dtype):
     _check_decode_attention(tmp_path, 70, 128, (4, 2), D, dtype)
 
 
-def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.float32):
+@pytest.mark.parametrize("mode", ["l2", "bulk"])
+def test_decode_attention_with_prefetch_blocks(tmp_path, mode):
+    """Pass 1 with blocks that only prefetch the next kernel's arrays (``MLX_QLORA_PREFETCH``):
+    the attention blocks' results are unchanged (the emulation has no L2: those blocks only return)."""
+    prefetch = [mx.zeros((64, 16), dtype=mx.uint32), mx.ones((64, 1), dtype=mx.bfloat16)]
+    _check_decode_attention(tmp_path, 70, 256, (4, 2), prefetch=(prefetch, 3, mode))
+
+
+def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.float32, prefetch=None):
     mx.random.seed(offset)
     (H, HKV), B, C = heads, 2, capacity
     q = mx.random.normal((B, H, 1, D)).astype(dtype)
     keys, values = mx.random.normal((B, HKV, C, D)).astype(dtype), mx.random.normal((B, HKV, C, D)).astype(dtype)
     scale = D**-0.5
-    partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, dtype)
+    arrays, blocks, mode = prefetch or ([], 0, "l2")
+    partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, dtype,
+                                                            tuple((0, a.nbytes) for a in arrays), blocks)
     part_acc, part_ml = emulate(
-        tmp_path / "partial", attention_cuda.partial_source(scale, attention_cuda.UNROLL),
-        attention_cuda.PARTIAL_HEADER,
-        {"q": q, "k": keys, "v": values, "offset": mx.array([offset], dtype=mx.int32)},
+        tmp_path / "partial", attention_cuda.partial_source(scale, attention_cuda.UNROLL, len(arrays), mode),
+        attention_cuda.PARTIAL_HEADER + l2_prefetch.HEADER,
+        {"q": q, "k": keys, "v": values, "offset": mx.array([offset], dtype=mx.int32)}
+        | {f"pf{i}": a for i, a in enumerate(arrays)},
         ["part_acc", "part_ml"], partial_args)
     (out,) = emulate(tmp_path / "combine", attention_cuda.combine_source(), "",
                      {"part_acc": part_acc, "part_ml": part_ml},

@@ -184,7 +184,7 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
         normed = qmv_cuda.reference_rms_norm(x.reshape(-1, x.shape[-1]), gamma, eps)
         return qmv_cuda.reference_swiglu(normed, gate, up).reshape(*x.shape[:-1], gate[0].shape[0])
 
-    def residual(x, weight, res):
+    def residual(x, weight, res, prefetch=()):
         return (qmv_cuda.reference(x.reshape(-1, x.shape[-1]), *weight) + res.reshape(-1, res.shape[-1])).reshape(
             res.shape)
 
@@ -196,11 +196,50 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     monkeypatch.setattr(qmv_cuda, "swiglu_norm", swiglu)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(attention_cuda, "decode_attention",
-                        lambda q, k, v, pos, scale: attention_cuda.reference(q, k, v, int(pos.item()), scale))
+                        lambda q, k, v, pos, scale, prefetch=(): attention_cuda.reference(q, k, v, int(pos.item()),
+                                                                                          scale))
     monkeypatch.setattr(fused_decode, "MODE", "1")
     fused = _traced_steps(model, state, tokens)
     assert len(calls) == 12 * model.args.num_hidden_layers  # every layer of every step took the fused path
     np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
+    """Attention's first pass gets o_proj's arrays, o_proj's launch the first ``PREFETCH_GATE_UP_MB`` of gate's
+    and up's packed weights (as byte ranges), down's launch nothing (the kernels replaced by recorders)."""
+    from mlx_qlora.model import fused_decode
+    from mlx_qlora.model.static_cache import StaticKVCache
+
+    model, state, tokens, _ = _quantized_model_and_eager_steps(steps=1)
+    layer = model.model.layers[0]
+    a, m = layer.self_attn, layer.mlp
+    x = mx.zeros((1, 1, a.q_proj.in_features))
+    seen = []
+
+    def qkv(*args, cache):
+        return [mx.zeros((1, a.n_heads, 1, a.head_dim)), *cache]
+
+    def attention(q, k, v, pos, scale, prefetch=()):
+        seen.append(list(prefetch))
+        return mx.zeros((1, 1, a.n_heads * a.head_dim))
+
+    def residual(x, weight, res, prefetch=()):
+        seen.append(list(prefetch))
+        return res
+
+    monkeypatch.setattr(qmv_cuda, "qkv_norm_rope", qkv)
+    monkeypatch.setattr(attention_cuda, "decode_attention", attention)
+    monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
+    monkeypatch.setattr(qmv_cuda, "swiglu_norm", lambda h, *args: mx.zeros((1, 1, m.gate_proj.out_features)))
+    monkeypatch.setattr(fused_decode, "MODE", "1")
+    monkeypatch.setattr(fused_decode, "PREFETCH_GATE_UP_MB", 1 / 1024)  # 1 KB of each
+    fused_decode.layer_step(layer, x, StaticKVCache(state.keys[0], state.values[0], state.offset))
+    attention_pf, o_pf, down_pf = seen
+    assert len(attention_pf) == 3 and all(got is want for got, want in zip(attention_pf, a.o_proj.parts))
+    assert [(w is want, b, e) for (w, b, e), want in zip(o_pf, (m.gate_proj.weight, m.up_proj.weight))] == [
+        (True, 0, 1024), (True, 0, 1024)]
+    assert down_pf == []
+    assert m.gate_proj.weight.nbytes > 1024  # the range is a part of the weight
 
 
 def _quantized_model_and_eager_steps(steps: int):

@@ -27,6 +27,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from ..device import on_cuda
+from ..quant import l2_prefetch
 
 _THREADS = 128  # 4 warps; the head dimension is at most this
 # Threads per block of pass 1 (fewer where its shared arrays would not fit: ``partial_threads``) and the
@@ -332,9 +333,10 @@ def _partial(block: str, access: str, scale: float, unroll: int) -> str:
             .replace("@UNROLL@", str(unroll)).replace("SCALE", repr(float(scale)) + "f"))
 
 
-def partial_source(scale: float, unroll: int) -> str:
-    """Pass 1 as a kernel body (one block per (sequence, key/value head, split)), runs of ``unroll`` slots."""
-    return _partial("blockIdx.x", "kernel", scale, unroll)
+def partial_source(scale: float, unroll: int, prefetch: int = 0, mode: str = "l2") -> str:
+    """Pass 1 as a kernel body (one block per (sequence, key/value head, split)), runs of ``unroll`` slots;
+    with ``prefetch`` arrays, blocks from ``WORK_BLOCKS`` on only ask L2 for them (``quant/l2_prefetch.py``)."""
+    return l2_prefetch.prefix(prefetch, mode) + _partial("blockIdx.x", "kernel", scale, unroll)
 
 
 def combine_source() -> str:
@@ -362,14 +364,15 @@ __device__ __forceinline__ void attention_combine(const int vb, const float* par
 
 
 @lru_cache(maxsize=None)
-def _kernels(scale: float, unroll: int):
+def _kernels(scale: float, unroll: int, prefetch: int = 0, mode: str = "l2"):
     # The scale is a compile-time constant of the first kernel (one per model).
+    suffix = f"_pf{prefetch}{mode}" if prefetch else ""
     partial = mx.fast.cuda_kernel(
-        name=f"mlx_qlora_decode_attention_partial_{abs(hash(scale))}_u{unroll}",
-        input_names=["q", "k", "v", "offset"],
+        name=f"mlx_qlora_decode_attention_partial_{abs(hash(scale))}_u{unroll}{suffix}",
+        input_names=["q", "k", "v", "offset"] + [f"pf{i}" for i in range(prefetch)],
         output_names=["part_acc", "part_ml"],
-        source=partial_source(scale, unroll),
-        header=PARTIAL_HEADER,
+        source=partial_source(scale, unroll, prefetch, mode),
+        header=PARTIAL_HEADER + (l2_prefetch.HEADER if prefetch else ""),
     )
     combine = mx.fast.cuda_kernel(
         name="mlx_qlora_decode_attention_combine",
@@ -380,13 +383,20 @@ def _kernels(scale: float, unroll: int):
     return partial, combine
 
 
-def launch_args(B: int, H: int, HKV: int, D: int, C: int, dtype: mx.Dtype) -> tuple[dict, dict]:
-    """Launch arguments of the two passes (``partial``, ``combine``)."""
+def launch_args(B: int, H: int, HKV: int, D: int, C: int, dtype: mx.Dtype,
+                prefetch_ranges: tuple[tuple[int, int], ...] = (), prefetch_blocks: int = 0) -> tuple[dict, dict]:
+    """Launch arguments of the two passes (``partial``, ``combine``); with ``prefetch_ranges`` (the byte
+    ranges of the arrays pass 1 prefetches) ``prefetch_blocks`` more blocks in pass 1."""
     S = splits(C)
     threads = partial_threads(H // HKV, D)
+    template = [("T", dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("S", S), ("THREADS", threads)]
+    blocks = B * HKV * S
+    if prefetch_ranges:
+        template += l2_prefetch.template(blocks, prefetch_ranges)
+        blocks += prefetch_blocks
     partial = dict(
-        template=[("T", dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("S", S), ("THREADS", threads)],
-        grid=(B * HKV * S * threads, 1, 1),
+        template=template,
+        grid=(blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, H, S, D), (B, H, S, 2)],
         output_dtypes=[mx.float32, mx.float32],
@@ -401,12 +411,17 @@ def launch_args(B: int, H: int, HKV: int, D: int, C: int, dtype: mx.Dtype) -> tu
     return partial, combine
 
 
-def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float) -> mx.array:
-    """q (B, H, 1, D), keys/values (B, HKV, C, D) with position ``offset`` just written -> (B, 1, H * D)."""
+def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float,
+                     prefetch=()) -> mx.array:
+    """q (B, H, 1, D), keys/values (B, HKV, C, D) with position ``offset`` just written -> (B, 1, H * D).
+    ``prefetch``: arrays (or (array, begin, end) byte ranges) the next kernels read, asked into L2 during
+    pass 1 where ``l2_prefetch`` is on."""
     B, H, _, D = q.shape
-    partial_args, combine_args = launch_args(B, H, keys.shape[1], D, keys.shape[2], q.dtype)
-    partial, combine = _kernels(float(scale), UNROLL)
-    part_acc, part_ml = partial(inputs=[q, keys, values, offset.astype(mx.int32)], **partial_args)
+    prefetch, pf_ranges = l2_prefetch.ranges(prefetch)
+    partial_args, combine_args = launch_args(B, H, keys.shape[1], D, keys.shape[2], q.dtype, pf_ranges,
+                                             l2_prefetch.BLOCKS)
+    partial, combine = _kernels(float(scale), UNROLL, len(prefetch), l2_prefetch.MODE if prefetch else "l2")
+    part_acc, part_ml = partial(inputs=[q, keys, values, offset.astype(mx.int32), *prefetch], **partial_args)
     return combine(inputs=[part_acc, part_ml], **combine_args)[0]
 
 

@@ -35,6 +35,13 @@ from .static_cache import StaticKVCache
 # "kernel" one launch per layer (``model/layer_kernel.py``) where the GPU's multiprocessors are known.
 MODE = os.environ.get("MLX_QLORA_FUSED_DECODE", "1")
 _ENABLED = MODE != "0"
+# Where ``l2_prefetch`` is on, what the launches ask L2 for: attention's first pass (memory mostly idle)
+# the o_proj arrays (PREFETCH_O), o_proj's kernel (reading them from L2) the first PREFETCH_GATE_UP_MB of
+# gate's and of up's packed weights, which the first blocks of the SwiGLU kernel read. On an H100 gate/up
+# took 0.07 ms per token of Mistral-7B less in every lease (0.861-0.890 against 0.933-0.962) with o and
+# down unchanged (8 MB, 16 MB: o slower by more than gate/up gained; benchmarks/RESULTS.md).
+PREFETCH_O = os.environ.get("MLX_QLORA_PREFETCH_O", "1") == "1"
+PREFETCH_GATE_UP_MB = float(os.environ.get("MLX_QLORA_PREFETCH_GATE_UP_MB", "4"))
 
 
 def _projections(layer) -> list:
@@ -67,6 +74,12 @@ def prepare(model) -> None:
             layer_kernel.counters(layer)
 
 
+def _first_mb(weight: mx.array, mb: float) -> tuple[mx.array, int, int]:
+    """The first ``mb`` MB of ``weight`` in whole 128-byte lines, as an ``l2_prefetch`` byte range (clipped
+    to the array there)."""
+    return weight, 0, int(mb * (1 << 20)) // 128 * 128
+
+
 def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     """x (B, 1, hidden) -> the layer's output (B, 1, hidden); stores this position's keys and values."""
     if MODE == "kernel" and layer_kernel.applies(layer, _projections(layer)):
@@ -80,7 +93,9 @@ def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
         x, norm1.weight, norm1.eps, [a.q_proj.parts, a.k_proj.parts, a.v_proj.parts], position, a.head_dim,
         a.rope_theta, a.rope_scale, (B, a.n_heads, 1, a.head_dim), cache=(cache.keys, cache.values))
     cache.keys, cache.values = keys, values
-    attn = attention_cuda.decode_attention(q, keys, values, position, a.scale)  # (B, 1, H * hd)
-    h = qmv_cuda.matmul_residual(attn, a.o_proj.parts, x)  # (B, 1, hidden)
+    attn = attention_cuda.decode_attention(q, keys, values, position, a.scale,
+                                           prefetch=a.o_proj.parts if PREFETCH_O else ())  # (B, 1, H * hd)
+    gate_up = [_first_mb(w, PREFETCH_GATE_UP_MB) for w in (m.gate_proj.weight, m.up_proj.weight)]
+    h = qmv_cuda.matmul_residual(attn, a.o_proj.parts, x, prefetch=gate_up)  # (B, 1, hidden)
     act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, m.gate_proj.parts, m.up_proj.parts)
     return qmv_cuda.matmul_residual(act, m.down_proj.parts, h)

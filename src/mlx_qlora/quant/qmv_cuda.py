@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import os
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
 from ..device import on_cuda
+from . import l2_prefetch
 
 MAX_ROWS = 8  # input rows handled by one launch (every warp keeps one accumulator per row)
 _DTYPE_CODES = {mx.float32: 0, mx.bfloat16: 1}  # input dtypes the kernel reads (float16: not yet)
@@ -739,6 +740,8 @@ class Variant:
     rope_scale: float = 1.0
     residual: bool = False
     cache: bool = False
+    prefetch: int = 0  # inputs pf0.. that appended blocks ask L2 for (``l2_prefetch``)
+    prefetch_mode: str = "l2"
 
     @property
     def input_names(self) -> list[str]:
@@ -746,7 +749,8 @@ class Variant:
         names += ["gamma"] if self.norm_eps is not None else []
         names += ["rope_pos"] if any(self.rope) else []
         names += ["kc", "vc"] if self.cache else []
-        return names + (["res"] if self.residual else [])
+        names += ["res"] if self.residual else []
+        return names + [f"pf{i}" for i in range(self.prefetch)]
 
     @property
     def output_names(self) -> list[str]:
@@ -761,6 +765,7 @@ class Variant:
         extra += ["rope" + "".join(str(int(f)) for f in self.rope)] if any(self.rope) else []
         extra += ["res"] if self.residual else []
         extra += ["cache"] if self.cache else []
+        extra += [f"pf{self.prefetch}{self.prefetch_mode}"] if self.prefetch else []
         consts = abs(hash((self.norm_eps, self.rope_base, self.rope_scale))) if extra else 0
         return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, str(consts)])
 
@@ -791,6 +796,7 @@ class Variant:
                     .replace("@PROLOGUE@", prologue)
                     .replace("@XSCALE@", _NORM_XSCALE if norm and not stage else "")
                     .replace("@POSTREDUCE@", _NORM_POSTREDUCE if norm else ""))
+        body = l2_prefetch.prefix(self.prefetch, self.prefetch_mode) + body
         if norm:
             body = body.replace("EPS", repr(float(self.norm_eps)) + "f")
         if any(self.rope):
@@ -823,7 +829,7 @@ def _kernel(variant: Variant, mma: bool = False, stage: bool = False):
         input_names=variant.input_names,
         output_names=variant.output_names,
         source=variant.source(mma=mma, stage=stage),
-        header=_HEADER,
+        header=_HEADER + (l2_prefetch.HEADER if variant.prefetch else ""),
     )
 
 
@@ -862,7 +868,8 @@ def rows_per_warp(out_rows: tuple[int, ...], even: bool = False) -> int:
 
 @lru_cache(maxsize=None)
 def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant: "Variant", dtype: mx.Dtype,
-                 per_warp: int = 0, shapes: Optional[tuple] = None, head_dim: int = 0, capacity: int = 0) -> dict:
+                 per_warp: int = 0, shapes: Optional[tuple] = None, head_dim: int = 0, capacity: int = 0,
+                 prefetch_ranges: tuple[tuple[int, int], ...] = ()) -> dict:
     """The launch arguments of one shape, built once: decoding calls every layer once per token, and
     building them on each call cost more than the kernel itself. ``shapes``: the outputs' shapes (any
     shape with the elements of (rows, N) in row-major order), default (rows, N) each. ``capacity``: the
@@ -886,9 +893,13 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
         template.append(("HD", head_dim))
     if variant.cache:
         template.append(("C", capacity))
+    blocks = (threads + block - 1) // block
+    if prefetch_ranges:  # blocks appended to ask L2 for the next kernel's arrays (``l2_prefetch``)
+        template += l2_prefetch.template(blocks, prefetch_ranges)
+        blocks += l2_prefetch.BLOCKS
     return dict(
         template=template,
-        grid=(((threads + block - 1) // block) * block, 1, 1),
+        grid=(blocks * block, 1, 1),
         threadgroup=(block, 1, 1),
         output_shapes=list(shapes),
         output_dtypes=[dtype] * len(shapes),
@@ -897,23 +908,29 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
 
 def _launch(x2: mx.array, weights: Sequence[tuple[mx.array, mx.array, mx.array]], variant: Optional[Variant] = None,
             per_warp: int = 0, shapes: Optional[tuple] = None, extra: Sequence[mx.array] = (),
-            head_dim: int = 0, capacity: int = 0) -> list[mx.array]:
+            head_dim: int = 0, capacity: int = 0, prefetch=()) -> list[mx.array]:
     """x2 (M, K) and (packed, scales, biases) per matrix -> one (M, N) output per matrix, or with SwiGLU
-    one (M, N) output. ``extra``: the variant's further inputs in ``Variant.input_names`` order."""
+    one (M, N) output. ``extra``: the variant's further inputs in ``Variant.input_names`` order.
+    ``prefetch``: arrays or (array, begin, end) byte ranges that the launch's appended blocks ask L2 for."""
     variant = variant or Variant(n_matrices=len(weights))
+    prefetch, pf_ranges = l2_prefetch.ranges(prefetch)
+    if prefetch:
+        variant = replace(variant, prefetch=len(prefetch), prefetch_mode=l2_prefetch.MODE)
     out_rows = tuple(w.shape[0] for w, _, _ in weights)
     kernel, args = _launch_plan(x2.shape[0], x2.shape[1], out_rows, variant, x2.dtype, per_warp, shapes, head_dim,
-                                capacity)
-    inputs = [a for triple in weights for a in triple] + [x2, *extra]
+                                capacity, pf_ranges)
+    inputs = [a for triple in weights for a in triple] + [x2, *extra] + prefetch
     return kernel(inputs=inputs, **args)
 
 
 @lru_cache(maxsize=None)
 def _launch_plan(rows: int, in_features: int, out_rows: tuple[int, ...], variant: Variant, dtype: mx.Dtype,
-                 per_warp: int, shapes: Optional[tuple], head_dim: int, capacity: int) -> tuple[Callable, dict]:
+                 per_warp: int, shapes: Optional[tuple], head_dim: int, capacity: int,
+                 prefetch_ranges: tuple[tuple[int, int], ...] = ()) -> tuple[Callable, dict]:
     """The kernel and launch arguments of one shape (see ``_launch_args``): one cache lookup per call on
     the decoding path."""
-    args = _launch_args(rows, in_features, out_rows, variant, dtype, per_warp, shapes, head_dim, capacity)
+    args = _launch_args(rows, in_features, out_rows, variant, dtype, per_warp, shapes, head_dim, capacity,
+                        prefetch_ranges)
     return _kernel(variant, uses_mma(args), stages(variant, args)), args
 
 
@@ -1021,11 +1038,14 @@ def swiglu_norm(x: mx.array, gamma: mx.array, eps: float, gate: tuple[mx.array, 
                    extra=[gamma])[0]
 
 
-def matmul_residual(x: mx.array, weight: tuple[mx.array, mx.array, mx.array], residual: mx.array) -> mx.array:
-    """``residual + x @ W.T`` in one launch (added in float32, rounded once): x (..., K) -> residual's shape."""
+def matmul_residual(x: mx.array, weight: tuple[mx.array, mx.array, mx.array], residual: mx.array,
+                    prefetch=()) -> mx.array:
+    """``residual + x @ W.T`` in one launch (added in float32, rounded once): x (..., K) -> residual's shape.
+    ``prefetch``: arrays or (array, begin, end) byte ranges that blocks appended to the launch ask L2 for
+    (``l2_prefetch``)."""
     variant = Variant(1, residual=True)
     return _launch(x.reshape(-1, x.shape[-1]), [weight], variant, shapes=(tuple(residual.shape),),
-                   extra=[residual.reshape(-1, residual.shape[-1])])[0]
+                   extra=[residual.reshape(-1, residual.shape[-1])], prefetch=prefetch)[0]
 
 
 def reference_rms_norm(x: mx.array, gamma: mx.array, eps: float) -> mx.array:

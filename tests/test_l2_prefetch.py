@@ -1,0 +1,37 @@
+"""The L2 prefetch blocks' plumbing (``quant/l2_prefetch.py``): which byte ranges reach a launch, and the
+code that sends the appended blocks to them. The blocks' effect on the working blocks' results is checked
+by the kernel emulation (test_cuda_kernels_emulated.py)."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_qlora.quant import l2_prefetch
+
+
+def test_ranges_clip_to_the_array_and_drop_empty_ones(monkeypatch):
+    monkeypatch.setattr(l2_prefetch, "MODE", "l2")
+    a, b, c = mx.zeros((16, 8), dtype=mx.uint32), mx.zeros((4,), dtype=mx.bfloat16), mx.zeros((8,))
+    arrays, ranges = l2_prefetch.ranges([a, (b, 0, 1 << 20), (c, 64, 64), (a, 128, 256)])
+    assert [x is y for x, y in zip(arrays, (a, b, a))] == [True] * 3 and len(arrays) == 3
+    assert ranges == ((0, 512), (0, 8), (128, 256))  # a whole; b clipped to its 8 bytes; c's empty range dropped
+
+
+def test_nothing_is_prefetched_when_off(monkeypatch):
+    monkeypatch.setattr(l2_prefetch, "MODE", "0")
+    assert l2_prefetch.ranges([mx.zeros((8,))]) == ([], ())
+
+
+def test_an_unknown_mode_is_named(monkeypatch):
+    monkeypatch.setattr(l2_prefetch, "MODE", "L2")
+    with pytest.raises(ValueError, match="MLX_QLORA_PREFETCH='L2': expected 0, l2 or bulk"):
+        l2_prefetch.ranges([mx.zeros((8,))])
+
+
+def test_prefix_and_template_name_each_array():
+    code = l2_prefetch.prefix(2, "bulk")
+    assert "blockIdx.x >= WORK_BLOCKS" in code and code.rstrip().endswith("}")
+    assert "l2_prefetch<2>(pf0, PF0_BEGIN, PF0_END, t, n);" in code
+    assert "l2_prefetch<2>(pf1, PF1_BEGIN, PF1_END, t, n);" in code
+    assert l2_prefetch.prefix(0, "l2") == ""
+    assert l2_prefetch.template(12, ((0, 512), (128, 256))) == [
+        ("WORK_BLOCKS", 12), ("PF0_BEGIN", 0), ("PF0_END", 512), ("PF1_BEGIN", 128), ("PF1_END", 256)]

@@ -35,3 +35,15 @@ def test_prefix_and_template_name_each_array():
     assert l2_prefetch.prefix(0, "l2") == ""
     assert l2_prefetch.template(12, ((0, 512), (128, 256))) == [
         ("WORK_BLOCKS", 12), ("PF0_BEGIN", 0), ("PF0_END", 512), ("PF1_BEGIN", 128), ("PF1_END", 256)]
+
+
+def test_the_bodies_that_take_prefetch_blocks_do_not_read_the_grid_size():
+    """The appended blocks enlarge ``gridDim``: a body that read it (a grid-stride loop) would skip work."""
+    from mlx_qlora.model import attention_cuda
+    from mlx_qlora.quant import qmv_cuda
+
+    bodies = [attention_cuda.partial_source(0.1, 8)]
+    for variant in (qmv_cuda.Variant(1, residual=True), qmv_cuda.Variant(2, swiglu=True, norm_eps=1e-5)):
+        bodies += [variant.source(mma=True), variant.source(), variant.source(stage=True)]
+    assert all("gridDim" not in body for body in bodies)
+    assert "gridDim" in l2_prefetch.prefix(1, "l2")  # the prefetching blocks' share is by grid size

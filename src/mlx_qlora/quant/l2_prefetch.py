@@ -6,7 +6,8 @@ prefetches of the next kernel's weights (no registers, no results) lets that ker
 
 ``prefix`` is the code a kernel body starts with: blocks ``WORK_BLOCKS`` and up prefetch their share of
 inputs ``pf0``, ``pf1``, .. (bytes ``PF<i>_BEGIN`` to ``PF<i>_END``, template constants) and return; the others run
-the body unchanged. ``HEADER`` holds the device function. Modes (``MLX_QLORA_PREFETCH``): "l2" (the
+the body unchanged (a body must not read ``gridDim``, which the appended blocks enlarge; none of ours
+does). ``HEADER`` holds the device function. Modes (``MLX_QLORA_PREFETCH``): "l2" (the
 default) one ``prefetch.global.L2`` per 128-byte line, "bulk" one ``cp.async.bulk.prefetch.L2`` per 4 KB
 (sm_90 and up), "0" none. Off the GPU (the CPU emulation of the tests) the prefetches compile to nothing.
 What decoding prefetches: ``model/fused_decode.py``.

@@ -320,11 +320,12 @@ def test_decode_attention_kernels_head_dims(tmp_path, D, dtype):
 
 
 @pytest.mark.parametrize("mode", ["l2", "bulk"])
-def test_decode_attention_with_prefetch_blocks(tmp_path, mode):
+def test_decode_attention_with_prefetch_blocks(tmp_path, monkeypatch, mode):
     """Pass 1 with blocks that only prefetch the next kernel's arrays (``MLX_QLORA_PREFETCH``):
     the attention blocks' results are unchanged (the emulation has no L2: those blocks only return)."""
+    monkeypatch.setattr(l2_prefetch, "BLOCKS", 3)
     prefetch = [mx.zeros((64, 16), dtype=mx.uint32), mx.ones((64, 1), dtype=mx.bfloat16)]
-    _check_decode_attention(tmp_path, 70, 256, (4, 2), prefetch=(prefetch, 3, mode))
+    _check_decode_attention(tmp_path, 70, 256, (4, 2), prefetch=(prefetch, mode))
 
 
 def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.float32, prefetch=None):
@@ -333,9 +334,9 @@ def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.fl
     q = mx.random.normal((B, H, 1, D)).astype(dtype)
     keys, values = mx.random.normal((B, HKV, C, D)).astype(dtype), mx.random.normal((B, HKV, C, D)).astype(dtype)
     scale = D**-0.5
-    arrays, blocks, mode = prefetch or ([], 0, "l2")
+    arrays, mode = prefetch or ([], "l2")
     partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, dtype,
-                                                            tuple((0, a.nbytes) for a in arrays), blocks)
+                                                            tuple((0, a.nbytes) for a in arrays))
     part_acc, part_ml = emulate(
         tmp_path / "partial", attention_cuda.partial_source(scale, attention_cuda.UNROLL, len(arrays), mode),
         attention_cuda.PARTIAL_HEADER + l2_prefetch.HEADER,

@@ -27,14 +27,16 @@ def test_an_unknown_mode_is_named(monkeypatch):
         l2_prefetch.ranges([mx.zeros((8,))])
 
 
-def test_prefix_and_template_name_each_array():
+def test_prefix_and_launch_name_each_array():
     code = l2_prefetch.prefix(2, "bulk")
     assert "blockIdx.x >= WORK_BLOCKS" in code and code.rstrip().endswith("}")
     assert "l2_prefetch<2>(pf0, PF0_BEGIN, PF0_END, t, n);" in code
     assert "l2_prefetch<2>(pf1, PF1_BEGIN, PF1_END, t, n);" in code
     assert l2_prefetch.prefix(0, "l2") == ""
-    assert l2_prefetch.template(12, ((0, 512), (128, 256))) == [
-        ("WORK_BLOCKS", 12), ("PF0_BEGIN", 0), ("PF0_END", 512), ("PF1_BEGIN", 128), ("PF1_END", 256)]
+    assert l2_prefetch.launch(12, ((0, 512), (128, 256))) == ([
+        ("WORK_BLOCKS", 12), ("PF0_BEGIN", 0), ("PF0_END", 512), ("PF1_BEGIN", 128), ("PF1_END", 256)],
+        12 + l2_prefetch.BLOCKS)
+    assert l2_prefetch.launch(12, ()) == ([], 12)  # nothing to prefetch: no blocks appended
 
 
 def test_the_bodies_that_take_prefetch_blocks_do_not_read_the_grid_size():

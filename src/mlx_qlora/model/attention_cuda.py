@@ -384,18 +384,15 @@ def _kernels(scale: float, unroll: int, prefetch: int = 0, mode: str = "l2"):
 
 
 def launch_args(B: int, H: int, HKV: int, D: int, C: int, dtype: mx.Dtype,
-                prefetch_ranges: tuple[tuple[int, int], ...] = (), prefetch_blocks: int = 0) -> tuple[dict, dict]:
+                prefetch_ranges: tuple[tuple[int, int], ...] = ()) -> tuple[dict, dict]:
     """Launch arguments of the two passes (``partial``, ``combine``); with ``prefetch_ranges`` (the byte
-    ranges of the arrays pass 1 prefetches) ``prefetch_blocks`` more blocks in pass 1."""
+    ranges of the arrays pass 1 prefetches) the prefetching blocks appended to pass 1 (``l2_prefetch``)."""
     S = splits(C)
     threads = partial_threads(H // HKV, D)
-    template = [("T", dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("S", S), ("THREADS", threads)]
-    blocks = B * HKV * S
-    if prefetch_ranges:
-        template += l2_prefetch.template(blocks, prefetch_ranges)
-        blocks += prefetch_blocks
+    prefetch, blocks = l2_prefetch.launch(B * HKV * S, prefetch_ranges)
     partial = dict(
-        template=template,
+        template=[("T", dtype), ("H", H), ("HKV", HKV), ("D", D), ("C", C), ("S", S), ("THREADS", threads),
+                  *prefetch],
         grid=(blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(B, H, S, D), (B, H, S, 2)],
@@ -418,8 +415,7 @@ def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.a
     pass 1 where ``l2_prefetch`` is on."""
     B, H, _, D = q.shape
     prefetch, pf_ranges = l2_prefetch.ranges(prefetch)
-    partial_args, combine_args = launch_args(B, H, keys.shape[1], D, keys.shape[2], q.dtype, pf_ranges,
-                                             l2_prefetch.BLOCKS)
+    partial_args, combine_args = launch_args(B, H, keys.shape[1], D, keys.shape[2], q.dtype, pf_ranges)
     partial, combine = _kernels(float(scale), UNROLL, len(prefetch), l2_prefetch.MODE if prefetch else "l2")
     part_acc, part_ml = partial(inputs=[q, keys, values, offset.astype(mx.int32), *prefetch], **partial_args)
     return combine(inputs=[part_acc, part_ml], **combine_args)[0]

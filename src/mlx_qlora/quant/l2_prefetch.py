@@ -68,12 +68,15 @@ def prefix(n_arrays: int, mode: str) -> str:
 """
 
 
-def template(work_blocks: int, ranges: tuple[tuple[int, int], ...]) -> list[tuple[str, int]]:
-    """The template constants of ``prefix``: the launch's working blocks and the byte range of each array."""
+def launch(work_blocks: int, ranges: tuple[tuple[int, int], ...]) -> tuple[list[tuple[str, int]], int]:
+    """A launch of ``work_blocks`` working blocks that prefetches ``ranges`` (one byte range per array; none:
+    no prefetching) -> (``prefix``'s template constants, the launch's blocks: ``BLOCKS`` more with ranges)."""
+    if not ranges:
+        return [], work_blocks
     out = [("WORK_BLOCKS", work_blocks)]
     for i, (begin, end) in enumerate(ranges):
         out += [(f"PF{i}_BEGIN", begin), (f"PF{i}_END", end)]
-    return out
+    return out, work_blocks + BLOCKS
 
 
 def ranges(entries) -> tuple[list, tuple[tuple[int, int], ...]]:

@@ -893,10 +893,9 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
         template.append(("HD", head_dim))
     if variant.cache:
         template.append(("C", capacity))
-    blocks = (threads + block - 1) // block
-    if prefetch_ranges:  # blocks appended to ask L2 for the next kernel's arrays (``l2_prefetch``)
-        template += l2_prefetch.template(blocks, prefetch_ranges)
-        blocks += l2_prefetch.BLOCKS
+    # with prefetch ranges, blocks appended to ask L2 for the next kernel's arrays (``l2_prefetch``)
+    prefetch, blocks = l2_prefetch.launch((threads + block - 1) // block, prefetch_ranges)
+    template += prefetch
     return dict(
         template=template,
         grid=(blocks * block, 1, 1),

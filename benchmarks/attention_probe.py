@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One-token attention over a static key/value cache: our CUDA kernels (``model/attention_cuda.py``)
+"""One-token attention over a static key/value cache: our CUDA kernels (``kernels/cuda/attention.py``)
 against MLX's attention with the slot mask (what the static cache needs without the kernel) and MLX's
 attention on the filled slots without a mask (what a growing cache does), with the kernel's error
 against ``attention_cuda.reference``. Many calls go into one evaluation, as in ``qmv_probe.py``.
@@ -17,7 +17,8 @@ from common import compute_dtype, environment, print_table, write_json
 
 import mlx.core as mx
 
-from mlx_qlora.model import attention_cuda, build_mask
+from mlx_qlora.kernels.cuda import attention as attention_cuda
+from mlx_qlora.model import build_mask
 from mlx_qlora.model.static_cache import slot_positions
 
 

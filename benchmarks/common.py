@@ -46,7 +46,6 @@ OUR_VARIANTS = {
     "ours-attn": {"MLX_QLORA_DECODE_ATTENTION": "ours"},
     "ours-fused": {"MLX_QLORA_FUSED_DECODE": "1"},
     "ours-unfused": {"MLX_QLORA_FUSED_DECODE": "0"},
-    "ours-kernel": {"MLX_QLORA_FUSED_DECODE": "kernel"},
     "ours-r4": {"MLX_QLORA_QMV_MIN_WARPS": "1024"},
     "ours-slots32": {"MLX_QLORA_ATTENTION_SLOTS": "32"},
     "ours-slots16": {"MLX_QLORA_ATTENTION_SLOTS": "16"},

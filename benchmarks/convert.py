@@ -74,7 +74,7 @@ def run_conversion(src: Path, out: Path, group_size, dtype: str, verify: bool) -
     """Convert in a fresh process; returns seconds, peak RSS (bytes) and the output size."""
     code = (
         "import json, resource, sys, mlx_qlora\n"
-        "from mlx_qlora.quant.convert import convert_checkpoint\n"
+        "from mlx_qlora.convert import convert_checkpoint\n"
         "r = convert_checkpoint(sys.argv[1], sys.argv[2], group_size=json.loads(sys.argv[3]), dtype=sys.argv[4],\n"
         "                       verify=sys.argv[5] == '1', progress=False)\n"
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)\n"

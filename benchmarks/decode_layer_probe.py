@@ -22,8 +22,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_qlora.device import on_cuda
-from mlx_qlora.model import attention_cuda
-from mlx_qlora.quant import QuantizedLinear, qmv_cuda
+from mlx_qlora.kernels.cuda import attention as attention_cuda
+from mlx_qlora.quant import QuantizedLinear
+from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 
 
 def _linear(out_f: int, in_f: int, dtype) -> tuple:

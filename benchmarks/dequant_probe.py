@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Dequantizing one per-row 4-bit layer: our CUDA kernel (``quant/dequant_cuda.py``) against MLX's
+"""Dequantizing one per-row 4-bit layer: our CUDA kernel (``kernels/cuda/dequant.py``) against MLX's
 ``mx.dequantize`` on the layout expanded to groups of 64 (the path training takes without the kernel),
 alone and followed by the training-sized matmul (tokens x in -> out), with each path's error against
 the exact float32 dequantization. Eight layers are cycled so that the weights come from memory.
@@ -18,7 +18,8 @@ from common import compute_dtype, environment, print_table, write_json
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_qlora.quant import QuantizedLinear, dequant_cuda
+from mlx_qlora.quant import QuantizedLinear
+from mlx_qlora.kernels.cuda import dequant as dequant_cuda
 from mlx_qlora.quant.quantize import dequantize
 from mlx_qlora.quant.quantized_linear import dequantize_weight
 

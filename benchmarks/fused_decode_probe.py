@@ -1,8 +1,7 @@
 #!/usr/bin/env python
 """Compiled batch-1 decoding of a Mistral-shaped model several ways in one process: MLX's operations
 (fused q/k/v and SwiGLU launches only), with our attention kernels (``MLX_QLORA_DECODE_ATTENTION``), each
-decoder layer in seven launches (``model/fused_decode.py``) and in one launch (``model/layer_kernel.py``;
-one and two blocks per multiprocessor, several sleeps between barrier polls). Reports ms per token, the
+decoder layer in six launches (``model/fused_decode.py``). Reports ms per token, the
 host's share (time inside ``mx.async_eval``) and each path's largest logit difference from the first path
 over the same tokens.
 
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 from common import PRESETS, compute_dtype, environment, print_table, write_json
@@ -23,14 +21,11 @@ import mlx.core as mx
 from gpu_train import build_ours
 from mlx_qlora.device import on_cuda
 from mlx_qlora.generate.decode_step import CompiledDecoder, DecodeState
-from mlx_qlora.model import attention_cuda, fused_decode, layer_kernel
+from mlx_qlora.kernels.cuda import attention as attention_cuda
+from mlx_qlora.model import fused_decode
 
-# name -> (our attention kernels, MLX_QLORA_FUSED_DECODE, blocks per multiprocessor of the one-launch
-# layer, its sleep between barrier polls in ns)
-PATHS = {"mlx attention": (False, "0", 0, 0), "our attention": (True, "0", 0, 0),
-         "seven launches": (True, "1", 0, 0), "one launch, no sleep": (True, "kernel", 2, 0),
-         "one launch, sleep 128 ns": (True, "kernel", 2, 128), "one launch, sleep 512 ns": (True, "kernel", 2, 512),
-         "one launch, 1 block/SM": (True, "kernel", 1, 128)}
+# name -> (our attention kernels, fused decoder layers)
+PATHS = {"mlx attention": (False, False), "our attention": (True, False), "six launches": (True, True)}
 
 
 def decode(model, prompt: mx.array, tokens: list[int]) -> tuple[mx.array, float, float]:
@@ -78,15 +73,11 @@ def main() -> None:
         p.error(f"unknown paths {unknown}; choose from {list(PATHS)}")
     rows, base = [], None
     for name in chosen:
-        attention, fused, per_sm, sleep_ns = PATHS[name]
+        attention, fused = PATHS[name]
         if attention and not on_cuda():
             continue  # the kernels need CUDA
-        if per_sm and not layer_kernel.multiprocessors():
-            continue
         attention_cuda._ENABLED = attention
-        fused_decode.MODE, fused_decode._ENABLED = fused, fused != "0"
-        os.environ["MLX_QLORA_LAYER_KERNEL_BLOCKS"] = str(per_sm * (layer_kernel.multiprocessors() or 0))
-        layer_kernel.SLEEP_NS = sleep_ns
+        fused_decode._ENABLED = fused
         logits, ms, host_ms = decode(model, prompt, tokens)
         base = logits if base is None else base
         row = {"path": name, "ms_per_token": ms, "host_ms_per_token": host_ms, "tokens_per_s": 1e3 / ms,

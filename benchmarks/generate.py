@@ -108,7 +108,7 @@ def main() -> None:
     import mlx_lm
 
     from mlx_qlora.model import ModelArgs, load_model
-    from mlx_qlora.quant import quantize_model
+    from mlx_qlora.model.modules import quantize_model
 
     model_args = ModelArgs(
         vocab_size=32000, hidden_size=args.hidden_size, intermediate_size=int(args.hidden_size * 2.75) // 64 * 64,

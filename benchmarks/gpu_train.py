@@ -37,7 +37,8 @@ def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool, quantize: boo
     from mlx_qlora.config import LoRAConfig
     from mlx_qlora.model import MistralForCausalLM, ModelArgs
     from mlx_qlora.model.loading import PROJECTIONS
-    from mlx_qlora.quant import QuantizedLinear, apply_lora
+    from mlx_qlora.quant import QuantizedLinear
+    from mlx_qlora.lora import apply_lora
 
     model = MistralForCausalLM(ModelArgs(**cfg))
     model.set_dtype(dtype)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Few-row 4-bit matmul on one layer: our per-row CUDA kernel (``quant/qmv_cuda.py``) against MLX's
+"""Few-row 4-bit matmul on one layer: our per-row CUDA kernel (``kernels/cuda/qmv.py``) against MLX's
 ``quantized_matmul`` on the same weights expanded to group 64, with the kernel's error against the exact
 formula. Eight distinct layers are cycled so that the weights come from memory, not from the cache; many
 calls go into one evaluation so that launch and synchronisation overheads are not timed per call."""
@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_qlora.device import on_cuda
-from mlx_qlora.quant import QuantizedLinear, qmv_cuda
+from mlx_qlora.quant import QuantizedLinear
+from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 from mlx_qlora.quant.quantize import mlx_group_layout
 
 

@@ -37,8 +37,9 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_qlora.model import MistralForCausalLM, ModelArgs
-from mlx_qlora.quant import QuantizedLinear, dequantize, quantize, quantize_model
-from mlx_qlora.quant.lora import decoder_projections
+from mlx_qlora.quant import QuantizedLinear, dequantize, quantize
+from mlx_qlora.model.modules import quantize_model
+from mlx_qlora.model.modules import decoder_projections
 
 CONFIGS = [("per-row", None), ("group 128", 128), ("group 64", 64), ("group 32", 32)]
 GGUF_NAMES = {  # GGUF tensor name suffix -> Hugging Face name inside a decoder layer

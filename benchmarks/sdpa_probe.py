@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training attention alone: forward + backward of ``mx.fast.scaled_dot_product_attention`` (causal) over a
 length that is not a multiple of 128, as MLX runs it (on CUDA: its composed formula for the gradient) and
-padded to the next multiple of 128 (``model/sdpa.py``: cuDNN's fused backward), and at that multiple.
+padded to the next multiple of 128 (``kernels/cuda/sdpa.py``: cuDNN's fused backward), and at that multiple.
 
 Mistral-7B's heads (32 query, 8 key/value, head size 128), batch 1; ``--lengths`` are query rows (2047: a
 2048-token row shifted for next-token prediction). Per length: ms per forward + backward (best of
@@ -19,7 +19,7 @@ from common import best_seconds, compute_dtype, environment, print_table, write_
 
 import mlx.core as mx
 
-from mlx_qlora.model import sdpa
+from mlx_qlora.kernels.cuda import sdpa
 
 
 def forward_backward(length: int, pad: bool, heads=(32, 8), head_dim: int = 128, seed: int = 0):

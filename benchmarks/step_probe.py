@@ -4,14 +4,14 @@
 Variants (``--variants``, comma list; ``+`` combines):
 - ``default``: the step as ``gpu_train.py`` and the trainer run it;
 - ``composed``: LoRA layers compute the adapter's sum outside the base matmul (MLX's operations, the form
-  that dropout still takes) instead of in the matmuls' epilogue (``quant/lora_matmul.py``);
+  that dropout still takes) instead of in the matmuls' epilogue (``lora/matmul.py``);
 - ``one-eval``: the gradients and the optimizer update evaluated together, instead of the gradients first
   as the trainer does;
 - ``wait``: the gradients waited for before the update is built, instead of only queued (the host then
   cannot build the update while the GPU runs the backward pass);
 - ``serial``: each step waited for before the next is built, instead of the next queued first;
 - ``unpadded``: attention over the real 2047 query rows, so that MLX differentiates it through its composed
-  formula instead of cuDNN's fused backward (``model/sdpa.py``).
+  formula instead of cuDNN's fused backward (``kernels/cuda/sdpa.py``).
 
 Besides tokens/s and peak memory, each row gives the host's time per step (median, ms): calling the
 compiled gradient function, queueing its graph (``mx.async_eval``: MLX encodes every operation for the
@@ -41,8 +41,8 @@ def worker(args) -> dict:
     import mlx.core as mx
 
     from gpu_train import build_ours, step_ours
-    from mlx_qlora.model import sdpa
-    from mlx_qlora.quant.lora import LoRALinear
+    from mlx_qlora.kernels.cuda import sdpa
+    from mlx_qlora.lora.layer import LoRALinear
     from mlx_qlora.train.run_ahead import bound_run_ahead
 
     parts = set(args.worker.split("+"))

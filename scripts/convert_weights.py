@@ -41,7 +41,7 @@ def parse_group_size(text: str):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from mlx_qlora.quant.convert import convert_checkpoint
+    from mlx_qlora.convert import convert_checkpoint
 
     result = convert_checkpoint(
         args.hf_path,

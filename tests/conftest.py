@@ -125,7 +125,7 @@ def tiny_model_dirs(tmp_path_factory, tiny_hf_checkpoint, tiny_spm_path) -> dict
     """The tiny transformers model with the tiny tokenizer: ``full`` (as saved) and ``quant`` (our 4-bit)."""
     import shutil
 
-    from mlx_qlora.quant import convert_checkpoint
+    from mlx_qlora.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-models")
     full = root / "full"

@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from mlx_qlora.config import LoRAConfig
 from mlx_qlora.errors import UserError
-from mlx_qlora.train.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
+from mlx_qlora.lora.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
 
 # (in, out) of each projection of the tiny fixture model (hidden 64, 4 heads / 2 KV heads of 16, MLP 160).
 SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),

@@ -80,14 +80,6 @@ def test_fused_decode_probe_tiny(tmp_path):
     assert "| path |" in stdout
 
 
-def test_layer_kernel_probe_tiny(tmp_path):
-    result, stdout = _run(["layer_kernel_probe.py", "--preset", "tiny", "--prompt-tokens", "8", "--capacity", "256",
-                           "--launches", "3"], tmp_path)
-    (row,) = result["rows"]  # on the CPU only the host floor: the layer kernel needs CUDA
-    assert row["path"].startswith("one mx.add") and row["us_per_launch"] > 0
-    assert "| phases |" in stdout
-
-
 def test_variant_stacks_run_in_their_own_environment(tmp_path):
     """A variant of our stack is our code with its variables set in the worker process (here the
     dequantization kernel, which the CPU does not take, so both rows run the same path)."""

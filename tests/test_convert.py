@@ -19,9 +19,10 @@ import mlx.core as mx
 
 from mlx_qlora.errors import UserError
 from mlx_qlora.model import load_model
-from mlx_qlora.quant import QuantizedLinear, quantize, quantize_model
-from mlx_qlora.quant import convert as convert_mod
-from mlx_qlora.quant.convert import QUANTIZED_KEY, convert_checkpoint
+from mlx_qlora.quant import QuantizedLinear, quantize
+from mlx_qlora.model.modules import quantize_model
+from mlx_qlora import convert as convert_mod
+from mlx_qlora.convert import QUANTIZED_KEY, convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,9 +17,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_qlora.model import attention_cuda
-from mlx_qlora.quant import l2_prefetch
-from mlx_qlora.quant import QuantizedLinear, dequant_cuda, qmv_cuda
+from mlx_qlora.kernels.cuda import attention as attention_cuda
+from mlx_qlora.kernels.cuda import l2_prefetch
+from mlx_qlora.quant import QuantizedLinear
+from mlx_qlora.kernels.cuda import dequant as dequant_cuda
+from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 from mlx_qlora.quant.quantize import dequantize
 
 HERE = Path(__file__).resolve().parent
@@ -351,51 +353,3 @@ def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.fl
         np.testing.assert_allclose(np.array(out), np.array(want), rtol=1e-5, atol=1e-5)
     else:
         _assert_close_to_rounded(out, want)
-
-
-@pytest.mark.parametrize("window,prompt_len,capacity,dtype", [(None, 9, 64, mx.float32), (16, 21, 16, mx.float32),
-                                                              (None, 40, 64, mx.bfloat16)])
-def test_decoder_layer_in_one_launch(tmp_path, window, prompt_len, capacity, dtype):
-    """``model/layer_kernel.py``: the six phases and their grid-wide barriers, three blocks at once, against
-    the layer's MLX operations over the same static cache (before and after the ring wraps; float32 and
-    bfloat16). The barrier counters are back to zero afterwards."""
-    from mlx_qlora.model import MistralForCausalLM, ModelArgs, layer_kernel
-    from mlx_qlora.model.mistral import make_mask
-    from mlx_qlora.model.static_cache import StaticKVCache
-    from mlx_qlora.quant import quantize_model
-
-    mx.random.seed(prompt_len)
-    args = ModelArgs(model_type="mistral", vocab_size=64, hidden_size=128, intermediate_size=192,
-                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                     sliding_window=window, rope_theta=500.0, rope_scaling_factor=2.0)
-    model = MistralForCausalLM(args)
-    quantize_model(model, bits=4)
-    layer = model.model.layers[0]
-    layer.input_layernorm.weight = 1.0 + 0.3 * mx.random.normal((128,))
-    layer.post_attention_layernorm.weight = 1.0 + 0.3 * mx.random.normal((128,))
-    model.set_dtype(dtype)
-    model.eval()
-    cache = model.make_cache()
-    mx.eval(model(mx.array([list(range(3, 3 + prompt_len))]), cache=cache))
-    static = StaticKVCache.from_cache(cache[0], capacity)
-    x = (2.0 * mx.random.normal((1, 1, 128))).astype(dtype)
-
-    c = layer_kernel.constants_of(layer)
-    launch = layer_kernel.launch_args(c, 1, capacity, dtype, layer.self_attn.q_proj.scales.dtype, blocks=3)
-    inputs = dict(zip(layer_kernel.INPUT_NAMES,
-                      layer_kernel.inputs(layer, x, static.keys, static.values, static.offset)))
-    out, k_new, v_new, _ = emulate(tmp_path, c.source(), c.header(spin_limit=1 << 40), inputs,
-                                   layer_kernel.OUTPUT_NAMES, launch, cooperative=True)
-    counters = np.fromfile(tmp_path / f"in{len(inputs) - 1}.out", dtype=np.uint32)
-    assert counters.shape == (layer_kernel.LINE * (2 * layer_kernel.BARRIERS + 1),) and not counters.any()
-
-    # The reference: the layer's MLX operations in float32 on the same (bfloat16-valued) numbers.
-    layer.set_dtype(mx.float32)
-    ref_cache = StaticKVCache(static.keys.astype(mx.float32), static.values.astype(mx.float32), static.offset)
-    want = layer(x.astype(mx.float32), lambda keys: make_mask(1, static.offset, keys, window), ref_cache)
-    slot = prompt_len % capacity
-    for got, ref in ((out, want), (k_new, ref_cache.keys[:, :, slot:slot + 1]),
-                     (v_new, ref_cache.values[:, :, slot:slot + 1])):
-        # float32: summation order only; bfloat16: q, k, v, attention, h and the activation rounded once each
-        atol = 1e-4 if dtype == mx.float32 else 2.0**-7 * float(mx.abs(ref).max().item())
-        np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(ref), rtol=1e-4, atol=atol)

@@ -15,9 +15,11 @@ import pytest
 from mlx_qlora.config import LoRAConfig
 from mlx_qlora.generate.decode_step import DecodeState, decoder_for
 from mlx_qlora.model import KVCache, MistralForCausalLM, ModelArgs, build_mask, load_model
-from mlx_qlora.model import attention_cuda
+from mlx_qlora.kernels.cuda import attention as attention_cuda
 from mlx_qlora.model.static_cache import EMPTY_SLOT, StaticKVCache, slot_positions, static_capacity
-from mlx_qlora.quant import QuantizedLinear, apply_lora, fused, qmv_cuda
+from mlx_qlora.quant import QuantizedLinear, fused
+from mlx_qlora.lora import apply_lora
+from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 
 
 def _random_model(window, **overrides):
@@ -61,7 +63,7 @@ def test_compiled_step_equals_the_eager_step(window, prompt_len, steps):
 def test_compiled_step_on_the_quantized_checkpoint(tiny_hf_checkpoint):
     """The 4-bit model from a transformers checkpoint (window 16), prompt longer than the window."""
     model = load_model(tiny_hf_checkpoint)
-    from mlx_qlora.quant import quantize_model
+    from mlx_qlora.model.modules import quantize_model
 
     quantize_model(model, bits=4)
     model.eval()
@@ -156,7 +158,7 @@ def test_fused_projections_are_taken_only_for_bare_4bit_layers_in_inference(monk
     layers[1].eval()
     grouped = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), group_size=32)
     assert not fused._fusable([layers[0], grouped], x)
-    from mlx_qlora.quant import LoRALinear
+    from mlx_qlora.lora import LoRALinear
 
     assert not fused._fusable([layers[0], LoRALinear.from_base(layers[1], rank=2)], x)  # adapters: one by one
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: False)
@@ -198,7 +200,6 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     monkeypatch.setattr(attention_cuda, "decode_attention",
                         lambda q, k, v, pos, scale, prefetch=(): attention_cuda.reference(q, k, v, int(pos.item()),
                                                                                           scale))
-    monkeypatch.setattr(fused_decode, "MODE", "1")
     fused = _traced_steps(model, state, tokens)
     assert len(calls) == 12 * model.args.num_hidden_layers  # every layer of every step took the fused path
     np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
@@ -231,7 +232,6 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
     monkeypatch.setattr(attention_cuda, "decode_attention", attention)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(qmv_cuda, "swiglu_norm", lambda h, *args: mx.zeros((1, 1, m.gate_proj.out_features)))
-    monkeypatch.setattr(fused_decode, "MODE", "1")
     monkeypatch.setattr(fused_decode, "PREFETCH_GATE_UP_MB", 1 / 1024)  # 1 KB of each
     fused_decode.layer_step(layer, x, StaticKVCache(state.keys[0], state.values[0], state.offset))
     attention_pf, o_pf, down_pf = seen
@@ -245,7 +245,7 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
 def _quantized_model_and_eager_steps(steps: int):
     """A 4-bit model with non-default rotary settings, distinct norms and a window of 16, its static decode
     state after a 9-token prompt, and the operation-by-operation logits of ``steps`` greedy steps."""
-    from mlx_qlora.quant import quantize_model
+    from mlx_qlora.model.modules import quantize_model
 
     model = _random_model(16, rope_theta=500.0, rope_scaling_factor=2.0)  # non-default rotary settings
     quantize_model(model, bits=4)
@@ -277,54 +277,9 @@ def _traced_steps(model, state, tokens) -> mx.array:
     return mx.stack(out)
 
 
-def test_layer_kernel_wiring_with_a_reference_launch(monkeypatch):
-    """``MLX_QLORA_FUSED_DECODE=kernel``: each layer is one launch of ``model/layer_kernel.py`` (here a
-    stand-in computing the kernel's formulas from the launch's named inputs; the kernel itself is checked
-    in test_cuda_kernels_emulated.py) followed by the cache update; the barrier counters are made before
-    tracing. The logits of every step equal the operation-by-operation path."""
-    from mlx_qlora.model import fused_decode, layer_kernel
-
-    model, state, tokens, eager = _quantized_model_and_eager_steps(steps=12)
-    calls = []
-
-    def launch(c, inputs, template, grid, threadgroup, output_shapes, output_dtypes):
-        d = dict(zip(layer_kernel.INPUT_NAMES, inputs))
-        t = dict(template)
-        assert grid == (4 * 2 * layer_kernel.THREADS, 1, 1)  # two blocks per multiprocessor
-        assert d["counters"] is layer_kernel.counters(layer_of[id(d["q_w"])])  # the layer's own, made before
-        pos, x = int(d["offset"].item()), d["x"]  # (B, hidden)
-        B, H, HKV, D = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
-        triples = [tuple(d[f"{n}_{p}"] for p in "wsb") for n in "qkvogud"]
-        q, k, v = qmv_cuda.reference_qkv_norm_rope(x, d["gamma1"], c.eps1, triples[:3], pos, D, c.rope_base,
-                                                   c.rope_scale)
-        k, v = k.reshape(B, HKV, 1, D), v.reshape(B, HKV, 1, D)
-        slot = mx.array([pos % t["C"]])
-        keys = mx.slice_update(d["keys"], k, slot, axes=(2,))
-        values = mx.slice_update(d["values"], v, slot, axes=(2,))
-        attn = attention_cuda.reference(q.reshape(B, H, 1, D), keys, values, pos, c.scale).reshape(B, -1)
-        h = qmv_cuda.reference(attn, *triples[3]) + x
-        act = qmv_cuda.reference_swiglu(qmv_cuda.reference_rms_norm(h, d["gamma2"], c.eps2), triples[4], triples[5])
-        out = qmv_cuda.reference(act, *triples[6]) + h
-        calls.append(c)
-        return [out.reshape(output_shapes[0]), k, v, mx.zeros(output_shapes[3], dtype=mx.uint8)]
-
-    layer_of = {id(layer.self_attn.q_proj.weight): layer for layer in model.layers}
-    monkeypatch.setattr(fused_decode, "MODE", "kernel")
-    monkeypatch.setattr(fused_decode, "_ENABLED", True)
-    monkeypatch.setattr(fused_decode, "on_cuda", lambda: True)
-    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
-    monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)  # head dim 16 here
-    monkeypatch.setattr(layer_kernel, "multiprocessors", lambda: 4)
-    monkeypatch.setattr(layer_kernel, "_kernel", lambda c: lambda **kw: launch(c, **kw))
-    fused = _traced_steps(model, state, tokens)
-    assert len(calls) == 12 * model.args.num_hidden_layers  # every layer of every step was one launch
-    assert calls[0] == layer_kernel.LayerConstants(64, 96, 4, 2, 16, 1e-5, 1e-5, 500.0, 0.5, 16**-0.5)
-    np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
-
-
 def test_fused_decode_is_default_and_needs_bare_4bit_layers(monkeypatch):
     from mlx_qlora.model import fused_decode
-    from mlx_qlora.quant import quantize_model
+    from mlx_qlora.model.modules import quantize_model
 
     model = _random_model(None)
     quantize_model(model, bits=4)

@@ -1,11 +1,11 @@
-"""The per-row 4-bit dequantization kernel for CUDA (``quant/dequant_cuda.py``): when it is taken, its
+"""The per-row 4-bit dequantization kernel for CUDA (``kernels/cuda/dequant.py``): when it is taken, its
 launch shape and the float tricks it relies on. The kernel runs on CUDA only; ``benchmarks/dequant_probe.py``
 checks it there against the float32 ``dequantize`` (itself checked against float64 in test_quantize.py)."""
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_qlora.quant import dequant_cuda
+from mlx_qlora.kernels.cuda import dequant as dequant_cuda
 
 
 def test_default_and_taken_only_for_per_row_4bit(monkeypatch):

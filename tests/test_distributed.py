@@ -20,7 +20,7 @@ from mlx_qlora.config import DataConfig, LoRAConfig, TrainConfig
 from mlx_qlora.data.dataset import PreparedDataset
 from mlx_qlora.data.prepare import prepare_dataset
 from mlx_qlora.errors import UserError
-from mlx_qlora.train.adapters import load_adapters
+from mlx_qlora.lora.adapters import load_adapters
 from mlx_qlora.train.checkpoint import latest_checkpoint
 from mlx_qlora.train.distributed import World, rank_seed
 from mlx_qlora.train.trainer import Trainer

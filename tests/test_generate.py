@@ -22,7 +22,7 @@ from mlx_qlora.generate.generator import TextStream, generate, generate_batch, g
 from mlx_qlora.generate.loading import attach_adapters, load_for_inference, resolve_template
 from mlx_qlora.generate.sampling import SamplerConfig
 from mlx_qlora.model import ModelArgs, load_model
-from mlx_qlora.train.adapters import save_adapters
+from mlx_qlora.lora.adapters import save_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",

@@ -203,7 +203,7 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path):
 
 
 def test_convert_weights_reads_a_gguf_path(llama_dir, exported, tmp_path):
-    from mlx_qlora.quant import convert_checkpoint
+    from mlx_qlora.convert import convert_checkpoint
 
     result = convert_checkpoint(exported["f32"], tmp_path / "conv", quantize=False, dtype="float32", progress=False)
     assert result.source == exported["f32"] and (tmp_path / "conv" / "tokenizer.model").exists()

@@ -1,11 +1,11 @@
-"""The L2 prefetch blocks' plumbing (``quant/l2_prefetch.py``): which byte ranges reach a launch, and the
+"""The L2 prefetch blocks' plumbing (``kernels/cuda/l2_prefetch.py``): which byte ranges reach a launch, and the
 code that sends the appended blocks to them. The blocks' effect on the working blocks' results is checked
 by the kernel emulation (test_cuda_kernels_emulated.py)."""
 
 import mlx.core as mx
 import pytest
 
-from mlx_qlora.quant import l2_prefetch
+from mlx_qlora.kernels.cuda import l2_prefetch
 
 
 def test_ranges_clip_to_the_array_and_drop_empty_ones(monkeypatch):
@@ -41,8 +41,8 @@ def test_prefix_and_launch_name_each_array():
 
 def test_the_bodies_that_take_prefetch_blocks_do_not_read_the_grid_size():
     """The appended blocks enlarge ``gridDim``: a body that read it (a grid-stride loop) would skip work."""
-    from mlx_qlora.model import attention_cuda
-    from mlx_qlora.quant import qmv_cuda
+    from mlx_qlora.kernels.cuda import attention as attention_cuda
+    from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 
     bodies = [attention_cuda.partial_source(0.1, 8)]
     for variant in (qmv_cuda.Variant(1, residual=True), qmv_cuda.Variant(2, swiglu=True, norm_eps=1e-5)):

@@ -16,14 +16,12 @@ from mlx.utils import tree_flatten
 
 from mlx_qlora.config import LoRAConfig
 from mlx_qlora.model import MistralForCausalLM, ModelArgs
-from mlx_qlora.quant import (
-    LoRALinear,
-    QuantizedLinear,
-    apply_lora,
-    count_parameters,
-    format_trainable,
-    quantize_model,
-)
+from mlx_qlora.quant import QuantizedLinear
+from mlx_qlora.lora import LoRALinear
+from mlx_qlora.lora import apply_lora
+from mlx_qlora.lora import count_parameters
+from mlx_qlora.lora import format_trainable
+from mlx_qlora.model.modules import quantize_model
 
 IN, OUT, RANK = 96, 80, 8
 

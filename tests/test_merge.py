@@ -39,7 +39,7 @@ def model_dir(tiny_hf_checkpoint, tiny_spm_path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def quantized_dir(model_dir, tmp_path_factory) -> Path:
     """Our 4-bit format of the tiny model (per-row, float32 scales), as convert_weights.py writes it."""
-    from mlx_qlora.quant import convert_checkpoint
+    from mlx_qlora.convert import convert_checkpoint
 
     folder = tmp_path_factory.mktemp("merge") / "tiny-4bit"
     convert_checkpoint(model_dir, folder, bits=4, group_size=None, dtype="float32", progress=False)

@@ -8,7 +8,7 @@ from mlx.utils import tree_flatten
 
 from mlx_qlora.config import LoRAConfig
 from mlx_qlora.model import MistralForCausalLM, ModelArgs
-from mlx_qlora.quant import apply_lora
+from mlx_qlora.lora import apply_lora
 from mlx_qlora.train.params import TrainableSlots
 
 

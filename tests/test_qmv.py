@@ -1,4 +1,4 @@
-"""The few-row per-row 4-bit CUDA path (``quant/qmv_cuda.py``): its formula against the dequantized weight,
+"""The few-row per-row 4-bit CUDA path (``kernels/cuda/qmv.py``): its formula against the dequantized weight,
 and when it is taken. The kernel itself needs a CUDA GPU; ``benchmarks/qmv_probe.py`` checks it there
 against ``reference``."""
 
@@ -7,7 +7,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_qlora.quant import QuantizedLinear, qmv_cuda
+from mlx_qlora.quant import QuantizedLinear
+from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 
 
 @pytest.mark.parametrize("rows,out_f,in_f,dtype", [(1, 48, 64, mx.float32), (3, 40, 256, mx.float32),

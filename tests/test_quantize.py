@@ -11,7 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_qlora.quant import QuantizedLinear, dequantize, mlx_group_layout, quantize, quantize_model
+from mlx_qlora.quant import QuantizedLinear, dequantize, mlx_group_layout, quantize
+from mlx_qlora.model.modules import quantize_model
 from mlx_qlora.quant.quantize import unpack
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23

@@ -1,4 +1,4 @@
-"""``model/sdpa.py``: attention over a length padded to cuDNN's tile gives the same outputs and gradients
+"""``kernels/cuda/sdpa.py``: attention over a length padded to cuDNN's tile gives the same outputs and gradients
 as over the real length (causal, packed segments, key padding), and the model pads only when training on
 CUDA without a cache."""
 
@@ -8,7 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_qlora.model import MistralForCausalLM, ModelArgs, layers, sdpa
+from mlx_qlora.model import MistralForCausalLM, ModelArgs, layers
+from mlx_qlora.kernels.cuda import sdpa
 from mlx_qlora.model.mask import build_mask
 
 

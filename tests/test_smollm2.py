@@ -143,7 +143,7 @@ def test_q4_1_to_our_4bit_with_group_size_32_is_lossless(hf_dir, tmp_path):
     from safetensors.numpy import load_file
 
     from mlx_qlora.generate.merge import dense_state
-    from mlx_qlora.quant import convert_checkpoint
+    from mlx_qlora.convert import convert_checkpoint
 
     convert_checkpoint(hf_dir, tmp_path / "4bit", bits=4, group_size=32, dtype="float16", progress=False)
     dequantized = load_file(str(hf_dir / "model.safetensors"))

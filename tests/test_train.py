@@ -20,8 +20,8 @@ from mlx_qlora.config import DataConfig, LoRAConfig, TrainConfig
 from mlx_qlora.data.prepare import prepare_dataset
 from mlx_qlora.errors import UserError
 from mlx_qlora.model import load_model
-from mlx_qlora.quant import apply_lora
-from mlx_qlora.train.adapters import load_adapters
+from mlx_qlora.lora import apply_lora
+from mlx_qlora.lora.adapters import load_adapters
 from mlx_qlora.train.checkpoint import latest_checkpoint, load_checkpoint
 from mlx_qlora.train.optimizer import AdamW
 from mlx_qlora.train.flat import FlatLayout

@@ -7,6 +7,7 @@ construction (a ``ValueError`` naming the key), and written next to a run's outp
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -57,7 +58,13 @@ class LoRAConfig(_Config):
 
     @property
     def scale(self) -> float:
-        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+        return lora_scale(self.alpha, self.rank, self.use_rslora)
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """The factor of a LoRA update ``scale * B @ A``: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA
+    (PEFT's rule)."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 @dataclass

@@ -17,7 +17,6 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..model import fused_decode
 from ..model.cache import KVCache
 from ..model.static_cache import StaticKVCache, static_capacity
 from ..quant.quantized_linear import QuantizedLinear
@@ -48,7 +47,6 @@ class CompiledDecoder:
         self.model = model
         self.fingerprint = _fingerprint(model)
         _prepare_layouts(model)
-        fused_decode.prepare(model)
         self._compiled = mx.compile(self._forward)
 
     def _forward(self, tokens, offset, keys, values):

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
 from ..model import load_model
-from ..train.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters
+from ..lora.adapters import CONFIG_NAME, WEIGHTS_NAME
+from ..lora.attach import attach
 from ..train.checkpoint import latest_checkpoint
 
 RUN_CONFIG_NAME = "run_config.json"
@@ -82,63 +81,13 @@ def read_run_config(adapter_dir: Path) -> Optional[dict]:
     return None
 
 
-def _expected_shapes(model, rank: int) -> dict[str, tuple[int, int]]:
-    """``{path.lora_A: (r, in), path.lora_B: (out, r)}`` for every decoder projection of ``model``."""
-    from ..quant import QuantizedLinear
-    from ..quant.lora import decoder_projections
-
-    shapes = {}
-    for path, _, _, module in decoder_projections(model):
-        if isinstance(module, QuantizedLinear):
-            out_features, in_features = module.out_features, module.in_features
-        else:
-            out_features, in_features = module.weight.shape
-        shapes[f"{path}.lora_A"] = (rank, in_features)
-        shapes[f"{path}.lora_B"] = (out_features, rank)
-    return shapes
-
-
-def _lora_parameters(model) -> dict[str, mx.array]:
-    return {k: v for k, v in tree_flatten(model.parameters()) if k.endswith((".lora_A", ".lora_B"))}
-
-
 def attach_adapters(model, adapter_path: PathLike) -> AdapterInfo:
-    """Wrap the adapted projections of ``model`` in LoRA layers and load the adapter weights (cast to the
-    model's compute dtype). ``UserError`` when the adapters do not fit this model's shape."""
-    from ..quant.lora import apply_lora
-
+    """Wrap the adapted projections of ``model`` in LoRA layers and load the adapter weights of a run or
+    checkpoint folder (``lora.attach``). ``UserError`` when the adapters do not fit this model's shape."""
     adapter_dir, note = resolve_adapter_dir(adapter_path)
-    params, lora_config = load_adapters(adapter_dir)
     run_config = read_run_config(adapter_dir)
-    n_layers = model.args.num_hidden_layers
     made_for = (run_config or {}).get("model") or _base_name(adapter_dir)
-    hint = f" (made for {made_for})" if made_for else ""
-    deepest = max(int(k.split(".")[2]) for k in params)
-    if deepest >= n_layers:
-        raise UserError(f"{adapter_dir / WEIGHTS_NAME}: adapts layer {deepest} but the model has {n_layers} "
-                        f"layers: the adapters were made for another model{hint}")
-    expected = _expected_shapes(model, lora_config.rank)
-    for key, value in sorted(params.items()):
-        if key not in expected:
-            raise UserError(f"{adapter_dir / WEIGHTS_NAME}: {key} has no projection to adapt in this model{hint}")
-        if tuple(value.shape) != expected[key]:
-            raise UserError(
-                f"{adapter_dir / WEIGHTS_NAME}: {key} has shape {tuple(value.shape)} but this model needs "
-                f"{expected[key]}: the adapters were made for another model shape{hint}"
-            )
-    try:
-        apply_lora(model, lora_config)
-    except ValueError as e:
-        raise UserError(f"{adapter_dir / CONFIG_NAME}: {e}{hint}") from None
-    missing = sorted(set(_lora_parameters(model)) - set(params))
-    if missing:
-        raise UserError(f"{adapter_dir / WEIGHTS_NAME}: lacks {missing[0]} (adapter_config.json and the weights disagree)")
-    dtype = model.model.embed_tokens.weight.dtype
-    if not mx.issubdtype(dtype, mx.floating):
-        dtype = mx.float32
-    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in params.items()]))
-    model.freeze()
-    mx.eval(model.parameters())
+    lora_config = attach(model, adapter_dir, made_for=made_for)
     return AdapterInfo(adapter_dir, lora_config, run_config, note)
 
 

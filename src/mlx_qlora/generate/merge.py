@@ -25,14 +25,16 @@ from typing import Any, Optional, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json
 from ..model import load_model, read_config
 from ..model.loading import model_args_from_config, resolve_dtype
-from ..train.adapters import load_adapters
+from ..lora.adapters import load_adapters
+from ..lora.merge import merge_state
+from ..model.modules import dense_state
 from .loading import MODEL_META_NAME, attach_adapters, read_run_config, resolve_adapter_dir
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -92,75 +94,6 @@ def parse_size(text: Union[str, int]) -> int:
     if not match:
         raise UserError(f"max_shard_size: cannot read {text!r} (use e.g. 5GB, 500MB, 2GiB)")
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
-
-
-def lora_delta(a: mx.array, b: mx.array, scale: float) -> mx.array:
-    """``scale * B @ A`` in float32: A (r, in), B (out, r) -> (out, in)."""
-    return scale * (b.astype(mx.float32) @ a.astype(mx.float32))
-
-
-def merge_weight(weight: mx.array, a: mx.array, b: mx.array, scale: float, dtype: Optional[mx.Dtype] = None) -> mx.array:
-    """``W + scale * B @ A`` computed in float32 and cast to ``dtype`` (default: W's dtype)."""
-    dtype = dtype or weight.dtype
-    return (weight.astype(mx.float32) + lora_delta(a, b, scale)).astype(dtype)
-
-
-def _dense_weight(module) -> mx.array:
-    """The float32 weight (out, in) of a linear layer, dequantized when it is quantized."""
-    from ..quant import QuantizedLinear
-
-    if isinstance(module, QuantizedLinear):
-        return module.dequantize(mx.float32)
-    return module.weight.astype(mx.float32)
-
-
-def _module(model, path: str):
-    """The module at a dotted path such as ``model.layers.0.self_attn.q_proj``."""
-    node = model
-    for part in path.split("."):
-        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
-    return node
-
-
-def dense_state(model) -> dict[str, mx.array]:
-    """Hugging Face-named tensors of ``model`` with quantized layers dequantized to float32 (others as stored)."""
-    from ..quant import QuantizedLinear
-
-    quantized = {path for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    state: dict[str, mx.array] = {}
-    for key, value in tree_flatten(model.parameters()):
-        owner, name = key.rsplit(".", 1)
-        if owner in quantized:
-            if name == "weight":
-                state[key] = _dense_weight(_module(model, owner))
-        else:
-            state[key] = value
-    return state
-
-
-def merge_state(state: dict[str, mx.array], adapters: dict[str, mx.array], scale: float,
-                dtype: mx.Dtype) -> tuple[dict[str, mx.array], int]:
-    """Every floating tensor of ``state`` in ``dtype``, adapted projections merged; and how many were merged.
-
-    adapters: flat ``{model.layers.i.<parent>.<proj>.lora_A|lora_B: array}``. ``UserError`` when a
-    projection is missing or its shape does not fit the adapters (adapters for another model).
-    """
-    projections = sorted({k.rsplit(".", 1)[0] for k in adapters})
-    merged = dict(state)
-    for proj in projections:
-        key = f"{proj}.weight"
-        if key not in state:
-            raise UserError(f"the adapters adapt {proj}, which this model does not have (made for another model?)")
-        a, b = adapters[f"{proj}.lora_A"], adapters[f"{proj}.lora_B"]
-        w = state[key]
-        if (b.shape[0], a.shape[1]) != tuple(w.shape):
-            raise UserError(f"the adapters of {proj} make a ({b.shape[0]}, {a.shape[1]}) update but the weight is "
-                            f"{tuple(w.shape)}: the adapters were made for another model shape")
-        merged[key] = merge_weight(w, a, b, scale, dtype)
-    for key, value in merged.items():
-        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
-            merged[key] = value.astype(dtype)
-    return merged, len(projections)
 
 
 def _natural_key(name: str) -> list:
@@ -269,7 +202,7 @@ def merge_adapters(
     notes = [note] if note else []
 
     if base_weights is not None:
-        from ..quant.convert import resolve_checkpoint
+        from ..convert import resolve_checkpoint
 
         base_path = resolve_checkpoint(base_weights)  # a local folder, or a hub id (from the local cache if offline)
         base_config = read_config(base_path)
@@ -335,7 +268,7 @@ def _with_adapters(model, adapter_dir: Path):
 
 def _quantize_copy(hf_dir: Path, out: Path, group_size: Optional[int], dtype: str) -> Path:
     """Our 4-bit format of the merged Hugging Face folder (``quant.convert_checkpoint``), template included."""
-    from ..quant import convert_checkpoint
+    from ..convert import convert_checkpoint
 
     convert_checkpoint(hf_dir, out, bits=4, group_size=group_size, dtype=dtype, overwrite=True, progress=False)
     if (hf_dir / MODEL_META_NAME).is_file():

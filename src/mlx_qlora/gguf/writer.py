@@ -107,7 +107,7 @@ def model_tensors(folder: Path) -> tuple[Any, dict[str, np.ndarray]]:
     """``(ModelArgs, {Hugging Face name: float32 numpy array})`` of a model folder, 4-bit layers dequantized."""
     import mlx.core as mx
 
-    from ..generate.merge import dense_state
+    from ..model.modules import dense_state
     from ..model import load_model
 
     model = load_model(folder)

@@ -15,7 +15,6 @@ outputs differ from the operation-by-operation path by bfloat16 rounding only (l
 mlx-lm's tokens/s in four runs (325.8 against 145.8 in the latest; ``benchmarks/RESULTS.md``). Writing
 the cache in place instead of two ``slice_update`` per layer took a token from 5.0 to 3.1 ms: those
 copies were a quarter of the GPU's time (``benchmarks/kernel_profile.py``).
-``MLX_QLORA_FUSED_DECODE=kernel`` runs the layer as one launch instead (``model/layer_kernel.py``).
 The CPU tests check the kernels by emulation and this wiring with the kernels' formulas in their place.
 """
 
@@ -25,16 +24,13 @@ import os
 
 import mlx.core as mx
 
-from ..device import on_cuda
-from ..quant import qmv_cuda
+from ..kernels.cuda import attention as attention_cuda
+from ..kernels.cuda import qmv as qmv_cuda
 from ..quant.quantized_linear import QuantizedLinear
-from . import attention_cuda, layer_kernel
 from .static_cache import StaticKVCache
 
-# MLX_QLORA_FUSED_DECODE: "0" off (layer by layer in MLX operations), "1" six launches per layer,
-# "kernel" one launch per layer (``model/layer_kernel.py``) where the GPU's multiprocessors are known.
-MODE = os.environ.get("MLX_QLORA_FUSED_DECODE", "1")
-_ENABLED = MODE != "0"
+# MLX_QLORA_FUSED_DECODE: "0" off (layer by layer in MLX operations), "1" six launches per layer.
+_ENABLED = os.environ.get("MLX_QLORA_FUSED_DECODE", "1") != "0"
 # Where ``l2_prefetch`` is on, what the launches ask L2 for: attention's first pass (memory mostly idle)
 # the o_proj arrays (PREFETCH_O), o_proj's kernel (reading them from L2) the first PREFETCH_GATE_UP_MB of
 # gate's and of up's packed weights, which the first blocks of the SwiGLU kernel read. On an H100 gate/up
@@ -67,13 +63,6 @@ def applies(layer, x: mx.array, cache) -> bool:
     )
 
 
-def prepare(model) -> None:
-    """Before tracing: the per-layer state the one-launch layer needs (its barrier counters)."""
-    if _ENABLED and MODE == "kernel" and on_cuda() and layer_kernel.blocks():
-        for layer in model.model.layers:
-            layer_kernel.counters(layer)
-
-
 def _first_mb(weight: mx.array, mb: float) -> tuple[mx.array, int, int]:
     """The first ``mb`` MB of ``weight`` in whole 128-byte lines, as an ``l2_prefetch`` byte range (clipped
     to the array there)."""
@@ -82,8 +71,6 @@ def _first_mb(weight: mx.array, mb: float) -> tuple[mx.array, int, int]:
 
 def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     """x (B, 1, hidden) -> the layer's output (B, 1, hidden); stores this position's keys and values."""
-    if MODE == "kernel" and layer_kernel.applies(layer, _projections(layer)):
-        return layer_kernel.layer_step(layer, x, cache)
     a, m = layer.self_attn, layer.mlp
     B = x.shape[0]
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm

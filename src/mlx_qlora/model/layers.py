@@ -9,7 +9,9 @@ import mlx.nn as nn
 
 from ..device import on_cuda
 from ..quant.fused import fused_projections, fused_swiglu
-from . import attention_cuda, fused_decode, sdpa
+from ..kernels.cuda import attention as attention_cuda
+from ..kernels.cuda import sdpa
+from . import fused_decode
 from .args import ModelArgs
 from .cache import KVCache
 from .static_cache import StaticKVCache
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         if isinstance(cache, StaticKVCache) and attention_cuda.supports(q, k):
             out = attention_cuda.decode_attention(q, k, v, offset, self.scale)  # (B, 1, H*hd), no mask
         else:
-            # training on CUDA: the length padded to cuDNN's tile, for its fused backward (model/sdpa.py)
+            # training on CUDA: the length padded to cuDNN's tile, for its fused backward (kernels/cuda/sdpa.py)
             out = sdpa.attention(q, k, v, self.scale, mask_fn(key_positions),
                                  pad=self.training and cache is None and on_cuda())
             out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)

@@ -1,19 +1,6 @@
-"""4-bit quantization, ``QuantizedLinear``, ``LoRALinear``, ``apply_lora`` and checkpoint conversion."""
+"""The 4-bit format: ``quantize``/``dequantize`` and ``QuantizedLinear``."""
 
-from .convert import convert_checkpoint
-from .lora import LoRALinear, apply_lora, count_parameters, format_trainable, quantize_model
 from .quantize import dequantize, mlx_group_layout, quantize
 from .quantized_linear import QuantizedLinear
 
-__all__ = [
-    "QuantizedLinear",
-    "LoRALinear",
-    "apply_lora",
-    "convert_checkpoint",
-    "count_parameters",
-    "dequantize",
-    "format_trainable",
-    "mlx_group_layout",
-    "quantize",
-    "quantize_model",
-]
+__all__ = ["QuantizedLinear", "dequantize", "mlx_group_layout", "quantize"]

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from . import qmv_cuda
+from ..kernels.cuda import qmv as qmv_cuda
 from .quantized_linear import QuantizedLinear
 
 

@@ -21,7 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..device import device_type
-from . import dequant_cuda, qmv_cuda
+from ..kernels.cuda import dequant as dequant_cuda
+from ..kernels.cuda import qmv as qmv_cuda
 from .dequant_matmul import dequantized_matmul_fn
 from .quantize import dequantize, mlx_group_layout, mlx_group_size, n_groups_for, quantize
 

@@ -1,6 +1,5 @@
-"""Training: loss, AdamW, learning-rate schedules, checkpoints and PEFT-format adapter files."""
+"""Training: loss, AdamW, learning-rate schedules, checkpoints (adapter files: ``mlx_qlora.lora``)."""
 
-from .adapters import load_adapters, save_adapters
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import cross_entropy_loss, loss_sums, shift_for_next_token
 from .optimizer import AdamW, clip_grad_norm, global_norm
@@ -16,10 +15,8 @@ __all__ = [
     "global_norm",
     "latest_checkpoint",
     "list_checkpoints",
-    "load_adapters",
     "load_checkpoint",
     "loss_sums",
-    "save_adapters",
     "save_checkpoint",
     "shift_for_next_token",
 ]

@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten
 from ..config import LoRAConfig
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, fsync_path
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
+from ..lora.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"

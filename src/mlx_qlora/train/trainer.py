@@ -36,8 +36,8 @@ from ..errors import UserError
 from ..io import atomic_write_json
 from ..model import load_model
 from ..model.loading import resolve_dtype
-from ..quant.lora import apply_lora, format_trainable
-from .adapters import save_adapters
+from ..lora.adapters import save_adapters
+from ..lora.apply import apply_lora, format_trainable
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import World, all_sum_step, check_same_everywhere, init_world, rank_seed
 from .optimizer import AdamW

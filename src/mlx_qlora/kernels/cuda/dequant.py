@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from ..device import on_cuda
+from ...device import on_cuda
 
 _THREADS = 256
 _PER_THREAD = 4  # 32-bit words (8 weights each) per thread

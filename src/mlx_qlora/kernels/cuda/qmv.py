@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from ..device import on_cuda
+from ...device import on_cuda
 from . import l2_prefetch
 
 MAX_ROWS = 8  # input rows handled by one launch (every warp keeps one accumulator per row)

@@ -1,27 +1,20 @@
-"""Low-rank adapters: ``LoRALinear``, ``apply_lora``, ``quantize_model`` and parameter counts.
+"""``LoRALinear``: a frozen base linear layer plus a trainable low-rank update.
 
 ``LoRALinear`` keeps PEFT's names and shapes (``lora_A`` (r, in), ``lora_B`` (out, r)), so adapters move
-between this project and PEFT without renaming. Layers are found by their Hugging Face path,
-``...layers.{i}.self_attn.q_proj`` or ``...layers.{i}.mlp.down_proj``, and swapped with
-``update_modules``.
+between this project and PEFT without renaming. The scale and the delta weight are ``merge.py``'s formulas.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import ALL_TARGETS, LoRAConfig
-from .lora_matmul import lora_matmul_fn
-from .quantized_linear import QuantizedLinear, dequantize_weight
-
-# A decoder projection's module path: group 1 is the layer index, group 2 the projection's name.
-_PROJECTION_PATH = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+_proj)$")
+from ..quant.quantized_linear import QuantizedLinear, dequantize_weight
+from .matmul import lora_matmul_fn
+from .merge import lora_delta, lora_scale, merge_weight
 
 BaseLinear = Union[nn.Linear, QuantizedLinear]
 
@@ -62,7 +55,7 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.use_rslora = use_rslora
-        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.scale = lora_scale(self.alpha, rank, use_rslora)
         self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(p=dropout)
         # kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)) times sqrt(3 / fan_in) = 1 / sqrt(fan_in)
@@ -126,7 +119,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> mx.array:
         """``scale * lora_B @ lora_A``, (out, in) in float32."""
-        return self.scale * (self.lora_B.astype(mx.float32) @ self.lora_A.astype(mx.float32))
+        return lora_delta(self.lora_A, self.lora_B, self.scale)
 
     def fuse(self, full_weight: Optional[mx.array] = None) -> nn.Linear:
         """A plain ``nn.Linear`` with weight ``W + scale * B @ A``.
@@ -149,105 +142,10 @@ class LoRALinear(nn.Module):
             weight = self.base.weight
         has_bias = isinstance(self.base, nn.Linear) and "bias" in self.base
         fused = nn.Linear(in_features, out_features, bias=has_bias)
-        fused.weight = (weight.astype(mx.float32) + self.delta_weight()).astype(weight.dtype)
+        fused.weight = merge_weight(weight, self.lora_A, self.lora_B, self.scale)
         if has_bias:
             fused.bias = self.base.bias
         return fused
 
     def _extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}, dropout={self.dropout_p:g}"
-
-
-def decoder_projections(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Module]]:
-    """Yield ``(path, layer_index, projection_name, module)`` for each decoder projection of ``model``."""
-    for path, module in model.named_modules():
-        match = _PROJECTION_PATH.search(path)
-        if match:
-            yield path, int(match.group(1)), match.group(2), module
-
-
-def _resolve_layers(layers: Optional[list[int]], n_layers: int) -> set[int]:
-    if layers is None:
-        return set(range(n_layers))
-    chosen = set()
-    for index in layers:
-        if not -n_layers <= index < n_layers:
-            raise ValueError(f"layers: index {index} is out of range for a model with {n_layers} layers")
-        chosen.add(index % n_layers)
-    return chosen
-
-
-def apply_lora(model: nn.Module, config: Optional[LoRAConfig] = None, **kwargs) -> nn.Module:
-    """Freeze ``model`` and wrap the chosen decoder projections in ``LoRALinear``; returns ``model``.
-
-    ``config`` is a ``LoRAConfig``; keyword arguments (``targets``, ``rank``, ``alpha``, ``dropout``,
-    ``layers``, ``use_rslora``) build one or override its fields. ``targets`` names projections
-    (``"q_proj,v_proj"`` or a list; default all seven) and ``layers`` decoder-layer indices (negative
-    ones count from the end; default all). Afterwards only the adapters are trainable.
-    """
-    values = config.to_dict() if config is not None else {}
-    values.update(kwargs)
-    config = LoRAConfig.from_dict(values)
-
-    found = list(decoder_projections(model))
-    if not found:
-        raise ValueError("apply_lora: the model has no decoder projections (paths like layers.0.self_attn.q_proj)")
-    n_layers = max(index for _, index, _, _ in found) + 1
-    chosen_layers = _resolve_layers(config.layers, n_layers)
-
-    model.freeze()
-    replacements = []
-    for path, index, name, module in found:
-        if index not in chosen_layers or name not in config.targets:
-            continue
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"apply_lora: {path} already has an adapter")
-        adapter = LoRALinear.from_base(
-            module, rank=config.rank, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora
-        )
-        replacements.append((path, adapter))
-    if not replacements:
-        raise ValueError(f"apply_lora: no projection matched targets {list(config.targets)} in layers {config.layers}")
-    model.update_modules(tree_unflatten(replacements))
-    return model
-
-
-def quantize_model(
-    model: nn.Module, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None
-) -> nn.Module:
-    """Replace every decoder projection that is an ``nn.Linear`` by a ``QuantizedLinear``; returns ``model``.
-
-    Embeddings, norms and ``lm_head`` stay as they are. ``dtype`` is the scales' dtype (default: each
-    weight's own).
-    """
-    replacements = [
-        (path, QuantizedLinear.from_linear(module, bits=bits, group_size=group_size, dtype=dtype))
-        for path, _, name, module in decoder_projections(model)
-        if isinstance(module, nn.Linear) and name in ALL_TARGETS
-    ]
-    if replacements:
-        model.update_modules(tree_unflatten(replacements))
-    return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts.
-
-    A ``QuantizedLinear`` counts as the ``in * out`` weights it stands for (its packed words, scales and
-    biases are storage, not parameters), so the total is the original model's plus the adapters.
-    """
-    quantized = {path: m for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    total = sum(m.in_features * m.out_features for m in quantized.values())
-    for name, value in tree_flatten(model.parameters()):
-        owner = name.rpartition(".")[0]
-        if owner not in quantized:
-            total += value.size
-    trainable = sum(value.size for _, value in tree_flatten(model.trainable_parameters()))
-    return trainable, total
-
-
-def format_trainable(model: nn.Module) -> str:
-    """``"trainable: 20,971,520 / 7,262,703,616 (0.29%)"``."""
-    trainable, total = count_parameters(model)
-    share = 100.0 * trainable / total if total else 0.0
-    return f"trainable: {trainable:,} / {total:,} ({share:.2f}%)"

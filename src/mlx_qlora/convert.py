@@ -23,9 +23,9 @@ from typing import Any, BinaryIO, Optional, Union
 import mlx.core as mx
 from tqdm import tqdm
 
-from ..errors import UserError
-from ..io import atomic_dir, atomic_write_json
-from .quantize import SUPPORTED_BITS, n_groups_for, quantize
+from .errors import UserError
+from .io import atomic_dir, atomic_write_json
+from .quant.quantize import SUPPORTED_BITS, n_groups_for, quantize
 
 # What a conversion needs from a hub repository: never pickled *.bin weights.
 ALLOW_PATTERNS = [
@@ -139,7 +139,7 @@ def resolve_checkpoint(hf_path_or_repo: Union[str, Path]) -> Path:
 
 def _is_gguf_file(path: Union[str, Path]) -> bool:
     """Whether ``path`` is a GGUF file (named ``*.gguf`` or starting with the GGUF magic bytes)."""
-    from ..gguf.reader import is_gguf
+    from .gguf.reader import is_gguf
 
     return is_gguf(Path(path).expanduser())
 
@@ -160,7 +160,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...],
 
 def _check_config(config: dict[str, Any], source: Path, quantize: bool, bits: int, group_size: Optional[int]):
     """Reject what cannot be converted, with the file and key in the message; returns the ``ModelArgs``."""
-    from ..model.loading import model_args_from_config
+    from .model.loading import model_args_from_config
 
     where = source / "config.json"
     if "quantization_config" in config:
@@ -304,7 +304,7 @@ def convert_checkpoint(
         # A llama.cpp GGUF: dequantize it into a temporary Hugging Face folder beside the output, convert that.
         import tempfile
 
-        from ..gguf.reader import gguf_to_hf
+        from .gguf.reader import gguf_to_hf
 
         parent = Path(mlx_path).expanduser().parent
         parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +330,7 @@ def convert_checkpoint(
     if mlx_path.exists() and mlx_path.resolve() == source.resolve():
         raise UserError(f"{mlx_path}: the output folder must differ from the input checkpoint")
 
-    from ..model.loading import read_config, weight_files
+    from .model.loading import read_config, weight_files
 
     config = read_config(source)
     args = _check_config(config, source, quantize, bits, group_size)
@@ -441,7 +441,7 @@ def _verify(path: Path) -> None:
     """
     from mlx.utils import tree_flatten
 
-    from ..model.loading import load_model
+    from .model.loading import load_model
 
     model = load_model(path)
     for name, value in tree_flatten(model.parameters()):

@@ -26,8 +26,8 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from ..device import on_cuda
-from ..quant import l2_prefetch
+from ...device import on_cuda
+from . import l2_prefetch
 
 _THREADS = 128  # 4 warps; the head dimension is at most this
 # Threads per block of pass 1 (fewer where its shared arrays would not fit: ``partial_threads``) and the
@@ -335,7 +335,7 @@ def _partial(block: str, access: str, scale: float, unroll: int) -> str:
 
 def partial_source(scale: float, unroll: int, prefetch: int = 0, mode: str = "l2") -> str:
     """Pass 1 as a kernel body (one block per (sequence, key/value head, split)), runs of ``unroll`` slots;
-    with ``prefetch`` arrays, blocks from ``WORK_BLOCKS`` on only ask L2 for them (``quant/l2_prefetch.py``)."""
+    with ``prefetch`` arrays, blocks from ``WORK_BLOCKS`` on only ask L2 for them (``kernels/cuda/l2_prefetch.py``)."""
     return l2_prefetch.prefix(prefetch, mode) + _partial("blockIdx.x", "kernel", scale, unroll)
 
 

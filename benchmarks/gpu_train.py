@@ -67,9 +67,9 @@ def step_ours(model, batch: mx.array, chunk: int, world=None, grads_first: bool 
     As the trainer does on a GPU, each call queues its step and then waits for the previous call's step
     (``overlap``, default: on a GPU; False: for its own), so the GPU does not wait while the host builds a step.
     ``grads_first=False`` evaluates the gradients and the update together; ``wait_for_grads`` waits for the
-    gradients before building the update instead of only queueing them (``step_probe.py`` compares). With a
-    ``phases`` list, each step appends its host times in seconds: the gradient function's call, queueing
-    its graph (``mx.async_eval``), building the update, queueing it, and the final wait for the GPU."""
+    gradients before building the update instead of only queueing them (``probes/step_probe.py`` compares).
+    With a ``phases`` list, each step appends its host times in seconds: the gradient function's call,
+    queueing its graph (``mx.async_eval``), building the update, queueing it, and the final wait for the GPU."""
     from mlx_qlora.train.distributed import all_sum_step
     from mlx_qlora.train.flat import FLAT, FlatLayout
     from mlx_qlora.train.optimizer import AdamW

@@ -1,11 +1,14 @@
-"""Smoke tests: the GPU benchmark scripts run end to end on the CPU with the tiny preset and write JSON."""
+"""Smoke tests: the GPU benchmark scripts and the probes (``benchmarks/probes/``) run end to end on the CPU
+with tiny sizes and write JSON."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+PROBES = BENCH / "probes"
 
 
 def _run(args, tmp_path):
@@ -40,8 +43,8 @@ def test_gpu_generate_tiny(tmp_path):
 
 
 def test_probes_run_on_the_cpu():
-    for args in (["checkpoint_probe.py", "--blocks", "2", "--dim", "32", "--hidden", "64", "--tokens", "16"],
-                 ["memory_probe.py", "--preset", "tiny", "--layers", "1", "--seq", "32", "--checkpointing", "on",
+    for args in (["probes/checkpoint_probe.py", "--blocks", "2", "--dim", "32", "--hidden", "64", "--tokens", "16"],
+                 ["probes/memory_probe.py", "--preset", "tiny", "--layers", "1", "--seq", "32", "--checkpointing", "on",
                   "--memory-limit-gb", "1"]):
         proc = subprocess.run([sys.executable, *args], cwd=BENCH, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -50,7 +53,7 @@ def test_probes_run_on_the_cpu():
 
 
 def test_qmv_probe_tiny(tmp_path):
-    result, stdout = _run(["qmv_probe.py", "--shapes", "64x128", "--rows", "1,2", "--repeats", "1"], tmp_path)
+    result, stdout = _run(["probes/qmv_probe.py", "--shapes", "64x128", "--rows", "1,2", "--repeats", "1"], tmp_path)
     for row in result["rows"]:
         # MLX's quantized_matmul on the expanded per-row layout agrees with the exact formula
         assert row["mlx_qmm_max_err"] < 1e-4 * max(1.0, row["max_abs_out"])
@@ -58,7 +61,7 @@ def test_qmv_probe_tiny(tmp_path):
 
 
 def test_attention_probe_tiny(tmp_path):
-    result, stdout = _run(["attention_probe.py", "--heads", "4,2,32", "--capacities", "32", "--repeats", "1"],
+    result, stdout = _run(["probes/attention_probe.py", "--heads", "4,2,32", "--capacities", "32", "--repeats", "1"],
                           tmp_path)
     rows = result["rows"]
     assert [(r["capacity"], r["filled"]) for r in rows] == [(32, 17), (32, 32)]  # half full; wrapped
@@ -67,14 +70,15 @@ def test_attention_probe_tiny(tmp_path):
 
 
 def test_dequant_probe_tiny(tmp_path):
-    result, stdout = _run(["dequant_probe.py", "--shapes", "64x128", "--tokens", "8", "--repeats", "1"], tmp_path)
+    result, stdout = _run(["probes/dequant_probe.py", "--shapes", "64x128", "--tokens", "8", "--repeats", "1"],
+                          tmp_path)
     (row,) = result["rows"]
     assert row["mlx_us"] > 0 and row["mlx_max_err"] < 1e-5  # float32 on the CPU: our exact ops
     assert "| out x in |" in stdout
 
 
 def test_fused_decode_probe_tiny(tmp_path):
-    result, stdout = _run(["fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4"], tmp_path)
+    result, stdout = _run(["probes/fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4"], tmp_path)
     (row,) = result["rows"]  # on the CPU only the default path runs
     assert row["path"] == "mlx attention" and row["ms_per_token"] > 0 and row["max_logit_diff"] == 0
     assert "| path |" in stdout
@@ -92,13 +96,13 @@ def test_variant_stacks_run_in_their_own_environment(tmp_path):
 
 def test_kernel_profile_runs_on_the_cpu(tmp_path):
     for mode in (["decode", "--prompt-tokens", "8", "--tokens", "2"], ["train", "--seq", "16", "--steps", "1"]):
-        result, stdout = _run(["kernel_profile.py", *mode, "--preset", "tiny", "--layers", "1"], tmp_path)
+        result, stdout = _run(["probes/kernel_profile.py", *mode, "--preset", "tiny", "--layers", "1"], tmp_path)
         assert result["totals"]["wall_ms"] > 0 and result["rows"] == []  # no GPU kernels on the CPU
         assert "no GPU kernels recorded" in stdout
 
 
 def test_step_probe_tiny(tmp_path):
-    result, stdout = _run(["step_probe.py", "--preset", "tiny", "--seq", "32", "--layers", "2", "--steps", "1",
+    result, stdout = _run(["probes/step_probe.py", "--preset", "tiny", "--seq", "32", "--layers", "2", "--steps", "1",
                            "--warmup", "1", "--checkpointing", "--variants", "default,composed+one-eval,wait+unpadded"],
                           tmp_path)
     assert [r["variant"] for r in result["rows"]] == ["default", "composed+one-eval", "wait+unpadded"]
@@ -110,7 +114,7 @@ def test_step_probe_tiny(tmp_path):
 
 
 def test_sdpa_probe_tiny(tmp_path):
-    result, stdout = _run(["sdpa_probe.py", "--lengths", "5", "--repeats", "1", "--trials", "1"], tmp_path)
+    result, stdout = _run(["probes/sdpa_probe.py", "--lengths", "5", "--repeats", "1", "--trials", "1"], tmp_path)
     (row,) = result["rows"]
     assert row["length"] == 5 and row["tile"] == 128
     assert row["unpadded_ms"] > 0 and row["padded_ms"] > 0 and row["at_tile_ms"] > 0
@@ -120,7 +124,7 @@ def test_sdpa_probe_tiny(tmp_path):
 
 def test_decode_layer_probe_tiny(tmp_path):
     """Builds every case (the kernels need CUDA: on the CPU nothing is timed and the table is empty)."""
-    result, stdout = _run(["decode_layer_probe.py", "--preset", "tiny", "--copies", "2", "--calls", "2",
+    result, stdout = _run(["probes/decode_layer_probe.py", "--preset", "tiny", "--copies", "2", "--calls", "2",
                            "--capacity", "64", "--filled", "30"], tmp_path)
     assert result["args"]["capacity"] == 64 and "| case |" in stdout
     assert result["rows"] or "nothing to time here" in stdout
@@ -129,12 +133,33 @@ def test_decode_layer_probe_tiny(tmp_path):
 
 def test_decode_sweep_tiny(tmp_path):
     """One profile per setting (nothing is recorded on the CPU: the parts are zero there)."""
-    result, stdout = _run(["decode_sweep.py", "--preset", "tiny", "--layers", "1", "--tokens", "2",
+    result, stdout = _run(["probes/decode_sweep.py", "--preset", "tiny", "--layers", "1", "--tokens", "2",
                            "--settings", "default; MLX_QLORA_QMV_UNROLL=2 MLX_QLORA_ATTENTION_UNROLL=8"], tmp_path)
     assert [r["setting"] for r in result["rows"]] == ["default", "MLX_QLORA_QMV_UNROLL=2 MLX_QLORA_ATTENTION_UNROLL=8"]
     for row in result["rows"]:
         assert row["wall_ms"] > 0 and row["busy_ms"] >= row["gate_up"] >= 0
     assert "| setting |" in stdout
-    bad = subprocess.run([sys.executable, "decode_sweep.py", "--settings", "default;UNROLL"], cwd=BENCH,
+    bad = subprocess.run([sys.executable, "probes/decode_sweep.py", "--settings", "default;UNROLL"], cwd=BENCH,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "'UNROLL' is not NAME=VALUE" in bad.stderr
+
+
+def test_probes_find_their_helpers_from_their_folder():
+    """Each probe imports ``common`` (some ``gpu_train`` too) from ``benchmarks/`` by itself: run in a process
+    where neither is importable beforehand (``main`` is not called: ``run_name`` is not ``__main__``)."""
+    code = ("import runpy, sys\n"
+            "bench = sys.argv[1]\n"
+            "for path in sys.argv[2:]:\n"
+            "    sys.path[:] = [p for p in sys.path if p not in ('', bench)]\n"
+            "    for name in ('common', 'gpu_train'):\n"
+            "        sys.modules.pop(name, None)\n"
+            "    runpy.run_path(path, run_name='probe')\n")
+    probes = sorted(str(p) for p in PROBES.glob("*.py"))
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCH), *probes], cwd=BENCH.parent, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_probes_readme_lists_every_probe():
+    listed = set(re.findall(r"^\| `(\w+\.py)` \|", (PROBES / "README.md").read_text(), flags=re.MULTILINE))
+    assert listed == {p.name for p in PROBES.glob("*.py")}

@@ -16,6 +16,11 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and gpu_train.py are in benchmarks/
+
 from common import PRESETS, compute_dtype, environment, print_table, write_json
 
 import mlx.core as mx

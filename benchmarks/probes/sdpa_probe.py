@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import argparse
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and gpu_train.py are in benchmarks/
+
 from common import best_seconds, compute_dtype, environment, print_table, write_json
 
 import mlx.core as mx

@@ -3,6 +3,11 @@
 
 import json
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and gpu_train.py are in benchmarks/
+
 from common import PRESETS
 
 import mlx.core as mx

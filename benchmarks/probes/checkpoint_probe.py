@@ -11,6 +11,11 @@ import argparse
 import json
 import time
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and gpu_train.py are in benchmarks/
+
 from common import compute_dtype, set_memory_limits
 
 import mlx.core as mx

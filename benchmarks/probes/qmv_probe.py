@@ -10,6 +10,11 @@ import argparse
 import json
 import time
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and gpu_train.py are in benchmarks/
+
 from common import compute_dtype, environment, print_table, write_json
 
 import mlx.core as mx

@@ -31,6 +31,10 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and gpu_train.py are in benchmarks/
+
 from common import PRESETS, compute_dtype, environment, median, print_table, set_memory_limits, timed, write_json
 
 PHASES = ("grad_call_ms", "grad_queue_ms", "update_build_ms", "update_queue_ms", "wait_ms")

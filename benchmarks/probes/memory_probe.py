@@ -7,6 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # common.py and gpu_train.py are in benchmarks/
+
 from common import CHECKPOINTING, PRESETS, compute_dtype, set_memory_limits
 
 import mlx.core as mx

@@ -1,10 +1,10 @@
 """The trainable arrays and their optimizer moments as one float32 vector each, for the update.
 
 A 7B model has 448 LoRA tensors. Updating them one by one costs several MLX operations each, and on a
-GPU the host's work per operation is most of the update's time (``benchmarks/RESULTS.md``); so the
-update runs over one vector. Kept flat between steps, the parameters and both moments are not gathered
-again every step (on CUDA each gathered tensor is one copy kernel: 1,344 per step of a 7B model); only the
-gradients are, and the new parameters come back as views of the new vector.
+GPU the host's work per operation is most of the update's time (``benchmarks/probes/step_probe.py`` times
+the host's phases of a step); so the update runs over one vector. Kept flat between steps, the parameters
+and both moments are not gathered again every step (on CUDA each gathered tensor is one copy kernel: 1,344
+per step of a 7B model); only the gradients are, and the new parameters come back as views of the new vector.
 
 ``FlatLayout`` fixes the order (the paths of the trainable tree) and converts both ways: the per-tensor
 state format of ``AdamW`` (``exp_avg.<path>``) stays what checkpoints hold.

@@ -91,8 +91,8 @@ class AdamW:
                 raise KeyError(f"optimizer state has no moments for parameter {path!r}")
             p32, g32 = p.astype(mx.float32), g.astype(mx.float32)
             # The scalars enter through a reshape, which mx.compile does not fuse into the elementwise kernel
-            # below: fused, their expm1 and sqrt would be recomputed for every element (3.6x slower on the
-            # CPU over the one vector of ``train/step.py``).
+            # below: fused, their expm1 and sqrt would be recomputed for every element (several times slower
+            # on the CPU over the one vector of ``train/step.py``; ``benchmarks/HISTORY.md``).
             ones = (1,) * p.ndim
             if self.weight_decay != 0.0:
                 p32 = p32 * decay.reshape(ones)

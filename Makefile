@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libblas.so.3
-DEMO_DIR ?= runs/demo
 
 .PHONY: demo test bench-cpu openblas clean
 
@@ -31,7 +30,7 @@ openblas:
 	fi
 
 demo: openblas $(VENV)/.runtime
-	$(PY) scripts/demo.py --out $(DEMO_DIR)
+	$(PY) scripts/demo.py $(if $(DEMO_DIR),--out $(DEMO_DIR))
 
 test: openblas $(VENV)/.dev
 	$(PY) -m pytest -q tests

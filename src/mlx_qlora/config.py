@@ -147,3 +147,53 @@ class TrainConfig(_Config):
             raise ValueError(f"iters must be >= 1, got {self.iters}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+
+
+# The settings of the other commands (scripts/ and `mlx-qlora`). Each is the one place its defaults are
+# written: the command's flags default to None ("not given") and its --help shows these values, and the
+# library functions the command calls take their keyword defaults from here. The functions check the values.
+
+
+@dataclass
+class ConvertConfig(_Config):
+    """How ``convert_weights.py`` (``mlx_qlora.convert.convert_checkpoint``) writes a checkpoint."""
+
+    bits: int = 4
+    group_size: Optional[int] = None  # None: one scale and bias per output row
+    dtype: str = "float16"  # of the unquantized tensors and of the scales / biases
+    shard_size_gb: float = 3.0  # approximate size of each output shard, GiB
+
+
+@dataclass
+class SourceConfig(_Config):
+    """Which records ``prepare_data.py`` reads (``mlx_qlora.data.load_records``, ``prepare_dataset``)."""
+
+    split: str = "train"  # of a hub data set or a saved DatasetDict
+
+
+@dataclass
+class EvalConfig(_Config):
+    """What ``evaluate.py`` (``mlx_qlora.generate.evaluate.evaluate``) evaluates and how."""
+
+    split: str = "validation"
+    max_examples: Optional[int] = None  # None: the whole split
+    max_tokens: int = 128  # most tokens generated per answer
+    batch_size: int = 8  # prompts generated together
+
+
+@dataclass
+class MergeConfig(_Config):
+    """What ``merge_adapters.py`` (``mlx_qlora.generate.merge.merge_adapters``) writes."""
+
+    dtype: Optional[str] = None  # None: the base's dtype
+    max_shard_size: str = "5GB"
+    group_size: Optional[int] = None  # of the --quantize copy; None: one scale per row
+    gguf_type: str = "f16"  # f16 | q8_0 | f32
+
+
+@dataclass
+class DemoConfig(_Config):
+    """``demo.py``: where it writes and how long the fine-tuning step runs."""
+
+    out: str = "runs/demo"  # relative to the repository
+    iters: int = 150

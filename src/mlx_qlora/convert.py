@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Optional, Union
 import mlx.core as mx
 from tqdm import tqdm
 
+from .config import ConvertConfig
 from .errors import UserError
 from .io import atomic_dir, atomic_write_json
 from .quant.quantize import SUPPORTED_BITS, n_groups_for, quantize
@@ -54,7 +55,7 @@ SAFETENSORS_DTYPES = {  # safetensors header code -> MLX dtype
     "I64": mx.int64, "U8": mx.uint8, "I8": mx.int8, "BOOL": mx.bool_,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-DEFAULT_SHARD_BYTES = 3 * 2**30
+DEFAULT_SHARD_BYTES = int(ConvertConfig.shard_size_gb * 2**30)
 CHUNK_ELEMENTS = 2**22  # rows converted at a time: 16 MB of float32 per temporary
 
 
@@ -280,9 +281,9 @@ def _disk_check(out_parent: Path, needed: int) -> None:
 def convert_checkpoint(
     hf_path_or_repo: Union[str, Path],
     mlx_path: Union[str, Path],
-    bits: int = 4,
-    group_size: Optional[int] = None,
-    dtype: str = "float16",
+    bits: int = ConvertConfig.bits,
+    group_size: Optional[int] = ConvertConfig.group_size,
+    dtype: str = ConvertConfig.dtype,
     quantize: bool = True,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     verify: bool = True,

@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ..config import DataConfig
+from ..config import DataConfig, SourceConfig
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json
 from .constants import CROSS_ENTROPY_IGNORE_INDEX
@@ -351,7 +351,7 @@ def prepare_dataset(
     config: Optional[DataConfig] = None,
     columns: Optional[ColumnMap] = None,
     skip_bad: bool = False,
-    source_split: str = "train",
+    source_split: str = SourceConfig.split,
     progress: bool = False,
     loaded: Optional[LoadResult] = None,
 ) -> dict:

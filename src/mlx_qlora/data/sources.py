@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..config import SourceConfig
 from ..errors import UserError
 
 PathLike = Union[str, os.PathLike]
@@ -316,7 +317,7 @@ def load_records(
     source: PathLike,
     columns: Optional[ColumnMap] = None,
     skip_bad: bool = False,
-    split: str = "train",
+    split: str = SourceConfig.split,
 ) -> LoadResult:
     """Read and check every record of ``source`` (see the module docstring for what is accepted).
 

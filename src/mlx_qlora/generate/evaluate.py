@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from ..config import EvalConfig
 from ..data.constants import CROSS_ENTROPY_IGNORE_INDEX
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text
@@ -208,8 +209,9 @@ def category_table(per_model: dict[str, dict]) -> str:
 
 
 def evaluate(model_path: Union[str, Path], data_dir: Union[str, Path], out: Union[str, Path],
-             adapter_path: Optional[Union[str, Path]] = None, split: str = "validation",
-             max_examples: Optional[int] = None, max_tokens: int = 128, batch_size: int = 8,
+             adapter_path: Optional[Union[str, Path]] = None, split: str = EvalConfig.split,
+             max_examples: Optional[int] = EvalConfig.max_examples, max_tokens: int = EvalConfig.max_tokens,
+             batch_size: int = EvalConfig.batch_size,
              progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Evaluate the base model (and base + adapters when ``adapter_path`` is given) and write the outputs.
 

@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
+from ..config import MergeConfig
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json
@@ -175,14 +176,14 @@ def merge_adapters(
     adapter_path: Union[str, Path],
     out: Union[str, Path],
     base_weights: Optional[Union[str, Path]] = None,
-    dtype: Optional[str] = None,
-    max_shard_size: Union[str, int] = "5GB",
+    dtype: Optional[str] = MergeConfig.dtype,
+    max_shard_size: Union[str, int] = MergeConfig.max_shard_size,
     check: bool = True,
     quantize: bool = False,
     quantized_out: Optional[Union[str, Path]] = None,
-    group_size: Optional[int] = None,
+    group_size: Optional[int] = MergeConfig.group_size,
     gguf: Optional[Union[str, Path]] = None,
-    gguf_type: str = "f16",
+    gguf_type: str = MergeConfig.gguf_type,
 ) -> MergeReport:
     """Merge the adapters at ``adapter_path`` (run or checkpoint folder) into a full-precision model at ``out``.
 

@@ -100,6 +100,7 @@ def test_read_into_several_shards(llama_dir, exported, tmp_path):
     gguf_to_hf(exported["f32"], tmp_path / "sharded", shard_bytes=40_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(_state(llama_dir))
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in _state(tmp_path / "sharded").values())
     ids = mx.array([[1, 17, 250, 3, 99]])
     np.testing.assert_array_equal(np.array(load_model(tmp_path / "sharded")(ids)), np.array(load_model(llama_dir)(ids)))
 

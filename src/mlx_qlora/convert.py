@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .config import ConvertConfig
 from .errors import UserError
-from .io import atomic_dir, atomic_write_json
+from .io import atomic_dir, atomic_write_json, write_safetensors_shards
 from .quant.quantize import SUPPORTED_BITS, n_groups_for, quantize
 
 # What a conversion needs from a hub repository: never pickled *.bin weights.
@@ -220,18 +220,6 @@ def _plan(files: list[Path], quantize: bool, bits: int, group_size: Optional[int
     return plan, input_bytes, n_quantized
 
 
-def _shards(plan: list[_Tensor], shard_bytes: int) -> list[list[_Tensor]]:
-    shards: list[list[_Tensor]] = [[]]
-    size = 0
-    for tensor in plan:
-        if shards[-1] and size + tensor.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += tensor.nbytes
-    return shards
-
-
 def _write_header(f: BinaryIO, tensors: list[_Tensor]) -> None:
     header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
     offset = 0
@@ -337,19 +325,14 @@ def convert_checkpoint(
     args = _check_config(config, source, quantize, bits, group_size)
     files = weight_files(source)
     plan, input_bytes, n_quantized = _plan(files, quantize, bits, group_size, out_dtype, args.tie_word_embeddings)
-    shards = _shards(plan, shard_bytes)
     output_bytes = sum(t.nbytes for t in plan)
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     _disk_check(mlx_path.parent, output_bytes)
 
     quantization = {"bits": bits, "group_size": group_size, "mode": "affine"} if quantize else None
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     try:
         with atomic_dir(mlx_path, overwrite=overwrite) as tmp:
-            _write_shards(tmp, shards, names, bits, group_size, out_dtype, input_bytes, progress)
-            weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
-            atomic_write_json(tmp / "model.safetensors.index.json",
-                              {"metadata": {"total_size": output_bytes}, "weight_map": weight_map})
+            names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, input_bytes, progress)
             out_config = dict(config)
             for key in ("torch_dtype", "dtype"):
                 if key in out_config:
@@ -368,39 +351,51 @@ def convert_checkpoint(
                             f"(it needs about {output_bytes / 2**30:.2f} GiB)") from None
         raise
     return ConvertResult(
-        path=mlx_path, source=source, n_tensors=len(plan), n_quantized=n_quantized, n_shards=len(shards),
+        path=mlx_path, source=source, n_tensors=len(plan), n_quantized=n_quantized, n_shards=len(names),
         input_bytes=input_bytes, output_bytes=output_bytes, seconds=time.perf_counter() - started,
         quantization=quantization, shards=names,
     )
 
 
-def _write_shards(out_dir: Path, shards: list[list[_Tensor]], names: list[str], bits: int,
-                  group_size: Optional[int], dtype: mx.Dtype, input_bytes: int, progress: bool) -> None:
-    """Read, convert and append every planned tensor to its shard file, one tensor in memory at a time."""
+def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: int, group_size: Optional[int],
+                  dtype: mx.Dtype, input_bytes: int, progress: bool) -> list[str]:
+    """Read, convert and append every planned tensor to its shard file, one tensor in memory at a time;
+    return the shard names.
+
+    The shards keep the plan's order (``natural_order=False``): a quantized weight is read before its
+    scales and biases, which are made with it. Every shard is named ``model-0000i-of-0000n`` and indexed,
+    even a single one.
+    """
+    by_name = {t.name: t for t in plan}
     loaded: dict[Path, dict[str, mx.array]] = {}
     pending: dict[str, tuple[mx.array, mx.array]] = {}  # scales, biases of the weight just quantized
     bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc="converting", disable=not progress)
-    try:
-        for name, shard in zip(names, shards):
-            with open(out_dir / name, "wb") as f:
-                _write_header(f, shard)
-                for tensor in shard:
-                    if tensor.kind in ("scales", "biases"):
-                        chunks = [pending.pop(tensor.name)]
+
+    def write_shard(path: Path, names: list[str]) -> None:
+        shard = [by_name[name] for name in names]
+        with open(path, "wb") as f:
+            _write_header(f, shard)
+            for tensor in shard:
+                if tensor.kind in ("scales", "biases"):
+                    chunks = [pending.pop(tensor.name)]
+                else:
+                    if tensor.file not in loaded:
+                        loaded.clear()  # inputs are read in order: drop the previous file's lazy arrays
+                        loaded[tensor.file] = mx.load(str(tensor.file))
+                    source = _evaluated(loaded[tensor.file].pop(tensor.source))  # reads this tensor only
+                    bar.update(source.nbytes)
+                    if tensor.kind == "weight":
+                        chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending)
                     else:
-                        if tensor.file not in loaded:
-                            loaded.clear()  # inputs are read in order: drop the previous file's lazy arrays
-                            loaded[tensor.file] = mx.load(str(tensor.file))
-                        source = _evaluated(loaded[tensor.file].pop(tensor.source))  # reads this tensor only
-                        bar.update(source.nbytes)
-                        if tensor.kind == "weight":
-                            chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending)
-                        else:
-                            chunks = _cast_chunks(source, tensor.dtype)
-                        del source
-                    _write_tensor(f, tensor, chunks)
-                    del chunks
-                f.flush()
+                        chunks = _cast_chunks(source, tensor.dtype)
+                    del source
+                _write_tensor(f, tensor, chunks)
+                del chunks
+            f.flush()
+
+    try:
+        return write_safetensors_shards(out_dir, {t.name: t.nbytes for t in plan}, shard_bytes, write_shard,
+                                        natural_order=False, numbered=True)
     finally:
         bar.close()
         loaded.clear()

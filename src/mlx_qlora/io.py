@@ -1,14 +1,23 @@
-"""Atomic file output: write to a temporary name in the same folder, then rename."""
+"""Shared file helpers: atomic output (write to a temporary name in the same folder, then rename), sharded
+safetensors folders with their index, and strict JSON reading with one-line errors."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
+
+from .errors import UserError
+
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+_REQUIRED = object()  # read_json's default: a missing file is an error
+_JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+                    bool: "true or false", type(None): "null"}
 
 
 def _umask() -> int:
@@ -37,22 +46,32 @@ def fsync_path(path: str | os.PathLike, missing_ok: bool = False) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
+    """Make ``path`` with ``write(tmp)``, which writes a whole file at ``tmp`` (a temporary name beside
+    ``path`` ending in ``suffix``); then flush it to disk and rename it to ``path``.
+
+    Readers see the old file or the whole new one, never a part; on any error the temporary file is
+    removed and ``path`` is left as it was. The file gets the usual permissions (0666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        write(tmp)
+        fsync_path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` (UTF-8) so that readers see the old file or the whole new one, never a part."""
+    atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -86,3 +105,121 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- sharded safetensors folders ---------------------------------------------------------------------------
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside a name by value: ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def plan_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Split the tensors ``{name: bytes}``, in the mapping's order, into consecutive shards.
+
+    A tensor starts a new shard when it would take the current one over ``max_shard_bytes``; a single
+    tensor larger than the bound gets a shard to itself. Returns the names of each shard (at least one,
+    possibly empty, shard).
+    """
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def shard_file_names(n_shards: int, numbered: bool = False) -> list[str]:
+    """Hugging Face's shard names: ``model.safetensors`` for one shard (unless ``numbered``), else
+    ``model-00001-of-0000n.safetensors`` ..."""
+    if n_shards == 1 and not numbered:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
+
+
+def write_safetensors_shards(
+    folder: Union[str, os.PathLike],
+    sizes: Mapping[str, int],
+    max_shard_bytes: int,
+    write_shard: Callable[[Path, list[str]], None],
+    *,
+    natural_order: bool = True,
+    numbered: bool = False,
+) -> list[str]:
+    """Write a model's tensors into ``folder`` as Hugging Face safetensors shards; return the file names.
+
+    sizes: ``{tensor name: bytes}`` of every tensor, taken in natural order of their names
+    (``natural_key``), or in the mapping's own order without ``natural_order`` (for a writer that must
+    produce tensors in a given order). ``plan_shards`` groups them into shards of at most
+    ``max_shard_bytes``; ``write_shard(path, names)`` writes the safetensors file ``path`` holding the
+    tensors ``names`` (the caller's library and metadata). One shard is ``model.safetensors`` (unless
+    ``numbered``); several are ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``
+    mapping every tensor to its file, ``total_size`` being the tensors' bytes (headers not counted).
+
+    ``folder`` (created if needed) should be a temporary folder (``atomic_dir``): the files are written in
+    place.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    order = sorted(sizes, key=natural_key) if natural_order else list(sizes)
+    shards = plan_shards({name: sizes[name] for name in order}, max_shard_bytes)
+    names = shard_file_names(len(shards), numbered)
+    weight_map: dict[str, str] = {}
+    mode = 0o666 & ~_umask()
+    for file, shard in zip(names, shards):
+        write_shard(folder / file, shard)
+        os.chmod(folder / file, mode)  # some writers make their files private
+        weight_map.update({name: file for name in shard})
+    if len(names) > 1 or numbered:
+        atomic_write_json(folder / SAFETENSORS_INDEX_NAME,
+                          {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+    return names
+
+
+# --- JSON ----------------------------------------------------------------------------------------------------
+
+
+def _json_type_name(types: tuple[type, ...]) -> str:
+    return " or ".join(dict.fromkeys(_JSON_TYPE_NAMES.get(t, t.__name__) for t in types))
+
+
+def read_json(
+    path: Union[str, os.PathLike],
+    expect: Optional[Union[type, tuple[type, ...]]] = dict,
+    *,
+    default: Any = _REQUIRED,
+    missing: str = "not found",
+) -> Any:
+    """The parsed JSON file at ``path``, with every failure a one-line ``UserError`` that names the file.
+
+    expect: the type(s) the top-level value must have (default ``dict``, a JSON object; None: any).
+    default: returned when the file does not exist; without it a missing file is an error whose message
+    is ``"<path>: <missing>"``. A file that cannot be read (a folder, no permission, not UTF-8), text that is
+    not JSON (the message gives the line and column) or a top-level value of another type is an error.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        if default is _REQUIRED:
+            raise UserError(f"{path}: {missing}") from None
+        return default
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: cannot read: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+    if expect is not None:
+        types = expect if isinstance(expect, tuple) else (expect,)
+        # bool is an int in Python but not a number in JSON
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise UserError(f"{path}: expected {_json_type_name(types)} at the top level, "
+                            f"found {_json_type_name((type(value),))}")
+    return value

@@ -17,7 +17,6 @@ BOS, whose label is always ``-100``, so no example is trained to predict another
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 
 from ..errors import UserError
+from ..io import read_json
 from .constants import CROSS_ENTROPY_IGNORE_INDEX
 from .tokenizer import Tokenizer
 
@@ -37,10 +37,7 @@ def read_meta(data_dir: Union[str, os.PathLike]) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise UserError(f"{data_dir}: not a prepared data directory (no meta.json); run scripts/prepare_data.py")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
+    return read_json(path)
 
 
 def check_tokenizer(meta: dict, tokenizer: Tokenizer, source: Optional[Union[str, os.PathLike]] = None) -> None:

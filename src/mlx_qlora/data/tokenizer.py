@@ -7,12 +7,12 @@ or one of those files. Every id list it returns is plain text tokens: BOS and EO
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..errors import UserError
+from ..io import read_json
 
 PathLike = Union[str, os.PathLike]
 
@@ -153,7 +153,7 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
         eos_id=optional(processor.eos_id()),
         pad_id=optional(processor.pad_id()),
         vocab_size=processor.get_piece_size(),
-        chat_template=_chat_template(path.parent, _read_json(path.parent / "tokenizer_config.json")),
+        chat_template=_chat_template(path.parent, read_json(path.parent / "tokenizer_config.json", default={})),
     )
 
 
@@ -161,15 +161,6 @@ def _special_token_string(value) -> Optional[str]:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _chat_template(folder: Path, tokenizer_config: dict) -> Optional[str]:
@@ -191,8 +182,8 @@ def _load_json(path: Path) -> Tokenizer:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises its own Exception type on bad files
         raise UserError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
-    tokenizer_config = _read_json(path.parent / "tokenizer_config.json")
-    model_config = _read_json(path.parent / "config.json")
+    tokenizer_config = read_json(path.parent / "tokenizer_config.json", default={})
+    model_config = read_json(path.parent / "config.json", default={})
 
     def resolve(key: str, guesses: tuple[str, ...]) -> Optional[int]:
         name = _special_token_string(tokenizer_config.get(f"{key}_token"))

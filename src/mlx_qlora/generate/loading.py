@@ -8,14 +8,13 @@ without final adapters falls back to its latest checkpoint (training was interru
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-
 from ..errors import UserError
+from ..io import read_json
 from ..model import load_model
 from ..lora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from ..lora.attach import attach
@@ -71,13 +70,9 @@ def read_run_config(adapter_dir: Path) -> Optional[dict]:
     """``run_config.json`` of the run an adapter folder belongs to (the folder itself, or the run folder
     two levels above a checkpoint), or None."""
     for folder in (adapter_dir, adapter_dir.parent.parent):
-        file = folder / RUN_CONFIG_NAME
-        if file.is_file():
-            try:
-                value = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise UserError(f"{file}: cannot read ({e})") from None
-            return value if isinstance(value, dict) else None
+        value = read_json(folder / RUN_CONFIG_NAME, default=None)
+        if value is not None:
+            return value
     return None
 
 
@@ -86,16 +81,8 @@ def attach_adapters(model, adapter_path: PathLike) -> AdapterInfo:
     checkpoint folder (``lora.attach``). ``UserError`` when the adapters do not fit this model's shape."""
     adapter_dir, note = resolve_adapter_dir(adapter_path)
     run_config = read_run_config(adapter_dir)
-    made_for = (run_config or {}).get("model") or _base_name(adapter_dir)
-    lora_config = attach(model, adapter_dir, made_for=made_for)
+    lora_config = attach(model, adapter_dir, made_for=(run_config or {}).get("model"))
     return AdapterInfo(adapter_dir, lora_config, run_config, note)
-
-
-def _base_name(adapter_dir: Path) -> Optional[str]:
-    try:
-        return json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError):
-        return None
 
 
 def load_for_inference(model_path: PathLike, adapter_path: Optional[PathLike] = None, dtype=None):
@@ -130,12 +117,7 @@ def resolve_template(explicit: Optional[str], adapter: Optional[AdapterInfo], mo
         return checked(explicit), "--template"
     if adapter is not None and adapter.template:
         return checked(adapter.template), f"the {RUN_CONFIG_NAME} of the adapters' run"
-    meta_file = Path(model_path) / MODEL_META_NAME
-    if meta_file.is_file():
-        try:
-            template = json.loads(meta_file.read_text(encoding="utf-8")).get("template")
-        except (OSError, ValueError) as e:
-            raise UserError(f"{meta_file}: cannot read ({e})") from None
-        if template:
-            return checked(template), str(meta_file.name)
+    template = read_json(Path(model_path) / MODEL_META_NAME, default={}).get("template")
+    if template:
+        return checked(template), MODEL_META_NAME
     return DEFAULT_TEMPLATE, "the default: no training metadata found; choose with --template"

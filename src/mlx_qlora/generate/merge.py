@@ -30,7 +30,7 @@ from mlx.utils import tree_map
 from ..config import MergeConfig
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json, write_safetensors_shards
 from ..model import load_model, read_config
 from ..model.loading import model_args_from_config, resolve_dtype
 from ..lora.adapters import load_adapters
@@ -97,34 +97,14 @@ def parse_size(text: Union[str, int]) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
 
 
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+def _write_shards(tensors: dict[str, mx.array], folder: Path, max_shard_bytes: int) -> int:
+    """Write ``tensors`` as Hugging Face shards (``io.write_safetensors_shards``, metadata ``format: pt`` as
+    transformers writes); return the number of shards."""
 
+    def write(path: Path, names: list[str]) -> None:
+        mx.save_safetensors(str(path), {k: tensors[k] for k in names}, metadata={"format": "pt"})
 
-def write_safetensors_shards(tensors: dict[str, mx.array], folder: Path, max_shard_bytes: int) -> int:
-    """Write ``tensors`` as Hugging Face shards (``model.safetensors`` or ``model-0000i-of-0000n.safetensors``
-    plus ``model.safetensors.index.json``); return the number of shards."""
-    names = sorted(tensors, key=_natural_key)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = tensors[name].nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    n = len(shards)
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        mx.save_safetensors(str(folder / file), {k: tensors[k] for k in shard}, metadata={"format": "pt"})
-        weight_map.update({k: file for k in shard})
-    if n > 1:
-        total = sum(t.nbytes for t in tensors.values())
-        atomic_write_json(folder / "model.safetensors.index.json",
-                          {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return n
+    return len(write_safetensors_shards(folder, {k: v.nbytes for k, v in tensors.items()}, max_shard_bytes, write))
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:
@@ -226,7 +206,7 @@ def merge_adapters(
     tokenizer_source = next((p for p in (model_path, base_path) if any((p / f).is_file() for f in TOKENIZER_FILES)), None)
     template = run_config.get("template")
     with atomic_dir(out) as tmp:
-        n_shards = write_safetensors_shards(merged, tmp, parse_size(max_shard_size))
+        n_shards = _write_shards(merged, tmp, parse_size(max_shard_size))
         atomic_write_json(tmp / "config.json", export_config(base_config, out_dtype))
         for name in TOKENIZER_FILES:
             for source in (model_path, base_path):
@@ -268,7 +248,7 @@ def _with_adapters(model, adapter_dir: Path):
 
 
 def _quantize_copy(hf_dir: Path, out: Path, group_size: Optional[int], dtype: str) -> Path:
-    """Our 4-bit format of the merged Hugging Face folder (``quant.convert_checkpoint``), template included."""
+    """Our 4-bit format of the merged Hugging Face folder (``convert.convert_checkpoint``), template included."""
     from ..convert import convert_checkpoint
 
     convert_checkpoint(hf_dir, out, bits=4, group_size=group_size, dtype=dtype, overwrite=True, progress=False)

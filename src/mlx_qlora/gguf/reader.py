@@ -13,7 +13,6 @@ for Q4_1), then stored in ``dtype``: float32 keeps them exactly.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -21,7 +20,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import UserError
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json, write_safetensors_shards
 from .mapping import ARCHITECTURES, CONFIG_KEYS, hf_name, reorder_from_gguf
 from .vocab import tokenizer_files
 
@@ -212,51 +211,32 @@ def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "floa
 
     np_dtype = NP_DTYPES[dtype]
     n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    by_name = {tensor_info.name: (tensor_info, tensor) for tensor_info, tensor in plan}
+    itemsize = np.dtype(np_dtype).itemsize
+    sizes = {tensor_info.name: int(np.prod(tensor_info.shape)) * itemsize for tensor_info, _ in plan}
+    bar = tqdm(total=len(plan), desc="dequantizing", unit="tensor", disable=not progress)
+
+    def write_shard(file: Path, shard_names: list[str]) -> None:
+        """Dequantize one shard's tensors (one shard in memory at a time) and save them."""
+        shard = {}
+        for name in shard_names:
+            tensor_info, tensor = by_name[name]
+            shard[name] = dequantized(tensor, tensor_info, n_heads, n_kv).astype(np_dtype)
+            bar.update(1)
+        save_file(shard, str(file), metadata={"format": "pt"})
+
     with atomic_dir(out) as tmp:
-        shard: dict[str, np.ndarray] = {}
-        shard_sizes, weight_map, written = 0, {}, []
-
-        def flush() -> None:
-            nonlocal shard, shard_sizes
-            if shard:
-                name = f"model-{len(written) + 1:05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-                written.append(name)
-                shard, shard_sizes = {}, 0
-
-        for tensor_info, tensor in tqdm(plan, desc="dequantizing", unit="tensor", disable=not progress):
-            values = dequantized(tensor, tensor_info, n_heads, n_kv).astype(np_dtype)
-            if shard and shard_sizes + values.nbytes > shard_bytes:
-                flush()
-            shard[tensor_info.name] = values
-            shard_sizes += values.nbytes
-        flush()
-        _name_shards(tmp, written, weight_map)
+        try:
+            # the file's own tensor order: the GGUF is read front to back
+            write_safetensors_shards(tmp, sizes, shard_bytes, write_shard, natural_order=False)
+        finally:
+            bar.close()
         atomic_write_json(tmp / "config.json", config)
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         atomic_write_json(tmp / "generation_config.json",
                           {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None})
-        umask = os.umask(0)
-        os.umask(umask)
-        for file in tmp.iterdir():  # safetensors writes its files private; give them the usual permissions
-            os.chmod(file, 0o666 & ~umask)
     return info
-
-
-def _name_shards(folder: Path, written: list[str], weight_map: dict[str, str]) -> None:
-    """Give the shards Hugging Face's names: ``model.safetensors``, or ``model-0000i-of-0000n`` + index."""
-    if len(written) == 1:
-        (folder / written[0]).rename(folder / "model.safetensors")
-        return
-    n = len(written)
-    renamed = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(written)}
-    for old, new in renamed.items():
-        (folder / old).rename(folder / new)
-    total = sum((folder / new).stat().st_size for new in renamed.values())
-    atomic_write_json(folder / "model.safetensors.index.json",
-                      {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}})
 
 
 def is_gguf(path: Union[str, Path]) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UserError
+from ..io import read_json
 
 # GGUF token types (llama.cpp's numbering; sentencepiece uses the same numbers for its piece types).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -203,19 +204,11 @@ def pre_tokenizer_name(pre_tokenizer: Optional[dict]) -> Optional[str]:
     return None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
-
-
 def tokenizer_metadata(folder: Path) -> dict[str, Any]:
     """GGUF ``tokenizer.*`` metadata for the tokenizer of a model folder (``tokenizer.model`` preferred,
     else a byte-level BPE ``tokenizer.json``), as ``{key: value}``."""
     folder = Path(folder)
-    config_file = folder / "tokenizer_config.json"
-    config = _read_json(config_file) if config_file.is_file() else {}
+    config = read_json(folder / "tokenizer_config.json", default={})
     if (folder / "tokenizer.model").is_file():
         meta = _sentencepiece_metadata(folder / "tokenizer.model")
     elif (folder / "tokenizer.json").is_file():
@@ -274,7 +267,7 @@ def _sentencepiece_metadata(path: Path) -> dict[str, Any]:
 
 
 def _byte_level_metadata(path: Path, config: dict) -> dict[str, Any]:
-    data = _read_json(path)
+    data = read_json(path)
     model = data.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise UserError(f"{path}: only byte-level BPE tokenizer.json files can be written to GGUF "

@@ -6,14 +6,11 @@ tokenizer (``vocab.tokenizer_metadata``), the chat template included. Matrices a
 (``F16``) or ``Q8_0`` (8 bits per weight, one float16 scale per 32 weights), vectors (the norms) as
 float32, as llama.cpp's own converter does. A 4-bit folder is dequantized first (``w = scale * q + bias``).
 
-The file is written under a temporary name beside ``out`` and renamed when complete.
+The file is written under a temporary name beside ``out`` and renamed when complete (``io.atomic_write_file``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -21,6 +18,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import UserError
+from ..io import atomic_write_file
 from .mapping import gguf_name, reorder_to_gguf
 from .reader import _gguf
 from .vocab import tokenizer_metadata, tokenizer_notes
@@ -154,12 +152,10 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path], file_type: 
         meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION
     meta.update(token_meta)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
     report = ExportReport(out, file_type, 0, 0, notes=notes)
-    try:
-        writer = gguf.GGUFWriter(tmp, "llama")
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
         _add_metadata(writer, meta)
         for hf, values in tensors.items():
             target = gguf_name(hf)
@@ -173,16 +169,12 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path], file_type: 
                 writer.add_tensor(target, data, raw_dtype=raw_type)  # byte rows; the writer derives the shape
             report.tensor_types[type_name] = report.tensor_types.get(type_name, 0) + 1
             report.n_tensors += 1
-        del tensors
+        tensors.clear()
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write_file(out, write)
     report.bytes = out.stat().st_size
     return report

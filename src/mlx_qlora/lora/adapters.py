@@ -16,11 +16,8 @@ by the prefix ``base_model.model.`` and the suffix ``.weight`` only.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +25,7 @@ import mlx.core as mx
 
 from ..config import ALL_TARGETS, LoRAConfig
 from ..errors import UserError
-from ..io import atomic_write_json, fsync_path
+from ..io import atomic_write_file, atomic_write_json, read_json
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -143,17 +140,10 @@ def save_adapters(
         raise ValueError("no LoRA parameters to save")
     tensors = {peft_key(path): value for path, value in lora_params.items()}
     _check_pairs(lora_params, lora_config.rank, "save_adapters", error=ValueError)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp.safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, tensors, metadata={"format": "pt"})
-        fsync_path(tmp)
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # mx.save_safetensors appends ".safetensors" to a name without it: the temporary name ends with it
+    atomic_write_file(directory / WEIGHTS_NAME,
+                      lambda tmp: mx.save_safetensors(str(tmp), tensors, metadata={"format": "pt"}),
+                      suffix=".tmp.safetensors")
     atomic_write_json(directory / CONFIG_NAME, peft_config_dict(lora_config, base_model_name_or_path))
     return directory
 
@@ -162,14 +152,7 @@ def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``adapter_config.json``; raise ``UserError`` naming the file and field on anything
     we cannot reproduce (another PEFT method, DoRA, biases, per-module ranks, ...)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: not found (an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    values = read_json(path, missing=f"not found (an adapter folder needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     if values.get("peft_type") != "LORA":
         raise UserError(f"{path}: peft_type is {values.get('peft_type')!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -189,6 +172,12 @@ def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
     elif not isinstance(targets, str):
         raise UserError(f"{path}: target_modules must be a list or a string, got {targets!r}")
     return values
+
+
+def base_model_name(directory: str | os.PathLike) -> Optional[str]:
+    """The ``base_model_name_or_path`` that ``directory``'s ``adapter_config.json`` names, or None."""
+    name = read_peft_config(Path(directory) / CONFIG_NAME).get("base_model_name_or_path")
+    return None if name is None else str(name)
 
 
 def load_adapters(directory: str | os.PathLike) -> tuple[dict[str, mx.array], LoRAConfig]:

@@ -13,19 +13,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..config import LoRAConfig
 from ..errors import UserError
 from ..model.modules import decoder_projections
-from ..quant import QuantizedLinear
-from .adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters
+from .adapters import CONFIG_NAME, WEIGHTS_NAME, base_model_name, load_adapters
 from .apply import apply_lora
+from .layer import base_shape
 
 
 def _expected_shapes(model, rank: int) -> dict[str, tuple[int, int]]:
     """``{path.lora_A: (r, in), path.lora_B: (out, r)}`` for every decoder projection of ``model``."""
     shapes = {}
     for path, _, _, module in decoder_projections(model):
-        if isinstance(module, QuantizedLinear):
-            out_features, in_features = module.out_features, module.in_features
-        else:
-            out_features, in_features = module.weight.shape
+        out_features, in_features = base_shape(module)
         shapes[f"{path}.lora_A"] = (rank, in_features)
         shapes[f"{path}.lora_B"] = (out_features, rank)
     return shapes
@@ -37,9 +34,11 @@ def _lora_parameters(model) -> dict[str, mx.array]:
 
 def attach(model, adapter_dir: Path, made_for: Optional[str] = None) -> LoRAConfig:
     """Wrap the projections that ``adapter_dir``'s adapters adapt and load their weights; returns their
-    ``LoRAConfig``. ``made_for``: the base model the adapters were trained on, named in errors.
-    ``UserError`` when the adapters do not fit this model's shape."""
+    ``LoRAConfig``. ``made_for``: the base model the adapters were trained on, named in errors (default:
+    the ``base_model_name_or_path`` of their ``adapter_config.json``). ``UserError`` when the adapters do
+    not fit this model's shape."""
     params, lora_config = load_adapters(adapter_dir)
+    made_for = made_for or base_model_name(adapter_dir)
     n_layers = model.args.num_hidden_layers
     hint = f" (made for {made_for})" if made_for else ""
     deepest = max(int(k.split(".")[2]) for k in params)

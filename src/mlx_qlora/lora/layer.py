@@ -19,8 +19,8 @@ from .merge import lora_delta, lora_scale, merge_weight
 BaseLinear = Union[nn.Linear, QuantizedLinear]
 
 
-def _shape_of(layer: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of an ``nn.Linear`` or ``QuantizedLinear``."""
+def base_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of an ``nn.Linear`` or ``QuantizedLinear``, the layers LoRA wraps."""
     if isinstance(layer, QuantizedLinear):
         return layer.out_features, layer.in_features
     if isinstance(layer, nn.Linear):
@@ -31,11 +31,11 @@ def _shape_of(layer: nn.Module) -> tuple[int, int]:
 class LoRALinear(nn.Module):
     """``y = base(x) + scale * (dropout(x) @ lora_A.T) @ lora_B.T``; only ``lora_A`` and ``lora_B`` train.
 
-    ``scale`` is ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA. ``lora_A`` (rank, in) starts as
+    ``scale`` is ``lora_scale``'s: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA. ``lora_A`` (rank, in) starts as
     PEFT's Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)); ``lora_B`` (out, rank) starts
     at zero, so a new adapter leaves the base's output unchanged. The adapter computes in the input's dtype.
     Where the base runs one dense matmul (training, prompts), the layer is one function with the adapter's
-    product added in that matmul's epilogue (``lora_matmul.py``).
+    product added in that matmul's epilogue (``matmul.py``).
     """
 
     def __init__(
@@ -48,7 +48,7 @@ class LoRALinear(nn.Module):
         dtype: mx.Dtype = mx.float32,
     ):
         super().__init__()
-        out_features, in_features = _shape_of(base)
+        out_features, in_features = base_shape(base)
         if rank < 1:
             raise ValueError(f"rank: must be >= 1, got {rank}")
         self.base = base
@@ -104,7 +104,7 @@ class LoRALinear(nn.Module):
         return y + (self.scale * (h @ self.lora_B.astype(x.dtype).T)).astype(y.dtype)
 
     def _fused(self, x: mx.array) -> Optional[mx.array]:
-        """The adapter's sum inside the base's dense matmul (``lora_matmul.py``), or None where that does not
+        """The adapter's sum inside the base's dense matmul (``matmul.py``), or None where that does not
         apply: dropout in effect, a biased base, or a 4-bit base whose call on ``x`` is not dequantize +
         matmul (decoding few rows)."""
         if self.training and self.dropout_p > 0:
@@ -129,7 +129,7 @@ class LoRALinear(nn.Module):
         ``QuantizedLinear``). The sum is formed in float32 and stored in ``W``'s dtype (for a quantized
         base without ``full_weight``: its scales' dtype).
         """
-        out_features, in_features = _shape_of(self.base)
+        out_features, in_features = base_shape(self.base)
         if full_weight is not None:
             if tuple(full_weight.shape) != (out_features, in_features):
                 raise ValueError(

@@ -1,5 +1,6 @@
-"""The LoRA update as formulas: its scale, the delta weight ``scale * B @ A`` and the merged weight
-``W + scale * B @ A`` (float32, cast once), for one layer or a whole state dict."""
+"""The LoRA update as formulas: the delta weight ``scale * B @ A`` and the merged weight ``W + scale * B @ A``
+(float32, cast once), for one layer or a whole state dict. The scale is ``config.lora_scale`` (it lives with
+``LoRAConfig``, below this package), re-exported here."""
 
 from __future__ import annotations
 

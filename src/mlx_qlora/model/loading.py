@@ -10,7 +10,6 @@ ones that are replaced.
 from __future__ import annotations
 
 import glob
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
+from ..io import SAFETENSORS_INDEX_NAME, read_json
 from .args import ModelArgs
 from .mistral import MistralForCausalLM
 
@@ -36,13 +36,7 @@ def read_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (expected a checkpoint folder with config.json)")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise UserError(f"{config_file}: missing (not a Hugging Face or converted checkpoint folder)")
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_file}: not valid JSON ({e})") from None
+    return read_json(path / "config.json", missing="missing (not a Hugging Face or converted checkpoint folder)")
 
 
 def model_args_from_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
@@ -56,12 +50,11 @@ def model_args_from_config(config: dict[str, Any], source: str = "config.json") 
 def weight_files(path: Union[str, os.PathLike]) -> list[Path]:
     """The safetensors files of a checkpoint, in the order of its index when there is one."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
+    index = path / SAFETENSORS_INDEX_NAME
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: not a valid safetensors index (no 'weight_map' object)")
         files = [path / name for name in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.exists()]
         if missing:

@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 
 from ..config import LoRAConfig
 from ..errors import UserError
-from ..io import atomic_dir, atomic_write_json, atomic_write_text, fsync_path
+from ..io import atomic_dir, atomic_write_json, atomic_write_text, fsync_path, read_json
 from ..lora.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -167,8 +167,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         optimizer = mx.load(str(path / OPTIMIZER_NAME))
     except Exception as e:
         raise UserError(f"{path / OPTIMIZER_NAME}: cannot read safetensors ({e})") from None
-    trainer_state = _read_json(path / TRAINER_STATE_NAME)
-    config = _read_json(path / RUN_CONFIG_NAME)
+    trainer_state = read_json(path / TRAINER_STATE_NAME)
+    config = read_json(path / RUN_CONFIG_NAME)
     if not isinstance(trainer_state.get("step"), int):
         raise UserError(f"{path / TRAINER_STATE_NAME}: missing integer 'step'")
     return {
@@ -180,10 +180,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "trainer_state": trainer_state,
         "config": config,
     }
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None

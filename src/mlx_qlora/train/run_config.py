@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 from ..config import LoRAConfig, TrainConfig
 from ..errors import UserError
+from ..io import read_json
 
 # Flags of finetune.py that set a field of the nested LoRA config.
 LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
@@ -20,16 +20,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
+    if path.suffix.lower() == ".json":
+        values = read_json(path, expect=None)
+    else:
+        import yaml
 
-            values = yaml.safe_load(text)
-    except Exception as e:
-        raise UserError(f"{path}: cannot be parsed ({e})") from None
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except Exception as e:
+            raise UserError(f"{path}: cannot be parsed ({e})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):

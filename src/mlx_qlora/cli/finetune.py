@@ -13,13 +13,13 @@ writes the run folder. See docs/distributed.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import ALL_TARGETS, LoRAConfig, TrainConfig
-from ..errors import UserError, run_cli
+from ..errors import run_cli
+from ..io import read_json
 from .flags import parser, shown
 
 # Keys of a saved run_config.json that are records of the run, not settings to resume with.
@@ -86,10 +86,8 @@ def run(args: argparse.Namespace) -> None:
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "no_progress")}
     config_file = args.config
     if args.resume:
-        saved = Path(args.resume) / "run_config.json"
-        if not saved.exists():
-            raise UserError(f"{saved}: not found; --resume needs a run folder made by finetune.py")
-        record = json.loads(saved.read_text(encoding="utf-8"))
+        record = read_json(Path(args.resume) / "run_config.json",
+                           missing="not found; --resume needs a run folder made by finetune.py")
         base = {k: v for k, v in record.items() if k not in RECORD_ONLY}
         base.update({k: v for k, v in flags.items() if v is not None})
         base["out"] = str(Path(args.resume))

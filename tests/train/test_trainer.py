@@ -28,7 +28,7 @@ from mlx_qlora.train.flat import FlatLayout
 from mlx_qlora.train.step import add_trees, make_grad_fn, make_update_fn
 from mlx_qlora.train.trainer import Trainer, TrainingDiverged
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample" / "dolly_sample.jsonl"
 
 

@@ -1,18 +1,38 @@
-"""Shared fixtures: tiny Hugging Face checkpoints, tiny sentencepiece models, the real Mistral v1 tokenizer.
+"""Shared fixtures: tiny random models, tiny Hugging Face checkpoints, tiny sentencepiece models, the real
+Mistral v1 tokenizer; and the ``gpu`` marker's skip.
 
 Everything is seeded and small so the suite stays fast on two CPU cores. Reference models come from
-``transformers`` (random weights, ``save_pretrained``), never from our own code.
+``transformers`` (random weights, ``save_pretrained``), never from our own code. The test folders mirror
+``src/mlx_qlora/``; the fixtures here are visible in every folder.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 
 import mlx_qlora  # noqa: F401  (loads OpenBLAS before MLX on Linux)
+
+# test_merge.py and test_gguf.py (in this folder) import the adapter writers with ``from test_generate
+# import ...`` after putting their own folder on sys.path; that module is generate/test_generate.py.
+sys.path.append(str(Path(__file__).resolve().parent / "generate"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need MLX's CUDA backend: skipped where MLX computes on anything else."""
+    from mlx_qlora.device import on_cuda
+
+    if on_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs MLX on a CUDA GPU (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
 
 TINY_MISTRAL = dict(
     vocab_size=320,
@@ -27,6 +47,35 @@ TINY_MISTRAL = dict(
     sliding_window=16,
     tie_word_embeddings=False,
 )
+
+
+def tiny_args(**overrides):
+    """``ModelArgs`` of the tiny Mistral (``TINY_MISTRAL``, the shape of the transformers checkpoints below),
+    with ``overrides`` (any ``ModelArgs`` field) replacing its values."""
+    from mlx_qlora.model import ModelArgs
+
+    return ModelArgs(**{**TINY_MISTRAL, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A random ``MistralForCausalLM`` of ``tiny_args(**overrides)``: MLX's default initialisation drawn after
+    ``mx.random.seed(seed)``, the parameters evaluated, the module in MLX's default (training) mode."""
+    import mlx.core as mx
+
+    from mlx_qlora.model import MistralForCausalLM
+
+    mx.random.seed(seed)
+    model = MistralForCausalLM(tiny_args(**overrides))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(name="tiny_model")
+def tiny_model_fixture():
+    """The factory ``tiny_model(seed=0, **overrides) -> MistralForCausalLM`` (test modules cannot import
+    conftest): a small random model for tests that need no transformers reference (those that do use
+    ``hf_checkpoint_factory``, of the same shape)."""
+    return tiny_model
 
 
 def make_hf_checkpoint(path: Path, arch: str = "mistral", seed: int = 0, **overrides) -> Path:

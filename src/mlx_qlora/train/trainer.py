@@ -10,7 +10,10 @@ A run directory holds:
 
 Under ``mlx.launch`` (several ranks, see ``distributed.py``) every rank trains on its rows of each global
 batch and the gradients are summed across ranks before the update; only rank 0 writes the run folder
-and shows the progress bar, and every stop decision (Ctrl-C, time budget) is agreed by all ranks.
+and shows the progress bar, and every stop decision (Ctrl-C, time budget, a callback) is agreed by all ranks.
+
+Code that drives a run observes it, or stops it, through callbacks (``TrainerCallback``) rather than by
+replacing the trainer's methods.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -64,6 +67,18 @@ class RunState:
     data_cursor: dict[str, Any] = field(default_factory=dict)
 
 
+class TrainerCallback(Protocol):
+    """What ``Trainer(..., callbacks=[...])`` calls. Any object with this method will do."""
+
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: dict[str, float]) -> Optional[bool]:
+        """Called on every rank after optimizer step ``step`` (1-based; ``trainer.state.step``) is counted,
+        logged, evaluated and saved as the configuration asks. ``metrics``: the step's ``loss``, ``lr``,
+        ``grad_norm``, ``learned_tokens`` and ``tokens``. Return True to stop the run as Ctrl-C does: a step
+        already queued (``overlap_steps``) is finished too, a checkpoint is saved, and the summary's
+        ``stop_reason`` is ``"interrupted"``; None or False to go on."""
+        ...
+
+
 def step_seed(seed: int, step: int) -> int:
     """The RNG seed of optimizer step ``step``: dropout masks depend on (seed, step) only, so resume is exact."""
     return (seed * 1_000_003 + step) % (2**63)
@@ -85,15 +100,17 @@ class Trainer:
 
     ``world``: this process's rank among the data-parallel ranks (default: ``init_world()``, which is a
     single process unless started by ``mlx.launch``). ``config.batch_size`` is the global batch.
+    ``callbacks``: ``TrainerCallback`` objects, called in order after every step.
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True,
-                 world: Optional[World] = None):
+                 world: Optional[World] = None, callbacks: Sequence[TrainerCallback] = ()):
         self.config = config
         self.run_dir = Path(config.out)
         bound_run_ahead(config.grad_checkpoint)  # before anything runs on the GPU
         self.world = world if world is not None else init_world()
         self.progress = progress and self.world.is_main
+        self.callbacks = list(callbacks)
         self.interrupted = False
         self._queued = 0  # steps queued and not yet finished
         self.local_tokens = 0  # real tokens of this rank in the last step
@@ -408,6 +425,9 @@ class Trainer:
                 if step % c.save_every == 0:
                     self.save()
                     last_saved = step
+                for callback in self.callbacks:  # all of them see the step, even after one asked to stop
+                    if callback.on_step_end(self, step, metrics):
+                        self.interrupted = True  # stopped as by Ctrl-C, so the ranks agree on it below
                 time_up = max_seconds is not None and self.state.elapsed >= max_seconds
                 if self.world.distributed:  # every rank stops after the same step, or the others would hang
                     self.interrupted, time_up = self.world.agree(self.interrupted, time_up)

@@ -1,7 +1,7 @@
 // Runs the bodies of our mx.fast.cuda_kernel sources on the CPU: one std::thread per CUDA thread,
 // blocks one after another, __syncthreads as a block barrier and warp shuffles through a per-warp
 // exchange buffer. Enough of CUDA for kernels whose warps call shuffles uniformly; used by
-// tests/test_cuda_kernels_emulated.py to check the kernels' logic where no GPU exists.
+// tests/kernels/test_emulated.py to check the kernels' logic where no GPU exists.
 // launch_cooperative runs every block at once, each in a forked process (its own shared memory; global
 // memory from shared_alloc is shared), for kernels with grid-wide barriers.
 #pragma once

@@ -28,7 +28,7 @@ from mlx_qlora.train.flat import FlatLayout
 from mlx_qlora.train.step import add_trees, make_grad_fn, make_update_fn
 from mlx_qlora.train.trainer import Trainer, TrainingDiverged
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample" / "dolly_sample.jsonl"
 
 
@@ -106,16 +106,12 @@ def test_exact_resume(workspace, tmp_path, overlap, stopped_at):
     full = Trainer(_config(workspace, tmp_path / "full", overlap_steps=overlap), progress=False)
     full.train()
 
-    interrupted = Trainer(_config(workspace, tmp_path / "resumed", overlap_steps=overlap), progress=False)
-    finish_step = interrupted._finish_step
+    class StopAfterEight:  # asks for the stop Ctrl-C makes
+        def on_step_end(self, trainer, step, metrics):
+            return step == 8
 
-    def stop_after_eight(queued):
-        metrics = finish_step(queued)
-        if interrupted.state.step == 8:
-            interrupted.interrupted = True  # what Ctrl-C does
-        return metrics
-
-    interrupted._finish_step = stop_after_eight
+    interrupted = Trainer(_config(workspace, tmp_path / "resumed", overlap_steps=overlap), progress=False,
+                          callbacks=[StopAfterEight()])
     summary = interrupted.train()
     assert summary["stop_reason"] == "interrupted" and summary["step"] == stopped_at
     resumed = Trainer(_config(workspace, tmp_path / "resumed", overlap_steps=overlap), resume=True, progress=False)

@@ -24,7 +24,7 @@ from mlx_qlora.generate.sampling import SamplerConfig
 from mlx_qlora.model import ModelArgs, load_model
 from mlx_qlora.lora.adapters import save_adapters
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -100,16 +100,12 @@ def test_greedy_matches_transformers_past_the_sliding_window(model, reference, p
 
 
 @pytest.mark.parametrize("eval_every", [1, 2, 5])
-def test_prompt_pass_in_groups_of_layers_is_the_same(eval_every):
+def test_prompt_pass_in_groups_of_layers_is_the_same(tiny_model, eval_every):
     """The prompt pass evaluated every few layers (``MLX_QLORA_PREFILL_EVAL_LAYERS``) computes exactly what
     one queued pass does, the cache included: 5 layers in groups of 1 and 2 (a group waited for while the
     next is queued) and of 5 (one group)."""
-    from mlx_qlora.model import MistralForCausalLM
-
-    mx.random.seed(0)
-    model = MistralForCausalLM(ModelArgs(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=96,
-                                         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512, sliding_window=16))
+    model = tiny_model(seed=0, vocab_size=96, intermediate_size=96, num_hidden_layers=5, sliding_window=16,
+                       max_position_embeddings=512)
     model.eval()
     ids = mx.array(np.random.default_rng(3).integers(3, 96, size=(2, 21)))
     caches = [model.make_cache(), model.make_cache()]

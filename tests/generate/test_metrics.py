@@ -119,7 +119,7 @@ def eval_setup(tiny_hf_checkpoint, tiny_spm_path, tmp_path_factory):
     model_dir = root / "tiny"
     shutil.copytree(tiny_hf_checkpoint, model_dir)
     shutil.copy(tiny_spm_path, model_dir / "tokenizer.model")
-    sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "dolly_sample.jsonl"
+    sample = Path(__file__).resolve().parents[2] / "data" / "sample" / "dolly_sample.jsonl"
     prepare_dataset(sample, model_dir, root / "data", DataConfig(max_seq_len=256, val_fraction=0.1))
     adapters = write_adapters(root / "run", load_model(model_dir).args, template="dolly")
     return model_dir, root / "data", adapters, root
@@ -201,7 +201,7 @@ def test_evaluate_script(eval_setup):
     from pathlib import Path
 
     model_dir, data_dir, adapters, root = eval_setup
-    script = Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py"
     proc = subprocess.run([sys.executable, str(script), "--model", str(model_dir), "--data", str(data_dir),
                            "--max-examples", "2", "--max-tokens", "4", "--out", str(root / "eval-base"),
                            "--no-progress"], capture_output=True, text=True, timeout=120)

@@ -25,7 +25,7 @@ from mlx_qlora.data import (
 )
 from mlx_qlora.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CATEGORIES = ["open_qa", "closed_qa", "classification", "summarization", "brainstorming"]
 
 

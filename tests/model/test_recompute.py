@@ -4,6 +4,7 @@ and activations that are not kept for the backward pass."""
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from mlx_qlora.model.recompute import checkpoint
@@ -75,6 +76,7 @@ def _peak(blocks, ckpt):
     return mx.get_peak_memory()
 
 
+@pytest.mark.slow  # 16 blocks of (2048, 1024) activations, forward and backward twice
 def test_checkpoint_does_not_keep_the_activations():
     # Each block makes a (2048, 1024) float32 activation (8 MB) twice over: 16 blocks hold ~250 MB of
     # them without checkpointing; with it only the (2048, 64) block inputs (0.5 MB each) remain.

@@ -7,22 +7,20 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_qlora.config import LoRAConfig
-from mlx_qlora.model import MistralForCausalLM, ModelArgs
 from mlx_qlora.lora import apply_lora
 from mlx_qlora.train.params import TrainableSlots
 
 
-def _model():
-    args = ModelArgs(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    model = MistralForCausalLM(args)
+@pytest.fixture
+def model(tiny_model):
+    """Two layers with rank-4 adapters on all seven projections, the base frozen."""
+    model = tiny_model(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
     model.freeze()
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
     return model
 
 
-def test_slots_read_and_write_what_the_module_tree_holds():
-    model = _model()
+def test_slots_read_and_write_what_the_module_tree_holds(model):
     slots = TrainableSlots(model)
     want = dict(tree_flatten(model.trainable_parameters()))
     got = slots.get()
@@ -39,7 +37,7 @@ def test_slots_read_and_write_what_the_module_tree_holds():
     assert set(dict(tree_flatten(model.trainable_parameters()))) == set(want)
 
 
-def test_setting_a_frozen_or_unknown_path_is_refused():
-    slots = TrainableSlots(_model())
+def test_setting_a_frozen_or_unknown_path_is_refused(model):
+    slots = TrainableSlots(model)
     with pytest.raises(KeyError, match="q_proj.base.weight"):
         slots.set({"model.layers.0.self_attn.q_proj.base.weight": mx.zeros((1,))})

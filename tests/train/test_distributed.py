@@ -25,7 +25,7 @@ from mlx_qlora.train.checkpoint import latest_checkpoint
 from mlx_qlora.train.distributed import World, rank_seed
 from mlx_qlora.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample" / "dolly_sample.jsonl"
 FINETUNE = ROOT / "scripts" / "finetune.py"
 GLOBAL_BATCH = 4
@@ -124,6 +124,7 @@ def _assert_same_run(got: Path, expected: Path, steps: range) -> None:
         assert a == {s: v for s, v in b.items() if s in a}, key
 
 
+@pytest.mark.slow  # four training runs in fresh processes, two of them on two ranks
 def test_two_ranks_equal_one_process_through_accumulation_and_resume(workspace, tmp_path):
     single = tmp_path / "single"
     _launch(_flags(workspace, single, iters=6), ranks=1, tmp=tmp_path)

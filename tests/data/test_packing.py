@@ -28,16 +28,10 @@ def packed_data(tmp_path_factory, tiny_spm_path):
 
 
 @pytest.mark.parametrize("window", [None, 16])
-def test_packed_logits_equal_examples_alone(packed_data, window):
+def test_packed_logits_equal_examples_alone(packed_data, tiny_model, window):
     import mlx.core as mx
 
-    from mlx_qlora.model import MistralForCausalLM, ModelArgs
-
-    mx.random.seed(0)
-    args = ModelArgs(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, sliding_window=window, max_position_embeddings=256)
-    model = MistralForCausalLM(args)
-    mx.eval(model.parameters())
+    model = tiny_model(seed=0, vocab_size=320, sliding_window=window)  # 320: the tiny tokenizer's vocabulary
     assert max(packed_data.lengths) > 16  # the window matters inside examples
 
     alone = {}

@@ -17,9 +17,8 @@ import pytest
 
 import mlx_qlora  # noqa: F401  (loads OpenBLAS before MLX on Linux)
 
-# test_merge.py and test_gguf.py (in this folder) import the adapter writers with ``from test_generate
-# import ...`` after putting their own folder on sys.path; that module is generate/test_generate.py.
-sys.path.append(str(Path(__file__).resolve().parent / "generate"))
+# Helpers shared by test modules live in tests/support.py (``from support import ...``).
+sys.path.append(str(Path(__file__).resolve().parent))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -105,15 +105,13 @@ def test_perplexity_and_mean():
 def eval_setup(tiny_hf_checkpoint, tiny_spm_path, tmp_path_factory):
     """The tiny model with a tokenizer, a prepared sample split, and hand-made adapters."""
     import shutil
-    import sys
     from pathlib import Path
 
     from mlx_qlora.config import DataConfig
     from mlx_qlora.data.prepare import prepare_dataset
     from mlx_qlora.model import load_model
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_generate import write_adapters
+    from support import write_adapters
 
     root = tmp_path_factory.mktemp("eval")
     model_dir = root / "tiny"

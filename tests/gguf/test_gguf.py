@@ -215,8 +215,7 @@ def test_convert_weights_reads_a_gguf_path(llama_dir, exported, tmp_path):
 
 
 def test_merge_adapters_writes_a_gguf(llama_dir, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from test_generate import write_adapters
+    from support import write_adapters
 
     from mlx_qlora.generate.merge import merge_adapters
 
@@ -294,7 +293,7 @@ def test_convert_weights_script_reports_a_bad_gguf(tmp_path):
     import subprocess
 
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "scripts" / "convert_weights.py"), "--hf-path",
                            str(tmp_path / "bad.gguf"), "--mlx-path", str(tmp_path / "out")],
                           capture_output=True, text=True)

@@ -21,10 +21,9 @@ from mlx_qlora.generate.loading import attach_adapters
 from mlx_qlora.generate.merge import merge_adapters, parse_size
 from mlx_qlora.model import ModelArgs, load_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_generate import random_adapters, write_adapters  # noqa: E402
+from support import random_adapters, write_adapters
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4
 
 

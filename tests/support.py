@@ -1,0 +1,44 @@
+"""Helpers shared by several test modules (``from support import ...``; ``conftest.py`` puts this folder on
+``sys.path``): hand-made LoRA adapters for a model shape, and writing them as a run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+import mlx_qlora  # noqa: F401  (OpenBLAS before MLX)
+import mlx.core as mx
+
+from mlx_qlora.config import LoRAConfig
+from mlx_qlora.lora.adapters import save_adapters
+from mlx_qlora.model import ModelArgs
+
+PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def random_adapters(args: ModelArgs, rank=4, targets=("q_proj", "v_proj", "down_proj"), seed=0, std=0.05):
+    """Hand-made LoRA weights (A (r, in), B (out, r), both non-zero) for a model of shape ``args``."""
+    rng = np.random.default_rng(seed)
+    D, F = args.hidden_size, args.intermediate_size
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    shapes = {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q),
+              "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}
+    params = {}
+    for i in range(args.num_hidden_layers):
+        for t in targets:
+            out_features, in_features = shapes[t]
+            path = f"model.layers.{i}.{PARENTS[t]}.{t}"
+            params[f"{path}.lora_A"] = mx.array(rng.normal(0, std, (rank, in_features)).astype(np.float32))
+            params[f"{path}.lora_B"] = mx.array(rng.normal(0, std, (out_features, rank)).astype(np.float32))
+    return params, LoRAConfig(rank=rank, alpha=2.0 * rank, targets=tuple(targets))
+
+
+def write_adapters(folder: Path, args: ModelArgs, template="dolly", **kwargs) -> Path:
+    params, config = random_adapters(args, **kwargs)
+    save_adapters(folder, params, config, "tiny")
+    if template:
+        (folder / "run_config.json").write_text(json.dumps({"model": "tiny", "template": template}))
+    return folder

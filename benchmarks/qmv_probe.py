@@ -18,6 +18,8 @@ import mlx.nn as nn
 from mlx_qlora.device import on_cuda
 from mlx_qlora.quant import QuantizedLinear
 from mlx_qlora.kernels.cuda import qmv as qmv_cuda
+from mlx_qlora.kernels.cuda import qmv_plan
+from mlx_qlora.kernels.cuda.qmv_source import Variant
 from mlx_qlora.quant.quantize import mlx_group_layout
 
 
@@ -120,14 +122,14 @@ def main() -> None:
             base["mlx_qmm_build_us"], base["mlx_qmm_us"] = timed_us(mlx_qmm, layers, x, args.repeats)
             for per_warp in per_warp_choices:
                 row = dict(base)
-                mma_ok = (per_warp != qmv_cuda.MMA_ROWS
-                          or qmv_cuda.takes_mma(m, in_f, (out_f,), qmv_cuda.Variant(1), dtype))
+                mma_ok = (per_warp != qmv_plan.MMA_ROWS
+                          or qmv_plan.takes_mma(m, in_f, (out_f,), Variant(1), dtype))
                 if qmv_cuda.supports(x, in_f, 4, None) and (per_warp == 0 or out_f % per_warp == 0) and mma_ok:
                     def ours(layer, x, per_warp=per_warp):
                         x2 = x.reshape(-1, x.shape[-1])
-                        return qmv_cuda._launch(x2, [(layer.weight, layer.scales, layer.biases)], per_warp=per_warp)[0]
+                        return qmv_plan.launch(x2, [(layer.weight, layer.scales, layer.biases)], per_warp=per_warp)[0]
 
-                    launch = qmv_cuda._launch_args(m, in_f, (out_f,), qmv_cuda.Variant(1), dtype, per_warp)
+                    launch = qmv_plan.launch_args(m, in_f, (out_f,), Variant(1), dtype, per_warp)
                     row["per_warp"] = dict(launch["template"])["R"]  # 16: the tensor-core body
                     row["ours_build_us"], row["ours_us"] = timed_us(ours, layers, x, args.repeats)
                     row["ours_max_err"] = mx.abs(ours(layers[0], x).astype(mx.float32) - exact).max().item()

@@ -4,14 +4,15 @@ MLX builds the work of a step on the CPU and hands it to the GPU in batches (CUD
 that the step no longer needs is only released when the batch that last read it has run, so while the
 CPU is ahead of the GPU, every buffer of the queued batches is still held. On CUDA the queue can cover
 most of a training step: then the activations that checkpointing drops are freed no earlier than
-without it (measured on an H100 with Mistral-7B shapes at 1 x 2048 tokens: 20.0 GB with checkpointing
-against 29.2 GB without). MLX closes a batch once its outputs reach ``MLX_MAX_MB_PER_BUFFER``
-megabytes and keeps at most ten batches in flight, so a small value bounds the queued memory; 20 MB
-brought the same run to 8.5 GB at about 12% fewer tokens/s.
+without it, and checkpointing saved far less memory than it drops. MLX closes a batch once its
+outputs reach ``MLX_MAX_MB_PER_BUFFER`` megabytes and keeps at most ten batches in flight, so a small
+value bounds the queued memory, at a cost in speed (``memory_probe.py`` and ``gpu_train.py`` measure
+both; ``docs/training.md`` quotes the numbers).
 
 The variable must be set before MLX creates its GPU stream, so ``bound_run_ahead`` is called before
 anything runs on the GPU; a value already in the environment is left alone (set it there to choose
 another). Only CUDA is touched: Metal's command buffers have their own defaults (not measured here).
+This is MLX's own variable, not one of ``mlx_qlora.settings``; that module's table documents it too.
 """
 
 from __future__ import annotations

@@ -52,11 +52,15 @@ def fused_rows(dtype, repeats: int) -> list[dict]:
         groups = [[layer(*shape) for shape in shapes] for _ in range(4)]  # cycled, so weights come from memory
         for group in groups:
             for q in group:
-                q._mlx_layout(dtype)
+                q.mlx_layout(dtype)
         x = mx.random.normal((1, shapes[0][1])).astype(dtype)
 
+        def quantized_matmul(q, x):  # MLX's quantized_matmul on the layer's cached expanded layout
+            scales, biases, group_size = q.mlx_layout(x.dtype)
+            return mx.quantized_matmul(x, q.weight, scales, biases, transpose=True, group_size=group_size, bits=4)
+
         def mlx_path(group, x):
-            ys = [q._quantized_matmul(x) for q in group]
+            ys = [quantized_matmul(q, x) for q in group]
             return nn.silu(ys[0]) * ys[1] if swiglu else ys
 
         def ours(group, x):

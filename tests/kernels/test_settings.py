@@ -142,15 +142,21 @@ def test_the_other_variables_are_read_where_the_table_says():
 
 
 def test_only_the_settings_read_the_environment():
-    """``os.environ`` and ``os.getenv`` appear in ``settings.py`` and in the two modules whose variables
-    must be read before MLX starts (``blas.py``, ``train/run_ahead.py``), nowhere else in the package."""
-    readers = set()
+    """No ``MLX_QLORA_*`` name appears as a string in the package's code outside ``settings.py`` and
+    ``blas.py`` (whose variables are read before MLX loads), and the fast paths' packages (``kernels``,
+    ``quant``, ``model``) touch no ``os.environ``."""
+    names, readers = [], []
     for file in PACKAGE.rglob("*.py"):
+        rel = file.relative_to(PACKAGE).as_posix()
         for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and re.fullmatch(r"MLX_QLORA_[A-Z0-9_]+", node.value) and rel not in ("settings.py", "blas.py")):
+                names.append(f"{rel}: {node.value}")
             if (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")
-                    and isinstance(node.value, ast.Name) and node.value.id == "os"):
-                readers.add(file.relative_to(PACKAGE).as_posix())
-    assert readers == {"settings.py", "blas.py", "train/run_ahead.py"}
+                    and isinstance(node.value, ast.Name) and node.value.id == "os"
+                    and rel.split("/")[0] in ("kernels", "quant", "model")):
+                readers.append(rel)
+    assert not names and not readers, (names, readers)
 
 
 def test_no_file_names_a_variable_that_does_not_exist():

@@ -38,12 +38,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHECKPOINTING = {"off": [False], "on": [True], "both": [False, True]}
 
 # Variants of our stack for side-by-side runs: each worker process starts with these variables set
-# (they are read at import; docs/ARCHITECTURE.md lists them).
+# (``mlx_qlora.settings`` reads them once; docs/ARCHITECTURE.md lists them).
 OUR_VARIANTS = {
     "ours": {},
     "ours-mlx-dequant": {"MLX_QLORA_DEQUANT": "mlx"},
     "ours-mb5": {"MLX_MAX_MB_PER_BUFFER": "5"},
-    "ours-attn": {"MLX_QLORA_DECODE_ATTENTION": "ours"},
     "ours-fused": {"MLX_QLORA_FUSED_DECODE": "1"},
     "ours-unfused": {"MLX_QLORA_FUSED_DECODE": "0"},
     "ours-r4": {"MLX_QLORA_QMV_MIN_WARPS": "1024"},

@@ -248,7 +248,7 @@ def speed(rows_list, shapes, dtype: mx.Dtype, repeats: int, qmm_max_rows: int) -
     ``quantized_matmul`` (forced, and inside MLX's layer) is timed only up to ``qmm_max_rows`` rows: on the
     CPU it grows linearly with rows and takes tens of seconds at 512.
     """
-    from mlx_qlora.quant import quantized_linear as ql
+    from mlx_qlora.quant import matmul as ql
 
     results = []
     for out_features, in_features in shapes:

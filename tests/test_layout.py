@@ -84,19 +84,52 @@ def test_no_import_cycle():
             visit(node, [])
 
 
+def _kernel_module_misuse(file: Path) -> list[str]:
+    """Private names of ``kernels`` modules that ``file`` imports or reads, and kernel-module attributes it
+    assigns (``qmv_cuda.X = ...``, ``setattr(qmv_cuda, ...)``): settings go through ``mlx_qlora.settings``."""
+    tree = ast.parse(file.read_text(encoding="utf-8"))
+    offenders, aliases = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and "kernels" in (node.module or "").split("."):
+            offenders += [f"{file.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+            aliases |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.asname and "kernels" in a.name.split(".")}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            if node.attr.startswith("_"):
+                offenders.append(f"{file.name}: {node.value.id}.{node.attr}")
+            elif isinstance(node.ctx, ast.Store):
+                offenders.append(f"{file.name}: assigns {node.value.id}.{node.attr}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
+              and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in aliases):
+            offenders.append(f"{file.name}: setattr({node.args[0].id}, ...)")
+    return offenders
+
+
 def test_model_code_uses_no_private_kernel_names():
-    """Code outside ``kernels/`` reaches the kernels through their public names only (no ``_name``)."""
+    """Code outside ``kernels/`` reaches the kernels through their public names only (no ``_name``) and
+    sets none of their module attributes."""
     offenders = []
     for file in sorted(PACKAGE.rglob("*.py")):
-        if file.relative_to(PACKAGE).parts[0] == "kernels":
-            continue
-        tree = ast.parse(file.read_text(encoding="utf-8"))
-        aliases = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and "kernels" in (node.module or "").split("."):
-                offenders += [f"{file.name}: {a.name}" for a in node.names if a.name.startswith("_")]
-                aliases |= {a.asname or a.name for a in node.names}
-        offenders += [f"{file.name}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
-                      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                      and node.value.id in aliases and node.attr.startswith("_")]
+        if file.relative_to(PACKAGE).parts[0] != "kernels":
+            offenders += _kernel_module_misuse(file)
     assert not offenders, offenders
+
+
+def test_benchmarks_use_no_private_kernel_names():
+    """The probes too: they pick kernel variants through ``settings.override`` and the public planning
+    functions, not by reaching into kernel modules."""
+    offenders = []
+    for file in sorted((PACKAGE.parents[1] / "benchmarks").rglob("*.py")):
+        offenders += _kernel_module_misuse(file)
+    assert not offenders, offenders
+
+
+def test_the_misuse_check_sees_what_it_looks_for(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from mlx_qlora.kernels.cuda import qmv as q, _x\n"
+                     "import mlx_qlora.kernels.cuda.dequant as d\n"
+                     "q.STAGE = 'all'\nsetattr(d, 'MODE', 1)\nq._launch(1)\nq.qmv(1)\n")
+    assert _kernel_module_misuse(probe) == ["probe.py: _x", "probe.py: assigns q.STAGE", "probe.py: setattr(d, ...)",
+                                            "probe.py: q._launch"]

@@ -62,7 +62,7 @@ def main() -> None:
                 lambda: mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask), args.repeats)
             row["mlx_sliced_us"] = timed_us(lambda: mx.fast.scaled_dot_product_attention(
                 q, keys[:, :, :n_valid], values[:, :, :n_valid], scale=scale), args.repeats)
-            if attention_cuda.supports_shapes(q.shape, keys.shape, q.dtype, keys.dtype):  # opt-in or not
+            if attention_cuda.supports_shapes(q.shape, keys.shape, q.dtype, keys.dtype):
                 def ours():
                     return attention_cuda.decode_attention(q, keys, values, off, scale)
 

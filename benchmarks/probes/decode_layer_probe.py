@@ -30,6 +30,9 @@ from mlx_qlora.device import on_cuda
 from mlx_qlora.kernels.cuda import attention as attention_cuda
 from mlx_qlora.quant import QuantizedLinear
 from mlx_qlora.kernels.cuda import qmv as qmv_cuda
+from mlx_qlora import settings
+from mlx_qlora.kernels.cuda import qmv_plan
+from mlx_qlora.kernels.cuda.qmv_source import Variant
 
 
 def _linear(out_f: int, in_f: int, dtype) -> tuple:
@@ -67,46 +70,41 @@ def cases(cfg: dict, dtype, copies: int, capacity: int, filled: int) -> dict:
 
         def fn(i):
             w = [layers[i][n] for n in ("q", "k", "v")]
-            return qmv_cuda._launch(x, w, variant, per_warp=per_warp, shapes=shapes, extra=extra, head_dim=hd,
-                                    capacity=capacity)
+            return qmv_plan.launch(x, w, variant, per_warp=per_warp, shapes=shapes, extra=extra, head_dim=hd,
+                                   capacity=capacity)
         return fn, nbytes("q", "k", "v")
 
-    full = qmv_cuda.Variant(3, norm_eps=eps, rope=(True, True, False), rope_base=base, cache=True)
+    full = Variant(3, norm_eps=eps, rope=(True, True, False), rope_base=base, cache=True)
     out = {
         "qkv (norm, rope, cache)": qkv(full, [gamma, pos, keys, values]),
-        "qkv (norm, rope, cache) mma": qkv(full, [gamma, pos, keys, values], qmv_cuda.MMA_ROWS),
-        "qkv (norm, rope)": qkv(qmv_cuda.Variant(3, norm_eps=eps, rope=(True, True, False), rope_base=base),
+        "qkv (norm, rope, cache) mma": qkv(full, [gamma, pos, keys, values], qmv_plan.MMA_ROWS),
+        "qkv (norm, rope)": qkv(Variant(3, norm_eps=eps, rope=(True, True, False), rope_base=base),
                                 [gamma, pos]),
-        "qkv (norm)": qkv(qmv_cuda.Variant(3, norm_eps=eps), [gamma], 2),
-        "qkv (rope, cache)": qkv(qmv_cuda.Variant(3, rope=(True, True, False), rope_base=base, cache=True),
+        "qkv (norm)": qkv(Variant(3, norm_eps=eps), [gamma], 2),
+        "qkv (rope, cache)": qkv(Variant(3, rope=(True, True, False), rope_base=base, cache=True),
                                  [pos, keys, values]),
-        "qkv plain": qkv(qmv_cuda.Variant(3), [], 2),
+        "qkv plain": qkv(Variant(3), [], 2),
         "o + residual": (lambda i: qmv_cuda.matmul_residual(x, layers[i]["o"], x), nbytes("o")),
         "gate/up (norm)": (lambda i: qmv_cuda.swiglu_norm(x, gamma, eps, layers[i]["gate"], layers[i]["up"]),
                            nbytes("gate", "up")),
         "down + residual": (lambda i: qmv_cuda.matmul_residual(act, layers[i]["down"], x), nbytes("down")),
     }
 
-    def attention(**settings):  # module settings of attention_cuda for this case (read at each call)
+    def attention(**knobs):  # the attention settings of this case (read at each call)
         def fn(i):
-            before = {name: getattr(attention_cuda, name) for name in settings}
-            for name, value in settings.items():
-                setattr(attention_cuda, name, value)
-            try:
+            with settings.override(**knobs):
                 return attention_cuda.decode_attention(q4, keys, values, pos, hd**-0.5)
-            finally:
-                for name, value in before.items():
-                    setattr(attention_cuda, name, value)
         return fn, 0
 
-    a = attention_cuda
-    default = f"attention, {a.SLOTS_PER_SPLIT} slots per range, {a.PARTIAL_THREADS // 32} warps, runs of {a.UNROLL}"
+    s = settings.current()
+    default = (f"attention, {s.attention_slots} slots per range, {s.attention_threads // 32} warps, "
+               f"runs of {s.attention_unroll}")
     out[default] = attention()
     for slots in (16, 32, 128):
-        out[f"attention, {slots} slots per range"] = attention(SLOTS_PER_SPLIT=slots)
+        out[f"attention, {slots} slots per range"] = attention(attention_slots=slots)
     for threads, unroll in ((256, 4), (128, 8), (128, 4), (64, 4)):
         name = f"attention, {threads // 32} warps, runs of {unroll} slots"
-        out[name] = attention(PARTIAL_THREADS=threads, UNROLL=unroll)
+        out[name] = attention(attention_threads=threads, attention_unroll=unroll)
     return out
 
 

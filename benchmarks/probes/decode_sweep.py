@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Decoding's GPU time per token under several settings, by part of the layer: one ``kernel_profile.py
-decode`` process per setting (the knobs are environment variables read at import), its kernels summed by
-what they compute. One command compares block shapes and unrolling in one lease, where timings between
-leases differ by more than the changes.
+decode`` process per setting (the knobs are environment variables, which ``mlx_qlora.settings`` reads
+once per process), its kernels summed by what they compute. One command compares block shapes and
+unrolling in one lease, where timings between leases differ by more than the changes.
 
   python benchmarks/decode_sweep.py --preset mistral-7b --json sweep.json \\
       --settings "default;MLX_QLORA_ATTENTION_THREADS=256;MLX_QLORA_ATTENTION_UNROLL=8 MLX_QLORA_ATTENTION_SLOTS=32"

@@ -26,7 +26,8 @@ import mlx.nn as nn
 from mlx_qlora.quant import QuantizedLinear
 from mlx_qlora.kernels.cuda import dequant as dequant_cuda
 from mlx_qlora.quant.quantize import dequantize
-from mlx_qlora.quant.quantized_linear import dequantize_weight
+from mlx_qlora.quant.dequant import dequantize_weight
+from mlx_qlora import settings
 
 
 def timed_us(fn, layers, repeats: int) -> float:
@@ -42,7 +43,7 @@ def main() -> None:
     p.add_argument("--shapes", default="14336x4096,4096x14336,4096x4096,1024x4096", help="comma list of OUTxIN")
     p.add_argument("--tokens", type=int, default=2048, help="rows of the matmul that follows")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--words-per-thread", default=str(dequant_cuda._PER_THREAD),
+    p.add_argument("--words-per-thread", default=str(settings.current().dequant_words),
                    help="comma list: our kernel once for each number of 32-bit words per thread")
     p.add_argument("--json")
     args = p.parse_args()
@@ -58,20 +59,18 @@ def main() -> None:
         nbytes = layers[0].weight.nbytes + out_f * in_f * mx.zeros((), dtype=dtype).itemsize
         row = {"shape": shape, "dtype": str(dtype).rpartition(".")[2], "tokens": args.tokens}
         for name, per_thread in [("mlx", None)] + [(f"ours_w{n}", n) for n in counts]:
-            dequant_cuda._ENABLED = per_thread is not None
-            if per_thread is not None:
-                if not dequant_cuda.supports(layers[0].weight, 4, None, dtype):
+            knobs = dict(dequant=False) if per_thread is None else dict(dequant=True, dequant_words=int(per_thread))
+            with settings.override(**knobs):
+                if per_thread is not None and not dequant_cuda.supports(layers[0].weight, 4, None, dtype):
                     continue
-                dequant_cuda._PER_THREAD = int(per_thread)
-                dequant_cuda._launch_args.cache_clear()
 
-            def deq(layer):
-                return dequantize_weight(layer.weight, layer.scales, layer.biases, 4, None, dtype)
+                def deq(layer):
+                    return dequantize_weight(layer.weight, layer.scales, layer.biases, 4, None, dtype)
 
-            row[f"{name}_us"] = timed_us(deq, layers, args.repeats)
-            row[f"{name}_GB_s"] = nbytes / row[f"{name}_us"] / 1e3
-            row[f"{name}_matmul_us"] = timed_us(lambda layer: x @ deq(layer).T, layers, args.repeats)
-            row[f"{name}_max_err"] = mx.abs(deq(layers[0]).astype(mx.float32) - exact).max().item()
+                row[f"{name}_us"] = timed_us(deq, layers, args.repeats)
+                row[f"{name}_GB_s"] = nbytes / row[f"{name}_us"] / 1e3
+                row[f"{name}_matmul_us"] = timed_us(lambda layer: x @ deq(layer).T, layers, args.repeats)
+                row[f"{name}_max_err"] = mx.abs(deq(layers[0]).astype(mx.float32) - exact).max().item()
         rows.append(row)
         print(json.dumps(row), flush=True)
     names = ["mlx"] + [f"ours_w{n}" for n in counts]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Compiled batch-1 decoding of a Mistral-shaped model several ways in one process: MLX's operations
-(fused q/k/v and SwiGLU launches only), with our attention kernels (``MLX_QLORA_DECODE_ATTENTION``), each
-decoder layer in six launches (``model/fused_decode.py``). Reports ms per token, the
+"""Compiled batch-1 decoding of a Mistral-shaped model two ways in one process: layer by layer in MLX's
+operations (fused q/k/v and SwiGLU launches only; MLX's attention with the mask), and each decoder layer in
+six launches (``model/fused_decode.py``, ``settings.fused_decode``). Reports ms per token, the
 host's share (time inside ``mx.async_eval``) and each path's largest logit difference from the first path
 over the same tokens.
 
@@ -24,13 +24,12 @@ from common import PRESETS, compute_dtype, environment, print_table, write_json
 import mlx.core as mx
 
 from gpu_train import build_ours
+from mlx_qlora import settings
 from mlx_qlora.device import on_cuda
 from mlx_qlora.generate.decode_step import CompiledDecoder, DecodeState
-from mlx_qlora.kernels.cuda import attention as attention_cuda
-from mlx_qlora.model import fused_decode
 
-# name -> (our attention kernels, fused decoder layers)
-PATHS = {"mlx attention": (False, False), "our attention": (True, False), "six launches": (True, True)}
+# name -> fused decoder layers (``settings.fused_decode``)
+PATHS = {"mlx attention": False, "six launches": True}
 
 
 def decode(model, prompt: mx.array, tokens: list[int]) -> tuple[mx.array, float, float]:
@@ -78,12 +77,11 @@ def main() -> None:
         p.error(f"unknown paths {unknown}; choose from {list(PATHS)}")
     rows, base = [], None
     for name in chosen:
-        attention, fused = PATHS[name]
-        if attention and not on_cuda():
+        fused = PATHS[name]
+        if fused and not on_cuda():
             continue  # the kernels need CUDA
-        attention_cuda._ENABLED = attention
-        fused_decode._ENABLED = fused
-        logits, ms, host_ms = decode(model, prompt, tokens)
+        with settings.override(fused_decode=fused):
+            logits, ms, host_ms = decode(model, prompt, tokens)
         base = logits if base is None else base
         row = {"path": name, "ms_per_token": ms, "host_ms_per_token": host_ms, "tokens_per_s": 1e3 / ms,
                "max_logit_diff": mx.abs(logits - base).max().item(), "max_abs_logit": mx.abs(base).max().item()}

@@ -23,6 +23,8 @@ import mlx.nn as nn
 from mlx_qlora.device import on_cuda
 from mlx_qlora.quant import QuantizedLinear
 from mlx_qlora.kernels.cuda import qmv as qmv_cuda
+from mlx_qlora.kernels.cuda import qmv_plan
+from mlx_qlora.kernels.cuda.qmv_source import Variant
 from mlx_qlora.quant.quantize import mlx_group_layout
 
 
@@ -55,11 +57,15 @@ def fused_rows(dtype, repeats: int) -> list[dict]:
         groups = [[layer(*shape) for shape in shapes] for _ in range(4)]  # cycled, so weights come from memory
         for group in groups:
             for q in group:
-                q._mlx_layout(dtype)
+                q.mlx_layout(dtype)
         x = mx.random.normal((1, shapes[0][1])).astype(dtype)
 
+        def quantized_matmul(q, x):  # MLX's quantized_matmul on the layer's cached expanded layout
+            scales, biases, group_size = q.mlx_layout(x.dtype)
+            return mx.quantized_matmul(x, q.weight, scales, biases, transpose=True, group_size=group_size, bits=4)
+
         def mlx_path(group, x):
-            ys = [q._quantized_matmul(x) for q in group]
+            ys = [quantized_matmul(q, x) for q in group]
             return nn.silu(ys[0]) * ys[1] if swiglu else ys
 
         def ours(group, x):
@@ -125,14 +131,14 @@ def main() -> None:
             base["mlx_qmm_build_us"], base["mlx_qmm_us"] = timed_us(mlx_qmm, layers, x, args.repeats)
             for per_warp in per_warp_choices:
                 row = dict(base)
-                mma_ok = (per_warp != qmv_cuda.MMA_ROWS
-                          or qmv_cuda.takes_mma(m, in_f, (out_f,), qmv_cuda.Variant(1), dtype))
+                mma_ok = (per_warp != qmv_plan.MMA_ROWS
+                          or qmv_plan.takes_mma(m, in_f, (out_f,), Variant(1), dtype))
                 if qmv_cuda.supports(x, in_f, 4, None) and (per_warp == 0 or out_f % per_warp == 0) and mma_ok:
                     def ours(layer, x, per_warp=per_warp):
                         x2 = x.reshape(-1, x.shape[-1])
-                        return qmv_cuda._launch(x2, [(layer.weight, layer.scales, layer.biases)], per_warp=per_warp)[0]
+                        return qmv_plan.launch(x2, [(layer.weight, layer.scales, layer.biases)], per_warp=per_warp)[0]
 
-                    launch = qmv_cuda._launch_args(m, in_f, (out_f,), qmv_cuda.Variant(1), dtype, per_warp)
+                    launch = qmv_plan.launch_args(m, in_f, (out_f,), Variant(1), dtype, per_warp)
                     row["per_warp"] = dict(launch["template"])["R"]  # 16: the tensor-core body
                     row["ours_build_us"], row["ours_us"] = timed_us(ours, layers, x, args.repeats)
                     row["ours_max_err"] = mx.abs(ours(layers[0], x).astype(mx.float32) - exact).max().item()

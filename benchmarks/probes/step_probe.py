@@ -10,8 +10,8 @@ Variants (``--variants``, comma list; ``+`` combines):
 - ``wait``: the gradients waited for before the update is built, instead of only queued (the host then
   cannot build the update while the GPU runs the backward pass);
 - ``serial``: each step waited for before the next is built, instead of the next queued first;
-- ``unpadded``: attention over the real 2047 query rows, so that MLX differentiates it through its composed
-  formula instead of cuDNN's fused backward (``kernels/cuda/sdpa.py``).
+- ``unpadded``: attention over the real 2047 query rows (``settings.sdpa_pad`` off), so that MLX
+  differentiates it through its composed formula instead of cuDNN's fused backward (``kernels/cuda/sdpa.py``).
 
 Besides tokens/s and peak memory, each row gives the host's time per step (median, ms): calling the
 compiled gradient function, queueing its graph (``mx.async_eval``: MLX encodes every operation for the
@@ -45,7 +45,7 @@ def worker(args) -> dict:
     import mlx.core as mx
 
     from gpu_train import build_ours, step_ours
-    from mlx_qlora.kernels.cuda import sdpa
+    from mlx_qlora import settings
     from mlx_qlora.lora.layer import LoRALinear
     from mlx_qlora.train.run_ahead import bound_run_ahead
 
@@ -54,19 +54,18 @@ def worker(args) -> dict:
     bound_run_ahead(args.checkpointing)
     if "composed" in parts:
         LoRALinear._fused = lambda self, x: None
-    if "unpadded" in parts:
-        unpadded = sdpa.attention
-        sdpa.attention = lambda *a, pad: unpadded(*a, pad=False)
-    cfg = {**PRESETS[args.preset], "num_hidden_layers": args.layers or PRESETS[args.preset]["num_hidden_layers"]}
-    model = build_ours(cfg, compute_dtype(), 16, args.checkpointing)
-    batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)
-    mx.eval(batch)
-    built = mx.get_active_memory() / 1e9
-    mx.reset_peak_memory()
-    phases = []
-    step = step_ours(model, batch, args.loss_chunk, grads_first="one-eval" not in parts,
-                     wait_for_grads="wait" in parts, overlap="serial" not in parts, phases=phases)
-    seconds = median(timed(step, steps=args.steps, warmup=args.warmup))
+    unpadded = {"sdpa_pad": False} if "unpadded" in parts else {}  # attention over the real length
+    with settings.override(**unpadded):
+        cfg = {**PRESETS[args.preset], "num_hidden_layers": args.layers or PRESETS[args.preset]["num_hidden_layers"]}
+        model = build_ours(cfg, compute_dtype(), 16, args.checkpointing)
+        batch = mx.random.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1)).astype(mx.int32)
+        mx.eval(batch)
+        built = mx.get_active_memory() / 1e9
+        mx.reset_peak_memory()
+        phases = []
+        step = step_ours(model, batch, args.loss_chunk, grads_first="one-eval" not in parts,
+                         wait_for_grads="wait" in parts, overlap="serial" not in parts, phases=phases)
+        seconds = median(timed(step, steps=args.steps, warmup=args.warmup))
     timed_phases = phases[args.warmup:]
     ms = {name: 1e3 * median([p[i] for p in timed_phases]) for i, name in enumerate(PHASES)}
     return {**ms, "variant": args.worker, "layers": cfg["num_hidden_layers"], "batch": args.batch, "seq": args.seq,

@@ -5,19 +5,18 @@ projections are taken. The kernels themselves run on CUDA only (``benchmarks/qmv
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_qlora import settings
 from mlx_qlora.config import LoRAConfig
 from mlx_qlora.generate.decode_step import DecodeState, decoder_for
 from mlx_qlora.model import KVCache, MistralForCausalLM, ModelArgs, build_mask, load_model
 from mlx_qlora.kernels.cuda import attention as attention_cuda
 from mlx_qlora.model.static_cache import EMPTY_SLOT, StaticKVCache, slot_positions, static_capacity
-from mlx_qlora.quant import QuantizedLinear, fused
+from mlx_qlora.quant import QuantizedLinear, matmul
 from mlx_qlora.lora import apply_lora
 from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 
@@ -129,20 +128,23 @@ def test_attention_kernel_formula_equals_masked_attention(offset):
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
 
 
-def test_attention_kernel_is_taken_only_where_it_applies(monkeypatch):
+def test_attention_kernel_shapes(monkeypatch):
+    """The shapes the attention passes of the fused decoder layer take."""
+
+    def supports(q, k):
+        return attention_cuda.supports_shapes(q.shape, k.shape, q.dtype, k.dtype)
+
     monkeypatch.setattr(attention_cuda, "on_cuda", lambda: True)
     q, k = mx.zeros((1, 32, 1, 128), dtype=mx.bfloat16), mx.zeros((1, 8, 768, 128), dtype=mx.bfloat16)
-    assert not attention_cuda.supports(q, k)  # opt-in (MLX_QLORA_DECODE_ATTENTION=ours)
-    monkeypatch.setattr(attention_cuda, "_ENABLED", True)
-    assert attention_cuda.supports(q, k)
-    assert not attention_cuda.supports(mx.zeros((1, 32, 2, 128), dtype=mx.bfloat16), k)  # two queries
-    assert attention_cuda.supports(q, mx.zeros((1, 8, 16384, 128), dtype=mx.bfloat16))  # any capacity
-    assert not attention_cuda.supports(q, mx.zeros((1, 1, 768, 128), dtype=mx.bfloat16))  # 32 heads per group
-    assert not attention_cuda.supports(mx.zeros((1, 32, 1, 80), dtype=mx.bfloat16), k[..., :80])  # head dim
-    assert not attention_cuda.supports(mx.zeros((1, 8, 1, 256), dtype=mx.bfloat16),
-                                       mx.zeros((1, 8, 768, 256), dtype=mx.bfloat16))
+    assert supports(q, k)
+    assert not supports(mx.zeros((1, 32, 2, 128), dtype=mx.bfloat16), k)  # two queries
+    assert supports(q, mx.zeros((1, 8, 16384, 128), dtype=mx.bfloat16))  # any capacity
+    assert not supports(q, mx.zeros((1, 1, 768, 128), dtype=mx.bfloat16))  # 32 heads per group
+    assert not supports(mx.zeros((1, 32, 1, 80), dtype=mx.bfloat16), k[..., :80])  # head dim
+    assert not supports(mx.zeros((1, 8, 1, 256), dtype=mx.bfloat16), mx.zeros((1, 8, 768, 256), dtype=mx.bfloat16))
+    assert not supports(q, k.astype(mx.float32))  # keys in another dtype
     monkeypatch.setattr(attention_cuda, "on_cuda", lambda: False)
-    assert not attention_cuda.supports(q, k)
+    assert not supports(q, k)
 
 
 def test_fused_projections_are_taken_only_for_bare_4bit_layers_in_inference(monkeypatch):
@@ -151,26 +153,27 @@ def test_fused_projections_are_taken_only_for_bare_4bit_layers_in_inference(monk
     x = mx.zeros((1, 1, 64))
     for layer in layers:
         layer.eval()
-    assert fused._fusable(layers, x)
-    assert not fused._fusable(layers, mx.zeros((1, 9, 64)))  # prompt rows: dequantize + matmul
+    assert matmul.fuses(layers, x)
+    assert not matmul.fuses(layers, mx.zeros((1, 9, 64)))  # prompt rows: dequantize + matmul
+    with settings.override(fused=False):  # MLX_QLORA_FUSED=0
+        assert not matmul.fuses(layers, x)
     layers[1].train()
-    assert not fused._fusable(layers, x)  # training keeps the differentiable path
+    assert not matmul.fuses(layers, x)  # training keeps the differentiable path
     layers[1].eval()
     grouped = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), group_size=32)
-    assert not fused._fusable([layers[0], grouped], x)
+    assert not matmul.fuses([layers[0], grouped], x)
     from mlx_qlora.lora import LoRALinear
 
-    assert not fused._fusable([layers[0], LoRALinear.from_base(layers[1], rank=2)], x)  # adapters: one by one
+    assert not matmul.fuses([layers[0], LoRALinear.from_base(layers[1], rank=2)], x)  # adapters: one by one
+    assert not matmul.fuses([layers[0], nn.Linear(64, 32, bias=False)], x)  # full precision
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: False)
-    assert fused.fused_projections(layers, x) is None and fused.fused_swiglu(layers[1], layers[2], x) is None
+    assert not matmul.fuses(layers, x)
 
 
 def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     """``model/fused_decode.py`` with each CUDA kernel replaced by the formula it implements (the kernels
     themselves are checked in test_cuda_kernels_emulated.py): the logits of every step equal the
     operation-by-operation path (float32, per-row 4-bit projections, a window the ring wraps around)."""
-    from mlx_qlora.model import fused_decode
-
     model, state, tokens, eager = _quantized_model_and_eager_steps(steps=12)
 
     def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache):
@@ -191,7 +194,6 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
             res.shape)
 
     calls = []
-    monkeypatch.setattr(fused_decode, "_ENABLED", True)
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)  # head dim 16 here
     monkeypatch.setattr(qmv_cuda, "qkv_norm_rope", lambda *a, cache: calls.append("qkv") or qkv(*a, cache))
@@ -200,14 +202,16 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     monkeypatch.setattr(attention_cuda, "decode_attention",
                         lambda q, k, v, pos, scale, prefetch=(): attention_cuda.reference(q, k, v, int(pos.item()),
                                                                                           scale))
-    fused = _traced_steps(model, state, tokens)
+    with settings.override(fused_decode=True):
+        fused = _traced_steps(model, state, tokens)
     assert len(calls) == 12 * model.args.num_hidden_layers  # every layer of every step took the fused path
     np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
 
 
 def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
-    """Attention's first pass gets o_proj's arrays, o_proj's launch the first ``PREFETCH_GATE_UP_MB`` of gate's
-    and up's packed weights (as byte ranges), down's launch nothing (the kernels replaced by recorders)."""
+    """Attention's first pass gets o_proj's arrays, o_proj's launch the first ``prefetch_gate_up_mb`` of gate's
+    and up's packed weights (as byte ranges), down's launch nothing (the kernels replaced by recorders);
+    ``prefetch_o`` off: attention's first pass gets nothing."""
     from mlx_qlora.model import fused_decode
     from mlx_qlora.model.static_cache import StaticKVCache
 
@@ -232,14 +236,18 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
     monkeypatch.setattr(attention_cuda, "decode_attention", attention)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(qmv_cuda, "swiglu_norm", lambda h, *args: mx.zeros((1, 1, m.gate_proj.out_features)))
-    monkeypatch.setattr(fused_decode, "PREFETCH_GATE_UP_MB", 1 / 1024)  # 1 KB of each
-    fused_decode.layer_step(layer, x, StaticKVCache(state.keys[0], state.values[0], state.offset))
+    with settings.override(prefetch_gate_up_mb=1 / 1024):  # 1 KB of each
+        fused_decode.layer_step(layer, x, StaticKVCache(state.keys[0], state.values[0], state.offset))
     attention_pf, o_pf, down_pf = seen
     assert len(attention_pf) == 3 and all(got is want for got, want in zip(attention_pf, a.o_proj.parts))
     assert [(w is want, b, e) for (w, b, e), want in zip(o_pf, (m.gate_proj.weight, m.up_proj.weight))] == [
         (True, 0, 1024), (True, 0, 1024)]
     assert down_pf == []
     assert m.gate_proj.weight.nbytes > 1024  # the range is a part of the weight
+    seen.clear()
+    with settings.override(prefetch_o=False):  # MLX_QLORA_PREFETCH_O=0
+        fused_decode.layer_step(layer, x, StaticKVCache(state.keys[0], state.values[0], state.offset))
+    assert seen[0] == []
 
 
 def _quantized_model_and_eager_steps(steps: int):
@@ -289,19 +297,21 @@ def test_fused_decode_is_default_and_needs_bare_4bit_layers(monkeypatch):
     x = mx.zeros((1, 1, 64))
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     monkeypatch.setattr(attention_cuda, "on_cuda", lambda: True)
-    monkeypatch.setattr(fused_decode, "_ENABLED", False)
     monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)
-    assert not fused_decode.applies(layer, x, cache)  # off with MLX_QLORA_FUSED_DECODE=0
+    with settings.override(fused_decode=False):
+        assert not fused_decode.applies(layer, x, cache)  # off with MLX_QLORA_FUSED_DECODE=0
     monkeypatch.undo()
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     monkeypatch.setattr(attention_cuda, "on_cuda", lambda: True)
-    assert fused_decode._ENABLED == (os.environ.get("MLX_QLORA_FUSED_DECODE", "1") != "0")  # on by default
-    monkeypatch.setattr(fused_decode, "_ENABLED", True)
-    assert fused_decode.applies(layer, x, cache) is False  # head dim 16: the attention kernel needs 32
-    monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)
-    assert fused_decode.applies(layer, x, cache)
-    assert not fused_decode.applies(layer, mx.zeros((1, 2, 64)), cache)  # two tokens
-    assert not fused_decode.applies(layer, x, KVCache(None))  # growing cache
-    apply_lora(model, LoRAConfig(rank=2, alpha=4.0))
-    model.eval()
-    assert not fused_decode.applies(model.layers[0], x, cache)  # adapters: layer by layer
+    assert settings.KernelSettings().fused_decode  # on by default
+    with settings.override(fused_decode=True):  # whatever this process's environment says
+        assert fused_decode.applies(layer, x, cache) is False  # head dim 16: the attention kernel needs 32
+        monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)
+        assert fused_decode.applies(layer, x, cache)
+        assert not fused_decode.applies(layer, mx.zeros((1, 2, 64)), cache)  # two tokens
+        assert not fused_decode.applies(layer, x, KVCache(None))  # growing cache
+        assert not fused_decode.applies(layer, x, None)  # no cache
+        assert not fused_decode.applies(layer, x, cache, position_ids=mx.array([[3]]))  # positions of its own
+        apply_lora(model, LoRAConfig(rank=2, alpha=4.0))
+        model.eval()
+        assert not fused_decode.applies(model.layers[0], x, cache)  # adapters: layer by layer

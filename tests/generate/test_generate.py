@@ -90,11 +90,11 @@ def test_prompt_pass_in_groups_of_layers_is_the_same(tiny_model, eval_every):
 def test_generation_with_the_prompt_pass_in_groups_equals_transformers(model, reference, monkeypatch, eval_layers):
     """Greedy generation equals transformers' with the prompt pass a layer at a time (the default) and
     queued at once (``MLX_QLORA_PREFILL_EVAL_LAYERS=0``)."""
-    from mlx_qlora.generate import generator
+    from mlx_qlora import settings
 
-    monkeypatch.setattr(generator, "PREFILL_EVAL_LAYERS", eval_layers)
     prompt = np.random.default_rng(4).integers(3, 320, size=21).tolist()
-    assert generate(model, None, prompt, max_tokens=12, eos_ids=set()).tokens == _hf_greedy(reference, prompt, 12)
+    with settings.override(prefill_eval_layers=eval_layers):
+        assert generate(model, None, prompt, max_tokens=12, eos_ids=set()).tokens == _hf_greedy(reference, prompt, 12)
 
 
 def test_greedy_stops_at_eos_like_transformers(model, reference):

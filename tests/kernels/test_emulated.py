@@ -17,11 +17,15 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_qlora import settings
 from mlx_qlora.kernels.cuda import attention as attention_cuda
 from mlx_qlora.kernels.cuda import l2_prefetch
-from mlx_qlora.quant import QuantizedLinear
 from mlx_qlora.kernels.cuda import dequant as dequant_cuda
 from mlx_qlora.kernels.cuda import qmv as qmv_cuda
+from mlx_qlora.kernels.cuda import qmv_plan
+from mlx_qlora.kernels.cuda.qmv_source import HEADER as QMV_HEADER
+from mlx_qlora.kernels.cuda.qmv_source import Variant
+from mlx_qlora.quant import QuantizedLinear
 from mlx_qlora.quant.quantize import dequantize
 
 HERE = Path(__file__).resolve().parent
@@ -37,11 +41,10 @@ def _bytes(a: mx.array) -> bytes:
 
 
 def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names: list[str], args: dict,
-            cooperative: bool = False, changed: tuple = ()) -> list:
+            changed: tuple = ()) -> list:
     """Run one kernel launch described by MLX launch ``args`` (template, grid, threadgroup, output shapes
     and dtypes) on ``inputs`` (name -> mx.array); return the outputs as mx arrays, followed by the inputs
-    named in ``changed`` as the kernel left them. ``cooperative``: all blocks at once (grid-wide barriers),
-    global memory shared between the block processes."""
+    named in ``changed`` as the kernel left them."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     lines = ['#include "cuda_emulation.h"']
     for name, value in args["template"]:
@@ -67,9 +70,8 @@ def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names
         main.append(f"  char* out{i} = shared_alloc({sizes[-1]});")
         call.append(f"({_C_TYPES[dt]}*)out{i}")
     blocks = args["grid"][0] // args["threadgroup"][0]
-    run = "launch_cooperative" if cooperative else "launch"
     threads = args["threadgroup"][0]
-    main.append(f"  {run}({{{blocks}, 1, 1}}, {{{threads}, 1, 1}}, [&] {{ kernel_body({', '.join(call)}); }});")
+    main.append(f"  launch({{{blocks}, 1, 1}}, {{{threads}, 1, 1}}, [&] {{ kernel_body({', '.join(call)}); }});")
     for i in range(len(output_names)):
         main.append(f'  write_file("{tmp_path / f"out{i}.bin"}", out{i}, {sizes[i]});')
     for i in range(len(inputs)):  # inputs a kernel may change (counters) come back too
@@ -113,21 +115,18 @@ def _assert_close_to_rounded(got: mx.array, exact: mx.array):
 # 1,056 and 2,080 inputs: 33 and 65 chunks of 32 weights, so lanes loop 2 and 3 times, the last time lane 0 alone.
 # Tensor-core body (16 rows per block): 768 inputs are 3 chunks per warp (lanes of t = 3 idle), 8 input rows
 # fill all of the mma's columns.
-# stage: the CUDA-core body with the input rows staged in shared memory once per block (2,080 inputs:
-# the block's 256 threads stage 8 each in two rounds, the second partly idle).
-@pytest.mark.parametrize("rows,out_f,in_f,per_warp,dtype,stage", [
-    (1, 64, 128, 4, mx.bfloat16, False), (3, 48, 256, 2, mx.bfloat16, False), (2, 40, 64, 1, mx.float32, False),
-    (2, 16, 1056, 2, mx.bfloat16, False), (1, 16, 2080, 4, mx.bfloat16, False),
-    (1, 32, 512, 16, mx.bfloat16, False), (3, 48, 768, 16, mx.bfloat16, False), (8, 16, 256, 16, mx.bfloat16, False),
-    (3, 48, 256, 2, mx.bfloat16, True), (2, 40, 64, 1, mx.float32, True), (1, 16, 2080, 4, mx.bfloat16, True)])
-def test_qmv_kernel(tmp_path, rows, out_f, in_f, per_warp, dtype, stage):
+@pytest.mark.parametrize("rows,out_f,in_f,per_warp,dtype", [
+    (1, 64, 128, 4, mx.bfloat16), (3, 48, 256, 2, mx.bfloat16), (2, 40, 64, 1, mx.float32),
+    (2, 16, 1056, 2, mx.bfloat16), (1, 16, 2080, 4, mx.bfloat16),
+    (1, 32, 512, 16, mx.bfloat16), (3, 48, 768, 16, mx.bfloat16), (8, 16, 256, 16, mx.bfloat16)])
+def test_qmv_kernel(tmp_path, rows, out_f, in_f, per_warp, dtype):
     layer = _layer(out_f, in_f, rows, dtype)
     x = mx.random.normal((rows, in_f)).astype(dtype)
-    variant = qmv_cuda.Variant(1)
-    args = qmv_cuda._launch_args(rows, in_f, (out_f,), variant, dtype, per_warp)
-    assert qmv_cuda.uses_mma(args) == (per_warp == qmv_cuda.MMA_ROWS)
-    source = variant.source(mma=qmv_cuda.uses_mma(args), stage=stage)
-    (y,) = emulate(tmp_path, source, qmv_cuda._HEADER, _inputs([layer], x), ["y0"], args)
+    variant = Variant(1)
+    args = qmv_plan.launch_args(rows, in_f, (out_f,), variant, dtype, per_warp)
+    assert qmv_plan.uses_mma(args) == (per_warp == qmv_plan.MMA_ROWS)
+    source = variant.source(mma=qmv_plan.uses_mma(args))
+    (y,) = emulate(tmp_path, source, QMV_HEADER, _inputs([layer], x), ["y0"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts))
 
 
@@ -137,14 +136,14 @@ def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path, in_f, p
     layers = [_layer(n, in_f, 10 + i) for i, n in enumerate((64, 32, 32))]
     x = mx.random.normal((1, in_f)).astype(mx.bfloat16)
     shapes = ((1, 4, 1, 16), (1, 2, 1, 16), (1, 2, 1, 16))
-    variant = qmv_cuda.Variant(3)
-    args = qmv_cuda._launch_args(1, in_f, (64, 32, 32), variant, mx.bfloat16, per_warp, shapes)
-    source = variant.source(mma=qmv_cuda.uses_mma(args))
+    variant = Variant(3)
+    args = qmv_plan.launch_args(1, in_f, (64, 32, 32), variant, mx.bfloat16, per_warp, shapes)
+    source = variant.source(mma=qmv_plan.uses_mma(args))
     inputs = {}
     for g, layer in enumerate(layers):
         inputs.update({f"w{g}": layer.weight, f"s{g}": layer.scales, f"b{g}": layer.biases})
     inputs["x"] = x
-    outs = emulate(tmp_path, source, qmv_cuda._HEADER, inputs, ["y0", "y1", "y2"], args)
+    outs = emulate(tmp_path, source, QMV_HEADER, inputs, ["y0", "y1", "y2"], args)
     for out, layer, shape in zip(outs, layers, shapes):
         assert out.shape == shape
         _assert_close_to_rounded(out.reshape(1, -1), qmv_cuda.reference(x, *layer.parts))
@@ -154,10 +153,10 @@ def test_qmv_kernel_with_three_weights_and_head_shaped_outputs(tmp_path, in_f, p
 def test_swiglu_kernel(tmp_path, in_f, per_warp):
     gate, up = _layer(96, in_f, 1), _layer(96, in_f, 2)
     x = mx.random.normal((2, in_f)).astype(mx.bfloat16)
-    variant = qmv_cuda.Variant(2, swiglu=True)
-    args = qmv_cuda._launch_args(2, in_f, (96, 96), variant, mx.bfloat16, per_warp)
-    source = variant.source(mma=qmv_cuda.uses_mma(args))
-    (y,) = emulate(tmp_path, source, qmv_cuda._HEADER,
+    variant = Variant(2, swiglu=True)
+    args = qmv_plan.launch_args(2, in_f, (96, 96), variant, mx.bfloat16, per_warp)
+    source = variant.source(mma=qmv_plan.uses_mma(args))
+    (y,) = emulate(tmp_path, source, QMV_HEADER,
                    {"w0": gate.weight, "s0": gate.scales, "b0": gate.biases,
                     "w1": up.weight, "s1": up.scales, "b1": up.biases, "x": x}, ["y"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(x, gate.parts, up.parts))
@@ -181,12 +180,12 @@ def test_qkv_kernel_with_norm_and_rotary_embeddings(tmp_path, position, rope_sca
     layers = [_layer(n, in_f, 20 + i, dtype) for i, n in enumerate((64, 32, 32))]
     x = (3.0 * mx.random.normal((2, in_f))).astype(dtype)
     gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(dtype)
-    variant = qmv_cuda.Variant(3, norm_eps=1e-5, rope=(True, True, False), rope_base=10000.0, rope_scale=rope_scale)
+    variant = Variant(3, norm_eps=1e-5, rope=(True, True, False), rope_base=10000.0, rope_scale=rope_scale)
     shapes = ((2, 4, 1, 16), (2, 2, 1, 16), (2, 2, 1, 16))
     mma = in_f >= 256 and dtype == mx.bfloat16
-    args = qmv_cuda._launch_args(2, in_f, (64, 32, 32), variant, dtype, qmv_cuda.MMA_ROWS if mma else 0, shapes, 16)
+    args = qmv_plan.launch_args(2, in_f, (64, 32, 32), variant, dtype, qmv_plan.MMA_ROWS if mma else 0, shapes, 16)
     assert dict(args["template"])["R"] == (16 if mma else 2)  # rotary pairs need an even number of rows per warp
-    outs = emulate(tmp_path, variant.source(mma=mma, stage=stage), qmv_cuda._HEADER,
+    outs = emulate(tmp_path, variant.source(mma=mma, stage=stage), QMV_HEADER,
                    _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32)),
                    variant.output_names, args)
     want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], position, 16, 10000.0,
@@ -209,11 +208,11 @@ def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, ca
     x = (3.0 * mx.random.normal((2, in_f))).astype(dtype)
     gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(dtype)
     kc, vc = (mx.random.normal((2, 2, capacity, 16)).astype(dtype) for _ in range(2))
-    variant = qmv_cuda.Variant(3, norm_eps=1e-5, rope=(True, True, False), cache=True)
-    per_warp = qmv_cuda.MMA_ROWS if in_f >= 256 else 0
-    args = qmv_cuda._launch_args(2, in_f, (64, 32, 32), variant, dtype, per_warp, ((2, 4, 1, 16),), 16, capacity)
+    variant = Variant(3, norm_eps=1e-5, rope=(True, True, False), cache=True)
+    per_warp = qmv_plan.MMA_ROWS if in_f >= 256 else 0
+    args = qmv_plan.launch_args(2, in_f, (64, 32, 32), variant, dtype, per_warp, ((2, 4, 1, 16),), 16, capacity)
     q, kc_after, vc_after = emulate(
-        tmp_path, variant.source(mma=qmv_cuda.uses_mma(args), stage=stage), qmv_cuda._HEADER,
+        tmp_path, variant.source(mma=qmv_plan.uses_mma(args), stage=stage), QMV_HEADER,
         _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32), kc=kc, vc=vc),
         variant.output_names, args, changed=("kc", "vc"))
     want_q, want_k, want_v = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers],
@@ -233,14 +232,17 @@ def test_qkv_kernel_writes_keys_and_values_into_the_cache(tmp_path, position, ca
         check(after[:, :, slot].reshape(2, 32), want)  # (sequence, kv head * head dim)
 
 
-@pytest.mark.parametrize("in_f,per_warp", [(128, 4), (1024, 16)])
-def test_swiglu_kernel_with_norm(tmp_path, in_f, per_warp):
+# stage: the CUDA-core body with x * gamma staged in shared memory once per block (2,080 inputs: the block's
+# 256 threads stage 8 each in two rounds, the second partly idle).
+@pytest.mark.parametrize("in_f,per_warp,stage", [(128, 4, False), (1024, 16, False), (128, 4, True),
+                                                 (2080, 4, True)])
+def test_swiglu_kernel_with_norm(tmp_path, in_f, per_warp, stage):
     gate, up = _layer(64, in_f, 31), _layer(64, in_f, 32)
     x = (2.0 * mx.random.normal((1, in_f))).astype(mx.bfloat16)
     gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(mx.bfloat16)
-    variant = qmv_cuda.Variant(2, swiglu=True, norm_eps=1e-6)
-    args = qmv_cuda._launch_args(1, in_f, (64, 64), variant, mx.bfloat16, per_warp)
-    (y,) = emulate(tmp_path, variant.source(mma=qmv_cuda.uses_mma(args)), qmv_cuda._HEADER,
+    variant = Variant(2, swiglu=True, norm_eps=1e-6)
+    args = qmv_plan.launch_args(1, in_f, (64, 64), variant, mx.bfloat16, per_warp)
+    (y,) = emulate(tmp_path, variant.source(mma=qmv_plan.uses_mma(args), stage=stage), QMV_HEADER,
                    _inputs([gate, up], x, gamma=gamma), ["y"], args)
     normed = qmv_cuda.reference_rms_norm(x, gamma, 1e-6)
     _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(normed, gate.parts, up.parts))
@@ -248,22 +250,21 @@ def test_swiglu_kernel_with_norm(tmp_path, in_f, per_warp):
 
 # prefetch: blocks appended to the launch that only ask L2 for other arrays (``l2_prefetch``; the emulation
 # has no L2, so they only return): the working blocks' results are unchanged.
-@pytest.mark.parametrize("per_warp,stage,prefetch", [(2, False, False), (16, False, False), (2, True, False),
-                                                     (2, False, True), (16, False, True)])
-def test_matmul_kernel_with_residual(tmp_path, monkeypatch, per_warp, stage, prefetch):
+@pytest.mark.parametrize("per_warp,prefetch", [(2, False), (16, False), (2, True), (16, True)])
+def test_matmul_kernel_with_residual(tmp_path, per_warp, prefetch):
     layer = _layer(48, 256, 40)
     x = mx.random.normal((2, 256)).astype(mx.bfloat16)
     res = (4.0 * mx.random.normal((2, 48))).astype(mx.bfloat16)
-    variant = qmv_cuda.Variant(1, residual=True)
+    variant = Variant(1, residual=True)
     extra, ranges = {}, ()
     if prefetch:
-        monkeypatch.setattr(l2_prefetch, "BLOCKS", 3)
-        variant = qmv_cuda.Variant(1, residual=True, prefetch=2)
+        variant = Variant(1, residual=True, prefetch=2)
         extra = {"pf0": mx.zeros((64, 8), dtype=mx.uint32), "pf1": mx.ones((4096,), dtype=mx.bfloat16)}
         ranges = ((0, 2048), (128, 8192))
-    args = qmv_cuda._launch_args(2, 256, (48,), variant, mx.bfloat16, per_warp, prefetch_ranges=ranges)
-    (y,) = emulate(tmp_path, variant.source(mma=qmv_cuda.uses_mma(args), stage=stage),
-                   qmv_cuda._HEADER + l2_prefetch.HEADER, _inputs([layer], x, res=res) | extra, ["y0"], args)
+    with settings.override(prefetch_blocks=3):
+        args = qmv_plan.launch_args(2, 256, (48,), variant, mx.bfloat16, per_warp, prefetch_ranges=ranges)
+    (y,) = emulate(tmp_path, variant.source(mma=qmv_plan.uses_mma(args)),
+                   QMV_HEADER + l2_prefetch.HEADER, _inputs([layer], x, res=res) | extra, ["y0"], args)
     _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts) + res.astype(mx.float32))
 
 
@@ -271,8 +272,8 @@ def test_matmul_kernel_with_residual(tmp_path, monkeypatch, per_warp, stage, pre
 @pytest.mark.parametrize("out_f,in_f,dtype", [(24, 256, mx.float32), (24, 256, mx.bfloat16), (40, 264, mx.bfloat16)])
 def test_dequantize_kernel(tmp_path, out_f, in_f, dtype):
     layer = _layer(out_f, in_f, 5, dtype=mx.bfloat16)
-    args = dequant_cuda._launch_args(out_f, in_f, dtype)
-    (w,) = emulate(tmp_path, dequant_cuda._SOURCE, dequant_cuda._HEADER,
+    args = dequant_cuda.launch_args(out_f, in_f, dtype)
+    (w,) = emulate(tmp_path, dequant_cuda.SOURCE, dequant_cuda.HEADER,
                    {"w": layer.weight, "scales": layer.scales, "biases": layer.biases}, ["y"], args)
     exact = dequantize(layer.weight, layer.scales, layer.biases, 4, None, mx.float32)
     if dtype == mx.float32:
@@ -291,25 +292,24 @@ def test_decode_attention_kernels(tmp_path, offset, capacity, heads):
 
 
 @pytest.mark.parametrize("threads,unroll", [(64, 2), (128, 4)])
-def test_decode_attention_block_shapes(tmp_path, monkeypatch, threads, unroll):
-    """The first pass with other warps per block and slots per run (``MLX_QLORA_ATTENTION_THREADS`` and
-    ``_UNROLL``): runs that end inside a range, warps without slots."""
-    monkeypatch.setattr(attention_cuda, "PARTIAL_THREADS", threads)
-    monkeypatch.setattr(attention_cuda, "UNROLL", unroll)
-    _check_decode_attention(tmp_path, 70, 256, (4, 2))
-    _check_decode_attention(tmp_path / "wrapped", 300, 64, (4, 1))
+def test_decode_attention_block_shapes(tmp_path, threads, unroll):
+    """The first pass with other warps per block and slots per run (``attention_threads`` and
+    ``attention_unroll``): runs that end inside a range, warps without slots."""
+    with settings.override(attention_threads=threads, attention_unroll=unroll):
+        _check_decode_attention(tmp_path, 70, 256, (4, 2))
+        _check_decode_attention(tmp_path / "wrapped", 300, 64, (4, 1))
 
 
 def test_decode_attention_block_fits_shared_memory():
     """Pass 1's block shrinks (halving its warps) only as far as its shared arrays need: Mistral's 4 query
-    heads per key/value head keep ``PARTIAL_THREADS``; 16 heads of 128 dimensions take 4 warps."""
+    heads per key/value head keep ``attention_threads``; 16 heads of 128 dimensions take 4 warps."""
     limit = 48 * 1024
     for rep in range(1, 17):
         for D in (32, 64, 96, 128):
             threads = attention_cuda.partial_threads(rep, D)
-            assert attention_cuda._partial_shared_bytes(threads, rep, D) <= limit
-            assert threads == attention_cuda.PARTIAL_THREADS or (
-                attention_cuda._partial_shared_bytes(2 * threads, rep, D) > limit)
+            assert attention_cuda.partial_shared_bytes(threads, rep, D) <= limit
+            assert threads == settings.current().attention_threads or (
+                attention_cuda.partial_shared_bytes(2 * threads, rep, D) > limit)
     assert attention_cuda.partial_threads(4, 128) == 256
     assert attention_cuda.partial_threads(16, 128) == 128
 
@@ -321,13 +321,12 @@ def test_decode_attention_kernels_head_dims(tmp_path, D, dtype):
     _check_decode_attention(tmp_path, 70, 128, (4, 2), D, dtype)
 
 
-@pytest.mark.parametrize("mode", ["l2", "bulk"])
-def test_decode_attention_with_prefetch_blocks(tmp_path, monkeypatch, mode):
+def test_decode_attention_with_prefetch_blocks(tmp_path):
     """Pass 1 with blocks that only prefetch the next kernel's arrays (``MLX_QLORA_PREFETCH``):
     the attention blocks' results are unchanged (the emulation has no L2: those blocks only return)."""
-    monkeypatch.setattr(l2_prefetch, "BLOCKS", 3)
     prefetch = [mx.zeros((64, 16), dtype=mx.uint32), mx.ones((64, 1), dtype=mx.bfloat16)]
-    _check_decode_attention(tmp_path, 70, 256, (4, 2), prefetch=(prefetch, mode))
+    with settings.override(prefetch_blocks=3):
+        _check_decode_attention(tmp_path, 70, 256, (4, 2), prefetch=prefetch)
 
 
 def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.float32, prefetch=None):
@@ -336,11 +335,11 @@ def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.fl
     q = mx.random.normal((B, H, 1, D)).astype(dtype)
     keys, values = mx.random.normal((B, HKV, C, D)).astype(dtype), mx.random.normal((B, HKV, C, D)).astype(dtype)
     scale = D**-0.5
-    arrays, mode = prefetch or ([], "l2")
+    arrays = prefetch or []
     partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, dtype,
                                                             tuple((0, a.nbytes) for a in arrays))
     part_acc, part_ml = emulate(
-        tmp_path / "partial", attention_cuda.partial_source(scale, attention_cuda.UNROLL, len(arrays), mode),
+        tmp_path / "partial", attention_cuda.partial_source(scale, settings.current().attention_unroll, len(arrays)),
         attention_cuda.PARTIAL_HEADER + l2_prefetch.HEADER,
         {"q": q, "k": keys, "v": values, "offset": mx.array([offset], dtype=mx.int32)}
         | {f"pf{i}": a for i, a in enumerate(arrays)},

@@ -1,14 +1,17 @@
-"""The few-row per-row 4-bit CUDA path (``kernels/cuda/qmv.py``): its formula against the dequantized weight,
-and when it is taken. The kernel itself needs a CUDA GPU; ``benchmarks/qmv_probe.py`` checks it there
-against ``reference``."""
+"""The few-row per-row 4-bit CUDA path (``kernels/cuda/qmv.py``, planned in ``qmv_plan.py``): its formula
+against the dequantized weight, and when it is taken. The kernel itself needs a CUDA GPU;
+``benchmarks/qmv_probe.py`` checks it there against ``reference``."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_qlora import settings
 from mlx_qlora.quant import QuantizedLinear
 from mlx_qlora.kernels.cuda import qmv as qmv_cuda
+from mlx_qlora.kernels.cuda import qmv_plan, qmv_source
+from mlx_qlora.kernels.cuda.qmv_source import Variant
 
 
 @pytest.mark.parametrize("rows,out_f,in_f,dtype", [(1, 48, 64, mx.float32), (3, 40, 256, mx.float32),
@@ -47,44 +50,73 @@ def test_when_the_kernel_is_taken(monkeypatch, shape, dtype, bits, group, out_f,
     assert qmv_cuda.supports(x, shape[-1], bits, group, out_f) is taken
 
 
+def test_settings_turn_the_kernel_off_and_move_its_threshold(monkeypatch):
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
+    x = mx.zeros((1, 4096), dtype=mx.bfloat16)
+    assert qmv_cuda.supports(x, 4096, 4, None, 14336) and not qmv_cuda.supports(x, 4096, 4, None, 4096)
+    with settings.override(qmv=False):  # MLX_QLORA_QMV=mlx
+        assert not qmv_cuda.supports(x, 4096, 4, None, 14336) and not qmv_cuda.supports(x, 4096, 4, None)
+    with settings.override(qmv_min_weights=4096 * 4096):  # MLX_QLORA_QMV_MIN: a 4096 x 4096 layer alone too
+        assert qmv_cuda.supports(x, 4096, 4, None, 4096)
+
+
+def test_tensor_core_settings_reach_the_cached_launch_arguments():
+    """The launch arguments are cached per shape and per settings: an override changes them, and leaving
+    it gives the default's back."""
+    gate, o = (1, 4096, (14336,), Variant(1), mx.bfloat16), (1, 4096, (4096,), Variant(1), mx.bfloat16)
+    assert qmv_plan.uses_mma(qmv_plan.launch_args(*gate)) and not qmv_plan.uses_mma(qmv_plan.launch_args(*o))
+    with settings.override(qmv_mma=False):  # MLX_QLORA_QMV_MMA=0
+        assert not qmv_plan.uses_mma(qmv_plan.launch_args(*gate))
+    with settings.override(qmv_mma_min_rows=4096):
+        assert qmv_plan.uses_mma(qmv_plan.launch_args(*o))
+    with settings.override(qmv_mma_warps=8):
+        args = qmv_plan.launch_args(*gate)
+        assert args["threadgroup"][0] == 8 * 32 and args["grid"][0] == 14336 // 16 * 8 * 32
+    assert qmv_plan.launch_args(*gate)["threadgroup"][0] == 4 * 32
+    with settings.override(qmv_min_warps=1024):  # 4 rows per warp where 1,024 warps remain
+        assert dict(qmv_plan.launch_args(*o)["template"])["R"] == 4
+    assert dict(qmv_plan.launch_args(*o)["template"])["R"] == 2
+
+
 @pytest.mark.parametrize("out_rows,per_warp", [((14336,), 4), ((4096,), 2), ((1024,), 1), ((4096, 1024, 1024), 2),
                                                ((4100,), 2), ((4098,), 2), ((4097,), 1)])
 def test_rows_per_warp_divides_every_matrix(out_rows, per_warp):
-    got = qmv_cuda.rows_per_warp(out_rows)
+    got = qmv_plan.rows_per_warp(out_rows)
     assert got == per_warp
     assert all(n % got == 0 for n in out_rows)  # a warp never straddles two matrices
 
 
 def test_launch_arguments():
-    args = qmv_cuda._launch_args(1, 4096, (14336,), qmv_cuda.Variant(1), mx.float32)
+    args = qmv_plan.launch_args(1, 4096, (14336,), Variant(1), mx.float32)
     template = dict(args["template"])
     assert template == {"T": mx.float32, "DT": 0, "M": 1, "K": 4096, "ROWS": 14336, "R": 4, "P": 1,
                         "N0": 14336, "N1": 0, "N2": 0}
     assert args["grid"][0] == 14336 // 4 * 32  # one warp per 4 output rows
     assert args["grid"][0] % args["threadgroup"][0] == 0
     assert args["output_shapes"] == [(1, 14336)]
-    assert not qmv_cuda.uses_mma(args)  # float32 inputs stay on the CUDA-core body
+    assert not qmv_plan.uses_mma(args)  # float32 inputs stay on the CUDA-core body
 
 
 @pytest.mark.parametrize("rows,in_f,out_rows,norm,dtype,staged", [
     (1, 4096, (4096, 1024, 1024), True, mx.bfloat16, True),     # q/k/v: 16 KB of x * gamma in float32
     (2, 4096, (4096, 1024, 1024), True, mx.bfloat16, True),     # 32 KB
     (4, 4096, (4096, 1024, 1024), True, mx.bfloat16, False),    # 64 KB: read per warp
-    (1, 4096, (4096,), False, mx.bfloat16, False),              # o: no norm, not staged by default
+    (1, 4096, (4096,), False, mx.bfloat16, False),              # o: no norm, not staged
     (1, 14336, (4096,), False, mx.bfloat16, False),             # down
 ])
-def test_when_the_input_is_staged(monkeypatch, rows, in_f, out_rows, norm, dtype, staged):
-    """``MLX_QLORA_QMV_STAGE=norm`` (the default): the CUDA-core RMSNorm launches whose float32 rows fit in
-    ``STAGE_MAX_BYTES``; with ``all`` every CUDA-core launch that fits (bfloat16 rows as they are)."""
-    monkeypatch.setattr(qmv_cuda, "STAGE", "norm")
-    monkeypatch.setattr(qmv_cuda, "STAGE_MAX_BYTES", 32 * 1024)
-    variant = qmv_cuda.Variant(len(out_rows), norm_eps=1e-5 if norm else None)
-    args = qmv_cuda._launch_args(rows, in_f, out_rows, variant, dtype)
-    assert not qmv_cuda.uses_mma(args)
-    assert qmv_cuda.stages(variant, args) is staged
-    assert qmv_cuda.stage_bytes(rows, in_f, dtype, norm) == rows * in_f * (4 if norm else 2)
-    monkeypatch.setattr(qmv_cuda, "STAGE", "all")
-    assert qmv_cuda.stages(variant, args) is (rows * in_f * (4 if norm else 2) <= 32 * 1024)
+def test_when_the_input_is_staged(rows, in_f, out_rows, norm, dtype, staged):
+    """``qmv_stage="norm"`` (the default): the CUDA-core RMSNorm launches whose float32 rows fit in
+    ``qmv_stage_bytes``; ``none``: no launch."""
+    variant = Variant(len(out_rows), norm_eps=1e-5 if norm else None)
+    with settings.override(qmv_stage="norm", qmv_stage_bytes=32 * 1024):
+        args = qmv_plan.launch_args(rows, in_f, out_rows, variant, dtype)
+        assert not qmv_plan.uses_mma(args)
+        assert qmv_plan.stages(variant, args) is staged
+    assert qmv_plan.stage_bytes(rows, in_f) == rows * in_f * 4
+    with settings.override(qmv_stage="none"):
+        assert not qmv_plan.stages(variant, args)
+    with settings.override(qmv_stage_bytes=64 * 1024):  # a larger bound: 4 rows of q/k/v fit too
+        assert qmv_plan.stages(variant, args) is norm
 
 
 @pytest.mark.parametrize("rows,in_f,out_rows,swiglu,takes,prefers", [
@@ -98,26 +130,27 @@ def test_when_the_input_is_staged(monkeypatch, rows, in_f, out_rows, norm, dtype
     (1, 4096, (14344,), False, False, True),                # rows not whole tiles of 16
 ])
 def test_when_the_tensor_core_body_is_taken(rows, in_f, out_rows, swiglu, takes, prefers):
-    variant = qmv_cuda.Variant(2, swiglu=True) if swiglu else qmv_cuda.Variant(len(out_rows))
-    assert qmv_cuda.takes_mma(rows, in_f, out_rows, variant, mx.bfloat16) is takes
-    args = qmv_cuda._launch_args(rows, in_f, out_rows, variant, mx.bfloat16)
-    assert qmv_cuda.uses_mma(args) is (takes and prefers)
-    assert not qmv_cuda.takes_mma(rows, in_f, out_rows, variant, mx.float32)  # float32 inputs would be rounded
-    if takes:  # asked for: a block of _MMA_WARPS warps per 16 rows (gate and up: 16 of each)
-        forced = qmv_cuda._launch_args(rows, in_f, out_rows, variant, mx.bfloat16, qmv_cuda.MMA_ROWS)
-        assert qmv_cuda.uses_mma(forced)
-        assert forced["grid"][0] == (out_rows[0] if swiglu else sum(out_rows)) // 16 * 32 * qmv_cuda._MMA_WARPS
+    variant = Variant(2, swiglu=True) if swiglu else Variant(len(out_rows))
+    assert qmv_plan.takes_mma(rows, in_f, out_rows, variant, mx.bfloat16) is takes
+    args = qmv_plan.launch_args(rows, in_f, out_rows, variant, mx.bfloat16)
+    assert qmv_plan.uses_mma(args) is (takes and prefers)
+    assert not qmv_plan.takes_mma(rows, in_f, out_rows, variant, mx.float32)  # float32 inputs would be rounded
+    if takes:  # asked for: a block of qmv_mma_warps warps per 16 rows (gate and up: 16 of each)
+        forced = qmv_plan.launch_args(rows, in_f, out_rows, variant, mx.bfloat16, qmv_plan.MMA_ROWS)
+        assert qmv_plan.uses_mma(forced)
+        warps = settings.current().qmv_mma_warps
+        assert forced["grid"][0] == (out_rows[0] if swiglu else sum(out_rows)) // 16 * 32 * warps
     else:
         with pytest.raises(ValueError, match="tensor-core"):
-            qmv_cuda._launch_args(rows, in_f, out_rows, variant, mx.bfloat16, qmv_cuda.MMA_ROWS)
+            qmv_plan.launch_args(rows, in_f, out_rows, variant, mx.bfloat16, qmv_plan.MMA_ROWS)
 
 
 def test_launch_arguments_of_the_fused_kernels():
-    qkv = qmv_cuda._launch_args(1, 4096, (4096, 1024, 1024), qmv_cuda.Variant(3), mx.bfloat16,
-                                shapes=((1, 32, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128)))
+    qkv = qmv_plan.launch_args(1, 4096, (4096, 1024, 1024), Variant(3), mx.bfloat16,
+                               shapes=((1, 32, 1, 128), (1, 8, 1, 128), (1, 8, 1, 128)))
     assert dict(qkv["template"])["ROWS"] == 6144 and len(qkv["output_shapes"]) == 3
     assert qkv["output_shapes"][0] == (1, 32, 1, 128) and qkv["output_dtypes"] == [mx.bfloat16] * 3
-    swiglu = qmv_cuda._launch_args(2, 4096, (14336, 14336), qmv_cuda.Variant(2, swiglu=True), mx.float32)
+    swiglu = qmv_plan.launch_args(2, 4096, (14336, 14336), Variant(2, swiglu=True), mx.float32)
     template = dict(swiglu["template"])
     assert template["ROWS"] == 14336 and template["P"] == 2  # gate and up rows of one index in one warp
     assert swiglu["output_shapes"] == [(2, 14336)]
@@ -125,7 +158,7 @@ def test_launch_arguments_of_the_fused_kernels():
 
 def test_generated_sources_name_only_existing_inputs():
     for g in (1, 2, 3):
-        code = qmv_cuda._select_split(g) + qmv_cuda._epilogue_split(g)
+        code = qmv_source.select_split(g) + qmv_source.epilogue_split(g)
         assert all(f"w{i}" in code and f"y{i}" in code for i in range(g))
         assert f"w{g}" not in code and f"s{g}" not in code and f"y{g}" not in code
 

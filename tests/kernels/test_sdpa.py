@@ -1,6 +1,6 @@
 """``kernels/cuda/sdpa.py``: attention over a length padded to cuDNN's tile gives the same outputs and gradients
-as over the real length (causal, packed segments, key padding), and the model pads only when training on
-CUDA without a cache."""
+as over the real length (causal, packed segments, key padding), and the model's attention seam
+(``model/attention.py``) pads only when training on CUDA without a cache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_qlora.model import MistralForCausalLM, ModelArgs, layers
+from mlx_qlora import settings
+from mlx_qlora.model import MistralForCausalLM, ModelArgs
+from mlx_qlora.model import attention as attention_seam
 from mlx_qlora.kernels.cuda import sdpa
 from mlx_qlora.model.mask import build_mask
 
@@ -48,13 +50,13 @@ def test_padded_attention_equals_attention(name, L):
 
 def test_padded_mask_hides_padded_keys_and_lets_padded_queries_see_themselves():
     mask = _masks(6)["segments"]
-    padded = sdpa._padded_mask(mask, 6)
+    padded = sdpa.padded_mask(mask, 6)
     assert padded.shape == (2, 1, 128, 128)
     assert mx.array_equal(padded[..., :6, :6], mask)
     assert not padded[..., :6, 6:].any().item()  # no real query sees a padded key
     assert mx.array_equal(padded[1, 0, 6:, 6:], mx.eye(122, dtype=mx.bool_))
-    assert sdpa._padded_mask(mask.astype(mx.float32), 6) is None  # additive masks: left alone
-    assert sdpa._padded_mask(None, 6) is None and sdpa.padded_length(128) == 128
+    assert sdpa.padded_mask(mask.astype(mx.float32), 6) is None  # additive masks: left alone
+    assert sdpa.padded_mask(None, 6) is None and sdpa.padded_length(128) == 128
 
 
 def test_the_model_pads_only_when_training_on_cuda(monkeypatch):
@@ -65,12 +67,20 @@ def test_the_model_pads_only_when_training_on_cuda(monkeypatch):
     real = sdpa.attention
     monkeypatch.setattr(sdpa, "attention", lambda *a, pad: seen.append(pad) or real(*a, pad=pad))
     tokens = mx.array([[1, 2, 3, 4, 5]])
-    monkeypatch.setattr(layers, "on_cuda", lambda: True)
+    monkeypatch.setattr(attention_seam, "on_cuda", lambda: True)
     model.train()
     mx.eval(model(tokens))
     model.eval()
     mx.eval(model(tokens))
-    monkeypatch.setattr(layers, "on_cuda", lambda: False)
     model.train()
+    with settings.override(sdpa_pad=False):  # MLX_QLORA_SDPA_PAD=0
+        mx.eval(model(tokens))
+    monkeypatch.setattr(attention_seam, "on_cuda", lambda: False)
     mx.eval(model(tokens))
-    assert seen == [True, False, False]
+    assert seen == [True, False, False, False]
+    model.eval()
+    mx.eval(model(tokens, cache=model.make_cache()))  # with a cache: never padded
+    monkeypatch.setattr(attention_seam, "on_cuda", lambda: True)
+    model.train()
+    mx.eval(model(tokens, cache=model.make_cache()))
+    assert seen == [True, False, False, False, False, False]

@@ -9,7 +9,6 @@ string, after ``max_tokens``, or when the next position would pass the model's c
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -17,17 +16,12 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .. import settings
 from ..errors import UserError
 from .decode_step import DecodeState, decoder_for
 from .sampling import KeyStream, SamplerConfig, mark_seen, sample, seen_mask
 
 DEFAULT_PREFILL_CHUNK = 512
-# Layers per group of the prompt pass (``MistralModel``'s ``eval_every``; 0: the whole pass queued at once).
-# Queued at once, a 512-token prompt of Mistral-7B peaked at 16.0 GB on an H100 for 3.8 GB of 4-bit
-# weights (each layer's dequantized weights held until the queued pass had run); a layer at a time at
-# 5.7 GB (mlx-lm: 5.8), and faster: 21,237-21,502 against 16,658 tokens/s (groups of 4: 8.8 GB;
-# benchmarks/RESULTS.md). The same on the CPU (no difference in time or memory). Env knob.
-PREFILL_EVAL_LAYERS = int(os.environ.get("MLX_QLORA_PREFILL_EVAL_LAYERS", "1"))
 
 
 @dataclass
@@ -170,8 +164,12 @@ def _prefill(model, ids: mx.array, cache, chunk: int, position_ids=None, attenti
             kwargs["position_ids"] = position_ids[:, start:end]
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask[:, :end]
-        hidden = model.hidden_states(ids[:, start:end], cache=cache, eval_every=PREFILL_EVAL_LAYERS,
-                                     **kwargs)  # (B, l, D)
+        # The prompt pass a few layers at a time (``settings.prefill_eval_layers``; 0: queued at once): a
+        # GPU holds each layer's dequantized weights until the queued work that read them has run, so
+        # queued at once the pass held most layers' weights together, and a layer at a time was faster
+        # too (``gpu_generate.py``'s prefill variants). The same on the CPU.
+        hidden = model.hidden_states(ids[:, start:end], cache=cache,
+                                     eval_every=settings.current().prefill_eval_layers, **kwargs)  # (B, l, D)
         if end < L:
             mx.eval([c.state for c in cache])
     return model.logits_from_hidden(hidden[:, -1, :]).astype(mx.float32)  # (B, V)

@@ -1,4 +1,4 @@
-"""One decoder layer of compiled decoding on CUDA in six launches instead of about twenty.
+"""The decoder-layer seam: one decoder layer of compiled decoding on CUDA in six launches instead of about twenty.
 
 With one token per sequence, a ``StaticKVCache`` and bare per-row 4-bit projections, a layer runs as:
 
@@ -9,35 +9,29 @@ With one token per sequence, a ``StaticKVCache`` and bare per-row 4-bit projecti
 4. ``swiglu_norm``: post-attention RMSNorm, gate, up and SwiGLU;
 5. ``matmul_residual``: down_proj plus the residual.
 
-The norms, rotations and residual sums happen in float32 inside the kernels and are rounded once, so
-outputs differ from the operation-by-operation path by bfloat16 rounding only (largest logit difference
-0.039 at logits up to 2.6 on Mistral-7B shapes). On by default: on an H100 decoding ran at 1.96-2.36x
-mlx-lm's tokens/s in four runs (325.8 against 145.8 in the latest; ``benchmarks/RESULTS.md``). Writing
-the cache in place instead of two ``slice_update`` per layer took a token from 5.0 to 3.1 ms: those
-copies were a quarter of the GPU's time (``benchmarks/kernel_profile.py``).
+``DecoderLayer.__call__`` asks ``applies`` and otherwise runs the layer operation by operation. The
+norms, rotations and residual sums happen in float32 inside the kernels and are rounded once, so outputs
+differ from the operation-by-operation path by bfloat16 rounding only. On by default
+(``settings.fused_decode``): decoding was faster than layer by layer, and writing the cache in place
+saved the two ``slice_update`` copies per layer that took a large share of the GPU's time
+(``fused_decode_probe.py``, ``kernel_profile.py``).
+
+Where ``l2_prefetch`` is on, launches also ask L2 for what the next kernel reads: attention's first pass
+(its memory mostly idle) the o_proj arrays (``settings.prefetch_o``), o_proj's kernel the first
+``settings.prefetch_gate_up_mb`` MB of gate's and of up's packed weights, which the first blocks of the
+SwiGLU kernel read (gate/up faster, o and down unchanged: ``decode_sweep.py``).
 The CPU tests check the kernels by emulation and this wiring with the kernels' formulas in their place.
 """
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
+from .. import settings
 from ..kernels.cuda import attention as attention_cuda
 from ..kernels.cuda import qmv as qmv_cuda
 from ..quant.quantized_linear import QuantizedLinear
 from .static_cache import StaticKVCache
-
-# MLX_QLORA_FUSED_DECODE: "0" off (layer by layer in MLX operations), "1" six launches per layer.
-_ENABLED = os.environ.get("MLX_QLORA_FUSED_DECODE", "1") != "0"
-# Where ``l2_prefetch`` is on, what the launches ask L2 for: attention's first pass (memory mostly idle)
-# the o_proj arrays (PREFETCH_O), o_proj's kernel (reading them from L2) the first PREFETCH_GATE_UP_MB of
-# gate's and of up's packed weights, which the first blocks of the SwiGLU kernel read. On an H100 gate/up
-# took 0.07 ms per token of Mistral-7B less in every lease (0.861-0.890 against 0.933-0.962) with o and
-# down unchanged (8 MB, 16 MB: o slower by more than gate/up gained; benchmarks/RESULTS.md).
-PREFETCH_O = os.environ.get("MLX_QLORA_PREFETCH_O", "1") == "1"
-PREFETCH_GATE_UP_MB = float(os.environ.get("MLX_QLORA_PREFETCH_GATE_UP_MB", "4"))
 
 
 def _projections(layer) -> list:
@@ -45,10 +39,12 @@ def _projections(layer) -> list:
     return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
 
 
-def applies(layer, x: mx.array, cache) -> bool:
-    """Opted in, one token per sequence over a ``StaticKVCache``, every projection a bare per-row 4-bit
-    layer in inference, and shapes the kernels take."""
-    if not (_ENABLED and isinstance(cache, StaticKVCache) and x.ndim == 3 and x.shape[1] == 1):
+def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
+    """Whether ``layer_step`` runs this call: ``settings.fused_decode`` on, one token per sequence over a
+    ``StaticKVCache`` at the cache's own positions, every projection a bare per-row 4-bit layer in
+    inference, and shapes the kernels take."""
+    if not (settings.current().fused_decode and isinstance(cache, StaticKVCache) and position_ids is None
+            and x.ndim == 3 and x.shape[1] == 1):
         return False
     if not all(type(p) is QuantizedLinear and p.runs_bare_per_row_4bit for p in _projections(layer)):
         return False
@@ -71,6 +67,7 @@ def _first_mb(weight: mx.array, mb: float) -> tuple[mx.array, int, int]:
 
 def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     """x (B, 1, hidden) -> the layer's output (B, 1, hidden); stores this position's keys and values."""
+    s = settings.current()
     a, m = layer.self_attn, layer.mlp
     B = x.shape[0]
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -81,8 +78,8 @@ def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
         a.rope_theta, a.rope_scale, (B, a.n_heads, 1, a.head_dim), cache=(cache.keys, cache.values))
     cache.keys, cache.values = keys, values
     attn = attention_cuda.decode_attention(q, keys, values, position, a.scale,
-                                           prefetch=a.o_proj.parts if PREFETCH_O else ())  # (B, 1, H * hd)
-    gate_up = [_first_mb(w, PREFETCH_GATE_UP_MB) for w in (m.gate_proj.weight, m.up_proj.weight)]
+                                           prefetch=a.o_proj.parts if s.prefetch_o else ())  # (B, 1, H * hd)
+    gate_up = [_first_mb(w, s.prefetch_gate_up_mb) for w in (m.gate_proj.weight, m.up_proj.weight)]
     h = qmv_cuda.matmul_residual(attn, a.o_proj.parts, x, prefetch=gate_up)  # (B, 1, hidden)
     act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, m.gate_proj.parts, m.up_proj.parts)
     return qmv_cuda.matmul_residual(act, m.down_proj.parts, h)

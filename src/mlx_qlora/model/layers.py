@@ -1,4 +1,10 @@
-"""The pieces of a Mistral decoder layer: RMSNorm, rotary embeddings, attention, SwiGLU MLP."""
+"""The pieces of a Mistral decoder layer: RMSNorm, rotary embeddings, attention, SwiGLU MLP.
+
+The layers read as the plain math; each operation that has a fast path calls its seam once, which picks
+the kernel where it applies: ``quant/matmul.py`` for the projections (``project``, ``swiglu``, and every
+4-bit layer's own call), ``attention.py`` for attention, ``fused_decode.py`` for a whole decoder layer of
+compiled CUDA decoding.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,11 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..device import on_cuda
-from ..quant.fused import fused_projections, fused_swiglu
-from ..kernels.cuda import attention as attention_cuda
-from ..kernels.cuda import sdpa
+from ..quant.matmul import project, swiglu
 from . import fused_decode
 from .args import ModelArgs
+from .attention import scaled_dot_product_attention
 from .cache import KVCache
-from .static_cache import StaticKVCache
-
-Mask = Union[None, str, mx.array]
 
 
 class RMSNorm(nn.Module):
@@ -73,30 +74,15 @@ class Attention(nn.Module):
         """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None) -> mask`` builds the attention mask."""
         B, L, _ = x.shape
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
-        # One launch for q, k and v on CUDA decoding (None elsewhere); with one token per sequence it
-        # writes (B, heads, 1, hd) directly, the same memory as (B, 1, heads * hd).
-        fused = fused_projections([self.q_proj, self.k_proj, self.v_proj], x,
-                                  [(B, n, 1, self.head_dim) for n in heads] if L == 1 else None)
-        if fused is not None and L == 1:
-            q, k, v = fused  # (B, H, 1, hd), (B, Hkv, 1, hd) x 2
-        else:
-            q, k, v = fused if fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
-            q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, L, hd)
-            k = k.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, Hkv, L, hd)
-            v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, heads)  # (B, H, L, hd), (B, Hkv, L, hd) x 2
         offset = cache.offset if cache is not None else 0
         q = rope(q, self.rope_theta, self.rope_scale, offset, position_ids)
         k = rope(k, self.rope_theta, self.rope_scale, offset, position_ids)
         key_positions = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v)  # (B, Hkv, S, hd)
-        if isinstance(cache, StaticKVCache) and attention_cuda.supports(q, k):
-            out = attention_cuda.decode_attention(q, k, v, offset, self.scale)  # (B, 1, H*hd), no mask
-        else:
-            # training on CUDA: the length padded to cuDNN's tile, for its fused backward (kernels/cuda/sdpa.py)
-            out = sdpa.attention(q, k, v, self.scale, mask_fn(key_positions),
-                                 pad=self.training and cache is None and on_cuda())
-            out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
+        out = scaled_dot_product_attention(q, k, v, self.scale, mask_fn(key_positions), cache, self.training)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
         return self.o_proj(out)
 
 
@@ -110,10 +96,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = fused_swiglu(self.gate_proj, self.up_proj, x)  # None unless CUDA decoding
-        if h is None:
-            h = nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(h)
+        """x (..., D) -> (..., D)."""
+        return self.down_proj(swiglu(self.gate_proj, self.up_proj, x))
 
 
 class DecoderLayer(nn.Module):
@@ -127,7 +111,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask_fn, cache: Optional[KVCache] = None, position_ids=None) -> mx.array:
-        if cache is not None and position_ids is None and fused_decode.applies(self, x, cache):
-            return fused_decode.layer_step(self, x, cache)  # CUDA decoding: six launches (or one)
+        """x (B, L, D) -> (B, L, D)."""
+        if fused_decode.applies(self, x, cache, position_ids):
+            return fused_decode.layer_step(self, x, cache)  # compiled CUDA decoding: six launches
         h = x + self.self_attn(self.input_layernorm(x), mask_fn, cache, position_ids)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -15,18 +15,18 @@ number.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import mlx.core as mx
 
+from .. import settings
+
 SUPPORTED_BITS = (2, 4, 8)  # widths that fill a uint32 exactly
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
-# Expanding a per-row layer prefers group 64: on an H100, batch-1 decoding of Mistral-7B ran at 143.7
-# tokens/s expanded to 64 against 132.4 expanded to 128 (benchmarks/RESULTS.md); 64 is also MLX's default.
+# Expanding a per-row layer prefers group 64: batch-1 decoding through ``quantized_matmul`` was faster
+# expanded to 64 than to 128 (``gpu_generate.py``); 64 is also MLX's default. ``settings.expand_group``
+# picks one size instead.
 MLX_GROUP_SIZES = (64, 128, 32)
-# Tuning knob for benchmarks: the MLX group size that per-row layers are expanded to.
-_EXPAND_TO = int(os.environ.get("MLX_QLORA_EXPAND_GROUP", "0") or 0)
 
 
 def n_groups_for(in_features: int, bits: int = 4, group_size: Optional[int] = None) -> int:
@@ -124,8 +124,9 @@ def mlx_group_size(in_features: int, group_size: Optional[int]) -> Optional[int]
     """The group size MLX's kernels should use for our layout, or None when MLX cannot run it."""
     if group_size is not None:
         return group_size if group_size in MLX_GROUP_SIZES else None
-    if _EXPAND_TO and in_features % _EXPAND_TO == 0:
-        return _EXPAND_TO
+    expand_to = settings.current().expand_group
+    if expand_to and in_features % expand_to == 0:
+        return expand_to
     for size in MLX_GROUP_SIZES:
         if in_features % size == 0:
             return size

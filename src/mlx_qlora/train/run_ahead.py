@@ -13,6 +13,7 @@ and tokens/s with and without checkpointing, ``benchmarks/probes/memory_probe.py
 The variable must be set before MLX creates its GPU stream, so ``bound_run_ahead`` is called before
 anything runs on the GPU; a value already in the environment is left alone (set it there to choose
 another). Only CUDA is touched: Metal's command buffers have their own defaults (not measured here).
+This is MLX's own variable, not one of ``mlx_qlora.settings``; that module's table documents it too.
 """
 
 from __future__ import annotations

@@ -4,16 +4,16 @@ MLX's CUDA backend differentiates ``mx.fast.scaled_dot_product_attention`` with 
 backward only when the query length is a multiple of 128 (cuDNN's tile). Otherwise the gradient goes
 through the composed formula, which materializes the (B, H, L, L) scores several times over. Training
 sequences rarely have such lengths: a row of 2048 tokens is 2047 inputs once shifted for next-token
-prediction. On an H100 at Mistral-7B's heads, forward + backward of one layer's attention took 4.27 ms over
-2,047 rows and 0.59 ms padded to 2,048 (``benchmarks/sdpa_probe.py``): about 120 ms of GPU time per
-1 x 2048 step of 32 layers. The step gained from it only once the host no longer waited for the gradients
-before building the update (``benchmarks/RESULTS.md``): until then the host's work, not the GPU's, set the
-step's length.
+prediction. Padded to the tile, forward + backward of one layer's attention runs several times faster
+(``sdpa_probe.py`` measures one layer, ``step_probe.py``'s ``unpadded`` variant a training step); the step
+gains from it only where the host does not wait for the gradients before building the update: otherwise
+the host's work, not the GPU's, sets the step's length.
 
 Padding changes nothing in the result. The padded keys come after every real query: a causal mask hides
 them already, and an array mask gets ``False`` there. Each padded query sees only itself, so its softmax
-is defined, and its rows are sliced off (their cotangent is zero). ``pad`` is what the model asks for
-(training on CUDA, no cache); masks that are neither ``"causal"`` nor boolean arrays are left alone.
+is defined, and its rows are sliced off (their cotangent is zero). ``model/attention.py`` asks for ``pad``
+when training on CUDA without a cache (``settings.sdpa_pad``); masks that are neither ``"causal"`` nor
+boolean arrays are left alone.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ TILE = 128  # cuDNN's flash backward needs the query length to be a multiple of 
 
 
 def padded_length(length: int) -> int:
+    """``length`` rounded up to a multiple of ``TILE``."""
     return -(-length // TILE) * TILE
 
 
@@ -34,7 +35,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Union[N
     """q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, H, L, D): ``mx.fast.scaled_dot_product_attention``, with
     ``pad`` computed on L rounded up to a multiple of ``TILE`` (see the module docstring)."""
     L = q.shape[2]
-    mask_p = _padded_mask(mask, L) if pad and L % TILE and k.shape[2] == L else None
+    mask_p = padded_mask(mask, L) if pad and L % TILE and k.shape[2] == L else None
     if mask_p is None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     widths = [(0, 0), (0, 0), (0, padded_length(L) - L), (0, 0)]
@@ -43,7 +44,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Union[N
     return out[:, :, :L, :]
 
 
-def _padded_mask(mask: Union[None, str, mx.array], length: int) -> Optional[Union[str, mx.array]]:
+def padded_mask(mask: Union[None, str, mx.array], length: int) -> Optional[Union[str, mx.array]]:
     """The mask over the padded length, or None where padding does not apply."""
     if isinstance(mask, str):
         return mask if mask == "causal" else None

@@ -1,0 +1,219 @@
+"""The CUDA source of the few-row 4-bit kernels (``qmv.py``): one ``Variant`` per kind of launch, its
+body assembled from the sections of ``qmv.cu`` and from C code written here for the variant's matrices.
+
+One kernel body serves every ``Variant``: one weight, up to three weights of one input with one output
+each (q, k and v), gate and up with SwiGLU, and for the fused decoder layer an RMSNorm prologue, rotary
+embeddings in the epilogue, the key/value cache written in place and a residual sum. ``Variant.source``
+picks the CUDA-core body (``body``: optionally with its input rows staged in shared memory once per block,
+``stage``) or the tensor-core body (``body_mma``); ``qmv_plan.py`` decides which a launch takes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from ... import settings
+from . import l2_prefetch
+from .sources import sections
+
+_CU = sections("qmv.cu")
+HEADER = _CU["header"]
+THREADS = 256  # threads per block of the CUDA-core body (8 warps)
+
+
+# Up to three weight matrices of one input (G of them, N0 + N1 + N2 rows in all); matrix g writes its own
+# output y<g> (M, N<g>). The code names only the inputs that exist, so it is written out for each G.
+# A matrix with rope set gets rotary embeddings in its epilogue: its output rows are heads of HD rows, and
+# a warp reads rows (p, p + HD/2) of one head for R/2 consecutive p, the pairs that rotate together.
+def _matrix_branches(n_matrices: int) -> list[str]:
+    """C code choosing ``base``, ``local`` and ``g`` for the warp's first row ``n0``."""
+    lines = ["  const unsigned int* base = w0;", "  int local = n0;", "  int g = 0;"]
+    for g in range(1, n_matrices):
+        first = " + ".join(f"N{i}" for i in range(g))
+        lines += [f"  if (n0 >= {first}) {{", f"    base = w{g};", f"    local = n0 - ({first});", f"    g = {g};", "  }"]
+    return lines
+
+
+def _roped_expr(rope: tuple[bool, ...]) -> str:
+    terms = [f"g == {g}" for g, on in enumerate(rope) if on]
+    return " || ".join(terms) if terms else "false"
+
+
+def select_split(n_matrices: int, rope: tuple[bool, ...] = (), mma: bool = False) -> str:
+    """``row_ptr`` of the warp's rows: all R (the ``body`` section), or rows gid and gid + 8 of the block (``body_mma``)."""
+    lines = _matrix_branches(n_matrices)
+    lines += [f"  const bool roped = {_roped_expr(rope)};", "#pragma unroll"]
+    if mma:
+        lines += ["  for (int h = 0; h < 2; ++h) {", "    const int r = gid + 8 * h;"]
+    else:
+        lines += ["  for (int r = 0; r < R; ++r) {"]
+    lines += ["    int row = local + r;"]
+    if any(rope):
+        lines += ["    if (roped) {",
+                  "      row = (local / HD) * HD + (local % HD) / 2 + (r < R / 2 ? r : r - R / 2 + HD / 2);",
+                  "    }"]
+    lines += [f"    row_ptr[{'h' if mma else 'r'}] = reinterpret_cast<const uint4*>(base) + (size_t)row * CHUNKS;",
+              "  }"]
+    return "\n".join(lines)
+
+
+def _store(g: int, n: str, value: str, cache: bool) -> str:
+    """Write ``value`` to output row ``n`` (of sequence m) of matrix g; with ``cache``, matrices 1 and 2 (k
+    and v) go to slot ``rope_pos[0] % C`` of the key/value cache instead, (M, N/HD, C, HD) in place."""
+    if cache and g in (1, 2):
+        buf = "kc" if g == 1 else "vc"
+        return (f"const_cast<T*>({buf})[(((size_t)m * (N{g} / HD) + ({n}) / HD) * C + rope_pos[0] % C) * HD "
+                f"+ ({n}) % HD] = static_cast<T>({value});")
+    return f"y{g}[(size_t)m * N{g} + {n}] = static_cast<T>({value});"
+
+
+def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool = False, cache: bool = False) -> str:
+    """Lane r's writes. Plain rows: row local + r of matrix g. Roped matrices: lanes r < R/2 write the pair
+    (p, p + HD/2), p = (local % HD) / 2 + r, rotated by position ``rope_pos[0]``. ``cache``: see ``_store``."""
+    lines = ["      " + line.strip() for line in _matrix_branches(n_matrices)]
+    lines += [f"      const bool roped = {_roped_expr(rope)};"]
+    if any(rope):
+        lines += ["      if (roped) {", "        if (r < R / 2) {",
+                  "          const int p = (local % HD) / 2 + r;",
+                  "          const int na = (local / HD) * HD + p;",
+                  "          const int nb = na + HD / 2;",
+                  "          const float angle = (float)rope_pos[0] * ROPE_SCALE * exp2f(-(float)p * LOG2_BASE / (HD / 2));",
+                  "          float sn, cs;",
+                  "          sincosf(angle, &sn, &cs);"]
+        for g, on in enumerate(rope):
+            if not on:
+                continue
+            lines += [f"          if (g == {g}) {{",
+                      f"            const float sa = static_cast<float>(s{g}[na]), ba = static_cast<float>(b{g}[na]);",
+                      f"            const float sb = static_cast<float>(s{g}[nb]), bb = static_cast<float>(b{g}[nb]);",
+                      "#pragma unroll", "            for (int m = 0; m < M; ++m) {",
+                      "              const float va = sa * acc[r][m] + ba * xsum[m];",
+                      "              const float vb = sb * acc[R / 2 + r][m] + bb * xsum[m];",
+                      "              " + _store(g, "na", "va * cs - vb * sn", cache),
+                      "              " + _store(g, "nb", "vb * cs + va * sn", cache),
+                      "            }", "          }"]
+        lines += ["        }", "      } else {"]
+    else:
+        lines += ["      {"]
+    for g in range(n_matrices):
+        res = f" + load_res(res, (size_t)m * N{g} + local_n)" if residual else ""
+        lines += [f"        if (g == {g}) {{",
+                  "          const int local_n = local + r;",
+                  f"          const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
+                  "#pragma unroll", "          for (int m = 0; m < M; ++m) {",
+                  "            " + _store(g, "local_n", f"s * acc[r][m] + b * xsum[m]{res}",
+                                           cache),
+                  "          }", "        }"]
+    lines += ["      }"]
+    return "\n".join(lines)
+
+
+# The CUDA-core body's input handling (``body``'s @STAGE@, @XLOAD@, @XSUM@, @XSUM_REDUCE@, @XSUM0@): each
+# warp reads the input rows from L1/L2 and sums them itself.
+_PER_WARP_INPUT = {
+    "@STAGE@": "",
+    "@XLOAD@": "load_x8<DT>(xb + (size_t)m * K * XBYTES, k, xv);",
+    "@XSUM@": _CU["xsum"],
+    "@XSUM_REDUCE@": "xsum[m] += __shfl_xor_sync(0xffffffffu, xsum[m], offset);",
+    "@XSUM0@": "0.0f",
+}
+
+
+# The same with the input rows staged in shared memory through the RMSNorm's weight (the ``stage``
+# section; only the RMSNorm launches stage their input).
+_STAGED_INPUT = {
+    "@STAGE@": _CU["stage"].replace("STAGE_WARPS", str(THREADS // 32)),
+    "@XLOAD@": "load_staged<0>(xs4, (m * 4 + t) * SU * CHUNKS + j, CHUNKS, xv);",
+    "@XSUM@": "",
+    "@XSUM_REDUCE@": "",
+    "@XSUM0@": "stage_sum[m]",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one kernel computes besides the matmuls: ``n_matrices`` weights with one output each, or gate
+    and up with SwiGLU; optional RMSNorm of the input (``norm_eps``; input ``gamma``), rotary embeddings
+    on some outputs (``rope`` per matrix; input ``rope_pos``), k and v written into a key/value cache in
+    place (``cache``; inputs ``kc``, ``vc``), a residual added to the output (input ``res``), and blocks
+    appended to the launch that ask L2 for ``prefetch`` further inputs (``l2_prefetch``)."""
+
+    n_matrices: int = 1
+    swiglu: bool = False
+    norm_eps: Optional[float] = None
+    rope: tuple[bool, ...] = ()
+    rope_base: float = 10000.0
+    rope_scale: float = 1.0
+    residual: bool = False
+    cache: bool = False
+    prefetch: int = 0  # inputs pf0.. that appended blocks ask L2 for
+
+    @property
+    def input_names(self) -> list[str]:
+        names = [f"{a}{g}" for g in range(self.n_matrices) for a in ("w", "s", "b")] + ["x"]
+        names += ["gamma"] if self.norm_eps is not None else []
+        names += ["rope_pos"] if any(self.rope) else []
+        names += ["kc", "vc"] if self.cache else []
+        names += ["res"] if self.residual else []
+        return names + [f"pf{i}" for i in range(self.prefetch)]
+
+    @property
+    def output_names(self) -> list[str]:
+        if self.cache:
+            return ["y0"]  # k and v go to the cache
+        return ["y"] if self.swiglu else [f"y{g}" for g in range(self.n_matrices)]
+
+    @property
+    def name(self) -> str:
+        kind = "swiglu" if self.swiglu else f"split{self.n_matrices}"
+        extra = [] if self.norm_eps is None else ["norm"]
+        extra += ["rope" + "".join(str(int(f)) for f in self.rope)] if any(self.rope) else []
+        extra += ["res"] if self.residual else []
+        extra += ["cache"] if self.cache else []
+        extra += [f"pf{self.prefetch}"] if self.prefetch else []
+        consts = abs(hash((self.norm_eps, self.rope_base, self.rope_scale))) if extra else 0
+        return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, str(consts)])
+
+    def source(self, mma: bool = False, stage: bool = False, unroll: Optional[int] = None,
+               mma_chunks: Optional[int] = None, mma_warps: Optional[int] = None) -> str:
+        """The kernel body. ``mma``: the tensor-core body, one block per ``qmv_plan.MMA_ROWS`` rows, of
+        ``mma_warps`` warps loading ``mma_chunks`` chunks per lane and iteration. ``stage``: the CUDA-core
+        body with its input rows staged in shared memory (RMSNorm variants only; blocks of ``THREADS``);
+        ``unroll``: its weight loop's unrolling. Unset numbers come from ``settings.current()``."""
+        s = settings.current()
+        unroll = s.qmv_unroll if unroll is None else unroll
+        mma_chunks = s.qmv_mma_chunks if mma_chunks is None else mma_chunks
+        mma_warps = s.qmv_mma_warps if mma_warps is None else mma_warps
+        norm = self.norm_eps is not None
+        if stage and (mma or not norm):
+            raise ValueError("only the CUDA-core body of an RMSNorm variant stages its input")
+        if self.swiglu:
+            select, epilogue = _CU["select_swiglu_mma"] if mma else _CU["select_swiglu"], _CU["epilogue_swiglu"]
+        else:
+            select = select_split(self.n_matrices, self.rope, mma)
+            epilogue = epilogue_split(self.n_matrices, self.rope, self.residual, self.cache)
+        if mma:
+            body = (_CU["body_mma"].replace("MMA_CHUNKS", str(mma_chunks)).replace("MMA_WARPS", str(mma_warps))
+                    .replace("@SELECT@", select)
+                    .replace("@EPILOGUE@", epilogue)
+                    .replace("@XPREP@", _CU["mma_xprep_norm"] if norm else "")
+                    .replace("@NORM@", _CU["mma_norm"] if norm else ""))
+        else:
+            body = _CU["body"]
+            for key, code in (_STAGED_INPUT if stage else _PER_WARP_INPUT).items():
+                body = body.replace(key, code)
+            prologue = (_CU["norm_prologue_staged"] if stage else _CU["norm_prologue"]) if norm else ""
+            body = (body.replace("@UNROLL@", str(unroll))
+                    .replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
+                    .replace("@PROLOGUE@", prologue)
+                    .replace("@XSCALE@", _CU["norm_xscale"] if norm and not stage else "")
+                    .replace("@POSTREDUCE@", _CU["norm_postreduce"] if norm else ""))
+        body = l2_prefetch.prefix(self.prefetch) + body
+        if norm:
+            body = body.replace("EPS", repr(float(self.norm_eps)) + "f")
+        if any(self.rope):
+            body = (body.replace("LOG2_BASE", repr(math.log2(self.rope_base)) + "f")
+                    .replace("ROPE_SCALE", repr(float(self.rope_scale)) + "f"))
+        return body

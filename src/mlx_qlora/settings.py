@@ -1,0 +1,275 @@
+"""The settings of the fast paths, as data: one frozen dataclass read once from the environment.
+
+Every ``MLX_QLORA_*`` variable that changes a kernel or the path a model takes is a field of
+``KernelSettings``, with its default, the variable it is read from, its kind and a one-line doc as field
+metadata. Two kinds:
+
+- ``switch``: user-facing; turns a fast path off or trades memory for speed;
+- ``knob``: a measurement knob; tunes a kernel's shape or threshold, for the probes in ``benchmarks/``.
+
+``current()`` reads the environment the first time it is called (a bad value raises ``UserError`` naming
+the variable) and keeps the result; code reads ``settings.current().field`` when it runs or traces, so
+``override(field=value)`` (a context manager for tests and benchmarks) takes effect on the next call.
+A graph that ``mx.compile`` traced keeps the settings it was traced with.
+
+``environment_table()`` renders the table of ``docs/ARCHITECTURE.md`` (``python -m mlx_qlora.settings``
+prints it), with the variables read elsewhere (``OTHER_VARIABLES``) marked as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+from .errors import UserError
+
+SWITCH = "switch"  # user-facing: a fast path on or off, or memory against speed
+KNOB = "knob"  # measurement knob: a kernel's shape or threshold
+
+
+def _setting(default: Any, env: str, kind: str, doc: str, values: Optional[Mapping[str, Any]] = None,
+             check: Optional[Callable[[Any], bool]] = None, expect: str = "") -> Any:
+    """A field with its metadata. ``values``: the variable's accepted strings and what each means (else
+    the field's type parses it); ``check``/``expect``: a condition on the value and how to say it."""
+    meta = dict(env=env, kind=kind, doc=doc, values=values, check=check, expect=expect)
+    return field(default=default, metadata=meta)
+
+
+_ON_OFF = {"1": True, "0": False}
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """Which fast paths run and how their kernels are shaped (see the module docstring)."""
+
+    # Few-row 4-bit matmuls (kernels/cuda/qmv.py, chosen by quant/matmul.py). The defaults were the fastest
+    # measured on an H100 (qmv_probe.py, decode_layer_probe.py, decode_sweep.py): alone, small layers keep
+    # MLX's quantized_matmul (a custom-kernel call costs more host time); the tensor-core body only for
+    # gate/up-sized launches, whose blocks of 4 warps all fit on the GPU at once; the CUDA-core loop
+    # unrolled 4 times (more loads in flight); staged inputs only for the RMSNorm launches (q/k/v faster,
+    # o and down slower staged).
+    qmv: bool = _setting(True, "MLX_QLORA_QMV", SWITCH,
+                         "`mlx`: few-row per-row 4-bit matmuls on CUDA use MLX's `quantized_matmul` instead of "
+                         "our kernels", values={"ours": True, "mlx": False})
+    qmv_min_weights: int = _setting(1 << 25, "MLX_QLORA_QMV_MIN", KNOB,
+                                    "weights a layer needs before it takes our few-row kernel alone (not fused)",
+                                    check=_non_negative, expect="an integer >= 0")
+    qmv_min_warps: int = _setting(2048, "MLX_QLORA_QMV_MIN_WARPS", KNOB,
+                                  "warps a launch keeps when grouping 2 or 4 output rows per warp",
+                                  check=_positive, expect="an integer > 0")
+    qmv_mma: bool = _setting(True, "MLX_QLORA_QMV_MMA", SWITCH,
+                             "`0`: the few-row 4-bit kernels never use their tensor-core body", values=_ON_OFF)
+    qmv_mma_min_rows: int = _setting(8192, "MLX_QLORA_QMV_MMA_MIN_ROWS", KNOB,
+                                     "output rows a launch needs before it takes the tensor-core body",
+                                     check=_non_negative, expect="an integer >= 0")
+    qmv_mma_chunks: int = _setting(2, "MLX_QLORA_QMV_MMA_CHUNKS", KNOB,
+                                   "adjacent 16-byte chunks a lane of the tensor-core body loads per iteration",
+                                   check=_positive, expect="an integer > 0")
+    qmv_mma_warps: int = _setting(4, "MLX_QLORA_QMV_MMA_WARPS", KNOB,
+                                  "warps per block of the tensor-core body (K split over them)",
+                                  check=lambda v: v in (1, 2, 4, 8, 16), expect="1, 2, 4, 8 or 16")
+    qmv_unroll: int = _setting(4, "MLX_QLORA_QMV_UNROLL", KNOB,
+                               "unrolling of the CUDA-core body's weight loop (loads in flight per lane)",
+                               check=_positive, expect="an integer > 0")
+    qmv_stage: str = _setting("norm", "MLX_QLORA_QMV_STAGE", KNOB,
+                              "which CUDA-core launches stage their input rows in shared memory once per block: "
+                              "`norm` (the RMSNorm kernels: q/k/v) or `none`",
+                              values={"norm": "norm", "none": "none"})
+    qmv_stage_bytes: int = _setting(32 * 1024, "MLX_QLORA_QMV_STAGE_BYTES", KNOB,
+                                    "the most shared memory a staged input may take (larger inputs are read per "
+                                    "warp)", check=_non_negative, expect="an integer >= 0")
+    fused: bool = _setting(True, "MLX_QLORA_FUSED", SWITCH,
+                           "`0`: q/k/v and gate/up are launched one by one (`quant/matmul.py`)", values=_ON_OFF)
+    # Compiled decoding's decoder layer (model/fused_decode.py) and its L2 prefetching: 32 appended blocks
+    # and 4 MB of gate/up were faster than 64 blocks and 8 or 16 MB (decode_sweep.py, kernel_profile.py).
+    fused_decode: bool = _setting(True, "MLX_QLORA_FUSED_DECODE", SWITCH,
+                                  "each decoder layer of compiled CUDA decoding in six launches "
+                                  "(`model/fused_decode.py`); `0`: layer by layer in MLX operations",
+                                  values=_ON_OFF)
+    prefetch: bool = _setting(True, "MLX_QLORA_PREFETCH", SWITCH,
+                              "blocks appended to some decoding launches prefetch the next kernels' weights into "
+                              "L2, one prefetch per 128-byte line (`kernels/cuda/l2_prefetch.py`); `0`: none",
+                              values={"l2": True, "0": False})
+    prefetch_blocks: int = _setting(32, "MLX_QLORA_PREFETCH_BLOCKS", KNOB,
+                                    "blocks appended to a launch that prefetches (0: no prefetching)",
+                                    check=_non_negative, expect="an integer >= 0")
+    prefetch_o: bool = _setting(True, "MLX_QLORA_PREFETCH_O", SWITCH,
+                                "`0`: attention's first pass does not prefetch o_proj's arrays", values=_ON_OFF)
+    prefetch_gate_up_mb: float = _setting(4.0, "MLX_QLORA_PREFETCH_GATE_UP_MB", KNOB,
+                                          "MB of gate's and of up's packed weights (each) that o_proj's launch "
+                                          "prefetches", check=_non_negative, expect="a number >= 0")
+    # One-token attention over the static cache (kernels/cuda/attention.py), inside the fused layer: ranges
+    # of 64 slots, blocks of 8 warps reading runs of 8 slots were faster than 32 slots, 4 warps and runs
+    # of 4 (decode_layer_probe.py, decode_sweep.py).
+    attention_slots: int = _setting(64, "MLX_QLORA_ATTENTION_SLOTS", KNOB,
+                                    "cache slots per range of the one-token attention's first pass",
+                                    check=_positive, expect="an integer > 0")
+    attention_threads: int = _setting(256, "MLX_QLORA_ATTENTION_THREADS", KNOB,
+                                      "threads per block of the attention's first pass (halved while its shared "
+                                      "arrays exceed 48 KB)", check=lambda v: v in (32, 64, 128, 256, 512, 1024),
+                                      expect="32, 64, 128, 256, 512 or 1024")
+    attention_unroll: int = _setting(8, "MLX_QLORA_ATTENTION_UNROLL", KNOB,
+                                     "consecutive slots a warp of the first pass reads per run",
+                                     check=_positive, expect="an integer > 0")
+    # Dequantization (kernels/cuda/dequant.py, chosen by quant/dequant.py; dequant_probe.py) and the group
+    # size MLX's quantized_matmul reads per-row layers in (64 was faster than 128: gpu_generate.py).
+    dequant: bool = _setting(True, "MLX_QLORA_DEQUANT", SWITCH,
+                             "`mlx`: MLX's `mx.dequantize` on CUDA instead of our per-row kernel",
+                             values={"ours": True, "mlx": False})
+    dequant_words: int = _setting(4, "MLX_QLORA_DEQUANT_WORDS", KNOB,
+                                  "32-bit words (8 weights each) one thread of the dequantization kernel converts",
+                                  check=_positive, expect="an integer > 0")
+    expand_group: int = _setting(0, "MLX_QLORA_EXPAND_GROUP", KNOB,
+                                 "the MLX group size per-row layers are expanded to for `quantized_matmul` "
+                                 "(0: the first of 64, 128, 32 that divides the layer's inputs)",
+                                 check=lambda v: v in (0, 32, 64, 128), expect="0, 32, 64 or 128")
+    # Attention in training (kernels/cuda/sdpa.py, chosen by model/attention.py; sdpa_probe.py, step_probe.py).
+    sdpa_pad: bool = _setting(True, "MLX_QLORA_SDPA_PAD", SWITCH,
+                              "`0`: training attention on CUDA runs at its own length instead of padded to "
+                              "cuDNN's tile of 128 query rows", values=_ON_OFF)
+    # Generation (generate/generator.py): a layer at a time held less memory and was faster than the whole
+    # prompt pass queued at once (gpu_generate.py's ours-prefill variants).
+    prefill_eval_layers: int = _setting(1, "MLX_QLORA_PREFILL_EVAL_LAYERS", SWITCH,
+                                        "generation's prompt pass queued in groups of this many layers, each group "
+                                        "waited for while the next is queued (bounds the dequantized weights a GPU "
+                                        "holds; 0: the whole pass at once)", check=_non_negative,
+                                        expect="an integer >= 0")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            ok = _type_ok(f, value) and (f.metadata["values"] is None or value in f.metadata["values"].values())
+            if ok and f.metadata["check"] is not None:
+                ok = f.metadata["check"](value)
+            if not ok:
+                raise ValueError(f"setting {f.name} ({f.metadata['env']}): {value!r} is not {_expected(f)}")
+
+
+def _type_ok(f: dataclasses.Field, value) -> bool:
+    kind = type(f.default)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _expected(f: dataclasses.Field) -> str:
+    values = f.metadata["values"]
+    if values is not None:
+        return " or ".join(values)
+    return f.metadata["expect"] or f"a {type(f.default).__name__}"
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    """The value of field ``f`` from its variable's string; ``UserError`` naming the variable otherwise."""
+    values = f.metadata["values"]
+    try:
+        if values is not None:
+            value = values[raw]
+        else:
+            value = type(f.default)(raw)
+        if f.metadata["check"] is not None and not f.metadata["check"](value):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise UserError(f"{f.metadata['env']}={raw!r}: expected {_expected(f)}") from None
+    return value
+
+
+def from_environment(environ: Mapping[str, str] = os.environ) -> KernelSettings:
+    """The settings from ``environ``: each variable that is set and not empty replaces its default."""
+    changes = {}
+    for f in fields(KernelSettings):
+        raw = environ.get(f.metadata["env"], "")
+        if raw != "":
+            changes[f.name] = _parse(f, raw)
+    return KernelSettings(**changes)
+
+
+_from_env: Optional[KernelSettings] = None
+_overrides: list[KernelSettings] = []
+
+
+def current() -> KernelSettings:
+    """The settings in effect: the innermost ``override``, else those read from the environment (once)."""
+    global _from_env
+    if _overrides:
+        return _overrides[-1]
+    if _from_env is None:
+        _from_env = from_environment()
+    return _from_env
+
+
+@contextlib.contextmanager
+def override(**changes) -> Iterator[KernelSettings]:
+    """``with settings.override(qmv_mma=False): ...``: the current settings with ``changes`` until the block
+    ends (nested overrides stack). Unknown names and invalid values raise ``ValueError``."""
+    names = {f.name for f in fields(KernelSettings)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(names)}")
+    _overrides.append(dataclasses.replace(current(), **changes))
+    try:
+        yield _overrides[-1]
+    finally:
+        _overrides.pop()
+
+
+@dataclass(frozen=True)
+class OtherVariable:
+    """A variable that changes a fast path but is not read through ``KernelSettings``: who reads it."""
+
+    env: str
+    reader: str
+    default: str
+    kind: str
+    doc: str
+
+
+# Read elsewhere, and documented in the same table: MLX's own variable, which training sets before MLX
+# creates its GPU stream, and the BLAS choice, which must be read before MLX loads.
+OTHER_VARIABLES = (
+    OtherVariable("MLX_MAX_MB_PER_BUFFER", "MLX (set by `train/run_ahead.py`)",
+                  "set to 20 by training with `--grad-checkpoint` on CUDA", SWITCH,
+                  "MLX's own bound on queued work (MB of outputs per batch); a value already set wins"),
+    OtherVariable("MLX_QLORA_BLAS", "`blas.py`, before MLX loads", "unset", SWITCH,
+                  "`reference`: keep MLX's bundled reference BLAS on Linux instead of loading OpenBLAS"),
+    OtherVariable("MLX_QLORA_OPENBLAS", "`blas.py`, before MLX loads", "unset", SWITCH,
+                  "path of the BLAS library to load before MLX on Linux"),
+)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    values = f.metadata["values"]
+    if values is not None:  # the string that means the default
+        return "`" + next(k for k, v in values.items() if v == f.default) + "`"
+    default = f.default
+    return str(int(default)) if isinstance(default, float) and default.is_integer() else str(default)
+
+
+def environment_table() -> str:
+    """The Markdown table of every variable: ``KernelSettings``'s fields, then ``OTHER_VARIABLES``."""
+    rows = ["| variable | setting | default | kind | effect |", "|---|---|---|---|---|"]
+    for f in fields(KernelSettings):
+        m = f.metadata
+        rows.append(f"| `{m['env']}` | `{f.name}` | {_default_text(f)} | {m['kind']} | {m['doc']} |")
+    for v in OTHER_VARIABLES:
+        rows.append(f"| `{v.env}` | none: read by {v.reader} | {v.default} | {v.kind} | {v.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(environment_table(), end="")

@@ -2,13 +2,9 @@
 // blocks one after another, __syncthreads as a block barrier and warp shuffles through a per-warp
 // exchange buffer. Enough of CUDA for kernels whose warps call shuffles uniformly; used by
 // tests/kernels/test_emulated.py to check the kernels' logic where no GPU exists.
-// launch_cooperative runs every block at once, each in a forked process (its own shared memory; global
-// memory from shared_alloc is shared), for kernels with grid-wide barriers.
 #pragma once
 
 #include <sys/mman.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <barrier>
 #include <cmath>
@@ -137,31 +133,11 @@ inline void launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
   for (unsigned b = 0; b < grid.x; ++b) run_block(b, block.x, kernel);  // 1-D blocks only
 }
 
-// Memory every block process sees (inputs, outputs, counters).
+// Global memory of a launch (inputs and outputs), mapped once.
 inline char* shared_alloc(size_t n) {
   void* p = mmap(nullptr, n ? n : 1, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) { std::perror("mmap"); std::exit(1); }
   return static_cast<char*>(p);
-}
-
-inline void launch_cooperative(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
-  blockDim = block;
-  gridDim = grid;
-  std::vector<pid_t> pids;
-  for (unsigned b = 0; b < grid.x; ++b) {
-    pid_t pid = fork();
-    if (pid == 0) {
-      run_block(b, block.x, kernel);
-      std::fflush(nullptr);
-      _exit(0);
-    }
-    pids.push_back(pid);
-  }
-  for (pid_t pid : pids) {
-    int status = 0;
-    waitpid(pid, &status, 0);
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) { std::fprintf(stderr, "block failed\n"); std::exit(1); }
-  }
 }
 
 inline std::vector<char> read_file(const char* path) {

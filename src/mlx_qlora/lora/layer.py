@@ -12,7 +12,8 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..quant.quantized_linear import QuantizedLinear, dequantize_weight
+from ..quant.dequant import dequantize_weight
+from ..quant.quantized_linear import QuantizedLinear
 from .matmul import lora_matmul_fn
 from .merge import lora_delta, lora_scale, merge_weight
 

@@ -18,12 +18,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import ALL_TARGETS, LoRAConfig, TrainConfig
-from ..errors import run_cli
-from ..io import read_json
+from ..errors import UserError, run_cli
 from .flags import parser, shown
-
-# Keys of a saved run_config.json that are records of the run, not settings to resume with.
-RECORD_ONLY = ("data_meta", "template", "total_steps", "world_size")
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -34,7 +30,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     targets = "all seven" if lora.targets == ALL_TARGETS else ",".join(lora.targets)
     p = parser(__doc__, prog)
     p.add_argument("--config", help="YAML or JSON file with any of the settings below (flags override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest complete checkpoint, with its saved settings "
+                        "(flags given override them)")
     p.add_argument("--model", help="converted model folder (convert_weights.py output)")
     p.add_argument("--data", help="prepared data folder (prepare_data.py output)")
     p.add_argument("--out", help="run folder for checkpoints, metrics and adapters")
@@ -80,20 +78,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     """Resolve the settings (defaults < --config or the resumed run's < flags), train, and print one line:
     why it stopped, the step, tokens and time. A diverged run exits with status 3."""
-    from ..train.run_config import resolve_config
+    from ..train.run_config import resume_config, resolve_config
     from ..train.trainer import Trainer, TrainingDiverged
 
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "no_progress")}
-    config_file = args.config
-    if args.resume:
-        record = read_json(Path(args.resume) / "run_config.json",
-                           missing="not found; --resume needs a run folder made by finetune.py")
-        base = {k: v for k, v in record.items() if k not in RECORD_ONLY}
-        base.update({k: v for k, v in flags.items() if v is not None})
-        base["out"] = str(Path(args.resume))
-        flags = base
-        config_file = None
-    config = resolve_config(flags, config_file)
+    if args.resume and args.config:
+        raise UserError(f"config: --config {args.config} with --resume: a resumed run takes its settings from "
+                        f"{Path(args.resume) / 'run_config.json'}; give the settings to change as flags")
+    config = resume_config(args.resume, flags) if args.resume else resolve_config(flags, args.config)
     trainer = Trainer(config, resume=bool(args.resume), progress=not args.no_progress)
     main_rank = trainer.world.is_main  # the other ranks of an mlx.launch run stay quiet
     try:

@@ -55,6 +55,23 @@ def check_tokenizer(meta: dict, tokenizer: Tokenizer, source: Optional[Union[str
         )
 
 
+def check_context(dataset: "PreparedDataset", limit: int, model_config: Union[str, os.PathLike]) -> None:
+    """``UserError`` when an example of ``dataset`` has more tokens than the model's context of ``limit``
+    positions (``max_position_embeddings`` in ``model_config``, named in the message with the data folder,
+    the split, the longest example and how many are too long)."""
+    if len(dataset) == 0:
+        return
+    index = int(np.argmax(dataset.lengths))
+    longest = int(dataset.lengths[index])
+    if longest > limit:
+        too_long = int((dataset.lengths > limit).sum())
+        raise UserError(
+            f"{dataset.data_dir}: the longest {dataset.split} example (index {index}) has {longest} tokens, more "
+            f"than the model's context of {limit} (max_position_embeddings in {model_config}; {too_long} "
+            f"example(s) too long); prepare the data again with --max-seq-len {limit} or less"
+        )
+
+
 class PreparedDataset:
     """One split of a prepared directory, held in memory.
 

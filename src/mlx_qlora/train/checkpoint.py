@@ -15,6 +15,9 @@ A checkpoint is written into a hidden temporary folder beside its final name and
 one step; only then is ``latest`` replaced (also by rename) and are the oldest checkpoints beyond
 ``keep_last`` deleted. A process killed at any moment therefore leaves the previous checkpoint intact
 and ``latest`` pointing at a complete one.
+
+Resuming (``find_resumable``) trusts the folders, not the pointer: it takes the newest checkpoint that is
+complete and readable, and says why it passed over any newer one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -41,6 +44,12 @@ TRAINER_STATE_NAME = "trainer_state.json"
 RUN_CONFIG_NAME = "config.json"
 REQUIRED_FILES = (WEIGHTS_NAME, CONFIG_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME, RUN_CONFIG_NAME)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_INTERRUPTED_DIR = re.compile(r"^\.step-(\d+)\.")  # atomic_dir's temporary or set-aside folder
+
+
+class CheckpointDamaged(UserError):
+    """A checkpoint's files are there but do not hold a usable state (raised by ``find_resumable``'s
+    ``validate`` to pass over a checkpoint, where any other ``UserError`` stops the resume)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -50,6 +59,30 @@ def checkpoint_name(step: int) -> str:
 
 def _is_complete(path: Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in REQUIRED_FILES)
+
+
+def _missing_files(path: Path) -> list[str]:
+    return [name for name in REQUIRED_FILES if not (path / name).is_file()]
+
+
+def read_latest_pointer(run_dir: str | os.PathLike) -> tuple[Optional[str], Optional[str]]:
+    """``(name, problem)`` of ``checkpoints/latest``: the checkpoint folder name it holds and None, or None
+    and what is wrong with it (missing, unreadable, not text, not a checkpoint name)."""
+    pointer = Path(run_dir) / CHECKPOINTS_DIR / LATEST_NAME
+    try:
+        raw = pointer.read_bytes()
+    except FileNotFoundError:
+        return None, "is missing"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"holds {len(raw)} byte(s) that are not text"
+    if not _STEP_DIR.match(name):
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        return None, f"holds {shown!r}, not a checkpoint name"
+    return name, None
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -68,15 +101,13 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
     """The folder that ``checkpoints/latest`` names, or None when the run has no checkpoint.
 
-    If the pointer is missing or names an incomplete folder (e.g. it was removed by hand), the complete
-    checkpoint with the highest step is returned instead.
+    If the pointer is missing, holds anything but a checkpoint's name, or names an incomplete folder (e.g.
+    one removed by hand), the complete checkpoint with the highest step is returned instead.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
-    pointer = root / LATEST_NAME
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        if _STEP_DIR.match(name) and _is_complete(root / name):
-            return root / name
+    name, _ = read_latest_pointer(run_dir)
+    if name is not None and _is_complete(root / name):
+        return root / name
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 
@@ -169,7 +200,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path / OPTIMIZER_NAME}: cannot read safetensors ({e})") from None
     trainer_state = read_json(path / TRAINER_STATE_NAME)
     config = read_json(path / RUN_CONFIG_NAME)
-    if not isinstance(trainer_state.get("step"), int):
+    if not isinstance(trainer_state.get("step"), int) or isinstance(trainer_state["step"], bool):
         raise UserError(f"{path / TRAINER_STATE_NAME}: missing integer 'step'")
     return {
         "path": path,
@@ -180,3 +211,62 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "trainer_state": trainer_state,
         "config": config,
     }
+
+
+def find_resumable(
+    run_dir: str | os.PathLike,
+    validate: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """The checkpoint to resume a run from: the newest one (by step) that is complete and readable.
+
+    Returns ``(checkpoint, notes)``: ``checkpoint`` as ``load_checkpoint`` returns it, and one line per
+    newer checkpoint passed over saying why (incomplete, its writing interrupted, unreadable or truncated,
+    or refused by ``validate``), plus a line when ``checkpoints/latest`` names another folder or is not a
+    checkpoint name (the folders decide; the pointer only follows them). ``validate(checkpoint)`` may raise
+    ``CheckpointDamaged`` to pass over a checkpoint; any other ``UserError`` it raises stops the search
+    (a setting that no checkpoint of the run could satisfy). ``UserError`` listing every checkpoint and why
+    it was passed over when none is usable.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    folders: list[tuple[int, int, Path]] = []  # (step, 1 for a step folder / 0 for an interrupted write, path)
+    if root.is_dir():
+        for child in root.iterdir():
+            for kind, pattern in ((1, _STEP_DIR), (0, _INTERRUPTED_DIR)):
+                match = pattern.match(child.name)
+                if match and child.is_dir():
+                    folders.append((int(match.group(1)), kind, child))
+    folders.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    passed: list[str] = []
+    for step, kind, path in folders:
+        where = f"{CHECKPOINTS_DIR}/{path.name}"
+        if not kind:
+            passed.append(f"{where}: its writing was interrupted (a leftover, removed at the next save)")
+            continue
+        missing = _missing_files(path)
+        if missing:
+            passed.append(f"{where}: incomplete, {' and '.join(missing)} missing")
+            continue
+        try:
+            checkpoint = load_checkpoint(path)
+        except UserError as e:  # a truncated or corrupt file
+            passed.append(f"{where}: unreadable ({e})")
+            continue
+        try:
+            if checkpoint["step"] != step:
+                raise CheckpointDamaged(f"{path / TRAINER_STATE_NAME}: holds step {checkpoint['step']}, "
+                                        f"not the folder's {step}")
+            if validate is not None:
+                validate(checkpoint)  # another UserError: a setting of this run, not damage; it stops here
+        except CheckpointDamaged as e:
+            passed.append(f"{where}: unusable ({e})")
+            continue
+        notes = [f"passed over the newer {line}" for line in passed]
+        pointer, problem = read_latest_pointer(run_dir)
+        if problem is not None:
+            notes.append(f"{CHECKPOINTS_DIR}/{LATEST_NAME} {problem}: ignored, the checkpoint folders decide")
+        elif pointer != path.name:
+            notes.append(f"{CHECKPOINTS_DIR}/{LATEST_NAME} names {pointer}: ignored, the checkpoint folders decide")
+        return checkpoint, notes
+    if not folders:
+        raise UserError(f"{run_dir}: no checkpoint to resume from (no {CHECKPOINTS_DIR}/step-* folder)")
+    raise UserError(f"{run_dir}: no usable checkpoint to resume from: " + "; ".join(passed))

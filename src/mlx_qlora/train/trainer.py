@@ -2,7 +2,7 @@
 checkpoints, exact resume, Ctrl-C and NaN handling, metrics.
 
 A run directory holds:
-- ``run_config.json``: the resolved configuration (and what the data and model were);
+- ``run_config.json``: the resolved configuration, its paths absolute (and what the data and model were);
 - ``metrics.jsonl``: one JSON object per logged step and per evaluation;
 - ``checkpoints/step-XXXXXXX/``: adapters, optimizer state, trainer state (see ``checkpoint.py``);
 - ``adapter_model.safetensors`` + ``adapter_config.json``: the final adapters, in PEFT's format;
@@ -22,8 +22,9 @@ import hashlib
 import json
 import math
 import signal
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
@@ -32,22 +33,25 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import TrainConfig
-from ..data.dataset import BatchIterator, PreparedDataset, check_tokenizer
+from ..data.dataset import BatchIterator, PreparedDataset, check_context, check_tokenizer
 from ..data.tokenizer import load_tokenizer
 from ..device import device_type
 from ..errors import UserError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, atomic_write_text
 from ..model import load_model
-from ..model.loading import resolve_dtype
-from ..lora.adapters import save_adapters
+from ..model.loading import model_args_from_config, read_config, resolve_dtype
+from ..lora.adapters import WEIGHTS_NAME, save_adapters
 from ..lora.apply import apply_lora, format_trainable
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINTS_DIR, LATEST_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME, CheckpointDamaged, find_resumable,
+    read_latest_pointer, save_checkpoint,
+)
 from .distributed import World, all_sum_step, check_same_everywhere, init_world, rank_seed
 from .optimizer import AdamW
 from .run_ahead import bound_run_ahead
 from .run_config import parse_duration
 from .schedule import build_schedule
-from .flat import FLAT, FlatLayout
+from .flat import FLAT, MOMENTS, FlatLayout
 from .params import TrainableSlots
 from .step import add_trees, make_eval_fn, make_grad_fn, make_update_fn
 
@@ -126,11 +130,18 @@ class Trainer:
             raise UserError("data: give the prepared data folder (--data)")
         if not c.out:
             raise UserError("out: give the run folder (--out)")
+        # Absolute from here on, so that run_config.json and the checkpoints name them from any directory.
+        self.config = c = replace(c, model=str(Path(c.model).resolve()), data=str(Path(c.data).resolve()))
         self.tokenizer = load_tokenizer(c.model)
         self.train_data = PreparedDataset(c.data, "train")
         check_tokenizer(self.train_data.meta, self.tokenizer)
         has_val = (Path(c.data) / "validation.safetensors").exists()
         self.val_data = PreparedDataset(c.data, "validation") if has_val else None
+        model_config = Path(c.model) / "config.json"
+        context = model_args_from_config(read_config(c.model), str(model_config)).max_position_embeddings
+        for data in (self.train_data, self.val_data):  # before the weights are read: they may take minutes
+            if data is not None:
+                check_context(data, context, model_config)
 
         mx.random.seed(c.seed)
         self.dtype = resolve_dtype(c.dtype)
@@ -158,13 +169,18 @@ class Trainer:
         self.flat_params = self.layout.concat(self.slots.get())  # the update's input: one float32 vector
         self.flat_state = self.optimizer.init({FLAT: self.flat_params})
         self.state = RunState()
+        self.resumed_from: Optional[Path] = None
+        self.resume_notes: list[str] = []
         if resume:
             self._restore()
+            self._check_steps_left()
         self.grad_fn = make_grad_fn(self.model, c.loss_chunk, c.packing)
         self.eval_fn = make_eval_fn(self.model, c.loss_chunk, c.packing)
         self.update_fn = make_update_fn(self.optimizer, c.max_grad_norm, self.layout)
         self._check_ranks_agree()
         if self.world.is_main:
+            if resume:
+                self._continue_run_folder()
             self._write_run_config()
 
     def _check_ranks_agree(self) -> None:
@@ -199,8 +215,12 @@ class Trainer:
             return 10**9  # bounded by the clock
         return steps_per_epoch  # one epoch by default
 
+    def _config_record(self) -> dict[str, Any]:
+        """The configuration as saved in run_config.json and in checkpoints: every path absolute."""
+        return {**self.config.to_dict(), "out": str(self.run_dir.resolve())}
+
     def _write_run_config(self) -> None:
-        record = self.config.to_dict()
+        record = self._config_record()
         record["data_meta"] = {k: self.train_data.meta.get(k) for k in ("template", "source", "max_seq_len",
                                                                         "tokenizer_checksum")}
         record["template"] = self.train_data.meta.get("template")
@@ -212,22 +232,97 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def _restore(self) -> None:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            raise UserError(f"{self.run_dir}: no checkpoint to resume from")
-        ckpt = load_checkpoint(path)
-        params = ckpt["adapters"]
-        self._check_same_adapters(path, params, ckpt["lora_config"])
-        self.model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in params.items()]))
-        self.flat_params = self.layout.concat(self.slots.get())
+        """Load the newest complete, readable checkpoint of the run (``find_resumable``): newer ones that are
+        incomplete or damaged are passed over, with a note each; a checkpoint that this run's settings cannot
+        continue (other adapters, another data order) stops the resume with one line."""
+        chosen: dict[str, Any] = {}
+
+        def validate(ckpt: dict[str, Any]) -> None:
+            path = ckpt["path"]
+            self._check_same_adapters(path, ckpt["adapters"], ckpt["lora_config"])
+            chosen["state"] = _run_state(path / TRAINER_STATE_NAME, ckpt["trainer_state"])
+            self._finite_vector(ckpt["adapters"], path / WEIGHTS_NAME, "")
+            chosen["flat_state"] = self._optimizer_state(path, ckpt)
+
+        ckpt, self.resume_notes = find_resumable(self.run_dir, validate)
+        path, state = ckpt["path"], chosen["state"]
         try:
-            self.flat_state = self.layout.flat_state(AdamW.load_state_dict(ckpt["optimizer"]))
+            self.iterator.load_state_dict(state.data_cursor)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        self.model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in ckpt["adapters"].items()]))
+        self.flat_params = self.layout.concat(self.slots.get())
+        self.flat_state = chosen["flat_state"]
+        self.state = state
+        self.resumed_from = path
+
+    def _finite_vector(self, tensors: dict[str, mx.array], source: Path, prefix: str) -> mx.array:
+        """The layout's arrays of ``tensors`` as one float32 vector; ``CheckpointDamaged`` naming the first
+        tensor (``prefix`` + path) that holds NaN or Inf."""
+        vector = self.layout.concat(tensors)
+        if not mx.all(mx.isfinite(vector)).item():
+            name = next(k for k in self.layout.paths if not mx.all(mx.isfinite(tensors[k])).item())
+            raise CheckpointDamaged(f"{source}: {prefix}{name} holds NaN or Inf")
+        return vector
+
+    def _optimizer_state(self, path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's AdamW state in the flat form of the update; ``CheckpointDamaged`` when a moment is
+        missing, of another shape or not finite, or its step is not the checkpoint's."""
+        source = path / OPTIMIZER_NAME
+        try:
+            state = AdamW.load_state_dict(ckpt["optimizer"])
         except KeyError as e:
-            raise UserError(f"{path}: {e.args[0]}") from None
-        s = ckpt["trainer_state"]
-        self.state = RunState(step=s["step"], tokens_seen=s["tokens_seen"], elapsed=s["elapsed"],
-                              best_val_loss=s.get("best_val_loss"), data_cursor=s["data_cursor"])
-        self.iterator.load_state_dict(self.state.data_cursor)
+            raise CheckpointDamaged(f"{source}: {e.args[0]}") from None
+        if state["step"].item() != ckpt["step"]:
+            raise CheckpointDamaged(f"{source}: at step {state['step'].item()}, the checkpoint at {ckpt['step']}")
+        flat_state = {"step": state["step"]}
+        for key in MOMENTS:
+            for name, shape, _ in self.layout.entries:
+                moment = state[key].get(name)
+                if moment is None or tuple(moment.shape) != shape:
+                    found = "missing" if moment is None else f"of shape {tuple(moment.shape)}"
+                    raise CheckpointDamaged(f"{source}: {key}.{name} is {found}, expected {shape}")
+            flat_state[key] = {FLAT: self._finite_vector(state[key], source, f"{key}.")}
+        return flat_state
+
+    def _check_steps_left(self) -> None:
+        """A resumed run must have steps left under its settings: ``iters`` (or ``epochs``) below the steps
+        already done, or a ``max_time`` already spent, is a one-line error rather than a run that reports
+        "done" at a step past its end."""
+        c, done = self.config, self.state.step
+        where = f"{self.run_dir}: the run already did {done} steps ({CHECKPOINTS_DIR}/{self.resumed_from.name})"
+        if done > self.total_steps:
+            if c.iters is not None:
+                raise UserError(f"{where}, more than iters {c.iters}; to train further give --iters above {done}")
+            per_epoch = self.total_steps if c.epochs is None else max(1, len(self.iterator) // c.grad_accum)
+            asked = f"epochs {c.epochs:g}" if c.epochs is not None else "one epoch (no iters or epochs given)"
+            raise UserError(f"{where}, more than {asked} makes ({self.total_steps} steps of {per_epoch} per "
+                            f"epoch); to train further give --epochs above {done / per_epoch:.4g} or --iters "
+                            f"above {done}")
+        max_seconds = parse_duration(c.max_time)
+        if max_seconds is not None and self.state.elapsed >= max_seconds:
+            raise UserError(f"{where} in {self.state.elapsed:.0f}s, all of max_time {c.max_time}; to train further "
+                            f"give a longer --max-time")
+        if done == self.total_steps:
+            self.resume_notes.append(f"the run already did all {done} steps: nothing left to train")
+
+    def _continue_run_folder(self) -> None:
+        """Rank 0, once every check has passed: say where the run continues from (notes on stderr), drop the
+        rows of ``metrics.jsonl`` after that step (they are trained again, so they would come twice), and
+        point ``checkpoints/latest`` at the checkpoint resumed from."""
+        step, name = self.state.step, self.resumed_from.name
+        print(f"resuming {self.run_dir} from {CHECKPOINTS_DIR}/{name} (step {step} of {self.total_steps})")
+        dropped, unreadable = trim_metrics(self.run_dir / "metrics.jsonl", step)
+        if dropped:
+            self.resume_notes.append(f"metrics.jsonl: dropped {dropped} row(s) after step {step} (those steps are "
+                                     "trained again)")
+        if unreadable:
+            self.resume_notes.append(f"metrics.jsonl: dropped {unreadable} line(s) that are not JSON records (a "
+                                     "write cut short)")
+        for note in self.resume_notes:
+            print(f"note: {note}", file=sys.stderr)
+        if read_latest_pointer(self.run_dir)[0] != name:
+            atomic_write_text(self.run_dir / CHECKPOINTS_DIR / LATEST_NAME, name + "\n")
 
     def _check_same_adapters(self, path: Path, params: dict, saved) -> None:
         """A resumed run continues the checkpoint's training exactly only with the same LoRA settings:
@@ -263,7 +358,7 @@ class Trainer:
             self.run_dir, self.state.step, adapters=lora_parameters(self.model), lora_config=self.config.lora,
             base_model=self.config.model,
             optimizer_state=AdamW.state_dict(self.layout.tensor_state(self.flat_state)),
-            trainer_state=trainer_state, config=self.config.to_dict(), keep_last=self.config.keep_last,
+            trainer_state=trainer_state, config=self._config_record(), keep_last=self.config.keep_last,
         )
 
     # ---- evaluation -----------------------------------------------------------------------------
@@ -473,6 +568,67 @@ class Trainer:
         plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
 
 
+_MISSING = object()
+
+
+def _run_state(source: Path, saved: dict[str, Any]) -> RunState:
+    """The ``RunState`` of a checkpoint's ``trainer_state.json``; ``CheckpointDamaged`` naming the file and key
+    when a value is missing or of the wrong kind."""
+    def check(key: str, value: Any, ok: bool, expected: str) -> None:
+        if not ok:
+            found = "missing" if value is _MISSING else f"{value!r}"
+            raise CheckpointDamaged(f"{source}: {key} is {found}, expected {expected}")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    values = {key: saved.get(key, _MISSING) for key in ("tokens_seen", "elapsed", "best_val_loss", "data_cursor")}
+    check("tokens_seen", values["tokens_seen"], count(values["tokens_seen"]), "a whole number >= 0")
+    check("elapsed", values["elapsed"], number(values["elapsed"]) and values["elapsed"] >= 0, "seconds >= 0")
+    best = None if values["best_val_loss"] is _MISSING else values["best_val_loss"]
+    check("best_val_loss", best, best is None or number(best), "a number or null")
+    cursor = values["data_cursor"]
+    check("data_cursor", cursor, isinstance(cursor, dict), "an object")
+    for key in ("epoch", "position"):
+        check(f"data_cursor.{key}", cursor.get(key, _MISSING), count(cursor.get(key)), "a whole number >= 0")
+    return RunState(step=saved["step"], tokens_seen=values["tokens_seen"], elapsed=float(values["elapsed"]),
+                    best_val_loss=best, data_cursor=cursor)
+
+
+def trim_metrics(path: Path, step: int) -> tuple[int, int]:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` and drop those after it, and any line that is not a
+    JSON record with a step (rewritten atomically, only when something is dropped). Returns
+    ``(rows dropped, unreadable lines dropped)``."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return 0, 0
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    kept, dropped, unreadable = [], 0, 0
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            row_step = record["step"]
+            if not isinstance(row_step, int) or isinstance(row_step, bool):
+                raise TypeError
+        except (ValueError, TypeError, KeyError):
+            unreadable += 1
+            continue
+        if row_step > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped or unreadable:
+        atomic_write_text(path, "".join(kept))
+    return dropped, unreadable
+
+
 def _progress(initial: int, total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -491,8 +647,13 @@ def plot_losses(metrics_file: Path, out_file: Path) -> Optional[Path]:
     train, val = [], []
     if not Path(metrics_file).exists():
         return None
-    for line in Path(metrics_file).read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for line in Path(metrics_file).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill: the plot does without it
+            continue
+        if not isinstance(record, dict) or "step" not in record:
+            continue
         if "loss" in record:
             train.append((record["step"], record["loss"]))
         if "val_loss" in record:

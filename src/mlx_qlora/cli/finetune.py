@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import ALL_TARGETS, LoRAConfig, TrainConfig
-from ..errors import run_cli
+from ..errors import UserError, run_cli
 from ..io import read_json
 from .flags import parser, shown
 
@@ -37,7 +37,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--model", help="converted model folder (convert_weights.py output)")
     p.add_argument("--data", help="prepared data folder (prepare_data.py output)")
-    p.add_argument("--out", help="run folder for checkpoints, metrics and adapters")
+    p.add_argument("--out", help="run folder for checkpoints, metrics and adapters: new or empty (one that holds "
+                                 "a run needs --resume or --overwrite; anything else is refused)")
+    p.add_argument("--overwrite", action="store_const", const=True,
+                   help="start a new run in --out even if it holds one: the old run's checkpoints, metrics and "
+                        "adapters are deleted (once the model and data have loaded)")
     p.add_argument("--batch-size", type=int,
                    help=f"examples per micro-batch over all ranks (default {d.batch_size}; "
                         "a multiple of the rank count)")
@@ -83,8 +87,10 @@ def run(args: argparse.Namespace) -> None:
     from ..train.run_config import resolve_config
     from ..train.trainer import Trainer, TrainingDiverged
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "no_progress")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "no_progress", "overwrite")}
     config_file = args.config
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run and --overwrite replaces it: give one of them")
     if args.resume:
         record = read_json(Path(args.resume) / "run_config.json",
                            missing="not found; --resume needs a run folder made by finetune.py")
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace) -> None:
         flags = base
         config_file = None
     config = resolve_config(flags, config_file)
-    trainer = Trainer(config, resume=bool(args.resume), progress=not args.no_progress)
+    trainer = Trainer(config, resume=bool(args.resume), progress=not args.no_progress,
+                      overwrite=bool(args.overwrite))
     main_rank = trainer.world.is_main  # the other ranks of an mlx.launch run stay quiet
     try:
         summary = trainer.train()

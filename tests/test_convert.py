@@ -55,8 +55,10 @@ def test_round_trip_float32_per_row(checkpoint_with_tokenizer, tmp_path, monkeyp
     result = convert_checkpoint(src, out, dtype="float32", shard_bytes=60_000, progress=False)
     assert result.n_quantized == 14 and result.n_shards > 1
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        result.shards + ["config.json", "generation_config.json", "model.safetensors.index.json",
+        result.shards + ["config.json", "generation_config.json", "mlx_qlora.json", "model.safetensors.index.json",
                          "tokenizer.model", "tokenizer_config.json"])
+    assert json.loads((out / "mlx_qlora.json").read_text()) == {  # the mark of a model folder of ours
+        "converted": {"quantization": {"bits": 4, "group_size": None, "mode": "affine"}, "dtype": "float32"}}
     assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == {"bits": 4, "group_size": None, "mode": "affine"}
@@ -167,18 +169,24 @@ def test_refuses_pickles_and_unknown_architectures(tiny_hf_checkpoint, tmp_path)
 
 
 def test_existing_output_and_bad_options(tiny_hf_checkpoint, tmp_path):
+    """A folder that is not a model folder of ours is never replaced, --overwrite or not; ours only with it."""
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="already exists"):
-        convert_checkpoint(tiny_hf_checkpoint, out, progress=False)
-    assert (out / "keep.txt").read_text() == "mine"
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not a model folder written by mlx-qlora .*'keep.txt'"):
+            convert_checkpoint(tiny_hf_checkpoint, out, overwrite=overwrite, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="group_size"):
         convert_checkpoint(tiny_hf_checkpoint, tmp_path / "g", group_size=48, progress=False)
     with pytest.raises(UserError, match="intermediate_size = 160"):
         convert_checkpoint(tiny_hf_checkpoint, tmp_path / "g", group_size=64, progress=False)
-    convert_checkpoint(tiny_hf_checkpoint, out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    ours = tmp_path / "ours"
+    convert_checkpoint(tiny_hf_checkpoint, ours, progress=False)
+    with pytest.raises(UserError, match=r"already exists \(a model folder written by mlx-qlora\); give --overwrite"):
+        convert_checkpoint(tiny_hf_checkpoint, ours, group_size=32, progress=False)
+    convert_checkpoint(tiny_hf_checkpoint, ours, group_size=32, overwrite=True, progress=False)
+    assert json.loads((ours / "config.json").read_text())["quantization"]["group_size"] == 32
 
 
 def test_disk_full_leaves_nothing(tiny_hf_checkpoint, tmp_path, monkeypatch):
@@ -245,4 +253,5 @@ def test_script(tiny_hf_checkpoint, tmp_path):
     failed = subprocess.run([sys.executable, script, "--hf-path", str(tiny_hf_checkpoint), "--mlx-path", str(out)],
                             capture_output=True, text=True, env=env)
     assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
-        f"error: {out}: already exists (choose another --mlx-path or allow overwriting)"]
+        f"error: {out}: already exists (a model folder written by mlx-qlora); give --overwrite to replace it, or "
+        "choose another --mlx-path"]

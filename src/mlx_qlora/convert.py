@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from .config import ConvertConfig
 from .errors import UserError
-from .io import atomic_dir, atomic_write_json, write_safetensors_shards
+from .io import atomic_write_json, read_json, temporary_dir, write_safetensors_shards
+from .outputs import MODEL, MODEL_META_NAME, Output, as_output
 from .quant.quantize import SUPPORTED_BITS, n_groups_for, quantize
 
 # What a conversion needs from a hub repository: never pickled *.bin weights.
@@ -268,7 +269,7 @@ def _disk_check(out_parent: Path, needed: int) -> None:
 
 def convert_checkpoint(
     hf_path_or_repo: Union[str, Path],
-    mlx_path: Union[str, Path],
+    mlx_path: Union[str, Path, Output],
     bits: int = ConvertConfig.bits,
     group_size: Optional[int] = ConvertConfig.group_size,
     dtype: str = ConvertConfig.dtype,
@@ -285,22 +286,26 @@ def convert_checkpoint(
     (``group_size`` None) or per 32/64/128 inputs, their scales and biases stored in ``dtype``; every other
     floating-point tensor is cast to ``dtype``. ``quantize=False`` writes a full-precision copy. Writes
     sharded ``model-XXXXX-of-YYYYY.safetensors`` of about ``shard_bytes`` each with
-    ``model.safetensors.index.json``, ``config.json`` (with a ``quantization`` section when quantized) and
-    the tokenizer files. With ``verify`` the result is loaded with ``load_model`` and checked for NaN/inf
-    before it is moved into place. An existing ``mlx_path`` is replaced only with ``overwrite``.
+    ``model.safetensors.index.json``, ``config.json`` (with a ``quantization`` section when quantized), the
+    tokenizer files and ``mlx_qlora.json`` (what was converted, plus the source's own ``mlx_qlora.json``, a
+    merged model's template). With ``verify`` the result is loaded with ``load_model`` and checked for NaN/inf
+    before it is moved into place. ``mlx_path`` is claimed first (``outputs.claim_output``): a model folder
+    of ours there is replaced only with ``overwrite``, anything else is refused; a caller that claimed it
+    already passes the ``Output``.
     """
+    output = as_output(mlx_path, MODEL, inputs=(hf_path_or_repo,), replace=overwrite, flag="--mlx-path")
     if _is_gguf_file(hf_path_or_repo):
-        # A llama.cpp GGUF: dequantize it into a temporary Hugging Face folder beside the output, convert that.
-        import tempfile
-
+        # A llama.cpp GGUF: dequantize it into a temporary Hugging Face folder beside the output (named as the
+        # output's temporaries are, so a killed run's is removed by the next one), convert that.
         from .gguf.reader import gguf_to_hf
 
-        parent = Path(mlx_path).expanduser().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=parent, prefix=".gguf-") as tmp:
-            hf = gguf_to_hf(hf_path_or_repo, Path(tmp) / "hf", progress=progress).out
-            result = convert_checkpoint(hf, mlx_path, bits, group_size, dtype, quantize, shard_bytes, verify,
+        tmp = temporary_dir(output.path)
+        try:
+            hf = gguf_to_hf(hf_path_or_repo, tmp / "hf", progress=progress).out
+            result = convert_checkpoint(hf, output, bits, group_size, dtype, quantize, shard_bytes, verify,
                                         overwrite, progress)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         result.source = Path(hf_path_or_repo)
         return result
     started = time.perf_counter()
@@ -311,13 +316,9 @@ def convert_checkpoint(
     if quantize and group_size is not None and group_size not in (32, 64, 128):
         raise UserError(f"group_size: {group_size} is not supported (per-row by default, or 32, 64, 128)")
     out_dtype = DTYPES[dtype]
-    mlx_path = Path(mlx_path).expanduser()
-    if mlx_path.exists() and not overwrite:
-        raise UserError(f"{mlx_path}: already exists (choose another --mlx-path or allow overwriting)")
+    mlx_path = output.path
 
     source = resolve_checkpoint(hf_path_or_repo)
-    if mlx_path.exists() and mlx_path.resolve() == source.resolve():
-        raise UserError(f"{mlx_path}: the output folder must differ from the input checkpoint")
 
     from .model.loading import read_config, weight_files
 
@@ -330,8 +331,10 @@ def convert_checkpoint(
     _disk_check(mlx_path.parent, output_bytes)
 
     quantization = {"bits": bits, "group_size": group_size, "mode": "affine"} if quantize else None
+    model_meta = {k: v for k, v in read_json(source / MODEL_META_NAME, default={}).items() if k != "converted"}
+    model_meta["converted"] = {"quantization": quantization, "dtype": dtype}
     try:
-        with atomic_dir(mlx_path, overwrite=overwrite) as tmp:
+        with output.atomic_dir() as tmp:
             names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, input_bytes, progress)
             out_config = dict(config)
             for key in ("torch_dtype", "dtype"):
@@ -340,6 +343,7 @@ def convert_checkpoint(
             if quantization:
                 out_config["quantization"] = quantization
             atomic_write_json(tmp / "config.json", out_config)
+            atomic_write_json(tmp / MODEL_META_NAME, model_meta)  # marks the folder as ours (outputs.MODEL)
             for name in TOKENIZER_FILES:
                 if (source / name).is_file():
                     shutil.copyfile(source / name, tmp / name)

@@ -79,29 +79,48 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+# Temporary names of atomic writes: ``.<name>.XXXXXXXX.tmp`` beside ``<name>`` (8 characters of tempfile's
+# alphabet). A process killed mid-write leaves one behind; ``stale_temporaries`` finds them again.
+_TEMP_RANDOM = r"[a-z0-9_]{8}"
 
-    On any error the temporary folder is removed and ``path`` is left as it was.
-    """
+
+def temporary_dir(path: str | os.PathLike) -> Path:
+    """A new empty hidden folder beside ``path`` named as atomic writes of ``path`` name theirs
+    (``.<name>.XXXXXXXX.tmp``); its parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files and folders that atomic writes of ``path`` (``atomic_write_file``, ``atomic_dir``,
+    ``outputs.Output``) left beside it when their process was killed: ``.<name>.XXXXXXXX.tmp``."""
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.{_TEMP_RANDOM}\.tmp$")
+    try:
+        return sorted(p for p in path.parent.iterdir() if pattern.match(p.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it becomes ``path`` in one rename.
+
+    ``path`` must not exist: this never replaces anything (a ``UserError`` says so, before the work and
+    again at the rename). Replacing an existing output goes through ``outputs.claim_output``, which first
+    checks that it is one of ours. On any error the temporary folder is removed.
+    """
+    path = Path(path)
+    if os.path.lexists(path):
+        raise UserError(f"{path}: already exists; it is not replaced")
+    tmp = temporary_dir(path)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(path)
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        if os.path.lexists(path):  # made by someone else while we worked
+            raise UserError(f"{path}: appeared while it was being written; it is not replaced")
+        os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -208,7 +208,7 @@ def test_convert_weights_reads_a_gguf_path(llama_dir, exported, tmp_path):
 
     result = convert_checkpoint(exported["f32"], tmp_path / "conv", quantize=False, dtype="float32", progress=False)
     assert result.source == exported["f32"] and (tmp_path / "conv" / "tokenizer.model").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".gguf-")]  # the temporary folder is gone
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary folder is gone
     ids = mx.array([[1, 17, 250, 3, 99]])
     np.testing.assert_allclose(np.array(load_model(tmp_path / "conv")(ids)), np.array(load_model(llama_dir)(ids)),
                                atol=1e-5)

@@ -26,7 +26,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="hub repo id (owner/name; only config, safetensors and tokenizer files are downloaded), "
                         "a local checkpoint folder, or a .gguf file (llama architecture; for a Q4_1 file "
                         "--group-size 32 keeps its weights exactly)")
-    p.add_argument("--mlx-path", required=True, help="output folder (written to a temporary folder, then renamed)")
+    p.add_argument("--mlx-path", required=True,
+                   help="output folder, new or empty (written to a temporary folder, then renamed)")
     p.add_argument("--bits", type=int, choices=(2, 4, 8), help=f"bits per quantized weight (default {d.bits})")
     p.add_argument("--group-size",
                    help="inputs sharing one scale and bias: 'row' (one per output row), 32, 64 or 128 "
@@ -36,7 +37,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--no-quantize", action="store_true", help="write a full-precision MLX copy instead")
     p.add_argument("--shard-size-gb", type=float,
                    help=f"approximate size of each output shard (GiB; default {shown(d.shard_size_gb)})")
-    p.add_argument("--overwrite", action="store_true", help="replace --mlx-path if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --mlx-path if it holds a model folder written by mlx-qlora (anything else there "
+                        "is refused)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the result before moving it into place")
     return p
 

@@ -3,13 +3,13 @@
   make the tiny model -> convert_weights.py (4-bit) -> prepare_data.py -> finetune.py -> generate.py -> evaluate.py
 
 Every step is the real script, run as a user would run it; outputs go under --out.
-Running it again replaces the previous demo's outputs there.
+Running it again replaces the previous demo's outputs there (a folder marked by its demo.json); any other
+folder is refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import time
@@ -18,13 +18,23 @@ from typing import Optional, Sequence
 
 from ..config import DemoConfig
 from ..errors import UserError, run_cli
+from ..io import atomic_write_json
+from ..outputs import PREPARED_DATA, RUN, OutputKind, claim_output, is_ours
 from .flags import build, given, parser
 
 # The checkout the package runs from: the demo runs its scripts/ on its data/sample/.
 ROOT = Path(__file__).resolve().parents[3]
 
-# What the demo writes under --out; a new run removes them first.
+# What the demo writes under --out, beside its marker demo.json; a new run replaces the whole folder.
 OUTPUTS = ("tiny-hf", "tiny-4bit", "data", "run", "eval")
+DEMO_MARKER = "demo.json"
+DEMO = OutputKind(
+    "demo folder", DEMO_MARKER,
+    # a folder of an older demo, before the marker, is recognised by its prepared data and run
+    lambda folder: ((folder / DEMO_MARKER).is_file()
+                    or (is_ours(folder / "data", PREPARED_DATA) and is_ours(folder / "run", RUN))),
+    entries="|".join((DEMO_MARKER.replace(".", r"\."), *OUTPUTS)),
+)
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -54,10 +64,11 @@ def run(args: argparse.Namespace) -> None:
     out = Path(config.out)
     if not out.is_absolute():
         out = ROOT / out
+    output = claim_output(out, DEMO, inputs=(ROOT / "data" / "sample", ROOT / "scripts"))
     from ..tiny import make_tiny_model
 
-    for name in OUTPUTS:
-        shutil.rmtree(out / name, ignore_errors=True)
+    output.make_dir()  # the previous demo's outputs go; each step below writes a new folder in it
+    atomic_write_json(out / DEMO_MARKER, {"written_by": "scripts/demo.py", "outputs": list(OUTPUTS)})
     start = time.perf_counter()
     print(f"=== tiny default model (tokenizer and a short pre-training on data/sample) -> {out / 'tiny-hf'}")
     make_tiny_model(out / "tiny-hf")

@@ -31,7 +31,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                                                     f"(default {'all' if d.max_examples is None else d.max_examples})")
     p.add_argument("--max-tokens", type=int, help=f"most tokens generated per answer (default {d.max_tokens})")
     p.add_argument("--batch-size", type=int, help=f"prompts generated together (default {d.batch_size})")
-    p.add_argument("--out", required=True, help="folder for generations.jsonl, results.md and results.json")
+    p.add_argument("--out", required=True,
+                   help="folder for generations.jsonl, results.md and results.json: new, empty, or an earlier "
+                        "evaluation (replaced); anything else is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -35,7 +35,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         "(flags given override them)")
     p.add_argument("--model", help="converted model folder (convert_weights.py output)")
     p.add_argument("--data", help="prepared data folder (prepare_data.py output)")
-    p.add_argument("--out", help="run folder for checkpoints, metrics and adapters")
+    p.add_argument("--out", help="run folder for checkpoints, metrics and adapters: new or empty (one that holds "
+                                 "a run needs --resume or --overwrite; anything else is refused)")
+    p.add_argument("--overwrite", action="store_const", const=True,
+                   help="start a new run in --out even if it holds one: the old run's checkpoints, metrics and "
+                        "adapters are deleted (once the model and data have loaded)")
     p.add_argument("--batch-size", type=int,
                    help=f"examples per micro-batch over all ranks (default {d.batch_size}; "
                         "a multiple of the rank count)")
@@ -81,12 +85,15 @@ def run(args: argparse.Namespace) -> None:
     from ..train.run_config import resume_config, resolve_config
     from ..train.trainer import Trainer, TrainingDiverged
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "no_progress")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "no_progress", "overwrite")}
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run and --overwrite replaces it: give one of them")
     if args.resume and args.config:
         raise UserError(f"config: --config {args.config} with --resume: a resumed run takes its settings from "
                         f"{Path(args.resume) / 'run_config.json'}; give the settings to change as flags")
     config = resume_config(args.resume, flags) if args.resume else resolve_config(flags, args.config)
-    trainer = Trainer(config, resume=bool(args.resume), progress=not args.no_progress)
+    trainer = Trainer(config, resume=bool(args.resume), progress=not args.no_progress,
+                      overwrite=bool(args.overwrite))
     main_rank = trainer.world.is_main  # the other ranks of an mlx.launch run stay quiet
     try:
         summary = trainer.train()

@@ -29,7 +29,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model the adapters were trained on (4-bit or Hugging Face)")
     p.add_argument("--adapter", required=True, help="run folder or checkpoint folder with the adapters")
     p.add_argument("--base-weights", help="original full-precision Hugging Face folder or hub repo id, for a lossless merge")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or a model folder of ours (replaced atomically); anything "
+                        "else is refused")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help=f"output dtype (default: {dtype})")
     p.add_argument("--max-shard-size",
                    help=f"largest safetensors shard, e.g. 5GB, 500MB (default {d.max_shard_size})")
@@ -39,7 +41,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--quantized-out", help="folder for --quantize (default: <out>-4bit)")
     p.add_argument("--group-size", type=int,
                    help=f"quantization group size for --quantize: 32, 64 or 128 (default: {group})")
-    p.add_argument("--gguf", help="also write the merged model as this GGUF file (llama.cpp, Ollama)")
+    p.add_argument("--gguf", help="also write the merged model as this GGUF file (llama.cpp, Ollama); an "
+                                  "existing file is replaced only if we exported it")
     p.add_argument("--gguf-type", choices=["f16", "q8_0", "f32"],
                    help=f"GGUF tensor type of the matrices: f16, q8_0 (8 bits) or f32 (default {d.gguf_type})")
     return p

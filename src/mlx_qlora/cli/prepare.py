@@ -31,7 +31,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--source-split",
                    help=f"split of a hub data set or saved DatasetDict to read (default {source.split})")
     p.add_argument("--tokenizer", required=True, help="model directory, tokenizer.model or tokenizer.json")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or prepared data of ours (replaced atomically); "
+                        "anything else is refused")
     p.add_argument("--template", choices=sorted(TEMPLATES) + ["chat"], help=f"prompt template (default {d.template})")
     p.add_argument("--max-seq-len", type=int, help=f"longest example in tokens (default {d.max_seq_len})")
     p.add_argument("--min-response-tokens", type=int,
@@ -52,12 +54,14 @@ def run(args: argparse.Namespace) -> None:
     """Prepare the data as ``args`` say; print the skipped records (up to 10) on standard error and a
     summary (counts, truncation, split sizes, lengths, categories) on standard output."""
     from ..data import ColumnMap, load_records, load_tokenizer, prepare_dataset
+    from ..outputs import PREPARED_DATA, claim_output
     from ..tiny import SAMPLE_DATA
 
     config = build(DataConfig, given(args, DataConfig))
     source = build(SourceConfig, given(args, SourceConfig, source_split="split"))
     dataset = str(SAMPLE_DATA) if args.dataset is None else args.dataset
     columns = ColumnMap(*(getattr(args, f"{name}_column") for name in COLUMNS))
+    output = claim_output(args.out, PREPARED_DATA, inputs=(dataset, args.tokenizer))
     tokenizer = load_tokenizer(args.tokenizer)
     loaded = load_records(dataset, columns=columns, skip_bad=args.skip_bad, split=source.split)
     for line in loaded.skipped[:10]:
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
     if len(loaded.skipped) > 10:
         print(f"... and {len(loaded.skipped) - 10} more skipped", file=sys.stderr)
     meta = prepare_dataset(
-        dataset, tokenizer, args.out, config, columns, args.skip_bad, source.split,
+        dataset, tokenizer, output, config, columns, args.skip_bad, source.split,
         progress=not args.no_progress, loaded=loaded,
     )
     counts, lengths = meta["counts"], meta["token_lengths"]

@@ -38,7 +38,8 @@ import numpy as np
 
 from ..config import DataConfig, SourceConfig
 from ..errors import UserError
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_write_json
+from ..outputs import PREPARED_DATA, Output, as_output
 from .constants import CROSS_ENTROPY_IGNORE_INDEX
 from .sources import ColumnMap, LoadResult, Record, load_records
 from .chat_template import check_template, prompt_for, response_for, turns_for
@@ -347,7 +348,7 @@ def _make_readable(folder: Path) -> None:
 def prepare_dataset(
     source: Union[str, os.PathLike],
     tokenizer: Union[Tokenizer, str, os.PathLike],
-    out_dir: Union[str, os.PathLike],
+    out_dir: Union[str, os.PathLike, Output],
     config: Optional[DataConfig] = None,
     columns: Optional[ColumnMap] = None,
     skip_bad: bool = False,
@@ -362,10 +363,14 @@ def prepare_dataset(
     (the untouched records of those splits, for evaluation) and ``meta.json``. It is written atomically: on
     any error nothing changes. The split is made on the valid records before tokenization, so it does not
     depend on the tokenizer or ``max_seq_len``; dropped examples then leave their split.
-    ``loaded`` reuses an already read ``LoadResult`` of ``source``.
+    ``loaded`` reuses an already read ``LoadResult`` of ``source``. ``out_dir`` is claimed first
+    (``outputs.claim_output``): an existing prepared data folder of ours is replaced, anything else refused;
+    a caller that claimed it already passes the ``Output``.
     """
     from safetensors.numpy import save_file
 
+    output = as_output(out_dir, PREPARED_DATA,
+                       inputs=(source, tokenizer.path if isinstance(tokenizer, Tokenizer) else tokenizer))
     config = config or DataConfig()
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
@@ -428,7 +433,7 @@ def prepare_dataset(
         "splits": meta_splits,
         "created_with": {"python": platform.python_version(), "numpy": np.__version__},
     }
-    with atomic_dir(out_dir) as tmp:
+    with output.atomic_dir() as tmp:
         for name, arrays in arrays_by_split.items():
             save_file(arrays, str(tmp / f"{name}.safetensors"), metadata={"format_version": str(FORMAT_VERSION)})
             if name != "train":

@@ -25,6 +25,7 @@ from ..config import EvalConfig
 from ..data.constants import CROSS_ENTROPY_IGNORE_INDEX
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text
+from ..outputs import EVALUATION, Output, as_output
 from .generator import GenerationResult, GenerationStats, generate_batch
 from .metrics import ROUGE_TYPES, mean, perplexity, text_scores
 
@@ -208,14 +209,16 @@ def category_table(per_model: dict[str, dict]) -> str:
     return "**per category**\n\n" + "\n".join(lines) + "\n"
 
 
-def evaluate(model_path: Union[str, Path], data_dir: Union[str, Path], out: Union[str, Path],
+def evaluate(model_path: Union[str, Path], data_dir: Union[str, Path], out: Union[str, Path, Output],
              adapter_path: Optional[Union[str, Path]] = None, split: str = EvalConfig.split,
              max_examples: Optional[int] = EvalConfig.max_examples, max_tokens: int = EvalConfig.max_tokens,
              batch_size: int = EvalConfig.batch_size,
              progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Evaluate the base model (and base + adapters when ``adapter_path`` is given) and write the outputs.
 
-    Returns the content of ``results.json``.
+    Returns the content of ``results.json``. ``out`` is claimed before anything is loaded
+    (``outputs.claim_output``): an evaluation folder of ours there is replaced, anything else refused; the
+    three files appear together (one folder renamed into place).
     """
     from ..data.dataset import check_tokenizer
     from .loading import attach_adapters, load_for_inference
@@ -224,6 +227,7 @@ def evaluate(model_path: Union[str, Path], data_dir: Union[str, Path], out: Unio
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens < 1:
         raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
+    output = as_output(out, EVALUATION, inputs=(model_path, data_dir, adapter_path))
     model, tokenizer, _ = load_for_inference(model_path)
     examples, meta = load_examples(data_dir, split, max_examples, tokenizer.eos_id)
     check_tokenizer(meta, tokenizer)
@@ -269,9 +273,9 @@ def evaluate(model_path: Union[str, Path], data_dir: Union[str, Path], out: Unio
                 f"at most {max_tokens} new tokens)\n\n"
                 + markdown_table(results["overall"], reference_length) + "\n"
                 + category_table({name: run["scores"] for name, run in runs.items()}))
-    out = Path(out)
-    atomic_write_text(out / "generations.jsonl", "".join(line + "\n" for line in lines))
-    atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "results.md", markdown)
+    with output.atomic_dir() as tmp:
+        atomic_write_text(tmp / "generations.jsonl", "".join(line + "\n" for line in lines))
+        atomic_write_json(tmp / "results.json", results)
+        atomic_write_text(tmp / "results.md", markdown)
     results["markdown"] = markdown
     return results

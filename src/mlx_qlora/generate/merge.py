@@ -30,12 +30,13 @@ from mlx.utils import tree_map
 from ..config import MergeConfig
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
-from ..io import atomic_dir, atomic_write_json, write_safetensors_shards
+from ..io import atomic_write_json, write_safetensors_shards
 from ..model import load_model, read_config
 from ..model.loading import model_args_from_config, resolve_dtype
 from ..lora.adapters import load_adapters
 from ..lora.merge import merge_state
 from ..model.modules import dense_state
+from ..outputs import GGUF_FILE, MODEL, Output, as_output, claim_output
 from .loading import MODEL_META_NAME, attach_adapters, read_run_config, resolve_adapter_dir
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -154,7 +155,7 @@ def max_logit_difference(model_a, model_b, prompts: list[list[int]]) -> float:
 def merge_adapters(
     model_path: Union[str, Path],
     adapter_path: Union[str, Path],
-    out: Union[str, Path],
+    out: Union[str, Path, Output],
     base_weights: Optional[Union[str, Path]] = None,
     dtype: Optional[str] = MergeConfig.dtype,
     max_shard_size: Union[str, int] = MergeConfig.max_shard_size,
@@ -173,8 +174,22 @@ def merge_adapters(
     model in our 4-bit format to ``quantized_out`` (default ``<out>-4bit``) with ``group_size`` (None:
     one scale per row), scales in the merged dtype. gguf: also write the merged model as this GGUF file
     for llama.cpp / Ollama, ``gguf_type`` ``f16`` or ``q8_0`` (``mlx_qlora.gguf.export_gguf``).
+
+    Every output is claimed before anything is read (``outputs.claim_output``): a model folder (or GGUF file)
+    of ours there is replaced, anything else, an input or a folder holding one, or two outputs inside one
+    another, is refused. A caller that claimed ``out`` already passes the ``Output``.
     """
-    model_path, out = Path(model_path), Path(out)
+    inputs = (model_path, adapter_path, base_weights)
+    out_path = out.path if isinstance(out, Output) else Path(out)
+    quantized_path = None
+    if quantize:
+        quantized_path = Path(quantized_out) if quantized_out else out_path.with_name(out_path.name + "-4bit")
+    output = as_output(out, MODEL, inputs=inputs, others=(quantized_path, gguf))
+    quantized_output = None if quantized_path is None else claim_output(
+        quantized_path, MODEL, inputs=inputs, others=(output.path, gguf), flag="--quantized-out")
+    gguf_output = None if gguf is None else claim_output(
+        gguf, GGUF_FILE, inputs=inputs, others=(output.path, quantized_path), flag="--gguf")
+    model_path, out = Path(model_path), output.path
     adapter_dir, note = resolve_adapter_dir(adapter_path)
     adapters, lora_config = load_adapters(adapter_dir)
     run_config = read_run_config(adapter_dir) or {}
@@ -205,7 +220,7 @@ def merge_adapters(
 
     tokenizer_source = next((p for p in (model_path, base_path) if any((p / f).is_file() for f in TOKENIZER_FILES)), None)
     template = run_config.get("template")
-    with atomic_dir(out) as tmp:
+    with output.atomic_dir() as tmp:
         n_shards = _write_shards(merged, tmp, parse_size(max_shard_size))
         atomic_write_json(tmp / "config.json", export_config(base_config, out_dtype))
         for name in TOKENIZER_FILES:
@@ -229,13 +244,12 @@ def merge_adapters(
         if base_path != model_path:
             trained = _with_adapters(load_model(model_path), adapter_dir)
             report.max_logit_diff_trained = max_logit_difference(merged_model, trained, prompts)
-    if quantize:
-        report.quantized_out = _quantize_copy(out, Path(quantized_out) if quantized_out else
-                                              out.with_name(out.name + "-4bit"), group_size, report.dtype)
-    if gguf is not None:
+    if quantized_output is not None:
+        report.quantized_out = _quantize_copy(out, quantized_output, group_size, report.dtype)
+    if gguf_output is not None:
         from ..gguf.writer import export_gguf
 
-        report.gguf_lines = export_gguf(out, gguf, gguf_type).lines()
+        report.gguf_lines = export_gguf(out, gguf_output, gguf_type).lines()
     return report
 
 
@@ -247,11 +261,9 @@ def _with_adapters(model, adapter_dir: Path):
     return model
 
 
-def _quantize_copy(hf_dir: Path, out: Path, group_size: Optional[int], dtype: str) -> Path:
-    """Our 4-bit format of the merged Hugging Face folder (``convert.convert_checkpoint``), template included."""
+def _quantize_copy(hf_dir: Path, out: Output, group_size: Optional[int], dtype: str) -> Path:
+    """Our 4-bit format of the merged Hugging Face folder (``convert.convert_checkpoint``); its
+    ``mlx_qlora.json`` (the template) is carried over by the conversion."""
     from ..convert import convert_checkpoint
 
-    convert_checkpoint(hf_dir, out, bits=4, group_size=group_size, dtype=dtype, overwrite=True, progress=False)
-    if (hf_dir / MODEL_META_NAME).is_file():
-        shutil.copyfile(hf_dir / MODEL_META_NAME, out / MODEL_META_NAME)
-    return out
+    return convert_checkpoint(hf_dir, out, bits=4, group_size=group_size, dtype=dtype, progress=False).path

@@ -7,6 +7,9 @@ tokenizer (``vocab.tokenizer_metadata``), the chat template included. Matrices a
 float32, as llama.cpp's own converter does. A 4-bit folder is dequantized first (``w = scale * q + bias``).
 
 The file is written under a temporary name beside ``out`` and renamed when complete (``io.atomic_write_file``).
+Its first metadata key after ``general.architecture`` is ``mlx_qlora.exported = true``: the mark by which an
+existing file at ``out`` is recognised as ours, and replaced; any other file there is refused
+(``outputs.GGUF_FILE``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import UserError
-from ..io import atomic_write_file
+from ..outputs import GGUF_FILE, GGUF_MARKER_KEY, Output, as_output
 from .mapping import gguf_name, reorder_to_gguf
 from .reader import _gguf
 from .vocab import tokenizer_metadata, tokenizer_notes
@@ -123,15 +126,18 @@ def model_args(folder: Path):
     return model_args_from_config(read_config(folder), str(Path(folder) / "config.json"))
 
 
-def export_gguf(model_path: Union[str, Path], out: Union[str, Path], file_type: str = "f16",
+def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], file_type: str = "f16",
                 name: Optional[str] = None, progress: bool = False) -> ExportReport:
     """Write ``model_path`` (a model folder with its tokenizer) as the GGUF file ``out``.
 
     file_type: ``f16`` (float16 matrices), ``q8_0`` (8-bit blocks of 32; a matrix whose input size is not
     a multiple of 32 stays float16) or ``f32``. name: ``general.name`` (default: the folder's name).
+    ``out`` is claimed first (``outputs.claim_output``): a GGUF file we exported is replaced, anything else
+    refused; a caller that claimed it already passes the ``Output``.
     """
+    output = as_output(out, GGUF_FILE, inputs=(model_path,), flag="--gguf")
     gguf = _gguf()
-    model_path, out = Path(model_path), Path(out)
+    model_path, out = Path(model_path), output.path
     if file_type not in FILE_TYPES:
         raise UserError(f"file type {file_type!r} is not one of {', '.join(FILE_TYPES)}")
     args = model_args(model_path)
@@ -146,7 +152,7 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path], file_type: 
 
     ggml_file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                       "f32": gguf.LlamaFileType.ALL_F32}[file_type]
-    meta = _config_metadata(args, name or model_path.resolve().name)
+    meta = {GGUF_MARKER_KEY: True, **_config_metadata(args, name or model_path.resolve().name)}
     meta["general.file_type"] = int(ggml_file_type)
     if file_type == "q8_0":
         meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION
@@ -175,6 +181,6 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path], file_type: 
         writer.write_tensors_to_file(progress=progress)
         writer.close()
 
-    atomic_write_file(out, write)
+    output.write_file(write)
     report.bytes = out.stat().st_size
     return report

@@ -34,8 +34,9 @@ from mlx.utils import tree_flatten
 
 from ..config import LoRAConfig
 from ..errors import UserError
-from ..io import atomic_dir, atomic_write_json, atomic_write_text, fsync_path, read_json
+from ..io import atomic_write_json, atomic_write_text, fsync_path, read_json
 from ..lora.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
+from ..outputs import CHECKPOINT, claim_output
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
@@ -156,7 +157,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
     final = root / checkpoint_name(step)
-    with atomic_dir(final) as tmp:
+    with claim_output(final, CHECKPOINT, flag="checkpoint").atomic_dir() as tmp:  # same step: replaced
         save_adapters(tmp, adapters, lora_config, base_model)
         mx.save_safetensors(str(tmp / OPTIMIZER_NAME), flat_optimizer)
         fsync_path(tmp / OPTIMIZER_NAME)

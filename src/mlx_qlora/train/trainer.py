@@ -40,6 +40,7 @@ from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text
 from ..model import load_model
 from ..model.loading import model_args_from_config, read_config, resolve_dtype
+from ..outputs import RUN, claim_output
 from ..lora.adapters import WEIGHTS_NAME, save_adapters
 from ..lora.apply import apply_lora, format_trainable
 from .checkpoint import (
@@ -105,10 +106,14 @@ class Trainer:
     ``world``: this process's rank among the data-parallel ranks (default: ``init_world()``, which is a
     single process unless started by ``mlx.launch``). ``config.batch_size`` is the global batch.
     ``callbacks``: ``TrainerCallback`` objects, called in order after every step.
+
+    A new run (not ``resume``) claims ``config.out`` before loading anything (``outputs.claim_output``): a
+    new or empty folder, or, with ``overwrite``, a run folder of ours, whose old contents are deleted once the
+    model and data have loaded; anything else is refused.
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True,
-                 world: Optional[World] = None, callbacks: Sequence[TrainerCallback] = ()):
+                 world: Optional[World] = None, callbacks: Sequence[TrainerCallback] = (), overwrite: bool = False):
         self.config = config
         self.run_dir = Path(config.out)
         bound_run_ahead(config.grad_checkpoint)  # before anything runs on the GPU
@@ -118,11 +123,11 @@ class Trainer:
         self.interrupted = False
         self._queued = 0  # steps queued and not yet finished
         self.local_tokens = 0  # real tokens of this rank in the last step
-        self._setup(resume)
+        self._setup(resume, overwrite)
 
     # ---- set-up ---------------------------------------------------------------------------------
 
-    def _setup(self, resume: bool) -> None:
+    def _setup(self, resume: bool, overwrite: bool = False) -> None:
         c = self.config
         if not c.model:
             raise UserError("model: give the converted model folder (--model)")
@@ -132,6 +137,11 @@ class Trainer:
             raise UserError("out: give the run folder (--out)")
         # Absolute from here on, so that run_config.json and the checkpoints name them from any directory.
         self.config = c = replace(c, model=str(Path(c.model).resolve()), data=str(Path(c.data).resolve()))
+        output = None  # only rank 0 writes the run folder, so only it claims one
+        if not resume and self.world.is_main:
+            output = claim_output(c.out, RUN, inputs=(c.model, c.data), replace=overwrite, replace_hint=(
+                f"continue it with --resume {c.out}, or give --overwrite to start a new run there (the old "
+                "one's checkpoints, metrics and adapters are deleted)"))
         self.tokenizer = load_tokenizer(c.model)
         self.train_data = PreparedDataset(c.data, "train")
         check_tokenizer(self.train_data.meta, self.tokenizer)
@@ -181,6 +191,8 @@ class Trainer:
         if self.world.is_main:
             if resume:
                 self._continue_run_folder()
+            if output is not None:
+                output.make_dir()  # a run replaced (--overwrite) goes now, after every check and load
             self._write_run_config()
 
     def _check_ranks_agree(self) -> None:

@@ -2,12 +2,16 @@
 
 Every config is built with ``from_dict`` (unknown keys are an error naming the key), validated at
 construction (a ``ValueError`` naming the key), and written next to a run's outputs with ``to_dict``.
+Numbers are checked by ``number``: of the right kind, finite and in range, so a command-line flag and
+the same key in a YAML/JSON file get the same one-line message.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,6 +33,93 @@ class _Config:
         return dataclasses.asdict(self)
 
 
+def _rule(at_least=None, above=None, below=None, at_most=None) -> str:
+    """The range ``number`` checks, in words: ``">= 1"``, ``"> 0"``, ``"in [0, 1)"`` (empty: any)."""
+    low = f"[{at_least}" if at_least is not None else f"({above}" if above is not None else ""
+    high = f"{at_most}]" if at_most is not None else f"{below})" if below is not None else ""
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return f">= {at_least}" if at_least is not None else f"> {above}"
+    if high:
+        return f"<= {at_most}" if at_most is not None else f"< {below}"
+    return ""
+
+
+def number(key: str, value: Any, *, integer: bool = False, optional: bool = False, at_least=None, above=None,
+           below=None, at_most=None):
+    """``value`` checked as the setting ``key``: a finite number (a whole one with ``integer``) within the
+    given bounds (``at_least`` <= value, ``above`` < value, value < ``below``, value <= ``at_most``); None
+    passes with ``optional``. Returns the value; a numeric string becomes a float (YAML 1.1 reads ``2e-4``
+    as a string) and, with ``integer``, a whole float an int. Raises ``ValueError`` naming ``key``."""
+    if value is None and optional:
+        return None
+    rule = _rule(at_least, above, below, at_most)
+    wanted = ("a whole number" if integer else "a number") + (f" {rule}" if rule else "")
+    if isinstance(value, str) and not integer:
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's numbers too
+        raise ValueError(f"{key} must be {wanted}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number{f' {rule}' if rule else ''}, got {value}")
+    if integer:
+        if not float(value).is_integer():
+            raise ValueError(f"{key} must be {wanted}, got {value!r}")
+        value = int(value)
+    if ((at_least is not None and value < at_least) or (above is not None and value <= above)
+            or (below is not None and value >= below) or (at_most is not None and value > at_most)):
+        raise ValueError(f"{key} must be {rule}, got {value}")
+    return value
+
+
+def choice(key: str, value: Any, choices: tuple, optional: bool = False):
+    """``value`` if it is one of ``choices`` (or None with ``optional``), else ``ValueError`` naming ``key``."""
+    if (value is None and optional) or any(type(value) is type(c) and value == c for c in choices):
+        return value
+    names = [str(c) for c in choices]
+    listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+    raise ValueError(f"{key} must be {listed}, got {value!r}")
+
+
+SEED_LIMIT = 2**63  # seeds are MLX's and numpy's unsigned 64-bit ones; the trainer mixes them below 2**63
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def duration_seconds(text: Optional[str], key: str = "max_time") -> Optional[float]:
+    """``"2h"``, ``"30m"``, ``"90s"``, ``"1.5h"`` or a number of seconds -> seconds > 0 (None stays None);
+    ``ValueError`` naming ``key`` otherwise."""
+    if text is None:
+        return None
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"{key}: cannot read {text!r} as a duration (use e.g. 90s, 30m, 2h)")
+    seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2) or "s"]
+    if seconds <= 0:
+        raise ValueError(f"{key}: the duration {text!r} must be longer than 0 seconds")
+    return seconds
+
+
+def byte_size(text: Any, key: str = "max_shard_size") -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes -> bytes >= 1; ``ValueError`` naming ``key``
+    otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        match = _SIZE.match(str(text))
+        if not match:
+            raise ValueError(f"{key}: cannot read {text!r} as a size (use e.g. 5GB, 500MB, 2GiB)")
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
+    if size < 1:
+        raise ValueError(f"{key} must be at least 1 byte, got {text!r}")
+    return size
+
+
 @dataclass
 class LoRAConfig(_Config):
     """Which layers get adapters and how large they are."""
@@ -44,12 +135,16 @@ class LoRAConfig(_Config):
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
-        if self.rank < 1:
-            raise ValueError(f"lora rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+        self.rank = number("lora rank", self.rank, integer=True, at_least=1)
+        self.alpha = number("lora alpha", self.alpha, above=0)
+        self.dropout = number("lora dropout", self.dropout, at_least=0, below=1)
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, int) and not isinstance(layers, bool):  # PEFT's layers_to_transform may be one
+                layers = [layers]
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise ValueError(f"lora layers must be a list of layer numbers (or null: every layer), got {layers!r}")
+            self.layers = [number("lora layers", i, integer=True) for i in layers]  # -1: the last
         if not self.targets:
             raise ValueError("lora targets must name at least one projection")
         bad = [t for t in self.targets if t not in ALL_TARGETS]
@@ -79,14 +174,11 @@ class DataConfig(_Config):
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_seq_len < 8:
-            raise ValueError(f"max_seq_len must be >= 8, got {self.max_seq_len}")
-        if self.min_response_tokens < 1:
-            raise ValueError(f"min_response_tokens must be >= 1, got {self.min_response_tokens}")
+        self.max_seq_len = number("max_seq_len", self.max_seq_len, integer=True, at_least=8)
+        self.min_response_tokens = number("min_response_tokens", self.min_response_tokens, integer=True, at_least=1)
         for key in ("val_fraction", "test_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{key} must be in [0, 1), got {value}")
+            setattr(self, key, number(key, getattr(self, key), at_least=0, below=1))
+        self.seed = number("seed", self.seed, integer=True, at_least=0, below=SEED_LIMIT)
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1")
 
@@ -133,20 +225,26 @@ class TrainConfig(_Config):
             self.lora = LoRAConfig.from_dict(self.lora)
         positive = ("batch_size", "grad_accum", "eval_every", "log_every", "save_every", "keep_last", "loss_chunk")
         for key in positive:
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"schedule must be constant, cosine or linear, got {self.schedule!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.iters is not None and self.iters < 1:
-            raise ValueError(f"iters must be >= 1, got {self.iters}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+            setattr(self, key, number(key, getattr(self, key), integer=True, at_least=1))
+        self.learning_rate = number("learning_rate", self.learning_rate, above=0)
+        self.weight_decay = number("weight_decay", self.weight_decay, at_least=0)
+        for key in ("beta1", "beta2"):
+            setattr(self, key, number(key, getattr(self, key), at_least=0, below=1))
+        self.eps = number("eps", self.eps, at_least=0)
+        self.schedule = choice("schedule", self.schedule, ("constant", "cosine", "linear"))
+        self.dtype = choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        self.warmup_steps = number("warmup_steps", self.warmup_steps, integer=True, at_least=0)
+        self.warmup_ratio = number("warmup_ratio", self.warmup_ratio, at_least=0, below=1)
+        self.min_lr_ratio = number("min_lr_ratio", self.min_lr_ratio, at_least=0, at_most=1)
+        self.iters = number("iters", self.iters, integer=True, optional=True, at_least=1)
+        self.epochs = number("epochs", self.epochs, optional=True, above=0)
+        duration_seconds(self.max_time)
+        self.max_grad_norm = number("max_grad_norm", self.max_grad_norm, optional=True, at_least=0)
+        self.seed = number("seed", self.seed, integer=True, at_least=0, below=SEED_LIMIT)
+        self.eval_batches = number("eval_batches", self.eval_batches, integer=True, optional=True, at_least=1)
+        for key in ("grad_checkpoint", "packing"):
+            choice(key, getattr(self, key), (True, False))
+        choice("overlap_steps", self.overlap_steps, (True, False), optional=True)
 
 
 # The settings of the other commands (scripts/ and `mlx-qlora`). Each is the one place its defaults are
@@ -162,6 +260,12 @@ class ConvertConfig(_Config):
     group_size: Optional[int] = None  # None: one scale and bias per output row
     dtype: str = "float16"  # of the unquantized tensors and of the scales / biases
     shard_size_gb: float = 3.0  # approximate size of each output shard, GiB
+
+    def __post_init__(self):
+        self.bits = choice("bits", self.bits, (2, 4, 8))
+        self.group_size = choice("group_size", self.group_size, (32, 64, 128), optional=True)
+        self.dtype = choice("dtype", self.dtype, ("float16", "bfloat16", "float32"))
+        self.shard_size_gb = number("shard_size_gb", self.shard_size_gb, above=0)
 
 
 @dataclass
@@ -180,6 +284,13 @@ class EvalConfig(_Config):
     max_tokens: int = 128  # most tokens generated per answer
     batch_size: int = 8  # prompts generated together
 
+    def __post_init__(self):
+        if not isinstance(self.split, str) or not self.split:
+            raise ValueError(f"split must name a split of the prepared data, got {self.split!r}")
+        self.max_examples = number("max_examples", self.max_examples, integer=True, optional=True, at_least=1)
+        self.max_tokens = number("max_tokens", self.max_tokens, integer=True, at_least=1)
+        self.batch_size = number("batch_size", self.batch_size, integer=True, at_least=1)
+
 
 @dataclass
 class MergeConfig(_Config):
@@ -190,6 +301,12 @@ class MergeConfig(_Config):
     group_size: Optional[int] = None  # of the --quantize copy; None: one scale per row
     gguf_type: str = "f16"  # f16 | q8_0 | f32
 
+    def __post_init__(self):
+        self.dtype = choice("dtype", self.dtype, ("float32", "bfloat16", "float16"), optional=True)
+        byte_size(self.max_shard_size)
+        self.group_size = choice("group_size", self.group_size, (32, 64, 128), optional=True)
+        self.gguf_type = choice("gguf_type", self.gguf_type, ("f16", "q8_0", "f32"))
+
 
 @dataclass
 class DemoConfig(_Config):
@@ -197,3 +314,6 @@ class DemoConfig(_Config):
 
     out: str = "runs/demo"  # relative to the repository
     iters: int = 150
+
+    def __post_init__(self):
+        self.iters = number("iters", self.iters, integer=True, at_least=1)

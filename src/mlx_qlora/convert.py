@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import shutil
 import struct
@@ -27,6 +28,7 @@ from .config import ConvertConfig
 from .errors import UserError
 from .io import atomic_write_json, read_json, temporary_dir, write_safetensors_shards
 from .outputs import MODEL, MODEL_META_NAME, Output, as_output
+from .model.loading import check_finite
 from .quant.quantize import SUPPORTED_BITS, n_groups_for, quantize
 
 # What a conversion needs from a hub repository: never pickled *.bin weights.
@@ -56,6 +58,7 @@ SAFETENSORS_DTYPES = {  # safetensors header code -> MLX dtype
     "I64": mx.int64, "U8": mx.uint8, "I8": mx.int8, "BOOL": mx.bool_,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 DEFAULT_SHARD_BYTES = int(ConvertConfig.shard_size_gb * 2**30)
 CHUNK_ELEMENTS = 2**22  # rows converted at a time: 16 MB of float32 per temporary
 
@@ -147,17 +150,26 @@ def _is_gguf_file(path: Union[str, Path]) -> bool:
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """``{name: (dtype code, shape, data start)}`` of a safetensors file, from its header only."""
+    """``{name: (dtype code, shape, data start)}`` of a safetensors file, from its header only; a header
+    that is not one, or tensors that end past the end of the file (a truncated download), is a
+    ``UserError`` naming the file, before anything is written."""
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > 100 * 2**20:
                 raise ValueError(f"header length {length} is implausible")
             header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as e:
+            size = os.fstat(f.fileno()).st_size
+        header.pop("__metadata__", None)
+        tensors = {name: (info["dtype"], tuple(info["shape"]), info["data_offsets"][0], info["data_offsets"][1])
+                   for name, info in header.items()}
+    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError, IndexError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return {name: (info["dtype"], tuple(info["shape"]), info["data_offsets"][0]) for name, info in header.items()}
+    end = max((stop for *_, stop in tensors.values()), default=0)
+    if 8 + length + end > size:
+        raise UserError(f"{path}: truncated: its tensors need {8 + length + end:,} bytes, the file has {size:,} "
+                        "(an incomplete download or copy?)")
+    return {name: (code, shape, start) for name, (code, shape, start, _) in tensors.items()}
 
 
 def _check_config(config: dict[str, Any], source: Path, quantize: bool, bits: int, group_size: Optional[int]):
@@ -237,12 +249,18 @@ def _write_bytes(f: BinaryIO, value: mx.array) -> None:
     f.write(memoryview(mx.contiguous(value)))
 
 
-def _write_tensor(f: BinaryIO, tensor: _Tensor, chunks) -> None:
-    """Append the arrays ``chunks`` (consecutive rows of ``tensor``) to ``f``, checking them against the plan."""
+def _write_tensor(f: BinaryIO, tensor: _Tensor, chunks, source: Path) -> None:
+    """Append the arrays ``chunks`` (consecutive rows of ``tensor``) to ``f``, checking them against the plan;
+    a value that is not finite (the source's were checked: it left the range of the output dtype) is a
+    ``UserError`` naming ``source`` and the tensor."""
     written = 0
     for value in chunks:
         if value.dtype != tensor.dtype or tuple(value.shape[1:]) != tensor.shape[1:]:
             raise AssertionError(f"{tensor.name}: produced {value.dtype} {value.shape}, planned {tensor.dtype} {tensor.shape}")
+        if mx.issubdtype(value.dtype, mx.floating):
+            check_finite({tensor.name: value}, source,
+                         why=f"converted to {DTYPE_NAMES[value.dtype]}, its values leave that type's range: choose "
+                             "another --dtype")
         _write_bytes(f, value)
         written += value.nbytes
     if written != tensor.nbytes:
@@ -315,6 +333,8 @@ def convert_checkpoint(
         raise UserError(f"bits: {bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
     if quantize and group_size is not None and group_size not in (32, 64, 128):
         raise UserError(f"group_size: {group_size} is not supported (per-row by default, or 32, 64, 128)")
+    if shard_bytes < 1:
+        raise UserError(f"shard_bytes must be >= 1, got {shard_bytes}")
     out_dtype = DTYPES[dtype]
     mlx_path = output.path
 
@@ -385,15 +405,19 @@ def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: in
                 else:
                     if tensor.file not in loaded:
                         loaded.clear()  # inputs are read in order: drop the previous file's lazy arrays
-                        loaded[tensor.file] = mx.load(str(tensor.file))
+                        try:
+                            loaded[tensor.file] = mx.load(str(tensor.file))
+                        except RuntimeError as e:  # changed since its header was read
+                            raise UserError(f"{tensor.file}: cannot be read as safetensors ({e})") from None
                     source = _evaluated(loaded[tensor.file].pop(tensor.source))  # reads this tensor only
+                    check_finite({tensor.source: source}, tensor.file)
                     bar.update(source.nbytes)
                     if tensor.kind == "weight":
                         chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending)
                     else:
                         chunks = _cast_chunks(source, tensor.dtype)
                     del source
-                _write_tensor(f, tensor, chunks)
+                _write_tensor(f, tensor, chunks, tensor.file)
                 del chunks
             f.flush()
 
@@ -435,15 +459,11 @@ def _quantized_chunks(source: mx.array, bits: int, group_size: Optional[int], dt
 
 
 def _verify(path: Path) -> None:
-    """Load the converted folder strictly (every name, shape and dtype) and check that no value is NaN/inf.
+    """Load the converted folder strictly (every name, shape and dtype; ``load_model`` also checks that no
+    value is NaN/inf).
 
     A forward pass is not run: in float16 on a CPU it costs minutes for a 7B model and checks nothing more.
     """
-    from mlx.utils import tree_flatten
-
     from .model.loading import load_model
 
-    model = load_model(path)
-    for name, value in tree_flatten(model.parameters()):
-        if mx.issubdtype(value.dtype, mx.floating) and not mx.all(mx.isfinite(value)).item():
-            raise UserError(f"{path}: tensor {name} holds NaN or infinite values; the source checkpoint may be corrupt")
+    load_model(path)

@@ -75,8 +75,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """``atomic_write_text`` of ``obj`` as indented JSON."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """``atomic_write_text`` of ``obj`` as indented JSON; NaN or an infinity is a ``ValueError`` (JSON has none)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 # Temporary names of atomic writes: ``.<name>.XXXXXXXX.tmp`` beside ``<name>`` (8 characters of tempfile's

@@ -257,8 +257,8 @@ import os, signal, sys
 sys.argv = ["convert_weights.py", *sys.argv[1:]]
 import mlx_qlora.convert as convert
 write = convert._write_tensor
-def write_then_die(f, tensor, chunks):
-    write(f, tensor, chunks)
+def write_then_die(f, tensor, *rest):
+    write(f, tensor, *rest)
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)  # mid-write, after the first tensor
 convert._write_tensor = write_then_die

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from mlx_qlora.errors import UserError
 from mlx_qlora.generate.loading import attach_adapters
-from mlx_qlora.generate.merge import merge_adapters, parse_size
+from mlx_qlora.generate.merge import max_logit_difference, merge_adapters, parse_size
 from mlx_qlora.model import ModelArgs, load_model
 
 from support import random_adapters, write_adapters
@@ -198,3 +198,37 @@ def test_merge_script(model_dir, adapters, tmp_path):
                            "--adapter", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_base_weights_with_nan_are_refused_before_writing(quantized_dir, adapters, model_dir, tmp_path):
+    """The original weights are read through load_model, which checks every tensor: no merged model of NaNs."""
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    tensors = mx.load(str(base / "model.safetensors"))
+    weight = tensors["model.layers.0.mlp.gate_proj.weight"]
+    weight[0, 0] = float("nan")
+    tensors["model.layers.0.mlp.gate_proj.weight"] = weight
+    mx.save_safetensors(str(base / "model.safetensors"), tensors, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"{base / 'model.safetensors'}: tensor model.layers.0.mlp.gate_proj.weight "
+                                        "holds NaN"):
+        merge_adapters(quantized_dir, adapters, tmp_path / "merged", base_weights=base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_merged_values_out_of_the_output_dtype_are_refused(model_dir, tmp_path):
+    """W + scale * B @ A beyond float16's range would be written as inf: refused, naming the tensor."""
+    args = load_model(model_dir).args
+    run = write_adapters(tmp_path / "run", args, targets=("q_proj",), std=300.0)
+    with pytest.raises(UserError, match=r"merged model \(float16\): tensor model.layers.\d.self_attn.q_proj.weight "
+                                        r"holds NaN or infinite values.*float16: choose --dtype float32"):
+        merge_adapters(model_dir, run, tmp_path / "merged", dtype="float16", check=False)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_logit_difference_does_not_hide_nan():
+    """max(0.0, nan) is 0.0 in Python: a model answering NaN must not read as a perfect match."""
+    good = lambda x: mx.zeros((1, x.shape[1], 4))  # noqa: E731
+    bad = lambda x: mx.full((1, x.shape[1], 4), float("nan"))  # noqa: E731
+    assert np.isnan(max_logit_difference(good, bad, [[1, 2], [3]]))
+    assert np.isnan(max_logit_difference(good, lambda x: bad(x) if x.shape[1] == 2 else good(x), [[1, 2], [3]]))
+    assert max_logit_difference(good, good, [[1, 2]]) == 0.0

@@ -208,3 +208,16 @@ def test_evaluate_script(eval_setup):
     proc = subprocess.run([sys.executable, str(script), "--model", str(model_dir), "--data", str(data_dir),
                            "--split", "test", "--out", str(root / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no 'test' split" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("max_examples", [0, -1])
+def test_evaluate_refuses_max_examples_below_one_before_loading(max_examples, tmp_path):
+    """-1 used to select no example and write NaN means into results.json."""
+    from mlx_qlora.errors import UserError
+    from mlx_qlora.generate.evaluate import evaluate, load_examples
+
+    with pytest.raises(UserError, match=f"max_examples must be >= 1 .*got {max_examples}"):
+        evaluate(tmp_path / "no-model", tmp_path / "no-data", tmp_path / "eval", max_examples=max_examples)
+    with pytest.raises(UserError, match="max_examples must be >= 1"):
+        load_examples(tmp_path / "no-data", max_examples=max_examples)
+    assert list(tmp_path.iterdir()) == []

@@ -220,3 +220,15 @@ def test_save_refuses_bad_paths_and_shapes_without_touching_existing_files(tmp_p
         save_adapters(tmp_path, bad, config)
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_weights_are_named(tmp_path, value):
+    tensors, _ = _saved(tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    spoiled = tensors[key]
+    spoiled[1, 0] = value
+    tensors[key] = spoiled
+    mx.save_safetensors(str(tmp_path / WEIGHTS_NAME), tensors, metadata={"format": "pt"})
+    assert _error(tmp_path) == f"{tmp_path / WEIGHTS_NAME}: tensor {key} holds NaN or infinite values; the file " \
+                               "is corrupt or was written from a diverged model"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import ALL_TARGETS, LoRAConfig, TrainConfig
-from ..errors import UserError, run_cli
+from ..errors import EXIT_INTERRUPTED, UserError, run_cli
 from .flags import parser, shown
 
 
@@ -101,16 +101,17 @@ def run(args: argparse.Namespace) -> None:
         if main_rank:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
-    if not main_rank:
-        return
-    ranks = f" on {summary['world_size']} ranks" if "world_size" in summary else ""
-    print(f"{summary['stop_reason']}: step {summary['step']}/{summary['total_steps']}, "
-          f"{summary['tokens_seen']:,} tokens in {summary['elapsed_s']:.1f}s{ranks}; "
-          f"adapters in {summary['run_dir']}")
+    if main_rank:
+        ranks = f" on {summary['world_size']} ranks" if "world_size" in summary else ""
+        print(f"{summary['stop_reason']}: step {summary['step']}/{summary['total_steps']}, "
+              f"{summary['tokens_seen']:,} tokens in {summary['elapsed_s']:.1f}s{ranks}; "
+              f"adapters in {summary['run_dir']}")
+    if summary["stop_reason"] == "interrupted":  # saved; `finetune.py ... && merge_adapters.py ...` stops here
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """``finetune``: parse ``argv`` (None: the command line) and run; a ``UserError`` exits 2 with one line,
-    a diverged run 3. Returns the exit status, 0."""
+    a diverged run 3, a run stopped by Ctrl-C 130 (after saving). Returns the exit status, 0."""
     run_cli(lambda: run(build_parser(prog).parse_args(argv)))
     return 0

@@ -16,6 +16,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ..config import SEED_LIMIT, number
 from ..errors import UserError, run_cli
 from .flags import build, default, given, parser, shown
 
@@ -65,9 +66,11 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("--template and --no-template exclude each other")
     sampler = build(SamplerConfig, given(args, SamplerConfig))
     session_values = {k: getattr(args, k) for k in SESSION_FLAGS if getattr(args, k) is not None}
-    max_tokens = session_values.get("max_tokens", default(ChatSession, "max_tokens"))
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    try:
+        number("max_tokens", session_values.get("max_tokens", 1), integer=True, at_least=1)
+        number("seed", session_values.get("seed", 0), integer=True, at_least=0, below=SEED_LIMIT)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     model, tokenizer, adapter = load_for_inference(args.model, args.adapter, args.dtype)
     if adapter is not None and adapter.note:
         print(adapter.note, file=sys.stderr)

@@ -20,6 +20,17 @@ from .sampling import SamplerConfig
 HELP = "commands: /reset (forget the conversation), /quit (leave), /help (this text)"
 
 
+def not_utf8(text: str) -> Optional[str]:
+    """Why ``text`` is not UTF-8 text, or None when it is. Python decodes the bytes of the command line and
+    of a piped standard input that are not UTF-8 into lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = text[e.start].encode("utf-8", "surrogateescape")
+        return f"not UTF-8 text (byte 0x{byte.hex()} at character {e.start + 1})"
+    return None
+
+
 @dataclass
 class ChatSession:
     """The state of one conversation: the model, how it is prompted and the turns so far."""
@@ -41,7 +52,10 @@ class ChatSession:
 
     def prompt_ids(self, text: str) -> tuple[list[int], int]:
         """Token ids for the next reply to ``text`` and how many earlier turns had to be dropped to fit
-        the model's context. ``UserError`` when ``text`` alone does not fit."""
+        the model's context. ``UserError`` when ``text`` alone does not fit or is not UTF-8 text."""
+        problem = not_utf8(text)
+        if problem:
+            raise UserError(f"prompt: {problem}")
         if self.template is None:
             ids = self.tokenizer.encode(text, add_bos=True)
             check_prompt_length(self.model, len(ids))
@@ -85,7 +99,10 @@ class ChatSession:
 
 
 def _lines(stream: TextIO, interactive: bool, out: TextIO) -> Iterable[str]:
-    """User inputs: ``input()`` with a ``>>>`` prompt in a terminal, else the lines of ``stream``."""
+    """User inputs: ``input()`` with a ``>>>`` prompt in a terminal, else the lines of ``stream``.
+
+    Bytes that are not UTF-8 never stop the session: they come as lone surrogates (``not_utf8``), read
+    from the stream's bytes where it has them (a strict decoder would raise and lose its place)."""
     if interactive:
         while True:
             try:
@@ -93,18 +110,28 @@ def _lines(stream: TextIO, interactive: bool, out: TextIO) -> Iterable[str]:
             except EOFError:
                 out.write("\n")
                 return
-    for line in stream:
-        yield line.rstrip("\n")
+            except UnicodeDecodeError as e:
+                yield e.object.decode("utf-8", "surrogateescape").rstrip("\r\n")
+    source = getattr(stream, "buffer", None)
+    if source is None:
+        for line in stream:
+            yield line.rstrip("\n")
+        return
+    for raw in source:
+        yield raw.decode("utf-8", "surrogateescape").rstrip("\n")
 
 
-def chat_loop(session: ChatSession, stream: TextIO = sys.stdin, out: TextIO = sys.stdout,
+def chat_loop(session: ChatSession, stream: Optional[TextIO] = None, out: Optional[TextIO] = None,
               interactive: Optional[bool] = None) -> GenerationStats:
     """Read inputs until ``/quit`` or the end of input; stream every reply to ``out``; return the totals.
 
-    With piped input (not a terminal) each input line is echoed after ``>>> `` so the output reads as a
-    transcript. A ``UserError`` of one turn (e.g. a message longer than the context) is reported and the
-    session goes on.
+    stream, out: default ``sys.stdin`` and ``sys.stdout`` (as they are when called). With piped input (not a
+    terminal) each input line is echoed after ``>>> `` so the output reads as a transcript. A ``UserError``
+    of one turn (e.g. a message longer than the context, or a line that is not UTF-8 text) is reported on
+    one line ``error: ...`` and the session goes on.
     """
+    stream = sys.stdin if stream is None else stream
+    out = sys.stdout if out is None else out
     if interactive is None:
         interactive = stream.isatty() and out.isatty()
     mode = f"template {session.template!r}" if session.template else "no template (raw prompts after BOS)"
@@ -118,7 +145,7 @@ def chat_loop(session: ChatSession, stream: TextIO = sys.stdin, out: TextIO = sy
     for line in _lines(stream, interactive, out):
         text = line.strip()
         if not interactive and text:
-            out.write(f">>> {line}\n")
+            out.write(f">>> {line.encode('utf-8', 'replace').decode('utf-8')}\n")
         if not text:
             continue
         if text.startswith("/"):

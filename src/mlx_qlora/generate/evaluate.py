@@ -63,6 +63,8 @@ def load_examples(data_dir: Union[str, Path], split: str = "validation", max_exa
     """The first ``max_examples`` examples of ``split`` (all when None) and the directory's meta."""
     from ..data.dataset import PreparedDataset
 
+    if max_examples is not None and max_examples < 1:
+        raise UserError(f"max_examples must be >= 1 (or None: the whole split), got {max_examples}")
     data = PreparedDataset(data_dir, split)
     names = data.category_names
     n = len(data) if max_examples is None else min(len(data), max_examples)
@@ -227,6 +229,8 @@ def evaluate(model_path: Union[str, Path], data_dir: Union[str, Path], out: Unio
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens < 1:
         raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
+    if max_examples is not None and max_examples < 1:
+        raise UserError(f"max_examples must be >= 1 (or not given: the whole split), got {max_examples}")
     output = as_output(out, EVALUATION, inputs=(model_path, data_dir, adapter_path))
     model, tokenizer, _ = load_for_inference(model_path)
     examples, meta = load_examples(data_dir, split, max_examples, tokenizer.eos_id)

@@ -17,7 +17,7 @@ those of the base + adapters on a few prompts (both in float32) and reports the 
 
 from __future__ import annotations
 
-import re
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +27,12 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
-from ..config import MergeConfig
+from ..config import MergeConfig, byte_size
 from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
 from ..io import atomic_write_json, write_safetensors_shards
 from ..model import load_model, read_config
-from ..model.loading import model_args_from_config, resolve_dtype
+from ..model.loading import check_finite, model_args_from_config, resolve_dtype
 from ..lora.adapters import load_adapters
 from ..lora.merge import merge_state
 from ..model.modules import dense_state
@@ -48,9 +48,6 @@ CHECK_PROMPTS = (
     "Write a short poem about the sea.",
     "Classify each of the following as a fruit or a vegetable: apple, carrot, pear.",
 )
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass
@@ -89,13 +86,11 @@ class MergeReport:
 
 
 def parse_size(text: Union[str, int]) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes -> bytes."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(str(text))
-    if not match:
-        raise UserError(f"max_shard_size: cannot read {text!r} (use e.g. 5GB, 500MB, 2GiB)")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes -> bytes (``config.byte_size``)."""
+    try:
+        return byte_size(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _write_shards(tensors: dict[str, mx.array], folder: Path, max_shard_bytes: int) -> int:
@@ -143,12 +138,15 @@ def _check_prompts(tokenizer, template: str, vocab_size: int) -> list[list[int]]
 
 
 def max_logit_difference(model_a, model_b, prompts: list[list[int]]) -> float:
-    """Largest |logit difference| between two models over ``prompts`` (each run on its own)."""
+    """Largest |logit difference| between two models over ``prompts`` (each run on its own); NaN when either
+    model gives a NaN logit (``max`` alone would skip it and report agreement)."""
     worst = 0.0
     for ids in prompts:
         x = mx.array(ids, dtype=mx.int32)[None]
-        diff = mx.abs(model_a(x).astype(mx.float32) - model_b(x).astype(mx.float32)).max()
-        worst = max(worst, float(diff.item()))
+        diff = float(mx.abs(model_a(x).astype(mx.float32) - model_b(x).astype(mx.float32)).max().item())
+        if math.isnan(diff):
+            return diff
+        worst = max(worst, diff)
     return worst
 
 
@@ -217,6 +215,9 @@ def merge_adapters(
     state = dense_state(base)
     merged, n_merged = merge_state(state, adapters, lora_config.scale, out_dtype)
     del state
+    # base and adapters were checked as read: a value that is not finite now did not fit the output dtype
+    check_finite(merged, f"merged model ({_dtype_name(out_dtype)})",
+                 why=f"W + scale * B @ A leaves the range of {_dtype_name(out_dtype)}: choose --dtype float32")
 
     tokenizer_source = next((p for p in (model_path, base_path) if any((p / f).is_file() for f in TOKENIZER_FILES)), None)
     template = run_config.get("template")

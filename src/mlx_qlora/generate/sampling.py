@@ -15,6 +15,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from ..config import number
+
 NEG_INF = float("-inf")
 
 
@@ -29,16 +31,11 @@ class SamplerConfig:
     repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the sequence
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.temperature = number("temperature", self.temperature, at_least=0)
+        self.top_k = number("top_k", self.top_k, integer=True, at_least=0)
+        self.top_p = number("top_p", self.top_p, above=0, at_most=1)
+        self.min_p = number("min_p", self.min_p, at_least=0, at_most=1)
+        self.repetition_penalty = number("repetition_penalty", self.repetition_penalty, above=0)
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,7 @@ import mlx.core as mx
 from ..config import ALL_TARGETS, LoRAConfig
 from ..errors import UserError
 from ..io import atomic_write_file, atomic_write_json, read_json
+from ..model.loading import check_finite
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -185,8 +186,8 @@ def load_adapters(directory: str | os.PathLike) -> tuple[dict[str, mx.array], Lo
 
     Returns ``(params, lora_config)``: params flat ``{our path: array}`` in the dtype stored in the file
     (A (r, in), B (out, r)); keys with PEFT's ``.default`` adapter-name segment are accepted. Raises
-    ``UserError`` naming the file and key when a file is missing, a key is unexpected or missing, or a
-    shape does not match ``r``.
+    ``UserError`` naming the file and key when a file is missing, a key is unexpected or missing, a
+    shape does not match ``r``, or a tensor holds NaN or infinite values.
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -250,4 +251,5 @@ def load_adapters(directory: str | os.PathLike) -> tuple[dict[str, mx.array], Lo
     except (TypeError, ValueError) as e:
         raise UserError(f"{config_path}: {e}") from None
     _check_pairs(params, config.rank, str(weights_path))
+    check_finite(tensors, weights_path)
     return params, config

@@ -4,7 +4,8 @@ Loading is strict: every parameter of the model must be in the checkpoint with t
 every tensor of the checkpoint must belong to the model (a few known extras are skipped, see
 ``IGNORED_KEY_SUFFIXES``). Tensors are read shard by shard and assigned straight into the model, so
 the weights are never held twice: MLX builds the model's initial arrays lazily and never computes the
-ones that are replaced.
+ones that are replaced. Every floating-point tensor is checked for NaN and infinite values as it is read
+(``check_finite``, one reduction per tensor, evaluated with the shard).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
@@ -68,6 +70,39 @@ def weight_files(path: Union[str, os.PathLike]) -> list[Path]:
     return files
 
 
+def finite_flags(tensors: dict[str, mx.array]) -> tuple[list[str], Optional[mx.array]]:
+    """The names of the floating-point tensors of ``tensors`` and, lazily, one boolean per name: all of its
+    values are finite. Evaluate the flags with the tensors (one pass over them) and give both to
+    ``raise_not_finite``."""
+    names = [name for name, value in tensors.items() if mx.issubdtype(value.dtype, mx.floating)]
+    if not names:
+        return names, None
+    return names, mx.stack([mx.all(mx.isfinite(tensors[name])) for name in names])
+
+
+NOT_FINITE_WHY = "the file is corrupt or was written from a diverged model"
+
+
+def raise_not_finite(names: list[str], flags: Optional[mx.array], source: Union[str, os.PathLike],
+                     why: str = NOT_FINITE_WHY) -> None:
+    """``UserError`` naming ``source`` and the first tensor whose flag (``finite_flags``) is False."""
+    if flags is None:
+        return
+    bad = np.flatnonzero(~np.array(flags))
+    if bad.size:
+        more = f" (and {bad.size - 1} more tensor(s))" if bad.size > 1 else ""
+        raise UserError(f"{source}: tensor {names[bad[0]]} holds NaN or infinite values{more}; {why}")
+
+
+def check_finite(tensors: dict[str, mx.array], source: Union[str, os.PathLike], why: str = NOT_FINITE_WHY) -> None:
+    """``UserError`` naming ``source`` and the tensor when a floating-point tensor of ``tensors`` holds a NaN
+    or an infinite value (one reduction per tensor; it evaluates the tensors). ``why``: the likely cause."""
+    names, flags = finite_flags(tensors)
+    if flags is not None:
+        mx.eval(flags)
+    raise_not_finite(names, flags, source, why)
+
+
 def quantize_layers(model: MistralForCausalLM, bits: int, group_size: Optional[int]) -> None:
     """Replace the seven projections of every decoder layer with empty ``QuantizedLinear`` layers."""
     from ..quant.quantized_linear import QuantizedLinear
@@ -90,7 +125,10 @@ def build_model(config: dict[str, Any], source: str = "config.json") -> MistralF
     if quant:
         if not isinstance(quant, dict) or "bits" not in quant:
             raise UserError(f"{source}: quantization: expected an object with 'bits' and 'group_size'")
-        quantize_layers(model, int(quant["bits"]), quant.get("group_size"))
+        try:
+            quantize_layers(model, int(quant["bits"]), quant.get("group_size"))
+        except (TypeError, ValueError) as e:  # bits 3, a group size of 48, ...
+            raise UserError(f"{source}: quantization: {e}") from None
     model.quantization = quant or None
     return model
 
@@ -105,7 +143,7 @@ def load_weights(model: nn.Module, files: list[Path], dtype: Optional[mx.Dtype] 
             tensors = mx.load(str(file))
         except Exception as e:  # a truncated or foreign file
             raise UserError(f"{file}: cannot be read as safetensors ({e})") from None
-        updates = []
+        updates, read = [], {}
         for key, value in tensors.items():
             if key.endswith(IGNORED_KEY_SUFFIXES) or (tied and key == "lm_head.weight"):
                 continue
@@ -117,13 +155,16 @@ def load_weights(model: nn.Module, files: list[Path], dtype: Optional[mx.Dtype] 
                 raise UserError(
                     f"{file}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
                 )
+            read[key] = value
             if dtype is not None and mx.issubdtype(value.dtype, mx.floating):
                 value = value.astype(dtype)
             updates.append((key, value))
             seen.add(key)
         model.update(tree_unflatten(updates))
-        mx.eval(model.parameters())  # materialise this shard before reading the next
-        del tensors, updates
+        names, flags = finite_flags(read)  # of the values as stored, before any cast
+        mx.eval(model.parameters(), flags)  # materialise this shard before reading the next
+        raise_not_finite(names, flags, file)
+        del tensors, updates, read, flags
     missing = [k for k in expected if k not in seen]
     if missing and strict:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

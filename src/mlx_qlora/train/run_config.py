@@ -6,13 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..config import LoRAConfig, TrainConfig
+from ..config import LoRAConfig, TrainConfig, duration_seconds
 from ..errors import UserError
 from ..io import read_json
 
@@ -39,18 +38,31 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of keys to values at the top level")
+    bad = [k for k in values if not isinstance(k, str)]
+    if bad:
+        raise UserError(f"{path}: key {bad[0]!r} is not a setting name")
     return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def _lora_section(value: Any, source: str) -> dict[str, Any]:
+    """The nested ``lora:`` settings (None: none), or a ``UserError`` when it is not a mapping."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: lora must be a mapping of LoRA settings (rank, alpha, ...), got {value!r}")
+    return dict(value)
 
 
 def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> TrainConfig:
     """Merge the config file and the flags that were given (None means not given) into a ``TrainConfig``."""
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    lora = dict(values.pop("lora", None) or {})
+    source = config_file or "command line"
+    lora = _lora_section(values.pop("lora", None), source)
     for flag, key in LORA_FLAGS.items():
         if flag in values:
             lora[key] = values.pop(flag)
     flags = dict(flags)
-    lora.update(flags.pop("lora", None) or {})  # a saved run's nested LoRA settings
+    lora.update(_lora_section(flags.pop("lora", None), source))  # a saved run's nested LoRA settings
     for name, value in flags.items():
         if value is None:
             continue
@@ -58,7 +70,6 @@ def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> 
             lora[LORA_FLAGS[name]] = value
         else:
             values[name] = value
-    source = config_file or "command line"
     try:
         values["lora"] = LoRAConfig.from_dict(lora)
         return TrainConfig.from_dict(values)
@@ -66,18 +77,12 @@ def resolve_config(flags: dict[str, Any], config_file: Optional[str] = None) -> 
         raise UserError(f"{source}: {e}") from None
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-
-
 def parse_duration(text: Optional[str]) -> Optional[float]:
     """``"2h"``, ``"30m"``, ``"90s"``, ``"1.5h"`` or a number of seconds -> seconds (None stays None)."""
-    if text is None:
-        return None
-    match = _DURATION.match(str(text))
-    if not match:
-        raise UserError(f"max_time: cannot read {text!r} as a duration (use e.g. 90s, 30m, 2h)")
-    value, unit = float(match.group(1)), match.group(2) or "s"
-    return value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+    try:
+        return duration_seconds(text)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 RUN_CONFIG_NAME = "run_config.json"

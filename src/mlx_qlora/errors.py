@@ -60,16 +60,20 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def _output_path(path: str) -> str:
+    """``path`` with each of io's temporary names in it (a file, or a folder being written) replaced by the
+    output it becomes: ``out/.run.ab12cd34.tmp/metrics.jsonl`` -> ``out/run/metrics.jsonl``."""
+    parts = [(_TEMPORARY.match(part) or None) for part in path.split(os.sep)]
+    return os.sep.join(m.group("name") if m else part for m, part in zip(parts, path.split(os.sep)))
+
+
 def os_error_message(e: OSError) -> str:
     """``<path>: <reason>`` for an ``OSError`` (the path being written when it is one of io's temporaries)."""
     reason = (e.strerror or str(e)) + _HINTS.get(e.errno, "")
     path = e.filename
     if path is None:  # a failed write() or read() names no file
         return f"reading or writing a file failed: {reason}"
-    path = os.fsdecode(path)
-    match = _TEMPORARY.match(os.path.basename(path))
-    if match:
-        path = os.path.join(os.path.dirname(path), match.group("name"))
+    path = _output_path(os.fsdecode(path))
     if e.filename2 is not None:
         return f"{path} -> {os.fsdecode(e.filename2)}: {reason}"
     return f"{path}: {reason}"

@@ -63,10 +63,18 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None], su
         fsync_path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _name_the_output(e, path)
         raise
+
+
+def _name_the_output(error: BaseException, path: Path) -> None:
+    """A write that failed without naming its file (a full disk: ``write()`` has no file name) names the
+    output it was making, so the one-line error says where."""
+    if isinstance(error, OSError) and error.filename is None:
+        error.filename = str(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -121,8 +129,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if os.path.lexists(path):  # made by someone else while we worked
             raise UserError(f"{path}: appeared while it was being written; it is not replaced")
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_the_output(e, path)
         raise
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -68,6 +69,21 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None], su
             os.unlink(tmp)
         _name_the_output(e, path)
         raise
+
+
+def json_line(record: Any) -> str:
+    """``record`` as one line of JSON (a row of ``metrics.jsonl``), a NaN or infinite number written as
+    ``null``: JSON has no such numbers, and a reader of the file must not fail on one row."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(record), allow_nan=False)
 
 
 def _name_the_output(error: BaseException, path: Path) -> None:

@@ -16,13 +16,13 @@ from typing import Any, Optional, Union
 from ..errors import UserError
 from ..io import read_json
 from ..model import load_model
+from ..outputs import MODEL_META_NAME
 from ..lora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from ..lora.attach import attach
 from ..train.checkpoint import latest_checkpoint
 
 RUN_CONFIG_NAME = "run_config.json"
 # Written by merge into a merged model folder: which template the merged adapters were trained with.
-MODEL_META_NAME = "mlx_qlora.json"
 DEFAULT_TEMPLATE = "dolly"
 PathLike = Union[str, os.PathLike]
 

@@ -37,7 +37,7 @@ from ..data.dataset import BatchIterator, PreparedDataset, check_context, check_
 from ..data.tokenizer import load_tokenizer
 from ..device import device_type
 from ..errors import UserError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, json_line
 from ..model import load_model
 from ..model.loading import model_args_from_config, read_config, resolve_dtype
 from ..outputs import RUN, claim_output
@@ -470,7 +470,7 @@ class Trainer:
         if not self.world.is_main:
             return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_line(record) + "\n")
 
     def train(self) -> dict[str, Any]:
         """Run until the step budget, the time budget or Ctrl-C; return a summary."""

@@ -210,7 +210,7 @@ class TrainConfig(_Config):
     # Queue each step before the previous one's loss is read (Trainer.train). None: on a GPU, where the device
     # then never waits for the host; on the CPU the host's thread and the computation share the cores.
     overlap_steps: Optional[bool] = None
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    dtype: str = "auto"  # compute dtype: auto (float32 on the CPU, the checkpoint's on a GPU) | float32 | bfloat16 | float16
     packing: bool = False
     seed: int = 0
     eval_every: int = 50
@@ -232,7 +232,7 @@ class TrainConfig(_Config):
             setattr(self, key, number(key, getattr(self, key), at_least=0, below=1))
         self.eps = number("eps", self.eps, at_least=0)
         self.schedule = choice("schedule", self.schedule, ("constant", "cosine", "linear"))
-        self.dtype = choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        self.dtype = choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         self.warmup_steps = number("warmup_steps", self.warmup_steps, integer=True, at_least=0)
         self.warmup_ratio = number("warmup_ratio", self.warmup_ratio, at_least=0, below=1)
         self.min_lr_ratio = number("min_lr_ratio", self.min_lr_ratio, at_least=0, at_most=1)

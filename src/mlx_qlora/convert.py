@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import shutil
 import struct
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from .config import ConvertConfig
 from .errors import UserError
-from .io import atomic_write_json, read_json, temporary_dir, write_safetensors_shards
+from .io import atomic_write_json, read_json, read_safetensors_header, temporary_dir, write_safetensors_shards
 from .outputs import MODEL, MODEL_META_NAME, Output, as_output
 from .model.loading import check_finite
 from .quant.quantize import SUPPORTED_BITS, n_groups_for, quantize
@@ -147,29 +146,6 @@ def _is_gguf_file(path: Union[str, Path]) -> bool:
     from .gguf.reader import is_gguf
 
     return is_gguf(Path(path).expanduser())
-
-
-def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """``{name: (dtype code, shape, data start)}`` of a safetensors file, from its header only; a header
-    that is not one, or tensors that end past the end of the file (a truncated download), is a
-    ``UserError`` naming the file, before anything is written."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100 * 2**20:
-                raise ValueError(f"header length {length} is implausible")
-            header = json.loads(f.read(length))
-            size = os.fstat(f.fileno()).st_size
-        header.pop("__metadata__", None)
-        tensors = {name: (info["dtype"], tuple(info["shape"]), info["data_offsets"][0], info["data_offsets"][1])
-                   for name, info in header.items()}
-    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError, IndexError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-    end = max((stop for *_, stop in tensors.values()), default=0)
-    if 8 + length + end > size:
-        raise UserError(f"{path}: truncated: its tensors need {8 + length + end:,} bytes, the file has {size:,} "
-                        "(an incomplete download or copy?)")
-    return {name: (code, shape, start) for name, (code, shape, start, _) in tensors.items()}
 
 
 def _check_config(config: dict[str, Any], source: Path, quantize: bool, bits: int, group_size: Optional[int]):

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
@@ -89,7 +90,7 @@ def json_line(record: Any) -> str:
 def _name_the_output(error: BaseException, path: Path) -> None:
     """A write that failed without naming its file (a full disk: ``write()`` has no file name) names the
     output it was making, so the one-line error says where."""
-    if isinstance(error, OSError) and error.filename is None:
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
         error.filename = str(path)
 
 
@@ -149,6 +150,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         _name_the_output(e, path)
         raise
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """``{name: (dtype code, shape, data start)}`` of a safetensors file, from its header only; a header
+    that is not one, or tensors that end past the end of the file (a truncated download), is a
+    ``UserError`` naming the file, before anything is written."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100 * 2**20:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(f.read(length))
+            size = os.fstat(f.fileno()).st_size
+        header.pop("__metadata__", None)
+        tensors = {name: (info["dtype"], tuple(info["shape"]), info["data_offsets"][0], info["data_offsets"][1])
+                   for name, info in header.items()}
+    except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError, IndexError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    end = max((stop for *_, stop in tensors.values()), default=0)
+    if 8 + length + end > size:
+        raise UserError(f"{path}: truncated: its tensors need {8 + length + end:,} bytes, the file has {size:,} "
+                        "(an incomplete download or copy?)")
+    return {name: (code, shape, start) for name, (code, shape, start, _) in tensors.items()}
 
 
 # --- sharded safetensors folders ---------------------------------------------------------------------------

@@ -308,3 +308,16 @@ def test_resume_refuses_other_lora_settings(workspace, tmp_path):
         assert "step-0000005" in str(error.value) and "new --out folder" in str(error.value)
     assert sorted(p.name for p in run.rglob("*")) == before
     assert Trainer(_config(workspace, run, iters=10), resume=True, progress=False).state.step == 5  # same: resumes
+
+
+def test_auto_dtype_is_resolved_said_and_recorded(workspace, tmp_path, capsys):
+    """The default ``dtype`` (auto) is resolved when the run starts: float32 on the CPU, said in the run's
+    first lines and stored in run_config.json, so a resume computes as the run did."""
+    assert TrainConfig().dtype == "auto"
+    run = tmp_path / "run"
+    trainer = Trainer(_config(workspace, run, iters=1), progress=False)
+    assert trainer.config.dtype == "float32" and trainer.dtype == mx.float32
+    trainer.train()
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == "compute dtype: float32 (auto: the CPU computes in float32); adapters and optimizer state: float32"
+    assert json.loads((run / "run_config.json").read_text())["dtype"] == "float32"

@@ -61,8 +61,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--overlap-steps", action=argparse.BooleanOptionalAction,
                    help="queue each step before the previous one's loss is read, so the device never waits for "
                         f"the host (default: {overlap})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help=f"compute dtype (default {d.dtype}; adapters and optimizer state stay float32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help=f"compute dtype (default {d.dtype}: float32 on the CPU, the checkpoint's bfloat16 or float16 on a "
+                        "GPU; adapters and optimizer state stay float32)")
     p.add_argument("--packing", action="store_const", const=True, help="pack several examples per row")
     p.add_argument("--lora-rank", type=int, help=f"adapter rank r (default {lora.rank})")
     p.add_argument("--lora-alpha", type=float, help=f"adapter alpha; scale = alpha / r (default {shown(lora.alpha)})")

@@ -21,7 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import UserError
-from ..io import SAFETENSORS_INDEX_NAME, read_json
+from ..io import SAFETENSORS_INDEX_NAME, read_json, read_safetensors_header
 from .args import ModelArgs
 from .mistral import MistralForCausalLM
 
@@ -68,6 +68,37 @@ def weight_files(path: Union[str, os.PathLike]) -> list[Path]:
         hint = " (found PyTorch pickle files, which are not loaded for safety; convert them to safetensors)" if pickles else ""
         raise UserError(f"{path}: no *.safetensors weight files{hint}")
     return files
+
+
+# safetensors' dtype codes of the floating dtypes we compute in
+_STORED = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def stored_dtype(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The dtype a checkpoint stores its embeddings in (``"bfloat16"``, ``"float16"`` or ``"float32"``),
+    read from the safetensors headers only; None when no floating ``embed_tokens`` is found."""
+    for file in weight_files(path):
+        for name, (code, _, _) in read_safetensors_header(file).items():
+            if name.endswith("embed_tokens.weight"):
+                return _STORED.get(code)
+    return None
+
+
+def compute_dtype(choice: str, path: Union[str, os.PathLike], device: str) -> tuple[str, str]:
+    """``(dtype, why)``: the compute dtype for ``choice`` (``"auto"`` or a dtype name) and the checkpoint at
+    ``path`` on ``device`` (``"cpu"`` or ``"gpu"``), and the reason, for the run's first lines.
+
+    ``auto`` is float32 on the CPU, where MLX's half-precision matmuls are much slower, and on a GPU the
+    checkpoint's half-precision dtype (bfloat16 for a float32 checkpoint: float32 only where asked for).
+    """
+    if choice != "auto":
+        return choice, "--dtype"
+    if device == "cpu":
+        return "float32", "auto: the CPU computes in float32"
+    stored = stored_dtype(path)
+    if stored in ("bfloat16", "float16"):
+        return stored, "auto: the checkpoint's dtype"
+    return "bfloat16", f"auto: the checkpoint stores {stored or 'no floating embeddings'}; half precision on a GPU"
 
 
 def finite_flags(tensors: dict[str, mx.array]) -> tuple[list[str], Optional[mx.array]]:

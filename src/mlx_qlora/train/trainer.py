@@ -39,7 +39,7 @@ from ..device import device_type
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text, json_line
 from ..model import load_model
-from ..model.loading import model_args_from_config, read_config, resolve_dtype
+from ..model.loading import compute_dtype, model_args_from_config, read_config, resolve_dtype
 from ..outputs import RUN, claim_output
 from ..lora.adapters import WEIGHTS_NAME, save_adapters
 from ..lora.apply import apply_lora, format_trainable
@@ -154,7 +154,11 @@ class Trainer:
                 check_context(data, context, model_config)
 
         mx.random.seed(c.seed)
-        self.dtype = resolve_dtype(c.dtype)
+        # "auto" resolved once and recorded, so that a resumed run computes as this one did on any device
+        dtype, why = compute_dtype(c.dtype, c.model, device_type())
+        self.config = c = replace(c, dtype=dtype)
+        self.dtype_note = f"compute dtype: {dtype} ({why}); adapters and optimizer state: float32"
+        self.dtype = resolve_dtype(dtype)
         self.model = load_model(c.model, dtype=self.dtype)
         self.model.freeze()
         apply_lora(self.model, c.lora)
@@ -486,6 +490,8 @@ class Trainer:
         stop_reason = "done"
         bar = _progress(self.state.step, self.total_steps, self.progress)
         try:
+            if main:
+                print(self.dtype_note)
             if self.state.step == 0:
                 if main:
                     print(format_trainable(self.model))

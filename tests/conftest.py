@@ -19,6 +19,7 @@ import mlx_qlora  # noqa: F401  (loads OpenBLAS before MLX on Linux)
 
 # Helpers shared by test modules live in tests/support.py (``from support import ...``).
 sys.path.append(str(Path(__file__).resolve().parent))
+from support import TINY_MISTRAL, tiny_model  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,42 +32,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
-
-
-TINY_MISTRAL = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    sliding_window=16,
-    tie_word_embeddings=False,
-)
-
-
-def tiny_args(**overrides):
-    """``ModelArgs`` of the tiny Mistral (``TINY_MISTRAL``, the shape of the transformers checkpoints below),
-    with ``overrides`` (any ``ModelArgs`` field) replacing its values."""
-    from mlx_qlora.model import ModelArgs
-
-    return ModelArgs(**{**TINY_MISTRAL, **overrides})
-
-
-def tiny_model(seed: int = 0, **overrides):
-    """A random ``MistralForCausalLM`` of ``tiny_args(**overrides)``: MLX's default initialisation drawn after
-    ``mx.random.seed(seed)``, the parameters evaluated, the module in MLX's default (training) mode."""
-    import mlx.core as mx
-
-    from mlx_qlora.model import MistralForCausalLM
-
-    mx.random.seed(seed)
-    model = MistralForCausalLM(tiny_args(**overrides))
-    mx.eval(model.parameters())
-    return model
 
 
 @pytest.fixture(name="tiny_model")

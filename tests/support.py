@@ -1,5 +1,6 @@
 """Helpers shared by several test modules (``from support import ...``; ``conftest.py`` puts this folder on
-``sys.path``): hand-made LoRA adapters for a model shape, and writing them as a run folder."""
+``sys.path``): the tiny model's shape and a random model of it (also the ``tiny_model`` fixture), hand-made
+LoRA adapters for a model shape, and writing them as a run folder."""
 
 from __future__ import annotations
 
@@ -42,3 +43,39 @@ def write_adapters(folder: Path, args: ModelArgs, template="dolly", **kwargs) ->
     if template:
         (folder / "run_config.json").write_text(json.dumps({"model": "tiny", "template": template}))
     return folder
+
+
+TINY_MISTRAL = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    sliding_window=16,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_args(**overrides):
+    """``ModelArgs`` of the tiny Mistral (``TINY_MISTRAL``, the shape of the transformers checkpoints below),
+    with ``overrides`` (any ``ModelArgs`` field) replacing its values."""
+    from mlx_qlora.model import ModelArgs
+
+    return ModelArgs(**{**TINY_MISTRAL, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A random ``MistralForCausalLM`` of ``tiny_args(**overrides)``: MLX's default initialisation drawn after
+    ``mx.random.seed(seed)``, the parameters evaluated, the module in MLX's default (training) mode."""
+    import mlx.core as mx
+
+    from mlx_qlora.model import MistralForCausalLM
+
+    mx.random.seed(seed)
+    model = MistralForCausalLM(tiny_args(**overrides))
+    mx.eval(model.parameters())
+    return model

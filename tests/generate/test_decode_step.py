@@ -10,10 +10,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from support import tiny_model
 from mlx_qlora import settings
 from mlx_qlora.config import LoRAConfig
 from mlx_qlora.generate.decode_step import DecodeState, decoder_for
-from mlx_qlora.model import KVCache, MistralForCausalLM, ModelArgs, build_mask, load_model
+from mlx_qlora.model import KVCache, build_mask, load_model
 from mlx_qlora.kernels.cuda import attention as attention_cuda
 from mlx_qlora.model.static_cache import EMPTY_SLOT, StaticKVCache, slot_positions, static_capacity
 from mlx_qlora.quant import QuantizedLinear, matmul
@@ -22,13 +23,8 @@ from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 
 
 def _random_model(window, **overrides):
-    mx.random.seed(1)
-    args = ModelArgs(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=96,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=512, sliding_window=window, **overrides)
-    model = MistralForCausalLM(args)
-    mx.eval(model.parameters())
-    return model.eval()
+    return tiny_model(seed=1, vocab_size=96, intermediate_size=96, max_position_embeddings=512,
+                      sliding_window=window, **overrides).eval()
 
 
 def _eager_and_compiled_logits(model, prompt, steps):

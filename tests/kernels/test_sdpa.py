@@ -8,8 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from support import tiny_model
 from mlx_qlora import settings
-from mlx_qlora.model import MistralForCausalLM, ModelArgs
 from mlx_qlora.model import attention as attention_seam
 from mlx_qlora.kernels.cuda import sdpa
 from mlx_qlora.model.mask import build_mask
@@ -60,9 +60,8 @@ def test_padded_mask_hides_padded_keys_and_lets_padded_queries_see_themselves():
 
 
 def test_the_model_pads_only_when_training_on_cuda(monkeypatch):
-    args = ModelArgs(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48,
-                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    model = MistralForCausalLM(args)
+    model = tiny_model(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       max_position_embeddings=32768, sliding_window=None)
     seen = []
     real = sdpa.attention
     monkeypatch.setattr(sdpa, "attention", lambda *a, pad: seen.append(pad) or real(*a, pad=pad))

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from support import tiny_model
 from mlx_qlora.config import LoRAConfig
 from mlx_qlora.model import MistralForCausalLM, ModelArgs
 from mlx_qlora.quant import QuantizedLinear
@@ -195,10 +196,8 @@ def test_fuse_keeps_a_bias():
 
 
 def _tiny_model(n_layers=3) -> MistralForCausalLM:
-    mx.random.seed(0)
-    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=None)
-    return MistralForCausalLM(args)
+    return tiny_model(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                      max_position_embeddings=64, sliding_window=None)
 
 
 def test_apply_lora_targets_and_layers():

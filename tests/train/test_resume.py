@@ -21,7 +21,8 @@ from mlx_qlora.errors import UserError
 from mlx_qlora.lora.adapters import load_adapters
 from mlx_qlora.train.checkpoint import CHECKPOINTS_DIR, LATEST_NAME, checkpoint_name
 from mlx_qlora.train.run_config import resume_config
-from mlx_qlora.train.trainer import Trainer, trim_metrics
+from mlx_qlora.train.run_state import trim_metrics
+from mlx_qlora.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample" / "dolly_sample.jsonl"

@@ -19,12 +19,11 @@ replacing the trainer's methods.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
@@ -49,8 +48,10 @@ from .checkpoint import (
 )
 from .distributed import World, all_sum_step, check_same_everywhere, init_world, rank_seed
 from .optimizer import AdamW
+from .plot import plot_losses
 from .run_ahead import bound_run_ahead
 from .run_config import parse_duration
+from .run_state import RunState, run_state_from, trim_metrics
 from .schedule import build_schedule
 from .flat import FLAT, MOMENTS, FlatLayout
 from .params import TrainableSlots
@@ -59,17 +60,6 @@ from .step import add_trees, make_eval_fn, make_grad_fn, make_update_fn
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass
-class RunState:
-    """What a checkpoint must restore besides adapters and optimizer state."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    elapsed: float = 0.0
-    best_val_loss: Optional[float] = None
-    data_cursor: dict[str, Any] = field(default_factory=dict)
 
 
 class TrainerCallback(Protocol):
@@ -256,7 +246,7 @@ class Trainer:
         def validate(ckpt: dict[str, Any]) -> None:
             path = ckpt["path"]
             self._check_same_adapters(path, ckpt["adapters"], ckpt["lora_config"])
-            chosen["state"] = _run_state(path / TRAINER_STATE_NAME, ckpt["trainer_state"])
+            chosen["state"] = run_state_from(path / TRAINER_STATE_NAME, ckpt["trainer_state"])
             self._finite_vector(ckpt["adapters"], path / WEIGHTS_NAME, "")
             chosen["flat_state"] = self._optimizer_state(path, ckpt)
 
@@ -586,108 +576,7 @@ class Trainer:
         plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
 
 
-_MISSING = object()
-
-
-def _run_state(source: Path, saved: dict[str, Any]) -> RunState:
-    """The ``RunState`` of a checkpoint's ``trainer_state.json``; ``CheckpointDamaged`` naming the file and key
-    when a value is missing or of the wrong kind."""
-    def check(key: str, value: Any, ok: bool, expected: str) -> None:
-        if not ok:
-            found = "missing" if value is _MISSING else f"{value!r}"
-            raise CheckpointDamaged(f"{source}: {key} is {found}, expected {expected}")
-
-    def count(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    values = {key: saved.get(key, _MISSING) for key in ("tokens_seen", "elapsed", "best_val_loss", "data_cursor")}
-    check("tokens_seen", values["tokens_seen"], count(values["tokens_seen"]), "a whole number >= 0")
-    check("elapsed", values["elapsed"], number(values["elapsed"]) and values["elapsed"] >= 0, "seconds >= 0")
-    best = None if values["best_val_loss"] is _MISSING else values["best_val_loss"]
-    check("best_val_loss", best, best is None or number(best), "a number or null")
-    cursor = values["data_cursor"]
-    check("data_cursor", cursor, isinstance(cursor, dict), "an object")
-    for key in ("epoch", "position"):
-        check(f"data_cursor.{key}", cursor.get(key, _MISSING), count(cursor.get(key)), "a whole number >= 0")
-    return RunState(step=saved["step"], tokens_seen=values["tokens_seen"], elapsed=float(values["elapsed"]),
-                    best_val_loss=best, data_cursor=cursor)
-
-
-def trim_metrics(path: Path, step: int) -> tuple[int, int]:
-    """Keep the rows of ``metrics.jsonl`` up to ``step`` and drop those after it, and any line that is not a
-    JSON record with a step (rewritten atomically, only when something is dropped). Returns
-    ``(rows dropped, unreadable lines dropped)``."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return 0, 0
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    kept, dropped, unreadable = [], 0, 0
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            row_step = record["step"]
-            if not isinstance(row_step, int) or isinstance(row_step, bool):
-                raise TypeError
-        except (ValueError, TypeError, KeyError):
-            unreadable += 1
-            continue
-        if row_step > step:
-            dropped += 1
-        else:
-            kept.append(line + "\n")
-    if dropped or unreadable:
-        atomic_write_text(path, "".join(kept))
-    return dropped, unreadable
-
-
 def _progress(initial: int, total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="training", unit="step", disable=not enabled, dynamic_ncols=True)
-
-
-def plot_losses(metrics_file: Path, out_file: Path) -> Optional[Path]:
-    """Plot training and validation loss from ``metrics.jsonl``; skipped when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    train, val = [], []
-    if not Path(metrics_file).exists():
-        return None
-    for line in Path(metrics_file).read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short by a kill: the plot does without it
-            continue
-        if not isinstance(record, dict) or "step" not in record:
-            continue
-        if "loss" in record:
-            train.append((record["step"], record["loss"]))
-        if "val_loss" in record:
-            val.append((record["step"], record["val_loss"]))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out_file.with_name(f".{out_file.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_file)
-    return out_file

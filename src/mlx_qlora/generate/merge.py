@@ -192,6 +192,11 @@ def merge_adapters(
     adapters, lora_config = load_adapters(adapter_dir)
     run_config = read_run_config(adapter_dir) or {}
     model_config = read_config(model_path)
+    if gguf_output is not None:  # before any work, not after the merge
+        from ..gguf.writer import check_exportable
+
+        source = model_path / "config.json"
+        check_exportable(model_args_from_config(model_config, str(source)), source)
     quantized = bool(model_config.get("quantization"))
     notes = [note] if note else []
 

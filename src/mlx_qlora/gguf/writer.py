@@ -47,6 +47,13 @@ class ExportReport:
                              f"{self.bytes / 2**20:.1f} MiB"]
 
 
+def check_exportable(args, source: Path) -> None:
+    """Refuse (``UserError`` naming ``source``) a model whose GGUF this writer cannot make faithfully."""
+    if args.rope_type == "llama3":  # llama.cpp takes it as a rope_freqs tensor, which is not written yet
+        raise UserError(f"{source}: rope_type 'llama3' (Llama 3.1+) cannot be exported to GGUF yet "
+                        f"(supported: default, linear)")
+
+
 def _config_metadata(args, name: str) -> dict[str, Any]:
     """``llama.*`` / ``general.*`` metadata for ``ModelArgs``."""
     meta: dict[str, Any] = {
@@ -141,6 +148,7 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
     if file_type not in FILE_TYPES:
         raise UserError(f"file type {file_type!r} is not one of {', '.join(FILE_TYPES)}")
     args = model_args(model_path)
+    check_exportable(args, model_path / "config.json")
     token_meta = tokenizer_metadata(model_path)
     notes = tokenizer_notes(model_path)
     if args.model_type == "mistral" and args.sliding_window is not None:

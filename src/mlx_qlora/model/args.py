@@ -6,7 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..config import number
+
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass
@@ -27,7 +30,11 @@ class ModelArgs:
     head_dim: Optional[int] = None
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling_factor: float = 1.0  # "linear" RoPE scaling divides positions by this factor
+    rope_type: str = "default"  # "default", "linear" or "llama3" (Llama 3.1+'s frequency scaling)
+    rope_scaling_factor: float = 1.0  # "linear" divides positions by it, "llama3" low frequencies
+    rope_low_freq_factor: float = 1.0  # "llama3" only, as its rope_scaling
+    rope_high_freq_factor: float = 4.0  # "llama3" only
+    rope_original_max_position_embeddings: int = 8192  # "llama3" only
     sliding_window: Optional[int] = 4096
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
@@ -63,6 +70,8 @@ class ModelArgs:
             raise ValueError(f"sliding_window: must be a positive integer or null, got {self.sliding_window!r}")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta: must be > 0, got {self.rope_theta}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type: {self.rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps: must be > 0, got {self.rms_norm_eps}")
 
@@ -87,7 +96,7 @@ class ModelArgs:
         for key in ("attention_bias", "mlp_bias"):
             if config.get(key):
                 raise ValueError(f"{key}: biases in linear layers are not supported")
-        config["rope_theta"], config["rope_scaling_factor"] = _read_rope(config)
+        config.update(_read_rope(config))
         if model_type == "llama":
             if config.get("sliding_window") is not None:
                 raise ValueError("sliding_window: model_type 'llama' has no sliding window; use 'mistral'")
@@ -124,15 +133,22 @@ class ModelArgs:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         }
-        if self.rope_scaling_factor != 1.0:
+        if self.rope_type == "llama3":
+            config["rope_scaling"] = {
+                "rope_type": "llama3", "factor": self.rope_scaling_factor,
+                "low_freq_factor": self.rope_low_freq_factor, "high_freq_factor": self.rope_high_freq_factor,
+                "original_max_position_embeddings": self.rope_original_max_position_embeddings,
+            }
+        elif self.rope_scaling_factor != 1.0:
             config["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_scaling_factor}
         if self.model_type == "mistral":
             config["sliding_window"] = self.sliding_window
         return config
 
 
-def _read_rope(config: dict[str, Any]) -> tuple[float, float]:
-    """RoPE base and linear scaling factor from ``rope_theta``/``rope_scaling`` or ``rope_parameters``."""
+def _read_rope(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``rope_*`` fields of ``ModelArgs`` from ``rope_theta``/``rope_scaling`` (transformers 4) or
+    ``rope_parameters`` (transformers 5, which holds ``rope_theta`` too)."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
     if not isinstance(params, dict):
@@ -144,10 +160,24 @@ def _read_rope(config: dict[str, Any]) -> tuple[float, float]:
         raise ValueError(
             f"rope_theta: {config['rope_theta']} contradicts rope_parameters.rope_theta {params['rope_theta']}"
         )
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    factor = 1.0
+    section = "rope_parameters" if params.get("rope_type") else "rope_scaling"
+    source = params if params.get("rope_type") else scaling
+    kind = source.get("rope_type") or source.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"{section}.rope_type: {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    out: dict[str, Any] = {"rope_theta": number("rope_theta", theta, above=0), "rope_type": kind,
+                           "rope_scaling_factor": 1.0}
     if kind == "linear":
-        factor = float(params.get("factor", scaling.get("factor", 1.0)))
-    elif kind != "default":
-        raise ValueError(f"rope_type: {kind!r} is not supported (supported: default, linear)")
-    return float(theta), factor
+        out["rope_scaling_factor"] = number(f"{section}.factor", source.get("factor", 1.0), above=0)
+    elif kind == "llama3":
+        def value(key: str, **rule):
+            if key not in source:
+                raise ValueError(f"{section}.{key}: missing (rope_type 'llama3' needs it)")
+            return number(f"{section}.{key}", source[key], **rule)
+
+        out["rope_scaling_factor"] = value("factor", above=0)
+        out["rope_low_freq_factor"] = value("low_freq_factor", above=0)
+        out["rope_high_freq_factor"] = value("high_freq_factor", above=out["rope_low_freq_factor"])
+        out["rope_original_max_position_embeddings"] = value("original_max_position_embeddings", integer=True,
+                                                             at_least=1)
+    return out

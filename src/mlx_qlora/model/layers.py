@@ -8,6 +8,7 @@ compiled CUDA decoding.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import mlx.core as mx
@@ -32,16 +33,40 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
-def rope(x: mx.array, theta: float, scale: float, offset: Union[int, mx.array] = 0, position_ids: Optional[mx.array] = None) -> mx.array:
+def llama3_inv_freq(args: ModelArgs) -> mx.array:
+    """Llama 3.1's RoPE inverse frequencies (D/2,), as transformers' ``_compute_llama3_parameters``.
+
+    Wavelengths shorter than ``original_max_position_embeddings / high_freq_factor`` keep their frequency,
+    those longer than ``original / low_freq_factor`` are divided by ``factor``, and those between move
+    smoothly from one to the other."""
+    dims = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))  # (D/2,)
+    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    original = args.rope_original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = mx.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return mx.where(medium, smoothed, scaled)
+
+
+def rope(x: mx.array, theta: float, scale: float, offset: Union[int, mx.array] = 0,
+         position_ids: Optional[mx.array] = None, inv_freq: Optional[mx.array] = None) -> mx.array:
     """Rotate halves of the last axis of x (B, H, L, D) by position, as Hugging Face's ``rotate_half``.
 
     Positions are ``offset + arange(L)`` (offset an int or an int32 scalar array) or ``position_ids`` (B, L).
-    ``scale`` multiplies positions.
+    ``scale`` multiplies positions. ``inv_freq`` (D/2,), when given, replaces ``theta``'s frequencies
+    (``llama3_inv_freq``).
     """
     head_dim = x.shape[-1]
     if position_ids is None:
+        if inv_freq is not None:  # mx.fast.rope's freqs are the angle's divisors
+            return mx.fast.rope(x, head_dim, traditional=False, base=None, scale=scale, offset=offset,
+                                freqs=1.0 / inv_freq)
         return mx.fast.rope(x, head_dim, traditional=False, base=theta, scale=scale, offset=offset)
-    inv_freq = 1.0 / (theta ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))  # (D/2,)
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))  # (D/2,)
     angles = (position_ids.astype(mx.float32) * scale)[:, None, :, None] * inv_freq  # (B, 1, L, D/2)
     cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
     x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
@@ -58,7 +83,9 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.scale = self.head_dim**-0.5
         self.rope_theta = args.rope_theta
-        self.rope_scale = 1.0 / args.rope_scaling_factor
+        self.rope_scale = 1.0 if args.rope_type == "llama3" else 1.0 / args.rope_scaling_factor
+        # Scaled frequencies (the leading underscore keeps them out of the parameters); None: plain RoPE.
+        self._rope_inv_freq = llama3_inv_freq(args) if args.rope_type == "llama3" else None
         self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
@@ -76,8 +103,8 @@ class Attention(nn.Module):
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, heads)  # (B, H, L, hd), (B, Hkv, L, hd) x 2
         offset = cache.offset if cache is not None else 0
-        q = rope(q, self.rope_theta, self.rope_scale, offset, position_ids)
-        k = rope(k, self.rope_theta, self.rope_scale, offset, position_ids)
+        q = rope(q, self.rope_theta, self.rope_scale, offset, position_ids, self._rope_inv_freq)
+        k = rope(k, self.rope_theta, self.rope_scale, offset, position_ids, self._rope_inv_freq)
         key_positions = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v)  # (B, Hkv, S, hd)

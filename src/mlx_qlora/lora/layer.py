@@ -12,6 +12,7 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..config import LoRAConfig
 from ..quant.dequant import dequantize_weight
 from ..quant.quantized_linear import QuantizedLinear
 from .matmul import lora_matmul_fn
@@ -42,10 +43,10 @@ class LoRALinear(nn.Module):
     def __init__(
         self,
         base: BaseLinear,
-        rank: int = 16,
-        alpha: float = 32.0,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
+        rank: int = LoRAConfig.rank,
+        alpha: float = LoRAConfig.alpha,
+        dropout: float = LoRAConfig.dropout,
+        use_rslora: bool = LoRAConfig.use_rslora,
         dtype: mx.Dtype = mx.float32,
     ):
         super().__init__()
@@ -69,10 +70,10 @@ class LoRALinear(nn.Module):
     def from_base(
         cls,
         layer: BaseLinear,
-        rank: int = 16,
-        alpha: float = 32.0,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
+        rank: int = LoRAConfig.rank,
+        alpha: float = LoRAConfig.alpha,
+        dropout: float = LoRAConfig.dropout,
+        use_rslora: bool = LoRAConfig.use_rslora,
     ) -> "LoRALinear":
         """Wrap ``layer`` (an ``nn.Linear`` or ``QuantizedLinear``, which is frozen) with a new adapter."""
         return cls(layer, rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora)

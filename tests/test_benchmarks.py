@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 PROBES = BENCH / "probes"
 
@@ -163,3 +165,31 @@ def test_probes_find_their_helpers_from_their_folder():
 def test_probes_readme_lists_every_probe():
     listed = set(re.findall(r"^\| `(\w+\.py)` \|", (PROBES / "README.md").read_text(), flags=re.MULTILINE))
     assert listed == {p.name for p in PROBES.glob("*.py")}
+
+
+@pytest.mark.slow
+def test_user_path_tiny(tmp_path):
+    """The README's scripts and mlx-lm's commands, each in its own process, on a random tiny checkpoint with
+    the real Mistral tokenizer: every measured number is there and positive."""
+    result, stdout = _run(["user_path.py", "--preset", "tiny", "--steps", "2", "--batch-size", "1", "--grad-accum",
+                           "1", "--long-records", "40", "--max-tokens", "4", "--chat-tokens", "3",
+                           "--work", str(tmp_path / "work")], tmp_path)
+    assert set(result["datasets"]) == {"sample", "long"}
+    long = result["datasets"]["long"]["train_token_lengths"]
+    assert 200 <= long["min"] <= long["max"] <= 1000  # the generated records are as long as promised
+    assert {(r["stack"], r["dataset"]) for r in result["train"]} == {
+        (s, d) for s in ("ours", "mlx-lm") for d in ("sample", "long")}
+    for row in result["train"]:
+        assert row["steps"] == 2 and row["tokens"] > 0 and row["wall_s"] > row["first_step_s"] > 0
+        assert row["steady_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0
+        assert row["steady_vs_mlx_lm"] > 0
+        assert row["peak_gb"] is None if row["stack"] == "mlx-lm" else row["peak_gb"] > 0
+    assert {(r["stack"], r["adapter"]) for r in result["generate"]} == {
+        (s, a) for s in ("ours", "mlx-lm") for a in (False, True)}
+    for row in result["generate"]:
+        assert row["generated_tokens"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["wall_s"] > row["first_token_s"] > 0
+    (chat,) = result["chat"]
+    assert chat["turns"] == 3 and chat["session_decode_tokens_per_s"] > 0
+    assert chat["turn3_decode_tokens_per_s"] is None or chat["turn3_decode_tokens_per_s"] > 0
+    assert "| sample | ours |" in stdout and "| long | mlx-lm |" in stdout

@@ -314,3 +314,20 @@ def test_script_errors_are_one_line(model_dir, tmp_path):
     assert "Traceback" not in proc.stderr
     proc = _script(["--model", model_dir, "--no-template", "--prompt", "fox " * 300])
     assert proc.returncode == 2 and "more than the model's context of 256" in proc.stderr
+
+
+def test_inference_dtype_follows_the_training_rule(model_dir, tmp_path):
+    """``load_for_inference`` resolves the compute dtype as finetune.py does: a float16 checkpoint computes in
+    float32 on the CPU (auto), and an explicit dtype is kept."""
+    from mlx_qlora.convert import convert_checkpoint
+    from mlx_qlora.device import device_type
+
+    if device_type() != "cpu":
+        pytest.skip("the auto rule on a GPU keeps the checkpoint's half precision (tests/model/test_compute_dtype.py)")
+    half = tmp_path / "half"
+    convert_checkpoint(str(model_dir), str(half), bits=4, group_size=None, dtype="float16")
+    model, _, _ = load_for_inference(half)
+    assert model.model.embed_tokens.weight.dtype == mx.float32
+    assert model.model.layers[0].self_attn.q_proj.scales.dtype == mx.float32
+    model, _, _ = load_for_inference(half, dtype="float16")
+    assert model.model.embed_tokens.weight.dtype == mx.float16

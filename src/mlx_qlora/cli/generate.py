@@ -50,8 +50,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int,
                    help=f"most tokens to generate per reply (default {default(ChatSession, 'max_tokens')})")
     p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: as stored; float32 is fastest on a CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (default auto: float32 on the CPU, the checkpoint's bfloat16 or float16 on a "
+                        "GPU, as finetune.py)")
     return p
 
 

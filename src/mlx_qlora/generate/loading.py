@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 from ..errors import UserError
 from ..io import read_json
 from ..model import load_model
+from ..model.loading import compute_dtype
 from ..outputs import MODEL_META_NAME
 from ..lora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from ..lora.attach import attach
@@ -85,14 +86,18 @@ def attach_adapters(model, adapter_path: PathLike) -> AdapterInfo:
     return AdapterInfo(adapter_dir, lora_config, run_config, note)
 
 
-def load_for_inference(model_path: PathLike, adapter_path: Optional[PathLike] = None, dtype=None):
+def load_for_inference(model_path: PathLike, adapter_path: Optional[PathLike] = None, dtype: Optional[str] = None):
     """``(model, tokenizer, adapter_info or None)`` for generation or evaluation.
 
     model_path: a Hugging Face, converted (4-bit) or merged model folder holding its tokenizer.
-    dtype: cast floating weights (None keeps the stored dtypes; float32 is fastest on a CPU).
+    dtype: cast floating weights to it; None or ``"auto"`` as training resolves it
+    (``model.loading.compute_dtype``: float32 on the CPU, where half-precision matmuls are much slower, the
+    checkpoint's bfloat16 or float16 on a GPU).
     """
     from ..data.tokenizer import load_tokenizer
+    from ..device import device_type
 
+    dtype, _ = compute_dtype(dtype or "auto", model_path, device_type())
     model = load_model(model_path, dtype=dtype)
     tokenizer = load_tokenizer(model_path)
     if tokenizer.vocab_size > model.args.vocab_size:

@@ -168,7 +168,7 @@ def test_fused_projections_are_taken_only_for_bare_4bit_layers_in_inference(monk
 
 def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     """``model/fused_decode.py`` with each CUDA kernel replaced by the formula it implements (the kernels
-    themselves are checked in test_cuda_kernels_emulated.py): the logits of every step equal the
+    themselves are checked in tests/kernels/test_emulated.py): the logits of every step equal the
     operation-by-operation path (float32, per-row 4-bit projections, a window the ring wraps around)."""
     model, state, tokens, eager = _quantized_model_and_eager_steps(steps=12)
 

@@ -1,6 +1,6 @@
 """The kernels' CUDA text in ``.cu`` files (``kernels/cuda/sources.py``): how a file is cut into sections, that
 every file is package data, and that the sources assembled from them are the ones the emulation tests
-run (test_cuda_kernels_emulated.py) and the GPU probes measured."""
+run (tests/kernels/test_emulated.py) and the GPU probes measured."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Our CUDA kernels' sources, run on the CPU by ``tests/cuda_emulation.h`` (one thread per CUDA thread,
+"""Our CUDA kernels' sources, run on the CPU by ``tests/kernels/cuda_emulation.h`` (one thread per CUDA thread,
 warp shuffles and block barriers emulated), against the formulas they implement: the few-row 4-bit
 matmul (one weight, three weights with split outputs, gate/up with SwiGLU), the per-row dequantization
 and the one-token attention over a static cache. The sources are the strings the library hands to

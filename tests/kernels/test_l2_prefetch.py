@@ -1,6 +1,6 @@
 """The L2 prefetch blocks' plumbing (``kernels/cuda/l2_prefetch.py``): which byte ranges reach a launch, and the
 code that sends the appended blocks to them. The blocks' effect on the working blocks' results is checked
-by the kernel emulation (test_cuda_kernels_emulated.py)."""
+by the kernel emulation (tests/kernels/test_emulated.py)."""
 
 import mlx.core as mx
 

@@ -16,7 +16,7 @@ score, the sum of exponentials and the weighted sum of values, in float32. Pass 
 ``model/fused_decode.py`` runs these passes inside the fused decoder layer; everywhere else attention is
 MLX's with the mask. ``reference`` is the same computation in MLX operations (CPU tests check it against
 attention with the mask of ``build_mask``, and run the kernels' sources on the CPU through
-``tests/cuda_emulation.h``); ``attention_probe.py`` and ``decode_layer_probe.py`` time the passes.
+``tests/kernels/cuda_emulation.h``); ``attention_probe.py`` and ``decode_layer_probe.py`` time the passes.
 """
 
 from __future__ import annotations

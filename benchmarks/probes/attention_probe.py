@@ -4,7 +4,7 @@ against MLX's attention with the slot mask (what the static cache needs without 
 attention on the filled slots without a mask (what a growing cache does), with the kernel's error
 against ``attention_cuda.reference``. Many calls go into one evaluation, as in ``qmv_probe.py``.
 
-  python benchmarks/attention_probe.py            # on a CUDA GPU; elsewhere only the MLX rows
+  python benchmarks/probes/attention_probe.py            # on a CUDA GPU; elsewhere only the MLX rows
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ costs what. Every case runs ``--calls`` times, cycling ``--copies`` sets of weig
 from memory and not from L2; its time per call is the sum of its kernels' durations, and the gap is the
 time between the kernels of a call (the attention's two passes).
 
-  python benchmarks/decode_layer_probe.py --json layer.json        # on a CUDA GPU (nothing recorded elsewhere)
+  python benchmarks/probes/decode_layer_probe.py --json layer.json        # on a CUDA GPU (nothing recorded elsewhere)
 """
 
 from __future__ import annotations

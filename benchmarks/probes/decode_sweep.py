@@ -4,7 +4,7 @@ decode`` process per setting (the knobs are environment variables, which ``mlx_q
 once per process), its kernels summed by what they compute. One command compares block shapes and
 unrolling in one lease, where timings between leases differ by more than the changes.
 
-  python benchmarks/decode_sweep.py --preset mistral-7b --json sweep.json \\
+  python benchmarks/probes/decode_sweep.py --preset mistral-7b --json sweep.json \\
       --settings "default;MLX_QLORA_ATTENTION_THREADS=256;MLX_QLORA_ATTENTION_UNROLL=8 MLX_QLORA_ATTENTION_SLOTS=32"
 
 Settings are separated by ``;``; each is ``default`` or space-separated NAME=VALUE pairs. On the CPU nothing

@@ -4,7 +4,7 @@
 alone and followed by the training-sized matmul (tokens x in -> out), with each path's error against
 the exact float32 dequantization. Eight layers are cycled so that the weights come from memory.
 
-  python benchmarks/dequant_probe.py          # on a CUDA GPU; elsewhere only the MLX rows
+  python benchmarks/probes/dequant_probe.py          # on a CUDA GPU; elsewhere only the MLX rows
 """
 
 from __future__ import annotations

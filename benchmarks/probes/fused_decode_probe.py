@@ -5,7 +5,7 @@ six launches (``model/fused_decode.py``, ``settings.fused_decode``). Reports ms 
 host's share (time inside ``mx.async_eval``) and each path's largest logit difference from the first path
 over the same tokens.
 
-  python benchmarks/fused_decode_probe.py --preset mistral-7b --layers 32     # on a CUDA GPU
+  python benchmarks/probes/fused_decode_probe.py --preset mistral-7b --layers 32     # on a CUDA GPU
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ the first kernel's start to the last one's end and the wall time; then the kerne
 Durations are inflated a little by the tracing; compare within one run. On the CPU nothing is recorded
 (the script still runs, as a smoke test).
 
-  python benchmarks/kernel_profile.py decode --preset mistral-7b --json decode.json   # on a CUDA GPU
-  python benchmarks/kernel_profile.py train --preset mistral-7b --seq 2048
+  python benchmarks/probes/kernel_profile.py decode --preset mistral-7b --json decode.json   # on a CUDA GPU
+  python benchmarks/probes/kernel_profile.py train --preset mistral-7b --seq 2048
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Mistral-7B's heads (32 query, 8 key/value, head size 128), batch 1; ``--lengths`
 ``--trials`` timings of ``--repeats`` queued calls) and the largest difference between the padded and
 the unpadded outputs and gradients.
 
-  python benchmarks/sdpa_probe.py --lengths 2047,4095 --json out.json   # on a GPU
+  python benchmarks/probes/sdpa_probe.py --lengths 2047,4095 --json out.json   # on a GPU
 """
 
 from __future__ import annotations

@@ -138,6 +138,17 @@ class KernelSettings:
     sdpa_pad: bool = _setting(True, "MLX_QLORA_SDPA_PAD", SWITCH,
                               "`0`: training attention on CUDA runs at its own length instead of padded to "
                               "cuDNN's tile of 128 query rows", values=_ON_OFF)
+    # Attention without a cache on long sequences (model/blockwise.py, chosen by model/attention.py): memory
+    # linear in the length instead of the plain path's (B, H, L, L) scores and (L, L) mask; below the
+    # threshold the plain path (cuDNN's fused kernel on CUDA) runs as before.
+    blockwise_from: int = _setting(8192, "MLX_QLORA_BLOCKWISE_FROM", SWITCH,
+                                   "attention without a cache (training, evaluation) over this many tokens or more "
+                                   "runs block-wise with memory linear in the length (`model/blockwise.py`); "
+                                   "0: never", check=_non_negative, expect="an integer >= 0")
+    blockwise_block: int = _setting(512, "MLX_QLORA_BLOCKWISE_BLOCK", KNOB,
+                                    "query (and key) rows per chunk of block-wise attention; halved for full "
+                                    "attention while a chunk's float32 scores exceed 512 MB (down to 64)",
+                                    check=_positive, expect="an integer > 0")
     # Generation (generate/generator.py): a layer at a time held less memory and was faster than the whole
     # prompt pass queued at once (gpu_generate.py's ours-prefill variants).
     prefill_eval_layers: int = _setting(1, "MLX_QLORA_PREFILL_EVAL_LAYERS", SWITCH,

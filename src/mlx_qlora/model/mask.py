@@ -69,3 +69,25 @@ def make_mask(
     else:
         query_positions = mx.arange(offset, offset + length, dtype=mx.int32)
     return build_mask(query_positions, key_positions, window, None, attention_mask)
+
+
+class MaskRule:
+    """The mask of ``length`` tokens without a cache, kept as its inputs until a path needs the array.
+
+    Block-wise attention (``model/blockwise.py``) evaluates the rule chunk by chunk and never builds the
+    (L, L) array; ``dense()`` builds ``make_mask``'s mask once for the paths that take one.
+    """
+
+    def __init__(self, length: int, window: Optional[int], segment_ids: Optional[mx.array] = None,
+                 attention_mask: Optional[mx.array] = None):
+        self.length, self.window = length, window
+        self.segment_ids, self.attention_mask = segment_ids, attention_mask
+        self._dense: Mask = None
+        self._built = False
+
+    def dense(self) -> Mask:
+        """``make_mask(length, 0, None, window, segment_ids, attention_mask)``, built on the first call."""
+        if not self._built:
+            self._dense = make_mask(self.length, 0, None, self.window, self.segment_ids, self.attention_mask)
+            self._built = True
+        return self._dense

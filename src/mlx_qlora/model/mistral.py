@@ -10,7 +10,7 @@ import mlx.nn as nn
 from .args import ModelArgs
 from .cache import KVCache
 from .layers import DecoderLayer, RMSNorm
-from .mask import make_mask
+from .mask import MaskRule, make_mask
 from .recompute import checkpoint
 
 
@@ -48,9 +48,12 @@ class MistralModel(nn.Module):
         def mask_fn(key_positions):
             # Every layer sees the same positions: build the mask once per forward pass.
             if "mask" not in built:
-                built["mask"] = make_mask(
-                    L, offset, key_positions, self.args.sliding_window, segment_ids, attention_mask
-                )
+                if key_positions is None:  # no cache: the attention seam picks the array or the block-wise rule
+                    built["mask"] = MaskRule(L, self.args.sliding_window, segment_ids, attention_mask)
+                else:
+                    built["mask"] = make_mask(
+                        L, offset, key_positions, self.args.sliding_window, segment_ids, attention_mask
+                    )
             return built["mask"]
 
         for i, layer in enumerate(self.layers):

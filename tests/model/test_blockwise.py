@@ -1,0 +1,162 @@
+"""Block-wise attention (``model/blockwise.py``) against the plain path: MLX's
+``mx.fast.scaled_dot_product_attention`` with ``build_mask``'s (L, L) mask, outputs and gradients of q, k, v
+in float32 within 1e-5; the seam (``model/attention.py``) picks it by length; a model gives the same logits
+and LoRA gradients on either path, and transformers' logits past the window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_qlora import settings
+from mlx_qlora.model.attention import blockwise_block, scaled_dot_product_attention
+from mlx_qlora.model.blockwise import blockwise_attention
+from mlx_qlora.model.mask import MaskRule, build_mask
+
+ATOL = 1e-5  # float32; observed differences are around 1e-6
+
+
+def _inputs(B=2, H=4, Hkv=2, L=77, D=16, seed=0):
+    keys = mx.random.split(mx.random.key(seed), 4)
+    q = mx.random.normal((B, H, L, D), key=keys[0])
+    k = mx.random.normal((B, Hkv, L, D), key=keys[1])
+    v = mx.random.normal((B, Hkv, L, D), key=keys[2])
+    weights = mx.random.normal((B, H, L, D), key=keys[3])  # a loss that weighs every output differently
+    return q, k, v, weights
+
+
+def _plain(q, k, v, scale, window, segment_ids, attention_mask):
+    positions = mx.arange(q.shape[2], dtype=mx.int32)
+    mask = build_mask(positions, positions, window, segment_ids, attention_mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def _segments(L):
+    # row 0: three packed examples; row 1: two
+    return mx.array(np.stack([np.repeat([0, 1, 2], [30, 20, L - 50]), np.repeat([0, 1], [50, L - 50])]))
+
+
+def _left_padding(L):
+    mask = np.ones((2, L), dtype=np.int32)
+    mask[0, :10] = 0
+    return mx.array(mask)
+
+
+CASES = {
+    # name: (window, segments, padding, n_kv_heads)
+    "causal": (None, False, False, 4),
+    "window": (20, False, False, 4),
+    "segments": (None, True, False, 2),
+    "left-padding": (None, False, True, 2),
+    "gqa4-window-segments-padding": (13, True, True, 1),
+}
+
+
+@pytest.mark.parametrize("block", [16, 32, 100])  # L = 77: not a multiple of 16 or 32; 100: one chunk
+@pytest.mark.parametrize("name", list(CASES))
+def test_outputs_and_gradients_equal_the_plain_path(name, block):
+    window, segments, padding, n_kv = CASES[name]
+    q, k, v, weights = _inputs(Hkv=n_kv)
+    L = q.shape[2]
+    seg = _segments(L) if segments else None
+    pad = _left_padding(L) if padding else None
+
+    def loss(fn):
+        return lambda q, k, v: mx.sum(fn(q, k, v) * weights)
+
+    ours_fn = lambda q, k, v: blockwise_attention(q, k, v, 0.25, window, seg, pad, block=block)  # noqa: E731
+    plain_fn = lambda q, k, v: _plain(q, k, v, 0.25, window, seg, pad)  # noqa: E731
+    np.testing.assert_allclose(np.array(ours_fn(q, k, v)), np.array(plain_fn(q, k, v)), atol=ATOL, rtol=0)
+    ours = mx.grad(loss(ours_fn), argnums=(0, 1, 2))(q, k, v)
+    plain = mx.grad(loss(plain_fn), argnums=(0, 1, 2))(q, k, v)
+    for name_, a, b in zip("qkv", ours, plain):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=ATOL, rtol=0, err_msg=f"d{name_}")
+
+
+def test_the_window_is_applied_in_the_backward_pass_too():
+    """An invariant: with window 8, a loss over the queries before 40 gives keys 40.. no gradient, key 39 some."""
+    q, k, v, weights = _inputs(L=64)
+    grad = mx.grad(lambda k: mx.sum((blockwise_attention(q, k, v, 0.25, 8, block=16) * weights)[:, :, :40]))(k)
+    assert float(mx.abs(grad[:, :, 40:]).max()) == 0.0
+    assert float(mx.abs(grad[:, :, 39]).max()) > 0.0
+
+
+def test_the_seam_picks_blockwise_from_the_threshold_on():
+    q, k, v, _ = _inputs(L=40)
+    rule = MaskRule(40, 8, mx.array([[0] * 25 + [1] * 15] * 2))
+    plain = np.array(_plain(q, k, v, 0.25, 8, rule.segment_ids, None))
+    with settings.override(blockwise_from=41):  # below: the dense mask and MLX's kernel
+        below = scaled_dot_product_attention(q, k, v, 0.25, rule, training=True)
+        assert rule._built
+    fresh = MaskRule(40, 8, rule.segment_ids)
+    with settings.override(blockwise_from=40, blockwise_block=16):
+        above = scaled_dot_product_attention(q, k, v, 0.25, fresh, training=True)
+        assert not fresh._built  # no (L, L) mask was made
+    np.testing.assert_allclose(np.array(below), plain, atol=ATOL)
+    np.testing.assert_allclose(np.array(above), plain, atol=ATOL)
+
+
+def test_full_attention_chunks_shrink_to_the_score_budget():
+    with settings.override(blockwise_block=512):
+        assert blockwise_block(32, 8192, 4096) == 512  # windowed: 32 x 512 x 4608 scores fit
+        assert blockwise_block(32, 32768, None) == 128  # full attention: 32 x 128 x 32768 = 2^27 scores
+        assert blockwise_block(32, 131072, None) == 64  # never below 64, even past the budget
+
+
+def _loss_and_lora_grads(model, ids, segment_ids=None, position_ids=None, checkpoint=False):
+    from mlx_qlora.config import LoRAConfig
+    from mlx_qlora.lora import apply_lora
+
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    # LoRA B starts at zero; random values make every adapter's gradient depend on attention.
+    model.update(nn.utils.tree_map(lambda p: mx.random.normal(p.shape, key=mx.random.key(7)) * 0.1,
+                                   model.trainable_parameters()))
+    model.model.grad_checkpoint = checkpoint
+
+    def loss(params):
+        model.update(params)
+        logits = model(ids, position_ids=position_ids, segment_ids=segment_ids)
+        return mx.mean(nn.losses.cross_entropy(logits[:, :-1], ids[:, 1:]))
+
+    value, grads = mx.value_and_grad(loss)(model.trainable_parameters())
+    return float(value), dict(tree_flatten(grads))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_a_model_trains_the_same_on_either_path(tiny_model, checkpoint):
+    """Loss and every LoRA gradient of a packed row (window 16, two segments, 70 tokens) on both paths."""
+    L = 70
+    ids = mx.array(np.random.default_rng(0).integers(0, 320, size=(1, L)))
+    segments = mx.array(np.repeat([0, 1], [45, L - 45])[None])
+    positions = mx.array(np.concatenate([np.arange(45), np.arange(L - 45)])[None])
+    results = []
+    for threshold in (0, 32):  # 0: never block-wise
+        with settings.override(blockwise_from=threshold, blockwise_block=16):
+            results.append(_loss_and_lora_grads(tiny_model(seed=3), ids, segments, positions, checkpoint))
+    (plain_loss, plain), (ours_loss, ours) = results
+    assert len(plain) == 2 * 7 * 2  # lora_A and lora_B of seven projections in two layers
+    assert abs(plain_loss - ours_loss) < 1e-5
+    for key in plain:
+        np.testing.assert_allclose(np.array(ours[key]), np.array(plain[key]), atol=ATOL, rtol=0, err_msg=key)
+
+
+def test_blockwise_logits_match_transformers_past_the_window(tiny_hf_checkpoint):
+    """The independent reference: transformers' Mistral (window 16) on 50 tokens, our model block-wise."""
+    import torch
+    import transformers
+
+    from mlx_qlora.model import load_model
+
+    ids = np.random.default_rng(1).integers(0, 320, size=(2, 50))
+    with settings.override(blockwise_from=1, blockwise_block=16):
+        ours = np.array(load_model(tiny_hf_checkpoint)(mx.array(ids)))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_checkpoint, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, want, atol=1e-4, rtol=0)  # test_decoder.py's tolerance for logits

@@ -1,6 +1,6 @@
 """Helpers shared by several test modules (``from support import ...``; ``conftest.py`` puts this folder on
 ``sys.path``): the tiny model's shape and a random model of it (also the ``tiny_model`` fixture), hand-made
-LoRA adapters for a model shape, and writing them as a run folder."""
+LoRA adapters for a model shape, and writing them as a run folder; a LoRA loss and its gradients."""
 
 from __future__ import annotations
 
@@ -79,3 +79,26 @@ def tiny_model(seed: int = 0, **overrides):
     model = MistralForCausalLM(tiny_args(**overrides))
     mx.eval(model.parameters())
     return model
+
+
+def lora_loss_and_grads(model, ids, segment_ids=None, position_ids=None, checkpoint=False):
+    """LoRA rank 4 on every projection of ``model`` with random A and B (seed 7), then the mean next-token
+    cross-entropy of ``ids`` (B, L) and its gradient for every LoRA array: ``(loss, {path: gradient})``."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_qlora.lora import apply_lora
+
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    # LoRA B starts at zero; random values make every adapter's gradient depend on attention.
+    model.update(nn.utils.tree_map(lambda p: mx.random.normal(p.shape, key=mx.random.key(7)) * 0.1,
+                                   model.trainable_parameters()))
+    model.model.grad_checkpoint = checkpoint
+
+    def loss(params):
+        model.update(params)
+        logits = model(ids, position_ids=position_ids, segment_ids=segment_ids)
+        return mx.mean(nn.losses.cross_entropy(logits[:, :-1], ids[:, 1:]))
+
+    value, grads = mx.value_and_grad(loss)(model.trainable_parameters())
+    return float(value), dict(tree_flatten(grads))

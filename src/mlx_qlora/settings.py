@@ -149,6 +149,12 @@ class KernelSettings:
                                     "query (and key) rows per chunk of block-wise attention; halved for full "
                                     "attention while a chunk's float32 scores exceed 512 MB (down to 64)",
                                     check=_positive, expect="an integer > 0")
+    layer_tile: int = _setting(8192, "MLX_QLORA_LAYER_TILE", SWITCH,
+                               "without a cache, a sequence longer than this many tokens runs each decoder layer's "
+                               "per-token parts (norms, projections, MLP) in tiles of this many tokens, each "
+                               "recomputed in the backward pass (`model/tiled.py`): activations per tile, at "
+                               "about one more forward pass of compute; 0: never", check=_non_negative,
+                               expect="an integer >= 0")
     # Generation (generate/generator.py): a layer at a time held less memory and was faster than the whole
     # prompt pass queued at once (gpu_generate.py's ours-prefill variants).
     prefill_eval_layers: int = _setting(1, "MLX_QLORA_PREFILL_EVAL_LAYERS", SWITCH,

@@ -16,6 +16,7 @@ from mlx_qlora import settings
 from mlx_qlora.model.attention import blockwise_block, scaled_dot_product_attention
 from mlx_qlora.model.blockwise import blockwise_attention
 from mlx_qlora.model.mask import MaskRule, build_mask
+from support import lora_loss_and_grads
 
 ATOL = 1e-5  # float32; observed differences are around 1e-6
 
@@ -108,25 +109,6 @@ def test_full_attention_chunks_shrink_to_the_score_budget():
         assert blockwise_block(32, 131072, None) == 64  # never below 64, even past the budget
 
 
-def _loss_and_lora_grads(model, ids, segment_ids=None, position_ids=None, checkpoint=False):
-    from mlx_qlora.config import LoRAConfig
-    from mlx_qlora.lora import apply_lora
-
-    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
-    # LoRA B starts at zero; random values make every adapter's gradient depend on attention.
-    model.update(nn.utils.tree_map(lambda p: mx.random.normal(p.shape, key=mx.random.key(7)) * 0.1,
-                                   model.trainable_parameters()))
-    model.model.grad_checkpoint = checkpoint
-
-    def loss(params):
-        model.update(params)
-        logits = model(ids, position_ids=position_ids, segment_ids=segment_ids)
-        return mx.mean(nn.losses.cross_entropy(logits[:, :-1], ids[:, 1:]))
-
-    value, grads = mx.value_and_grad(loss)(model.trainable_parameters())
-    return float(value), dict(tree_flatten(grads))
-
-
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_a_model_trains_the_same_on_either_path(tiny_model, checkpoint):
     """Loss and every LoRA gradient of a packed row (window 16, two segments, 70 tokens) on both paths."""
@@ -136,8 +118,8 @@ def test_a_model_trains_the_same_on_either_path(tiny_model, checkpoint):
     positions = mx.array(np.concatenate([np.arange(45), np.arange(L - 45)])[None])
     results = []
     for threshold in (0, 32):  # 0: never block-wise
-        with settings.override(blockwise_from=threshold, blockwise_block=16):
-            results.append(_loss_and_lora_grads(tiny_model(seed=3), ids, segments, positions, checkpoint))
+        with settings.override(blockwise_from=threshold, blockwise_block=16, layer_tile=0):
+            results.append(lora_loss_and_grads(tiny_model(seed=3), ids, segments, positions, checkpoint))
     (plain_loss, plain), (ours_loss, ours) = results
     assert len(plain) == 2 * 7 * 2  # lora_A and lora_B of seven projections in two layers
     assert abs(plain_loss - ours_loss) < 1e-5

@@ -136,11 +136,11 @@ def _attention_fn(scale: float, window: Optional[int], segments: bool, padding: 
             qb = last_query(kb, L)
             q_rows = q5[..., ka:qb, :]
             if previous is not None:
-                q_rows = mx.depends(q_rows, [previous])
+                q_rows = mx.depends(q_rows, previous if isinstance(previous, list) else [previous])
             p, ds = probabilities_and_ds(ka, qb, ka, kb, q_rows, do5[..., ka:qb, :])
             d_v.append(mx.sum(p.astype(v.dtype).swapaxes(-1, -2) @ do5[..., ka:qb, :], axis=2))  # (B, Hkv, Rk, D)
             d_k.append(mx.sum(ds.astype(k.dtype).swapaxes(-1, -2) @ q_rows, axis=2))
-            previous = d_k[-1]
+            previous = [d_k[-1], d_v[-1]]  # both: a chunk's probabilities must not wait for a later d v
         d_q = mx.concatenate(d_q, axis=3).reshape(q.shape)
         d_k = mx.concatenate(d_k, axis=2).astype(k.dtype)
         d_v = mx.concatenate(d_v, axis=2).astype(v.dtype)

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..quant.matmul import project, swiglu
-from . import fused_decode
+from . import fused_decode, tiled
 from .args import ModelArgs
 from .attention import scaled_dot_product_attention
 from .cache import KVCache
@@ -141,5 +141,7 @@ class DecoderLayer(nn.Module):
         """x (B, L, D) -> (B, L, D)."""
         if fused_decode.applies(self, x, cache, position_ids):
             return fused_decode.layer_step(self, x, cache)  # compiled CUDA decoding: six launches
+        if tiled.applies(x, cache):
+            return tiled.layer_forward(self, x, mask_fn, position_ids)  # long sequences: a tile of tokens at a time
         h = x + self.self_attn(self.input_layernorm(x), mask_fn, cache, position_ids)
         return h + self.mlp(self.post_attention_layernorm(h))

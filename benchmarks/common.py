@@ -23,6 +23,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
                        rope_theta=10000.0, sliding_window=4096, max_position_embeddings=32768),
+    # Llama-3-8B's shapes: full attention (no window), 128k vocabulary (plain RoPE: the scaling changes nothing
+    # in the cost).
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                      rope_theta=500000.0, sliding_window=None, max_position_embeddings=131072),
     # A small model for CPU measurements (vocab and head like Mistral's).
     "small": dict(model_type="mistral", vocab_size=32000, hidden_size=256, intermediate_size=768,
                   num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-5,
@@ -55,6 +60,8 @@ OUR_VARIANTS = {
     "ours-prefill0": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "0"},  # the prompt pass queued at once
     "ours-prefill4": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "4"},  # ... in groups of 4 layers
     "ours-prefill1": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "1"},  # ... a layer at a time (the default)
+    "ours-plain": {"MLX_QLORA_BLOCKWISE_FROM": "0", "MLX_QLORA_LAYER_TILE": "0"},  # no block-wise attention, no tiles
+    "ours-long2k": {"MLX_QLORA_BLOCKWISE_FROM": "2048", "MLX_QLORA_LAYER_TILE": "2048"},  # ... both from 2k tokens
 }
 
 

@@ -193,3 +193,17 @@ def test_user_path_tiny(tmp_path):
     assert chat["turns"] == 3 and chat["session_decode_tokens_per_s"] > 0
     assert chat["turn3_decode_tokens_per_s"] is None or chat["turn3_decode_tokens_per_s"] > 0
     assert "| sample | ours |" in stdout and "| long | mlx-lm |" in stdout
+
+
+@pytest.mark.slow  # seven training tries in fresh processes, about 50 s
+def test_long_context_tiny(tmp_path):
+    result, stdout = _run(["long_context.py", "--preset", "tiny"], tmp_path)
+    rows = {r["stack"]: r for r in result["rows"]}
+    assert set(rows) == {"ours", "mlx-lm"} and "| longest sequence |" in stdout
+    for stack, row in rows.items():
+        tries = [t for t in result["tries"] if t["stack"] == stack]
+        fitted = [t["seq"] for t in tries if t["fits"]]
+        assert all(t["peak_gb"] <= t["limit_gb"] for t in tries if t["fits"])
+        assert row["seq"] == max(fitted) and row["tokens_per_s"] > 0  # the longest length that fitted
+        # the search ended at a length that did not fit, or at the longest length it may try
+        assert row["seq"] == 1024 or any(not t["fits"] and t["seq"] - row["seq"] <= 256 for t in tries)

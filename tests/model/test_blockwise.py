@@ -79,6 +79,26 @@ def test_outputs_and_gradients_equal_the_plain_path(name, block):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=ATOL, rtol=0, err_msg=f"d{name_}")
 
 
+def test_bfloat16_stays_within_half_precision_of_the_float32_plain_path():
+    """bfloat16 inputs: outputs and gradients within 3e-2 of the plain path in float32 on the same (rounded)
+    inputs; the scores and softmax are float32 inside, the products bfloat16."""
+    q, k, v, weights = [a.astype(mx.bfloat16) for a in _inputs(Hkv=2)]
+    seg = _segments(q.shape[2])
+
+    def grads(fn, *arrays):
+        return mx.grad(lambda q, k, v: mx.sum(fn(q, k, v).astype(mx.float32) * weights.astype(mx.float32)),
+                       argnums=(0, 1, 2))(*arrays)
+
+    ours = lambda q, k, v: blockwise_attention(q, k, v, 0.25, 20, seg, block=32)  # noqa: E731
+    plain = lambda q, k, v: _plain(q, k, v, 0.25, 20, seg, None)  # noqa: E731
+    wide = [a.astype(mx.float32) for a in (q, k, v)]
+    assert ours(q, k, v).dtype == mx.bfloat16
+    np.testing.assert_allclose(np.array(ours(q, k, v).astype(mx.float32)), np.array(plain(*wide)), atol=3e-2)
+    for a, b in zip(grads(ours, q, k, v), grads(plain, *wide)):
+        assert a.dtype == mx.bfloat16
+        np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b), atol=3e-2 * float(mx.abs(b).max()))
+
+
 def test_the_window_is_applied_in_the_backward_pass_too():
     """An invariant: with window 8, a loss over the queries before 40 gives keys 40.. no gradient, key 39 some."""
     q, k, v, weights = _inputs(L=64)

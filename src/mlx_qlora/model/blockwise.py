@@ -111,9 +111,12 @@ def _attention_fn(scale: float, window: Optional[int], segments: bool, padding: 
         B, H, L, D = q.shape
         q5, k5, v5 = split(q, k, v)
         do5 = d_out.reshape(q5.shape).astype(q.dtype)  # (B, Hkv, G, L, D)
-        # d loss / d s = P * (dP - delta + d_lse): delta from the output, d_lse for a caller that uses the lse.
-        delta = mx.sum(do5.astype(mx.float32) * out.reshape(q5.shape).astype(mx.float32), axis=-1)
-        delta = delta - d_lse.astype(mx.float32)  # (B, Hkv, G, L)
+        out5 = out.reshape(q5.shape)
+        # d loss / d s = P * (dP - delta + d_lse): delta from the output, d_lse for a caller that uses the lse;
+        # a chunk of rows at a time, so that no (B, H, L, D) float32 product exists.
+        delta = mx.concatenate([
+            mx.sum(do5[..., a:a + block, :].astype(mx.float32) * out5[..., a:a + block, :].astype(mx.float32), axis=-1)
+            for a in range(0, L, block)], axis=3) - d_lse.astype(mx.float32)  # (B, Hkv, G, L)
 
         def probabilities_and_ds(qa, qb, ka, kb, q_rows, do_rows):
             s = (q_rows @ k5[..., ka:kb, :].swapaxes(-1, -2)).astype(mx.float32)  # (B, Hkv, G, Rq, Rk)

@@ -64,14 +64,20 @@ def _adapter_arrays(run_dir: Path) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in params.items()}
 
 
-def test_accumulation_equals_one_big_batch(workspace):
-    """k micro-batches with summed token losses give the loss and update of one batch k times larger."""
-    model = load_model(workspace["quant"])
+def _adapted_model(ws, rng):
+    """The 4-bit tiny model with rank-4 adapters whose B is random too (it starts at zero), so that
+    gradients reach A."""
+    model = load_model(ws["quant"])
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
-    rng = np.random.default_rng(0)
-    # B starts at zero; make it non-zero so gradients reach A too.
     model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)))
                                  for k, v in tree_flatten(model.trainable_parameters())]))
+    return model
+
+
+def test_accumulation_equals_one_big_batch(workspace):
+    """k micro-batches with summed token losses give the loss and update of one batch k times larger."""
+    rng = np.random.default_rng(0)
+    model = _adapted_model(workspace, rng)
     ids = rng.integers(3, 320, size=(4, 24)).astype(np.int32)
     labels = ids.copy()
     labels[:, :9] = -100
@@ -326,11 +332,8 @@ def test_auto_dtype_is_resolved_said_and_recorded(workspace, tmp_path, capsys):
 def test_token_budget_empty_rows_add_nothing_and_run_says_how_it_batches(workspace, tmp_path, capsys):
     """Under ``max_batch_tokens`` a batch is filled with empty rows (padding, no learned token) up to its
     shape's row count: they leave the loss sum, the learned-token count and the gradients unchanged."""
-    model = load_model(workspace["quant"])
-    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
     rng = np.random.default_rng(1)
-    model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)))
-                                 for k, v in tree_flatten(model.trainable_parameters())]))
+    model = _adapted_model(workspace, rng)
     ids = rng.integers(3, 320, size=(2, 24)).astype(np.int32)
     labels = ids.copy()
     labels[:, :7] = -100

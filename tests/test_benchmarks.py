@@ -44,6 +44,19 @@ def test_gpu_generate_tiny(tmp_path):
         assert 0 < row["share_of_limit"]
 
 
+@pytest.mark.slow
+def test_gpu_generate_with_adapters_tiny(tmp_path):
+    """``--adapters``: every stack decodes with random LoRA adapters attached; off CUDA our fused decoder
+    layer is never taken (on a GPU, ``ours`` takes it and ``ours-unfused`` does not)."""
+    result, stdout = _run(["gpu_generate.py", "--preset", "tiny", "--prompt-tokens", "16", "--max-tokens", "8",
+                           "--repeats", "1", "--adapters", "4", "--stacks", "ours,ours-unfused,mlx-lm"], tmp_path)
+    stacks = {r["stack"]: r for r in result["rows"]}
+    assert set(stacks) == {"ours", "ours-unfused", "mlx-lm"} and result["adapter_rank"] == 4
+    for row in stacks.values():
+        assert row["decode_tokens_per_s"] > 0 and row["adapter_rank"] == 4 and row["fused_layer"] is False
+    assert "LoRA rank 4 on all seven projections" in stdout
+
+
 def test_probes_run_on_the_cpu():
     for args in (["probes/checkpoint_probe.py", "--blocks", "2", "--dim", "32", "--hidden", "64", "--tokens", "16"],
                  ["probes/memory_probe.py", "--preset", "tiny", "--layers", "1", "--seq", "32", "--checkpointing", "on",

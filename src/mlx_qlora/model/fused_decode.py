@@ -13,7 +13,8 @@ adapters attached in inference, a layer runs as:
 Adapters (any subset of the seven projections) stay on this path: each update ``scale * (n @ A.T) @ B.T``
 is two small matmuls beside the launches (``quant/low_rank.py``): q/k/v's and gate/up's, of the normed
 input, are added inside their kernels before the rotation, the cache write and SwiGLU; o_proj's and
-down_proj's are folded into the residual that their kernels add.
+down_proj's are folded into the residual that their kernels add (with all seven adapted: two RMSNorms and
+fourteen small matmuls per layer beside the six launches).
 
 ``DecoderLayer.__call__`` asks ``applies`` and otherwise runs the layer operation by operation. The
 norms, rotations and residual sums happen in float32 inside the kernels and are rounded once, so outputs

@@ -72,8 +72,7 @@ def run_ours(cfg, prompt: mx.array, max_tokens: int, compiled: bool = True, adap
 
     dtype = compute_dtype()
     model = build_ours(cfg, dtype, rank=adapter_rank, grad_checkpoint=False)
-    if adapter_rank:
-        random_adapters(model, ("lora_A", "lora_B"), dtype)  # as attached: in the compute dtype
+    adapted = random_adapters(model, ("lora_A", "lora_B"), dtype)  # as attached: in the compute dtype
     model.eval()
     nbytes = weight_bytes(model)
     fused = takes_fused_layer(model, dtype)
@@ -84,7 +83,7 @@ def run_ours(cfg, prompt: mx.array, max_tokens: int, compiled: bool = True, adap
         stats = generate_tokens(model, None, ids, max_tokens=max_tokens + 1, eos_ids=set(), compiled=compiled).stats
         return stats.prompt_seconds, stats.generation_seconds
 
-    return generate, nbytes, fused
+    return generate, nbytes, fused, adapted
 
 
 def run_mlx_lm(cfg, prompt: mx.array, max_tokens: int, adapter_rank: int = 0):
@@ -92,8 +91,7 @@ def run_mlx_lm(cfg, prompt: mx.array, max_tokens: int, adapter_rank: int = 0):
     from mlx_lm.generate import generate_step
 
     model = build_mlx_lm(cfg, compute_dtype(), rank=adapter_rank, grad_checkpoint=False, lora=adapter_rank > 0)
-    if adapter_rank:
-        random_adapters(model, ("lora_a", "lora_b"), mx.float32)  # as mlx-lm's adapter files hold them
+    adapted = random_adapters(model, ("lora_a", "lora_b"), mx.float32)  # as mlx-lm's adapter files hold them
     model.eval()
     nbytes = weight_bytes(model)
 
@@ -107,7 +105,7 @@ def run_mlx_lm(cfg, prompt: mx.array, max_tokens: int, adapter_rank: int = 0):
             pass
         return prompt_s, time.perf_counter() - start
 
-    return generate, nbytes, False
+    return generate, nbytes, False, adapted
 
 
 def worker(args) -> dict:
@@ -115,9 +113,9 @@ def worker(args) -> dict:
     mx.random.seed(0)
     prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt_tokens,)).astype(mx.int32)
     if args.stack == "mlx-lm":
-        generate, nbytes, fused = run_mlx_lm(cfg, prompt, args.max_tokens, args.adapters)
+        generate, nbytes, fused, adapted = run_mlx_lm(cfg, prompt, args.max_tokens, args.adapters)
     else:
-        generate, nbytes, fused = run_ours(cfg, prompt, args.max_tokens, compiled=args.stack != "ours-eager",
+        generate, nbytes, fused, adapted = run_ours(cfg, prompt, args.max_tokens, compiled=args.stack != "ours-eager",
                                            adapter_rank=args.adapters)
     mx.reset_peak_memory()  # count generation, not building the random model
     generate()  # warm-up
@@ -126,7 +124,8 @@ def worker(args) -> dict:
     decode_s = median([r[1] for r in runs])
     return {"stack": args.stack, "prompt_tokens_per_s": args.prompt_tokens / prompt_s,
             "decode_tokens_per_s": args.max_tokens / decode_s, "weight_bytes_per_token": nbytes,
-            "peak_gb": mx.get_peak_memory() / 1e9, "adapter_rank": args.adapters, "fused_layer": fused}
+            "peak_gb": mx.get_peak_memory() / 1e9, "adapter_rank": args.adapters, "lora_layers": adapted,
+            "fused_layer": fused}
 
 
 def main() -> None:

@@ -54,6 +54,7 @@ def test_gpu_generate_with_adapters_tiny(tmp_path):
     assert set(stacks) == {"ours", "ours-unfused", "mlx-lm"} and result["adapter_rank"] == 4
     for row in stacks.values():
         assert row["decode_tokens_per_s"] > 0 and row["adapter_rank"] == 4 and row["fused_layer"] is False
+        assert row["lora_layers"] == 7 * 4  # all seven projections of the tiny preset's four layers
     assert "LoRA rank 4 on all seven projections" in stdout
 
 

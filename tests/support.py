@@ -113,3 +113,20 @@ def write_chat_tokenizer(folder: Path, chat_template: str) -> Path:
               "bos_token": None, "add_bos_token": False, "chat_template": chat_template}
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return folder
+
+
+def reference_prefix_mask(hf, messages, tools=None):
+    """The prefix rule computed with transformers alone: token j is learned when its offsets overlap
+    render(messages[:k + 1])[len(render(messages[:k], generation prompt)):] for an assistant message k."""
+    text = hf.apply_chat_template(messages, tools=tools, tokenize=False)
+    encoding = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [0] * len(encoding.input_ids)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(hf.apply_chat_template(messages[:k], tools=tools, tokenize=False, add_generation_prompt=True))
+        end = len(hf.apply_chat_template(messages[: k + 1], tools=tools, tokenize=False))
+        for j, (a, b) in enumerate(encoding.offset_mapping):
+            if a < end and b > start:
+                mask[j] = 1
+    return encoding.input_ids, mask

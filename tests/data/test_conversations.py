@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from support import write_chat_tokenizer
+from support import reference_prefix_mask, write_chat_tokenizer
 
 from mlx_qlora.config import DataConfig
 from mlx_qlora.data import BatchIterator, PreparedDataset, load_records, load_tokenizer, prepare_dataset
@@ -97,23 +97,6 @@ def _hf(folder):
 
 def _mask(labels):
     return [int(label != IGNORE) for label in labels]
-
-
-def reference_prefix_mask(hf, messages, tools=None):
-    """The prefix rule computed with transformers alone: token j is learned when its offsets overlap
-    render(messages[:k + 1])[len(render(messages[:k], generation prompt)):] for an assistant message k."""
-    text = hf.apply_chat_template(messages, tools=tools, tokenize=False)
-    encoding = hf(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [0] * len(encoding.input_ids)
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(hf.apply_chat_template(messages[:k], tools=tools, tokenize=False, add_generation_prompt=True))
-        end = len(hf.apply_chat_template(messages[: k + 1], tools=tools, tokenize=False))
-        for j, (a, b) in enumerate(encoding.offset_mapping):
-            if a < end and b > start:
-                mask[j] = 1
-    return encoding.input_ids, mask
 
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))

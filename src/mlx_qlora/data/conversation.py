@@ -247,3 +247,10 @@ def encode_conversation(tokenizer, template_name: str, messages: Sequence[dict],
     cut = first_ids[:max_seq_len]
     return ConversationExample(cut, labels_for(cut, [(start, max_seq_len)], learn, has_bos),
                                truncated_turns=len(first) < len(messages), cut_turn=True)
+
+
+def generation_prompt_ids(tokenizer, messages: Sequence[dict], tools=None) -> list[int]:
+    """Ids that ask for the next assistant turn: BOS (when the tokenizer has one) and the chat template's
+    rendering of ``messages`` with the generation prompt, tokenized in one go."""
+    ids, _, _ = tokenizer.encode_spans(render(tokenizer, messages, tools, add_generation_prompt=True))
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids

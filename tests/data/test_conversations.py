@@ -185,6 +185,9 @@ def test_formats_detected_and_overridden(tmp_path):
     assert load_records(tmp_path / "instruction.jsonl").format == "instruction"
     with pytest.raises(UserError, match=r"line 1: format 'messages' needs the column\(s\) 'messages'"):
         load_records(tmp_path / "text.jsonl", fmt="messages")
+    csv = tmp_path / "c.csv"
+    csv.write_text('messages,category\n"' + json.dumps(CONVERSATIONS["tool call"]).replace('"', '""') + '",weather\n')
+    assert load_records(csv).records == [Conversation(tuple(CONVERSATIONS["tool call"]), None, "weather")]
     parquet = tmp_path / "c.parquet"
     import datasets
 

@@ -1,5 +1,10 @@
 """The model's own chat template: ``chat_template`` of its ``tokenizer_config.json``, rendered with jinja2.
 
+``render_chat`` renders a conversation (with ``tools``; ``{% generation %}`` blocks optionally marked), the
+way ``transformers``' ``apply_chat_template`` does; ``conversation.py`` builds training examples on it. The
+rest of this module cuts a conversation of alternating user/assistant turns into prompt/response turns for
+``prepare.encode_chat`` and instruction records:
+
 Choose it with the template name ``"chat"`` (``prepare_data.py --template chat``); the named templates of
 ``templates.py`` are used otherwise. A conversation is cut into the same ``(prompt_text, response_text)``
 turns as ``templates.chat_turns``, so labels, truncation and generation work as for any template:

@@ -12,7 +12,8 @@ and plain ``text``; which one a source holds is detected from its columns (``det
 Roles are ``system``, ``user``, ``assistant`` and ``tool``; ShareGPT's ``human``/``gpt``/``system``/``tool``
 (also ``function_call``/``observation``) map onto them. An assistant message may carry ``tool_calls``
 instead of (or besides) text; every other message needs a non-empty string ``content``. A conversation needs at
-least one assistant message. A bad row raises ``BadRow`` with what is wrong; ``sources`` names the line.
+least one assistant message. In a CSV file the ``messages`` / ``conversations`` / ``tools`` cells hold JSON
+text. A bad row raises ``BadRow`` with what is wrong; ``sources`` names the line.
 """
 
 from __future__ import annotations
@@ -136,6 +137,11 @@ def parse_conversation(row: dict, fmt: str, category: str) -> Conversation:
         ("messages", "role", "content", None) if fmt == "messages" else ("conversations", "from", "value", SHAREGPT_ROLES)
     )
     raw = row.get(key)
+    if isinstance(raw, str):  # a CSV cell holds the list as JSON text
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise BadRow(f"key {key!r} is not valid JSON") from None
     if not isinstance(raw, list) or not raw:
         raise BadRow(f"key {key!r} must be a non-empty list of messages")
     messages = tuple(_message(m, i, role_key, content_key, role_map) for i, m in enumerate(raw))

@@ -329,3 +329,26 @@ def test_packing_and_bucketing_every_format(tmp_path, folders, fmt):
         batches = BatchIterator(data, batch_size=4, seed=0, packing=packing, max_seq_len=128, repeat=False)
         got = sorted(int(t) for batch in batches for t in np.asarray(batch["labels"]).ravel() if t != IGNORE)
         assert got == expected, packing
+
+
+def test_named_template_conversations_and_tools_column(tmp_path, tiny_spm_path, folders):
+    """A named template takes alternating user/assistant turns (the ids of encode_chat), refuses a system
+    turn; without a chat template, conversations need one named; a tools column reaches the template."""
+    from mlx_qlora.data import encode_chat
+
+    tok = load_tokenizer(tiny_spm_path)
+    messages = CONVERSATIONS["system and three turns"]
+    ex = encode_conversation(tok, "mistral", messages[1:])
+    assert (ex.input_ids, ex.labels) == encode_chat(tok, "mistral", messages[1:])
+    with pytest.raises(UserError, match="template 'mistral' cannot render 'system' messages; use --template chat"):
+        encode_conversation(tok, "mistral", messages)
+    source = _write(tmp_path / "d.jsonl", [{"messages": messages[1:]}] * 4)
+    with pytest.raises(UserError, match="conversations need a chat template"):
+        prepare_dataset(source, tok, tmp_path / "out", DataConfig())
+    meta = prepare_dataset(source, tok, tmp_path / "out", DataConfig(template="dolly", learn="last"))
+    assert (meta["template"], meta["learn"], meta["format"]) == ("dolly", "last", "messages")
+    row = {"messages": CONVERSATIONS["tool call"], "tools": json.dumps(TOOLS)}
+    record = load_records(_write(tmp_path / "t.jsonl", [row])).records[0]
+    assert record.tools == TOOLS
+    text = render_with_spans(load_tokenizer(folders["marked"]), record.messages, record.tools).text
+    assert '"name": "get_weather", "description": "weather in a city"' in text

@@ -172,6 +172,8 @@ def test_sharegpt_equals_messages(tmp_path, folders):
     a, b = load_records(tmp_path / "a.jsonl"), load_records(tmp_path / "b.jsonl")
     assert (a.format, b.format) == ("messages", "sharegpt")
     assert a.records == b.records == [Conversation(tuple(messages))]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"conversations": sharegpt[1:], "system": messages[0]["content"]}))
+    assert load_records(tmp_path / "c.jsonl").records == a.records  # a separate system column
 
 
 def test_formats_detected_and_overridden(tmp_path):

@@ -10,7 +10,8 @@ and plain ``text``; which one a source holds is detected from its columns (``det
 | ``instruction``| Dolly's or Alpaca's columns (``sources.py``)            | Record       |
 
 Roles are ``system``, ``user``, ``assistant`` and ``tool``; ShareGPT's ``human``/``gpt``/``system``/``tool``
-(also ``function_call``/``observation``) map onto them. An assistant message may carry ``tool_calls``
+(also ``function_call``/``observation``) map onto them; a separate ``system`` column, when there is one
+and the conversation has no system message, becomes its first message. An assistant message may carry ``tool_calls``
 instead of (or besides) text; every other message needs a non-empty string ``content``. A conversation needs at
 least one assistant message. In a CSV file the ``messages`` / ``conversations`` / ``tools`` cells hold JSON
 text. A bad row raises ``BadRow`` with what is wrong; ``sources`` names the line.
@@ -145,6 +146,9 @@ def parse_conversation(row: dict, fmt: str, category: str) -> Conversation:
     if not isinstance(raw, list) or not raw:
         raise BadRow(f"key {key!r} must be a non-empty list of messages")
     messages = tuple(_message(m, i, role_key, content_key, role_map) for i, m in enumerate(raw))
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        messages = ({"role": "system", "content": system},) + messages  # ShareGPT's separate system column
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow("the conversation has no assistant turn (nothing to learn)")
     tools = row.get("tools")

@@ -44,6 +44,20 @@ def test_gpu_generate_tiny(tmp_path):
         assert 0 < row["share_of_limit"]
 
 
+@pytest.mark.slow
+def test_gpu_generate_with_adapters_tiny(tmp_path):
+    """``--adapters``: every stack decodes with random LoRA adapters attached; off CUDA our fused decoder
+    layer is never taken (on a GPU, ``ours`` takes it and ``ours-unfused`` does not)."""
+    result, stdout = _run(["gpu_generate.py", "--preset", "tiny", "--prompt-tokens", "16", "--max-tokens", "8",
+                           "--repeats", "1", "--adapters", "4", "--stacks", "ours,ours-unfused,mlx-lm"], tmp_path)
+    stacks = {r["stack"]: r for r in result["rows"]}
+    assert set(stacks) == {"ours", "ours-unfused", "mlx-lm"} and result["adapter_rank"] == 4
+    for row in stacks.values():
+        assert row["decode_tokens_per_s"] > 0 and row["adapter_rank"] == 4 and row["fused_layer"] is False
+        assert row["lora_layers"] == 7 * 4  # all seven projections of the tiny preset's four layers
+    assert "LoRA rank 4 on all seven projections" in stdout
+
+
 def test_probes_run_on_the_cpu():
     for args in (["probes/checkpoint_probe.py", "--blocks", "2", "--dim", "32", "--hidden", "64", "--tokens", "16"],
                  ["probes/memory_probe.py", "--preset", "tiny", "--layers", "1", "--seq", "32", "--checkpointing", "on",
@@ -80,9 +94,11 @@ def test_dequant_probe_tiny(tmp_path):
 
 
 def test_fused_decode_probe_tiny(tmp_path):
-    result, stdout = _run(["probes/fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4"], tmp_path)
+    result, stdout = _run(["probes/fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4", "--adapters", "2"],
+                          tmp_path)
     (row,) = result["rows"]  # on the CPU only the default path runs
     assert row["path"] == "mlx attention" and row["ms_per_token"] > 0 and row["max_logit_diff"] == 0
+    assert row["adapter_rank"] == 2 and row["fused_layer"] is False
     assert "| path |" in stdout
 
 
@@ -173,12 +189,15 @@ def test_user_path_tiny(tmp_path):
     the real Mistral tokenizer: every measured number is there and positive."""
     result, stdout = _run(["user_path.py", "--preset", "tiny", "--steps", "2", "--batch-size", "1", "--grad-accum",
                            "1", "--long-records", "40", "--max-tokens", "4", "--chat-tokens", "3",
-                           "--work", str(tmp_path / "work")], tmp_path)
+                           "--ours-batching", "tokens,rows", "--work", str(tmp_path / "work")], tmp_path)
     assert set(result["datasets"]) == {"sample", "long"}
     long = result["datasets"]["long"]["train_token_lengths"]
     assert 200 <= long["min"] <= long["max"] <= 1000  # the generated records are as long as promised
-    assert {(r["stack"], r["dataset"]) for r in result["train"]} == {
-        (s, d) for s in ("ours", "mlx-lm") for d in ("sample", "long")}
+    assert {(r["label"], r["dataset"]) for r in result["train"]} == {
+        (s, d) for s in ("ours (tokens)", "ours (rows)", "mlx-lm") for d in ("sample", "long")}
+    for row in result["train"]:  # the README's batching: a token budget, said in the run's second line
+        if row["label"] == "ours (tokens)":
+            assert "--max-batch-tokens 256" in row["command"] and row["first_lines"][1].startswith("batches: up to 256")
     for row in result["train"]:
         assert row["steps"] == 2 and row["tokens"] > 0 and row["wall_s"] > row["first_step_s"] > 0
         assert row["steady_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0
@@ -192,7 +211,7 @@ def test_user_path_tiny(tmp_path):
     (chat,) = result["chat"]
     assert chat["turns"] == 3 and chat["session_decode_tokens_per_s"] > 0
     assert chat["turn3_decode_tokens_per_s"] is None or chat["turn3_decode_tokens_per_s"] > 0
-    assert "| sample | ours |" in stdout and "| long | mlx-lm |" in stdout
+    assert "| sample | ours (tokens) |" in stdout and "| long | mlx-lm |" in stdout
 
 
 @pytest.mark.slow  # seven training tries in fresh processes, about 50 s

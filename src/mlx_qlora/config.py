@@ -166,7 +166,11 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
 class DataConfig(_Config):
     """How instruction records become token ids (``prepare_data.py``)."""
 
-    template: str = "dolly"
+    # "auto": the model's chat template ("chat") for conversations, "dolly" for instructions; completions
+    # and text use none ("none")
+    template: str = "auto"
+    format: str = "auto"  # data.formats.FORMATS; "auto": detected from the columns
+    learn: str = "assistant"  # conversations: "assistant" turns, the "last" one, or "all" tokens
     max_seq_len: int = 1024
     min_response_tokens: int = 16  # truncation never leaves fewer response tokens than this
     val_fraction: float = 0.05
@@ -179,6 +183,11 @@ class DataConfig(_Config):
         for key in ("val_fraction", "test_fraction"):
             setattr(self, key, number(key, getattr(self, key), at_least=0, below=1))
         self.seed = number("seed", self.seed, integer=True, at_least=0, below=SEED_LIMIT)
+        formats = ("auto", "instruction", "messages", "sharegpt", "completion", "text")
+        if self.format not in formats:
+            raise ValueError(f"format must be one of {', '.join(formats)}, got {self.format!r}")
+        if self.learn not in ("assistant", "last", "all"):
+            raise ValueError(f"learn must be assistant, last or all, got {self.learn!r}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1")
 
@@ -192,6 +201,9 @@ class TrainConfig(_Config):
     out: str = ""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     batch_size: int = 4
+    # Batch by a token budget instead: as many rows as fit in rows x padded length <= max_batch_tokens
+    # (batch_size is then not used). None: batch_size rows.
+    max_batch_tokens: Optional[int] = None
     grad_accum: int = 1
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -226,6 +238,8 @@ class TrainConfig(_Config):
         positive = ("batch_size", "grad_accum", "eval_every", "log_every", "save_every", "keep_last", "loss_chunk")
         for key in positive:
             setattr(self, key, number(key, getattr(self, key), integer=True, at_least=1))
+        self.max_batch_tokens = number("max_batch_tokens", self.max_batch_tokens, integer=True, optional=True,
+                                       at_least=1)
         self.learning_rate = number("learning_rate", self.learning_rate, above=0)
         self.weight_decay = number("weight_decay", self.weight_decay, at_least=0)
         for key in ("beta1", "beta2"):

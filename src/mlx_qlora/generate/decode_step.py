@@ -32,11 +32,28 @@ class DecodeState:
         self.keys, self.values, self.offset = keys, values, offset
 
     @classmethod
-    def from_caches(cls, caches: list[KVCache], positions_needed: int) -> "DecodeState":
-        """Copy the prompt's caches into static buffers with room for ``positions_needed`` positions."""
-        capacity = static_capacity(positions_needed, caches[0].max_size)
+    def from_caches(cls, caches: list[KVCache], positions_needed: int,
+                    capacity: Optional[int] = None) -> "DecodeState":
+        """Copy the prompt's caches into static buffers with room for ``positions_needed`` positions
+        (``capacity`` slots when given, else ``static_capacity``'s)."""
+        capacity = capacity or static_capacity(positions_needed, caches[0].max_size)
         static = [StaticKVCache.from_cache(c, capacity) for c in caches]
         return cls([c.keys for c in static], [c.values for c in static], static[0].offset)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def to_caches(self, window: Optional[int]) -> list[KVCache]:
+        """Per-layer ``KVCache``s holding the same positions (the slots keep their convention, position p
+        in slot p % capacity, which is the window's when positions wrapped around)."""
+        offset = int(self.offset.item())
+        caches = []
+        for keys, values in zip(self.keys, self.values):
+            cache = KVCache(window)
+            cache.keys, cache.values, cache.offset = keys, values, offset
+            caches.append(cache)
+        return caches
 
     @property
     def arrays(self) -> list[mx.array]:

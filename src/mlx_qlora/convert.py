@@ -160,7 +160,9 @@ def _check_config(config: dict[str, Any], source: Path, quantize: bool, bits: in
     if "quantization" in config:
         raise UserError(f"{where}: quantization: already an MLX quantized checkpoint")
     architectures = config.get("architectures") or []
-    known = ("MistralForCausalLM", "LlamaForCausalLM")
+    from .model.families import FAMILIES
+
+    known = ("MistralForCausalLM", "LlamaForCausalLM", *(f.architecture for f in FAMILIES.values()))
     if architectures and not any(a in known for a in architectures):
         raise UserError(f"{where}: architectures: {architectures} is not supported (supported: {', '.join(known)})")
     args = model_args_from_config(config, str(where))

@@ -10,6 +10,15 @@ from ..config import number
 
 SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 ROPE_TYPES = ("default", "linear", "llama3")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every ``model_type`` that loads: Mistral's and Llama's, and the families of ``families/``."""
+    from .families import FAMILIES
+
+    return SUPPORTED_MODEL_TYPES + tuple(FAMILIES)
 
 
 @dataclass
@@ -40,11 +49,22 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
+    # Switches of the families in ``families/`` (Gemma 2/3); the defaults are Mistral's.
+    hidden_act: str = "silu"  # the MLP's gate: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
+    norm_weight_offset: float = 0.0  # RMSNorm multiplies by (offset + weight), in float32 when not 0
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size), in the embeddings' dtype
+    query_pre_attn_scalar: Optional[float] = None  # attention scale is its -1/2 power; None: head_dim's
+    attn_logit_softcapping: Optional[float] = None  # scores become cap * tanh(scores / cap) before the mask
+    final_logit_softcapping: Optional[float] = None  # logits become cap * tanh(logits / cap)
+    layer_types: Optional[list] = None  # per layer "sliding_attention" | "full_attention"; None: all sliding
+    rope_local_base_freq: Optional[float] = None  # RoPE base of the sliding layers, unscaled; None: rope_theta
+    sandwich_norms: bool = False  # norms on the attention's and the MLP's outputs, and before the MLP
+    qk_norm: bool = False  # RMSNorm over head_dim on each head's queries and keys (q_norm, k_norm)
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
+        if self.model_type not in supported_model_types():
             raise ValueError(
-                f"model_type: {self.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+                f"model_type: {self.model_type!r} is not supported (supported: {', '.join(supported_model_types())})"
             )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
@@ -74,6 +94,32 @@ class ModelArgs:
             raise ValueError(f"rope_type: {self.rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps: must be > 0, got {self.rms_norm_eps}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"hidden_act: {self.hidden_act!r} is not supported (supported: {', '.join(HIDDEN_ACTS)})")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad or len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types: expected {self.num_hidden_layers} entries of "
+                                 f"{', '.join(LAYER_TYPES)}, got {self.layer_types!r}")
+        for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                    "rope_local_base_freq"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"{key}: must be > 0 or null, got {value!r}")
+
+    def layer_window(self, index: int) -> Optional[int]:
+        """The sliding window of decoder layer ``index`` (None: it attends to every earlier position)."""
+        if self.layer_types is not None and self.layer_types[index] == "full_attention":
+            return None
+        return self.sliding_window
+
+    def layer_rope_theta(self, index: int) -> tuple[float, bool]:
+        """``(RoPE base, scaled)`` of decoder layer ``index``: a sliding layer of a model with
+        ``rope_local_base_freq`` rotates with that base and without the scaling (Gemma 3)."""
+        if self.rope_local_base_freq is not None and self.layer_window(index) is not None:
+            return self.rope_local_base_freq, False
+        return self.rope_theta, True
 
     @property
     def n_kv_groups(self) -> int:
@@ -86,10 +132,14 @@ class ModelArgs:
         model_type = config.get("model_type")
         if model_type is None:
             raise ValueError("model_type: missing")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in supported_model_types():
             raise ValueError(
-                f"model_type: {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+                f"model_type: {model_type!r} is not supported (supported: {', '.join(supported_model_types())})"
             )
+        from .families import FAMILIES
+
+        if model_type in FAMILIES:
+            return cls(**FAMILIES[model_type].read(config))
         for key in ("hidden_act", "hidden_activation"):
             if config.get(key, "silu") != "silu":
                 raise ValueError(f"{key}: only 'silu' is supported, got {config[key]!r}")
@@ -114,6 +164,10 @@ class ModelArgs:
 
     def to_hf_config(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` fields for these arguments."""
+        from .families import FAMILIES
+
+        if self.model_type in FAMILIES:
+            return FAMILIES[self.model_type].write(self)
         arch = "MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"
         config = {
             "architectures": [arch],

@@ -42,13 +42,16 @@ def _projections(layer) -> list:
 def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     """Whether ``layer_step`` runs this call: ``settings.fused_decode`` on, one token per sequence over a
     ``StaticKVCache`` at the cache's own positions, every projection a bare per-row 4-bit layer in
-    inference, plain or linearly scaled RoPE, and shapes the kernels take."""
+    inference, plain or linearly scaled RoPE, none of Gemma's features (``gemma_like``), and shapes the
+    kernels take."""
     if not (settings.current().fused_decode and isinstance(cache, StaticKVCache) and position_ids is None
             and x.ndim == 3 and x.shape[1] == 1):
         return False
     if not all(type(p) is QuantizedLinear and p.runs_bare_per_row_4bit for p in _projections(layer)):
         return False
     a = layer.self_attn
+    if gemma_like(layer):
+        return False
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     return (
         a._rope_inv_freq is None  # the kernel's rotary embeddings are plain RoPE: no llama3 frequencies
@@ -57,6 +60,17 @@ def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
         and qmv_cuda.supports(x, layer.mlp.down_proj.in_features, 4, None)
         and attention_cuda.supports_shapes((x.shape[0], a.n_heads, 1, a.head_dim), cache.keys.shape,
                                            x.dtype, cache.keys.dtype)
+    )
+
+
+def gemma_like(layer) -> bool:
+    """Whether ``layer`` has a feature the kernels do not compute (Gemma 2/3): ``1 + weight`` norms, norms
+    after attention and around the MLP, per-head query/key norms, GeGLU, soft-capped scores, or an
+    attention scale other than head_dim's."""
+    a = layer.self_attn
+    return bool(
+        layer.input_layernorm.offset or getattr(layer, "sandwich_norms", False) or "q_norm" in a
+        or getattr(layer.mlp, "geglu", False) or a.softcap is not None or a.scale != a.head_dim**-0.5
     )
 
 

@@ -22,15 +22,27 @@ from .cache import KVCache
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)`` over the last axis."""
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last axis.
 
-    def __init__(self, dims: int, eps: float = 1e-5):
+    ``offset`` (Gemma: 1) makes the factor ``offset + weight``, computed in float32 and rounded once to
+    x's dtype, as transformers' Gemma norms do; the stored weight stays the checkpoint's."""
+
+    def __init__(self, dims: int, eps: float = 1e-5, offset: float = 0.0):
         super().__init__()
-        self.weight = mx.ones((dims,))
+        self.weight = mx.ones((dims,)) if offset == 0 else mx.zeros((dims,))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps)
+        if self.offset == 0:
+            return mx.fast.rms_norm(x, self.weight, self.eps)
+        factor = self.offset + self.weight.astype(mx.float32)
+        return mx.fast.rms_norm(x.astype(mx.float32), factor, self.eps).astype(x.dtype)
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    """``cap * tanh(x / cap)``: values squashed smoothly into (-cap, cap) (Gemma 2's logits and scores)."""
+    return mx.tanh(x / cap) * cap
 
 
 def llama3_inv_freq(args: ModelArgs) -> mx.array:
@@ -74,22 +86,27 @@ def rope(x: mx.array, theta: float, scale: float, offset: Union[int, mx.array] =
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary embeddings."""
+    """Grouped-query self-attention with rotary embeddings (of decoder layer ``layer_idx``)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_idx: int = 0):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = args.head_dim
-        self.scale = self.head_dim**-0.5
-        self.rope_theta = args.rope_theta
-        self.rope_scale = 1.0 if args.rope_type == "llama3" else 1.0 / args.rope_scaling_factor
+        self.scale = (args.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.window = args.layer_window(layer_idx)
+        self.softcap = args.attn_logit_softcapping
+        self.rope_theta, scaled = args.layer_rope_theta(layer_idx)
+        self.rope_scale = 1.0 if args.rope_type == "llama3" or not scaled else 1.0 / args.rope_scaling_factor
         # Scaled frequencies (the leading underscore keeps them out of the parameters); None: plain RoPE.
-        self._rope_inv_freq = llama3_inv_freq(args) if args.rope_type == "llama3" else None
+        self._rope_inv_freq = llama3_inv_freq(args) if args.rope_type == "llama3" and scaled else None
         self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps, args.norm_weight_offset)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps, args.norm_weight_offset)
 
     def __call__(
         self,
@@ -98,48 +115,66 @@ class Attention(nn.Module):
         cache: Optional[KVCache] = None,
         position_ids: Optional[mx.array] = None,
     ) -> mx.array:
-        """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None) -> mask`` builds the attention mask."""
+        """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None, window) -> mask`` builds the attention mask
+        (``window``: this layer's sliding window or None)."""
         B, L, _ = x.shape
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, heads)  # (B, H, L, hd), (B, Hkv, L, hd) x 2
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
         offset = cache.offset if cache is not None else 0
         q = rope(q, self.rope_theta, self.rope_scale, offset, position_ids, self._rope_inv_freq)
         k = rope(k, self.rope_theta, self.rope_scale, offset, position_ids, self._rope_inv_freq)
         key_positions = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v)  # (B, Hkv, S, hd)
-        out = scaled_dot_product_attention(q, k, v, self.scale, mask_fn(key_positions), cache, self.training)
+        mask = mask_fn(key_positions, self.window)
+        out = scaled_dot_product_attention(q, k, v, self.scale, mask, cache, self.training, self.softcap)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
         return self.o_proj(out)
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``; GeGLU (Gemma) with ``gelu_pytorch_tanh`` for silu."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        self.geglu = args.hidden_act == "gelu_pytorch_tanh"
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         """x (..., D) -> (..., D)."""
+        if self.geglu:  # the fused gate/up launch computes silu: GeGLU runs layer by layer
+            return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(swiglu(self.gate_proj, self.up_proj, x))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP. With ``sandwich_norms`` (Gemma 2/3) the attention's
+    output is normed by ``post_attention_layernorm`` before the residual sum, and the MLP sits between
+    ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer_idx)
         self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        norm = lambda: RMSNorm(args.hidden_size, eps=args.rms_norm_eps, offset=args.norm_weight_offset)  # noqa: E731
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich_norms = args.sandwich_norms
+        if args.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def __call__(self, x: mx.array, mask_fn, cache: Optional[KVCache] = None, position_ids=None) -> mx.array:
         """x (B, L, D) -> (B, L, D)."""
         if fused_decode.applies(self, x, cache, position_ids):
             return fused_decode.layer_step(self, x, cache)  # compiled CUDA decoding: six launches
+        if self.sandwich_norms:
+            attn = self.self_attn(self.input_layernorm(x), mask_fn, cache, position_ids)
+            h = x + self.post_attention_layernorm(attn)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         h = x + self.self_attn(self.input_layernorm(x), mask_fn, cache, position_ids)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,0 +1,221 @@
+"""Gemma 2 and Gemma 3 (text) against transformers' ``Gemma2ForCausalLM`` and ``Gemma3ForCausalLM`` on tiny
+random checkpoints (eager attention): float32 logits within 1e-4 absolute, incremental decoding equal to the
+full pass, greedy generation token for token.
+
+The configs cover soft-capped scores and logits (on and off), sliding windows shorter than the sequences
+beside global layers, ``query_pre_attn_scalar`` other than head_dim, tied and untied heads, Gemma 3's
+per-head query/key norms and its local RoPE base beside linearly scaled global RoPE. Weights are drawn
+larger than transformers' initialisation (std 0.1) and every norm weight is random, so that the caps, the
+``1 + weight`` norms and the windows change the logits visibly (``test_each_feature_changes_the_logits``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import mlx_qlora  # noqa: F401  (OpenBLAS before MLX)
+import mlx.core as mx
+
+from mlx_qlora.errors import UserError
+from mlx_qlora.generate.generator import generate
+from mlx_qlora.model import ModelArgs, load_model
+
+ATOL = 1e-4  # float32 logits
+VOCAB = 320
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
+            sliding_window=8, query_pre_attn_scalar=24, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+CONFIGS = {
+    # Gemma 2: layers alternate sliding (0, 2) and global (1, 3); both caps small enough to bite
+    "gemma2-capped": ("gemma2", dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma2-uncapped-untied": ("gemma2", dict(attn_logit_softcapping=None, final_logit_softcapping=None,
+                                              tie_word_embeddings=False, num_key_value_heads=1)),
+    # Gemma 3: global every third layer, local RoPE base 1e4, global 1e6 linearly scaled by 8
+    "gemma3-scaled": ("gemma3_text", dict(sliding_window_pattern=3, rope_theta=1e6, rope_local_base_freq=1e4,
+                                          rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    # final cap only: transformers' Gemma 3 does not apply attn_logit_softcapping (nor do we)
+    "gemma3-capped": ("gemma3_text", dict(layer_types=["full_attention", "sliding_attention", "sliding_attention",
+                                                       "full_attention"], attn_logit_softcapping=2.0,
+                                          final_logit_softcapping=3.0, rope_theta=1e4, rope_local_base_freq=500.0)),
+}
+
+
+def save_gemma(path, model_type: str, seed: int = 0, **overrides):
+    """A random transformers Gemma 2 / Gemma 3 text model saved to ``path`` (std 0.1 weights, random norms)."""
+    import torch
+    import transformers
+
+    config_class = transformers.Gemma2Config if model_type == "gemma2" else transformers.Gemma3TextConfig
+    model_class = transformers.Gemma2ForCausalLM if model_type == "gemma2" else transformers.Gemma3ForCausalLM
+    config = config_class(**{**BASE, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((0.3 if "norm" in name else 0.1) * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma")
+    return {name: save_gemma(root / name, kind, **overrides) for name, (kind, overrides) in CONFIGS.items()}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def checkpoint(request, checkpoints):
+    return checkpoints[request.param]
+
+
+def reference(path):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                             dtype=torch.float32).eval()
+
+
+def test_config_is_read_as_transformers_writes_it(checkpoints):
+    g2 = load_model(checkpoints["gemma2-capped"]).args
+    assert (g2.model_type, g2.hidden_act, g2.norm_weight_offset, g2.scale_embeddings) == (
+        "gemma2", "gelu_pytorch_tanh", 1.0, True)
+    assert g2.layer_types == ["sliding_attention", "full_attention"] * 2
+    assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.query_pre_attn_scalar) == (2.0, 3.0, 24)
+    assert g2.tie_word_embeddings and g2.sandwich_norms and not g2.qk_norm
+    g3 = load_model(checkpoints["gemma3-scaled"]).args
+    config = json.loads((checkpoints["gemma3-scaled"] / "config.json").read_text())
+    assert set(config["rope_parameters"]) == {"full_attention", "sliding_attention"}  # transformers 5's layout
+    assert g3.layer_types == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    assert (g3.rope_theta, g3.rope_type, g3.rope_scaling_factor, g3.rope_local_base_freq) == (1e6, "linear", 8.0, 1e4)
+    assert g3.qk_norm and g3.attn_logit_softcapping is None
+    for args in (g2, g3):  # our own config round-trips
+        assert ModelArgs.from_hf_config(args.to_hf_config()) == args
+
+
+def test_exported_config_builds_the_same_transformers_model(checkpoints, tmp_path):
+    """``to_hf_config`` (what a merge writes when the base config lacks keys) is read by transformers as the
+    config it came from: same layer types, RoPE per layer type, caps and scalar."""
+    import transformers
+
+    for name in ("gemma2-capped", "gemma3-scaled"):
+        original = transformers.AutoConfig.from_pretrained(checkpoints[name])
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(load_model(checkpoints[name]).args.to_hf_config()))
+        ours = transformers.AutoConfig.from_pretrained(folder)
+        for key in ("layer_types", "rope_parameters", "attn_logit_softcapping", "final_logit_softcapping",
+                    "query_pre_attn_scalar", "sliding_window", "head_dim", "tie_word_embeddings"):
+            assert getattr(ours, key) == getattr(original, key), (name, key)
+
+
+@pytest.mark.parametrize("length", [5, 30])
+def test_logits_match_transformers(checkpoint, length):
+    """Batch 2; 30 positions run well past the window of 8."""
+    import torch
+
+    ids = np.random.default_rng(length).integers(0, VOCAB, size=(2, length))
+    ours = np.array(load_model(checkpoint)(mx.array(ids)))
+    with torch.no_grad():
+        ref = reference(checkpoint)(torch.tensor(ids)).logits.numpy()
+    assert ours.shape == ref.shape == (2, length, VOCAB)
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+def test_left_padding_matches_transformers(checkpoint):
+    import torch
+
+    ids = np.random.default_rng(4).integers(3, VOCAB, size=(3, 26))
+    attention_mask = np.ones_like(ids)
+    attention_mask[0, :5] = 0
+    attention_mask[2, :11] = 0
+    position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+    ours = np.array(load_model(checkpoint)(mx.array(ids), position_ids=mx.array(position_ids),
+                                           attention_mask=mx.array(attention_mask)))
+    with torch.no_grad():
+        ref = reference(checkpoint)(torch.tensor(ids), attention_mask=torch.tensor(attention_mask)).logits.numpy()
+    for row, start in enumerate((5, 0, 11)):
+        np.testing.assert_allclose(ours[row, start:], ref[row, start:], atol=ATOL, rtol=0)
+
+
+def test_incremental_decoding_matches_full_pass(checkpoint):
+    """One token at a time, and in uneven pieces: sliding layers keep only their window, global layers all."""
+    model = load_model(checkpoint)
+    ids = np.random.default_rng(3).integers(0, VOCAB, size=(2, 30))
+    full = np.array(model(mx.array(ids)))
+    cache = model.make_cache()
+    windows = [c.max_size for c in cache]
+    assert windows == [model.args.layer_window(i) for i in range(4)] and None in windows and 8 in windows
+    steps = [np.array(model(mx.array(ids[:, t: t + 1]), cache=cache)) for t in range(30)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    assert [c.keys.shape[2] for c, w in zip(cache, windows) if w is not None] == [8] * windows.count(8)
+    cache = model.make_cache()
+    pieces = [np.array(model(mx.array(ids[:, a:b]), cache=cache)) for a, b in [(0, 11), (11, 12), (12, 30)]]
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
+def test_greedy_generation_matches_transformers(checkpoint):
+    """30 new tokens after a 7-token prompt: decoding runs past the window; through the compiled decoder."""
+    import torch
+
+    ids = np.random.default_rng(9).integers(3, VOCAB, size=7).tolist()
+    out = reference(checkpoint).generate(torch.tensor([ids]), attention_mask=torch.ones(1, 7, dtype=torch.long),
+                                         do_sample=False, max_new_tokens=30, eos_token_id=None, pad_token_id=0)
+    result = generate(load_model(checkpoint), None, ids, max_tokens=30, eos_ids=set())
+    assert result.tokens == out[0, 7:].tolist()
+
+
+def test_each_feature_changes_the_logits(checkpoints):
+    """The parity above is not blind to the features: switching each off moves the logits by far more
+    than the tolerance."""
+    ids = mx.array(np.random.default_rng(5).integers(0, VOCAB, size=(1, 30)))
+    model = load_model(checkpoints["gemma2-capped"])
+    base = np.array(model(ids))
+
+    def moved(change) -> float:
+        model = load_model(checkpoints["gemma2-capped"])
+        change(model)
+        return float(np.abs(np.array(model(ids)) - base).max())
+
+    def no_attn_cap(m):
+        for layer in m.layers:
+            layer.self_attn.softcap = None
+
+    def no_window(m):
+        for layer in m.layers:
+            layer.self_attn.window = None
+
+    def plain_norms(m):
+        for _, module in m.named_modules():
+            if hasattr(module, "offset"):
+                module.offset = 0.0
+
+    def no_final_cap(m):
+        m.args.final_logit_softcapping = None
+
+    for change in (no_attn_cap, no_window, plain_norms, no_final_cap):
+        assert moved(change) > 100 * ATOL, change.__name__
+
+
+def test_unsupported_configs_are_one_line_errors(checkpoints, tmp_path):
+    import shutil
+
+    for key, value, message in [
+        ("hidden_activation", "gelu", r"hidden_activation: only 'gelu_pytorch_tanh' is supported for Gemma"),
+        ("use_bidirectional_attention", True, r"use_bidirectional_attention: only causal"),
+        ("model_type", "gemma3", r"model_type: 'gemma3' is not supported \(supported: mistral, llama, gemma2, "
+                                 r"gemma3_text"),
+    ]:
+        path = tmp_path / key
+        shutil.copytree(checkpoints["gemma3-scaled"], path)
+        config = json.loads((path / "config.json").read_text())
+        config[key] = value
+        (path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(UserError, match=message) as info:
+            load_model(path)
+        assert "\n" not in str(info.value)

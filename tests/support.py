@@ -79,3 +79,32 @@ def tiny_model(seed: int = 0, **overrides):
     model = MistralForCausalLM(tiny_args(**overrides))
     mx.eval(model.parameters())
     return model
+
+
+# The tiny Gemma shape (tests/model/test_gemma.py, tests/test_gemma_e2e.py): 4 layers, window 8, head_dim 16
+# with query_pre_attn_scalar 24, so that the attention scale differs from head_dim's.
+GEMMA_VOCAB = 320
+TINY_GEMMA = dict(vocab_size=GEMMA_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, sliding_window=8, query_pre_attn_scalar=24, bos_token_id=2, eos_token_id=1,
+                  pad_token_id=0)
+
+
+def save_gemma(path: Path, model_type: str, seed: int = 0, **overrides) -> Path:
+    """A random transformers Gemma 2 (``model_type`` "gemma2") or Gemma 3 text ("gemma3_text") model of the
+    ``TINY_GEMMA`` shape with ``overrides`` saved to ``path``: weights of std 0.1 and random norm weights
+    (transformers initialises Gemma norms to 0), so that every feature moves the logits."""
+    import torch
+    import transformers
+
+    config_class = transformers.Gemma2Config if model_type == "gemma2" else transformers.Gemma3TextConfig
+    model_class = transformers.Gemma2ForCausalLM if model_type == "gemma2" else transformers.Gemma3ForCausalLM
+    config = config_class(**{**TINY_GEMMA, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((0.3 if "norm" in name else 0.1) * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -22,13 +22,9 @@ import mlx.core as mx
 from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate
 from mlx_qlora.model import ModelArgs, load_model
+from support import GEMMA_VOCAB as VOCAB, save_gemma
 
 ATOL = 1e-4  # float32 logits
-VOCAB = 320
-BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
-            sliding_window=8, query_pre_attn_scalar=24, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-
 CONFIGS = {
     # Gemma 2: layers alternate sliding (0, 2) and global (1, 3); both caps small enough to bite
     "gemma2-capped": ("gemma2", dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
@@ -42,24 +38,6 @@ CONFIGS = {
                                                        "full_attention"], attn_logit_softcapping=2.0,
                                           final_logit_softcapping=3.0, rope_theta=1e4, rope_local_base_freq=500.0)),
 }
-
-
-def save_gemma(path, model_type: str, seed: int = 0, **overrides):
-    """A random transformers Gemma 2 / Gemma 3 text model saved to ``path`` (std 0.1 weights, random norms)."""
-    import torch
-    import transformers
-
-    config_class = transformers.Gemma2Config if model_type == "gemma2" else transformers.Gemma3TextConfig
-    model_class = transformers.Gemma2ForCausalLM if model_type == "gemma2" else transformers.Gemma3ForCausalLM
-    config = config_class(**{**BASE, **overrides})
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((0.3 if "norm" in name else 0.1) * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +166,7 @@ def test_each_feature_changes_the_logits(checkpoints):
 
     def no_window(m):
         for layer in m.layers:
-            layer.self_attn.window = None
+            layer.self_attn.sliding = False
 
     def plain_norms(m):
         for _, module in m.named_modules():

@@ -49,6 +49,12 @@ class ExportReport:
 
 def check_exportable(args, source: Path) -> None:
     """Refuse (``UserError`` naming ``source``) a model whose GGUF this writer cannot make faithfully."""
+    from ..model.families import FAMILIES
+
+    family = FAMILIES.get(args.model_type)
+    if family is not None and family.gguf_architecture is None:  # its tensors and metadata are not written yet
+        raise UserError(f"{source}: model_type {args.model_type!r} cannot be exported to GGUF yet "
+                        f"(supported: mistral, llama)")
     if args.rope_type == "llama3":  # llama.cpp takes it as a rope_freqs tensor, which is not written yet
         raise UserError(f"{source}: rope_type 'llama3' (Llama 3.1+) cannot be exported to GGUF yet "
                         f"(supported: default, linear)")

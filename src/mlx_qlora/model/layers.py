@@ -94,7 +94,8 @@ class Attention(nn.Module):
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = args.head_dim
         self.scale = (args.query_pre_attn_scalar or self.head_dim) ** -0.5
-        self.window = args.layer_window(layer_idx)
+        # a sliding-window layer (the window itself is read from the args at each call, as the caches do)
+        self.sliding = args.layer_types is None or args.layer_types[layer_idx] == "sliding_attention"
         self.softcap = args.attn_logit_softcapping
         self.rope_theta, scaled = args.layer_rope_theta(layer_idx)
         self.rope_scale = 1.0 if args.rope_type == "llama3" or not scaled else 1.0 / args.rope_scaling_factor
@@ -115,8 +116,8 @@ class Attention(nn.Module):
         cache: Optional[KVCache] = None,
         position_ids: Optional[mx.array] = None,
     ) -> mx.array:
-        """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None, window) -> mask`` builds the attention mask
-        (``window``: this layer's sliding window or None)."""
+        """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None, sliding) -> mask`` builds the attention mask
+        (``sliding``: this layer attends within the sliding window)."""
         B, L, _ = x.shape
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, heads)  # (B, H, L, hd), (B, Hkv, L, hd) x 2
@@ -128,7 +129,7 @@ class Attention(nn.Module):
         key_positions = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v)  # (B, Hkv, S, hd)
-        mask = mask_fn(key_positions, self.window)
+        mask = mask_fn(key_positions, self.sliding)
         out = scaled_dot_product_attention(q, k, v, self.scale, mask, cache, self.training, self.softcap)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
         return self.o_proj(out)

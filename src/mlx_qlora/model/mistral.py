@@ -47,8 +47,9 @@ class MistralModel(nn.Module):
         offset = cache[0].offset if cache else 0
         built: dict[str, Any] = {}
 
-        def mask_fn(key_positions, window=self.args.sliding_window):
-            # Every layer of one window sees the same positions: build its mask once per forward pass.
+        def mask_fn(key_positions, sliding=True):
+            # Every layer of one kind (sliding or global) sees the same positions: one mask per kind and pass.
+            window = self.args.sliding_window if sliding else None
             if window not in built:
                 built[window] = make_mask(L, offset, key_positions, window, segment_ids, attention_mask)
             return built[window]

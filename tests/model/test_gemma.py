@@ -197,3 +197,50 @@ def test_unsupported_configs_are_one_line_errors(checkpoints, tmp_path):
         with pytest.raises(UserError, match=message) as info:
             load_model(path)
         assert "\n" not in str(info.value)
+
+
+GEMMA_SWITCHES = {
+    "norm_weight_offset": 1.0, "sandwich_norms": True, "qk_norm": True, "hidden_act": "gelu_pytorch_tanh",
+    "attn_logit_softcapping": 20.0,
+}
+
+
+@pytest.mark.parametrize("switch", [None, *GEMMA_SWITCHES])
+def test_fused_decode_leaves_gemma_layers_to_the_plain_path(monkeypatch, switch):
+    """The CUDA decode kernels compute Mistral's layer: any one of Gemma's features sends a layer to the
+    plain path, while the same layer without it is taken (CUDA stood in for, as in test_llama3.py)."""
+    from mlx_qlora import settings
+    from mlx_qlora.kernels.cuda import attention as attention_cuda
+    from mlx_qlora.kernels.cuda import qmv as qmv_cuda
+    from mlx_qlora.model import fused_decode
+    from mlx_qlora.model.modules import quantize_model
+    from mlx_qlora.model.static_cache import StaticKVCache
+    from support import tiny_model
+
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
+    monkeypatch.setattr(attention_cuda, "on_cuda", lambda: True)
+    monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)
+    cache = StaticKVCache(mx.zeros((1, 2, 256, 16)), mx.zeros((1, 2, 256, 16)), mx.array(3))
+    model = tiny_model(seed=1, **({} if switch is None else {switch: GEMMA_SWITCHES[switch]}))
+    quantize_model(model, bits=4)
+    model.eval()
+    with settings.override(fused_decode=True):
+        assert fused_decode.applies(model.layers[0], mx.zeros((1, 1, 64)), cache) == (switch is None)
+
+
+def test_geglu_never_takes_the_fused_swiglu_launch(monkeypatch):
+    """``quant/matmul.py``'s fused gate/up launch computes SiLU: a GeGLU MLP must not reach it, and gives
+    down(gelu_tanh(gate x) * up x) (the formula, float32, 1e-6)."""
+    from mlx_qlora.model import layers
+    from support import tiny_model
+
+    def refuse(*args):
+        raise AssertionError("swiglu called for a GeGLU MLP")
+
+    monkeypatch.setattr(layers, "swiglu", refuse)
+    mlp = tiny_model(seed=2, hidden_act="gelu_pytorch_tanh").layers[0].mlp
+    x = mx.array(np.random.default_rng(0).normal(size=(2, 3, 64)).astype(np.float32))
+    g = np.array(x) @ np.array(mlp.gate_proj.weight).T
+    gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+    expected = (gelu * (np.array(x) @ np.array(mlp.up_proj.weight).T)) @ np.array(mlp.down_proj.weight).T
+    np.testing.assert_allclose(np.array(mlp(x)), expected, atol=1e-6, rtol=1e-5)

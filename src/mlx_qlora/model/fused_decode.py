@@ -65,12 +65,12 @@ def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
 
 def gemma_like(layer) -> bool:
     """Whether ``layer`` has a feature the kernels do not compute (Gemma 2/3): ``1 + weight`` norms, norms
-    after attention and around the MLP, per-head query/key norms, GeGLU, soft-capped scores, or an
-    attention scale other than head_dim's."""
+    after attention and around the MLP, per-head query/key norms, GeGLU or soft-capped scores. (The
+    attention scale and each layer's RoPE base are the kernels' arguments: those they take.)"""
     a = layer.self_attn
     return bool(
         layer.input_layernorm.offset or getattr(layer, "sandwich_norms", False) or "q_norm" in a
-        or getattr(layer.mlp, "geglu", False) or a.softcap is not None or a.scale != a.head_dim**-0.5
+        or getattr(layer.mlp, "geglu", False) or a.softcap is not None
     )
 
 

@@ -107,3 +107,14 @@ def reorder_to_gguf(name: str, weight: np.ndarray, n_heads: int, n_kv_heads: int
     """``weight`` (Hugging Face ``name``) with q/k rows in llama.cpp's order; other tensors unchanged."""
     heads = _heads_of(name, n_heads, n_kv_heads)
     return weight if heads is None else to_gguf_rows(weight, heads)
+
+
+def gguf_name_in(hf: str, names: dict[str, str]) -> Optional[str]:
+    """The llama.cpp name of a Hugging Face tensor name in another table of the ``TENSOR_NAMES`` form (a
+    family's: ``model.families``), or None when it has no entry."""
+    return _rename(hf, [(_pattern(h), g) for g, h in names.items()])
+
+
+def hf_name_in(gguf_name: str, names: dict[str, str]) -> Optional[str]:
+    """The Hugging Face name of a llama.cpp tensor name in a family's table (``gguf_name_in``'s reverse)."""
+    return _rename(gguf_name, [(_pattern(g), h) for g, h in names.items()])

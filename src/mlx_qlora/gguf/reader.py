@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json, write_safetensors_shards
-from .mapping import ARCHITECTURES, CONFIG_KEYS, hf_name, reorder_from_gguf
+from .mapping import ARCHITECTURES, CONFIG_KEYS, hf_name, hf_name_in, reorder_from_gguf
 from .vocab import tokenizer_files
 
 # Tensor types we dequantize (every one the gguf package implements that llama.cpp models use).
@@ -85,9 +85,12 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
     """The Hugging Face ``config.json`` for a GGUF's metadata and tensor names (tied embeddings when the
     file has no ``output.weight``)."""
     arch = meta.get("general.architecture")
+    family = gguf_family(arch)
+    if family is not None:
+        return _family_config(meta, source, tensor_names, family)
     if arch not in ARCHITECTURES:
         raise UserError(f"{source}: general.architecture = {arch!r} is not supported (supported: "
-                        f"{', '.join(ARCHITECTURES)}: the Llama/Mistral decoder)")
+                        f"{', '.join(ARCHITECTURES + _family_architectures())})")
     config: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     for key, hf_key in CONFIG_KEYS.items():
         if f"{arch}.{key}" in meta:
@@ -126,6 +129,41 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
     return config
 
 
+def gguf_family(arch: Optional[str]):
+    """The ``model.families`` family whose llama.cpp architecture is ``arch`` (None for llama)."""
+    from ..model.families import FAMILIES
+
+    return next((f for f in FAMILIES.values() if f.gguf_architecture == arch and f.gguf_config), None)
+
+
+def _family_architectures() -> tuple[str, ...]:
+    from ..model.families import FAMILIES
+
+    return tuple(f.gguf_architecture for f in FAMILIES.values() if f.gguf_config)
+
+
+def _family_config(meta: dict[str, Any], source: str, tensor_names: set[str], family) -> dict[str, Any]:
+    """The Hugging Face config of a GGUF of a family of ``model.families`` (Gemma)."""
+    arch = family.gguf_architecture
+    if "output.weight" in tensor_names:
+        raise UserError(f"{source}: has output.weight: an untied {arch} head is not supported")
+    try:
+        config = family.gguf_config(meta)
+    except KeyError as e:
+        raise UserError(f"{source}: metadata key '{e.args[0]}' is missing") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{source}: {e}") from None
+    config = {k: _float(v) if isinstance(v, float) else v for k, v in config.items()}
+    vocab = meta.get(f"{arch}.vocab_size")
+    if vocab is None and meta.get("tokenizer.ggml.tokens") is None:
+        raise UserError(f"{source}: neither '{arch}.vocab_size' nor a token list gives the vocabulary size")
+    config["vocab_size"] = int(vocab) if vocab is not None else len(meta["tokenizer.ggml.tokens"])
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+        value = meta.get(f"tokenizer.ggml.{name}_token_id")
+        config[key] = int(value) if value is not None else None
+    return config
+
+
 @dataclass
 class GGUFTensor:
     """One tensor of the file under its Hugging Face name."""
@@ -136,14 +174,14 @@ class GGUFTensor:
     shape: tuple[int, ...]  # numpy order: (out, in) for a weight matrix
 
 
-def plan_tensors(reader, source: str) -> list[tuple[GGUFTensor, Any]]:
-    """``(GGUFTensor, the gguf package's tensor)`` for every tensor; ``UserError`` for an unknown name or
-    an unsupported type."""
+def plan_tensors(reader, source: str, family=None) -> list[tuple[GGUFTensor, Any]]:
+    """``(GGUFTensor, the gguf package's tensor)`` for every tensor (named by ``family``'s table when the
+    file is of a ``model.families`` family); ``UserError`` for an unknown name or an unsupported type."""
     out = []
     for tensor in reader.tensors:
         if tensor.name in IGNORED_TENSORS:
             continue
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name) if family is None else hf_name_in(tensor.name, family.gguf_names)
         if name is None:
             raise UserError(f"{source}: tensor {tensor.name!r} has no counterpart in the Llama/Mistral decoder")
         type_name = tensor.tensor_type.name
@@ -155,11 +193,14 @@ def plan_tensors(reader, source: str) -> list[tuple[GGUFTensor, Any]]:
     return out
 
 
-def dequantized(tensor, info: GGUFTensor, n_heads: int, n_kv_heads: int) -> np.ndarray:
-    """The float32 values of one GGUF tensor, shaped and ordered as the Hugging Face tensor."""
+def dequantized(tensor, info: GGUFTensor, n_heads: int, n_kv_heads: int, family=None) -> np.ndarray:
+    """The float32 values of one GGUF tensor, shaped and ordered as the Hugging Face tensor (a family's
+    norms shifted back: llama.cpp's Gemma stores ``1 + w``)."""
     gguf = _gguf()
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     values = np.asarray(values, dtype=np.float32).reshape(info.shape)
+    if family is not None:
+        return values - np.float32(family.gguf_norm_shift) if info.name.endswith("norm.weight") else values
     return reorder_from_gguf(info.name, values, n_heads, n_kv_heads)
 
 
@@ -197,7 +238,8 @@ def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "floa
     meta = read_metadata(reader)
     source = str(path)
     config = hf_config(meta, source, {t.name for t in reader.tensors})
-    plan = plan_tensors(reader, source)
+    family = gguf_family(meta.get("general.architecture"))
+    plan = plan_tensors(reader, source, family)
     files = tokenizer_files(meta, source)
     names = {info.name for info, _ in plan}
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -221,7 +263,7 @@ def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "floa
         shard = {}
         for name in shard_names:
             tensor_info, tensor = by_name[name]
-            shard[name] = dequantized(tensor, tensor_info, n_heads, n_kv).astype(np_dtype)
+            shard[name] = dequantized(tensor, tensor_info, n_heads, n_kv, family).astype(np_dtype)
             bar.update(1)
         save_file(shard, str(file), metadata={"format": "pt"})
 

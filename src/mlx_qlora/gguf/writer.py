@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..outputs import GGUF_FILE, GGUF_MARKER_KEY, Output, as_output
-from .mapping import gguf_name, reorder_to_gguf
+from .mapping import gguf_name, gguf_name_in, reorder_to_gguf
 from .reader import _gguf
 from .vocab import tokenizer_metadata, tokenizer_notes
 
@@ -53,8 +53,12 @@ def check_exportable(args, source: Path) -> None:
 
     family = FAMILIES.get(args.model_type)
     if family is not None and family.gguf_architecture is None:  # its tensors and metadata are not written yet
-        raise UserError(f"{source}: model_type {args.model_type!r} cannot be exported to GGUF yet "
-                        f"(supported: mistral, llama)")
+        raise UserError(f"{source}: model_type {args.model_type!r} cannot be exported to GGUF yet")
+    if family is not None:
+        try:
+            family.gguf_metadata(args)
+        except ValueError as e:  # llama.cpp would compute another model from the file
+            raise UserError(f"{source}: cannot be exported to GGUF faithfully: {e}") from None
     if args.rope_type == "llama3":  # llama.cpp takes it as a rope_freqs tensor, which is not written yet
         raise UserError(f"{source}: rope_type 'llama3' (Llama 3.1+) cannot be exported to GGUF yet "
                         f"(supported: default, linear)")
@@ -166,7 +170,13 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
 
     ggml_file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                       "f32": gguf.LlamaFileType.ALL_F32}[file_type]
-    meta = {GGUF_MARKER_KEY: True, **_config_metadata(args, name or model_path.resolve().name)}
+    from ..model.families import FAMILIES
+
+    family = FAMILIES.get(args.model_type)  # None: Mistral/Llama, written as llama.cpp's "llama"
+    architecture = family.gguf_architecture if family else "llama"
+    config_meta = (_config_metadata(args, name or model_path.resolve().name) if family is None else
+                   {"general.name": name or model_path.resolve().name, **family.gguf_metadata(args)})
+    meta = {GGUF_MARKER_KEY: True, **config_meta}
     meta["general.file_type"] = int(ggml_file_type)
     if file_type == "q8_0":
         meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION
@@ -175,13 +185,16 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
     report = ExportReport(out, file_type, 0, 0, notes=notes)
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), architecture)
         _add_metadata(writer, meta)
         for hf, values in tensors.items():
-            target = gguf_name(hf)
+            target = gguf_name(hf) if family is None else gguf_name_in(hf, family.gguf_names)
             if target is None:
                 raise UserError(f"{model_path}: tensor {hf!r} has no llama.cpp name")
-            values = reorder_to_gguf(hf, values, args.num_attention_heads, args.num_key_value_heads)
+            if family is None:  # llama.cpp's llama rotates adjacent pairs; its Gemma, halves as transformers
+                values = reorder_to_gguf(hf, values, args.num_attention_heads, args.num_key_value_heads)
+            elif family.gguf_norm_shift and hf.endswith("norm.weight"):
+                values = values + np.float32(family.gguf_norm_shift)  # llama.cpp's Gemma stores 1 + w
             data, raw_type, type_name = _encode(values, file_type)
             if raw_type is None:
                 writer.add_tensor(target, data)

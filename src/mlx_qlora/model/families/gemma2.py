@@ -123,3 +123,107 @@ def write_common(args, architecture: str) -> dict[str, Any]:
 def write(args) -> dict[str, Any]:
     """The Hugging Face ``config.json`` of a Gemma 2 ``ModelArgs``."""
     return write_common(args, "Gemma2ForCausalLM")
+
+
+# llama.cpp's names of a Gemma 2 checkpoint's tensors (its converter's table; no lm_head: always tied there)
+GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+
+
+def check_llama_cpp(args, pattern: int, largest_layers: int) -> None:
+    """ValueError naming the key when llama.cpp would compute ``args`` differently from transformers.
+
+    llama.cpp's Gemma graphs fix what the GGUF cannot say: tied embeddings, a global layer every ``pattern``
+    layers, and the attention scale (head_dim's, or hidden_size / heads' for the largest model, which it
+    recognises by its ``largest_layers`` layers), so a model that differs there is refused."""
+    expected = [("sliding_attention" if (i + 1) % pattern else "full_attention") for i in range(args.num_hidden_layers)]
+    if list(args.layer_types) != expected:
+        raise ValueError(f"layer_types: llama.cpp's {args.model_type.split('_')[0]} has a global layer every "
+                         f"{pattern} layers")
+    if not args.tie_word_embeddings:
+        raise ValueError("tie_word_embeddings: llama.cpp's Gemma reads the head from the embeddings")
+    if args.sliding_window is None:
+        raise ValueError("sliding_window: llama.cpp's Gemma needs the local layers' window")
+    scalar = (args.hidden_size // args.num_attention_heads if args.num_hidden_layers == largest_layers
+              else args.head_dim)
+    if args.query_pre_attn_scalar != scalar:
+        raise ValueError(f"query_pre_attn_scalar: llama.cpp scales attention by {scalar} ** -0.5 for this shape, "
+                         f"the model by {args.query_pre_attn_scalar} ** -0.5")
+    if args.rope_type != "default" and not (args.rope_type == "linear" and args.model_type == "gemma3_text"):
+        raise ValueError(f"rope_type: {args.rope_type!r} is not written to a {args.model_type} GGUF")
+
+
+def common_gguf_metadata(args, arch: str) -> dict[str, Any]:
+    """The ``<arch>.*`` shape keys of a Gemma GGUF."""
+    return {
+        f"{arch}.vocab_size": args.vocab_size,
+        f"{arch}.context_length": args.max_position_embeddings,
+        f"{arch}.embedding_length": args.hidden_size,
+        f"{arch}.block_count": args.num_hidden_layers,
+        f"{arch}.feed_forward_length": args.intermediate_size,
+        f"{arch}.attention.head_count": args.num_attention_heads,
+        f"{arch}.attention.head_count_kv": args.num_key_value_heads,
+        f"{arch}.attention.key_length": args.head_dim,
+        f"{arch}.attention.value_length": args.head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(args.rms_norm_eps),
+        f"{arch}.attention.sliding_window": args.sliding_window,
+        f"{arch}.rope.freq_base": float(args.rope_theta),
+    }
+
+
+def gguf_metadata(args) -> dict[str, Any]:
+    """``gemma2.*`` metadata, as llama.cpp's converter writes it (ValueError: llama.cpp would differ)."""
+    check_llama_cpp(args, pattern=2, largest_layers=46)
+    if args.attn_logit_softcapping is None or args.final_logit_softcapping is None:
+        raise ValueError("attn_logit_softcapping: llama.cpp's gemma2 always soft-caps scores and logits")
+    return {**common_gguf_metadata(args, "gemma2"),
+            "gemma2.attn_logit_softcapping": float(args.attn_logit_softcapping),
+            "gemma2.final_logit_softcapping": float(args.final_logit_softcapping)}
+
+
+def common_gguf_config(meta: dict[str, Any], arch: str, model_type: str, architecture: str, pattern: int,
+                       largest_layers: int, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A Gemma's Hugging Face config from its GGUF metadata, with what llama.cpp fixes for the family (the
+    layer pattern, the attention scale, tied embeddings) written out; KeyError names a missing key."""
+
+    def get(key: str, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise KeyError(f"{arch}.{key}")
+        return value
+
+    n_layers, hidden, heads = int(get("block_count")), int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", defaults["head_dim"]))
+    return {
+        "architectures": [architecture], "model_type": model_type,
+        "hidden_size": hidden, "num_hidden_layers": n_layers, "intermediate_size": int(get("feed_forward_length")),
+        "num_attention_heads": heads, "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": head_dim, "max_position_embeddings": int(get("context_length", defaults["max_position_embeddings"])),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", defaults["rms_norm_eps"])),
+        "rope_theta": float(get("rope.freq_base", defaults.get("rope_theta", 10000.0))),
+        "sliding_window": int(get("attention.sliding_window", defaults["sliding_window"])),
+        "query_pre_attn_scalar": hidden // heads if n_layers == largest_layers else head_dim,
+        "layer_types": ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)],
+        "hidden_activation": GELU_TANH, "tie_word_embeddings": True,
+    }
+
+
+def gguf_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The Hugging Face config of a ``gemma2`` GGUF (llama.cpp's defaults for absent soft-caps)."""
+    config = common_gguf_config(meta, "gemma2", "gemma2", "Gemma2ForCausalLM", 2, 46, DEFAULTS)
+    config["attn_logit_softcapping"] = float(meta.get("gemma2.attn_logit_softcapping", 50.0))
+    config["final_logit_softcapping"] = float(meta.get("gemma2.final_logit_softcapping", 30.0))
+    return config

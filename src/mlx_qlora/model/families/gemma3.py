@@ -11,7 +11,8 @@ from typing import Any
 
 from ...config import number
 from ..args import _read_rope
-from .gemma2 import read_common, write_common
+from .gemma2 import GGUF_NAMES as GEMMA2_GGUF_NAMES
+from .gemma2 import check_llama_cpp, common_gguf_config, common_gguf_metadata, read_common, write_common
 
 DEFAULTS = dict(
     vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
@@ -67,4 +68,39 @@ def write(args) -> dict[str, Any]:
     transformers 5 reads too)."""
     config = write_common(args, "Gemma3ForCausalLM")
     config["rope_local_base_freq"] = args.rope_local_base_freq
+    return config
+
+
+GGUF_NAMES = {
+    **GEMMA2_GGUF_NAMES,
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+
+
+def gguf_metadata(args) -> dict[str, Any]:
+    """``gemma3.*`` metadata, as llama.cpp's converter writes it (ValueError: llama.cpp would differ: it
+    fixes the local layers' RoPE base at 10000 and applies no final soft-capping)."""
+    check_llama_cpp(args, pattern=6, largest_layers=62)
+    if args.rope_local_base_freq != LOCAL_THETA:
+        raise ValueError(f"rope_local_base_freq: llama.cpp's gemma3 uses {LOCAL_THETA:g} for the local layers")
+    if args.final_logit_softcapping is not None:
+        raise ValueError("final_logit_softcapping: llama.cpp's gemma3 does not soft-cap the logits")
+    meta = common_gguf_metadata(args, "gemma3")
+    if args.rope_type == "linear":
+        meta["gemma3.rope.scaling.type"] = "linear"
+        meta["gemma3.rope.scaling.factor"] = float(args.rope_scaling_factor)
+    return meta
+
+
+def gguf_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The Hugging Face config of a ``gemma3`` GGUF (llama.cpp's local RoPE base, linear scaling if any)."""
+    config = common_gguf_config(meta, "gemma3", "gemma3_text", "Gemma3ForCausalLM", 6, 62,
+                                {**DEFAULTS, "rope_theta": GLOBAL_THETA})
+    config["rope_local_base_freq"] = LOCAL_THETA
+    scaling = meta.get("gemma3.rope.scaling.type")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(meta["gemma3.rope.scaling.factor"])}
+    elif scaling not in (None, "none"):
+        raise ValueError(f"gemma3.rope.scaling.type: {scaling!r} is not supported (supported: linear)")
     return config

@@ -296,3 +296,22 @@ def test_training_loss_and_gradients_equal_transformers(checkpoints):
         for name in names:
             theirs = ref.get_parameter(name).grad.numpy()
             np.testing.assert_allclose(np.array(grads[name]) / n.item(), theirs, atol=1e-4, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_prompt_cache_with_mixed_windows_equals_a_fresh_pass(checkpoints, compiled):
+    """A conversation kept in a ``PromptCache`` over sliding (window 8) and global layers: each turn's
+    reply equals a fresh pass over the whole prompt (greedy, float32) while the sliding layers' caches
+    hold their window only and the global layers' every position."""
+    from mlx_qlora.generate.generator import PromptCache, generate_stream
+
+    model = load_model(checkpoints["gemma3-capped"])
+    rng = np.random.default_rng(8)
+    cache, ids = PromptCache(), rng.integers(3, VOCAB, size=9).tolist()
+    for turn in range(3):
+        run = list(generate_stream(model, None, ids, 6, eos_ids=set(), compiled=compiled, prompt_cache=cache))
+        fresh = generate(model, None, ids, max_tokens=6, eos_ids=set(), compiled=compiled)
+        assert [s.token for s in run] == fresh.tokens, turn
+        ids = ids + fresh.tokens + rng.integers(3, VOCAB, size=4).tolist()
+    sizes = {c.max_size: c.keys.shape[2] for c in cache.caches}
+    assert sizes[8] == 8 and sizes[None] >= cache.caches[0].offset > 8

@@ -14,7 +14,7 @@ chosen while it was traced.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -32,11 +32,36 @@ class DecodeState:
         self.keys, self.values, self.offset = keys, values, offset
 
     @classmethod
-    def from_caches(cls, caches: list[KVCache], positions_needed: int) -> "DecodeState":
-        """Copy the prompt's caches into static buffers with room for ``positions_needed`` positions."""
-        # per layer: a sliding-window layer's buffers never exceed its window, a global layer's do (Gemma)
-        static = [StaticKVCache.from_cache(c, static_capacity(positions_needed, c.max_size)) for c in caches]
+    def from_caches(cls, caches: list[KVCache], positions_needed: int,
+                    capacity: Optional[int] = None) -> "DecodeState":
+        """Copy the prompt's caches into static buffers with room for ``positions_needed`` positions
+        (``capacity`` slots when given, else ``static_capacity``'s), per layer: a sliding-window layer's
+        buffers never exceed its window, a global layer's do (Gemma's layers differ)."""
+        static = []
+        for c in caches:
+            slots = capacity or static_capacity(positions_needed, c.max_size)
+            if c.max_size is not None:
+                slots = min(slots, c.max_size)
+            static.append(StaticKVCache.from_cache(c, slots))
         return cls([c.keys for c in static], [c.values for c in static], static[0].offset)
+
+    @property
+    def capacity(self) -> int:
+        """The slots of the largest layer buffers (a global layer's when the model mixes windows)."""
+        return max(keys.shape[2] for keys in self.keys)
+
+    def to_caches(self, window: Union[None, int, Sequence[Optional[int]]]) -> list[KVCache]:
+        """Per-layer ``KVCache``s holding the same positions (the slots keep their convention, position p
+        in slot p % capacity, which is the window's when positions wrapped around). ``window``: every
+        layer's, or one per layer."""
+        offset = int(self.offset.item())
+        windows = list(window) if isinstance(window, (list, tuple)) else [window] * len(self.keys)
+        caches = []
+        for keys, values, layer_window in zip(self.keys, self.values, windows):
+            cache = KVCache(layer_window)
+            cache.keys, cache.values, cache.offset = keys, values, offset
+            caches.append(cache)
+        return caches
 
     @property
     def arrays(self) -> list[mx.array]:

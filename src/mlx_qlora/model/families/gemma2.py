@@ -15,7 +15,6 @@ from ...config import number
 from ..args import _read_rope
 
 GELU_TANH = "gelu_pytorch_tanh"
-LAYER_TYPES = ("sliding_attention", "full_attention")
 # Shape keys read as they are; transformers' defaults for Gemma 2 where the config omits them.
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "max_position_embeddings")

@@ -315,3 +315,23 @@ def test_prompt_cache_with_mixed_windows_equals_a_fresh_pass(checkpoints, compil
         ids = ids + fresh.tokens + rng.integers(3, VOCAB, size=4).tolist()
     sizes = {c.max_size: c.keys.shape[2] for c in cache.caches}
     assert sizes[8] == 8 and sizes[None] >= cache.caches[0].offset > 8
+
+
+def test_bfloat16_stays_bfloat16_and_near_transformers(checkpoints):
+    """In bfloat16 (a GPU's default) the hidden states and logits stay bfloat16 (the float32 norm factor and
+    softmax are rounded back) and the logits are within 0.25 of transformers' bfloat16 ones (the two
+    round differently: each is about 0.05-0.08 from float32 on these models)."""
+    import torch
+    import transformers
+
+    ids = np.random.default_rng(12).integers(0, VOCAB, size=(2, 30))
+    for name in ("gemma2-capped", "gemma3-scaled"):
+        model = load_model(checkpoints[name], dtype="bfloat16")
+        assert model.hidden_states(mx.array(ids)).dtype == mx.bfloat16
+        ours = model(mx.array(ids))
+        assert ours.dtype == mx.bfloat16
+        ref = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[name], attn_implementation="eager",
+                                                                dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            theirs = ref(torch.tensor(ids)).logits.float().numpy()
+        np.testing.assert_allclose(np.array(ours.astype(mx.float32)), theirs, atol=0.25, rtol=0)

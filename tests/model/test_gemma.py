@@ -63,13 +63,13 @@ def test_config_is_read_as_transformers_writes_it(checkpoints):
     g2 = load_model(checkpoints["gemma2-capped"]).args
     assert (g2.model_type, g2.hidden_act, g2.norm_weight_offset, g2.scale_embeddings) == (
         "gemma2", "gelu_pytorch_tanh", 1.0, True)
-    assert g2.layer_types == ["sliding_attention", "full_attention"] * 2
+    assert g2.layer_types == ("sliding_attention", "full_attention") * 2
     assert (g2.attn_logit_softcapping, g2.final_logit_softcapping, g2.query_pre_attn_scalar) == (2.0, 3.0, 24)
     assert g2.tie_word_embeddings and g2.sandwich_norms and not g2.qk_norm
     g3 = load_model(checkpoints["gemma3-scaled"]).args
     config = json.loads((checkpoints["gemma3-scaled"] / "config.json").read_text())
     assert set(config["rope_parameters"]) == {"full_attention", "sliding_attention"}  # transformers 5's layout
-    assert g3.layer_types == ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    assert g3.layer_types == ("sliding_attention", "sliding_attention", "full_attention", "sliding_attention")
     assert (g3.rope_theta, g3.rope_type, g3.rope_scaling_factor, g3.rope_local_base_freq) == (1e6, "linear", 8.0, 1e4)
     assert g3.qk_norm and g3.attn_logit_softcapping is None
     for args in (g2, g3):  # our own config round-trips
@@ -165,8 +165,7 @@ def test_each_feature_changes_the_logits(checkpoints):
             layer.self_attn.softcap = None
 
     def no_window(m):
-        for layer in m.layers:
-            layer.self_attn.sliding = False
+        m.args.layer_types = ("full_attention",) * len(m.layers)
 
     def plain_norms(m):
         for _, module in m.named_modules():

@@ -56,7 +56,7 @@ class ModelArgs:
     query_pre_attn_scalar: Optional[float] = None  # attention scale is its -1/2 power; None: head_dim's
     attn_logit_softcapping: Optional[float] = None  # scores become cap * tanh(scores / cap) before the mask
     final_logit_softcapping: Optional[float] = None  # logits become cap * tanh(logits / cap)
-    layer_types: Optional[list] = None  # per layer "sliding_attention" | "full_attention"; None: all sliding
+    layer_types: Optional[tuple[str, ...]] = None  # per layer "sliding_attention" | "full_attention"; None: all sliding
     rope_local_base_freq: Optional[float] = None  # RoPE base of the sliding layers, unscaled; None: rope_theta
     sandwich_norms: bool = False  # norms on the attention's and the MLP's outputs, and before the MLP
     qk_norm: bool = False  # RMSNorm over head_dim on each head's queries and keys (q_norm, k_norm)
@@ -97,7 +97,7 @@ class ModelArgs:
         if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"hidden_act: {self.hidden_act!r} is not supported (supported: {', '.join(HIDDEN_ACTS)})")
         if self.layer_types is not None:
-            self.layer_types = list(self.layer_types)
+            self.layer_types = tuple(self.layer_types)
             bad = [t for t in self.layer_types if t not in LAYER_TYPES]
             if bad or len(self.layer_types) != self.num_hidden_layers:
                 raise ValueError(f"layer_types: expected {self.num_hidden_layers} entries of "
@@ -110,14 +110,15 @@ class ModelArgs:
 
     def layer_window(self, index: int) -> Optional[int]:
         """The sliding window of decoder layer ``index`` (None: it attends to every earlier position)."""
-        if self.layer_types is not None and self.layer_types[index] == "full_attention":
+        if self.layer_types is not None and self.layer_types[index] != "sliding_attention":
             return None
         return self.sliding_window
 
     def layer_rope_theta(self, index: int) -> tuple[float, bool]:
         """``(RoPE base, scaled)`` of decoder layer ``index``: a sliding layer of a model with
         ``rope_local_base_freq`` rotates with that base and without the scaling (Gemma 3)."""
-        if self.rope_local_base_freq is not None and self.layer_window(index) is not None:
+        sliding = self.layer_types is None or self.layer_types[index] == "sliding_attention"
+        if self.rope_local_base_freq is not None and sliding:
             return self.rope_local_base_freq, False
         return self.rope_theta, True
 

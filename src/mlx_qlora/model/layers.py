@@ -86,18 +86,18 @@ def rope(x: mx.array, theta: float, scale: float, offset: Union[int, mx.array] =
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary embeddings (of decoder layer ``layer_idx``)."""
+    """Grouped-query self-attention with rotary embeddings, with the layer's own sliding window
+    (``ModelArgs.layer_window``) and Gemma's switches where the config asks for them."""
 
-    def __init__(self, args: ModelArgs, layer_idx: int = 0):
+    def __init__(self, args: ModelArgs, layer_index: int = 0):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
         self.head_dim = args.head_dim
         self.scale = (args.query_pre_attn_scalar or self.head_dim) ** -0.5
-        # a sliding-window layer (the window itself is read from the args at each call, as the caches do)
-        self.sliding = args.layer_types is None or args.layer_types[layer_idx] == "sliding_attention"
+        self.args, self.layer_index = args, layer_index
         self.softcap = args.attn_logit_softcapping
-        self.rope_theta, scaled = args.layer_rope_theta(layer_idx)
+        self.rope_theta, scaled = args.layer_rope_theta(layer_index)
         self.rope_scale = 1.0 if args.rope_type == "llama3" or not scaled else 1.0 / args.rope_scaling_factor
         # Scaled frequencies (the leading underscore keeps them out of the parameters); None: plain RoPE.
         self._rope_inv_freq = llama3_inv_freq(args) if args.rope_type == "llama3" and scaled else None
@@ -116,8 +116,8 @@ class Attention(nn.Module):
         cache: Optional[KVCache] = None,
         position_ids: Optional[mx.array] = None,
     ) -> mx.array:
-        """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None, sliding) -> mask`` builds the attention mask
-        (``sliding``: this layer attends within the sliding window)."""
+        """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None, window) -> mask`` builds the attention
+        mask for this layer's window."""
         B, L, _ = x.shape
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, heads)  # (B, H, L, hd), (B, Hkv, L, hd) x 2
@@ -129,10 +129,16 @@ class Attention(nn.Module):
         key_positions = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v)  # (B, Hkv, S, hd)
-        mask = mask_fn(key_positions, self.sliding)
+        mask = mask_fn(key_positions, self.sliding_window)
         out = scaled_dot_product_attention(q, k, v, self.scale, mask, cache, self.training, self.softcap)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
         return self.o_proj(out)
+
+
+    @property
+    def sliding_window(self) -> Optional[int]:
+        """This layer's window (None: full attention), read from ``args`` when asked (``layer_window``)."""
+        return self.args.layer_window(self.layer_index)
 
 
 class MLP(nn.Module):
@@ -157,9 +163,9 @@ class DecoderLayer(nn.Module):
     output is normed by ``post_attention_layernorm`` before the residual sum, and the MLP sits between
     ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``."""
 
-    def __init__(self, args: ModelArgs, layer_idx: int = 0):
+    def __init__(self, args: ModelArgs, layer_index: int = 0):
         super().__init__()
-        self.self_attn = Attention(args, layer_idx)
+        self.self_attn = Attention(args, layer_index)
         self.mlp = MLP(args)
         norm = lambda: RMSNorm(args.hidden_size, eps=args.rms_norm_eps, offset=args.norm_weight_offset)  # noqa: E731
         self.input_layernorm = norm()

@@ -47,12 +47,12 @@ class MistralModel(nn.Module):
         offset = cache[0].offset if cache else 0
         built: dict[str, Any] = {}
 
-        def mask_fn(key_positions, sliding=True):
-            # Every layer of one kind (sliding or global) sees the same positions: one mask per kind and pass.
-            window = self.args.sliding_window if sliding else None
-            if window not in built:
-                built[window] = make_mask(L, offset, key_positions, window, segment_ids, attention_mask)
-            return built[window]
+        def mask_fn(key_positions, window):
+            # Layers with the same window and cache length see the same positions: one mask for each.
+            key = (window, None if key_positions is None else key_positions.shape[0])
+            if key not in built:
+                built[key] = make_mask(L, offset, key_positions, window, segment_ids, attention_mask)
+            return built[key]
 
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache else None
@@ -123,7 +123,7 @@ class MistralForCausalLM(nn.Module):
 
     def make_cache(self) -> list[KVCache]:
         """One cache per layer; a sliding-window layer's keeps only its window."""
-        return [KVCache(self.args.layer_window(i)) for i in range(len(self.model.layers))]
+        return [KVCache(layer.self_attn.sliding_window) for layer in self.model.layers]
 
     @property
     def layers(self) -> list[DecoderLayer]:

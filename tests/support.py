@@ -79,3 +79,25 @@ def tiny_model(seed: int = 0, **overrides):
     model = MistralForCausalLM(tiny_args(**overrides))
     mx.eval(model.parameters())
     return model
+
+
+def make_qwen_checkpoint(path: Path, arch: str = "qwen2", seed: int = 0, **overrides) -> Path:
+    """Save a random transformers ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` of the tiny shape (no window
+    unless ``use_sliding_window``) to ``path``; norms and biases perturbed (transformers starts them at
+    one and zero), so that loading them is seen."""
+    import torch
+    import transformers
+
+    kwargs = {**TINY_MISTRAL, "sliding_window": None, **overrides}
+    config_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)

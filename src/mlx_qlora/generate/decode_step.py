@@ -34,8 +34,8 @@ class DecodeState:
     @classmethod
     def from_caches(cls, caches: list[KVCache], positions_needed: int) -> "DecodeState":
         """Copy the prompt's caches into static buffers with room for ``positions_needed`` positions."""
-        capacity = static_capacity(positions_needed, caches[0].max_size)
-        static = [StaticKVCache.from_cache(c, capacity) for c in caches]
+        # each layer's own capacity: layers with and without a window (Qwen2's max_window_layers) differ
+        static = [StaticKVCache.from_cache(c, static_capacity(positions_needed, c.max_size)) for c in caches]
         return cls([c.keys for c in static], [c.values for c in static], static[0].offset)
 
     @property

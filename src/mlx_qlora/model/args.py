@@ -1,4 +1,5 @@
-"""``ModelArgs``: the shape of a Mistral/Llama decoder, read from a Hugging Face ``config.json``."""
+"""``ModelArgs``: the shape and features of our decoder, read from a Hugging Face ``config.json``; the
+family-specific fields come from ``families/`` (keyed by ``model_type``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..config import number
+from .families import SUPPORTED_MODEL_TYPES, family_of
+from .families.base import LAYER_TYPES
 
-SUPPORTED_MODEL_TYPES = ("mistral", "llama")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -17,7 +19,10 @@ class ModelArgs:
     """Decoder hyper-parameters with Hugging Face's names.
 
     ``model_type`` ``llama`` is Mistral without a sliding window. ``head_dim`` defaults to
-    ``hidden_size // num_attention_heads``. ``sliding_window`` None means full causal attention.
+    ``hidden_size // num_attention_heads``. ``sliding_window`` None means full causal attention;
+    ``layer_types`` (one ``full_attention`` / ``sliding_attention`` per layer, transformers' names) limits
+    the window to some layers (None: every layer has it). ``qkv_bias``: biases on q, k and v (Qwen2);
+    ``attention_bias``: on q, k, v and o; ``qk_norm``: RMSNorm over each query and key head (Qwen3).
     """
 
     model_type: str = "mistral"
@@ -40,6 +45,10 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
+    qkv_bias: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    layer_types: Optional[tuple[str, ...]] = None
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -74,6 +83,17 @@ class ModelArgs:
             raise ValueError(f"rope_type: {self.rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps: must be > 0, got {self.rms_norm_eps}")
+        if self.layer_types is not None:
+            self.layer_types = tuple(self.layer_types)
+            if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ValueError(f"layer_types: expected {self.num_hidden_layers} of {', '.join(LAYER_TYPES)}, "
+                                 f"got {list(self.layer_types)!r}")
+
+    def layer_window(self, index: int) -> Optional[int]:
+        """The sliding window of decoder layer ``index`` (None: full causal attention)."""
+        if self.layer_types is not None and self.layer_types[index] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def n_kv_groups(self) -> int:
@@ -86,37 +106,21 @@ class ModelArgs:
         model_type = config.get("model_type")
         if model_type is None:
             raise ValueError("model_type: missing")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type: {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        for key in ("hidden_act", "hidden_activation"):
-            if config.get(key, "silu") != "silu":
-                raise ValueError(f"{key}: only 'silu' is supported, got {config[key]!r}")
-        for key in ("attention_bias", "mlp_bias"):
-            if config.get(key):
-                raise ValueError(f"{key}: biases in linear layers are not supported")
+        family = family_of(model_type)
         config.update(_read_rope(config))
-        if model_type == "llama":
-            if config.get("sliding_window") is not None:
-                raise ValueError("sliding_window: model_type 'llama' has no sliding window; use 'mistral'")
-            config["sliding_window"] = None
-        elif config.get("use_sliding_window") is False:
-            config["sliding_window"] = None
+        config.update(family.read(config))
         for key in ("bos_token_id", "eos_token_id"):
             if isinstance(config.get(key), list):  # some configs list several; the first is the main one
                 config[key] = config[key][0] if config[key] else None
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in config.items() if k in names}
-        if "sliding_window" not in values:
-            values["sliding_window"] = None
         return cls(**values)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` fields for these arguments."""
-        arch = "MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"
+        family = family_of(self.model_type)
         config = {
-            "architectures": [arch],
+            "architectures": [family.architecture],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -141,8 +145,7 @@ class ModelArgs:
             }
         elif self.rope_scaling_factor != 1.0:
             config["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_scaling_factor}
-        if self.model_type == "mistral":
-            config["sliding_window"] = self.sliding_window
+        config.update(family.write(self))
         return config
 
 

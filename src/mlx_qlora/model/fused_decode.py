@@ -42,7 +42,8 @@ def _projections(layer) -> list:
 def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     """Whether ``layer_step`` runs this call: ``settings.fused_decode`` on, one token per sequence over a
     ``StaticKVCache`` at the cache's own positions, every projection a bare per-row 4-bit layer in
-    inference, plain or linearly scaled RoPE, and shapes the kernels take."""
+    inference (biased ones, Qwen2's q/k/v, are not bare), plain or linearly scaled RoPE without
+    per-head q/k norms, and shapes the kernels take."""
     if not (settings.current().fused_decode and isinstance(cache, StaticKVCache) and position_ids is None
             and x.ndim == 3 and x.shape[1] == 1):
         return False
@@ -52,6 +53,7 @@ def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     return (
         a._rope_inv_freq is None  # the kernel's rotary embeddings are plain RoPE: no llama3 frequencies
+        and "q_norm" not in a  # nor a norm over each query / key head (Qwen3)
         and a.head_dim % 4 == 0 and all(n.dtype == x.dtype for n in norms)
         and qmv_cuda.supports(x, a.q_proj.in_features, 4, None)
         and qmv_cuda.supports(x, layer.mlp.down_proj.in_features, 4, None)

@@ -74,9 +74,11 @@ def rope(x: mx.array, theta: float, scale: float, offset: Union[int, mx.array] =
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary embeddings."""
+    """Grouped-query self-attention with rotary embeddings; biases on the projections (``qkv_bias``,
+    ``attention_bias``), RMSNorm over each query and key head before RoPE (``qk_norm``) and the layer's
+    own sliding window (``ModelArgs.layer_window``) where the config asks for them."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_index: int = 0):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.n_kv_heads = args.num_key_value_heads
@@ -86,10 +88,15 @@ class Attention(nn.Module):
         self.rope_scale = 1.0 if args.rope_type == "llama3" else 1.0 / args.rope_scaling_factor
         # Scaled frequencies (the leading underscore keeps them out of the parameters); None: plain RoPE.
         self._rope_inv_freq = llama3_inv_freq(args) if args.rope_type == "llama3" else None
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+        self.sliding_window = args.layer_window(layer_index)
+        qkv_bias = args.qkv_bias or args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=args.attention_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=args.rms_norm_eps)
 
     def __call__(
         self,
@@ -98,17 +105,21 @@ class Attention(nn.Module):
         cache: Optional[KVCache] = None,
         position_ids: Optional[mx.array] = None,
     ) -> mx.array:
-        """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None) -> mask`` builds the attention mask."""
+        """x (B, L, D) -> (B, L, D). ``mask_fn(key_positions or None, window) -> mask`` builds the attention
+        mask for this layer's window."""
         B, L, _ = x.shape
         heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
         q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, heads)  # (B, H, L, hd), (B, Hkv, L, hd) x 2
+        if "q_norm" in self:  # per head, over hd
+            q, k = self.q_norm(q), self.k_norm(k)
         offset = cache.offset if cache is not None else 0
         q = rope(q, self.rope_theta, self.rope_scale, offset, position_ids, self._rope_inv_freq)
         k = rope(k, self.rope_theta, self.rope_scale, offset, position_ids, self._rope_inv_freq)
         key_positions = None
         if cache is not None:
             k, v, key_positions = cache.update(k, v)  # (B, Hkv, S, hd)
-        out = scaled_dot_product_attention(q, k, v, self.scale, mask_fn(key_positions), cache, self.training)
+        out = scaled_dot_product_attention(q, k, v, self.scale, mask_fn(key_positions, self.sliding_window), cache,
+                                           self.training)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
         return self.o_proj(out)
 
@@ -128,11 +139,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP. ``layer_index`` picks the layer's window."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_index: int = 0):
         super().__init__()
-        self.self_attn = Attention(args)
+        self.self_attn = Attention(args, layer_index)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)

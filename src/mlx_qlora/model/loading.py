@@ -144,7 +144,8 @@ def quantize_layers(model: MistralForCausalLM, bits: int, group_size: Optional[i
             parent_name, leaf = name.split(".")
             linear = getattr(layer, parent_name)[leaf]
             out_features, in_features = linear.weight.shape
-            swaps.append((f"model.layers.{i}.{name}", QuantizedLinear(in_features, out_features, bits, group_size)))
+            swaps.append((f"model.layers.{i}.{name}",
+                          QuantizedLinear(in_features, out_features, bits, group_size, bias="bias" in linear)))
     model.update_modules(tree_unflatten(swaps))
 
 

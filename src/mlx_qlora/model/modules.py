@@ -67,6 +67,8 @@ def dense_state(model) -> dict[str, mx.array]:
         if owner in quantized:
             if name == "weight":
                 state[key] = _dense_weight(module_at(model, owner))
+            elif name == "bias":  # a linear bias, kept un-quantized (not the 4-bit ``biases``)
+                state[key] = value
         else:
             state[key] = value
     return state

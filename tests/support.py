@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -101,3 +102,38 @@ def make_qwen_checkpoint(path: Path, arch: str = "qwen2", seed: int = 0, **overr
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def write_chatml_tokenizer(folder: Path, vocab_size: int = 320, lines: Sequence[str] = ()) -> Path:
+    """A byte-level BPE ``tokenizer.json`` of ``vocab_size`` tokens trained on ``lines`` (Qwen's kind of
+    tokenizer) whose last three ids are ChatML's ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, with a
+    ``tokenizer_config.json`` holding Qwen's ChatML chat template (EOS ``<|im_end|>``, no BOS), in ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(CHATML_SPECIAL), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = list(lines) or ["the quick brown fox jumps over the lazy dog"] * 8
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHATML_SPECIAL])
+    if tok.get_vocab_size() != vocab_size:
+        raise AssertionError(f"tokenizer has {tok.get_vocab_size()} tokens, expected {vocab_size}")
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML_TEMPLATE, "bos_token": None,
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+        "model_max_length": 256}))
+    return folder

@@ -1,4 +1,5 @@
-"""Convert a Hugging Face Mistral/Llama checkpoint into an MLX checkpoint with 4-bit projections.
+"""Convert a Hugging Face checkpoint of a supported family (``model/families/``: Mistral, Llama, Qwen2,
+Qwen3) into an MLX checkpoint with 4-bit projections (their linear biases, if any, kept as they are).
 
 The conversion streams: the output's tensors and shards are planned from the input's safetensors
 headers alone, each output shard file is opened with its header already written, and every tensor is
@@ -160,7 +161,7 @@ def _check_config(config: dict[str, Any], source: Path, quantize: bool, bits: in
     if "quantization" in config:
         raise UserError(f"{where}: quantization: already an MLX quantized checkpoint")
     architectures = config.get("architectures") or []
-    known = ("MistralForCausalLM", "LlamaForCausalLM")
+    from .model.families import ARCHITECTURES as known
     if architectures and not any(a in known for a in architectures):
         raise UserError(f"{where}: architectures: {architectures} is not supported (supported: {', '.join(known)})")
     args = model_args_from_config(config, str(where))

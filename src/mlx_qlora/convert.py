@@ -274,7 +274,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConvertResult:
-    """Convert a Hugging Face Mistral/Llama checkpoint (folder, hub repo id, or a llama.cpp ``.gguf`` file)
+    """Convert a Hugging Face checkpoint of a supported family (folder, hub repo id, or a llama.cpp ``.gguf`` file)
     to an MLX checkpoint folder.
 
     The seven projections of every decoder layer are quantized to ``bits`` with one scale/bias per row

@@ -6,6 +6,7 @@ per token (every parameter except the embedding table, of which one row is read)
 
   python benchmarks/gpu_generate.py --preset tiny
   python benchmarks/gpu_generate.py --preset mistral-7b --json out.json
+  python benchmarks/gpu_generate.py --preset qwen3-8b --json out.json   # Qwen3-8B's shapes (qwen3-tiny on a CPU)
 """
 
 from __future__ import annotations

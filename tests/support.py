@@ -115,13 +115,18 @@ CHATML_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 def write_chatml_tokenizer(folder: Path, vocab_size: int = 320, lines: Sequence[str] = ()) -> Path:
     """A byte-level BPE ``tokenizer.json`` of ``vocab_size`` tokens trained on ``lines`` (Qwen's kind of
-    tokenizer) whose last three ids are ChatML's ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, with a
+    tokenizer: its pre-tokenizer, without its NFC normalizer) whose last three ids are ChatML's ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, with a
     ``tokenizer_config.json`` holding Qwen's ChatML chat template (EOS ``<|im_end|>``, no BOS), in ``folder``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Regex
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen's split (Llama 3's regex with single digits), then bytes (transformers' Qwen2Tokenizer)
+    regex = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(CHATML_SPECIAL), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -179,6 +179,15 @@ def test_gguf_export_reads_back_in_transformers_and_in_ours(family_run, tmp_path
     model = load_model(back)
     assert model.args.model_type == family_run["arch"]
     np.testing.assert_allclose(np.array(model(mx.array(ids))), merged, atol=ATOL, rtol=0)
+    # the tokenizer went out as llama.cpp's "qwen2" splitting rule and came back the same
+    from mlx_qlora.data.tokenizer import load_tokenizer
+    from mlx_qlora.gguf.reader import open_gguf, read_metadata
+
+    assert read_metadata(open_gguf(gguf_file))["tokenizer.ggml.pre"] == "qwen2"
+    text = "In 1995, 12345 rivers cost $3.50!\n<|im_start|>user\nWhy?<|im_end|>"
+    original, imported = load_tokenizer(family_run["full"]), load_tokenizer(back)
+    assert imported.encode(text) == original.encode(text)
+    assert (imported.eos_id, imported.chat_template) == (original.eos_id, original.chat_template)
 
 
 def test_generate_answers_with_the_chat_template(family_run):

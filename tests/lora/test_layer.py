@@ -304,3 +304,15 @@ def test_lora_on_a_biased_base(quantized, rows):
         np.testing.assert_allclose(np.array(layer(x)), expected, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.array(layer.fuse()(x)), expected, atol=1e-4, rtol=0)
     assert sorted(k for k, _ in tree_flatten(layer.trainable_parameters())) == ["lora_A", "lora_B"]
+
+
+def test_parameter_count_of_a_biased_model_is_the_original_one(tiny_model):
+    """Qwen2's q/k/v biases count once, as parameters, quantized or not."""
+    from mlx.utils import tree_flatten
+
+    model = tiny_model(seed=2, model_type="qwen2", sliding_window=None, qkv_bias=True)
+    original = sum(v.size for _, v in tree_flatten(model.parameters()))
+    quantize_model(model, bits=4)
+    apply_lora(model, LoRAConfig(rank=2, targets=("q_proj",)))
+    trainable, total = count_parameters(model)
+    assert total == original + trainable

@@ -65,13 +65,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts.
 
     A ``QuantizedLinear`` counts as the ``in * out`` weights it stands for (its packed words, scales and
-    biases are storage, not parameters), so the total is the original model's plus the adapters.
+    biases are storage, not parameters) plus its linear ``bias`` if it has one, so the total is the
+    original model's plus the adapters.
     """
     quantized = {path: m for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     total = sum(m.in_features * m.out_features for m in quantized.values())
     for name, value in tree_flatten(model.parameters()):
-        owner = name.rpartition(".")[0]
-        if owner not in quantized:
+        owner, _, leaf = name.rpartition(".")
+        if owner not in quantized or leaf == "bias":  # a quantized layer's linear bias is a parameter
             total += value.size
     trainable = sum(value.size for _, value in tree_flatten(model.trainable_parameters()))
     return trainable, total

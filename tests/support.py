@@ -18,7 +18,7 @@ from mlx_qlora.lora.adapters import save_adapters
 from mlx_qlora.model import ModelArgs
 
 PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "qkv_proj": "self_attn", "gate_up_proj": "mlp"}
 
 
 def random_adapters(args: ModelArgs, rank=4, targets=("q_proj", "v_proj", "down_proj"), seed=0, std=0.05):
@@ -27,7 +27,8 @@ def random_adapters(args: ModelArgs, rank=4, targets=("q_proj", "v_proj", "down_
     D, F = args.hidden_size, args.intermediate_size
     q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     shapes = {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q),
-              "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}
+              "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F), "qkv_proj": (q + 2 * kv, D),
+              "gate_up_proj": (2 * F, D)}
     params = {}
     for i in range(args.num_hidden_layers):
         for t in targets:
@@ -82,16 +83,17 @@ def tiny_model(seed: int = 0, **overrides):
     return model
 
 
-def make_qwen_checkpoint(path: Path, arch: str = "qwen2", seed: int = 0, **overrides) -> Path:
-    """Save a random transformers ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` of the tiny shape (no window
-    unless ``use_sliding_window``) to ``path``; norms and biases perturbed (transformers starts them at
+def make_family_checkpoint(path: Path, arch: str = "qwen2", seed: int = 0, **overrides) -> Path:
+    """Save a random transformers ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Phi3ForCausalLM`` of the tiny
+    shape (no window unless asked for) to ``path``; norms and biases perturbed (transformers starts them at
     one and zero), so that loading them is seen."""
     import torch
     import transformers
 
     kwargs = {**TINY_MISTRAL, "sliding_window": None, **overrides}
     config_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+                             "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[arch]
     config = config_cls(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)

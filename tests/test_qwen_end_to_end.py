@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from mlx_qlora.generate.loading import attach_adapters
 from mlx_qlora.model import load_model
-from support import make_qwen_checkpoint, write_adapters, write_chatml_tokenizer
+from support import make_family_checkpoint, write_adapters, write_chatml_tokenizer
 
 pytestmark = pytest.mark.slow  # about 30 s per family on two CPU cores
 
@@ -69,7 +69,7 @@ def family_run(request, tmp_path_factory) -> dict:
     arch = request.param
     root = tmp_path_factory.mktemp(arch)
     lines = [json.loads(line)["response"] for line in (ROOT / "data" / "sample" / "dolly_sample.jsonl").open()]
-    full = make_qwen_checkpoint(root / "full", arch, **FAMILIES[arch], **SPECIAL)
+    full = make_family_checkpoint(root / "full", arch, **FAMILIES[arch], **SPECIAL)
     write_chatml_tokenizer(full, 320, lines)
     q4, data, run, merged = root / "q4", root / "data", root / "run", root / "merged"
     _run(_script("convert_weights.py"), "--hf-path", str(full), "--mlx-path", str(q4), "--dtype", "float32")

@@ -50,7 +50,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 # The seven projections of each decoder layer: the weights that get quantized.
-QUANTIZED_KEY = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+QUANTIZED_KEY = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)\.weight$")
 DROPPED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; not parameters
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 SAFETENSORS_DTYPES = {  # safetensors header code -> MLX dtype

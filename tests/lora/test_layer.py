@@ -217,6 +217,8 @@ def test_apply_lora_targets_and_layers():
     with pytest.raises(ValueError, match="already has an adapter"):
         apply_lora(model, targets=["q_proj"], layers=[2])
     with pytest.raises(ValueError, match="unknown lora target"):
+        apply_lora(_tiny_model(), targets="wqkv")
+    with pytest.raises(ValueError, match="no projection matched"):  # Phi-3's name, not in this model
         apply_lora(_tiny_model(), targets="qkv_proj")
     with pytest.raises(ValueError, match="out of range"):
         apply_lora(_tiny_model(), layers=[3])

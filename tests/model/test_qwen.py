@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate, generate_batch
 from mlx_qlora.model import ModelArgs, load_model
-from support import make_qwen_checkpoint
+from support import make_family_checkpoint
 
 ATOL = 1e-4  # float32 logits
 WINDOW = dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)
@@ -34,7 +34,7 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("qwen")
-    return {name: make_qwen_checkpoint(root / name, arch, **kw) for name, (arch, kw) in CONFIGS.items()}
+    return {name: make_family_checkpoint(root / name, arch, **kw) for name, (arch, kw) in CONFIGS.items()}
 
 
 @pytest.fixture(params=list(CONFIGS))

@@ -4,6 +4,7 @@ family-specific fields come from ``families/`` (keyed by ``model_type``)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -11,7 +12,7 @@ from ..config import number
 from .families import SUPPORTED_MODEL_TYPES, family_of
 from .families.base import LAYER_TYPES
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 @dataclass
@@ -49,6 +50,11 @@ class ModelArgs:
     attention_bias: bool = False
     qk_norm: bool = False
     layer_types: Optional[tuple[str, ...]] = None
+    fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj
+    partial_rotary_factor: float = 1.0  # the share of each head's dimensions that RoPE rotates
+    rope_short_factor: Optional[tuple[float, ...]] = None  # "longrope" only: per-frequency divisors
+    rope_long_factor: Optional[tuple[float, ...]] = None  # ... past rope_original_max_position_embeddings
+    rope_attention_factor: float = 1.0  # "longrope" only: multiplies the rotated dimensions
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -83,11 +89,26 @@ class ModelArgs:
             raise ValueError(f"rope_type: {self.rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps: must be > 0, got {self.rms_norm_eps}")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dims % 2:
+            raise ValueError(f"partial_rotary_factor: {self.partial_rotary_factor} does not rotate an even number "
+                             f"of the {self.head_dim} dimensions of a head")
+        if self.rope_type == "longrope":
+            for key in ("rope_short_factor", "rope_long_factor"):
+                factors = getattr(self, key)
+                if factors is None or len(factors) != self.rotary_dims // 2:
+                    raise ValueError(f"{key[5:]}: expected {self.rotary_dims // 2} numbers (rotated dimensions / 2), "
+                                     f"got {factors!r}")
+                setattr(self, key, tuple(float(f) for f in factors))
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
             if len(self.layer_types) != self.num_hidden_layers or any(t not in LAYER_TYPES for t in self.layer_types):
                 raise ValueError(f"layer_types: expected {self.num_hidden_layers} of {', '.join(LAYER_TYPES)}, "
                                  f"got {list(self.layer_types)!r}")
+
+    @property
+    def rotary_dims(self) -> int:
+        """How many of a head's dimensions RoPE rotates (the first ones; Phi-4-mini: 3/4 of them)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def layer_window(self, index: int) -> Optional[int]:
         """The sliding window of decoder layer ``index`` (None: full causal attention)."""
@@ -166,6 +187,7 @@ def _read_rope(config: dict[str, Any]) -> dict[str, Any]:
     section = "rope_parameters" if params.get("rope_type") else "rope_scaling"
     source = params if params.get("rope_type") else scaling
     kind = source.get("rope_type") or source.get("type") or "default"
+    kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's first configs' name for it
     if kind not in ROPE_TYPES:
         raise ValueError(f"{section}.rope_type: {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     out: dict[str, Any] = {"rope_theta": number("rope_theta", theta, above=0), "rope_type": kind,
@@ -183,4 +205,20 @@ def _read_rope(config: dict[str, Any]) -> dict[str, Any]:
         out["rope_high_freq_factor"] = value("high_freq_factor", above=out["rope_low_freq_factor"])
         out["rope_original_max_position_embeddings"] = value("original_max_position_embeddings", integer=True,
                                                              at_least=1)
+    elif kind == "longrope":  # Phi-3 128k, Phi-3.5, Phi-4-mini: transformers' _compute_longrope_parameters
+        original = source.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+        original = number(f"{section}.original_max_position_embeddings", original, integer=True, at_least=1)
+        out["rope_original_max_position_embeddings"] = original
+        for key in ("short_factor", "long_factor"):
+            factors = source.get(key)
+            if not isinstance(factors, list):
+                raise ValueError(f"{section}.{key}: missing or not a list (rope_type 'longrope' needs it)")
+            out[f"rope_{key}"] = tuple(number(f"{section}.{key}", f, above=0) for f in factors)
+        factor = source.get("factor") or config.get("max_position_embeddings", 4096) / original
+        attention = source.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        out["rope_attention_factor"] = number(f"{section}.attention_factor", attention, above=0)
+    partial = source.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    out["partial_rotary_factor"] = number("partial_rotary_factor", partial, above=0, at_most=1)
     return out

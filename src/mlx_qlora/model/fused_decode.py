@@ -47,12 +47,15 @@ def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     if not (settings.current().fused_decode and isinstance(cache, StaticKVCache) and position_ids is None
             and x.ndim == 3 and x.shape[1] == 1):
         return False
+    if "qkv_proj" in layer.self_attn:  # Phi-3's fused projections: the kernels take q/k/v and gate/up apart
+        return False
     if not all(type(p) is QuantizedLinear and p.runs_bare_per_row_4bit for p in _projections(layer)):
         return False
     a = layer.self_attn
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     return (
         a._rope_inv_freq is None  # the kernel's rotary embeddings are plain RoPE: no llama3 frequencies
+        and a.rotary_dims == a.head_dim and a.rope_attention_factor == 1.0  # nor partial or longrope
         and "q_norm" not in a  # nor a norm over each query / key head (Qwen3)
         and a.head_dim % 4 == 0 and all(n.dtype == x.dtype for n in norms)
         and qmv_cuda.supports(x, a.q_proj.in_features, 4, None)

@@ -2,17 +2,19 @@
 ``config.json``'s ``model_type``.
 
 Every family runs through the one decoder (``model/mistral.py`` + ``model/layers.py``), whose features
-are switched by ``ModelArgs`` fields (``qkv_bias``, ``attention_bias``, ``qk_norm``, ``layer_types``);
-a family file says how its Hugging Face config maps onto those fields and back (for export), and names
-its architecture, its PEFT target modules and its GGUF architecture and tensors.
+are switched by ``ModelArgs`` fields (``qkv_bias``, ``attention_bias``, ``qk_norm``, ``layer_types``,
+``fused_projections``, ``partial_rotary_factor``, the RoPE type); a family file says how its Hugging Face
+config maps onto those fields and back (for export), and names its architecture, its PEFT target modules
+and its GGUF architecture and tensors.
 """
 
 from __future__ import annotations
 
 from .base import Family
-from . import llama, mistral, qwen2, qwen3
+from . import llama, mistral, phi3, qwen2, qwen3
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (mistral.FAMILY, llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (mistral.FAMILY, llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
+                                                         phi3.FAMILY)}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
 

@@ -1,5 +1,5 @@
 """Convert a Hugging Face checkpoint of a supported family (``model/families/``: Mistral, Llama, Qwen2,
-Qwen3) into an MLX checkpoint with 4-bit projections (their linear biases, if any, kept as they are).
+Qwen3, Phi-3) into an MLX checkpoint with 4-bit projections (their linear biases, if any, kept as they are).
 
 The conversion streams: the output's tensors and shards are planned from the input's safetensors
 headers alone, each output shard file is opened with its header already written, and every tensor is

@@ -2,7 +2,7 @@
 ``qkv_proj`` and ``gate_up_proj``, a sliding window, ``longrope`` scaling (short factors up to the original
 length, long ones past it, the attention factor) and partial rotary embeddings; float32 logits within 1e-4,
 left padding, cache decoding, greedy generation token for token; LoRA on the fused layers against PEFT,
-both ways; convert, merge and transformers loading the merged folder."""
+both ways; convert, merge and transformers loading the merged folder; GGUF (``phi3``) both ways."""
 
 from __future__ import annotations
 
@@ -194,13 +194,54 @@ def test_convert_merge_and_transformers_loads_the_merged_folder(checkpoints, tmp
     np.testing.assert_allclose(_hf_logits(merged, ids), _hf_logits(expected, ids), atol=ATOL, rtol=0)
 
 
-def test_gguf_export_is_refused_in_one_line(checkpoints, tmp_path):
+def test_gguf_export_and_import_of_plain_phi3(checkpoints, tmp_path):
+    """Phi-3-mini-4k's shape (plain RoPE, a window) as llama.cpp's ``phi3``: ``attn_qkv`` and ``ffn_up`` hold
+    the fused layers, rows as they are, the window as ``phi3.attention.sliding_window``; transformers' GGUF
+    loader gives our logits (within the window: it drops it), and our import gives them back exactly."""
+    pytest.importorskip("gguf")
+    import shutil
+    from pathlib import Path
+
+    from mlx_qlora.convert import convert_checkpoint
+    from mlx_qlora.gguf.reader import open_gguf, read_metadata
+    from mlx_qlora.gguf.writer import export_gguf
+    from support import write_chatml_tokenizer
+
+    folder = shutil.copytree(checkpoints["phi3-mini-4k-window"], tmp_path / "model")
+    sample = Path(__file__).resolve().parents[2] / "data" / "sample" / "dolly_sample.jsonl"
+    write_chatml_tokenizer(folder, 320, [json.loads(line)["response"] for line in sample.open()])
+    report = export_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert not report.notes  # the window is written, not dropped
+    meta = read_metadata(open_gguf(tmp_path / "m.gguf"))
+    assert meta["general.architecture"] == "phi3" and meta["phi3.attention.sliding_window"] == 8
+    ours = load_model(folder)
+    ids = np.random.default_rng(6).integers(0, 320, size=(2, 8))
+    ref = _hf_logits(_reference_gguf(tmp_path), ids)
+    np.testing.assert_allclose(np.array(ours(mx.array(ids))), ref, atol=ATOL, rtol=0)
+    convert_checkpoint(tmp_path / "m.gguf", tmp_path / "back", quantize=False, dtype="float32", progress=False)
+    back = load_model(tmp_path / "back")
+    assert back.args.sliding_window == 8 and back.args.fused_projections
+    ids = mx.array(np.random.default_rng(7).integers(0, 320, size=(2, 30)))
+    np.testing.assert_array_equal(np.array(back(ids)), np.array(ours(ids)))
+
+
+def _reference_gguf(folder):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file="m.gguf", dtype=torch.float32).eval()
+
+
+def test_gguf_export_refuses_longrope_and_partial_rotary(checkpoints, tmp_path):
+    """Their factors go to llama.cpp as rope_factors_* tensors, which the writer does not make: one line,
+    no file."""
     pytest.importorskip("gguf")
     from mlx_qlora.gguf.writer import export_gguf
 
-    with pytest.raises(UserError, match=r"config\.json: model_type 'phi3' cannot be exported to GGUF yet") as info:
-        export_gguf(checkpoints["phi3-mini-4k-window"], tmp_path / "out.gguf", "f32")
-    assert "\n" not in str(info.value) and not (tmp_path / "out.gguf").exists()
+    for name in ("phi3.5-longrope", "phi4-mini-partial-tied"):
+        with pytest.raises(UserError, match=r"config\.json: longrope scaling and partial rotary embeddings") as info:
+            export_gguf(checkpoints[name], tmp_path / "out.gguf", "f32")
+        assert "\n" not in str(info.value) and not (tmp_path / "out.gguf").exists()
 
 
 def test_fused_decode_leaves_phi3_layers_to_the_plain_path(monkeypatch):

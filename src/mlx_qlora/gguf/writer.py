@@ -57,6 +57,9 @@ def check_exportable(args, source: Path) -> None:
     if args.attention_bias or (args.qkv_bias and "blk.{i}.attn_q.bias" not in family.gguf_tensors):
         raise UserError(f"{source}: attention_bias: llama.cpp's {family.gguf_architecture!r} architecture has no "
                         f"biases on these attention projections")
+    if args.rope_type == "longrope" or args.rotary_dims != args.head_dim:  # rope_factors_* tensors not written
+        raise UserError(f"{source}: longrope scaling and partial rotary embeddings (Phi-3.5, Phi-4-mini, Phi-3 "
+                        f"128k) cannot be exported to GGUF yet")
     if args.rope_type == "llama3":  # llama.cpp takes it as a rope_freqs tensor, which is not written yet
         raise UserError(f"{source}: rope_type 'llama3' (Llama 3.1+) cannot be exported to GGUF yet "
                         f"(supported: default, linear)")
@@ -162,7 +165,7 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
     notes = tokenizer_notes(model_path)
     family = family_of(args.model_type)
     arch = family.gguf_architecture
-    if args.sliding_window is not None:
+    if args.sliding_window is not None and not family.gguf_sliding_window:
         notes.append(f"note: llama.cpp's {arch!r} architecture has no sliding window: the GGUF attends to the "
                      f"whole context (the model was trained with a window of {args.sliding_window})")
     _, tensors = model_tensors(model_path)
@@ -172,6 +175,8 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
     ggml_file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                       "f32": gguf.LlamaFileType.ALL_F32}[file_type]
     meta = {GGUF_MARKER_KEY: True, **_config_metadata(args, name or model_path.resolve().name, arch)}
+    if args.sliding_window is not None and family.gguf_sliding_window:
+        meta[f"{arch}.attention.sliding_window"] = args.sliding_window
     meta["general.file_type"] = int(ggml_file_type)
     if file_type == "q8_0":
         meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION

@@ -23,7 +23,8 @@ class Family:
     gguf_architecture: llama.cpp's name for the family (``general.architecture``), None when not exported.
     gguf_tensors: llama.cpp tensor name -> Hugging Face name, beyond the common ones (``gguf/mapping.py``).
     gguf_permute_qk: whether llama.cpp stores q/k rows in its interleaved RoPE order (``llama``) or as
-        Hugging Face does (NeoX-style RoPE: ``qwen2``, ``qwen3``).
+        Hugging Face does (NeoX-style RoPE: ``qwen2``, ``qwen3``, ``phi3``).
+    gguf_sliding_window: whether llama.cpp's architecture reads ``<arch>.attention.sliding_window`` (``phi3``).
     """
 
     model_type: str
@@ -34,6 +35,7 @@ class Family:
     gguf_architecture: Optional[str] = None
     gguf_tensors: dict[str, str] = field(default_factory=dict)
     gguf_permute_qk: bool = True
+    gguf_sliding_window: bool = False
 
 
 def silu_only(config: dict[str, Any]) -> None:

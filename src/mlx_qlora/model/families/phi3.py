@@ -1,6 +1,7 @@
 """Phi-3 / Phi-3.5 / Phi-4-mini: q, k and v in one ``qkv_proj`` and gate and up in one ``gate_up_proj``
 (LoRA adapts each fused layer as one, as PEFT does), a sliding window on every layer when the config has
-one, ``longrope`` scaling (read with the common fields) and partial rotary embeddings (Phi-4-mini)."""
+one, ``longrope`` scaling (read with the common fields) and partial rotary embeddings (Phi-4-mini).
+llama.cpp's ``phi3`` architecture holds the fused layers as ``attn_qkv`` and ``ffn_up``."""
 
 from __future__ import annotations
 
@@ -27,5 +28,9 @@ def write(args) -> dict[str, Any]:
     return out
 
 
-FAMILY = Family("phi3", "Phi3ForCausalLM", read, write,
-                lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+FAMILY = Family(
+    "phi3", "Phi3ForCausalLM", read, write, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    gguf_architecture="phi3", gguf_permute_qk=False, gguf_sliding_window=True,
+    gguf_tensors={"blk.{i}.attn_qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+                  "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.gate_up_proj.weight"},
+)

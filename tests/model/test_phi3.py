@@ -262,3 +262,26 @@ def test_fused_decode_leaves_phi3_layers_to_the_plain_path(monkeypatch):
     model.eval()
     with settings.override(fused_decode=True):
         assert not fused_decode.applies(model.layers[0], mx.zeros((1, 1, 64)), cache)
+
+
+@pytest.mark.slow  # two scripts in fresh processes: about 10 s
+def test_fused_target_names_on_a_model_without_them_are_one_line(tmp_path, tiny_model_dirs):
+    """finetune.py --lora-targets qkv_proj on a Mistral: one line naming the model's config, exit 2."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    data = tmp_path / "data"
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    run = [sys.executable, str(root / "scripts" / "prepare_data.py"), "--tokenizer", str(tiny_model_dirs["quant"]),
+           "--out", str(data), "--max-seq-len", "64", "--no-progress"]
+    assert subprocess.run(run, capture_output=True, text=True, env=env).returncode == 0
+    done = subprocess.run([sys.executable, str(root / "scripts" / "finetune.py"), "--model",
+                           str(tiny_model_dirs["quant"]), "--data", str(data), "--out", str(tmp_path / "run"),
+                           "--iters", "1", "--lora-targets", "qkv_proj", "--no-progress"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "config.json: lora: apply_lora: no projection matched targets ['qkv_proj']" in lines[0]

@@ -151,7 +151,10 @@ class Trainer:
         self.dtype = resolve_dtype(dtype)
         self.model = load_model(c.model, dtype=self.dtype)
         self.model.freeze()
-        apply_lora(self.model, c.lora)
+        try:
+            apply_lora(self.model, c.lora)
+        except ValueError as e:  # targets this model does not have (qkv_proj on a Llama), a layer out of range
+            raise UserError(f"{model_config}: lora: {e}") from None
         # recorded as the model names them (Phi-3's fused qkv_proj / gate_up_proj), as the adapter files do
         self.config = c = replace(c, lora=replace(c.lora, targets=model_targets(self.model, c.lora.targets)))
         # Adapters and their optimizer state stay in float32 whatever the compute dtype.

@@ -19,8 +19,10 @@ The model is a random Hugging Face folder (``transformers``' ``MistralConfig`` +
 preset's shape with the real Mistral v1 ``tokenizer.model`` (from ``mistral-common``), so vocab 32000 for
 every preset. Two data sets: the shipped sample (``data/sample/``) and generated longer records (200 to 1,000
 tokens, seeded; their length distribution is printed and recorded). The training command is the README's
-step 3 with ``--iters`` for ``--epochs 1`` (and ``--log-every 1``); mlx-lm trains LoRA of the same rank and
-scale on all layers, batch 4 with gradient accumulation 4 and checkpointing, on the same records written as
+step 3 (a token budget per batch: ``--max-batch-tokens``) with ``--iters`` for ``--epochs 1`` (and
+``--log-every 1``); ``--ours-batching rows`` adds our run with mlx-lm's batching (``--batch-size``). mlx-lm
+trains LoRA of the same rank and scale on all layers, batch 4 with the same gradient accumulation and
+checkpointing, on the same records written as
 ``{"text": ...}`` (the decoded token ids; its loss covers the prompt too, the compute is the same).
 
   python benchmarks/user_path.py --preset tiny                      # CPU, about a minute or two
@@ -43,6 +45,8 @@ import time
 from pathlib import Path
 
 from common import PRESETS, ROOT, environment, median, print_table, write_json
+
+README_BATCH_TOKENS = 4096  # the README's step 3: --max-batch-tokens 4096 --grad-accum 2
 
 PY = sys.executable
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # rich's colours, should a child print them
@@ -123,9 +127,9 @@ def first_byte_after(chunks: list[tuple[float, bytes]], offset: int) -> float | 
 
 # ---------------------------------------------------------------- inputs
 
-def write_hf_folder(cfg: dict, path: Path, seed: int = 0) -> None:
-    """A random Mistral checkpoint of ``cfg``'s shape in bfloat16, with the real Mistral v1 tokenizer."""
-    import mistral_common
+def write_hf_folder(cfg: dict, path: Path, seed: int = 0, tokenizer: Path | None = None) -> None:
+    """A random Mistral checkpoint of ``cfg``'s shape in bfloat16, with the real Mistral v1 tokenizer
+    (``tokenizer``, default: the file in ``mistral-common``)."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -135,7 +139,11 @@ def write_hf_folder(cfg: dict, path: Path, seed: int = 0) -> None:
     with torch.device("cpu"):
         model = MistralForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", path / "tokenizer.model")
+    if tokenizer is None:
+        import mistral_common
+
+        tokenizer = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    shutil.copy(tokenizer, path / "tokenizer.model")
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
          "add_bos_token": True, "add_eos_token": False, "legacy": False}), encoding="utf-8")
@@ -194,9 +202,13 @@ def write_mlx_lm_data(data_dir: Path, tokenizer_path: Path, out: Path) -> None:
 GEN_STATS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tokens/s \| generation: (\d+) tokens, ([\d.]+) tokens/s")
 
 
-def our_train(model: Path, data: Path, out: Path, args) -> dict:
+def our_train(model: Path, data: Path, out: Path, args, batching: str) -> dict:
+    """finetune.py as the README runs it: ``batching`` "tokens" (``--max-batch-tokens``, the README's command)
+    or "rows" (``--batch-size``, as mlx-lm batches)."""
+    batch = (["--max-batch-tokens", str(args.max_batch_tokens)] if batching == "tokens"
+             else ["--batch-size", str(args.batch_size)])
     cmd = [PY, str(SCRIPTS / "finetune.py"), "--model", str(model), "--data", str(data), "--out", str(out),
-           "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--learning-rate", "2e-4",
+           *batch, "--grad-accum", str(args.grad_accum), "--learning-rate", "2e-4",
            "--warmup-ratio", "0.03", "--iters", str(args.steps), "--grad-checkpoint", "--log-every", "1",
            "--no-progress"] + (["--eval-batches", str(args.eval_batches)] if args.eval_batches else [])
     shutil.rmtree(out, ignore_errors=True)  # a new run each time: the first row watched is this run's
@@ -205,7 +217,8 @@ def our_train(model: Path, data: Path, out: Path, args) -> dict:
     train = [r for r in rows if r.get("tokens_per_sec") is not None]
     tokens = sum(r["tokens"] for r in train)
     steady = [r["tokens_per_sec"] for r in train[1:]] or [train[0]["tokens_per_sec"]]
-    return {"command": " ".join(cmd[1:]), "first_line": result["stdout"].splitlines()[0] if result["stdout"] else "",
+    lines = result["stdout"].splitlines()
+    return {"command": " ".join(cmd[1:]), "batching": batching, "first_lines": lines[:2],
             "wall_s": result["wall_s"], "first_step_s": result["first_row_s"], "steps": len(train),
             "tokens": tokens, "steady_tokens_per_s": median(steady), "end_to_end_tokens_per_s": tokens / result["wall_s"],
             "peak_gb": max(r["peak_memory_gb"] for r in train)}
@@ -294,14 +307,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per training run (tiny: 3, else 30)")
-    p.add_argument("--batch-size", type=int, default=None, help="the README's 4 (tiny: 1)")
-    p.add_argument("--grad-accum", type=int, default=None, help="the README's 4 (tiny: 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per batch: mlx-lm's, and ours with "
+                   "--ours-batching rows (default 4; tiny: 1)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help=f"our token budget per batch, the README's (default {README_BATCH_TOKENS}; tiny: 256)")
+    p.add_argument("--grad-accum", type=int, default=None, help="the README's 2 (tiny: 2)")
+    p.add_argument("--ours-batching", default="tokens",
+                   help="comma-separated: tokens (the README's --max-batch-tokens), rows (--batch-size, as mlx-lm)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per generate.py reply (tiny: 32, else 256)")
     p.add_argument("--chat-tokens", type=int, default=None, help="tokens per chat reply (tiny: 16, else 300)")
     p.add_argument("--long-records", type=int, default=None, help="generated long records (tiny: 100, else 400)")
     p.add_argument("--eval-batches", type=int, default=None,
                    help="validation batches of each evaluation (default: finetune's 16; tiny: 2)")
     p.add_argument("--stacks", default="ours,mlx-lm", help="comma-separated: ours, mlx-lm")
+    p.add_argument("--datasets", default="sample,long", help="comma-separated: sample, long")
+    p.add_argument("--tokenizer-model", help="the Mistral v1 tokenizer.model (default: mistral-common's copy)")
+    p.add_argument("--no-generate", action="store_true", help="training only")
+    p.add_argument("--reuse-models", action="store_true",
+                   help="keep converted models already in --work (a run split over several calls)")
     p.add_argument("--work", help="folder for the models, data and runs (default: a temporary one, removed)")
     p.add_argument("--json")
     args = p.parse_args()
@@ -309,7 +332,11 @@ def main() -> None:
     # tiny: small enough that mlx_lm lora (about 80 tokens/s on two CPU cores) ends in a minute
     args.steps = args.steps or (3 if tiny else 30)
     args.batch_size = args.batch_size or (1 if tiny else 4)
-    args.grad_accum = args.grad_accum or (2 if tiny else 4)
+    args.grad_accum = args.grad_accum or 2
+    args.max_batch_tokens = args.max_batch_tokens or (256 if tiny else README_BATCH_TOKENS)
+    args.ours_batching = [b for b in args.ours_batching.split(",") if b]
+    if not set(args.ours_batching) <= {"tokens", "rows"}:
+        p.error(f"--ours-batching: tokens and/or rows, got {args.ours_batching}")
     args.max_tokens = args.max_tokens or (32 if tiny else 256)
     args.chat_tokens = args.chat_tokens or (16 if tiny else 300)
     args.long_records = args.long_records or (100 if tiny else 400)
@@ -334,7 +361,7 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
     hf = work / "hf"
     start = time.perf_counter()
     if not (hf / "config.json").exists():
-        write_hf_folder(cfg, hf)
+        write_hf_folder(cfg, hf, tokenizer=Path(args.tokenizer_model) if args.tokenizer_model else None)
     print(f"random {args.preset} Hugging Face folder ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
           f"vocab {cfg['vocab_size']}) in {time.perf_counter() - start:.1f} s")
     long_src = work / "long_records.jsonl"
@@ -343,11 +370,12 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
     payload = {"environment": environment(), "args": vars(args), "preset": cfg, "datasets": {}, "convert": {},
                "train": [], "generate": [], "chat": [], "notes": []}
     ours_model, peer_model = work / "ours-4bit", work / "mlx-lm-4bit"
-    if "ours" in stacks or "mlx-lm" in stacks:  # the data are prepared with our script in both cases
+    reuse = lambda folder: args.reuse_models and (folder / "config.json").exists()  # noqa: E731
+    if ("ours" in stacks or "mlx-lm" in stacks) and not reuse(ours_model):  # our script prepares both's data
         r = run_timed([PY, str(SCRIPTS / "convert_weights.py"), "--hf-path", str(hf), "--mlx-path", str(ours_model),
                        "--overwrite"])
         payload["convert"]["ours"] = {"wall_s": r["wall_s"], "format": "4-bit per row"}
-    if "mlx-lm" in stacks:
+    if "mlx-lm" in stacks and not reuse(peer_model):
         shutil.rmtree(peer_model, ignore_errors=True)
         # the checkpoint's bfloat16 on a GPU; on the CPU float32, as our auto dtype (bfloat16 is many times
         # slower there: 7-12 tokens/s for the tiny preset)
@@ -357,6 +385,8 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
         payload["convert"]["mlx-lm"] = {"wall_s": r["wall_s"], "format": f"4-bit, groups of 64, {dtype}"}
 
     for name, source in (("sample", SAMPLE), ("long", long_src)):
+        if name not in args.datasets.split(","):
+            continue
         data = work / f"data-{name}"
         r = run_timed([PY, str(SCRIPTS / "prepare_data.py"), "--dataset", str(source), "--tokenizer", str(ours_model),
                        "--out", str(data), "--no-progress"])
@@ -365,28 +395,31 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
                                      "prepare_wall_s": r["wall_s"], "train_token_lengths": lengths}
         print(f"data set {name}: {lengths}")
         if "ours" in stacks:
-            row = our_train(ours_model, data, work / f"run-ours-{name}", args)
-            payload["train"].append({"stack": "ours", "dataset": name, **row})
+            for batching in args.ours_batching:  # the first one's adapters are used for generation
+                suffix = "" if batching == args.ours_batching[0] else f"-{batching}"
+                out = work / f"run-ours-{name}{suffix}"
+                row = our_train(ours_model, data, out, args, batching)
+                payload["train"].append({"stack": "ours", "dataset": name, **row})
+                print(f"trained: ours ({batching}) on {name}: {row['steady_tokens_per_s']:,.0f} tokens/s steady, "
+                      f"{row['end_to_end_tokens_per_s']:,.0f} end to end, peak {row['peak_gb']:.2f} GB", flush=True)
         if "mlx-lm" in stacks:
             peer_data = work / f"data-mlx-lm-{name}"
             write_mlx_lm_data(data, ours_model / "tokenizer.model", peer_data)
             row = mlx_lm_train(peer_model, peer_data, work / f"adapters-mlx-lm-{name}", args)
             payload["train"].append({"stack": "mlx-lm", "dataset": name, **row})
+            print(f"trained: mlx-lm on {name}: {row['steady_tokens_per_s']:,.0f} tokens/s steady, "
+                  f"{row['end_to_end_tokens_per_s']:,.0f} end to end", flush=True)
 
     # generation with the adapters of the sample run
-    for stack in stacks:
+    for stack in ([] if args.no_generate else stacks):
         for adapter in (None, "sample"):
             if stack == "ours":
                 row = our_generate(ours_model, work / f"run-ours-{adapter}" if adapter else None, args)
             else:
                 row = mlx_lm_generate(peer_model, work / f"adapters-mlx-lm-{adapter}" if adapter else None, args)
             payload["generate"].append({"stack": stack, "adapter": bool(adapter), **row})
-    if "ours" in stacks:
+    if "ours" in stacks and not args.no_generate:
         payload["chat"].append({"stack": "ours", **our_chat(ours_model, work / "run-ours-sample", args)})
-    if "ours" in stacks and not gpu:
-        payload["notes"].append("generate.py computes in the stored dtype (float16 from convert_weights.py's default) "
-                                "unless --dtype is given: on the CPU that is many times slower than float32, which "
-                                "finetune.py's auto dtype and the mlx-lm model here use")
     if "mlx-lm" in stacks:
         payload["notes"].append("mlx-lm's chat (mlx_lm chat) is not run: it needs a chat template, which the Mistral "
                                 "v1 tokenizer.model does not carry; mlx_lm lora prints no peak memory")
@@ -405,8 +438,11 @@ def report(payload: dict) -> None:
         row["steady_vs_mlx_lm"] = ratio(row["steady_tokens_per_s"], peer and peer["steady_tokens_per_s"])
         row["end_to_end_vs_mlx_lm"] = ratio(row["end_to_end_tokens_per_s"], peer and peer["end_to_end_tokens_per_s"])
     a = payload["args"]
-    print(f"\ntraining (README step 3: batch {a['batch_size']} x accumulation {a['grad_accum']}, checkpointing)")
-    print_table(train, [("dataset", "data", ""), ("stack", "stack", ""), ("steps", "steps", ""),
+    print(f"\ntraining (accumulation {a['grad_accum']}, checkpointing; ours: tokens = the README's --max-batch-tokens "
+          f"{a['max_batch_tokens']}, rows = --batch-size {a['batch_size']}; mlx-lm: --batch-size {a['batch_size']})")
+    for row in train:
+        row["label"] = row["stack"] + (f" ({row['batching']})" if "batching" in row else "")
+    print_table(train, [("dataset", "data", ""), ("label", "stack", ""), ("steps", "steps", ""),
                         ("steady_tokens_per_s", "steady tok/s", "{:,.0f}"),
                         ("end_to_end_tokens_per_s", "end-to-end tok/s", "{:,.0f}"),
                         ("steady_vs_mlx_lm", "steady vs mlx-lm", "{:.2f}x"),

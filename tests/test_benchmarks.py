@@ -173,12 +173,15 @@ def test_user_path_tiny(tmp_path):
     the real Mistral tokenizer: every measured number is there and positive."""
     result, stdout = _run(["user_path.py", "--preset", "tiny", "--steps", "2", "--batch-size", "1", "--grad-accum",
                            "1", "--long-records", "40", "--max-tokens", "4", "--chat-tokens", "3",
-                           "--work", str(tmp_path / "work")], tmp_path)
+                           "--ours-batching", "tokens,rows", "--work", str(tmp_path / "work")], tmp_path)
     assert set(result["datasets"]) == {"sample", "long"}
     long = result["datasets"]["long"]["train_token_lengths"]
     assert 200 <= long["min"] <= long["max"] <= 1000  # the generated records are as long as promised
-    assert {(r["stack"], r["dataset"]) for r in result["train"]} == {
-        (s, d) for s in ("ours", "mlx-lm") for d in ("sample", "long")}
+    assert {(r["label"], r["dataset"]) for r in result["train"]} == {
+        (s, d) for s in ("ours (tokens)", "ours (rows)", "mlx-lm") for d in ("sample", "long")}
+    for row in result["train"]:  # the README's batching: a token budget, said in the run's second line
+        if row["label"] == "ours (tokens)":
+            assert "--max-batch-tokens 256" in row["command"] and row["first_lines"][1].startswith("batches: up to 256")
     for row in result["train"]:
         assert row["steps"] == 2 and row["tokens"] > 0 and row["wall_s"] > row["first_step_s"] > 0
         assert row["steady_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0
@@ -192,7 +195,7 @@ def test_user_path_tiny(tmp_path):
     (chat,) = result["chat"]
     assert chat["turns"] == 3 and chat["session_decode_tokens_per_s"] > 0
     assert chat["turn3_decode_tokens_per_s"] is None or chat["turn3_decode_tokens_per_s"] > 0
-    assert "| sample | ours |" in stdout and "| long | mlx-lm |" in stdout
+    assert "| sample | ours (tokens) |" in stdout and "| long | mlx-lm |" in stdout
 
 
 @pytest.mark.slow

@@ -196,6 +196,9 @@ class TrainConfig(_Config):
     out: str = ""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     batch_size: int = 4
+    # Batch by a token budget instead: as many rows as fit in rows x padded length <= max_batch_tokens
+    # (batch_size is then not used). None: batch_size rows.
+    max_batch_tokens: Optional[int] = None
     grad_accum: int = 1
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -230,6 +233,8 @@ class TrainConfig(_Config):
         positive = ("batch_size", "grad_accum", "eval_every", "log_every", "save_every", "keep_last", "loss_chunk")
         for key in positive:
             setattr(self, key, number(key, getattr(self, key), integer=True, at_least=1))
+        self.max_batch_tokens = number("max_batch_tokens", self.max_batch_tokens, integer=True, optional=True,
+                                       at_least=1)
         self.learning_rate = number("learning_rate", self.learning_rate, above=0)
         self.weight_decay = number("weight_decay", self.weight_decay, at_least=0)
         for key in ("beta1", "beta2"):

@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from mlx_qlora.data import CROSS_ENTROPY_IGNORE_INDEX as IGNORE
 from mlx_qlora.data import BatchIterator, PreparedDataset, shard_batch
+from mlx_qlora.data.dataset import padded_length
 from mlx_qlora.errors import UserError
 
 MAX_LEN = 128
@@ -111,9 +112,10 @@ def test_packed_rows_layout(dataset):
 
 
 def test_bucketing_and_packing_reduce_padding(dataset):
-    plain = BatchIterator(dataset, batch_size=8, seed=0, bucketing=False)
-    bucketed = BatchIterator(dataset, batch_size=8, seed=0, bucket_batches=10)
-    packed = BatchIterator(dataset, batch_size=8, seed=0, packing=True)
+    # Rounded to multiples of 8 only: the ladder of row lengths adds its own padding (tested below).
+    plain = BatchIterator(dataset, batch_size=8, seed=0, bucketing=False, fixed_lengths=False)
+    bucketed = BatchIterator(dataset, batch_size=8, seed=0, bucket_batches=10, fixed_lengths=False)
+    packed = BatchIterator(dataset, batch_size=8, seed=0, packing=True, fixed_lengths=False)
     e_plain, e_bucket, e_pack = plain.epoch_efficiency(), bucketed.epoch_efficiency(), packed.epoch_efficiency()
     assert e_plain < e_bucket < 1 and e_plain < e_pack <= 1
     assert e_bucket > 0.85 and e_pack > 0.9
@@ -225,3 +227,58 @@ def test_epoch_batches_leave_the_cursor(dataset):
         got = it.next_batch()
         assert all(np.array_equal(got[k], want[k]) for k in want)
     assert PreparedDataset.has_split(dataset.data_dir, "train") and not PreparedDataset.has_split(dataset.data_dir, "test")
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 64])
+def test_padded_length_ladder(multiple):
+    lengths = np.arange(1, 4097)
+    widths = np.array([padded_length(int(n), multiple) for n in lengths])
+    plain = np.array([padded_length(int(n), multiple, ladder=False) for n in lengths])
+    assert (widths >= lengths).all() and (widths % multiple == 0).all() and (np.diff(widths) >= 0).all()
+    # At most 25% padding over the plain rounding (the rungs are 1.25, 1.2, 1.17, 1.14 apart; the first is 8) ...
+    bound = np.maximum(plain, -(-np.ceil(np.maximum(lengths, 8) * 1.25) // multiple) * multiple)
+    assert (widths[7:] <= bound[7:]).all() and (widths[:8] == padded_length(8, multiple)).all()
+    # ... for at most four shapes per doubling of the length (plus the rungs below 8).
+    assert len(set(widths.tolist())) <= 4 * np.log2(4096 / 8) + 4
+    np.testing.assert_array_equal(plain, np.maximum(multiple, -(-lengths // multiple) * multiple))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_token_budget_batches(dataset, packing, world_size):
+    budget = 512
+    iters = [BatchIterator(dataset, batch_size=1, seed=5, packing=packing, max_batch_tokens=budget, rank=r,
+                           world_size=world_size) for r in range(world_size)]
+    shapes, seen = {}, []
+    for rows in iters[0].plan(0):
+        batch = iters[0].make_batch(rows)  # the global batch
+        b, width = batch["input_ids"].shape
+        assert b == iters[0].rows_for(width) and b % world_size == 0
+        assert b * width <= budget or b == world_size  # a row longer than the budget still runs
+        assert shapes.setdefault(width, b) == b  # one shape per row length
+        empty = batch["lengths"] == 0
+        assert (batch["labels"][empty] == IGNORE).all() and (batch["attention_mask"][empty] == 0).all()
+        assert len(rows) == (~empty).sum() and not empty[: len(rows)].any()  # empty rows come last
+        seen += [index for index, _, _ in examples_of(batch) if index >= 0]
+        for r, it in enumerate(iters):  # each rank's rows of the same global batch
+            mine = next(it)
+            np.testing.assert_array_equal(mine["input_ids"], batch["input_ids"][r::world_size])
+    assert sorted(seen) == list(range(len(dataset)))
+    # Short records fill a batch with many rows: far fewer batches than one example per batch.
+    assert len(iters[0]) < len(dataset) / 2
+
+
+def test_token_budget_resume_and_settings(dataset):
+    it = BatchIterator(dataset, batch_size=1, seed=2, max_batch_tokens=300)
+    for _ in range(3):
+        next(it)
+    state = it.state_dict()
+    expected = [next(it) for _ in range(4)]
+    again = BatchIterator(dataset, batch_size=1, seed=2, max_batch_tokens=300)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    for a, b in zip(expected, (next(again) for _ in range(4))):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    other = BatchIterator(dataset, batch_size=1, seed=2, max_batch_tokens=400)
+    with pytest.raises(UserError, match="max_batch_tokens"):
+        other.load_state_dict(state)

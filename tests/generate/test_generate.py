@@ -331,3 +331,61 @@ def test_inference_dtype_follows_the_training_rule(model_dir, tmp_path):
     assert model.model.layers[0].self_attn.q_proj.scales.dtype == mx.float32
     model, _, _ = load_for_inference(half, dtype="float16")
     assert model.model.embed_tokens.weight.dtype == mx.float16
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("window", [None, 64])
+def test_prompt_cache_runs_only_new_tokens_and_equals_a_fresh_pass(compiled, window):
+    """A conversation's next prompt starts with what was fed before (prompt + reply): with a ``PromptCache``
+    only the tokens after the common prefix run through the model, and the reply equals a fresh pass
+    over the whole prompt token for token (greedy, float32), turn after turn; a prompt that departs early
+    reuses only the common prefix; a window that wrapped around reuses nothing."""
+    from mlx_qlora.generate.generator import PromptCache
+    from support import tiny_model
+
+    model = tiny_model(seed=4, sliding_window=window)
+    model.eval()
+    rng = np.random.default_rng(7)
+    cache, ids = PromptCache(), rng.integers(3, 320, size=9).tolist()
+    for turn in range(3):
+        run = list(generate_stream(model, None, ids, 12, eos_ids=set(), compiled=compiled, prompt_cache=cache))
+        fresh = generate(model, None, ids, max_tokens=12, eos_ids=set(), compiled=compiled)
+        assert [s.token for s in run] == fresh.tokens, turn
+        stats = run[-1].stats
+        expected_reused = 0 if turn == 0 else len(previous)
+        assert (stats.reused_tokens, stats.prompt_tokens) == (expected_reused, len(ids) - expected_reused)
+        # what the cache holds: every token fed (the last reply token is never fed)
+        previous = ids + fresh.tokens[:-1]
+        assert cache.tokens == previous and cache.caches[0].offset == len(previous)
+        ids = previous + [fresh.tokens[-1]] + rng.integers(3, 320, size=5).tolist()  # the next turn
+    departed = ids[:4] + [5] + ids[5:]
+    run = list(generate_stream(model, None, departed, 12, eos_ids=set(), compiled=compiled, prompt_cache=cache))
+    assert run[-1].stats.reused_tokens == 4
+    assert [s.token for s in run] == generate(model, None, departed, max_tokens=12, eos_ids=set()).tokens
+    if window is not None:  # 90 positions fed, past the 64-slot window: no cutting back, only going on
+        fed = list(cache.tokens)
+        assert len(fed) > window
+        cut = fed[:-2] + [7]
+        run = list(generate_stream(model, None, cut, 3, eos_ids=set(), prompt_cache=cache))
+        assert run[-1].stats.reused_tokens == 0
+        on = cache.tokens + [7, 8]
+        run = list(generate_stream(model, None, on, 5, eos_ids=set(), compiled=compiled, prompt_cache=cache))
+        assert run[-1].stats.reused_tokens == len(on) - 2
+        assert [s.token for s in run] == generate(model, None, on, max_tokens=5, eos_ids=set()).tokens
+
+
+def test_chat_session_keeps_the_conversation_cache(model_dir):
+    """Turn two of a chat runs only the tokens the first turn did not feed, and replies as a new session
+    given the same history does; /reset forgets the cache."""
+    model, tokenizer, _ = load_for_inference(model_dir)
+    model.args.sliding_window = None  # its 16-token window would wrap in the first turn (tested above)
+    session = ChatSession(model, tokenizer, "mistral", max_tokens=6)
+    session.reply("hello", lambda s: None)
+    second = session.reply("and then", lambda s: None)
+    assert second.stats.reused_tokens > 0
+    assert second.stats.reused_tokens + second.stats.prompt_tokens == len(session.prompt_cache.tokens) - len(
+        second.tokens) + (second.finish_reason != "eos")
+    again = ChatSession(model, tokenizer, "mistral", max_tokens=6, messages=session.messages[:2])
+    assert again.reply("and then", lambda s: None).text == second.text
+    session.reset()
+    assert session.prompt_cache.tokens == [] and session.reply("hi", lambda s: None).stats.reused_tokens == 0

@@ -86,8 +86,8 @@ def test_the_window_matters(checkpoints):
     ids = mx.array(np.random.default_rng(2).integers(0, 320, size=(1, 30)))
     windowed = np.array(model(ids))
     assert [layer.self_attn.sliding_window for layer in model.layers] == [None, 8, 8]
-    for layer in model.layers:
-        layer.self_attn.sliding_window = None
+    model.args.sliding_window = None
+    assert [layer.self_attn.sliding_window for layer in model.layers] == [None, None, None]
     full = np.array(model(ids))
     np.testing.assert_allclose(windowed[:, :8], full[:, :8], atol=1e-6)
     assert np.abs(windowed[:, 9:] - full[:, 9:]).max() > 1e-3
@@ -210,3 +210,21 @@ def test_fused_decode_leaves_qwen_layers_to_the_plain_path(monkeypatch, checkpoi
         with settings.override(fused_decode=True):
             applies[name] = fused_decode.applies(model.layers[0], x, cache)
     assert applies == {"llama": True, "qwen2": False, "qwen3": False}
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_conversation_reuses_caches_of_layers_with_different_windows(checkpoints, compiled):
+    """Qwen2 with a full layer and two windowed ones (8): a ``PromptCache`` keeps each layer's cache with its
+    own window and capacity, and every turn's reply equals a fresh pass token for token."""
+    from mlx_qlora.generate.generator import PromptCache, generate_stream
+
+    model = load_model(checkpoints["qwen2-tied-window"])
+    rng = np.random.default_rng(12)
+    cache, ids = PromptCache(), rng.integers(3, 320, size=9).tolist()
+    for turn in range(3):
+        run = list(generate_stream(model, None, ids, 10, eos_ids=set(), compiled=compiled, prompt_cache=cache))
+        fresh = generate(model, None, ids, max_tokens=10, eos_ids=set(), compiled=compiled)
+        assert [s.token for s in run] == fresh.tokens, turn
+        assert run[-1].stats.reused_tokens == (0 if turn == 0 else len(ids) - 4)
+        assert [c.max_size for c in cache.caches] == [None, 8, 8]
+        ids = ids + fresh.tokens + rng.integers(3, 320, size=3).tolist()

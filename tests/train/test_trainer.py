@@ -64,14 +64,20 @@ def _adapter_arrays(run_dir: Path) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in params.items()}
 
 
-def test_accumulation_equals_one_big_batch(workspace):
-    """k micro-batches with summed token losses give the loss and update of one batch k times larger."""
-    model = load_model(workspace["quant"])
+def _adapted_model(ws, rng):
+    """The 4-bit tiny model with rank-4 adapters whose B is random too (it starts at zero), so that
+    gradients reach A."""
+    model = load_model(ws["quant"])
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
-    rng = np.random.default_rng(0)
-    # B starts at zero; make it non-zero so gradients reach A too.
     model.update(tree_unflatten([(k, mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)))
                                  for k, v in tree_flatten(model.trainable_parameters())]))
+    return model
+
+
+def test_accumulation_equals_one_big_batch(workspace):
+    """k micro-batches with summed token losses give the loss and update of one batch k times larger."""
+    rng = np.random.default_rng(0)
+    model = _adapted_model(workspace, rng)
     ids = rng.integers(3, 320, size=(4, 24)).astype(np.int32)
     labels = ids.copy()
     labels[:, :9] = -100
@@ -321,3 +327,32 @@ def test_auto_dtype_is_resolved_said_and_recorded(workspace, tmp_path, capsys):
     first = capsys.readouterr().out.splitlines()[0]
     assert first == "compute dtype: float32 (auto: the CPU computes in float32); adapters and optimizer state: float32"
     assert json.loads((run / "run_config.json").read_text())["dtype"] == "float32"
+
+
+def test_token_budget_empty_rows_add_nothing_and_run_says_how_it_batches(workspace, tmp_path, capsys):
+    """Under ``max_batch_tokens`` a batch is filled with empty rows (padding, no learned token) up to its
+    shape's row count: they leave the loss sum, the learned-token count and the gradients unchanged."""
+    rng = np.random.default_rng(1)
+    model = _adapted_model(workspace, rng)
+    ids = rng.integers(3, 320, size=(2, 24)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :7] = -100
+    padded_ids = np.concatenate([ids, np.full((3, 24), 2, np.int32)])
+    padded_labels = np.concatenate([labels, np.full((3, 24), -100, np.int32)])
+    grad = make_grad_fn(model, chunk=16, packed=False)
+    s, n, g = grad(mx.array(ids), mx.array(labels))
+    s_pad, n_pad, g_pad = grad(mx.array(padded_ids), mx.array(padded_labels))
+    assert int(n.item()) == int(n_pad.item())
+    np.testing.assert_allclose(s_pad.item(), s.item(), rtol=1e-6)
+    for key in g:
+        np.testing.assert_allclose(np.array(g_pad[key]), np.array(g[key]), rtol=1e-5, atol=1e-7, err_msg=key)
+
+    run = tmp_path / "run"
+    trainer = Trainer(_config(workspace, run, iters=2, max_batch_tokens=256), progress=False)
+    trainer.train()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("batches: up to 256 tokens (rows x padded length); ")
+    assert json.loads((run / "run_config.json").read_text())["max_batch_tokens"] == 256
+    for rows in trainer.iterator.plan(0):
+        batch = trainer.iterator.make_batch(rows)
+        assert batch["input_ids"].size <= 256 or len(batch["input_ids"]) == 1

@@ -43,6 +43,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int,
                    help=f"examples per micro-batch over all ranks (default {d.batch_size}; "
                         "a multiple of the rank count)")
+    p.add_argument("--max-batch-tokens", type=int,
+                   help="batch by a token budget instead of --batch-size: each micro-batch holds as many "
+                        "examples as fit in rows x padded length <= this (short records fill a batch with many "
+                        "rows, long ones with few; default: off)")
     p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {d.grad_accum})")
     p.add_argument("--learning-rate", type=float, help=f"peak learning rate (default {shown(d.learning_rate)})")
     p.add_argument("--weight-decay", type=float, help=f"AdamW decoupled weight decay (default {shown(d.weight_decay)})")
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> None:
     if args.resume and args.config:
         raise UserError(f"config: --config {args.config} with --resume: a resumed run takes its settings from "
                         f"{Path(args.resume) / 'run_config.json'}; give the settings to change as flags")
+    if args.batch_size is not None and args.max_batch_tokens is not None:
+        raise UserError("--batch-size and --max-batch-tokens both set the batch: give one of them")
     config = resume_config(args.resume, flags) if args.resume else resolve_config(flags, args.config)
     trainer = Trainer(config, resume=bool(args.resume), progress=not args.no_progress,
                       overwrite=bool(args.overwrite))

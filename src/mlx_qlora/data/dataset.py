@@ -142,6 +142,25 @@ def _round_up(n: int, multiple: int) -> int:
     return max(multiple, int(math.ceil(n / multiple)) * multiple)
 
 
+def padded_length(n: int, multiple: int = 8, ladder: bool = True) -> int:
+    """The row length L a batch whose longest row has ``n`` tokens is padded to.
+
+    Without ``ladder``: ``n`` rounded up to a multiple of ``multiple``. With it (the default): the smallest
+    length of the fixed ladder 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (four steps per doubling, each
+    rounded up to a multiple of ``multiple``) that holds ``n``. A compiled training step is built once per
+    batch shape; the ladder bounds the shapes a run meets to about four per doubling of the record length,
+    at the cost of at most 25% padding over the plain rounding."""
+    plain = _round_up(n, multiple)
+    if not ladder:
+        return plain
+    step = 8
+    while True:  # rungs m * step for m in 1, 1.25, 1.5, 1.75, then the step doubles
+        for rung in (step, step * 5 // 4, step * 3 // 2, step * 7 // 4):
+            if rung >= n:
+                return max(plain, _round_up(rung, multiple))
+        step *= 2
+
+
 def shard_batch(batch: dict[str, np.ndarray], rank: int, world_size: int) -> dict[str, np.ndarray]:
     """Rows ``rank::world_size`` of every per-row array of ``batch`` (the row length L is kept, so every
     rank sees the same shapes). A final partial batch may leave a rank fewer rows, or none."""
@@ -166,6 +185,12 @@ class BatchIterator:
         max_seq_len: row capacity when packing; examples longer than it are an error
             (default: the ``max_seq_len`` the data was prepared with).
         pad_to_multiple: L is rounded up to a multiple of this.
+        fixed_lengths: pad L to the ladder of ``padded_length`` (a few shapes per run), not just to the
+            next multiple of ``pad_to_multiple``.
+        max_batch_tokens: batch by a token budget instead of ``batch_size``: a batch holds as many rows as
+            fit in rows x L <= max_batch_tokens (at least one row; a multiple of ``world_size``), and a
+            batch with fewer examples gets empty rows (no learned token) up to that count, so every batch
+            of a row length L has the same shape.
         pad_id: id written on padding (default: the tokenizer's pad, else its EOS, else 0).
         bucketing: group similar lengths: shuffle, sort within chunks of ``bucket_batches`` batches, cut
             into batches, shuffle the batches.
@@ -193,6 +218,8 @@ class BatchIterator:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        fixed_lengths: bool = True,
+        max_batch_tokens: Optional[int] = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -200,8 +227,10 @@ class BatchIterator:
             raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if batch_size % world_size:
+        if batch_size % world_size and max_batch_tokens is None:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if len(dataset) == 0:
             raise UserError(f"{dataset.data_dir}: the {dataset.split!r} split has no examples")
         self.dataset = dataset
@@ -217,6 +246,8 @@ class BatchIterator:
                 f"{self.max_seq_len}; prepare the data again with --max-seq-len {self.max_seq_len}"
             )
         self.pad_to_multiple = pad_to_multiple
+        self.fixed_lengths = fixed_lengths
+        self.max_batch_tokens = max_batch_tokens
         if pad_id is None:
             tok = dataset.meta.get("tokenizer", {})
             pad_id = next((v for v in (tok.get("pad_id"), tok.get("eos_id")) if v is not None), 0)
@@ -238,23 +269,57 @@ class BatchIterator:
     def _rng(self, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch])
 
+    def width(self, longest: int) -> int:
+        """The row length L of a batch whose longest row has ``longest`` tokens."""
+        return padded_length(longest, self.pad_to_multiple, self.fixed_lengths)
+
+    def rows_for(self, width: int) -> int:
+        """Rows of a batch of row length ``width``: ``batch_size``, or with ``max_batch_tokens`` as many as fit
+        (at least one per rank)."""
+        if self.max_batch_tokens is None:
+            return self.batch_size
+        ranks = self.world_size
+        return max(ranks, self.max_batch_tokens // width // ranks * ranks)
+
+    def _cut(self, units: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+        """Consecutive batches of ``units``: ``batch_size`` each, or under ``max_batch_tokens`` as many units
+        as fit at the row length of the longest so far."""
+        b = self.batch_size
+        if self.max_batch_tokens is None:
+            return [units[i : i + b] for i in range(0, len(units), b)]
+        batches, start, longest = [], 0, 0
+        for i, unit in enumerate(units):
+            longest_with = max(longest, int(sizes[unit]))
+            if i > start and i - start + 1 > self.rows_for(self.width(longest_with)):
+                batches.append(units[start:i])
+                start, longest_with = i, int(sizes[unit])
+            longest = longest_with
+        if start < len(units):
+            batches.append(units[start:])
+        return batches
+
+    def _full(self, batch: np.ndarray, sizes: np.ndarray) -> bool:
+        return len(batch) == self.rows_for(self.width(int(sizes[batch].max())))
+
     def _group(self, units: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
         """Cut ``units`` (already in epoch order) into batches, bucketing by ``sizes`` when asked."""
-        b = self.batch_size
         if self.bucketing and self.shuffle:
-            chunk = b * self.bucket_batches
+            if self.max_batch_tokens is None:
+                chunk = self.batch_size * self.bucket_batches
+            else:  # about bucket_batches batches of rows of the mean size
+                chunk = self.bucket_batches * self.rows_for(self.width(max(1, int(sizes[units].mean()))))
             batches = []
             for start in range(0, len(units), chunk):
                 part = units[start : start + chunk]
                 part = part[np.argsort(sizes[part], kind="stable")]
-                batches += [part[i : i + b] for i in range(0, len(part), b)]
+                batches += self._cut(part, sizes)
             batches = [batches[i] for i in rng.permutation(len(batches))]
         else:
             if self.bucketing:
                 units = units[np.argsort(sizes[units], kind="stable")]
-            batches = [units[i : i + b] for i in range(0, len(units), b)]
+            batches = self._cut(units, sizes)
         if self.drop_last:
-            batches = [x for x in batches if len(x) == b]
+            batches = [x for x in batches if self._full(x, sizes)]
         return batches
 
     def _pack(self, order: np.ndarray) -> list[list[int]]:
@@ -308,7 +373,8 @@ class BatchIterator:
         for batch in self.plan(self.epoch if epoch is None else epoch):
             fills = [int(sum(lengths[i] for i in row)) for row in batch]
             real += sum(fills)
-            computed += len(batch) * _round_up(max(fills), self.pad_to_multiple)
+            width = self.width(max(fills))
+            computed += (len(batch) if self.max_batch_tokens is None else self.rows_for(width)) * width
         return real / computed
 
     @property
@@ -322,7 +388,10 @@ class BatchIterator:
         """The arrays of one global batch from its rows of example indices (see the module docstring)."""
         ds = self.dataset
         fills = [int(sum(ds.lengths[i] for i in row)) for row in rows]
-        width = _round_up(max(fills), self.pad_to_multiple)
+        width = self.width(max(fills))
+        if self.max_batch_tokens is not None:  # empty rows up to the count of this row length: one shape per L
+            missing = self.rows_for(width) - len(rows)
+            rows, fills = list(rows) + [[]] * missing, fills + [0] * missing
         b = len(rows)
         input_ids = np.full((b, width), self.pad_id, dtype=np.int32)
         labels = np.full((b, width), CROSS_ENTROPY_IGNORE_INDEX, dtype=np.int32)
@@ -330,7 +399,7 @@ class BatchIterator:
         if self.packing:
             position_ids = np.zeros((b, width), dtype=np.int32)
             segment_ids = np.zeros((b, width), dtype=np.int32)
-            indices = np.full((b, max(len(r) for r in rows)), -1, dtype=np.int64)
+            indices = np.full((b, max(1, max(len(r) for r in rows))), -1, dtype=np.int64)
         for r, row in enumerate(rows):
             col = 0
             for k, index in enumerate(row):
@@ -353,7 +422,7 @@ class BatchIterator:
         if self.packing:
             batch.update(position_ids=position_ids, segment_ids=segment_ids, indices=indices)
         else:
-            batch["indices"] = np.asarray([row[0] for row in rows], dtype=np.int64)
+            batch["indices"] = np.asarray([row[0] if row else -1 for row in rows], dtype=np.int64)
         return batch
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -396,12 +465,13 @@ class BatchIterator:
             "packing": self.packing,
             "shuffle": self.shuffle,
             "bucketing": self.bucketing,
+            "max_batch_tokens": self.max_batch_tokens,
             "n_examples": len(self.dataset),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (from ``state_dict``); ``UserError`` if it was made with other settings."""
-        for key in ("seed", "batch_size", "packing", "shuffle", "bucketing", "n_examples"):
+        for key in ("seed", "batch_size", "packing", "shuffle", "bucketing", "max_batch_tokens", "n_examples"):
             mine = len(self.dataset) if key == "n_examples" else getattr(self, key)
             if key in state and state[key] != mine:
                 raise UserError(f"cannot resume the batch order: saved {key}={state[key]!r}, now {mine!r}")

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, TextIO
 
 from ..errors import UserError
-from .generator import GenerationResult, GenerationStats, check_prompt_length, context_length, generate_stream
+from .generator import (GenerationResult, GenerationStats, PromptCache, check_prompt_length, context_length,
+                        generate_stream)
 from .sampling import SamplerConfig
 
 HELP = "commands: /reset (forget the conversation), /quit (leave), /help (this text)"
@@ -45,10 +46,13 @@ class ChatSession:
     messages: list[dict] = field(default_factory=list)
     totals: GenerationStats = field(default_factory=GenerationStats)
     turns: int = 0
+    # The keys and values of the conversation so far: a turn runs only its new tokens through the model.
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
 
     def reset(self) -> None:
         """Forget the conversation (statistics are kept)."""
         self.messages = []
+        self.prompt_cache.clear()
 
     def prompt_ids(self, text: str) -> tuple[list[int], int]:
         """Token ids for the next reply to ``text`` and how many earlier turns had to be dropped to fit
@@ -83,8 +87,9 @@ class ChatSession:
         if dropped:
             write(f"(the conversation was too long for the context: dropped its {dropped} oldest turn(s))\n")
         pieces, tokens, step = [], [], None
+        reuse = self.prompt_cache if self.template is not None else None  # raw prompts: no history to keep
         for step in generate_stream(self.model, self.tokenizer, ids, self.max_tokens, self.sampler, self.stop,
-                                    seed=self.seed + self.turns):
+                                    seed=self.seed + self.turns, prompt_cache=reuse):
             if step.finish_reason != "eos":
                 tokens.append(step.token)
             if step.text:

@@ -5,6 +5,10 @@ language-model head), then one token per step. While Python handles token ``t`` 
 computes token ``t + 1`` (``mx.async_eval``). Generation stops at an end-of-sequence id, at a stop
 string, after ``max_tokens``, or when the next position would pass the model's context
 (``max_position_embeddings``).
+
+A conversation passes a ``PromptCache``: the keys and values of every token fed so far stay with it, and
+the next prompt runs only from the first token where it differs from them (normally the new turn), instead
+of reading the whole conversation again.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import numpy as np
 
 from .. import settings
 from ..errors import UserError
+from ..model.cache import KVCache
+from ..model.static_cache import static_capacity
 from .decode_step import DecodeState, decoder_for
 from .sampling import KeyStream, SamplerConfig, mark_seen, sample, seen_mask
 
@@ -28,10 +34,11 @@ DEFAULT_PREFILL_CHUNK = 512
 class GenerationStats:
     """Token counts and wall-clock seconds of prompt processing and of generation."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # run through the model; the prompt's tokens taken from a ``PromptCache`` not counted
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
     generation_seconds: float = 0.0
+    reused_tokens: int = 0  # the prompt's tokens whose keys and values came from a ``PromptCache``
 
     @property
     def prompt_tps(self) -> float:
@@ -47,10 +54,49 @@ class GenerationStats:
         self.prompt_seconds += other.prompt_seconds
         self.generated_tokens += other.generated_tokens
         self.generation_seconds += other.generation_seconds
+        self.reused_tokens += other.reused_tokens
 
     def summary(self) -> str:
+        reused = f" | reused: {self.reused_tokens} cached tokens" if self.reused_tokens else ""
         return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | "
-                f"generation: {self.generated_tokens} tokens, {self.generation_tps:.1f} tokens/s")
+                f"generation: {self.generated_tokens} tokens, {self.generation_tps:.1f} tokens/s{reused}")
+
+
+@dataclass
+class PromptCache:
+    """What a conversation has fed the model: the token ids and their per-layer caches.
+
+    ``generate_stream`` takes the longest common prefix of ``tokens`` and the new prompt from here and
+    leaves the caches of everything it fed (prompt and reply) for the next call. ``capacity``: the slot
+    count of the last compiled decoding; the next one keeps at least as many (doubling when it must grow),
+    so a conversation traces its decoding graph a few times, not every turn."""
+
+    tokens: list[int] = field(default_factory=list)
+    caches: Optional[list[KVCache]] = None
+    capacity: int = 0
+
+    def clear(self) -> None:
+        self.tokens, self.caches, self.capacity = [], None, 0
+
+    def take(self, model, prompt_ids: list[int]) -> tuple[list[KVCache], int]:
+        """Caches holding the first n prompt tokens (n < len(prompt_ids), so that one is left to run) and n;
+        fresh caches and 0 when nothing can be reused."""
+        n = 0
+        limit = min(len(self.tokens), len(prompt_ids) - 1)
+        while n < limit and self.tokens[n] == prompt_ids[n]:
+            n += 1
+        caches = self.caches
+        # A sliding window that wrapped around holds no earlier positions to cut back to: it is reused only
+        # when the new prompt goes on from everything fed.
+        if not n or caches is None or any(c.max_size is not None and c.offset > c.max_size and n < c.offset
+                                          for c in caches):
+            return model.make_cache(), 0
+        for c in caches:
+            c.offset = n  # positions past n are overwritten by the new prompt; only [:n] is read
+        return caches, n
+
+    def keep(self, fed: list[int], caches: list[KVCache], capacity: int = 0) -> None:
+        self.tokens, self.caches, self.capacity = fed, caches, max(capacity, self.capacity)
 
 
 @dataclass
@@ -186,13 +232,15 @@ def generate_stream(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     eos_ids: Optional[set[int]] = None,
     compiled: bool = True,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[StreamStep]:
     """Generate after ``prompt_ids`` (BOS included if wanted), yielding one ``StreamStep`` per token.
 
     ``tokenizer`` may be None (no text; ids only). ``eos_ids`` default: ``eos_token_ids(model, tokenizer)``.
     The EOS token ends the stream and is yielded (with ``finish_reason="eos"``) but releases no text.
     ``compiled``: decode through ``CompiledDecoder`` (one traced graph per step, same numbers) instead of
-    building every step's graph in Python.
+    building every step's graph in Python. ``prompt_cache``: reuse and keep the keys and values of a
+    conversation (see ``PromptCache``); it is updated when the stream ends or is closed.
     """
     sampler = sampler or SamplerConfig()
     prompt_ids = [int(t) for t in prompt_ids]
@@ -208,16 +256,26 @@ def generate_stream(
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     use_seen = sampler.repetition_penalty != 1.0
 
-    cache = model.make_cache()
     start = time.perf_counter()
+    cache, reused = prompt_cache.take(model, prompt_ids) if prompt_cache is not None else (model.make_cache(), 0)
+    stats.prompt_tokens, stats.reused_tokens = len(prompt_ids) - reused, reused
     prompt = mx.array(prompt_ids, dtype=mx.int32)[None]  # (1, L)
     seen = seen_mask(prompt, vocab) if use_seen else None
-    logits = _prefill(model, prompt, cache, prefill_chunk)
+    logits = _prefill(model, prompt[:, reused:], cache, prefill_chunk)
     token = sample(logits, sampler, None if sampler.greedy else keys.next(), seen)  # (1,)
+    state = None
     if compiled and max_tokens > 1:
         decoder = decoder_for(model)
-        state = DecodeState.from_caches(cache, len(prompt_ids) + max_tokens)
-        cache = None
+        needed = len(prompt_ids) + max_tokens
+        # the widest layer's window decides (layers may differ: Qwen2's max_window_layers); narrower ones
+        # keep their own (DecodeState.from_caches)
+        widest = None if any(c.max_size is None for c in cache) else max(c.max_size for c in cache)
+        capacity = static_capacity(needed, widest)
+        if prompt_cache is not None and prompt_cache.capacity:  # grow by doubling: few traced graphs
+            capacity = max(capacity, prompt_cache.capacity)
+            while capacity < needed and capacity != widest:
+                capacity = min(capacity * 2, widest or capacity * 2)
+        state = DecodeState.from_caches(cache, needed, capacity)
 
         def forward(tokens):
             return decoder.step(state, tokens)
@@ -227,7 +285,23 @@ def generate_stream(
     mx.eval(token)
     stats.prompt_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    generated: list[int] = []
+    try:
+        yield from _decode_loop(forward, token, max_tokens, sampler, keys, seen, use_seen, eos_ids, stream,
+                                stats, start, generated)
+    finally:  # also when the caller stops reading: the caches hold what was fed
+        if prompt_cache is not None:
+            fed = prompt_ids + generated
+            if state is not None:
+                caches = state.to_caches([c.max_size for c in cache])
+                prompt_cache.keep(fed[: caches[0].offset], caches, state.capacity)
+            else:
+                prompt_cache.keep(fed[: cache[0].offset], cache)
 
+
+def _decode_loop(forward, token, max_tokens, sampler, keys, seen, use_seen, eos_ids, stream, stats, start,
+                 generated: list[int]) -> Iterator[StreamStep]:
+    """The token-by-token part of ``generate_stream``; appends each token handed out to ``generated``."""
     for n in range(1, max_tokens + 1):
         if n < max_tokens:  # compute the next token while this one is handed out
             if use_seen:
@@ -236,6 +310,7 @@ def generate_stream(
             next_token = sample(logits, sampler, None if sampler.greedy else keys.next(), seen)
             mx.async_eval(next_token)
         value = int(token.item())
+        generated.append(value)
         stats.generated_tokens = n
         stats.generation_seconds = time.perf_counter() - start
         if value in eos_ids:

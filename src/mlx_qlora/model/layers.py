@@ -104,7 +104,7 @@ class Attention(nn.Module):
             self._rope_inv_freq = longrope_inv_freq(args, args.rope_short_factor)
             self._rope_long_inv_freq = longrope_inv_freq(args, args.rope_long_factor)
             self._rope_original = args.rope_original_max_position_embeddings
-        self.sliding_window = args.layer_window(layer_index)
+        self.args, self.layer_index = args, layer_index
         qkv_bias = args.qkv_bias or args.attention_bias
         if args.fused_projections:  # Phi-3: the rows of q, then k, then v
             self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
@@ -146,6 +146,11 @@ class Attention(nn.Module):
                                            self.training)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, self.n_heads * self.head_dim)  # (B, L, H*hd)
         return self.o_proj(out)
+
+    @property
+    def sliding_window(self) -> Optional[int]:
+        """This layer's window (None: full attention), read from ``args`` when asked (``layer_window``)."""
+        return self.args.layer_window(self.layer_index)
 
     def _rotate(self, x: mx.array, offset, position_ids: Optional[mx.array]) -> mx.array:
         """RoPE on x (B, H, L, hd) with this layer's frequencies: ``longrope`` takes its long factors for the

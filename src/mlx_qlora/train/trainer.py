@@ -162,12 +162,13 @@ class Trainer:
         self.model.model.grad_checkpoint = c.grad_checkpoint
         self.model.train()
 
-        if c.batch_size % self.world.size:
+        if c.max_batch_tokens is None and c.batch_size % self.world.size:
             raise UserError(f"batch_size: the global batch of {c.batch_size} rows cannot be split evenly over "
                             f"{self.world.size} ranks; give --batch-size a multiple of {self.world.size}")
         self.iterator = BatchIterator(
             self.train_data, batch_size=c.batch_size, seed=c.seed, shuffle=True, packing=c.packing,
             max_seq_len=self.train_data.meta.get("max_seq_len"), rank=self.world.rank, world_size=self.world.size,
+            max_batch_tokens=c.max_batch_tokens,
         )
         self.total_steps = self._total_steps()
         self.schedule = build_schedule(c.schedule, c.learning_rate, self.total_steps, warmup_steps=c.warmup_steps,
@@ -207,13 +208,27 @@ class Trainer:
             "train examples": len(self.train_data), "train tokens": self.train_data.num_tokens,
             "validation examples": len(self.val_data) if self.val_data is not None else -1,
             "total steps": self.total_steps, "start step": self.state.step,
-            "global batch size": self.config.batch_size, "grad accum": self.config.grad_accum,
+            "global batch size": self.config.batch_size, "max batch tokens": self.config.max_batch_tokens or 0,
+            "grad accum": self.config.grad_accum,
             "seed": self.config.seed, "trainable parameters": sum(v.size for v in params.values()),
             "adapter checksum": int.from_bytes(digest.digest()[:3], "little"),  # < 2**24: exact as float32
         })
         if problem:
             raise UserError(f"distributed run: {problem}; every rank needs the same model, data, flags and "
                             "checkpoint")
+
+    def batch_note(self) -> str:
+        """One line on how the training data is batched: the batch rule, batches per epoch, the share of
+        computed tokens that are real, and the row lengths (the compiled step is built once per shape)."""
+        it, c = self.iterator, self.config
+        rule = (f"up to {c.max_batch_tokens:,} tokens (rows x padded length)" if c.max_batch_tokens is not None
+                else f"{c.batch_size} rows")
+        plan = it.plan(it.epoch)
+        widths = sorted({it.width(max(sum(int(it.dataset.lengths[i]) for i in row) for row in rows))
+                         for rows in plan})
+        return (f"batches: {rule}{', packed' if c.packing else ''}; {len(plan):,} per epoch, "
+                f"{it.epoch_efficiency():.0%} of computed tokens real; {len(widths)} row length(s) "
+                f"{widths[0]}-{widths[-1]}")
 
     def _total_steps(self) -> int:
         c = self.config
@@ -381,7 +396,7 @@ class Trainer:
         self.model.eval()
         iterator = BatchIterator(self.val_data, batch_size=self.config.batch_size, seed=0, shuffle=False,
                                  packing=self.config.packing, repeat=False, rank=self.world.rank,
-                                 world_size=self.world.size)
+                                 world_size=self.world.size, max_batch_tokens=self.config.max_batch_tokens)
         total, count = 0.0, 0
         for i, batch in enumerate(iterator):  # every rank walks the same global batches
             if self.config.eval_batches is not None and i >= self.config.eval_batches:
@@ -487,6 +502,7 @@ class Trainer:
         try:
             if main:
                 print(self.dtype_note)
+                print(self.batch_note())
             if self.state.step == 0:
                 if main:
                     print(format_trainable(self.model))

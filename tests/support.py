@@ -117,8 +117,9 @@ CHATML_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 def write_chatml_tokenizer(folder: Path, vocab_size: int = 320, lines: Sequence[str] = ()) -> Path:
     """A byte-level BPE ``tokenizer.json`` of ``vocab_size`` tokens trained on ``lines`` (Qwen's kind of
-    tokenizer: its pre-tokenizer, without its NFC normalizer) whose last three ids are ChatML's ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, with a
-    ``tokenizer_config.json`` holding Qwen's ChatML chat template (EOS ``<|im_end|>``, no BOS), in ``folder``."""
+    tokenizer: its pre-tokenizer, without its NFC normalizer) whose last three ids are ChatML's
+    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, with a ``tokenizer_config.json`` holding Qwen's ChatML
+    chat template (EOS ``<|im_end|>``, no BOS), in ``folder``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers import AddedToken, Regex
 
@@ -144,3 +145,54 @@ def write_chatml_tokenizer(folder: Path, vocab_size: int = 320, lines: Sequence[
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
         "model_max_length": 256}))
     return folder
+
+
+_CHAT_WORDS = ("you are a careful assistant hello hi how can i help name two rivers the nile and amazon blue sky "
+               "what is weather in paris today sunny call tool get_weather city result thanks bye see system user "
+               "answer question one word yes no 42 café").split()
+
+
+def _tiny_bpe_json() -> str:
+    """A 400-token byte-level BPE (GPT-2 style) with ChatML's special tokens, trained on a seeded corpus."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(_CHAT_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer.to_str()
+
+
+def write_chat_tokenizer(folder: Path, chat_template: str) -> Path:
+    """A tokenizer folder (``tokenizer.json`` + ``tokenizer_config.json``) with ``chat_template``: the tiny
+    byte-level BPE, EOS ``<|im_end|>``, no BOS; transformers loads it as ``PreTrainedTokenizerFast``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(_tiny_bpe_json(), encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "bos_token": None, "add_bos_token": False, "chat_template": chat_template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def reference_prefix_mask(hf, messages, tools=None):
+    """The prefix rule computed with transformers alone: token j is learned when its offsets overlap
+    render(messages[:k + 1])[len(render(messages[:k], generation prompt)):] for an assistant message k."""
+    text = hf.apply_chat_template(messages, tools=tools, tokenize=False)
+    encoding = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [0] * len(encoding.input_ids)
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(hf.apply_chat_template(messages[:k], tools=tools, tokenize=False, add_generation_prompt=True))
+        end = len(hf.apply_chat_template(messages[: k + 1], tools=tools, tokenize=False))
+        for j, (a, b) in enumerate(encoding.offset_mapping):
+            if a < end and b > start:
+                mask[j] = 1
+    return encoding.input_ids, mask

@@ -44,6 +44,20 @@ def test_gpu_generate_tiny(tmp_path):
         assert 0 < row["share_of_limit"]
 
 
+@pytest.mark.slow
+def test_gpu_generate_with_adapters_tiny(tmp_path):
+    """``--adapters``: every stack decodes with random LoRA adapters attached; off CUDA our fused decoder
+    layer is never taken (on a GPU, ``ours`` takes it and ``ours-unfused`` does not)."""
+    result, stdout = _run(["gpu_generate.py", "--preset", "tiny", "--prompt-tokens", "16", "--max-tokens", "8",
+                           "--repeats", "1", "--adapters", "4", "--stacks", "ours,ours-unfused,mlx-lm"], tmp_path)
+    stacks = {r["stack"]: r for r in result["rows"]}
+    assert set(stacks) == {"ours", "ours-unfused", "mlx-lm"} and result["adapter_rank"] == 4
+    for row in stacks.values():
+        assert row["decode_tokens_per_s"] > 0 and row["adapter_rank"] == 4 and row["fused_layer"] is False
+        assert row["lora_layers"] == 7 * 4  # all seven projections of the tiny preset's four layers
+    assert "LoRA rank 4 on all seven projections" in stdout
+
+
 def test_probes_run_on_the_cpu():
     for args in (["probes/checkpoint_probe.py", "--blocks", "2", "--dim", "32", "--hidden", "64", "--tokens", "16"],
                  ["probes/memory_probe.py", "--preset", "tiny", "--layers", "1", "--seq", "32", "--checkpointing", "on",
@@ -80,9 +94,11 @@ def test_dequant_probe_tiny(tmp_path):
 
 
 def test_fused_decode_probe_tiny(tmp_path):
-    result, stdout = _run(["probes/fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4"], tmp_path)
+    result, stdout = _run(["probes/fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4", "--adapters", "2"],
+                          tmp_path)
     (row,) = result["rows"]  # on the CPU only the default path runs
     assert row["path"] == "mlx attention" and row["ms_per_token"] > 0 and row["max_logit_diff"] == 0
+    assert row["adapter_rank"] == 2 and row["fused_layer"] is False
     assert "| path |" in stdout
 
 

@@ -170,7 +170,11 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
 class DataConfig(_Config):
     """How instruction records become token ids (``prepare_data.py``)."""
 
-    template: str = "dolly"
+    # "auto": the model's chat template ("chat") for conversations, "dolly" for instructions; completions
+    # and text use none ("none")
+    template: str = "auto"
+    format: str = "auto"  # data.formats.FORMATS; "auto": detected from the columns
+    learn: str = "assistant"  # conversations: "assistant" turns, the "last" one, or "all" tokens
     max_seq_len: int = 1024
     min_response_tokens: int = 16  # truncation never leaves fewer response tokens than this
     val_fraction: float = 0.05
@@ -183,6 +187,11 @@ class DataConfig(_Config):
         for key in ("val_fraction", "test_fraction"):
             setattr(self, key, number(key, getattr(self, key), at_least=0, below=1))
         self.seed = number("seed", self.seed, integer=True, at_least=0, below=SEED_LIMIT)
+        formats = ("auto", "instruction", "messages", "sharegpt", "completion", "text")
+        if self.format not in formats:
+            raise ValueError(f"format must be one of {', '.join(formats)}, got {self.format!r}")
+        if self.learn not in ("assistant", "last", "all"):
+            raise ValueError(f"learn must be assistant, last or all, got {self.learn!r}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1")
 

@@ -123,6 +123,14 @@ class LoRALinear(nn.Module):
             y = y + base.bias.astype(y.dtype)
         return y
 
+    def low_rank_form(self) -> Optional[tuple[BaseLinear, mx.array, mx.array, float]]:
+        """``(base, lora_A, lora_B, scale)`` where this layer's call is exactly ``base(x) + scale * (x @
+        lora_A.T) @ lora_B.T``: in inference (no dropout, no gradient wanted), so that kernels may run the
+        base and add the update beside it (``quant/low_rank.py``); None in training."""
+        if self.training or (self.dropout.training and self.dropout_p > 0):
+            return None
+        return self.base, self.lora_A, self.lora_B, self.scale
+
     def delta_weight(self) -> mx.array:
         """``scale * lora_B @ lora_A``, (out, in) in float32."""
         return lora_delta(self.lora_A, self.lora_B, self.scale)

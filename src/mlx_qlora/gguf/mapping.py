@@ -43,7 +43,7 @@ CONFIG_KEYS: dict[str, str] = {
     "vocab_size": "vocab_size",
 }
 # llama.cpp architecture -> the family a GGUF of it is read as (Mistral models are written as "llama" by
-# llama.cpp); each family adds its own tensors (``Family.gguf_tensors``: Qwen2's q/k/v biases, Qwen3's
+# llama.cpp); each family adds its own tensors (``Family.gguf_names``: Qwen2's q/k/v biases, Qwen3's
 # q/k norms) to the table above.
 IMPORT_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 ARCHITECTURES = tuple(IMPORT_FAMILIES)
@@ -58,9 +58,9 @@ _TO_GGUF = [(_pattern(h), g) for g, h in TENSOR_NAMES.items()]
 
 
 def family_tables(family) -> tuple[list, list]:
-    """``(to Hugging Face, to GGUF)`` rename tables: ``family.gguf_tensors`` first (Phi-3's ``ffn_up`` is its
+    """``(to Hugging Face, to GGUF)`` rename tables: ``family.gguf_names`` first (Phi-3's ``ffn_up`` is its
     fused gate_up_proj), then the common names."""
-    extra = family.gguf_tensors if family is not None else {}
+    extra = family.gguf_names if family is not None else {}
     return ([(_pattern(g), h) for g, h in extra.items()] + _TO_HF,
             [(_pattern(h), g) for g, h in extra.items()] + _TO_GGUF)
 

@@ -54,7 +54,7 @@ def check_exportable(args, source: Path) -> None:
     family = family_of(args.model_type)
     if family.gguf_architecture is None:
         raise UserError(f"{source}: model_type {args.model_type!r} cannot be exported to GGUF yet")
-    if args.attention_bias or (args.qkv_bias and "blk.{i}.attn_q.bias" not in family.gguf_tensors):
+    if args.attention_bias or (args.qkv_bias and "blk.{i}.attn_q.bias" not in family.gguf_names):
         raise UserError(f"{source}: attention_bias: llama.cpp's {family.gguf_architecture!r} architecture has no "
                         f"biases on these attention projections")
     if args.rope_type == "longrope" or args.rotary_dims != args.head_dim:  # rope_factors_* tensors not written

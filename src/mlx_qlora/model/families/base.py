@@ -21,7 +21,7 @@ class Family:
     write: ``ModelArgs`` -> the family's own ``config.json`` fields, for a Hugging Face export.
     lora_targets: the projections PEFT's names for this family cover (a LoRA ``target_modules`` list).
     gguf_architecture: llama.cpp's name for the family (``general.architecture``), None when not exported.
-    gguf_tensors: llama.cpp tensor name -> Hugging Face name, beyond the common ones (``gguf/mapping.py``).
+    gguf_names: llama.cpp tensor name -> Hugging Face name, beyond the common ones (``gguf/mapping.py``).
     gguf_permute_qk: whether llama.cpp stores q/k rows in its interleaved RoPE order (``llama``) or as
         Hugging Face does (NeoX-style RoPE: ``qwen2``, ``qwen3``, ``phi3``).
     gguf_sliding_window: whether llama.cpp's architecture reads ``<arch>.attention.sliding_window`` (``phi3``).
@@ -33,7 +33,7 @@ class Family:
     write: Callable[[Any], dict[str, Any]]
     lora_targets: tuple[str, ...] = ALL_TARGETS
     gguf_architecture: Optional[str] = None
-    gguf_tensors: dict[str, str] = field(default_factory=dict)
+    gguf_names: dict[str, str] = field(default_factory=dict)
     gguf_permute_qk: bool = True
     gguf_sliding_window: bool = False
 

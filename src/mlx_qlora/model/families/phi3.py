@@ -31,6 +31,6 @@ def write(args) -> dict[str, Any]:
 FAMILY = Family(
     "phi3", "Phi3ForCausalLM", read, write, lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     gguf_architecture="phi3", gguf_permute_qk=False, gguf_sliding_window=True,
-    gguf_tensors={"blk.{i}.attn_qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+    gguf_names={"blk.{i}.attn_qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
                   "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.gate_up_proj.weight"},
 )

@@ -21,6 +21,6 @@ def write(args) -> dict[str, Any]:
 
 FAMILY = Family(
     "qwen2", "Qwen2ForCausalLM", read, write, gguf_architecture="qwen2", gguf_permute_qk=False,
-    gguf_tensors={f"blk.{{i}}.attn_{g}.bias": f"model.layers.{{i}}.self_attn.{h}_proj.bias" for g, h in
+    gguf_names={f"blk.{{i}}.attn_{g}.bias": f"model.layers.{{i}}.self_attn.{h}_proj.bias" for g, h in
                   (("q", "q"), ("k", "k"), ("v", "v"))},
 )

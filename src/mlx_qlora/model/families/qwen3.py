@@ -23,6 +23,6 @@ def write(args) -> dict[str, Any]:
 
 FAMILY = Family(
     "qwen3", "Qwen3ForCausalLM", read, write, gguf_architecture="qwen3", gguf_permute_qk=False,
-    gguf_tensors={"blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    gguf_names={"blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
                   "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight"},
 )

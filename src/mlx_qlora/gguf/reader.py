@@ -1,8 +1,9 @@
 """Read a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder.
 
-``gguf_to_hf(path, out)`` writes ``config.json`` (rebuilt from the ``llama.*`` metadata), safetensors
-shards of the dequantized tensors under Hugging Face names (``mapping.TENSOR_NAMES``, with llama.cpp's
-query/key row order undone), the tokenizer rebuilt from the ``tokenizer.ggml.*`` metadata
+``gguf_to_hf(path, out)`` writes ``config.json`` (rebuilt from the ``<architecture>.*`` metadata:
+``llama``, ``qwen2`` or ``qwen3``), safetensors shards of the dequantized tensors under Hugging Face names
+(``mapping.TENSOR_NAMES`` plus the family's own, with llama.cpp's query/key row order undone for
+``llama``), the tokenizer rebuilt from the ``tokenizer.ggml.*`` metadata
 (``tokenizer.json`` or ``tokenizer.model``, see ``vocab.py``) and ``tokenizer_config.json`` with the chat
 template. Everything downstream (``load_model``, ``convert_checkpoint``, ``load_tokenizer``,
 ``transformers``) reads that folder unchanged.
@@ -21,7 +22,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json, write_safetensors_shards
-from .mapping import ARCHITECTURES, CONFIG_KEYS, hf_name, reorder_from_gguf
+from ..model.families import FAMILIES
+from .mapping import ARCHITECTURES, CONFIG_KEYS, IMPORT_FAMILIES, hf_name, reorder_from_gguf
 from .vocab import tokenizer_files
 
 # Tensor types we dequantize (every one the gguf package implements that llama.cpp models use).
@@ -87,8 +89,9 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise UserError(f"{source}: general.architecture = {arch!r} is not supported (supported: "
-                        f"{', '.join(ARCHITECTURES)}: the Llama/Mistral decoder)")
-    config: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+                        f"{', '.join(ARCHITECTURES)})")
+    family = FAMILIES[IMPORT_FAMILIES[arch]]
+    config: dict[str, Any] = {"architectures": [family.architecture], "model_type": family.model_type}
     for key, hf_key in CONFIG_KEYS.items():
         if f"{arch}.{key}" in meta:
             value = meta[f"{arch}.{key}"]
@@ -115,6 +118,8 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
         raise UserError(f"{source}: {arch}.rope.scaling.type = {scaling!r} is not supported (supported: linear)")
     if "rope_freqs.weight" in tensor_names:
         raise UserError(f"{source}: has rope_freqs.weight (Llama 3.1-style RoPE scaling), which is not supported")
+    if family.gguf_sliding_window and meta.get(f"{arch}.attention.sliding_window"):
+        config["sliding_window"] = int(meta[f"{arch}.attention.sliding_window"])
     config.setdefault("rms_norm_eps", 1e-5)
     config.setdefault("rope_theta", 10000.0)
     config.setdefault("max_position_embeddings", 4096)
@@ -136,16 +141,20 @@ class GGUFTensor:
     shape: tuple[int, ...]  # numpy order: (out, in) for a weight matrix
 
 
-def plan_tensors(reader, source: str) -> list[tuple[GGUFTensor, Any]]:
-    """``(GGUFTensor, the gguf package's tensor)`` for every tensor; ``UserError`` for an unknown name or
-    an unsupported type."""
+def _family(config: dict[str, Any]):
+    return FAMILIES[config["model_type"]]
+
+
+def plan_tensors(reader, source: str, family=None) -> list[tuple[GGUFTensor, Any]]:
+    """``(GGUFTensor, the gguf package's tensor)`` for every tensor (named by ``family``'s table: the
+    common names plus its own); ``UserError`` for an unknown name or an unsupported type."""
     out = []
     for tensor in reader.tensors:
         if tensor.name in IGNORED_TENSORS:
             continue
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, family)
         if name is None:
-            raise UserError(f"{source}: tensor {tensor.name!r} has no counterpart in the Llama/Mistral decoder")
+            raise UserError(f"{source}: tensor {tensor.name!r} has no counterpart in our decoder")
         type_name = tensor.tensor_type.name
         if type_name not in SUPPORTED_TYPES:
             raise UserError(f"{source}: tensor {tensor.name!r} has type {type_name}, which is not supported "
@@ -155,12 +164,13 @@ def plan_tensors(reader, source: str) -> list[tuple[GGUFTensor, Any]]:
     return out
 
 
-def dequantized(tensor, info: GGUFTensor, n_heads: int, n_kv_heads: int) -> np.ndarray:
-    """The float32 values of one GGUF tensor, shaped and ordered as the Hugging Face tensor."""
+def dequantized(tensor, info: GGUFTensor, n_heads: int, n_kv_heads: int, permuted: bool = True) -> np.ndarray:
+    """The float32 values of one GGUF tensor, shaped and ordered as the Hugging Face tensor (``permuted``:
+    the file holds q/k rows in llama.cpp's interleaved order, as the ``llama`` architecture does)."""
     gguf = _gguf()
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     values = np.asarray(values, dtype=np.float32).reshape(info.shape)
-    return reorder_from_gguf(info.name, values, n_heads, n_kv_heads)
+    return reorder_from_gguf(info.name, values, n_heads, n_kv_heads) if permuted else values
 
 
 @dataclass
@@ -197,7 +207,8 @@ def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "floa
     meta = read_metadata(reader)
     source = str(path)
     config = hf_config(meta, source, {t.name for t in reader.tensors})
-    plan = plan_tensors(reader, source)
+    family = _family(config)
+    plan = plan_tensors(reader, source, family)
     files = tokenizer_files(meta, source)
     names = {info.name for info, _ in plan}
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -221,7 +232,7 @@ def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "floa
         shard = {}
         for name in shard_names:
             tensor_info, tensor = by_name[name]
-            shard[name] = dequantized(tensor, tensor_info, n_heads, n_kv).astype(np_dtype)
+            shard[name] = dequantized(tensor, tensor_info, n_heads, n_kv, family.gguf_permute_qk).astype(np_dtype)
             bar.update(1)
         save_file(shard, str(file), metadata={"format": "pt"})
 

@@ -57,10 +57,13 @@ def _forms(layer) -> list:
 def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     """Whether ``layer_step`` runs this call: ``settings.fused_decode`` on, one token per sequence over a
     ``StaticKVCache`` at the cache's own positions, every projection a bare per-row 4-bit layer in
-    inference or a LoRA layer over one in inference (``fused_form``), plain or linearly scaled RoPE, and
-    shapes the kernels take."""
+    inference or a LoRA layer over one in inference (``fused_form``; biased layers, Qwen2's q/k/v, are not
+    bare), plain or linearly scaled RoPE over the whole head without per-head q/k norms, and shapes the
+    kernels take."""
     if not (settings.current().fused_decode and isinstance(cache, StaticKVCache) and position_ids is None
             and x.ndim == 3 and x.shape[1] == 1):
+        return False
+    if "qkv_proj" in layer.self_attn:  # Phi-3's fused projections: the kernels take q/k/v and gate/up apart
         return False
     forms = _forms(layer)
     if not all(form is not None and type(form[0]) is QuantizedLinear for form in forms):
@@ -69,6 +72,8 @@ def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     return (
         a._rope_inv_freq is None  # the kernel's rotary embeddings are plain RoPE: no llama3 frequencies
+        and a.rotary_dims == a.head_dim and a.rope_attention_factor == 1.0  # nor partial or longrope
+        and "q_norm" not in a  # nor a norm over each query / key head (Qwen3)
         and a.head_dim % 4 == 0 and all(n.dtype == x.dtype for n in norms)
         and qmv_cuda.supports(x, forms[0][0].in_features, 4, None)
         and qmv_cuda.supports(x, forms[6][0].in_features, 4, None)

@@ -21,7 +21,7 @@ class MistralModel(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.grad_checkpoint = False
 
@@ -45,13 +45,12 @@ class MistralModel(nn.Module):
         offset = cache[0].offset if cache else 0
         built: dict[str, Any] = {}
 
-        def mask_fn(key_positions):
-            # Every layer sees the same positions: build the mask once per forward pass.
-            if "mask" not in built:
-                built["mask"] = make_mask(
-                    L, offset, key_positions, self.args.sliding_window, segment_ids, attention_mask
-                )
-            return built["mask"]
+        def mask_fn(key_positions, window):
+            # Layers with the same window and cache length see the same positions: one mask for each.
+            key = (window, None if key_positions is None else key_positions.shape[0])
+            if key not in built:
+                built[key] = make_mask(L, offset, key_positions, window, segment_ids, attention_mask)
+            return built[key]
 
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache else None
@@ -117,8 +116,8 @@ class MistralForCausalLM(nn.Module):
         return self.logits_from_hidden(self.hidden_states(input_ids, cache, position_ids, segment_ids, attention_mask))
 
     def make_cache(self) -> list[KVCache]:
-        """One cache per layer; each keeps only the sliding window when the model has one."""
-        return [KVCache(self.args.sliding_window) for _ in self.model.layers]
+        """One cache per layer; each keeps only its layer's sliding window when it has one."""
+        return [KVCache(layer.self_attn.sliding_window) for layer in self.model.layers]
 
     @property
     def layers(self) -> list[DecoderLayer]:

@@ -44,6 +44,20 @@ def test_gpu_generate_tiny(tmp_path):
         assert 0 < row["share_of_limit"]
 
 
+@pytest.mark.slow
+def test_gpu_generate_with_adapters_tiny(tmp_path):
+    """``--adapters``: every stack decodes with random LoRA adapters attached; off CUDA our fused decoder
+    layer is never taken (on a GPU, ``ours`` takes it and ``ours-unfused`` does not)."""
+    result, stdout = _run(["gpu_generate.py", "--preset", "tiny", "--prompt-tokens", "16", "--max-tokens", "8",
+                           "--repeats", "1", "--adapters", "4", "--stacks", "ours,ours-unfused,mlx-lm"], tmp_path)
+    stacks = {r["stack"]: r for r in result["rows"]}
+    assert set(stacks) == {"ours", "ours-unfused", "mlx-lm"} and result["adapter_rank"] == 4
+    for row in stacks.values():
+        assert row["decode_tokens_per_s"] > 0 and row["adapter_rank"] == 4 and row["fused_layer"] is False
+        assert row["lora_layers"] == 7 * 4  # all seven projections of the tiny preset's four layers
+    assert "LoRA rank 4 on all seven projections" in stdout
+
+
 def test_probes_run_on_the_cpu():
     for args in (["probes/checkpoint_probe.py", "--blocks", "2", "--dim", "32", "--hidden", "64", "--tokens", "16"],
                  ["probes/memory_probe.py", "--preset", "tiny", "--layers", "1", "--seq", "32", "--checkpointing", "on",
@@ -80,9 +94,11 @@ def test_dequant_probe_tiny(tmp_path):
 
 
 def test_fused_decode_probe_tiny(tmp_path):
-    result, stdout = _run(["probes/fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4"], tmp_path)
+    result, stdout = _run(["probes/fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4", "--adapters", "2"],
+                          tmp_path)
     (row,) = result["rows"]  # on the CPU only the default path runs
     assert row["path"] == "mlx attention" and row["ms_per_token"] > 0 and row["max_logit_diff"] == 0
+    assert row["adapter_rank"] == 2 and row["fused_layer"] is False
     assert "| path |" in stdout
 
 
@@ -196,3 +212,15 @@ def test_user_path_tiny(tmp_path):
     assert chat["turns"] == 3 and chat["session_decode_tokens_per_s"] > 0
     assert chat["turn3_decode_tokens_per_s"] is None or chat["turn3_decode_tokens_per_s"] > 0
     assert "| sample | ours (tokens) |" in stdout and "| long | mlx-lm |" in stdout
+
+
+@pytest.mark.slow
+def test_qwen3_preset_runs_beside_mlx_lm_qwen3(tmp_path):
+    """The Qwen3 presets build our decoder with q/k norms and mlx-lm's own qwen3 model (about 30 s)."""
+    result, _ = _run(["gpu_train.py", "--preset", "qwen3-tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "1",
+                      "--checkpointing", "off"], tmp_path)
+    assert {r["stack"] for r in result["rows"]} == {"ours", "mlx-lm"}
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"])
+    result, _ = _run(["gpu_generate.py", "--preset", "qwen3-tiny", "--prompt-tokens", "16", "--max-tokens", "8",
+                      "--repeats", "1", "--stacks", "ours,mlx-lm"], tmp_path)
+    assert all(r["decode_tokens_per_s"] > 0 for r in result["rows"])

@@ -154,3 +154,51 @@ def test_q4_1_to_our_4bit_with_group_size_32_is_lossless(hf_dir, tmp_path):
     assert len(projections) == 30 * 7
     for name in projections:
         np.testing.assert_array_equal(np.array(converted[name]), dequantized[name], err_msg=name)
+
+
+def test_learned_spans_of_the_real_chat_template(hf_dir, tokenizer):
+    """SmolLM2's own template (default system prompt, ChatML): every assistant turn's text, <|im_end|> and the
+    newline after it are learned, token for token as the prefix rule computed with transformers alone."""
+    import transformers
+    from support import reference_prefix_mask
+
+    from mlx_qlora.data.conversation import encode_conversation
+
+    theirs = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    conversation = [CHAT[0], {"role": "assistant", "content": "Paris is the capital of France."},
+                    {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."}]
+    for messages in (conversation, [{"role": "system", "content": "Be terse."}] + conversation):
+        ids, mask = reference_prefix_mask(theirs, messages)
+        ex = encode_conversation(tokenizer, "chat", messages)
+        assert ex.input_ids == ids and [int(label != -100) for label in ex.labels] == mask
+        learned = tokenizer.decode([t for t, label in zip(ex.input_ids, ex.labels) if label != -100])
+        assert learned == "Paris is the capital of France.\nRome.\n"  # <|im_end|> is special: decode drops it
+
+
+def test_generate_defaults_to_the_chat_template(hf_dir, ours, reference, tokenizer, capsys):
+    """generate.py --model <SmolLM2> --prompt Q with no other flag: transformers' greedy reply through the
+    model's chat template; --system and the history of a chat are rendered as apply_chat_template does."""
+    import torch
+    import transformers
+
+    from mlx_qlora.cli.generate import main
+    from mlx_qlora.generate.chat import ChatSession
+
+    theirs = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    ids = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                 eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id)[0, len(ids):].tolist()
+    expected = theirs.decode(out, skip_special_tokens=True)
+    main(["--model", str(hf_dir), "--prompt", CHAT[0]["content"], "--max-tokens", "24"])
+    captured = capsys.readouterr()
+    assert "template: chat (from the model's chat template" in captured.err
+    assert captured.out.rstrip("\n") == expected and "Paris" in expected
+
+    session = ChatSession(ours, tokenizer, "chat", system="Answer in French.")
+    session.messages = [CHAT[0], {"role": "assistant", "content": expected}]
+    history = [{"role": "system", "content": "Answer in French."}, *session.messages,
+               {"role": "user", "content": "And of Italy?"}]
+    got, dropped = session.prompt_ids("And of Italy?")
+    assert dropped == 0 and got == theirs.apply_chat_template(history, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=True)["input_ids"]

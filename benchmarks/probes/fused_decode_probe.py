@@ -3,9 +3,12 @@
 operations (fused q/k/v and SwiGLU launches only; MLX's attention with the mask), and each decoder layer in
 six launches (``model/fused_decode.py``, ``settings.fused_decode``). Reports ms per token, the
 host's share (time inside ``mx.async_eval``) and each path's largest logit difference from the first path
-over the same tokens.
+over the same tokens. ``--adapters RANK``: both paths with random LoRA adapters attached on all seven
+projections (in the compute dtype, as ``generate.py --adapter`` attaches them), which the six launches add
+beside and inside their kernels.
 
   python benchmarks/probes/fused_decode_probe.py --preset mistral-7b --layers 32     # on a CUDA GPU
+  python benchmarks/probes/fused_decode_probe.py --preset mistral-7b --adapters 16
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from common import PRESETS, compute_dtype, environment, print_table, write_json
 
 import mlx.core as mx
 
+from gpu_generate import random_adapters, takes_fused_layer
 from gpu_train import build_ours
 from mlx_qlora import settings
 from mlx_qlora.device import on_cuda
@@ -61,13 +65,17 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--paths", help="comma list of the paths to run (default: all): " + ", ".join(PATHS))
+    p.add_argument("--adapters", type=int, default=0, metavar="RANK",
+                   help="random LoRA adapters of this rank on all seven projections (0: none)")
     p.add_argument("--json")
     args = p.parse_args()
     cfg = dict(PRESETS[args.preset])
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
     mx.random.seed(0)
-    model = build_ours(cfg, compute_dtype(), rank=0, grad_checkpoint=False)
+    model = build_ours(cfg, compute_dtype(), rank=args.adapters, grad_checkpoint=False)
+    if args.adapters:
+        random_adapters(model, ("lora_A", "lora_B"), compute_dtype())
     model.eval()
     prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt_tokens,)).astype(mx.int32)
     tokens = mx.random.randint(0, cfg["vocab_size"], (args.steps,)).tolist()
@@ -82,15 +90,18 @@ def main() -> None:
             continue  # the kernels need CUDA
         with settings.override(fused_decode=fused):
             logits, ms, host_ms = decode(model, prompt, tokens)
+            taken = takes_fused_layer(model, compute_dtype())
         base = logits if base is None else base
-        row = {"path": name, "ms_per_token": ms, "host_ms_per_token": host_ms, "tokens_per_s": 1e3 / ms,
+        row = {"path": name, "adapter_rank": args.adapters, "fused_layer": taken, "ms_per_token": ms, "host_ms_per_token": host_ms, "tokens_per_s": 1e3 / ms,
                "max_logit_diff": mx.abs(logits - base).max().item(), "max_abs_logit": mx.abs(base).max().item()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print_table(rows, [("path", "path", ""), ("ms_per_token", "ms/token", "{:.2f}"),
                        ("host_ms_per_token", "host ms/token", "{:.2f}"), ("tokens_per_s", "tokens/s", "{:.1f}"),
-                       ("max_logit_diff", "max logit diff", "{:.3g}"), ("max_abs_logit", "max |logit|", "{:.3g}")])
+                       ("max_logit_diff", "max logit diff", "{:.3g}"), ("max_abs_logit", "max |logit|", "{:.3g}"),
+                       ("fused_layer", "fused layer", "{}")])
     write_json(args.json, {"benchmark": "fused_decode", "preset": args.preset, "layers": cfg["num_hidden_layers"],
+                           "adapter_rank": args.adapters,
                            "environment": environment(), "rows": rows})
 
 

@@ -17,6 +17,10 @@ from typing import Any, Optional
 
 # The seven linear projections of a Mistral decoder layer, in checkpoint order.
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Phi-3's fused projections (q, k and v in one layer; gate and up in one), which LoRA adapts as one layer each,
+# as PEFT does; on such a model the names above map onto them (``lora.apply.model_targets``).
+FUSED_TARGETS = ("qkv_proj", "gate_up_proj")
+KNOWN_TARGETS = ALL_TARGETS + FUSED_TARGETS
 
 
 class _Config:
@@ -147,9 +151,9 @@ class LoRAConfig(_Config):
             self.layers = [number("lora layers", i, integer=True) for i in layers]  # -1: the last
         if not self.targets:
             raise ValueError("lora targets must name at least one projection")
-        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        bad = [t for t in self.targets if t not in KNOWN_TARGETS]
         if bad:
-            raise ValueError(f"unknown lora target(s) {bad}; choose from {', '.join(ALL_TARGETS)}")
+            raise ValueError(f"unknown lora target(s) {bad}; choose from {', '.join(KNOWN_TARGETS)}")
 
     @property
     def scale(self) -> float:
@@ -166,7 +170,11 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
 class DataConfig(_Config):
     """How instruction records become token ids (``prepare_data.py``)."""
 
-    template: str = "dolly"
+    # "auto": the model's chat template ("chat") for conversations, "dolly" for instructions; completions
+    # and text use none ("none")
+    template: str = "auto"
+    format: str = "auto"  # data.formats.FORMATS; "auto": detected from the columns
+    learn: str = "assistant"  # conversations: "assistant" turns, the "last" one, or "all" tokens
     max_seq_len: int = 1024
     min_response_tokens: int = 16  # truncation never leaves fewer response tokens than this
     val_fraction: float = 0.05
@@ -179,6 +187,11 @@ class DataConfig(_Config):
         for key in ("val_fraction", "test_fraction"):
             setattr(self, key, number(key, getattr(self, key), at_least=0, below=1))
         self.seed = number("seed", self.seed, integer=True, at_least=0, below=SEED_LIMIT)
+        formats = ("auto", "instruction", "messages", "sharegpt", "completion", "text")
+        if self.format not in formats:
+            raise ValueError(f"format must be one of {', '.join(formats)}, got {self.format!r}")
+        if self.learn not in ("assistant", "last", "all"):
+            raise ValueError(f"learn must be assistant, last or all, got {self.learn!r}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1")
 

@@ -129,7 +129,7 @@ def test_prepared_directory_round_trips(prepared, tiny_spm_path):
     assert counts["rows"] == 200 and counts["dropped"] == 200 - len(seen) and len(set(seen)) == len(seen)
     assert counts["truncated"] > 0 and counts["truncated_context"] > 0
     assert meta["tokenizer"]["checksum"] == tok.checksum and meta["template"] == "dolly"
-    assert meta["max_seq_len"] == 160 and meta["config"] == config.to_dict()
+    assert meta["max_seq_len"] == 160 and meta["config"] == {**config.to_dict(), "template": "dolly"}  # "auto", resolved
     lengths = np.concatenate([np.diff(PreparedDataset(out, s).offsets) for s in ("train", "validation", "test")])
     assert meta["token_lengths"]["max"] == lengths.max() <= 160
     assert meta["token_lengths"]["p50"] == pytest.approx(np.percentile(lengths, 50), abs=0.01)

@@ -10,7 +10,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from support import tiny_model
+from mlx.utils import tree_flatten, tree_unflatten
+
+from support import random_adapters, tiny_model
 from mlx_qlora import settings
 from mlx_qlora.config import LoRAConfig
 from mlx_qlora.generate.decode_step import DecodeState, decoder_for
@@ -158,12 +160,52 @@ def test_fused_projections_are_taken_only_for_bare_4bit_layers_in_inference(monk
     layers[1].eval()
     grouped = QuantizedLinear.from_linear(nn.Linear(64, 32, bias=False), group_size=32)
     assert not matmul.fuses([layers[0], grouped], x)
-    from mlx_qlora.lora import LoRALinear
-
-    assert not matmul.fuses([layers[0], LoRALinear.from_base(layers[1], rank=2)], x)  # adapters: one by one
     assert not matmul.fuses([layers[0], nn.Linear(64, 32, bias=False)], x)  # full precision
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: False)
     assert not matmul.fuses(layers, x)
+
+
+def test_fused_projections_take_lora_layers_in_inference(monkeypatch):
+    """q/k/v and gate/up in one launch each with LoRA layers among them: same decisions as the decoder layer's."""
+    x = mx.zeros((1, 1, 64))
+
+    def takes(layer):
+        a, m = layer.self_attn, layer.mlp
+        return matmul.fuses([a.q_proj, a.k_proj, a.v_proj], x) and matmul.fuses([m.gate_proj, m.up_proj], x)
+
+    _check_adapter_decisions(monkeypatch, takes)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj", "up_proj"), ("k_proj", "gate_proj")])
+def test_fused_projections_with_adapters_equal_the_lora_layers(monkeypatch, targets):
+    """``project`` and ``swiglu`` over LoRA layers (the kernels replaced by their formulas, addends included)
+    equal the LoRA layers' own calls; the adapters change the outputs."""
+    from mlx_qlora.model.modules import quantize_model
+
+    model = _random_model(None)
+    quantize_model(model, bits=4)
+    params, config = random_adapters(model.args, rank=4, targets=targets, std=0.3)
+    apply_lora(model, config)
+    model.update(tree_unflatten(list(params.items())))
+    model.eval()
+    a, m = model.layers[0].self_attn, model.layers[0].mlp
+    x = mx.random.normal((2, 1, 64))
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
+    monkeypatch.setattr(qmv_cuda, "qmv_split", lambda x, weights, shapes=None, addends=None: [
+        (qmv_cuda.reference(x.reshape(-1, x.shape[-1]), *w) + (0 if add is None else add[0] * add[1])).reshape(s)
+        for w, s, add in zip(weights, shapes or [(*x.shape[:-1], w[0].shape[0]) for w in weights],
+                             addends or [None] * len(weights))])
+    monkeypatch.setattr(qmv_cuda, "qmv_swiglu", lambda x, gate, up, addends=None: qmv_cuda.reference_swiglu(
+        x.reshape(-1, x.shape[-1]), gate, up, addends).reshape(*x.shape[:-1], gate[0].shape[0]))
+    with settings.override(fused=True):
+        assert matmul.fuses([a.q_proj, a.k_proj, a.v_proj], x)
+        got = matmul.project([a.q_proj, a.k_proj, a.v_proj], x) + [matmul.swiglu(m.gate_proj, m.up_proj, x)]
+    monkeypatch.undo()
+    want = [p(x) for p in (a.q_proj, a.k_proj, a.v_proj)] + [nn.silu(m.gate_proj(x)) * m.up_proj(x)]
+    bare = [p.base(x) if hasattr(p, "base") else p(x) for p in (a.q_proj, a.k_proj, a.v_proj)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-4)
+    assert any(float(mx.abs(w - b).max()) > 1e-2 for w, b in zip(want, bare))
 
 
 def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
@@ -171,19 +213,45 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     themselves are checked in tests/kernels/test_emulated.py): the logits of every step equal the
     operation-by-operation path (float32, per-row 4-bit projections, a window the ring wraps around)."""
     model, state, tokens, eager = _quantized_model_and_eager_steps(steps=12)
+    fused = _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens)
+    np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
 
-    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache):
+
+@pytest.mark.parametrize("targets,layers", [
+    (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), None),
+    (("k_proj", "o_proj", "gate_proj"), [1]), (("q_proj", "up_proj", "down_proj"), [0])])
+def test_fused_decode_layer_with_adapters_equals_the_layer_by_layer_path(monkeypatch, targets, layers):
+    """LoRA attached at run time stays on the fused path: with adapters on all seven projections, or on a
+    subset of them in one layer (the other layer bare), every layer of every step takes ``layer_step`` (the
+    kernels replaced by their formulas, addends included) and its logits equal the operation-by-operation
+    LoRA layers' within the bare path's tolerance; the adapters move the logits far more than that."""
+    model, state, tokens, eager = _quantized_model_and_eager_steps(steps=8, adapters=(targets, layers))
+    fused = _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens)
+    np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
+    from mlx_qlora.lora import LoRALinear
+
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.scale = 0.0  # the same model without its updates
+    assert float(mx.abs(_teacher_forced_logits(model, tokens) - eager).max()) > 1e-2
+
+
+def _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens) -> mx.array:
+    """``_traced_steps`` with the fused decoder layer on and its kernels replaced by their formulas; checks
+    that every layer of every step took the fused path."""
+
+    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache, addends=None):
         # the kernel writes k and v into the cache's buffers in place; here: a slice_update at its slot
         q, k, v = [o.astype(x.dtype) for o in qmv_cuda.reference_qkv_norm_rope(
-            x.reshape(-1, x.shape[-1]), gamma, eps, weights, int(position.item()), head_dim, base, scale)]
+            x.reshape(-1, x.shape[-1]), gamma, eps, weights, int(position.item()), head_dim, base, scale, addends)]
         slot = (position % cache[0].shape[2]).reshape(1)
         kv_shape = (x.shape[0], -1, 1, head_dim)  # (B, Hkv, 1, hd)
         return [q.reshape(q_shape)] + [mx.slice_update(c, n.reshape(kv_shape), slot, axes=(2,))
                                        for c, n in zip(cache, (k, v))]
 
-    def swiglu(x, gamma, eps, gate, up):
+    def swiglu(x, gamma, eps, gate, up, addends=None):
         normed = qmv_cuda.reference_rms_norm(x.reshape(-1, x.shape[-1]), gamma, eps)
-        return qmv_cuda.reference_swiglu(normed, gate, up).reshape(*x.shape[:-1], gate[0].shape[0])
+        return qmv_cuda.reference_swiglu(normed, gate, up, addends).reshape(*x.shape[:-1], gate[0].shape[0])
 
     def residual(x, weight, res, prefetch=()):
         return (qmv_cuda.reference(x.reshape(-1, x.shape[-1]), *weight) + res.reshape(-1, res.shape[-1])).reshape(
@@ -192,7 +260,8 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     calls = []
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)  # head dim 16 here
-    monkeypatch.setattr(qmv_cuda, "qkv_norm_rope", lambda *a, cache: calls.append("qkv") or qkv(*a, cache))
+    monkeypatch.setattr(qmv_cuda, "qkv_norm_rope",
+                        lambda *a, cache, addends=None: calls.append("qkv") or qkv(*a, cache, addends))
     monkeypatch.setattr(qmv_cuda, "swiglu_norm", swiglu)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(attention_cuda, "decode_attention",
@@ -200,8 +269,9 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
                                                                                           scale))
     with settings.override(fused_decode=True):
         fused = _traced_steps(model, state, tokens)
-    assert len(calls) == 12 * model.args.num_hidden_layers  # every layer of every step took the fused path
-    np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
+    monkeypatch.undo()
+    assert len(calls) == (len(tokens) - 1) * model.args.num_hidden_layers  # every layer of every step: fused
+    return fused
 
 
 def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
@@ -217,7 +287,7 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
     x = mx.zeros((1, 1, a.q_proj.in_features))
     seen = []
 
-    def qkv(*args, cache):
+    def qkv(*args, cache, addends=None):
         return [mx.zeros((1, a.n_heads, 1, a.head_dim)), *cache]
 
     def attention(q, k, v, pos, scale, prefetch=()):
@@ -231,7 +301,8 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
     monkeypatch.setattr(qmv_cuda, "qkv_norm_rope", qkv)
     monkeypatch.setattr(attention_cuda, "decode_attention", attention)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
-    monkeypatch.setattr(qmv_cuda, "swiglu_norm", lambda h, *args: mx.zeros((1, 1, m.gate_proj.out_features)))
+    monkeypatch.setattr(qmv_cuda, "swiglu_norm",
+                        lambda h, *args, addends=None: mx.zeros((1, 1, m.gate_proj.out_features)))
     with settings.override(prefetch_gate_up_mb=1 / 1024):  # 1 KB of each
         fused_decode.layer_step(layer, x, StaticKVCache(state.keys[0], state.values[0], state.offset))
     attention_pf, o_pf, down_pf = seen
@@ -246,9 +317,10 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
     assert seen[0] == []
 
 
-def _quantized_model_and_eager_steps(steps: int):
+def _quantized_model_and_eager_steps(steps: int, adapters=None):
     """A 4-bit model with non-default rotary settings, distinct norms and a window of 16, its static decode
-    state after a 9-token prompt, and the operation-by-operation logits of ``steps`` greedy steps."""
+    state after a 9-token prompt, and the operation-by-operation logits of ``steps`` greedy steps.
+    ``adapters``: (targets, layers) of random LoRA adapters (rank 4, both matrices non-zero) attached."""
     from mlx_qlora.model.modules import quantize_model
 
     model = _random_model(16, rope_theta=500.0, rope_scaling_factor=2.0)  # non-default rotary settings
@@ -256,8 +328,14 @@ def _quantized_model_and_eager_steps(steps: int):
     for layer in model.layers:  # norms that differ, so that mixing them up shows
         layer.input_layernorm.weight = 1.0 + 0.3 * mx.random.normal((64,))
         layer.post_attention_layernorm.weight = 1.0 + 0.3 * mx.random.normal((64,))
+    if adapters is not None:
+        targets, layers = adapters
+        params, config = random_adapters(model.args, rank=4, targets=targets, std=0.3)
+        apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=targets, layers=layers))
+        wanted = {k for k, _ in tree_flatten(model.trainable_parameters())}
+        model.update(tree_unflatten([(k, v) for k, v in params.items() if k in wanted]))
     model.eval()
-    prompt = [5, 7, 11, 13, 17, 19, 23, 29, 31]
+    prompt = _PROMPT
     cache = model.make_cache()
     logits = model(mx.array([prompt]), cache=cache)[:, -1, :]
     state = DecodeState.from_caches(cache, len(prompt) + steps)
@@ -266,6 +344,16 @@ def _quantized_model_and_eager_steps(steps: int):
         eager.append(model(mx.array([[tokens[-1]]]), cache=cache)[:, -1, :])
         tokens.append(int(mx.argmax(eager[-1], axis=-1).item()))
     return model, state, tokens, mx.stack(eager)
+
+
+_PROMPT = [5, 7, 11, 13, 17, 19, 23, 29, 31]
+
+
+def _teacher_forced_logits(model, tokens) -> mx.array:
+    """Operation-by-operation logits after ``_PROMPT`` fed ``tokens[:-1]`` one at a time."""
+    cache = model.make_cache()
+    model(mx.array([_PROMPT]), cache=cache)
+    return mx.stack([model(mx.array([[t]]), cache=cache)[:, -1, :] for t in tokens[:-1]])
 
 
 def _traced_steps(model, state, tokens) -> mx.array:
@@ -308,6 +396,35 @@ def test_fused_decode_is_default_and_needs_bare_4bit_layers(monkeypatch):
         assert not fused_decode.applies(layer, x, KVCache(None))  # growing cache
         assert not fused_decode.applies(layer, x, None)  # no cache
         assert not fused_decode.applies(layer, x, cache, position_ids=mx.array([[3]]))  # positions of its own
-        apply_lora(model, LoRAConfig(rank=2, alpha=4.0))
+    _check_adapter_decisions(monkeypatch, lambda layer: fused_decode.applies(layer, x, cache))
+
+
+def _check_adapter_decisions(monkeypatch, takes):
+    """``takes(layer)``: whether a decoder layer's fused path is taken. LoRA over per-row 4-bit bases in
+    inference (dropout configured or not: not applied) is; in training, over 4-bit bases with groups or
+    over full-precision layers it is not."""
+    from mlx_qlora.model.modules import quantize_model
+
+    monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
+    monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)
+    with settings.override(fused_decode=True, fused=True):
+        model = _random_model(None)
+        quantize_model(model, bits=4)
+        apply_lora(model, LoRAConfig(rank=2, alpha=4.0, dropout=0.1, targets=("q_proj", "up_proj", "down_proj")))
         model.eval()
-        assert not fused_decode.applies(model.layers[0], x, cache)  # adapters: layer by layer
+        assert takes(model.layers[0])  # a subset of the projections adapted, dropout off in inference
+        model.train()
+        assert not takes(model.layers[0])  # training: dropout in effect, gradients wanted
+        model.eval()
+        q = model.layers[0].self_attn.q_proj
+        q.dropout.train()  # dropout that would be applied
+        assert not takes(model.layers[0])
+        q.dropout.eval()
+        assert takes(model.layers[0])
+        grouped = _random_model(None)
+        quantize_model(grouped, bits=4, group_size=32)
+        full = _random_model(None)
+        for other in (grouped, full):
+            apply_lora(other, LoRAConfig(rank=2, alpha=4.0))
+            other.eval()
+            assert not takes(other.layers[0])

@@ -352,3 +352,87 @@ def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.fl
         np.testing.assert_allclose(np.array(out), np.array(want), rtol=1e-5, atol=1e-5)
     else:
         _assert_close_to_rounded(out, want)
+
+
+# ---- LoRA addends (``Variant.addend``): F * add<g> added to matrix g's float32 sums before the epilogue --------
+
+
+def _addend_inputs(rows: int, sizes, adapted, dtype, seed: int):
+    """Per matrix, None or (factor, addend (rows, N)) for the adapted ones; the addends of a LoRA's size."""
+    mx.random.seed(seed)
+    return [(0.5 + g, mx.random.normal((rows, n)).astype(dtype)) if on else None
+            for g, (n, on) in enumerate(zip(sizes, adapted))]
+
+
+@pytest.mark.parametrize("adapted,dtype,in_f,stage", [
+    ((True, True, True), mx.bfloat16, 128, False), ((True, False, True), mx.bfloat16, 256, False),
+    ((False, True, False), mx.float32, 128, True)])
+def test_qkv_kernel_with_addends(tmp_path, adapted, dtype, in_f, stage):
+    """q/k/v with RMSNorm, rotary embeddings and the cache write, with addends on a subset of the three:
+    ``reference_qkv_norm_rope`` with the same addends (added before the rotation and the cache write).
+    256 inputs in bfloat16: the tensor-core body; ``stage``: the CUDA-core body staging its input."""
+    capacity, position = 8, 13
+    layers = [_layer(n, in_f, 60 + i, dtype) for i, n in enumerate((64, 32, 32))]
+    x = (3.0 * mx.random.normal((2, in_f))).astype(dtype)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(dtype)
+    kc, vc = (mx.random.normal((2, 2, capacity, 16)).astype(dtype) for _ in range(2))
+    addends = _addend_inputs(2, (64, 32, 32), adapted, dtype, 7)
+    variant = Variant(3, norm_eps=1e-5, rope=(True, True, False), cache=True,
+                      addend=tuple(None if a is None else a[0] for a in addends))
+    per_warp = qmv_plan.MMA_ROWS if in_f >= 256 else 0
+    args = qmv_plan.launch_args(2, in_f, (64, 32, 32), variant, dtype, per_warp, ((2, 4, 1, 16),), 16, capacity)
+    assert qmv_plan.uses_mma(args) == (in_f >= 256)
+    extra = {f"add{g}": a[1] for g, a in enumerate(addends) if a is not None}
+    q, kc_after, vc_after = emulate(
+        tmp_path, variant.source(mma=qmv_plan.uses_mma(args), stage=stage), QMV_HEADER,
+        _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32), kc=kc, vc=vc, **extra),
+        variant.output_names, args, changed=("kc", "vc"))
+    want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], position, 16,
+                                            10000.0, 1.0, addends)
+    slot = position % capacity
+    for got, ref in ((q.reshape(2, 64), want[0]), (kc_after[:, :, slot].reshape(2, 32), want[1]),
+                     (vc_after[:, :, slot].reshape(2, 32), want[2])):
+        if dtype == mx.float32:
+            np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-4, atol=1e-4)
+        else:
+            _assert_close_to_rounded(got, ref)
+    plain = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], position, 16,
+                                             10000.0, 1.0)
+    for g, on in enumerate(adapted):  # the addends change exactly the adapted outputs
+        assert bool(mx.any(mx.abs(want[g] - plain[g]) > 1e-3)) == on
+
+
+@pytest.mark.parametrize("adapted,in_f,per_warp,stage,norm", [
+    ((True, True), 128, 4, True, True), ((True, False), 1024, 16, False, True), ((False, True), 128, 2, False, True),
+    ((True, True), 256, 16, False, False)])
+def test_swiglu_kernel_with_addends(tmp_path, adapted, in_f, per_warp, stage, norm):
+    """gate/up with SwiGLU (with and without the RMSNorm prologue), addends on gate, up or both, added before
+    the activation: ``reference_swiglu`` with the same addends."""
+    gate, up = _layer(64, in_f, 71), _layer(64, in_f, 72)
+    x = (2.0 * mx.random.normal((2, in_f))).astype(mx.bfloat16)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(mx.bfloat16)
+    addends = _addend_inputs(2, (64, 64), adapted, mx.bfloat16, 8)
+    factors = tuple(None if a is None else a[0] for a in addends)
+    variant = Variant(2, swiglu=True, norm_eps=1e-6 if norm else None, addend=factors)
+    args = qmv_plan.launch_args(2, in_f, (64, 64), variant, mx.bfloat16, per_warp)
+    extra = {f"add{g}": a[1] for g, a in enumerate(addends) if a is not None}
+    (y,) = emulate(tmp_path, variant.source(mma=qmv_plan.uses_mma(args), stage=stage), QMV_HEADER,
+                   _inputs([gate, up], x, **({"gamma": gamma} if norm else {}), **extra), ["y"], args)
+    normed = qmv_cuda.reference_rms_norm(x, gamma, 1e-6) if norm else x
+    _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(normed, gate.parts, up.parts, addends))
+
+
+@pytest.mark.parametrize("per_warp", [2, 16])
+def test_split_kernel_with_addends(tmp_path, per_warp):
+    """Three weights of one input (``qmv_split``), the second without an addend."""
+    layers = [_layer(n, 256, 80 + i) for i, n in enumerate((64, 32, 32))]
+    x = mx.random.normal((3, 256)).astype(mx.bfloat16)
+    addends = _addend_inputs(3, (64, 32, 32), (True, False, True), mx.bfloat16, 9)
+    variant = Variant(3, addend=tuple(None if a is None else a[0] for a in addends))
+    args = qmv_plan.launch_args(3, 256, (64, 32, 32), variant, mx.bfloat16, per_warp)
+    extra = {f"add{g}": a[1] for g, a in enumerate(addends) if a is not None}
+    outs = emulate(tmp_path, variant.source(mma=qmv_plan.uses_mma(args)), QMV_HEADER, _inputs(layers, x, **extra),
+                   variant.output_names, args)
+    for out, layer, addend in zip(outs, layers, addends):
+        want = qmv_cuda.reference(x, *layer.parts)
+        _assert_close_to_rounded(out, want if addend is None else want + addend[0] * addend[1].astype(mx.float32))

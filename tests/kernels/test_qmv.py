@@ -172,3 +172,31 @@ def test_swiglu_reference_formula():
     g = xd @ np.array(gate.dequantize(mx.float32), dtype=np.float64).T
     u = xd @ np.array(up.dequantize(mx.float32), dtype=np.float64).T
     np.testing.assert_allclose(np.array(got), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-5)
+
+
+_ADDEND_TERM = r" \+ [0-9.e+-]+f \* load_res\(add\d, [^;]*?\)(?=\)?;| \+)"
+
+
+@pytest.mark.parametrize("plain,adapted", [
+    (Variant(3), (0.5, None, 2.0)),
+    (Variant(2, swiglu=True, norm_eps=1e-5), (2.0, 2.0)),
+    (Variant(3, norm_eps=1e-5, rope=(True, True, False), rope_scale=0.5, cache=True), (1.0, 2.0, 0.25)),
+    (Variant(1, residual=True), (2.0,))])
+def test_addends_only_add_terms_to_the_plain_kernels(plain, adapted):
+    """A variant with LoRA addends is its plain variant's source plus one ``F * add<g>[...]`` term per
+    adapted output value (the plain kernels stay the launches they were), in every body; its inputs are the
+    plain ones plus ``add<g>`` of the adapted matrices, and its kernel name differs."""
+    import re
+    from dataclasses import replace
+
+    variant = replace(plain, addend=adapted)
+    bodies = [dict(), dict(mma=True)] + ([dict(stage=True)] if plain.norm_eps is not None else [])
+    for body in bodies:
+        with_terms = variant.source(**body)
+        stripped, n_terms = re.subn(_ADDEND_TERM, "", with_terms)
+        assert stripped == plain.source(**body)
+        assert n_terms >= sum(f is not None for f in adapted)
+        for g, f in enumerate(adapted):
+            assert (f"{f!r}f * load_res(add{g}," in with_terms) == (f is not None)
+    assert variant.input_names == plain.input_names + [f"add{g}" for g, f in enumerate(adapted) if f is not None]
+    assert variant.name != plain.name and replace(plain, addend=(None,) * len(adapted)).name == plain.name

@@ -75,7 +75,7 @@ def test_projections_into_heads_equal_the_layers_one_by_one(monkeypatch, B, L):
     plain = matmul.project(layers, x, heads)  # the CPU: never fused
     calls = []
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
-    monkeypatch.setattr(qmv_cuda, "qmv_split", lambda *a: calls.append(a[2:]) or _reference_split(*a))
+    monkeypatch.setattr(qmv_cuda, "qmv_split", lambda *a, addends=None: calls.append(a[2:]) or _reference_split(*a))
     fused = matmul.project(layers, x, heads)
     assert len(calls) == (0 if B * L > 8 else 1)
     if calls:
@@ -94,7 +94,7 @@ def test_swiglu_equals_the_layers_one_by_one(monkeypatch):
     assert mx.array_equal(plain, want)  # off CUDA: the plain formula itself
     calls = []
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
-    monkeypatch.setattr(qmv_cuda, "qmv_swiglu", lambda *a: calls.append(1) or _reference_swiglu(*a))
+    monkeypatch.setattr(qmv_cuda, "qmv_swiglu", lambda *a, addends=None: calls.append(1) or _reference_swiglu(*a))
     fused = matmul.swiglu(gate, up, x)
     assert calls == [1] and fused.shape == (1, 1, 96)
     np.testing.assert_allclose(np.array(fused), np.array(want), rtol=1e-4, atol=1e-4)

@@ -185,8 +185,8 @@ def test_unsupported_configs_are_one_line_errors(checkpoints, tmp_path):
     for key, value, message in [
         ("hidden_activation", "gelu", r"hidden_activation: only 'gelu_pytorch_tanh' is supported for Gemma"),
         ("use_bidirectional_attention", True, r"use_bidirectional_attention: only causal"),
-        ("model_type", "gemma3", r"model_type: 'gemma3' is not supported \(supported: mistral, llama, gemma2, "
-                                 r"gemma3_text"),
+        ("model_type", "gemma3", r"model_type: 'gemma3' is not supported \(supported: mistral, llama, qwen2, "
+                                 r"qwen3, phi3, gemma2, gemma3_text\)"),
     ]:
         path = tmp_path / key
         shutil.copytree(checkpoints["gemma3-scaled"], path)

@@ -1,7 +1,9 @@
 """Talk to a model: one prompt (--prompt) or a multi-turn chat on standard input.
 
 The prompt template is the one the adapters were trained with (from the run's run_config.json), a merged
-model's mlx_qlora.json, or --template; --no-template sends the text as it is after BOS. Replies stream
+model's mlx_qlora.json, or --template; without any of those, the model's own chat template when its tokenizer
+has one (else dolly). --system gives the chat template a system prompt; --no-template sends the text as it is
+after BOS. Replies stream
 token by token; prompt and generation speeds are printed at the end (on standard error).
 
 Examples:
@@ -21,7 +23,7 @@ from ..errors import UserError, run_cli
 from .flags import build, default, given, parser, shown
 
 # Flags that set a field of ChatSession (the others of its fields are not settings).
-SESSION_FLAGS = ("max_tokens", "stop", "seed")
+SESSION_FLAGS = ("max_tokens", "stop", "seed", "system")
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -35,7 +37,11 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder: converted (4-bit), Hugging Face, or merged")
     p.add_argument("--adapter", help="LoRA adapters to attach: a run folder or a checkpoint folder")
     p.add_argument("--prompt", help="answer this one prompt and exit (default: chat on standard input)")
-    p.add_argument("--template", help="prompt template (dolly, alpaca, mistral); default: the training one")
+    p.add_argument("--template",
+                   help="prompt template: chat (the model's own chat template), dolly, alpaca, mistral; default: the "
+                        "one the adapters were trained with, else the model's chat template when it has one, else "
+                        "dolly")
+    p.add_argument("--system", help="system prompt, given to the chat template before the conversation")
     p.add_argument("--no-template", action="store_true", help="send the text as it is after BOS (no template)")
     p.add_argument("--temperature", type=float,
                    help=f"sampling temperature; 0 is greedy (default {shown(s.temperature)})")
@@ -77,8 +83,13 @@ def run(args: argparse.Namespace) -> None:
         print(adapter.note, file=sys.stderr)
     template = None
     if not args.no_template:
-        template, source = resolve_template(args.template, adapter, args.model)
+        template, source = resolve_template(args.template, adapter, args.model, tokenizer)
         print(f"template: {template} (from {source})", file=sys.stderr)
+        if template == "none":  # adapters trained on completions or plain text: raw prompts
+            template = None
+    if args.system is not None and template != "chat":
+        raise UserError(f"--system needs the model's chat template (template 'chat'); the template in use is "
+                        f"{template or 'none'}")
     session = ChatSession(model, tokenizer, template, sampler=sampler, **session_values)
     if args.prompt is not None:
         def write(piece: str) -> None:

@@ -1,6 +1,8 @@
-"""Instruction data: tokenizer, prompt templates, sources, preparation and batching."""
+"""Training data: tokenizer, prompt and chat templates, sources and formats, preparation and batching."""
 
 from .constants import CROSS_ENTROPY_IGNORE_INDEX
+from .conversation import LEARN_MODES, encode_conversation
+from .formats import FORMATS, Completion, Conversation, Text
 from .dataset import BatchIterator, PreparedDataset, check_tokenizer, read_meta, shard_batch
 from .prepare import (
     Example,
@@ -20,5 +22,6 @@ __all__ = [
     "shard_batch", "Example", "encode_chat", "prepare_dataset", "split_indices", "tokenize_example",
     "tokenize_prompt_response", "tokenize_records", "ColumnMap", "LoadResult", "Record", "load_records",
     "TEMPLATES", "PromptTemplate", "chat_turns", "format_prompt", "format_response", "get_template",
-    "Tokenizer", "load_tokenizer",
+    "Tokenizer", "load_tokenizer", "LEARN_MODES", "encode_conversation", "FORMATS", "Completion", "Conversation",
+    "Text",
 ]

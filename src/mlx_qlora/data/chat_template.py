@@ -1,5 +1,10 @@
 """The model's own chat template: ``chat_template`` of its ``tokenizer_config.json``, rendered with jinja2.
 
+``render_chat`` renders a conversation (with ``tools``; ``{% generation %}`` blocks optionally marked), the
+way ``transformers``' ``apply_chat_template`` does; ``conversation.py`` builds training examples on it. The
+rest of this module cuts a conversation of alternating user/assistant turns into prompt/response turns for
+``prepare.encode_chat`` and instruction records:
+
 Choose it with the template name ``"chat"`` (``prepare_data.py --template chat``); the named templates of
 ``templates.py`` are used otherwise. A conversation is cut into the same ``(prompt_text, response_text)``
 turns as ``templates.chat_turns``, so labels, truncation and generation work as for any template:
@@ -18,6 +23,7 @@ renders as an empty string: BOS is added as an id (``Tokenizer.bos_id``), never 
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Optional, Sequence
 
@@ -31,6 +37,38 @@ def _raise(message: str):
     raise UserError(f"chat template: {message}")
 
 
+# Written around each {% generation %} block's output when its spans are asked for (render_chat's
+# mark_generation); private-use characters, so no text of a conversation is mistaken for them.
+GENERATION_START, GENERATION_END = "\ue000", "\ue001"
+
+
+def _generation_extension():
+    """The ``{% generation %}...{% endgeneration %}`` tag of Hugging Face chat templates: it renders its
+    body, between the two marks above when the variable ``_mark_generation`` is true."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            call = self.call_method("_wrap", [nodes.Name("_mark_generation", "load")])
+            return nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _wrap(self, mark, caller):
+            text = caller()
+            return f"{GENERATION_START}{text}{GENERATION_END}" if mark else text
+
+    return Generation
+
+
+def has_generation_marks(source: str) -> bool:
+    """Whether a chat template marks the assistant's text with ``{% generation %}`` blocks."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
+
+
 @lru_cache(maxsize=8)
 def _compile(source: str):
     try:
@@ -39,24 +77,52 @@ def _compile(source: str):
     except ImportError:
         raise UserError("the model's chat template needs jinja2: pip install jinja2") from None
     # The settings transformers' apply_chat_template uses, so a template renders the same text.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _generation_extension()])
     env.globals["raise_exception"] = _raise
+    env.filters["tojson"] = _tojson
+    env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source)
+        template = env.from_string(source)
     except jinja2.TemplateError as e:
         raise UserError(f"chat template: not a valid jinja2 template ({e})") from None
+    return template
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson: no HTML escaping (jinja2's own escapes <, > and &), unicode kept
+    import json
+
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    from datetime import datetime
+
+    return datetime.now().strftime(format)
 
 
 def render_chat(source: str, messages: Sequence[dict], add_generation_prompt: bool = False,
-                eos_token: str = "", bos_token: str = "") -> str:
-    """The text of ``messages`` (``[{"role": ..., "content": ...}, ...]``) through the jinja2 template ``source``."""
+                eos_token: str = "", bos_token: str = "", tools: Optional[Sequence[dict]] = None,
+                mark_generation: bool = False) -> str:
+    """The text of ``messages`` (``[{"role": ..., "content": ...}, ...]``) through the jinja2 template ``source``.
+
+    ``tools`` is given to the template as ``tools`` (None: undefined, as transformers does without tools).
+    With ``mark_generation`` the output of every ``{% generation %}`` block is wrapped in
+    ``GENERATION_START`` / ``GENERATION_END``."""
     import jinja2
 
+    variables = dict(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                     eos_token=eos_token, bos_token=bos_token, _mark_generation=mark_generation)
+    if tools is not None:
+        variables["tools"] = [dict(t) for t in tools]
     try:
-        return _compile(source).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                       eos_token=eos_token, bos_token=bos_token)
+        return _compile(source).render(**variables)
     except jinja2.TemplateError as e:
         raise UserError(f"chat template: rendering failed ({e})") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        # a template that cannot handle a message's fields (a tool call it does not expect, say)
+        raise UserError(f"chat template: rendering failed ({type(e).__name__}: {e})") from None
 
 
 def _source(tokenizer) -> str:

@@ -42,10 +42,12 @@ from ..io import atomic_write_json
 from ..outputs import PREPARED_DATA, Output, as_output
 from .constants import CROSS_ENTROPY_IGNORE_INDEX
 from .sources import ColumnMap, LoadResult, Record, load_records
-from .chat_template import check_template, prompt_for, response_for, turns_for
+from .chat_template import CHAT_TEMPLATE_NAME, check_template, prompt_for, response_for, turns_for
+from .samples import tokenize_samples
 from .tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
+NO_TEMPLATE = "none"  # completions and text: raw text, no template
 SPLITS = ("train", "validation", "test")
 _ENCODE_CHUNK = 2048  # texts per call into the tokenizer (one progress-bar step)
 
@@ -345,6 +347,27 @@ def _make_readable(folder: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
+def resolve_template(template: str, data_format: str, tokenizer: Tokenizer) -> str:
+    """The template a data set is prepared with: ``"auto"`` is the tokenizer's chat template (``"chat"``) for
+    conversations and ``"dolly"`` for instructions; completions and text take none (``"none"``)."""
+    if data_format in ("completion", "text"):
+        if template not in ("auto", NO_TEMPLATE):
+            raise UserError(f"--template {template}: {data_format} data is tokenized as raw text, with no template")
+        return NO_TEMPLATE
+    if template == NO_TEMPLATE:
+        raise UserError(f"template 'none' is only for completion and text data, not {data_format} records")
+    if template == "auto":
+        if data_format == "instruction":
+            template = "dolly"
+        elif getattr(tokenizer, "chat_template", None):
+            template = CHAT_TEMPLATE_NAME
+        else:
+            raise UserError(f"conversations need a chat template, and the tokenizer {tokenizer.path} has none; "
+                            "choose a named template with --template (dolly, alpaca, mistral)")
+    check_template(tokenizer, template)
+    return template
+
+
 def prepare_dataset(
     source: Union[str, os.PathLike],
     tokenizer: Union[Tokenizer, str, os.PathLike],
@@ -374,18 +397,29 @@ def prepare_dataset(
     config = config or DataConfig()
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
-    check_template(tokenizer, config.template)
     if loaded is None:
-        loaded = load_records(source, columns=columns, skip_bad=skip_bad, split=source_split)
+        loaded = load_records(source, columns=columns, skip_bad=skip_bad, split=source_split, fmt=config.format)
+    config = dataclasses.replace(config, template=resolve_template(config.template, loaded.format, tokenizer))
     records = loaded.records
     category_names = sorted({r.category for r in records})
     code_of = {name: code for code, name in enumerate(category_names)}
     split = split_indices([r.category for r in records], config.val_fraction, config.test_fraction, config.seed)
-    examples = tokenize_records(
-        tokenizer, config.template, records, config.max_seq_len, config.min_response_tokens, progress=progress
-    )
+    skipped_late: list[str] = []
+    if loaded.format == "instruction":
+        examples = tokenize_records(
+            tokenizer, config.template, records, config.max_seq_len, config.min_response_tokens, progress=progress
+        )
+    else:
+        where = loaded.where or [f"{loaded.source}, record {i + 1}" for i in range(len(records))]
+        examples, skipped_late = tokenize_samples(
+            tokenizer, config.template, records, where, config.learn, config.max_seq_len,
+            config.min_response_tokens, skip_bad=skip_bad, progress=progress)
+    skipped_all = list(loaded.skipped) + skipped_late
     kept = [e for e in examples if e is not None]
     if not kept:
+        if skipped_late and len(skipped_late) == len(records):
+            raise UserError(f"{loaded.source}: none of the {len(records)} records is usable; first problem: "
+                            f"{skipped_late[0]}")
         raise UserError(f"{loaded.source}: every example is longer than max_seq_len={config.max_seq_len}")
     split_names = [s for s in SPLITS if s != "test" or config.test_fraction > 0]
     meta_splits, arrays_by_split = {}, {}
@@ -403,6 +437,8 @@ def prepare_dataset(
         "source_split": source_split,
         "columns": loaded.columns,
         "template": config.template,
+        "format": loaded.format,
+        "learn": config.learn,
         "tokenizer": {
             "file": tokenizer.path.name,
             "kind": tokenizer.kind,
@@ -417,15 +453,17 @@ def prepare_dataset(
         "label_ignore_index": CROSS_ENTROPY_IGNORE_INDEX,
         "counts": {
             "rows": loaded.rows,
-            "skipped_bad": len(loaded.skipped),
-            "records": len(records),
+            "skipped_bad": len(skipped_all),
+            "records": len(records) - len(skipped_late),
             "truncated": sum(1 for e in kept if e.truncated_context or e.truncated_response),
             "truncated_context": sum(1 for e in kept if e.truncated_context),
             "truncated_response": sum(1 for e in kept if e.truncated_response),
-            "dropped": len(examples) - len(kept),
+            "truncated_turns": sum(1 for e in kept if getattr(e, "truncated_turns", False)),
+            "cut_turns": sum(1 for e in kept if getattr(e, "cut_turn", False)),
+            "dropped": len(examples) - len(kept) - len(skipped_late),
             "examples": sum(s["examples"] for s in meta_splits.values()),
         },
-        "skipped_examples": loaded.skipped[:20],
+        "skipped_examples": skipped_all[:20],
         "token_lengths": length_summary(all_lengths),
         "tokens": all_tokens,
         "learned_fraction": round(all_learned / all_tokens, 6) if all_tokens else 0.0,

@@ -1,4 +1,4 @@
-"""Load instruction records from the Hugging Face Hub or local files, checking every row.
+"""Load records (instructions, conversations, completions or text: ``formats.py``) from the Hugging Face Hub or local files, checking every row.
 
 Accepted sources: a hub id (``databricks/databricks-dolly-15k``, read with ``datasets.load_dataset``), a local
 ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, a folder written by ``datasets``' ``save_to_disk``, or a
@@ -27,10 +27,10 @@ from typing import Any, Optional, Union
 
 from ..config import SourceConfig
 from ..errors import UserError
+from .formats import FORMATS, NO_CATEGORY, BadRow, category_of, detect_format, parse_row
 
 PathLike = Union[str, os.PathLike]
 
-NO_CATEGORY = "uncategorized"  # category of records from a source without a category column
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -75,21 +75,27 @@ class LoadResult:
     rows: int
     skipped: list[str] = field(default_factory=list)  # one "where: why" line per skipped row
     columns: dict[str, Optional[str]] = field(default_factory=dict)  # field -> source column used
+    format: str = "instruction"  # formats.FORMATS: what the rows hold
+    where: list[str] = field(default_factory=list)  # "file, line n" of each record, for messages
 
 
-class _BadRow(Exception):
-    """A row-level problem; becomes a UserError or a skip."""
+_BadRow = BadRow  # a row-level problem; becomes a UserError or a skip
 
 
 class _Reader:
     """Turns raw rows into ``Record``s, resolving column names once and collecting skips."""
 
-    def __init__(self, source: str, columns: ColumnMap, skip_bad: bool):
+    def __init__(self, source: str, columns: ColumnMap, skip_bad: bool, fmt: str = "auto"):
+        if fmt not in FORMATS:
+            raise UserError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMATS)}")
         self.source = source
+        self.requested = fmt
+        self.format: Optional[str] = None  # resolved on the first row
         self.explicit = columns.to_dict()
         self.skip_bad = skip_bad
         self.resolved: Optional[dict[str, Optional[str]]] = None
-        self.records: list[Record] = []
+        self.records: list = []  # Record, or formats.Conversation / Completion / Text
+        self.where: list[str] = []  # "file, line n" of each record
         self.skipped: list[str] = []
         self.rows = 0
 
@@ -114,6 +120,18 @@ class _Reader:
             resolved[name] = found
         return resolved
 
+    def resolve_format(self, keys, where: str) -> str:
+        """The format of the source: the requested one, or the one its first row's columns show."""
+        if self.requested == "auto":
+            return detect_format(keys) or "instruction"
+        needed = {"messages": ("messages",), "sharegpt": ("conversations",), "completion": ("prompt", "completion"),
+                  "text": ("text",)}.get(self.requested, ())
+        missing = [k for k in needed if k not in keys]
+        if missing:
+            raise UserError(f"{where}: format {self.requested!r} needs the column(s) {', '.join(map(repr, missing))}; "
+                            f"columns are {sorted(keys)}")
+        return self.requested
+
     def fail(self, where: str, message: str) -> None:
         if not self.skip_bad:
             raise UserError(f"{where}: {message}")
@@ -125,6 +143,12 @@ class _Reader:
         try:
             if not isinstance(row, dict):
                 raise _BadRow(f"expected an object with named fields, got {type(row).__name__}")
+            if self.format is None:
+                self.format = self.resolve_format(row.keys(), where)
+            if self.format != "instruction":
+                self.records.append(parse_row(row, self.format, category_of(row)))
+                self.where.append(where)
+                return
             if self.resolved is None:
                 self.resolved = self.resolve(row.keys(), where)
             values = {}
@@ -136,6 +160,7 @@ class _Reader:
         self.records.append(
             Record(values["instruction"], values["context"], values["response"], values["category"] or NO_CATEGORY)
         )
+        self.where.append(where)
 
     def field(self, row: dict, name: str, column: Optional[str]) -> str:
         required = name in ("instruction", "response")
@@ -169,7 +194,8 @@ class _Reader:
             raise UserError(
                 f"{self.source}: none of the {self.rows} records is usable; first problem: {self.skipped[0]}"
             )
-        return LoadResult(self.records, self.source, self.rows, self.skipped, dict(self.resolved or {}))
+        return LoadResult(self.records, self.source, self.rows, self.skipped, dict(self.resolved or {}),
+                          self.format or "instruction", self.where)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -318,16 +344,18 @@ def load_records(
     columns: Optional[ColumnMap] = None,
     skip_bad: bool = False,
     split: str = SourceConfig.split,
+    fmt: str = "auto",
 ) -> LoadResult:
     """Read and check every record of ``source`` (see the module docstring for what is accepted).
 
-    ``split`` picks the split of a hub data set or a saved ``DatasetDict``. Returns a ``LoadResult``;
+    ``split`` picks the split of a hub data set or a saved ``DatasetDict``; ``fmt`` (``formats.FORMATS``) the
+    record format, ``"auto"``: detected from the first row's columns (``formats.detect_format``). Returns a ``LoadResult``;
     raises ``UserError`` on bad input unless ``skip_bad`` (then bad rows are listed in ``result.skipped``).
     """
     columns = columns or ColumnMap()
     name = str(source)
     path = Path(source)
-    reader = _Reader(name, columns, skip_bad)
+    reader = _Reader(name, columns, skip_bad, fmt)
     if path.is_dir():
         if _is_saved_dataset(path):
             import datasets

@@ -119,6 +119,40 @@ class Tokenizer:
             ends.append(last)
         return list(encoding.ids), ends
 
+    def encode_spans(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        """``(ids, starts, ends)``: the ids of a rendered chat ``text`` and each token's character span.
+
+        Special-token strings are ids, as the chat template means them: a ``tokenizer.json`` finds its added
+        tokens in the text itself; for sentencepiece, which reads ``</s>`` as plain characters, the text is cut
+        at the BOS/EOS strings, they become their ids and each piece between is tokenized on its own (as
+        Mistral's reference tokenizer does turn by turn). No BOS is added.
+        """
+        if self.kind != "sentencepiece":
+            encoding = self._backend.encode(text, add_special_tokens=False)
+            return list(encoding.ids), [a for a, _ in encoding.offsets], [b for _, b in encoding.offsets]
+        specials = {self.id_to_piece(i): i for i in (self.bos_id, self.eos_id) if i is not None}
+        ids, starts, ends = [], [], []
+        position = 0
+        while position < len(text):
+            hits = [(text.find(piece, position), piece) for piece in specials]
+            hits = [(at, piece) for at, piece in hits if at >= 0]
+            at, piece = min(hits) if hits else (len(text), None)
+            if at > position:
+                segment_ids, segment_ends = self.token_ends(text[position:at])
+                previous = position
+                for token, end in zip(segment_ids, segment_ends):
+                    ids.append(token)
+                    starts.append(previous)
+                    ends.append(position + end)
+                    previous = position + end
+            if piece is None:
+                break
+            ids.append(specials[piece])
+            starts.append(at)
+            ends.append(at + len(piece))
+            position = at + len(piece)
+        return ids, starts, ends
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; special tokens (BOS, EOS, pad) are left out."""
         ids = [int(i) for i in ids]

@@ -1,7 +1,10 @@
 """Talking to a model: a one-shot prompt, or a multi-turn chat read line by line from standard input.
 
-Conversations are encoded with the training template (``data.prepare.encode_chat``): BOS once, then each
-finished turn ``prompt + response + EOS`` and the new prompt, exactly as multi-turn training data is.
+Conversations are encoded with the training template. The model's own chat template (``"chat"``) renders the
+whole conversation (a system prompt first, when given) with the generation prompt, tokenized in one go after
+BOS, exactly as ``transformers``' ``apply_chat_template`` and multi-turn training data
+(``data.conversation``). A named template gives BOS once, then each finished turn ``prompt + response + EOS``
+and the new prompt (``data.prepare.encode_chat``).
 Without a template (``template=None``) each input is sent as it is after BOS, with no history: that is
 for completion models and checks. Replies are streamed token by token. Commands: ``/reset`` forgets the
 conversation, ``/quit`` (or end of input) ends the session, ``/help`` lists them.
@@ -43,6 +46,7 @@ class ChatSession:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     stop: Sequence[str] = ()
     seed: int = 0
+    system: Optional[str] = None  # system prompt (the model's chat template only)
     messages: list[dict] = field(default_factory=list)
     totals: GenerationStats = field(default_factory=GenerationStats)
     turns: int = 0
@@ -64,12 +68,22 @@ class ChatSession:
             ids = self.tokenizer.encode(text, add_bos=True)
             check_prompt_length(self.model, len(ids))
             return ids, 0
+        from ..data.chat_template import CHAT_TEMPLATE_NAME
+        from ..data.conversation import generation_prompt_ids
         from ..data.prepare import encode_chat
+
+        def encode(messages: list[dict]) -> list[int]:
+            if self.template == CHAT_TEMPLATE_NAME:
+                head = [] if self.system is None else [{"role": "system", "content": self.system}]
+                return generation_prompt_ids(self.tokenizer, head + messages)
+            if self.system is not None:
+                raise UserError("a system prompt needs the model's chat template (template 'chat')")
+            return encode_chat(self.tokenizer, self.template, messages)[0]
 
         history = list(self.messages)
         dropped = 0
         while True:
-            ids, _ = encode_chat(self.tokenizer, self.template, history + [{"role": "user", "content": text}])
+            ids = encode(history + [{"role": "user", "content": text}])
             if len(ids) < context_length(self.model) or not history:
                 break
             history = history[2:]  # the oldest user/assistant pair

@@ -1,7 +1,8 @@
 """Evaluate the base model and the tuned model (base + adapters) on a prepared split, side by side.
 
-For each example of the split the prompt is its leading tokens whose label is -100 (BOS and the formatted
-prompt) and the reference is its learned tokens without the final EOS. Both models answer every prompt
+For each example of the split the prompt is everything before its last run of learned tokens (BOS and the
+formatted prompt; for a conversation, every turn before the last assistant turn) and the reference is that
+run up to its EOS (``split_example``). Both models answer every prompt
 greedily (batched, left-padded); the answers are scored against the references with ROUGE-1/2/L, exact
 match and mean length (``metrics.py``). Validation perplexity is teacher-forced: ``exp`` of the mean
 cross-entropy over the learned tokens (response and EOS), as in training. Scores are given per category
@@ -48,14 +49,19 @@ class EvalExample:
 
 
 def split_example(input_ids: np.ndarray, labels: np.ndarray, eos_id: Optional[int]) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, reference_ids)`` of one example: the leading run of -100 labels, and the learned
-    tokens without a final EOS."""
-    learned = np.flatnonzero(labels != CROSS_ENTROPY_IGNORE_INDEX)
-    n_prompt = int(learned[0]) if len(learned) else len(labels)
-    reference = [int(t) for t in input_ids[learned]]
-    if reference and eos_id is not None and reference[-1] == eos_id:
-        reference = reference[:-1]
-    return [int(t) for t in input_ids[:n_prompt]], reference
+    """``(prompt_ids, reference_ids)`` of one example: everything before its last run of learned tokens, and
+    that run up to (not including) its first EOS. For an instruction the run is the response; for a
+    conversation, the last assistant turn, with the earlier turns in the prompt."""
+    learned = labels != CROSS_ENTROPY_IGNORE_INDEX
+    if not learned.any():
+        return [int(t) for t in input_ids], []
+    end = int(np.flatnonzero(learned)[-1]) + 1
+    gaps = np.flatnonzero(~learned[:end])
+    start = int(gaps[-1]) + 1 if len(gaps) else 0
+    reference = [int(t) for t in input_ids[start:end]]
+    if eos_id is not None and eos_id in reference:
+        reference = reference[: reference.index(eos_id)]
+    return [int(t) for t in input_ids[:start]], reference
 
 
 def load_examples(data_dir: Union[str, Path], split: str = "validation", max_examples: Optional[int] = None,

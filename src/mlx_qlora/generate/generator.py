@@ -267,14 +267,14 @@ def generate_stream(
     if compiled and max_tokens > 1:
         decoder = decoder_for(model)
         needed = len(prompt_ids) + max_tokens
-        # the widest layer's window (None: a global layer; Gemma mixes both); narrower layers are capped
-        # at their own window by DecodeState.from_caches
-        window = None if any(c.max_size is None for c in cache) else max(c.max_size for c in cache)
-        capacity = static_capacity(needed, window)
+        # the widest layer's window decides (layers may differ: Qwen2's max_window_layers); narrower ones
+        # keep their own (DecodeState.from_caches)
+        widest = None if any(c.max_size is None for c in cache) else max(c.max_size for c in cache)
+        capacity = static_capacity(needed, widest)
         if prompt_cache is not None and prompt_cache.capacity:  # grow by doubling: few traced graphs
             capacity = max(capacity, prompt_cache.capacity)
-            while capacity < needed and capacity != window:
-                capacity = min(capacity * 2, window or capacity * 2)
+            while capacity < needed and capacity != widest:
+                capacity = min(capacity * 2, widest or capacity * 2)
         state = DecodeState.from_caches(cache, needed, capacity)
 
         def forward(tokens):

@@ -108,15 +108,18 @@ def load_for_inference(model_path: PathLike, adapter_path: Optional[PathLike] = 
     return model, tokenizer, info
 
 
-def resolve_template(explicit: Optional[str], adapter: Optional[AdapterInfo], model_path: PathLike) -> tuple[str, str]:
+def resolve_template(explicit: Optional[str], adapter: Optional[AdapterInfo], model_path: PathLike,
+                     tokenizer=None) -> tuple[str, str]:
     """``(template name, where it came from)``: ``--template``, then the adapters' run, then a merged
-    model's ``mlx_qlora.json``, then the default."""
+    model's ``mlx_qlora.json``, then the model's own chat template (``"chat"``) when ``tokenizer`` has one,
+    then ``DEFAULT_TEMPLATE``. ``"none"`` (adapters trained on completions or text) means raw prompts."""
     from ..data.chat_template import CHAT_TEMPLATE_NAME
+    from ..data.prepare import NO_TEMPLATE
     from ..data.templates import get_template
 
     def checked(name: str) -> str:
         # "chat" is the model's own chat template (tokenizer_config.json), not one of ours
-        return name if name == CHAT_TEMPLATE_NAME else get_template(name).name
+        return name if name in (CHAT_TEMPLATE_NAME, NO_TEMPLATE) else get_template(name).name
 
     if explicit:
         return checked(explicit), "--template"
@@ -125,4 +128,6 @@ def resolve_template(explicit: Optional[str], adapter: Optional[AdapterInfo], mo
     template = read_json(Path(model_path) / MODEL_META_NAME, default={}).get("template")
     if template:
         return checked(template), MODEL_META_NAME
-    return DEFAULT_TEMPLATE, "the default: no training metadata found; choose with --template"
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return CHAT_TEMPLATE_NAME, "the model's chat template: no training metadata found"
+    return DEFAULT_TEMPLATE, "the default: no training metadata and no chat template found; choose with --template"

@@ -1,8 +1,10 @@
 """Read a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder.
 
-``gguf_to_hf(path, out)`` writes ``config.json`` (rebuilt from the ``llama.*`` metadata), safetensors
-shards of the dequantized tensors under Hugging Face names (``mapping.TENSOR_NAMES``, with llama.cpp's
-query/key row order undone), the tokenizer rebuilt from the ``tokenizer.ggml.*`` metadata
+``gguf_to_hf(path, out)`` writes ``config.json`` (rebuilt from the ``<architecture>.*`` metadata:
+``llama``, ``qwen2``, ``qwen3`` or ``phi3``; a Gemma family reads its own, ``Family.gguf_config``),
+safetensors shards of the dequantized tensors under Hugging Face names (``mapping.TENSOR_NAMES`` plus the
+family's own, with llama.cpp's query/key row order undone for ``llama`` and Gemma's stored ``1 + weight``
+norms shifted back), the tokenizer rebuilt from the ``tokenizer.ggml.*`` metadata
 (``tokenizer.json`` or ``tokenizer.model``, see ``vocab.py``) and ``tokenizer_config.json`` with the chat
 template. Everything downstream (``load_model``, ``convert_checkpoint``, ``load_tokenizer``,
 ``transformers``) reads that folder unchanged.
@@ -21,7 +23,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json, write_safetensors_shards
-from .mapping import ARCHITECTURES, CONFIG_KEYS, hf_name, hf_name_in, reorder_from_gguf
+from ..model.families import FAMILIES
+from .mapping import ARCHITECTURES, CONFIG_KEYS, IMPORT_FAMILIES, hf_name, reorder_from_gguf
 from .vocab import tokenizer_files
 
 # Tensor types we dequantize (every one the gguf package implements that llama.cpp models use).
@@ -91,7 +94,8 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
     if arch not in ARCHITECTURES:
         raise UserError(f"{source}: general.architecture = {arch!r} is not supported (supported: "
                         f"{', '.join(ARCHITECTURES + _family_architectures())})")
-    config: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    family = FAMILIES[IMPORT_FAMILIES[arch]]
+    config: dict[str, Any] = {"architectures": [family.architecture], "model_type": family.model_type}
     for key, hf_key in CONFIG_KEYS.items():
         if f"{arch}.{key}" in meta:
             value = meta[f"{arch}.{key}"]
@@ -118,6 +122,8 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
         raise UserError(f"{source}: {arch}.rope.scaling.type = {scaling!r} is not supported (supported: linear)")
     if "rope_freqs.weight" in tensor_names:
         raise UserError(f"{source}: has rope_freqs.weight (Llama 3.1-style RoPE scaling), which is not supported")
+    if family.gguf_sliding_window and meta.get(f"{arch}.attention.sliding_window"):
+        config["sliding_window"] = int(meta[f"{arch}.attention.sliding_window"])
     config.setdefault("rms_norm_eps", 1e-5)
     config.setdefault("rope_theta", 10000.0)
     config.setdefault("max_position_embeddings", 4096)
@@ -130,20 +136,17 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
 
 
 def gguf_family(arch: Optional[str]):
-    """The ``model.families`` family whose llama.cpp architecture is ``arch`` (None for llama)."""
-    from ..model.families import FAMILIES
-
+    """The family whose llama.cpp architecture is ``arch`` and that reads its own metadata
+    (``Family.gguf_config``: Gemma), or None (the common reading, ``IMPORT_FAMILIES``)."""
     return next((f for f in FAMILIES.values() if f.gguf_architecture == arch and f.gguf_config), None)
 
 
 def _family_architectures() -> tuple[str, ...]:
-    from ..model.families import FAMILIES
-
     return tuple(f.gguf_architecture for f in FAMILIES.values() if f.gguf_config)
 
 
 def _family_config(meta: dict[str, Any], source: str, tensor_names: set[str], family) -> dict[str, Any]:
-    """The Hugging Face config of a GGUF of a family of ``model.families`` (Gemma)."""
+    """The Hugging Face config of a GGUF of a family that reads its own metadata (Gemma)."""
     arch = family.gguf_architecture
     if "output.weight" in tensor_names:
         raise UserError(f"{source}: has output.weight: an untied {arch} head is not supported")
@@ -174,16 +177,20 @@ class GGUFTensor:
     shape: tuple[int, ...]  # numpy order: (out, in) for a weight matrix
 
 
+def _family(config: dict[str, Any]):
+    return FAMILIES[config["model_type"]]
+
+
 def plan_tensors(reader, source: str, family=None) -> list[tuple[GGUFTensor, Any]]:
-    """``(GGUFTensor, the gguf package's tensor)`` for every tensor (named by ``family``'s table when the
-    file is of a ``model.families`` family); ``UserError`` for an unknown name or an unsupported type."""
+    """``(GGUFTensor, the gguf package's tensor)`` for every tensor (named by ``family``'s table: the
+    common names plus its own); ``UserError`` for an unknown name or an unsupported type."""
     out = []
     for tensor in reader.tensors:
         if tensor.name in IGNORED_TENSORS:
             continue
-        name = hf_name(tensor.name) if family is None else hf_name_in(tensor.name, family.gguf_names)
+        name = hf_name(tensor.name, family)
         if name is None:
-            raise UserError(f"{source}: tensor {tensor.name!r} has no counterpart in the Llama/Mistral decoder")
+            raise UserError(f"{source}: tensor {tensor.name!r} has no counterpart in our decoder")
         type_name = tensor.tensor_type.name
         if type_name not in SUPPORTED_TYPES:
             raise UserError(f"{source}: tensor {tensor.name!r} has type {type_name}, which is not supported "
@@ -194,14 +201,18 @@ def plan_tensors(reader, source: str, family=None) -> list[tuple[GGUFTensor, Any
 
 
 def dequantized(tensor, info: GGUFTensor, n_heads: int, n_kv_heads: int, family=None) -> np.ndarray:
-    """The float32 values of one GGUF tensor, shaped and ordered as the Hugging Face tensor (a family's
-    norms shifted back: llama.cpp's Gemma stores ``1 + w``)."""
+    """The float32 values of one GGUF tensor, shaped and ordered as the Hugging Face tensor: q/k rows put
+    back from llama.cpp's interleaved order when ``family.gguf_permute_qk`` (None: the ``llama``
+    architecture's layout), norms shifted back by ``family.gguf_norm_shift`` (llama.cpp's Gemma stores
+    ``1 + w``)."""
     gguf = _gguf()
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     values = np.asarray(values, dtype=np.float32).reshape(info.shape)
-    if family is not None:
-        return values - np.float32(family.gguf_norm_shift) if info.name.endswith("norm.weight") else values
-    return reorder_from_gguf(info.name, values, n_heads, n_kv_heads)
+    if family is not None and family.gguf_norm_shift and info.name.endswith("norm.weight"):
+        values = values - np.float32(family.gguf_norm_shift)
+    if family is None or family.gguf_permute_qk:
+        values = reorder_from_gguf(info.name, values, n_heads, n_kv_heads)
+    return values
 
 
 @dataclass
@@ -238,7 +249,7 @@ def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "floa
     meta = read_metadata(reader)
     source = str(path)
     config = hf_config(meta, source, {t.name for t in reader.tensors})
-    family = gguf_family(meta.get("general.architecture"))
+    family = _family(config)
     plan = plan_tensors(reader, source, family)
     files = tokenizer_files(meta, source)
     names = {info.name for info, _ in plan}

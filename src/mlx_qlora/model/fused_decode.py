@@ -1,6 +1,7 @@
 """The decoder-layer seam: one decoder layer of compiled decoding on CUDA in six launches instead of about twenty.
 
-With one token per sequence, a ``StaticKVCache`` and bare per-row 4-bit projections, a layer runs as:
+With one token per sequence, a ``StaticKVCache`` and per-row 4-bit projections, bare or with LoRA
+adapters attached in inference, a layer runs as:
 
 1. ``qkv_norm_rope``: input RMSNorm, q/k/v and rotary embeddings on q and k, and k and v written into
    the cache's buffers in place at this position's slot (one kernel);
@@ -8,6 +9,12 @@ With one token per sequence, a ``StaticKVCache`` and bare per-row 4-bit projecti
 3. ``matmul_residual``: o_proj plus the residual;
 4. ``swiglu_norm``: post-attention RMSNorm, gate, up and SwiGLU;
 5. ``matmul_residual``: down_proj plus the residual.
+
+Adapters (any subset of the seven projections) stay on this path: each update ``scale * (n @ A.T) @ B.T``
+is two small matmuls beside the launches (``quant/low_rank.py``): q/k/v's and gate/up's, of the normed
+input, are added inside their kernels before the rotation, the cache write and SwiGLU; o_proj's and
+down_proj's are folded into the residual that their kernels add (with all seven adapted: two RMSNorms and
+fourteen small matmuls per layer beside the six launches).
 
 ``DecoderLayer.__call__`` asks ``applies`` and otherwise runs the layer operation by operation. The
 norms, rotations and residual sums happen in float32 inside the kernels and are rounded once, so outputs
@@ -25,11 +32,14 @@ The CPU tests check the kernels by emulation and this wiring with the kernels' f
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 
 from .. import settings
 from ..kernels.cuda import attention as attention_cuda
 from ..kernels.cuda import qmv as qmv_cuda
+from ..quant.low_rank import fused_form, low_rank_addend, plus_low_rank
 from ..quant.quantized_linear import QuantizedLinear
 from .static_cache import StaticKVCache
 
@@ -39,25 +49,37 @@ def _projections(layer) -> list:
     return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
 
 
+def _forms(layer) -> list:
+    """``low_rank.fused_form`` of the seven projections: (base, low_rank or None) each, None where not taken."""
+    return [fused_form(p) for p in _projections(layer)]
+
+
 def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     """Whether ``layer_step`` runs this call: ``settings.fused_decode`` on, one token per sequence over a
     ``StaticKVCache`` at the cache's own positions, every projection a bare per-row 4-bit layer in
-    inference, plain or linearly scaled RoPE, none of Gemma's features (``gemma_like``), and shapes the
+    inference or a LoRA layer over one in inference (``fused_form``; biased layers, Qwen2's q/k/v, are not
+    bare), no fused projections (Phi-3), plain or linearly scaled RoPE over the whole head without per-head
+    q/k norms (Qwen3, Gemma 3), none of Gemma's other features (``gemma_like``), and shapes the
     kernels take."""
     if not (settings.current().fused_decode and isinstance(cache, StaticKVCache) and position_ids is None
             and x.ndim == 3 and x.shape[1] == 1):
         return False
-    if not all(type(p) is QuantizedLinear and p.runs_bare_per_row_4bit for p in _projections(layer)):
+    if "qkv_proj" in layer.self_attn:  # Phi-3's fused projections: the kernels take q/k/v and gate/up apart
         return False
-    a = layer.self_attn
     if gemma_like(layer):
         return False
+    forms = _forms(layer)
+    if not all(form is not None and type(form[0]) is QuantizedLinear for form in forms):
+        return False
+    a = layer.self_attn
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     return (
         a._rope_inv_freq is None  # the kernel's rotary embeddings are plain RoPE: no llama3 frequencies
+        and a.rotary_dims == a.head_dim and a.rope_attention_factor == 1.0  # nor partial or longrope
+        and "q_norm" not in a  # nor a norm over each query / key head (Qwen3)
         and a.head_dim % 4 == 0 and all(n.dtype == x.dtype for n in norms)
-        and qmv_cuda.supports(x, a.q_proj.in_features, 4, None)
-        and qmv_cuda.supports(x, layer.mlp.down_proj.in_features, 4, None)
+        and qmv_cuda.supports(x, forms[0][0].in_features, 4, None)
+        and qmv_cuda.supports(x, forms[6][0].in_features, 4, None)
         and attention_cuda.supports_shapes((x.shape[0], a.n_heads, 1, a.head_dim), cache.keys.shape,
                                            x.dtype, cache.keys.dtype)
     )
@@ -83,18 +105,38 @@ def _first_mb(weight: mx.array, mb: float) -> tuple[mx.array, int, int]:
 def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     """x (B, 1, hidden) -> the layer's output (B, 1, hidden); stores this position's keys and values."""
     s = settings.current()
-    a, m = layer.self_attn, layer.mlp
+    a = layer.self_attn
     B = x.shape[0]
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+    (qkv, o_proj, gate_proj, up_proj, down_proj), low = _bases_and_updates(layer)
     position = cache.offset  # of this token
     # q (B, H, 1, hd); this position's k and v written into the cache's buffers (B, Hkv, C, hd) in place
     q, keys, values = qmv_cuda.qkv_norm_rope(
-        x, norm1.weight, norm1.eps, [a.q_proj.parts, a.k_proj.parts, a.v_proj.parts], position, a.head_dim,
-        a.rope_theta, a.rope_scale, (B, a.n_heads, 1, a.head_dim), cache=(cache.keys, cache.values))
+        x, norm1.weight, norm1.eps, [p.parts for p in qkv], position, a.head_dim,
+        a.rope_theta, a.rope_scale, (B, a.n_heads, 1, a.head_dim), cache=(cache.keys, cache.values),
+        addends=_addends(norm1, x, low[:3]))
     cache.keys, cache.values = keys, values
     attn = attention_cuda.decode_attention(q, keys, values, position, a.scale,
-                                           prefetch=a.o_proj.parts if s.prefetch_o else ())  # (B, 1, H * hd)
-    gate_up = [_first_mb(w, s.prefetch_gate_up_mb) for w in (m.gate_proj.weight, m.up_proj.weight)]
-    h = qmv_cuda.matmul_residual(attn, a.o_proj.parts, x, prefetch=gate_up)  # (B, 1, hidden)
-    act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, m.gate_proj.parts, m.up_proj.parts)
-    return qmv_cuda.matmul_residual(act, m.down_proj.parts, h)
+                                           prefetch=o_proj.parts if s.prefetch_o else ())  # (B, 1, H * hd)
+    gate_up = [_first_mb(w, s.prefetch_gate_up_mb) for w in (gate_proj.weight, up_proj.weight)]
+    # (B, 1, hidden); o_proj's update (if adapted) rides in the residual, which the kernel adds
+    h = qmv_cuda.matmul_residual(attn, o_proj.parts, plus_low_rank(x, attn, low[3]), prefetch=gate_up)
+    act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, gate_proj.parts, up_proj.parts,
+                               addends=_addends(norm2, h, low[4:6]))
+    return qmv_cuda.matmul_residual(act, down_proj.parts, plus_low_rank(h, act, low[6]))
+
+
+def _bases_and_updates(layer) -> tuple[tuple, list]:
+    """The bases ((q, k, v), o, gate, up, down) and the seven low-rank updates (None where not adapted)."""
+    forms = _forms(layer)
+    bases = [base for base, _ in forms]
+    return (bases[0:3], *bases[3:]), [low_rank for _, low_rank in forms]
+
+
+def _addends(norm, x: mx.array, updates: list) -> Optional[list]:
+    """The addends of q/k/v or gate/up: their updates of ``norm(x)`` (the layer's own RMSNorm, as the
+    operation-by-operation path feeds them); None where none is adapted (the plain kernel)."""
+    if all(u is None for u in updates):
+        return None
+    n = norm(x)  # (B, 1, hidden)
+    return [low_rank_addend(n, u) for u in updates]

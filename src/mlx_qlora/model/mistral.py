@@ -122,7 +122,7 @@ class MistralForCausalLM(nn.Module):
         return self.logits_from_hidden(self.hidden_states(input_ids, cache, position_ids, segment_ids, attention_mask))
 
     def make_cache(self) -> list[KVCache]:
-        """One cache per layer; a sliding-window layer's keeps only its window."""
+        """One cache per layer; each keeps only its layer's sliding window when it has one."""
         return [KVCache(layer.self_attn.sliding_window) for layer in self.model.layers]
 
     @property

@@ -14,7 +14,8 @@ number of input rows (``path``):
   (``dequant_matmul.py``).
 
 ``project(layers, x)`` and ``swiglu(gate, up, x)`` are the model's calls for the projections that read one
-input (q, k and v; gate and up): in CUDA inference over bare per-row 4-bit layers they are one launch
+input (q, k and v; gate and up): in CUDA inference over bare per-row 4-bit layers, or LoRA layers over
+them (the update computed beside the launch and added in it: ``low_rank.py``), they are one launch
 each (``settings.fused``), and otherwise one call per layer. ``quantization.py --speed`` measures the
 single-layer paths, ``qmv_probe.py --fused`` the fused launches.
 """
@@ -31,6 +32,7 @@ from ..device import device_type
 from ..kernels.cuda import qmv as qmv_cuda
 from .dequant import dequantize_weight
 from .dequant_matmul import dequantized_matmul_fn
+from .low_rank import fused_form, low_rank_addend
 from .quantize import mlx_group_size
 
 # Largest number of input rows for which ``mx.quantized_matmul`` is used, per device type: where it was
@@ -65,13 +67,20 @@ def quantized_matmul(layer, x: mx.array) -> mx.array:
 
 def fuses(layers: Sequence, x: mx.array) -> bool:
     """Whether ``project``/``swiglu`` run ``layers`` on ``x`` in one launch: ``settings.fused`` on, every
-    layer a bare per-row 4-bit ``QuantizedLinear`` in inference (not one with adapters attached) reading
-    the same input size, and ``x`` a call the few-row kernel takes (CUDA, at most 8 rows)."""
+    layer a bare per-row 4-bit ``QuantizedLinear`` in inference or a LoRA layer over one in inference
+    (``low_rank.fused_form``), all reading the same input size, and ``x`` a call the few-row kernel takes
+    (CUDA, at most 8 rows)."""
     first = layers[0]
     return settings.current().fused and all(
-        getattr(layer, "runs_bare_per_row_4bit", False) and layer.in_features == first.in_features
-        for layer in layers
+        fused_form(layer) is not None and layer.in_features == first.in_features for layer in layers
     ) and qmv_cuda.supports(x, first.in_features, 4, None)
+
+
+def _fused_parts(layers: Sequence, x: mx.array) -> tuple[list, Optional[list]]:
+    """The bases' kernel arrays and the adapters' addends (None where no layer has adapters)."""
+    forms = [fused_form(layer) for layer in layers]
+    addends = [low_rank_addend(x, low_rank) for _, low_rank in forms]
+    return [base.parts for base, _ in forms], addends if any(a is not None for a in addends) else None
 
 
 def project(layers: Sequence, x: mx.array, heads: Optional[Sequence[int]] = None) -> list[mx.array]:
@@ -83,10 +92,11 @@ def project(layers: Sequence, x: mx.array, heads: Optional[Sequence[int]] = None
     memory as (B, 1, n * hd))."""
     B, L = x.shape[0], x.shape[1]
     if fuses(layers, x):
-        parts = [layer.parts for layer in layers]
+        parts, addends = _fused_parts(layers, x)
         if heads is not None and L == 1:
-            return qmv_cuda.qmv_split(x, parts, [(B, n, 1, layer.out_features // n) for layer, n in zip(layers, heads)])
-        outs = qmv_cuda.qmv_split(x, parts)
+            return qmv_cuda.qmv_split(x, parts, [(B, n, 1, layer.out_features // n) for layer, n in zip(layers, heads)],
+                                      addends=addends)
+        outs = qmv_cuda.qmv_split(x, parts, addends=addends)
     else:
         outs = [layer(x) for layer in layers]
     if heads is None:
@@ -99,5 +109,6 @@ def swiglu(gate, up, x: mx.array) -> mx.array:
     """``silu(gate(x)) * up(x)``: x (..., in) -> (..., out); one launch where ``fuses``, the activation in
     its epilogue."""
     if fuses([gate, up], x) and gate.out_features == up.out_features:
-        return qmv_cuda.qmv_swiglu(x, gate.parts, up.parts)
+        (gate_parts, up_parts), addends = _fused_parts([gate, up], x)
+        return qmv_cuda.qmv_swiglu(x, gate_parts, up_parts, addends=addends)
     return nn.silu(gate(x)) * up(x)

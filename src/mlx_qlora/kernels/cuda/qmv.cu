@@ -479,14 +479,15 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, unsigned int a0, unsign
     row_ptr[2 + h] = reinterpret_cast<const uint4*>(w1) + (size_t)(n0 + gid + 8 * h) * CHUNKS;
   }
 
+/// @ADD_GATE@ and @ADD_UP@: nothing, or a LoRA addend of gate and of up (Variant.addend) added to the float32 sum.
 // @section epilogue_swiglu: SwiGLU: y (M, ROWS) = silu(gate) * up
 
       const float sg = static_cast<float>(s0[n]), bg = static_cast<float>(b0[n]);
       const float su = static_cast<float>(s1[n]), bu = static_cast<float>(b1[n]);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const float g = sg * acc[r][m] + bg * xsum[m];
-        const float u = su * acc[R + r][m] + bu * xsum[m];
+        const float g = sg * acc[r][m] + bg * xsum[m]@ADD_GATE@;
+        const float u = su * acc[R + r][m] + bu * xsum[m]@ADD_UP@;
         y[(size_t)m * ROWS + n] = static_cast<T>(g / (1.0f + __expf(-g)) * u);
       }
 

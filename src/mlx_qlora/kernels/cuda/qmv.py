@@ -27,6 +27,7 @@ sources through a CUDA emulation against them; the GPU probes check the kernels 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
@@ -38,6 +39,20 @@ from .qmv_plan import DTYPE_CODES, MAX_ROWS, launch
 from .qmv_source import Variant
 
 Weight = tuple[mx.array, mx.array, mx.array]  # (packed (N, K/8) uint32, scales (N, 1), biases (N, 1))
+# What a launch adds to one weight's float32 sums before its epilogue: factor F and an array (..., N) (a LoRA
+# update: F = scale, the array (x @ A.T) @ B.T); per weight, None for none.
+Addend = tuple[float, mx.array]
+
+
+def _addends(variant: Variant, addends: Optional[Sequence[Optional[Addend]]]) -> tuple[Variant, list[mx.array]]:
+    """``variant`` with its ``addend`` factors and the addend arrays as (M, N) inputs; unchanged without any."""
+    if addends is None or all(a is None for a in addends):
+        return variant, []
+    if len(addends) != variant.n_matrices:
+        raise ValueError(f"one addend (or None) per weight: {variant.n_matrices} weights, {len(addends)} addends")
+    factors = tuple(None if a is None else float(a[0]) for a in addends)
+    arrays = [a[1].reshape(-1, a[1].shape[-1]) for a in addends if a is not None]
+    return replace(variant, addend=factors), arrays
 
 
 def supports(x: mx.array, in_features: int, bits: int, group_size, out_features: Optional[int] = None) -> bool:
@@ -100,27 +115,32 @@ def qmv(
     return y.reshape(*lead, wq.shape[0])
 
 
-def qmv_split(x: mx.array, weights: Sequence[Weight],
-              shapes: Optional[Sequence[tuple[int, ...]]] = None) -> list[mx.array]:
+def qmv_split(x: mx.array, weights: Sequence[Weight], shapes: Optional[Sequence[tuple[int, ...]]] = None,
+              addends: Optional[Sequence[Optional[Addend]]] = None) -> list[mx.array]:
     """x (..., K) times up to three per-row 4-bit weights (packed, scales, biases) in one launch: one
     output per weight, (..., N) or the given ``shapes`` (same elements in row-major order; with one input
-    row per sequence, (B, 1, H * D) and (B, H, 1, D) are the same memory). Inference only."""
+    row per sequence, (B, 1, H * D) and (B, H, 1, D) are the same memory). ``addends``: per weight, None
+    or ``(F, a)`` with a (..., N): ``F * a`` is added to that output in float32. Inference only."""
     if not 1 <= len(weights) <= 3:
         raise ValueError(f"qmv_split takes 1 to 3 weights, got {len(weights)}")
     lead = x.shape[:-1]
     if shapes is None:
         shapes = [(*lead, w.shape[0]) for w, _, _ in weights]
-    return launch(x.reshape(-1, x.shape[-1]), weights, shapes=tuple(tuple(s) for s in shapes))
+    variant, extra = _addends(Variant(len(weights)), addends)
+    return launch(x.reshape(-1, x.shape[-1]), weights, variant, shapes=tuple(tuple(s) for s in shapes), extra=extra)
 
 
-def qmv_swiglu(x: mx.array, gate: Weight, up: Weight) -> mx.array:
+def qmv_swiglu(x: mx.array, gate: Weight, up: Weight,
+               addends: Optional[Sequence[Optional[Addend]]] = None) -> mx.array:
     """``silu(x @ gate.T) * (x @ up.T)`` for x (..., K) in one launch -> (..., N), both products and the
-    activation in float32 and rounded once. Inference only."""
+    activation in float32 and rounded once. ``addends``: as ``qmv_split``'s, of gate and of up (added to
+    the products before the activation). Inference only."""
     if gate[0].shape != up[0].shape:
         raise ValueError(f"gate and up weights differ in shape: {gate[0].shape} vs {up[0].shape}")
     lead = x.shape[:-1]
-    return launch(x.reshape(-1, x.shape[-1]), [gate, up], Variant(2, swiglu=True),
-                  shapes=((*lead, gate[0].shape[0]),))[0]
+    variant, extra = _addends(Variant(2, swiglu=True), addends)
+    return launch(x.reshape(-1, x.shape[-1]), [gate, up], variant, shapes=((*lead, gate[0].shape[0]),),
+                  extra=extra)[0]
 
 
 # ---- the kernels of one decoder layer of batch decoding (``model/fused_decode.py``) -----------------------
@@ -128,7 +148,8 @@ def qmv_swiglu(x: mx.array, gate: Weight, up: Weight) -> mx.array:
 
 def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[Weight], position: mx.array,
                   head_dim: int, rope_base: float, rope_scale: float, q_shape: tuple[int, ...],
-                  cache: tuple[mx.array, mx.array]) -> list[mx.array]:
+                  cache: tuple[mx.array, mx.array],
+                  addends: Optional[Sequence[Optional[Addend]]] = None) -> list[mx.array]:
     """q, k and v of ``rms_norm(x, gamma, eps)`` (x (M, K), M sequences of one token) in one launch, with
     rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d); q comes
     out in ``q_shape`` (any shape of its elements in row-major order).
@@ -137,20 +158,26 @@ def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[We
     k and v are written into them in place, at slot ``position % C``, and the buffers are returned in
     their place: ``[q, keys, values]``. The write is invisible to MLX's graph, so whatever reads the
     buffers must depend on q (attention does) and nothing may read the buffers' old contents afterwards
-    (the cache's are dropped as it advances)."""
-    variant = Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
-                      rope_scale=float(rope_scale), cache=True)
+    (the cache's are dropped as it advances).
+
+    ``addends``: per weight, None or ``(F, a)`` with a (M, N_g): ``F * a`` is added to that projection
+    before the rotation and the cache write (a LoRA update of the normed input)."""
+    variant, add = _addends(Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
+                                    rope_scale=float(rope_scale), cache=True), addends)
     q = launch(x.reshape(-1, x.shape[-1]), weights, variant, shapes=(tuple(q_shape),),
-               extra=[gamma, position.astype(mx.int32), *cache], head_dim=head_dim, capacity=cache[0].shape[2])
+               extra=[gamma, position.astype(mx.int32), *cache, *add], head_dim=head_dim,
+               capacity=cache[0].shape[2])
     return q + list(cache)
 
 
-def swiglu_norm(x: mx.array, gamma: mx.array, eps: float, gate: Weight, up: Weight) -> mx.array:
-    """``silu(gate(n)) * up(n)`` with ``n = rms_norm(x, gamma, eps)``, in one launch: x (..., K) -> (..., N)."""
+def swiglu_norm(x: mx.array, gamma: mx.array, eps: float, gate: Weight, up: Weight,
+                addends: Optional[Sequence[Optional[Addend]]] = None) -> mx.array:
+    """``silu(gate(n)) * up(n)`` with ``n = rms_norm(x, gamma, eps)``, in one launch: x (..., K) -> (..., N).
+    ``addends``: as ``qkv_norm_rope``'s, of gate and of up (added before the activation)."""
     lead = x.shape[:-1]
-    variant = Variant(2, swiglu=True, norm_eps=float(eps))
+    variant, add = _addends(Variant(2, swiglu=True, norm_eps=float(eps)), addends)
     return launch(x.reshape(-1, x.shape[-1]), [gate, up], variant, shapes=((*lead, gate[0].shape[0]),),
-                  extra=[gamma])[0]
+                  extra=[gamma, *add])[0]
 
 
 def matmul_residual(x: mx.array, weight: Weight, residual: mx.array, prefetch=()) -> mx.array:
@@ -175,10 +202,16 @@ def reference(x: mx.array, wq: mx.array, scales: mx.array, biases: mx.array) -> 
     return scales.astype(mx.float32).T * dots + biases.astype(mx.float32).T * xf.sum(axis=-1, keepdims=True)
 
 
-def reference_swiglu(x: mx.array, gate: Weight, up: Weight) -> mx.array:
-    """``qmv_swiglu``'s formula in MLX operations, in float32: x (M, K) -> (M, N)."""
-    g = reference(x, *gate)
-    return g * mx.sigmoid(g) * reference(x, *up)
+def _plus(y: mx.array, addend: Optional[Addend]) -> mx.array:
+    return y if addend is None else y + addend[0] * addend[1].reshape(y.shape).astype(mx.float32)
+
+
+def reference_swiglu(x: mx.array, gate: Weight, up: Weight,
+                     addends: Optional[Sequence[Optional[Addend]]] = None) -> mx.array:
+    """``qmv_swiglu``'s formula in MLX operations, in float32: x (M, K) -> (M, N); ``addends`` as there."""
+    addends = addends or (None, None)
+    g = _plus(reference(x, *gate), addends[0])
+    return g * mx.sigmoid(g) * _plus(reference(x, *up), addends[1])
 
 
 def reference_rms_norm(x: mx.array, gamma: mx.array, eps: float) -> mx.array:
@@ -188,10 +221,11 @@ def reference_rms_norm(x: mx.array, gamma: mx.array, eps: float) -> mx.array:
 
 
 def reference_qkv_norm_rope(x, gamma, eps, weights, position: int, head_dim: int, rope_base: float,
-                            rope_scale: float) -> list[mx.array]:
-    """``qkv_norm_rope``'s formula in MLX operations, float32: outputs (M, N_g) each."""
+                            rope_scale: float, addends: Optional[Sequence[Optional[Addend]]] = None
+                            ) -> list[mx.array]:
+    """``qkv_norm_rope``'s formula in MLX operations, float32: outputs (M, N_g) each; ``addends`` as there."""
     n = reference_rms_norm(x, gamma, eps)
-    outs = [reference(n, *w) for w in weights]
+    outs = [_plus(reference(n, *w), a) for w, a in zip(weights, addends or [None] * len(weights))]
     for g in (0, 1):
         y = outs[g]
         heads = y.reshape(y.shape[0], -1, 1, head_dim)  # (M, heads, 1, hd)

@@ -16,7 +16,7 @@ from typing import Optional
 
 from ... import settings
 from . import l2_prefetch
-from .sources import sections
+from .sources import digest, sections
 
 _CU = sections("qmv.cu")
 HEADER = _CU["header"]
@@ -59,6 +59,13 @@ def select_split(n_matrices: int, rope: tuple[bool, ...] = (), mma: bool = False
     return "\n".join(lines)
 
 
+def _addend(addend: tuple, g: int, index: str) -> str:
+    """`` + F * add<g>[index]`` where matrix g has an addend of factor F (``Variant.addend``), else ``""``."""
+    if g >= len(addend) or addend[g] is None:
+        return ""
+    return f" + {float(addend[g])!r}f * load_res(add{g}, {index})"
+
+
 def _store(g: int, n: str, value: str, cache: bool) -> str:
     """Write ``value`` to output row ``n`` (of sequence m) of matrix g; with ``cache``, matrices 1 and 2 (k
     and v) go to slot ``rope_pos[0] % C`` of the key/value cache instead, (M, N/HD, C, HD) in place."""
@@ -69,9 +76,11 @@ def _store(g: int, n: str, value: str, cache: bool) -> str:
     return f"y{g}[(size_t)m * N{g} + {n}] = static_cast<T>({value});"
 
 
-def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool = False, cache: bool = False) -> str:
+def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool = False, cache: bool = False,
+                   addend: tuple[Optional[float], ...] = ()) -> str:
     """Lane r's writes. Plain rows: row local + r of matrix g. Roped matrices: lanes r < R/2 write the pair
-    (p, p + HD/2), p = (local % HD) / 2 + r, rotated by position ``rope_pos[0]``. ``cache``: see ``_store``."""
+    (p, p + HD/2), p = (local % HD) / 2 + r, rotated by position ``rope_pos[0]``. ``cache``: see ``_store``.
+    ``addend``: see ``Variant.addend`` (added before the rotation and the residual)."""
     lines = ["      " + line.strip() for line in _matrix_branches(n_matrices)]
     lines += [f"      const bool roped = {_roped_expr(rope)};"]
     if any(rope):
@@ -89,8 +98,10 @@ def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool 
                       f"            const float sa = static_cast<float>(s{g}[na]), ba = static_cast<float>(b{g}[na]);",
                       f"            const float sb = static_cast<float>(s{g}[nb]), bb = static_cast<float>(b{g}[nb]);",
                       "#pragma unroll", "            for (int m = 0; m < M; ++m) {",
-                      "              const float va = sa * acc[r][m] + ba * xsum[m];",
-                      "              const float vb = sb * acc[R / 2 + r][m] + bb * xsum[m];",
+                      "              const float va = sa * acc[r][m] + ba * xsum[m]"
+                      + _addend(addend, g, f"(size_t)m * N{g} + na") + ";",
+                      "              const float vb = sb * acc[R / 2 + r][m] + bb * xsum[m]"
+                      + _addend(addend, g, f"(size_t)m * N{g} + nb") + ";",
                       "              " + _store(g, "na", "va * cs - vb * sn", cache),
                       "              " + _store(g, "nb", "vb * cs + va * sn", cache),
                       "            }", "          }"]
@@ -103,8 +114,8 @@ def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool 
                   "          const int local_n = local + r;",
                   f"          const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
                   "#pragma unroll", "          for (int m = 0; m < M; ++m) {",
-                  "            " + _store(g, "local_n", f"s * acc[r][m] + b * xsum[m]{res}",
-                                           cache),
+                  "            " + _store(g, "local_n", "s * acc[r][m] + b * xsum[m]"
+                                           + _addend(addend, g, f"(size_t)m * N{g} + local_n") + res, cache),
                   "          }", "        }"]
     lines += ["      }"]
     return "\n".join(lines)
@@ -138,7 +149,13 @@ class Variant:
     and up with SwiGLU; optional RMSNorm of the input (``norm_eps``; input ``gamma``), rotary embeddings
     on some outputs (``rope`` per matrix; input ``rope_pos``), k and v written into a key/value cache in
     place (``cache``; inputs ``kc``, ``vc``), a residual added to the output (input ``res``), and blocks
-    appended to the launch that ask L2 for ``prefetch`` further inputs (``l2_prefetch``)."""
+    appended to the launch that ask L2 for ``prefetch`` further inputs (``l2_prefetch``).
+
+    ``addend``: per matrix, None or a factor F: matrix g then has an input ``add<g>`` (M, N_g) (any dtype
+    the kernel reads, float32 or bfloat16), and ``F * add<g>`` is added to its float32 sum before the
+    epilogue (rotary embeddings, the cache write, SwiGLU, the residual): a LoRA update ``scale * (x @ A.T)
+    @ B.T`` computed beside the launch, with F = scale. A variant without addends is the same source as
+    before they existed."""
 
     n_matrices: int = 1
     swiglu: bool = False
@@ -149,6 +166,7 @@ class Variant:
     residual: bool = False
     cache: bool = False
     prefetch: int = 0  # inputs pf0.. that appended blocks ask L2 for
+    addend: tuple[Optional[float], ...] = ()  # per matrix: None or the factor of its addend input add<g>
 
     @property
     def input_names(self) -> list[str]:
@@ -157,6 +175,7 @@ class Variant:
         names += ["rope_pos"] if any(self.rope) else []
         names += ["kc", "vc"] if self.cache else []
         names += ["res"] if self.residual else []
+        names += [f"add{g}" for g, f in enumerate(self.addend) if f is not None]
         return names + [f"pf{i}" for i in range(self.prefetch)]
 
     @property
@@ -166,6 +185,10 @@ class Variant:
         return ["y"] if self.swiglu else [f"y{g}" for g in range(self.n_matrices)]
 
     @property
+    def has_addend(self) -> bool:
+        return any(f is not None for f in self.addend)
+
+    @property
     def name(self) -> str:
         kind = "swiglu" if self.swiglu else f"split{self.n_matrices}"
         extra = [] if self.norm_eps is None else ["norm"]
@@ -173,8 +196,10 @@ class Variant:
         extra += ["res"] if self.residual else []
         extra += ["cache"] if self.cache else []
         extra += [f"pf{self.prefetch}"] if self.prefetch else []
-        consts = abs(hash((self.norm_eps, self.rope_base, self.rope_scale))) if extra else 0
-        return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, str(consts)])
+        extra += ["add" + "".join("0" if f is None else "1" for f in self.addend)] if self.has_addend else []
+        consts = digest(self.norm_eps, self.rope_base, self.rope_scale,
+                        *((self.addend,) if self.has_addend else ())) if extra else "0"
+        return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, consts])
 
     def source(self, mma: bool = False, stage: bool = False, unroll: Optional[int] = None,
                mma_chunks: Optional[int] = None, mma_warps: Optional[int] = None) -> str:
@@ -190,10 +215,12 @@ class Variant:
         if stage and (mma or not norm):
             raise ValueError("only the CUDA-core body of an RMSNorm variant stages its input")
         if self.swiglu:
-            select, epilogue = _CU["select_swiglu_mma"] if mma else _CU["select_swiglu"], _CU["epilogue_swiglu"]
+            select = _CU["select_swiglu_mma"] if mma else _CU["select_swiglu"]
+            epilogue = (_CU["epilogue_swiglu"].replace("@ADD_GATE@", _addend(self.addend, 0, "(size_t)m * ROWS + n"))
+                        .replace("@ADD_UP@", _addend(self.addend, 1, "(size_t)m * ROWS + n")))
         else:
             select = select_split(self.n_matrices, self.rope, mma)
-            epilogue = epilogue_split(self.n_matrices, self.rope, self.residual, self.cache)
+            epilogue = epilogue_split(self.n_matrices, self.rope, self.residual, self.cache, self.addend)
         if mma:
             body = (_CU["body_mma"].replace("MMA_CHUNKS", str(mma_chunks)).replace("MMA_WARPS", str(mma_warps))
                     .replace("@SELECT@", select)

@@ -1,38 +1,30 @@
-"""The model families beyond Mistral/Llama, keyed by ``config.json``'s ``model_type``.
+"""The model families this decoder loads, one small file each, and the registry ``FAMILIES`` keyed by
+``config.json``'s ``model_type``.
 
-A family is data plus two small functions: how its Hugging Face config becomes ``ModelArgs`` fields
-(``read``) and how ``ModelArgs`` become its config again for export (``write``). The decoder itself is
-shared (``model/mistral.py``, ``model/layers.py``): a family only switches its features on.
+Every family runs through the one decoder (``model/mistral.py`` + ``model/layers.py``), whose features
+are switched by ``ModelArgs`` fields (``qkv_bias``, ``attention_bias``, ``qk_norm``, ``layer_types``,
+``fused_projections``, ``partial_rotary_factor``, the RoPE type; Gemma's ``norm_weight_offset``,
+``hidden_act``, ``scale_embeddings``, ``query_pre_attn_scalar``, the soft-caps, ``sandwich_norms`` and
+``rope_local_base_freq``); a family file says how its Hugging Face config maps onto those fields and back
+(for export), and names its architecture, its PEFT target modules and its GGUF architecture and tensors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from .base import Family
+from . import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3
 
-from . import gemma2, gemma3
-
-
-@dataclass(frozen=True)
-class Family:
-    """One ``model_type``: its Hugging Face architecture name and its config reading and writing."""
-
-    model_type: str
-    architecture: str  # config.json's "architectures" entry, the transformers class
-    read: Callable[[dict[str, Any]], dict[str, Any]]  # Hugging Face config -> ModelArgs fields
-    write: Callable[[Any], dict[str, Any]]  # ModelArgs -> Hugging Face config
-    gguf_architecture: Optional[str] = None  # llama.cpp's architecture name; None: GGUF export is refused
-    gguf_names: Optional[dict[str, str]] = None  # llama.cpp tensor name -> Hugging Face name ("{i}": layer)
-    # ModelArgs -> "<architecture>.*" metadata; ValueError when llama.cpp would not compute this model
-    gguf_metadata: Optional[Callable[[Any], dict[str, Any]]] = None
-    gguf_norm_shift: float = 0.0  # added to every norm weight in the GGUF (llama.cpp's Gemma stores 1 + w)
-    # "<architecture>.*" metadata -> Hugging Face config (what llama.cpp assumes filled in), for GGUF import
-    gguf_config: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (mistral.FAMILY, llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
+                                                         phi3.FAMILY, gemma2.FAMILY, gemma3.FAMILY)}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+ARCHITECTURES = tuple(f.architecture for f in FAMILIES.values())
 
 
-FAMILIES: dict[str, Family] = {
-    "gemma2": Family("gemma2", "Gemma2ForCausalLM", gemma2.read, gemma2.write, "gemma2", gemma2.GGUF_NAMES,
-                     gemma2.gguf_metadata, 1.0, gemma2.gguf_config),
-    "gemma3_text": Family("gemma3_text", "Gemma3ForCausalLM", gemma3.read, gemma3.write, "gemma3",
-                          gemma3.GGUF_NAMES, gemma3.gguf_metadata, 1.0, gemma3.gguf_config),
-}
+def family_of(model_type) -> Family:
+    """The ``Family`` of a ``model_type``; ``ValueError`` naming the key and listing the supported ones."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type: {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return FAMILIES[model_type]
+
+
+__all__ = ["ARCHITECTURES", "FAMILIES", "Family", "SUPPORTED_MODEL_TYPES", "family_of"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...config import number
-from ..args import _read_rope
+from .base import Family
 
 GELU_TANH = "gelu_pytorch_tanh"
 # Shape keys read as they are; transformers' defaults for Gemma 2 where the config omits them.
@@ -78,6 +78,8 @@ DEFAULTS = dict(
 
 def read(config: dict[str, Any]) -> dict[str, Any]:
     """``ModelArgs`` fields of a Gemma 2 ``config.json`` (bad values raise ValueError naming the key)."""
+    from ..args import _read_rope  # args imports this package
+
     values = read_common(config, DEFAULTS)
     values.update(_read_rope(config))
     return values
@@ -124,20 +126,11 @@ def write(args) -> dict[str, Any]:
     return write_common(args, "Gemma2ForCausalLM")
 
 
-# llama.cpp's names of a Gemma 2 checkpoint's tensors (its converter's table; no lm_head: always tied there)
+# llama.cpp's names of the Gemma 2 tensors that differ from Llama's (``gguf/mapping.py``'s table): the
+# sandwich norms; no lm_head (llama.cpp's Gemma always ties it)
 GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
     "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
     "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
 
@@ -226,3 +219,10 @@ def gguf_config(meta: dict[str, Any]) -> dict[str, Any]:
     config["attn_logit_softcapping"] = float(meta.get("gemma2.attn_logit_softcapping", 50.0))
     config["final_logit_softcapping"] = float(meta.get("gemma2.final_logit_softcapping", 30.0))
     return config
+
+
+FAMILY = Family(
+    "gemma2", "Gemma2ForCausalLM", read, write, gguf_architecture="gemma2", gguf_names=GGUF_NAMES,
+    gguf_permute_qk=False, gguf_sliding_window=True, gguf_metadata=gguf_metadata, gguf_norm_shift=1.0,
+    gguf_config=gguf_config,
+)

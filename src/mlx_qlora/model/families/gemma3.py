@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...config import number
-from ..args import _read_rope
+from .base import Family
 from .gemma2 import GGUF_NAMES as GEMMA2_GGUF_NAMES
 from .gemma2 import check_llama_cpp, common_gguf_config, common_gguf_metadata, read_common, write_common
 
@@ -26,6 +26,8 @@ GLOBAL_THETA, LOCAL_THETA = 1_000_000.0, 10_000.0  # transformers' defaults
 def _read_ropes(config: dict[str, Any]) -> dict[str, Any]:
     """The global layers' RoPE fields and ``rope_local_base_freq``, from transformers 5's per-layer-type
     ``rope_parameters`` or from ``rope_theta``/``rope_scaling``/``rope_local_base_freq`` (transformers 4)."""
+    from ..args import _read_rope  # args imports this package
+
     params = config.get("rope_parameters")
     if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
         full = dict(params.get("full_attention") or {})
@@ -104,3 +106,10 @@ def gguf_config(meta: dict[str, Any]) -> dict[str, Any]:
     elif scaling not in (None, "none"):
         raise ValueError(f"gemma3.rope.scaling.type: {scaling!r} is not supported (supported: linear)")
     return config
+
+
+FAMILY = Family(
+    "gemma3_text", "Gemma3ForCausalLM", read, write, gguf_architecture="gemma3", gguf_names=GGUF_NAMES,
+    gguf_permute_qk=False, gguf_sliding_window=True, gguf_metadata=gguf_metadata, gguf_norm_shift=1.0,
+    gguf_config=gguf_config,
+)

@@ -36,7 +36,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(model_type="mistral", vocab_size=1024, hidden_size=128, intermediate_size=384,
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                  rope_theta=10000.0, sliding_window=256, max_position_embeddings=2048),
+    # Qwen3-8B's real configuration: q/k norms per head, head_dim 128, a 151,936-token vocabulary.
+    "qwen3-8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     qk_norm=True, rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=None,
+                     max_position_embeddings=40960, tie_word_embeddings=False),
+    # Its smoke test on two CPU cores (head_dim 64 = 2 x hidden / heads, as Qwen3's small sizes).
+    "qwen3-tiny": dict(model_type="qwen3", vocab_size=1024, hidden_size=128, intermediate_size=384,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       qk_norm=True, rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=None,
+                       max_position_embeddings=2048, tie_word_embeddings=False),
 }
+# Presets with a real model's shapes (the benchmarks' default shapes for them are the real workloads').
+REAL_PRESETS = ("mistral-7b", "qwen3-8b")
 
 
 # --checkpointing off|on|both -> the settings to run

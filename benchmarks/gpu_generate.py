@@ -12,6 +12,7 @@ the model (``fused_layer``).
 
   python benchmarks/gpu_generate.py --preset tiny
   python benchmarks/gpu_generate.py --preset mistral-7b --json out.json
+  python benchmarks/gpu_generate.py --preset qwen3-8b --json out.json   # Qwen3-8B's shapes (qwen3-tiny on a CPU)
   python benchmarks/gpu_generate.py --preset mistral-7b --adapters 16 --stacks ours,ours-unfused,mlx-lm
 """
 

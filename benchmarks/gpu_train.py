@@ -7,6 +7,7 @@ Every configuration runs in its own process so that peak memory is its own.
 
   python benchmarks/gpu_train.py --preset tiny                      # CPU smoke test
   python benchmarks/gpu_train.py --preset mistral-7b --json out.json # on a GPU
+  python benchmarks/gpu_train.py --preset qwen3-8b --json out.json   # Qwen3-8B's shapes (qwen3-tiny on a CPU)
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from common import (CHECKPOINTING, OUR_VARIANTS, PRESETS, compute_dtype, environment, matmul_peak_tflops, median,
-                    on_gpu, param_count, print_table, set_memory_limits, timed, worker_env, write_json)
+from common import (CHECKPOINTING, OUR_VARIANTS, PRESETS, REAL_PRESETS, compute_dtype, environment,
+                    matmul_peak_tflops, median, on_gpu, param_count, print_table, set_memory_limits, timed, worker_env, write_json)
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,8 +33,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def build_ours(cfg: dict, dtype, rank: int, grad_checkpoint: bool, quantize: bool = True):
-    """Random Mistral, per-row 4-bit projections (unless ``quantize`` is False); LoRA on all seven
-    projections when ``rank`` > 0."""
+    """Random model of the preset (Mistral, or Qwen3's q/k norms), per-row 4-bit projections (unless
+    ``quantize`` is False); LoRA on all seven projections when ``rank`` > 0."""
     from mlx_qlora.config import LoRAConfig
     from mlx_qlora.model import MistralForCausalLM, ModelArgs
     from mlx_qlora.model.loading import PROJECTIONS
@@ -114,13 +115,15 @@ def step_ours(model, batch: mx.array, chunk: int, world=None, grads_first: bool 
 
 
 def build_mlx_lm(cfg: dict, dtype, rank: int, grad_checkpoint: bool, lora: bool = True):
-    """mlx-lm's llama model (which serves Mistral), quantized by mlx-lm (group 64), with its LoRA layers."""
-    from mlx_lm.models import llama
+    """mlx-lm's model of the preset's family (its llama model serves Mistral; qwen3 its own), quantized by
+    mlx-lm (group 64), with its LoRA layers."""
+    from mlx_lm.models import llama, qwen3
     from mlx_lm.tuner.trainer import grad_checkpoint as mlx_lm_grad_checkpoint
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    args = llama.ModelArgs.from_dict({**cfg, "model_type": "llama"})
-    model = llama.Model(args)
+    family = {"qwen3": qwen3}.get(cfg["model_type"], llama)
+    args = family.ModelArgs.from_dict({**cfg, "model_type": cfg["model_type"] if family is qwen3 else "llama"})
+    model = family.Model(args)
     model.set_dtype(dtype)
     for layer in model.layers:
         nn.quantize(layer, group_size=64, bits=4)
@@ -237,7 +240,7 @@ def main() -> None:
         return
 
     cfg = PRESETS[args.preset]
-    shapes = args.shapes or ("4x512,1x2048" if args.preset == "mistral-7b" else "4x128,1x256")
+    shapes = args.shapes or ("4x512,1x2048" if args.preset in REAL_PRESETS else "4x128,1x256")
     ckpts = CHECKPOINTING[args.checkpointing]
     peak = matmul_peak_tflops()
     n_params = param_count(cfg, with_embeddings=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from mlx_qlora.lora.adapters import save_adapters
 from mlx_qlora.model import ModelArgs
 
 PARENTS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "qkv_proj": "self_attn", "gate_up_proj": "mlp"}
 
 
 def random_adapters(args: ModelArgs, rank=4, targets=("q_proj", "v_proj", "down_proj"), seed=0, std=0.05):
@@ -26,7 +27,8 @@ def random_adapters(args: ModelArgs, rank=4, targets=("q_proj", "v_proj", "down_
     D, F = args.hidden_size, args.intermediate_size
     q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     shapes = {"q_proj": (q, D), "k_proj": (kv, D), "v_proj": (kv, D), "o_proj": (D, q),
-              "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}
+              "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F), "qkv_proj": (q + 2 * kv, D),
+              "gate_up_proj": (2 * F, D)}
     params = {}
     for i in range(args.num_hidden_layers):
         for t in targets:
@@ -79,6 +81,99 @@ def tiny_model(seed: int = 0, **overrides):
     model = MistralForCausalLM(tiny_args(**overrides))
     mx.eval(model.parameters())
     return model
+
+
+# The tiny Gemma shape (tests/model/test_gemma.py, tests/test_gemma_e2e.py): 4 layers, window 8, head_dim 16
+# with query_pre_attn_scalar 24, so that the attention scale differs from head_dim's.
+GEMMA_VOCAB = 320
+TINY_GEMMA = dict(vocab_size=GEMMA_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, sliding_window=8, query_pre_attn_scalar=24, bos_token_id=2, eos_token_id=1,
+                  pad_token_id=0)
+
+
+def save_gemma(path: Path, model_type: str, seed: int = 0, **overrides) -> Path:
+    """A random transformers Gemma 2 (``model_type`` "gemma2") or Gemma 3 text ("gemma3_text") model of the
+    ``TINY_GEMMA`` shape with ``overrides`` saved to ``path``: weights of std 0.1 and random norm weights
+    (transformers initialises Gemma norms to 0), so that every feature moves the logits."""
+    import torch
+    import transformers
+
+    config_class = transformers.Gemma2Config if model_type == "gemma2" else transformers.Gemma3TextConfig
+    model_class = transformers.Gemma2ForCausalLM if model_type == "gemma2" else transformers.Gemma3ForCausalLM
+    config = config_class(**{**TINY_GEMMA, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_((0.3 if "norm" in name else 0.1) * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_family_checkpoint(path: Path, arch: str = "qwen2", seed: int = 0, **overrides) -> Path:
+    """Save a random transformers ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Phi3ForCausalLM`` of the tiny
+    shape (no window unless asked for) to ``path``; norms and biases perturbed (transformers starts them at
+    one and zero), so that loading them is seen."""
+    import torch
+    import transformers
+
+    kwargs = {**TINY_MISTRAL, "sliding_window": None, **overrides}
+    config_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+                             "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[arch]
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def write_chatml_tokenizer(folder: Path, vocab_size: int = 320, lines: Sequence[str] = ()) -> Path:
+    """A byte-level BPE ``tokenizer.json`` of ``vocab_size`` tokens trained on ``lines`` (Qwen's kind of
+    tokenizer: its pre-tokenizer, without its NFC normalizer) whose last three ids are ChatML's
+    ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``, with a ``tokenizer_config.json`` holding Qwen's ChatML
+    chat template (EOS ``<|im_end|>``, no BOS), in ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex
+
+    tok = Tokenizer(models.BPE())
+    # Qwen's split (Llama 3's regex with single digits), then bytes (transformers' Qwen2Tokenizer)
+    regex = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(CHATML_SPECIAL), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = list(lines) or ["the quick brown fox jumps over the lazy dog"] * 8
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHATML_SPECIAL])
+    if tok.get_vocab_size() != vocab_size:
+        raise AssertionError(f"tokenizer has {tok.get_vocab_size()} tokens, expected {vocab_size}")
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML_TEMPLATE, "bos_token": None,
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+        "model_max_length": 256}))
+    return folder
 
 
 _CHAT_WORDS = ("you are a careful assistant hello hi how can i help name two rivers the nile and amazon blue sky "

@@ -226,3 +226,15 @@ def test_long_context_tiny(tmp_path):
         assert row["seq"] == max(fitted) and row["tokens_per_s"] > 0  # the longest length that fitted
         # the search ended at a length that did not fit, or at the longest length it may try
         assert row["seq"] == 1024 or any(not t["fits"] and t["seq"] - row["seq"] <= 256 for t in tries)
+
+
+@pytest.mark.slow
+def test_qwen3_preset_runs_beside_mlx_lm_qwen3(tmp_path):
+    """The Qwen3 presets build our decoder with q/k norms and mlx-lm's own qwen3 model (about 30 s)."""
+    result, _ = _run(["gpu_train.py", "--preset", "qwen3-tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "1",
+                      "--checkpointing", "off"], tmp_path)
+    assert {r["stack"] for r in result["rows"]} == {"ours", "mlx-lm"}
+    assert all(r["tokens_per_s"] > 0 for r in result["rows"])
+    result, _ = _run(["gpu_generate.py", "--preset", "qwen3-tiny", "--prompt-tokens", "16", "--max-tokens", "8",
+                      "--repeats", "1", "--stacks", "ours,mlx-lm"], tmp_path)
+    assert all(r["decode_tokens_per_s"] > 0 for r in result["rows"])

@@ -17,6 +17,10 @@ from typing import Any, Optional
 
 # The seven linear projections of a Mistral decoder layer, in checkpoint order.
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Phi-3's fused projections (q, k and v in one layer; gate and up in one), which LoRA adapts as one layer each,
+# as PEFT does; on such a model the names above map onto them (``lora.apply.model_targets``).
+FUSED_TARGETS = ("qkv_proj", "gate_up_proj")
+KNOWN_TARGETS = ALL_TARGETS + FUSED_TARGETS
 
 
 class _Config:
@@ -147,9 +151,9 @@ class LoRAConfig(_Config):
             self.layers = [number("lora layers", i, integer=True) for i in layers]  # -1: the last
         if not self.targets:
             raise ValueError("lora targets must name at least one projection")
-        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        bad = [t for t in self.targets if t not in KNOWN_TARGETS]
         if bad:
-            raise ValueError(f"unknown lora target(s) {bad}; choose from {', '.join(ALL_TARGETS)}")
+            raise ValueError(f"unknown lora target(s) {bad}; choose from {', '.join(KNOWN_TARGETS)}")
 
     @property
     def scale(self) -> float:

@@ -1,4 +1,5 @@
-"""Convert a Hugging Face Mistral/Llama checkpoint into an MLX checkpoint with 4-bit projections.
+"""Convert a Hugging Face checkpoint of a supported family (``model/families/``: Mistral, Llama, Qwen2,
+Qwen3, Phi-3) into an MLX checkpoint with 4-bit projections (their linear biases, if any, kept as they are).
 
 The conversion streams: the output's tensors and shards are planned from the input's safetensors
 headers alone, each output shard file is opened with its header already written, and every tensor is
@@ -49,7 +50,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 # The seven projections of each decoder layer: the weights that get quantized.
-QUANTIZED_KEY = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+QUANTIZED_KEY = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)\.weight$")
 DROPPED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; not parameters
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 SAFETENSORS_DTYPES = {  # safetensors header code -> MLX dtype
@@ -160,7 +161,7 @@ def _check_config(config: dict[str, Any], source: Path, quantize: bool, bits: in
     if "quantization" in config:
         raise UserError(f"{where}: quantization: already an MLX quantized checkpoint")
     architectures = config.get("architectures") or []
-    known = ("MistralForCausalLM", "LlamaForCausalLM")
+    from .model.families import ARCHITECTURES as known
     if architectures and not any(a in known for a in architectures):
         raise UserError(f"{where}: architectures: {architectures} is not supported (supported: {', '.join(known)})")
     args = model_args_from_config(config, str(where))
@@ -273,7 +274,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ConvertResult:
-    """Convert a Hugging Face Mistral/Llama checkpoint (folder, hub repo id, or a llama.cpp ``.gguf`` file)
+    """Convert a Hugging Face checkpoint of a supported family (folder, hub repo id, or a llama.cpp ``.gguf`` file)
     to an MLX checkpoint folder.
 
     The seven projections of every decoder layer are quantized to ``bits`` with one scale/bias per row

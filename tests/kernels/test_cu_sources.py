@@ -49,3 +49,33 @@ def test_every_section_is_used(name):
     code = "".join(p.read_text(encoding="utf-8") for p in CUDA.glob("*.py"))
     for section in sources.sections(name):
         assert f'"{section}"' in code, f"{name}: section {section} is not read"
+
+
+_NAMES = """
+import mlx.core as mx
+from mlx_qlora.kernels.cuda.qmv_source import Variant
+seen = []
+mx.fast.cuda_kernel = lambda **kw: seen.append(kw["name"])  # records the names without building
+from mlx_qlora.kernels.cuda import attention, dequant, qmv_plan
+for v in (Variant(1), Variant(2, swiglu=True, norm_eps=1e-5), Variant(1, residual=True),
+          Variant(3, norm_eps=1e-6, rope=(True, True, False), rope_base=1e4, rope_scale=1.0, cache=True),
+          Variant(3, norm_eps=1e-6, rope=(True, True, False), rope_base=1e4, rope_scale=1.0, cache=True,
+                  addend=(1.0, None, 2.0))):
+    qmv_plan.kernel(v, False, False, 4, 2, 4)
+attention._kernels(0.125, 4)
+dequant._kernel()
+print(" ".join(seen))
+"""
+
+
+def test_kernel_names_are_the_same_in_every_process_and_follow_the_text():
+    """MLX keeps compiled kernels on disk under their names: a name must not depend on the process (Python's
+    ``hash`` of a tuple holding None does) and must change with the kernel's text."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", _NAMES], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout.split()
+            for seed in ("1", "2")]
+    assert runs[0] == runs[1] and len(set(runs[0])) == len(runs[0]) == 8
+    assert sources.digest("a", "") != sources.digest("b", "") and sources.digest(1.0) == sources.digest(1.0)

@@ -119,8 +119,9 @@ def test_input_gradient_matches_torch(kind):
 
 
 def test_fused_form_applies_where_it_is_exact():
-    """No fused form with dropout in training (the adapter sees other inputs than the base), a biased base or
-    a 4-bit base's few-row path; in eval mode dropout is off, so the fused form applies again."""
+    """No fused form with dropout in training (the adapter sees other inputs than the base) or a 4-bit
+    base's few-row path; in eval mode dropout is off, so the fused form applies again. A biased base has
+    one, its bias added after (``test_lora_on_a_biased_base`` checks the values)."""
     bases = _bases()
     x, one_row = mx.random.normal((2, 8, IN)), mx.random.normal((1, 1, IN))
     with_dropout = LoRALinear.from_base(bases["quantized"], rank=RANK, dropout=0.1)
@@ -128,7 +129,7 @@ def test_fused_form_applies_where_it_is_exact():
     with_dropout.eval()
     assert with_dropout._fused(x) is not None
     assert LoRALinear.from_base(bases["quantized"], rank=RANK)._fused(one_row) is None
-    assert LoRALinear.from_base(nn.Linear(IN, OUT), rank=RANK)._fused(x) is None
+    assert LoRALinear.from_base(nn.Linear(IN, OUT), rank=RANK)._fused(x) is not None
     assert LoRALinear.from_base(bases["linear"], rank=RANK)._fused(one_row) is not None
 
 
@@ -216,6 +217,8 @@ def test_apply_lora_targets_and_layers():
     with pytest.raises(ValueError, match="already has an adapter"):
         apply_lora(model, targets=["q_proj"], layers=[2])
     with pytest.raises(ValueError, match="unknown lora target"):
+        apply_lora(_tiny_model(), targets="wqkv")
+    with pytest.raises(ValueError, match="no projection matched"):  # Phi-3's name, not in this model
         apply_lora(_tiny_model(), targets="qkv_proj")
     with pytest.raises(ValueError, match="out of range"):
         apply_lora(_tiny_model(), layers=[3])
@@ -277,3 +280,41 @@ def test_count_parameters_mistral_7b_shapes_without_allocating():
     assert count_parameters(model8) == (lora8, base + lora8)
     assert format_trainable(model8) == "trainable: 20,971,520 / 7,262,703,616 (0.29%)"
     assert psutil.Process().memory_info().rss - rss_before < 512 * 2**20
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+@pytest.mark.parametrize("rows", [2, 24])
+def test_lora_on_a_biased_base(quantized, rows):
+    """Qwen2's q/k/v: the base's bias stays frozen and is added once, on the fused (dequantize + matmul)
+    and the few-row paths, and ``fuse`` keeps it: ``x @ (W + s B A).T + b``."""
+    import mlx.nn as nn
+
+    from mlx_qlora.lora.layer import LoRALinear
+    from mlx_qlora.quant.quantized_linear import QuantizedLinear
+
+    mx.random.seed(3)
+    linear = nn.Linear(32, 24, bias=True)
+    linear.bias = mx.random.normal((24,))
+    base = QuantizedLinear.from_linear(linear, bits=4) if quantized else linear
+    layer = LoRALinear(base, rank=4, alpha=8.0, dropout=0.0)
+    layer.lora_B = mx.random.normal((24, 4)) * 0.1
+    weight = base.dequantize(mx.float32) if quantized else linear.weight
+    x = mx.random.normal((rows, 32))
+    expected = np.array(x) @ np.array(weight + layer.scale * layer.lora_B @ layer.lora_A).T + np.array(linear.bias)
+    for training in (True, False):
+        layer.train(training)
+        np.testing.assert_allclose(np.array(layer(x)), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.array(layer.fuse()(x)), expected, atol=1e-4, rtol=0)
+    assert sorted(k for k, _ in tree_flatten(layer.trainable_parameters())) == ["lora_A", "lora_B"]
+
+
+def test_parameter_count_of_a_biased_model_is_the_original_one(tiny_model):
+    """Qwen2's q/k/v biases count once, as parameters, quantized or not."""
+    from mlx.utils import tree_flatten
+
+    model = tiny_model(seed=2, model_type="qwen2", sliding_window=None, qkv_bias=True)
+    original = sum(v.size for _, v in tree_flatten(model.parameters()))
+    quantize_model(model, bits=4)
+    apply_lora(model, LoRAConfig(rank=2, targets=("q_proj",)))
+    trainable, total = count_parameters(model)
+    assert total == original + trainable

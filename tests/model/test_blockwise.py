@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlx_qlora import settings
 from mlx_qlora.model.attention import blockwise_block, scaled_dot_product_attention
@@ -97,6 +95,44 @@ def test_bfloat16_stays_within_half_precision_of_the_float32_plain_path():
     for a, b in zip(grads(ours, q, k, v), grads(plain, *wide)):
         assert a.dtype == mx.bfloat16
         np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b), atol=3e-2 * float(mx.abs(b).max()))
+
+
+@pytest.mark.parametrize("name", ["causal", "gqa4-window-segments-padding"])
+def test_softcapped_scores_equal_the_plain_softcap_branch(name):
+    """Gemma 2's soft-cap inside the chunks: outputs and gradients equal ``softcapped_attention`` (the plain
+    formula of transformers' eager Gemma 2 attention) over the dense mask, cap 2 so that it bends the scores."""
+    from mlx_qlora.model.attention import softcapped_attention
+
+    window, segments, padding, n_kv = CASES[name]
+    q, k, v, weights = _inputs(Hkv=n_kv)
+    q = q * 3  # scores well past the cap
+    L = q.shape[2]
+    seg = _segments(L) if segments else None
+    pad = _left_padding(L) if padding else None
+    positions = mx.arange(L, dtype=mx.int32)
+    mask = build_mask(positions, positions, window, seg, pad)
+    ours_fn = lambda q, k, v: blockwise_attention(q, k, v, 0.25, window, seg, pad, block=16, softcap=2.0)  # noqa: E731
+    plain_fn = lambda q, k, v: softcapped_attention(q, k, v, 0.25, mask, 2.0)  # noqa: E731
+    uncapped = blockwise_attention(q, k, v, 0.25, window, seg, pad, block=16)
+    assert float(mx.abs(uncapped - plain_fn(q, k, v)).max()) > 1e-2  # the cap matters here
+    np.testing.assert_allclose(np.array(ours_fn(q, k, v)), np.array(plain_fn(q, k, v)), atol=ATOL, rtol=0)
+    loss = lambda fn: lambda q, k, v: mx.sum(fn(q, k, v) * weights)  # noqa: E731
+    ours = mx.grad(loss(ours_fn), argnums=(0, 1, 2))(q, k, v)
+    plain = mx.grad(loss(plain_fn), argnums=(0, 1, 2))(q, k, v)
+    for name_, a, b in zip("qkv", ours, plain):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=ATOL, rtol=0, err_msg=f"d{name_}")
+
+
+def test_the_seam_gives_a_softcapped_rule_to_blockwise_from_the_threshold():
+    q, k, v, _ = _inputs(L=40)
+    rule = MaskRule(40, None)
+    with settings.override(blockwise_from=41):
+        below = scaled_dot_product_attention(q, k, v, 0.25, rule, training=True, softcap=2.0)
+    fresh = MaskRule(40, None)
+    with settings.override(blockwise_from=40, blockwise_block=16):
+        above = scaled_dot_product_attention(q, k, v, 0.25, fresh, training=True, softcap=2.0)
+        assert not fresh._built
+    np.testing.assert_allclose(np.array(above), np.array(below), atol=ATOL)
 
 
 def test_the_window_is_applied_in_the_backward_pass_too():

@@ -213,7 +213,7 @@ def _with_rope(tmp_path, checkpoint, rope):
 
 @pytest.mark.parametrize("rope, message", [
     ({"rope_type": "yarn", "factor": 4.0}, r"rope_parameters\.rope_type: 'yarn' is not supported \(supported: "
-                                          r"default, linear, llama3\)"),
+                                          r"default, linear, llama3, longrope\)"),
     ({"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
      r"rope_parameters\.low_freq_factor: missing"),
     ({**LLAMA3, "high_freq_factor": 0.5}, r"rope_parameters\.high_freq_factor must be > 1"),

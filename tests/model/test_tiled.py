@@ -53,7 +53,7 @@ def _layer_peak(layer, length: int) -> int:
 
     def loss(params, x):
         layer.update(params)
-        return mx.sum(layer(x, lambda _: rule) * weights)
+        return mx.sum(layer(x, lambda *_: rule) * weights)
 
     grad = mx.grad(loss, argnums=(0, 1))
     mx.eval(grad(layer.trainable_parameters(), x))
@@ -76,3 +76,49 @@ def test_tiles_bound_a_layers_activations(tiny_model):
         with settings.override(layer_tile=tile, blockwise_from=1, blockwise_block=64):
             growth[tile] = _layer_peak(layer, 2048) - _layer_peak(layer, 1024)
     assert growth[128] < 0.5 * growth[0], growth
+
+
+FAMILY_SWITCHES = {
+    # Gemma 2: sandwich norms, GeGLU, 1 + weight norms, soft-capped scores, sliding and full layers
+    "gemma2": dict(sandwich_norms=True, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0,
+                   query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
+                   layer_types=("sliding_attention", "full_attention")),
+    # Gemma 3: q/k norms, a local RoPE base on the sliding layer
+    "gemma3": dict(sandwich_norms=True, hidden_act="gelu_pytorch_tanh", norm_weight_offset=1.0, qk_norm=True,
+                   rope_local_base_freq=500.0, layer_types=("full_attention", "sliding_attention")),
+    "qwen2": dict(qkv_bias=True, layer_types=("full_attention", "sliding_attention")),
+    "phi3": dict(fused_projections=True, partial_rotary_factor=0.5, sliding_window=None),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_SWITCHES))
+def test_tiles_run_every_decoder_layer_variant(tiny_model, family):
+    """The same loss and LoRA gradients on the plain path (dense masks, the soft-cap branch), block-wise
+    (each layer's own window and the soft-cap inside the chunks) and block-wise in tiles."""
+    L = 70
+    ids = mx.array(np.random.default_rng(0).integers(0, 320, size=(1, L)))
+    segments = mx.array(np.repeat([0, 1], [45, L - 45])[None])
+    positions = mx.array(np.concatenate([np.arange(45), np.arange(L - 45)])[None])
+    results = []
+    for layer_tile, blockwise_from in ((0, 0), (0, 32), (24, 32)):  # 0: never tiled, never block-wise
+        with settings.override(layer_tile=layer_tile, blockwise_from=blockwise_from, blockwise_block=16):
+            model = tiny_model(seed=3, **FAMILY_SWITCHES[family])
+            results.append(lora_loss_and_grads(model, ids, segments, positions))
+    plain_loss, plain = results[0]
+    assert len(plain) > 0
+    for loss, grads in results[1:]:
+        assert grads.keys() == plain.keys() and abs(plain_loss - loss) < 1e-5
+        for key in plain:
+            np.testing.assert_allclose(np.array(grads[key]), np.array(plain[key]), atol=ATOL, rtol=0, err_msg=key)
+
+
+def test_longrope_layers_are_not_tiled(tiny_model):
+    """longrope picks its factors from the whole call's length, which a tile does not know: refused."""
+    from mlx_qlora.model import tiled
+
+    model = tiny_model(rope_type="longrope", rope_short_factor=(1.0,) * 8, rope_long_factor=(2.0,) * 8,
+                       rope_original_max_position_embeddings=32)
+    x = mx.zeros((1, 40, 64))
+    with settings.override(layer_tile=16):
+        assert not tiled.applies(model.model.layers[0], x, None)
+        assert tiled.applies(tiny_model().model.layers[0], x, None)

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face Mistral/Llama checkpoint to an MLX checkpoint with 4-bit projections.
+"""Convert a Hugging Face checkpoint (Mistral, Llama, Qwen2, Qwen3, Phi-3) to our checkpoint with 4-bit projections.
 
     python scripts/convert_weights.py --hf-path mistralai/Mistral-7B-v0.1 --mlx-path models/mistral-7b-4bit
 """

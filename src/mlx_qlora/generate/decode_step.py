@@ -14,7 +14,7 @@ chosen while it was traced.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -35,21 +35,25 @@ class DecodeState:
     def from_caches(cls, caches: list[KVCache], positions_needed: int,
                     capacity: Optional[int] = None) -> "DecodeState":
         """Copy the prompt's caches into static buffers with room for ``positions_needed`` positions
-        (``capacity`` slots when given, else ``static_capacity``'s)."""
-        capacity = capacity or static_capacity(positions_needed, caches[0].max_size)
-        static = [StaticKVCache.from_cache(c, capacity) for c in caches]
+        (``capacity`` slots when given, else ``static_capacity``'s), never more than a layer's own window:
+        layers with and without a window (Qwen2's ``max_window_layers``) get their own capacity."""
+        static = [StaticKVCache.from_cache(c, _layer_capacity(c, positions_needed, capacity)) for c in caches]
         return cls([c.keys for c in static], [c.values for c in static], static[0].offset)
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        """The largest layer's slot count (a windowed layer may hold fewer)."""
+        return max(keys.shape[2] for keys in self.keys)
 
-    def to_caches(self, window: Optional[int]) -> list[KVCache]:
+    def to_caches(self, windows: Union[Optional[int], Sequence[Optional[int]]]) -> list[KVCache]:
         """Per-layer ``KVCache``s holding the same positions (the slots keep their convention, position p
-        in slot p % capacity, which is the window's when positions wrapped around)."""
+        in slot p % capacity, which is the window's when positions wrapped around). ``windows``: one window
+        for every layer, or each layer's (``[c.max_size for c in caches]``)."""
         offset = int(self.offset.item())
+        if windows is None or isinstance(windows, int):
+            windows = [windows] * len(self.keys)
         caches = []
-        for keys, values in zip(self.keys, self.values):
+        for keys, values, window in zip(self.keys, self.values, windows):
             cache = KVCache(window)
             cache.keys, cache.values, cache.offset = keys, values, offset
             caches.append(cache)
@@ -58,6 +62,13 @@ class DecodeState:
     @property
     def arrays(self) -> list[mx.array]:
         return self.keys + self.values + [self.offset]
+
+
+def _layer_capacity(cache: KVCache, positions_needed: int, capacity: Optional[int]) -> int:
+    """A layer's static slots: ``capacity`` (or ``static_capacity``'s), at most the layer's window."""
+    if capacity is None:
+        return static_capacity(positions_needed, cache.max_size)
+    return capacity if cache.max_size is None else min(capacity, cache.max_size)
 
 
 class CompiledDecoder:

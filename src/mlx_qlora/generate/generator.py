@@ -267,11 +267,14 @@ def generate_stream(
     if compiled and max_tokens > 1:
         decoder = decoder_for(model)
         needed = len(prompt_ids) + max_tokens
-        capacity = static_capacity(needed, cache[0].max_size)
+        # the widest layer's window decides (layers may differ: Qwen2's max_window_layers); narrower ones
+        # keep their own (DecodeState.from_caches)
+        widest = None if any(c.max_size is None for c in cache) else max(c.max_size for c in cache)
+        capacity = static_capacity(needed, widest)
         if prompt_cache is not None and prompt_cache.capacity:  # grow by doubling: few traced graphs
             capacity = max(capacity, prompt_cache.capacity)
-            while capacity < needed and capacity != cache[0].max_size:
-                capacity = min(capacity * 2, cache[0].max_size or capacity * 2)
+            while capacity < needed and capacity != widest:
+                capacity = min(capacity * 2, widest or capacity * 2)
         state = DecodeState.from_caches(cache, needed, capacity)
 
         def forward(tokens):
@@ -290,7 +293,7 @@ def generate_stream(
         if prompt_cache is not None:
             fed = prompt_ids + generated
             if state is not None:
-                caches = state.to_caches(cache[0].max_size)
+                caches = state.to_caches([c.max_size for c in cache])
                 prompt_cache.keep(fed[: caches[0].offset], caches, state.capacity)
             else:
                 prompt_cache.keep(fed[: cache[0].offset], cache)

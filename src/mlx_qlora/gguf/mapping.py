@@ -42,8 +42,12 @@ CONFIG_KEYS: dict[str, str] = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "vocab_size": "vocab_size",
 }
-# The architectures whose GGUF layout is the one above (Mistral models are written as "llama" by llama.cpp).
-ARCHITECTURES = ("llama",)
+# llama.cpp architecture -> the family a GGUF of it is read as (Mistral models are written as "llama" by
+# llama.cpp); each family adds its own tensors (``Family.gguf_names``: Qwen2's q/k/v biases, Qwen3's
+# q/k norms, Gemma's extra norms) to the table above. Gemma's GGUFs are read by their family
+# (``Family.gguf_config``), not through this table.
+IMPORT_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+ARCHITECTURES = tuple(IMPORT_FAMILIES)
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -54,6 +58,14 @@ _TO_HF = [(_pattern(g), h) for g, h in TENSOR_NAMES.items()]
 _TO_GGUF = [(_pattern(h), g) for g, h in TENSOR_NAMES.items()]
 
 
+def family_tables(family) -> tuple[list, list]:
+    """``(to Hugging Face, to GGUF)`` rename tables: ``family.gguf_names`` first (Phi-3's ``ffn_up`` is its
+    fused gate_up_proj), then the common names."""
+    extra = family.gguf_names if family is not None else {}
+    return ([(_pattern(g), h) for g, h in extra.items()] + _TO_HF,
+            [(_pattern(h), g) for g, h in extra.items()] + _TO_GGUF)
+
+
 def _rename(name: str, table) -> Optional[str]:
     for pattern, target in table:
         match = pattern.match(name)
@@ -62,15 +74,17 @@ def _rename(name: str, table) -> Optional[str]:
     return None
 
 
-def hf_name(gguf_name: str) -> Optional[str]:
+def hf_name(gguf_name: str, family=None) -> Optional[str]:
     """The Hugging Face name of a llama.cpp tensor name (``blk.3.attn_q.weight`` ->
-    ``model.layers.3.self_attn.q_proj.weight``), or None when the table has no entry."""
-    return _rename(gguf_name, _TO_HF)
+    ``model.layers.3.self_attn.q_proj.weight``), or None when the table (with ``family``'s own tensors)
+    has no entry."""
+    return _rename(gguf_name, family_tables(family)[0])
 
 
-def gguf_name(hf: str) -> Optional[str]:
-    """The llama.cpp name of a Hugging Face tensor name, or None when the table has no entry."""
-    return _rename(hf, _TO_GGUF)
+def gguf_name(hf: str, family=None) -> Optional[str]:
+    """The llama.cpp name of a Hugging Face tensor name, or None when the table (with ``family``'s own
+    tensors) has no entry."""
+    return _rename(hf, family_tables(family)[1])
 
 
 def _heads_of(name: str, n_heads: int, n_kv_heads: int) -> Optional[int]:
@@ -107,3 +121,4 @@ def reorder_to_gguf(name: str, weight: np.ndarray, n_heads: int, n_kv_heads: int
     """``weight`` (Hugging Face ``name``) with q/k rows in llama.cpp's order; other tensors unchanged."""
     heads = _heads_of(name, n_heads, n_kv_heads)
     return weight if heads is None else to_gguf_rows(weight, heads)
+

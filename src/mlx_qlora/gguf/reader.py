@@ -1,8 +1,10 @@
 """Read a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder.
 
-``gguf_to_hf(path, out)`` writes ``config.json`` (rebuilt from the ``llama.*`` metadata), safetensors
-shards of the dequantized tensors under Hugging Face names (``mapping.TENSOR_NAMES``, with llama.cpp's
-query/key row order undone), the tokenizer rebuilt from the ``tokenizer.ggml.*`` metadata
+``gguf_to_hf(path, out)`` writes ``config.json`` (rebuilt from the ``<architecture>.*`` metadata:
+``llama``, ``qwen2``, ``qwen3`` or ``phi3``; a Gemma family reads its own, ``Family.gguf_config``),
+safetensors shards of the dequantized tensors under Hugging Face names (``mapping.TENSOR_NAMES`` plus the
+family's own, with llama.cpp's query/key row order undone for ``llama`` and Gemma's stored ``1 + weight``
+norms shifted back), the tokenizer rebuilt from the ``tokenizer.ggml.*`` metadata
 (``tokenizer.json`` or ``tokenizer.model``, see ``vocab.py``) and ``tokenizer_config.json`` with the chat
 template. Everything downstream (``load_model``, ``convert_checkpoint``, ``load_tokenizer``,
 ``transformers``) reads that folder unchanged.
@@ -21,7 +23,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import atomic_dir, atomic_write_json, write_safetensors_shards
-from .mapping import ARCHITECTURES, CONFIG_KEYS, hf_name, reorder_from_gguf
+from ..model.families import FAMILIES
+from .mapping import ARCHITECTURES, CONFIG_KEYS, IMPORT_FAMILIES, hf_name, reorder_from_gguf
 from .vocab import tokenizer_files
 
 # Tensor types we dequantize (every one the gguf package implements that llama.cpp models use).
@@ -85,10 +88,14 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
     """The Hugging Face ``config.json`` for a GGUF's metadata and tensor names (tied embeddings when the
     file has no ``output.weight``)."""
     arch = meta.get("general.architecture")
+    family = gguf_family(arch)
+    if family is not None:
+        return _family_config(meta, source, tensor_names, family)
     if arch not in ARCHITECTURES:
         raise UserError(f"{source}: general.architecture = {arch!r} is not supported (supported: "
-                        f"{', '.join(ARCHITECTURES)}: the Llama/Mistral decoder)")
-    config: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+                        f"{', '.join(ARCHITECTURES + _family_architectures())})")
+    family = FAMILIES[IMPORT_FAMILIES[arch]]
+    config: dict[str, Any] = {"architectures": [family.architecture], "model_type": family.model_type}
     for key, hf_key in CONFIG_KEYS.items():
         if f"{arch}.{key}" in meta:
             value = meta[f"{arch}.{key}"]
@@ -115,11 +122,45 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
         raise UserError(f"{source}: {arch}.rope.scaling.type = {scaling!r} is not supported (supported: linear)")
     if "rope_freqs.weight" in tensor_names:
         raise UserError(f"{source}: has rope_freqs.weight (Llama 3.1-style RoPE scaling), which is not supported")
+    if family.gguf_sliding_window and meta.get(f"{arch}.attention.sliding_window"):
+        config["sliding_window"] = int(meta[f"{arch}.attention.sliding_window"])
     config.setdefault("rms_norm_eps", 1e-5)
     config.setdefault("rope_theta", 10000.0)
     config.setdefault("max_position_embeddings", 4096)
     config["hidden_act"] = "silu"
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
+    for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+        value = meta.get(f"tokenizer.ggml.{name}_token_id")
+        config[key] = int(value) if value is not None else None
+    return config
+
+
+def gguf_family(arch: Optional[str]):
+    """The family whose llama.cpp architecture is ``arch`` and that reads its own metadata
+    (``Family.gguf_config``: Gemma), or None (the common reading, ``IMPORT_FAMILIES``)."""
+    return next((f for f in FAMILIES.values() if f.gguf_architecture == arch and f.gguf_config), None)
+
+
+def _family_architectures() -> tuple[str, ...]:
+    return tuple(f.gguf_architecture for f in FAMILIES.values() if f.gguf_config)
+
+
+def _family_config(meta: dict[str, Any], source: str, tensor_names: set[str], family) -> dict[str, Any]:
+    """The Hugging Face config of a GGUF of a family that reads its own metadata (Gemma)."""
+    arch = family.gguf_architecture
+    if "output.weight" in tensor_names:
+        raise UserError(f"{source}: has output.weight: an untied {arch} head is not supported")
+    try:
+        config = family.gguf_config(meta)
+    except KeyError as e:
+        raise UserError(f"{source}: metadata key '{e.args[0]}' is missing") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{source}: {e}") from None
+    config = {k: _float(v) if isinstance(v, float) else v for k, v in config.items()}
+    vocab = meta.get(f"{arch}.vocab_size")
+    if vocab is None and meta.get("tokenizer.ggml.tokens") is None:
+        raise UserError(f"{source}: neither '{arch}.vocab_size' nor a token list gives the vocabulary size")
+    config["vocab_size"] = int(vocab) if vocab is not None else len(meta["tokenizer.ggml.tokens"])
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
         value = meta.get(f"tokenizer.ggml.{name}_token_id")
         config[key] = int(value) if value is not None else None
@@ -136,16 +177,20 @@ class GGUFTensor:
     shape: tuple[int, ...]  # numpy order: (out, in) for a weight matrix
 
 
-def plan_tensors(reader, source: str) -> list[tuple[GGUFTensor, Any]]:
-    """``(GGUFTensor, the gguf package's tensor)`` for every tensor; ``UserError`` for an unknown name or
-    an unsupported type."""
+def _family(config: dict[str, Any]):
+    return FAMILIES[config["model_type"]]
+
+
+def plan_tensors(reader, source: str, family=None) -> list[tuple[GGUFTensor, Any]]:
+    """``(GGUFTensor, the gguf package's tensor)`` for every tensor (named by ``family``'s table: the
+    common names plus its own); ``UserError`` for an unknown name or an unsupported type."""
     out = []
     for tensor in reader.tensors:
         if tensor.name in IGNORED_TENSORS:
             continue
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, family)
         if name is None:
-            raise UserError(f"{source}: tensor {tensor.name!r} has no counterpart in the Llama/Mistral decoder")
+            raise UserError(f"{source}: tensor {tensor.name!r} has no counterpart in our decoder")
         type_name = tensor.tensor_type.name
         if type_name not in SUPPORTED_TYPES:
             raise UserError(f"{source}: tensor {tensor.name!r} has type {type_name}, which is not supported "
@@ -155,12 +200,19 @@ def plan_tensors(reader, source: str) -> list[tuple[GGUFTensor, Any]]:
     return out
 
 
-def dequantized(tensor, info: GGUFTensor, n_heads: int, n_kv_heads: int) -> np.ndarray:
-    """The float32 values of one GGUF tensor, shaped and ordered as the Hugging Face tensor."""
+def dequantized(tensor, info: GGUFTensor, n_heads: int, n_kv_heads: int, family=None) -> np.ndarray:
+    """The float32 values of one GGUF tensor, shaped and ordered as the Hugging Face tensor: q/k rows put
+    back from llama.cpp's interleaved order when ``family.gguf_permute_qk`` (None: the ``llama``
+    architecture's layout), norms shifted back by ``family.gguf_norm_shift`` (llama.cpp's Gemma stores
+    ``1 + w``)."""
     gguf = _gguf()
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     values = np.asarray(values, dtype=np.float32).reshape(info.shape)
-    return reorder_from_gguf(info.name, values, n_heads, n_kv_heads)
+    if family is not None and family.gguf_norm_shift and info.name.endswith("norm.weight"):
+        values = values - np.float32(family.gguf_norm_shift)
+    if family is None or family.gguf_permute_qk:
+        values = reorder_from_gguf(info.name, values, n_heads, n_kv_heads)
+    return values
 
 
 @dataclass
@@ -197,7 +249,8 @@ def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "floa
     meta = read_metadata(reader)
     source = str(path)
     config = hf_config(meta, source, {t.name for t in reader.tensors})
-    plan = plan_tensors(reader, source)
+    family = _family(config)
+    plan = plan_tensors(reader, source, family)
     files = tokenizer_files(meta, source)
     names = {info.name for info, _ in plan}
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -221,7 +274,7 @@ def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "floa
         shard = {}
         for name in shard_names:
             tensor_info, tensor = by_name[name]
-            shard[name] = dequantized(tensor, tensor_info, n_heads, n_kv).astype(np_dtype)
+            shard[name] = dequantized(tensor, tensor_info, n_heads, n_kv, family).astype(np_dtype)
             bar.update(1)
         save_file(shard, str(file), metadata={"format": "pt"})
 

@@ -42,12 +42,22 @@ _LLAMA3 = {
         {**_BYTE_LEVEL, "use_regex": False},
     ],
 }
+# Qwen2/2.5/3: Llama 3's rule with every digit alone (transformers' ``Qwen2Tokenizer``).
+_QWEN2 = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")},
+         "behavior": "Isolated", "invert": False},
+        {**_BYTE_LEVEL, "use_regex": False},
+    ],
+}
 # llama.cpp's ``tokenizer.ggml.pre`` name -> the same splitting rule as a ``tokenizers`` pre-tokenizer.
 PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     "gpt-2": _BYTE_LEVEL,  # GPT-2's regex
     "smollm": _DIGITS_THEN_BYTE_LEVEL,  # every digit alone, then GPT-2's regex
     "starcoder": _DIGITS_THEN_BYTE_LEVEL,
     "llama-bpe": _LLAMA3,
+    "qwen2": _QWEN2,
 }
 # Rules whose BPE looks a whole pre-token up in the vocabulary before merging (Llama 3).
 IGNORE_MERGES = ("llama-bpe",)
@@ -192,6 +202,9 @@ def _canonical_pre(pre_tokenizer: Optional[dict]) -> Optional[str]:
                "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": None,
                "model": {"type": "BPE", "vocab": {}, "merges": []}}
     serialized = json.loads(tokenizers.Tokenizer.from_str(json.dumps(minimal)).to_str())["pre_tokenizer"]
+    for step in serialized.get("pretokenizers", [serialized]):
+        if step.get("type") == "ByteLevel":
+            step.pop("trim_offsets", None)  # offsets only, not the split: Qwen's files set it false
     return json.dumps(serialized, sort_keys=True)
 
 

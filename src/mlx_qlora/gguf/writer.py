@@ -1,7 +1,8 @@
 """Write a model folder (Hugging Face, merged, or our 4-bit format) as a GGUF file for llama.cpp / Ollama.
 
-Tensors get llama.cpp's names (``mapping.TENSOR_NAMES``) and the query/key rows llama.cpp's order; the
-``llama.*`` metadata comes from ``config.json`` and the ``tokenizer.*`` metadata from the folder's
+Tensors get llama.cpp's names (``mapping.TENSOR_NAMES`` plus the family's own) and, for the ``llama``
+architecture, the query/key rows llama.cpp's order; the ``<architecture>.*`` metadata (``llama``, ``qwen2``,
+``qwen3``: ``Family.gguf_architecture``) comes from ``config.json`` and the ``tokenizer.*`` metadata from the folder's
 tokenizer (``vocab.tokenizer_metadata``), the chat template included. Matrices are stored as float16
 (``F16``) or ``Q8_0`` (8 bits per weight, one float16 scale per 32 weights), vectors (the norms) as
 float32, as llama.cpp's own converter does. A 4-bit folder is dequantized first (``w = scale * q + bias``).
@@ -21,6 +22,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import UserError
+from ..model.families import family_of
 from ..outputs import GGUF_FILE, GGUF_MARKER_KEY, Output, as_output
 from .mapping import gguf_name, reorder_to_gguf
 from .reader import _gguf
@@ -49,32 +51,47 @@ class ExportReport:
 
 def check_exportable(args, source: Path) -> None:
     """Refuse (``UserError`` naming ``source``) a model whose GGUF this writer cannot make faithfully."""
+    family = family_of(args.model_type)
+    if family.gguf_architecture is None:
+        raise UserError(f"{source}: model_type {args.model_type!r} cannot be exported to GGUF yet")
+    if args.attention_bias or (args.qkv_bias and "blk.{i}.attn_q.bias" not in family.gguf_names):
+        raise UserError(f"{source}: attention_bias: llama.cpp's {family.gguf_architecture!r} architecture has no "
+                        f"biases on these attention projections")
+    if args.rope_type == "longrope" or args.rotary_dims != args.head_dim:  # rope_factors_* tensors not written
+        raise UserError(f"{source}: longrope scaling and partial rotary embeddings (Phi-3.5, Phi-4-mini, Phi-3 "
+                        f"128k) cannot be exported to GGUF yet")
+    if family.gguf_metadata is not None:
+        try:
+            family.gguf_metadata(args)
+        except ValueError as e:  # llama.cpp would compute another model from the file
+            raise UserError(f"{source}: cannot be exported to GGUF faithfully: {e}") from None
     if args.rope_type == "llama3":  # llama.cpp takes it as a rope_freqs tensor, which is not written yet
         raise UserError(f"{source}: rope_type 'llama3' (Llama 3.1+) cannot be exported to GGUF yet "
                         f"(supported: default, linear)")
 
 
-def _config_metadata(args, name: str) -> dict[str, Any]:
-    """``llama.*`` / ``general.*`` metadata for ``ModelArgs``."""
+def _config_metadata(args, name: str, arch: str = "llama") -> dict[str, Any]:
+    """``<arch>.*`` / ``general.*`` metadata for ``ModelArgs`` (``arch``: llama.cpp's architecture name;
+    ``llama``, ``qwen2`` and ``qwen3`` read the same keys)."""
     meta: dict[str, Any] = {
         "general.name": name,
-        "llama.vocab_size": args.vocab_size,
-        "llama.context_length": args.max_position_embeddings,
-        "llama.embedding_length": args.hidden_size,
-        "llama.block_count": args.num_hidden_layers,
-        "llama.feed_forward_length": args.intermediate_size,
-        "llama.attention.head_count": args.num_attention_heads,
-        "llama.attention.head_count_kv": args.num_key_value_heads,
-        "llama.rope.freq_base": float(args.rope_theta),
-        "llama.rope.dimension_count": args.head_dim,
-        "llama.attention.layer_norm_rms_epsilon": float(args.rms_norm_eps),
+        f"{arch}.vocab_size": args.vocab_size,
+        f"{arch}.context_length": args.max_position_embeddings,
+        f"{arch}.embedding_length": args.hidden_size,
+        f"{arch}.block_count": args.num_hidden_layers,
+        f"{arch}.feed_forward_length": args.intermediate_size,
+        f"{arch}.attention.head_count": args.num_attention_heads,
+        f"{arch}.attention.head_count_kv": args.num_key_value_heads,
+        f"{arch}.rope.freq_base": float(args.rope_theta),
+        f"{arch}.rope.dimension_count": args.head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(args.rms_norm_eps),
     }
     if args.head_dim * args.num_attention_heads != args.hidden_size:
-        meta["llama.attention.key_length"] = args.head_dim
-        meta["llama.attention.value_length"] = args.head_dim
+        meta[f"{arch}.attention.key_length"] = args.head_dim
+        meta[f"{arch}.attention.value_length"] = args.head_dim
     if args.rope_scaling_factor != 1.0:
-        meta["llama.rope.scaling.type"] = "linear"
-        meta["llama.rope.scaling.factor"] = float(args.rope_scaling_factor)
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(args.rope_scaling_factor)
     return meta
 
 
@@ -151,8 +168,10 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
     check_exportable(args, model_path / "config.json")
     token_meta = tokenizer_metadata(model_path)
     notes = tokenizer_notes(model_path)
-    if args.model_type == "mistral" and args.sliding_window is not None:
-        notes.append(f"note: llama.cpp's 'llama' architecture has no sliding window: the GGUF attends to the "
+    family = family_of(args.model_type)
+    arch = family.gguf_architecture
+    if args.sliding_window is not None and not family.gguf_sliding_window:
+        notes.append(f"note: llama.cpp's {arch!r} architecture has no sliding window: the GGUF attends to the "
                      f"whole context (the model was trained with a window of {args.sliding_window})")
     _, tensors = model_tensors(model_path)
     if args.tie_word_embeddings:
@@ -160,7 +179,14 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
 
     ggml_file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                       "f32": gguf.LlamaFileType.ALL_F32}[file_type]
-    meta = {GGUF_MARKER_KEY: True, **_config_metadata(args, name or model_path.resolve().name)}
+    general_name = name or model_path.resolve().name
+    if family.gguf_metadata is not None:  # a family with metadata of its own (Gemma)
+        config_meta = {"general.name": general_name, **family.gguf_metadata(args)}
+    else:
+        config_meta = _config_metadata(args, general_name, arch)
+    meta = {GGUF_MARKER_KEY: True, **config_meta}
+    if args.sliding_window is not None and family.gguf_sliding_window:
+        meta[f"{arch}.attention.sliding_window"] = args.sliding_window
     meta["general.file_type"] = int(ggml_file_type)
     if file_type == "q8_0":
         meta["general.quantization_version"] = gguf.GGML_QUANT_VERSION
@@ -169,13 +195,16 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
     report = ExportReport(out, file_type, 0, 0, notes=notes)
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer = gguf.GGUFWriter(str(tmp), arch)
         _add_metadata(writer, meta)
         for hf, values in tensors.items():
-            target = gguf_name(hf)
+            target = gguf_name(hf, family)
             if target is None:
                 raise UserError(f"{model_path}: tensor {hf!r} has no llama.cpp name")
-            values = reorder_to_gguf(hf, values, args.num_attention_heads, args.num_key_value_heads)
+            if family.gguf_permute_qk:  # llama.cpp's llama rotates adjacent pairs; the others halves, as transformers
+                values = reorder_to_gguf(hf, values, args.num_attention_heads, args.num_key_value_heads)
+            if family.gguf_norm_shift and hf.endswith("norm.weight"):
+                values = values + np.float32(family.gguf_norm_shift)  # llama.cpp's Gemma stores 1 + w
             data, raw_type, type_name = _encode(values, file_type)
             if raw_type is None:
                 writer.add_tensor(target, data)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from ..config import ALL_TARGETS, LoRAConfig
+from ..config import KNOWN_TARGETS, LoRAConfig
 from ..errors import UserError
 from ..io import atomic_write_file, atomic_write_json, read_json
 from ..model.loading import check_finite
@@ -35,10 +35,10 @@ PEFT_PREFIX = "base_model.model."
 # The sub-module of a decoder layer that holds each projection.
 PROJECTION_PARENT = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "qkv_proj": "self_attn", "gate_up_proj": "mlp",
 }
 
-_PROJ = "|".join(ALL_TARGETS)
+_PROJ = "|".join(KNOWN_TARGETS)
 OUR_KEY = re.compile(rf"^model\.layers\.(\d+)\.(self_attn|mlp)\.({_PROJ})\.lora_(A|B)$")
 PEFT_KEY = re.compile(rf"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.({_PROJ})\.lora_(A|B)(\.default)?\.weight$")
 
@@ -81,7 +81,7 @@ def _layers_and_targets(paths) -> tuple[list[int], list[str]]:
         match = OUR_KEY.match(path)
         layers.add(int(match.group(1)))
         targets.add(match.group(3))
-    return sorted(layers), [t for t in ALL_TARGETS if t in targets]
+    return sorted(layers), [t for t in KNOWN_TARGETS if t in targets]
 
 
 def _check_pairs(params: dict[str, mx.array], rank: int, where: str, error=UserError) -> None:
@@ -167,9 +167,9 @@ def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path}: layers_pattern = {pattern!r} is not supported (expected 'layers')")
     targets = values["target_modules"]
     if isinstance(targets, list):
-        bad = [t for t in targets if t not in ALL_TARGETS]
+        bad = [t for t in targets if t not in KNOWN_TARGETS]
         if bad:
-            raise UserError(f"{path}: target_modules {bad} are not supported (choose from {', '.join(ALL_TARGETS)})")
+            raise UserError(f"{path}: target_modules {bad} are not supported (choose from {', '.join(KNOWN_TARGETS)})")
     elif not isinstance(targets, str):
         raise UserError(f"{path}: target_modules must be a list or a string, got {targets!r}")
     return values
@@ -215,7 +215,7 @@ def load_adapters(directory: str | os.PathLike) -> tuple[dict[str, mx.array], Lo
 
     present_layers, present_targets = _layers_and_targets(params)
     if isinstance(values["target_modules"], list):
-        targets = [t for t in ALL_TARGETS if t in values["target_modules"]]
+        targets = [t for t in KNOWN_TARGETS if t in values["target_modules"]]
     else:  # a regular expression in PEFT: take the projections the file holds
         targets = present_targets
     layers = values.get("layers_to_transform")

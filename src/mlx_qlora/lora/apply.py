@@ -4,7 +4,8 @@ their Hugging Face path (``...layers.{i}.self_attn.q_proj``, ``...layers.{i}.mlp
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import replace
+from typing import Optional, Sequence
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
@@ -26,19 +27,40 @@ def _resolve_layers(layers: Optional[list[int]], n_layers: int) -> set[int]:
     return chosen
 
 
+# A projection name -> the fused layer that holds it (Phi-3), which PEFT adapts as one layer.
+FUSED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+              "up_proj": "gate_up_proj"}
+
+
+def model_targets(model: nn.Module, targets: Sequence[str]) -> tuple[str, ...]:
+    """``targets`` as ``model`` names its projections: on a model with fused projections (Phi-3), q/k/v become
+    ``qkv_proj`` and gate/up ``gate_up_proj`` (an adapter on the fused layer, as PEFT puts it: asking for
+    q_proj alone adapts k and v too); order kept, repeats dropped. Elsewhere ``targets`` unchanged."""
+    present = {name for _, _, name, _ in decoder_projections(model)}
+    out: list[str] = []
+    for target in targets:
+        if target not in present:
+            target = FUSED_INTO.get(target, target)
+        if target not in out:
+            out.append(target)
+    return tuple(out)
+
+
 def apply_lora(model: nn.Module, config: Optional[LoRAConfig] = None, **kwargs) -> nn.Module:
     """Freeze ``model`` and wrap the chosen decoder projections in ``LoRALinear``; returns ``model``.
 
     ``config`` is a ``LoRAConfig``; keyword arguments (``targets``, ``rank``, ``alpha``, ``dropout``,
     ``layers``, ``use_rslora``) build one or override its fields. ``targets`` names projections
     (``"q_proj,v_proj"`` or a list; default all seven) and ``layers`` decoder-layer indices (negative
-    ones count from the end; default all). Afterwards only the adapters are trainable.
+    ones count from the end; default all); on a model with fused projections the names map onto them
+    (``model_targets``). Afterwards only the adapters are trainable.
     """
     values = config.to_dict() if config is not None else {}
     values.update(kwargs)
     config = LoRAConfig.from_dict(values)
 
     found = list(decoder_projections(model))
+    config = replace(config, targets=model_targets(model, config.targets))
     if not found:
         raise ValueError("apply_lora: the model has no decoder projections (paths like layers.0.self_attn.q_proj)")
     n_layers = max(index for _, index, _, _ in found) + 1
@@ -65,13 +87,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts.
 
     A ``QuantizedLinear`` counts as the ``in * out`` weights it stands for (its packed words, scales and
-    biases are storage, not parameters), so the total is the original model's plus the adapters.
+    biases are storage, not parameters) plus its linear ``bias`` if it has one, so the total is the
+    original model's plus the adapters.
     """
     quantized = {path: m for path, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     total = sum(m.in_features * m.out_features for m in quantized.values())
     for name, value in tree_flatten(model.parameters()):
-        owner = name.rpartition(".")[0]
-        if owner not in quantized:
+        owner, _, leaf = name.rpartition(".")
+        if owner not in quantized or leaf == "bias":  # a quantized layer's linear bias is a parameter
             total += value.size
     trainable = sum(value.size for _, value in tree_flatten(model.trainable_parameters()))
     return trainable, total

@@ -106,18 +106,22 @@ class LoRALinear(nn.Module):
         return y + (self.scale * (h @ self.lora_B.astype(x.dtype).T)).astype(y.dtype)
 
     def _fused(self, x: mx.array) -> Optional[mx.array]:
-        """The adapter's sum inside the base's dense matmul (``matmul.py``), or None where that does not
-        apply: dropout in effect, a biased base, or a 4-bit base whose call on ``x`` is not dequantize +
-        matmul (decoding few rows)."""
+        """The adapter's sum inside the base's dense matmul (``matmul.py``), the base's frozen bias (if any)
+        added after, or None where that does not apply: dropout in effect, or a 4-bit base whose call on
+        ``x`` is not dequantize + matmul (decoding few rows)."""
         if self.training and self.dropout_p > 0:
             return None
         base = self.base
         if isinstance(base, QuantizedLinear) and base.takes_dense(x):
             fn = lora_matmul_fn(dequantize_weight, base.bits, base.group_size, self.scale)
-            return fn(x, self.lora_A, self.lora_B, *base.parts)
-        if isinstance(base, nn.Linear) and "bias" not in base:
-            return lora_matmul_fn(None, 0, None, self.scale)(x, self.lora_A, self.lora_B, base.weight)
-        return None
+            y = fn(x, self.lora_A, self.lora_B, *base.parts)
+        elif isinstance(base, nn.Linear):
+            y = lora_matmul_fn(None, 0, None, self.scale)(x, self.lora_A, self.lora_B, base.weight)
+        else:
+            return None
+        if "bias" in base:
+            y = y + base.bias.astype(y.dtype)
+        return y
 
     def low_rank_form(self) -> Optional[tuple[BaseLinear, mx.array, mx.array, float]]:
         """``(base, lora_A, lora_B, scale)`` where this layer's call is exactly ``base(x) + scale * (x @
@@ -150,7 +154,7 @@ class LoRALinear(nn.Module):
             weight = self.base.dequantize(mx.float32).astype(self.base.scales.dtype)
         else:
             weight = self.base.weight
-        has_bias = isinstance(self.base, nn.Linear) and "bias" in self.base
+        has_bias = "bias" in self.base
         fused = nn.Linear(in_features, out_features, bias=has_bias)
         fused.weight = merge_weight(weight, self.lora_A, self.lora_B, self.scale)
         if has_bias:

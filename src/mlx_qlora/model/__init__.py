@@ -1,4 +1,5 @@
-"""The Mistral/Llama decoder in MLX, with names that match Hugging Face checkpoints."""
+"""Our decoder in MLX (Mistral, Llama, Qwen2, Qwen3, Phi-3: ``families/``), with names that match Hugging Face
+checkpoints."""
 
 from .args import ModelArgs
 from .cache import KVCache

@@ -4,10 +4,13 @@ The model calls ``scaled_dot_product_attention`` with the plain arguments; this 
 
 - without a cache, over ``settings.blockwise_from`` tokens or more: block-wise attention in MLX operations
   (``model/blockwise.py``), whose memory is linear in the length, forward and backward; the mask stays a
-  rule (``mask.MaskRule``) and no (L, L) array is built;
+  rule (``mask.MaskRule``) and no (L, L) array is built; a soft-cap (below) is applied inside each chunk;
 - training on CUDA without a cache (``settings.sdpa_pad``): the query length padded to cuDNN's tile, so
   that MLX differentiates attention with cuDNN's fused backward (``kernels/cuda/sdpa.py``);
-- everywhere else, MLX's ``mx.fast.scaled_dot_product_attention`` as it is.
+- everywhere else, MLX's ``mx.fast.scaled_dot_product_attention`` as it is;
+- with ``softcap`` (Gemma 2: scores become ``cap * tanh(scores / cap)`` before the mask), which MLX's fused
+  attention cannot apply, below the block-wise threshold or with a cache: the plain formula in MLX
+  operations (``softcapped_attention``), on every backend.
 
 Compiled decoding on CUDA does not come here: its decoder layers run attention inside the fused layer
 step (``fused_decode.py``), over the static cache without a mask.
@@ -15,7 +18,7 @@ step (``fused_decode.py``), over the static cache without a mask.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import mlx.core as mx
 
@@ -29,16 +32,19 @@ SCORE_BUDGET = 1 << 27  # float32 scores of one chunk of full (not windowed) blo
 
 
 def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                                 mask: Union[Mask, MaskRule], cache=None, training: bool = False) -> mx.array:
+                                 mask: Union[Mask, MaskRule], cache=None, training: bool = False,
+                                 softcap: Optional[float] = None) -> mx.array:
     """q (B, H, L, hd), k/v (B, Hkv, S, hd) -> (B, H, L, hd). ``mask``: a ``MaskRule`` (no cache),
     ``"causal"``, a boolean or additive array broadcastable to (B, H, L, S), or None; ``cache``: the
-    layer's cache (None in training)."""
+    layer's cache (None in training); ``softcap``: soft-capping of the scores (None: none)."""
     if isinstance(mask, MaskRule):
         if cache is None and uses_blockwise(mask.length):
             block = blockwise_block(q.shape[0] * q.shape[1], mask.length, mask.window)
             return blockwise_attention(q, k, v, scale, mask.window, mask.segment_ids, mask.attention_mask,
-                                       block=block)
+                                       block=block, softcap=softcap)
         mask = mask.dense()
+    if softcap is not None:
+        return softcapped_attention(q, k, v, scale, mask, softcap)
     pad = training and cache is None and on_cuda() and settings.current().sdpa_pad
     return sdpa.attention(q, k, v, scale, mask, pad=pad)
 
@@ -56,3 +62,27 @@ def blockwise_block(rows: int, length: int, window) -> int:
     while block > 64 and rows * block * min(length, (window or length) + block) > SCORE_BUDGET:
         block //= 2
     return block
+
+
+def softcapped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask,
+                         softcap: float) -> mx.array:
+    """Attention whose scores are ``softcap * tanh(q.k * scale / softcap)``, then masked, softmax in
+    float32 (as transformers' eager Gemma 2 attention). Shapes as ``scaled_dot_product_attention``."""
+    B, H, L, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    q = q.reshape(B, n_kv, H // n_kv, L, D)  # query heads grouped by the key/value head they share
+    scores = (q * scale) @ k[:, :, None].swapaxes(-1, -2)  # (B, Hkv, G, L, S)
+    scores = mx.tanh(scores / softcap) * softcap
+    if isinstance(mask, str):  # "causal": the L queries are the last L of the S positions
+        mask = mx.arange(S)[None, :] <= mx.arange(S - L, S)[:, None]  # (L, S)
+    if mask is not None:
+        if mask.ndim == 4:  # (B, 1 or H, L, S) -> (B, 1 or Hkv, 1 or G, L, S)
+            heads = (n_kv, H // n_kv) if mask.shape[1] == H and H > 1 else (1, 1)
+            mask = mask.reshape(mask.shape[0], *heads, L, S)
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(-mx.inf, dtype=scores.dtype))
+        else:
+            scores = scores + mask
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype)
+    out = weights @ v[:, :, None]  # (B, Hkv, G, L, D)
+    return out.reshape(B, H, L, D)

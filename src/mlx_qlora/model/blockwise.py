@@ -16,6 +16,8 @@ chunk from it, as the flash-attention recipe does:
 
 The mask rule is ``model/mask.py``'s (causal, sliding window, packed segments, key padding with every query
 seeing itself), evaluated per chunk from positions, segment ids and the padding mask: no (L, L) array.
+With ``softcap`` (Gemma 2) each chunk's scores become ``cap * tanh(scores / cap)`` before the mask, and the
+backward pass multiplies d s by the derivative ``1 - tanh^2``, recomputed from the same chunk's scores.
 Scores and softmax are float32; the matmuls run in the inputs' dtype. Grouped-query heads share their key
 and value rows by broadcasting (B, Hkv, G, L, D) against (B, Hkv, 1, L, D).
 """
@@ -29,12 +31,13 @@ import mlx.core as mx
 
 def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: Optional[int] = None,
                         segment_ids: Optional[mx.array] = None, attention_mask: Optional[mx.array] = None,
-                        block: int = 512) -> mx.array:
+                        block: int = 512, softcap: Optional[float] = None) -> mx.array:
     """q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, H, L, D): causal self-attention (queries and keys are the
     same L tokens, no cache) under ``model/mask.py``'s rule, ``block`` query or key rows at a time.
 
     window: Hugging Face Mistral's sliding window (None: full causal). segment_ids (B, L): packed rows,
-    attention only within a segment. attention_mask (B, L): 0 at padding keys. Differentiable in q, k, v.
+    attention only within a segment. attention_mask (B, L): 0 at padding keys. softcap: scores soft-capped
+    to ``softcap * tanh(scores / softcap)`` (None: not). Differentiable in q, k, v.
     """
     B, H, L, D = q.shape
     if k.shape[2] != L:
@@ -45,11 +48,12 @@ def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, win
     rows = [segment_ids if segment_ids is not None else mx.zeros((B, L), dtype=mx.int32),
             attention_mask if attention_mask is not None else mx.ones((B, L), dtype=mx.int32)]
     info = mx.stack([r.astype(mx.int32) for r in rows], axis=1)  # (B or 1, 2, L)
-    fn = _attention_fn(scale, window, segment_ids is not None, attention_mask is not None, block)
+    fn = _attention_fn(scale, window, segment_ids is not None, attention_mask is not None, block, softcap)
     return fn(q, k, v, info)[0]
 
 
-def _attention_fn(scale: float, window: Optional[int], segments: bool, padding: bool, block: int):
+def _attention_fn(scale: float, window: Optional[int], segments: bool, padding: bool, block: int,
+                  softcap: Optional[float] = None):
     """The custom function ``(q, k, v, info) -> (out (B, H, L, D), lse (B, Hkv, G, L))`` for these settings."""
     span = window if window is not None else None
 
@@ -75,6 +79,13 @@ def _attention_fn(scale: float, window: Optional[int], segments: bool, padding: 
     def last_query(kb: int, length: int) -> int:
         return length if span is None else min(length, kb + span - 1)
 
+    def capped(s: mx.array):
+        """Raw float32 scores -> (scores as the softmax sees them, d capped / d raw or None)."""
+        if softcap is None:
+            return s, None
+        t = mx.tanh(s / softcap)
+        return t * softcap, 1.0 - t * t
+
     def split(q, k, v):
         B, H, L, D = q.shape
         Hkv = k.shape[1]
@@ -92,6 +103,7 @@ def _attention_fn(scale: float, window: Optional[int], segments: bool, padding: 
             if previous is not None:  # one chunk's scores at a time: MLX would otherwise run them side by side
                 q_chunk = mx.depends(q_chunk, [previous])
             s = (q_chunk @ k5[..., ka:qb, :].swapaxes(-1, -2)).astype(mx.float32)  # (B, Hkv, G, Rq, Rk)
+            s, _ = capped(s)
             s = mx.where(allowed(info, qa, qb, ka, qb), s, -mx.inf)
             m = mx.max(s, axis=-1, keepdims=True)  # every query sees at least itself: finite
             p = mx.exp(s - m)
@@ -120,9 +132,11 @@ def _attention_fn(scale: float, window: Optional[int], segments: bool, padding: 
 
         def probabilities_and_ds(qa, qb, ka, kb, q_rows, do_rows):
             s = (q_rows @ k5[..., ka:kb, :].swapaxes(-1, -2)).astype(mx.float32)  # (B, Hkv, G, Rq, Rk)
+            s, slope = capped(s)
             p = mx.where(allowed(info, qa, qb, ka, kb), mx.exp(s - lse[..., qa:qb, None]), 0.0)
             dp = (do_rows @ v5[..., ka:kb, :].swapaxes(-1, -2)).astype(mx.float32)
-            return p, p * (dp - delta[..., qa:qb, None])
+            ds = p * (dp - delta[..., qa:qb, None])
+            return p, ds if slope is None else ds * slope
 
         d_q, previous = [], None
         for qa in range(0, L, block):

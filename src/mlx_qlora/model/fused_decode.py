@@ -57,10 +57,16 @@ def _forms(layer) -> list:
 def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     """Whether ``layer_step`` runs this call: ``settings.fused_decode`` on, one token per sequence over a
     ``StaticKVCache`` at the cache's own positions, every projection a bare per-row 4-bit layer in
-    inference or a LoRA layer over one in inference (``fused_form``), plain or linearly scaled RoPE, and
-    shapes the kernels take."""
+    inference or a LoRA layer over one in inference (``fused_form``; biased layers, Qwen2's q/k/v, are not
+    bare), no fused projections (Phi-3), plain or linearly scaled RoPE over the whole head without per-head
+    q/k norms (Qwen3, Gemma 3), none of Gemma's other features (``gemma_like``), and shapes the
+    kernels take."""
     if not (settings.current().fused_decode and isinstance(cache, StaticKVCache) and position_ids is None
             and x.ndim == 3 and x.shape[1] == 1):
+        return False
+    if "qkv_proj" in layer.self_attn:  # Phi-3's fused projections: the kernels take q/k/v and gate/up apart
+        return False
+    if gemma_like(layer):
         return False
     forms = _forms(layer)
     if not all(form is not None and type(form[0]) is QuantizedLinear for form in forms):
@@ -69,11 +75,24 @@ def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
     return (
         a._rope_inv_freq is None  # the kernel's rotary embeddings are plain RoPE: no llama3 frequencies
+        and a.rotary_dims == a.head_dim and a.rope_attention_factor == 1.0  # nor partial or longrope
+        and "q_norm" not in a  # nor a norm over each query / key head (Qwen3)
         and a.head_dim % 4 == 0 and all(n.dtype == x.dtype for n in norms)
         and qmv_cuda.supports(x, forms[0][0].in_features, 4, None)
         and qmv_cuda.supports(x, forms[6][0].in_features, 4, None)
         and attention_cuda.supports_shapes((x.shape[0], a.n_heads, 1, a.head_dim), cache.keys.shape,
                                            x.dtype, cache.keys.dtype)
+    )
+
+
+def gemma_like(layer) -> bool:
+    """Whether ``layer`` has a feature the kernels do not compute (Gemma 2/3): ``1 + weight`` norms, norms
+    after attention and around the MLP, per-head query/key norms, GeGLU or soft-capped scores. (The
+    attention scale and each layer's RoPE base are the kernels' arguments: those they take.)"""
+    a = layer.self_attn
+    return bool(
+        layer.input_layernorm.offset or getattr(layer, "sandwich_norms", False) or "q_norm" in a
+        or getattr(layer.mlp, "geglu", False) or a.softcap is not None
     )
 
 

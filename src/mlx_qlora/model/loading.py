@@ -27,9 +27,10 @@ from .mistral import MistralForCausalLM
 
 # Checkpoint tensors that carry no parameters of ours.
 IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
-# The seven projections of a decoder layer, the ones that are quantized.
+# The seven projections of a decoder layer, the ones that are quantized (Phi-3: four, two of them fused).
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FUSED_PROJECTIONS = ("self_attn.qkv_proj", "mlp.gate_up_proj")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -140,11 +141,14 @@ def quantize_layers(model: MistralForCausalLM, bits: int, group_size: Optional[i
 
     swaps = []
     for i, layer in enumerate(model.model.layers):
-        for name in PROJECTIONS:
+        for name in PROJECTIONS + FUSED_PROJECTIONS:
             parent_name, leaf = name.split(".")
+            if leaf not in getattr(layer, parent_name):  # q/k/v or gate/up of a fused model
+                continue
             linear = getattr(layer, parent_name)[leaf]
             out_features, in_features = linear.weight.shape
-            swaps.append((f"model.layers.{i}.{name}", QuantizedLinear(in_features, out_features, bits, group_size)))
+            swaps.append((f"model.layers.{i}.{name}",
+                          QuantizedLinear(in_features, out_features, bits, group_size, bias="bias" in linear)))
     model.update_modules(tree_unflatten(swaps))
 
 

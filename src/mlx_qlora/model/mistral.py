@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from .args import ModelArgs
 from .cache import KVCache
-from .layers import DecoderLayer, RMSNorm
+from .layers import DecoderLayer, RMSNorm, softcap
 from .mask import MaskRule, make_mask
 from .recompute import checkpoint
 
@@ -21,8 +21,8 @@ class MistralModel(nn.Module):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps, offset=args.norm_weight_offset)
         self.grad_checkpoint = False
 
     def __call__(
@@ -40,21 +40,23 @@ class MistralModel(nn.Module):
         and wait for the group before, so that at most two groups' temporaries (a GPU keeps every buffer
         until the queued work that read it has run: the dequantized weights of a prompt pass) are held."""
         h = self.embed_tokens(input_ids)  # (B, L, D)
+        if self.args.scale_embeddings:  # Gemma: the factor rounded to the embeddings' dtype first, as transformers
+            h = h * mx.array(self.args.hidden_size**0.5, dtype=mx.float32).astype(h.dtype)
         pending = None
         L = input_ids.shape[1]
         offset = cache[0].offset if cache else 0
         built: dict[str, Any] = {}
 
-        def mask_fn(key_positions):
-            # Every layer sees the same positions: build the mask once per forward pass.
-            if "mask" not in built:
-                if key_positions is None:  # no cache: the attention seam picks the array or the block-wise rule
-                    built["mask"] = MaskRule(L, self.args.sliding_window, segment_ids, attention_mask)
+        def mask_fn(key_positions, window):
+            # Layers with the same window and cache length see the same positions: one mask for each. Without a
+            # cache the mask stays a rule: the attention seam picks the array or the block-wise path.
+            key = (window, None if key_positions is None else key_positions.shape[0])
+            if key not in built:
+                if key_positions is None:
+                    built[key] = MaskRule(L, window, segment_ids, attention_mask)
                 else:
-                    built["mask"] = make_mask(
-                        L, offset, key_positions, self.args.sliding_window, segment_ids, attention_mask
-                    )
-            return built["mask"]
+                    built[key] = make_mask(L, offset, key_positions, window, segment_ids, attention_mask)
+            return built[key]
 
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache else None
@@ -103,10 +105,14 @@ class MistralForCausalLM(nn.Module):
         return self.model(input_ids, cache, position_ids, segment_ids, attention_mask, eval_every)
 
     def logits_from_hidden(self, h: mx.array) -> mx.array:
-        """Hidden states (..., D) -> logits (..., vocab)."""
+        """Hidden states (..., D) -> logits (..., vocab), soft-capped where the config says (Gemma 2)."""
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        if self.args.final_logit_softcapping is not None:
+            logits = softcap(logits, self.args.final_logit_softcapping)
+        return logits
 
     def __call__(
         self,
@@ -120,8 +126,8 @@ class MistralForCausalLM(nn.Module):
         return self.logits_from_hidden(self.hidden_states(input_ids, cache, position_ids, segment_ids, attention_mask))
 
     def make_cache(self) -> list[KVCache]:
-        """One cache per layer; each keeps only the sliding window when the model has one."""
-        return [KVCache(self.args.sliding_window) for _ in self.model.layers]
+        """One cache per layer; each keeps only its layer's sliding window when it has one."""
+        return [KVCache(layer.self_attn.sliding_window) for layer in self.model.layers]
 
     @property
     def layers(self) -> list[DecoderLayer]:

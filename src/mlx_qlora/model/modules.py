@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import ALL_TARGETS
+from ..config import KNOWN_TARGETS
 from ..quant.quantized_linear import QuantizedLinear
 
 # A decoder projection's module path: group 1 is the layer index, group 2 the projection's name.
@@ -36,7 +36,7 @@ def quantize_model(
     replacements = [
         (path, QuantizedLinear.from_linear(module, bits=bits, group_size=group_size, dtype=dtype))
         for path, _, name, module in decoder_projections(model)
-        if isinstance(module, nn.Linear) and name in ALL_TARGETS
+        if isinstance(module, nn.Linear) and name in KNOWN_TARGETS
     ]
     if replacements:
         model.update_modules(tree_unflatten(replacements))
@@ -67,6 +67,8 @@ def dense_state(model) -> dict[str, mx.array]:
         if owner in quantized:
             if name == "weight":
                 state[key] = _dense_weight(module_at(model, owner))
+            elif name == "bias":  # a linear bias, kept un-quantized (not the 4-bit ``biases``)
+                state[key] = value
         else:
             state[key] = value
     return state

@@ -6,15 +6,19 @@ are many (L, hidden) and (L, intermediate) arrays: measured on the CPU, about 50
 token for one layer's forward and backward, against one row per token for the layer's input that gradient
 checkpointing keeps. Here the layer runs as
 
-1. per tile of ``tile`` tokens: norm, q/k/v projections, rotary (only the input and q, k, v are kept);
-2. attention over the whole sequence through the seam (block-wise for long sequences: it keeps q, k, v,
-   its output and one log-sum-exp per row);
-3. per tile: o projection, residual, norm, MLP, residual (checkpointed the same way);
+1. per tile of ``tile`` tokens: norm, q/k/v projections (fused or not, biases), q/k norms, rotary
+   (``Attention.heads``; only the input and q, k, v are kept);
+2. attention over the whole sequence through the seam with the layer's own window and soft-cap
+   (block-wise for long sequences: it keeps q, k, v, its output and one log-sum-exp per row);
+3. per tile: o projection, then ``DecoderLayer.after_attention`` (residuals, the norms, sandwich norms
+   included, and the MLP: SwiGLU, GeGLU or fused gate_up), checkpointed the same way;
 
 so that one tile's activations exist at a time, in the forward pass and in the backward pass, at the
 price of computing the per-token parts' forward once more. ``DecoderLayer`` takes this path without a
 cache when the sequence is longer than ``settings.layer_tile`` tokens; the result is the same as the
-plain layer's up to float rounding (the same operations on slices of the sequence).
+plain layer's up to float rounding (the same operations on slices of the sequence). Phi-3's ``longrope``
+is refused (the layer runs whole): it picks its RoPE factors from the length of the call, which a tile
+would see as its own.
 """
 
 from __future__ import annotations
@@ -25,14 +29,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .. import settings
-from ..quant.matmul import project
 from .attention import scaled_dot_product_attention
 
 
-def applies(x: mx.array, cache) -> bool:
-    """Whether a layer over ``x`` (B, L, D) runs in tiles: no cache and L over ``settings.layer_tile``."""
+def applies(layer, x: mx.array, cache) -> bool:
+    """Whether ``layer`` over ``x`` (B, L, D) runs in tiles: no cache, L over ``settings.layer_tile``, and not
+    ``longrope`` (whose factors follow the whole call's length)."""
     tile = settings.current().layer_tile
-    return cache is None and tile > 0 and x.shape[1] > tile
+    return cache is None and tile > 0 and x.shape[1] > tile and layer.self_attn._rope_long_inv_freq is None
 
 
 def layer_forward(layer, x: mx.array, mask_fn, position_ids: Optional[mx.array] = None) -> mx.array:
@@ -43,26 +47,28 @@ def layer_forward(layer, x: mx.array, mask_fn, position_ids: Optional[mx.array] 
     H, Hkv, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
 
     def qkv(start: int, params, xt):
-        attn.update(params)
+        layer.update(params)
         positions = None if position_ids is None else position_ids[:, start:start + xt.shape[1]]
-        q, k, v = project([attn.q_proj, attn.k_proj, attn.v_proj], layer.input_layernorm(xt), (H, Hkv, Hkv))
-        q = _rope(attn, q, start, positions)
-        k = _rope(attn, k, start, positions)
+        q, k, v = attn.heads(layer.input_layernorm(xt), start, positions)
         return mx.concatenate([q, k, v], axis=1)  # (B, H + 2 Hkv, Lt, hd): one output per tile
 
     def rest(start: int, params, xt):
         layer.update(params)
         x_in, attended = xt[..., :D], xt[..., D:]  # (B, Lt, D), (B, Lt, H*hd)
-        h = x_in + attn.o_proj(attended)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return layer.after_attention(x_in, attn.o_proj(attended))
 
-    # Each tile function gets the trainable arrays it reads (LoRA's); their gradients are summed over tiles.
-    qkv_params = {name: attn[name].trainable_parameters() for name in ("q_proj", "k_proj", "v_proj")}
-    rest_params = {"self_attn": {"o_proj": attn.o_proj.trainable_parameters()},
-                   "mlp": layer.mlp.trainable_parameters()}
+    # Each tile function gets the trainable arrays it reads (LoRA's, or all in full fine-tuning); their
+    # gradients are summed over tiles.
+    trainable = layer.trainable_parameters()
+    attn_params = trainable.get("self_attn", {})
+    qkv_params = {"self_attn": {name: p for name, p in attn_params.items() if name != "o_proj"},
+                  "input_layernorm": trainable.get("input_layernorm", {})}
+    rest_params = {name: p for name, p in trainable.items() if name not in ("self_attn", "input_layernorm")}
+    rest_params["self_attn"] = {"o_proj": attn_params.get("o_proj", {})}
     heads = in_tiles(qkv, tile, output_axis=2)(qkv_params, x)  # (B, H + 2 Hkv, L, hd)
     q, k, v = heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:]
-    out = scaled_dot_product_attention(q, k, v, attn.scale, mask_fn(None), None, layer.training)
+    mask = mask_fn(None, attn.sliding_window)
+    out = scaled_dot_product_attention(q, k, v, attn.scale, mask, None, layer.training, attn.softcap)
     out = out.transpose(0, 2, 1, 3).reshape(B, L, H * hd).astype(x.dtype)  # (B, L, H*hd)
     return in_tiles(rest, tile, output_axis=1)(rest_params, mx.concatenate([x, out], axis=-1))
 
@@ -108,8 +114,3 @@ def in_tiles(fn: Callable[[int, Any, mx.array], mx.array], tile: int, output_axi
 
     return run
 
-
-def _rope(attn, t: mx.array, offset: int, positions: Optional[mx.array]) -> mx.array:
-    from .layers import rope
-
-    return rope(t, attn.rope_theta, attn.rope_scale, offset, positions, attn._rope_inv_freq)

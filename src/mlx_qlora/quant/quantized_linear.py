@@ -1,7 +1,8 @@
-"""``QuantizedLinear``: a frozen linear layer (no bias) whose weight is stored in 4 bits.
+"""``QuantizedLinear``: a frozen linear layer whose weight is stored in 4 bits.
 
 Parameters, named as a checkpoint stores them: ``weight`` uint32 (out, in * bits / 32), ``scales`` and
-``biases`` (out, n_groups), with n_groups = 1 per row (the default) or in / group_size.
+``biases`` (out, n_groups), with n_groups = 1 per row (the default) or in / group_size; and, for a layer
+with a bias (Qwen2's q, k and v), ``bias`` (out,), kept un-quantized in the scales' dtype.
 
 The forward pass computes in the input's dtype; ``matmul.py`` chooses its path (our few-row CUDA kernel,
 MLX's ``quantized_matmul`` for few rows, or dequantize + one dense matmul) and ``dequant.py`` the path of
@@ -29,6 +30,7 @@ class QuantizedLinear(nn.Module):
         bits: 2, 4 or 8.
         group_size: None for one scale and bias per output row, or 32/64/128 inputs per group.
         dtype: dtype of ``scales`` and ``biases``.
+        bias: whether the layer adds a (frozen, un-quantized) ``bias`` (out,) in ``dtype``.
 
     The arrays start as zeros so that a checkpoint loader can fill them by name; the layer is frozen.
     """
@@ -40,6 +42,7 @@ class QuantizedLinear(nn.Module):
         bits: int = 4,
         group_size: Optional[int] = None,
         dtype: mx.Dtype = mx.float32,
+        bias: bool = False,
     ):
         super().__init__()
         n_groups = n_groups_for(in_features, bits, group_size)
@@ -50,19 +53,23 @@ class QuantizedLinear(nn.Module):
         self.weight = mx.zeros((out_features, in_features * bits // 32), dtype=mx.uint32)
         self.scales = mx.zeros((out_features, n_groups), dtype=dtype)
         self.biases = mx.zeros((out_features, n_groups), dtype=dtype)
+        if bias:
+            self.bias = mx.zeros((out_features,), dtype=dtype)
         self.freeze()
 
     @classmethod
     def from_linear(
         cls, linear: nn.Module, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None
     ) -> "QuantizedLinear":
-        """Quantize a bias-free ``nn.Linear``; scales/biases take ``dtype`` (default: the weight's dtype)."""
-        if "bias" in linear:
-            raise ValueError("QuantizedLinear.from_linear: linear layers with a bias are not supported")
+        """Quantize an ``nn.Linear``; scales/biases take ``dtype`` (default: the weight's dtype), and its bias,
+        if any, is kept as it is, cast to ``dtype``."""
         out_features, in_features = linear.weight.shape
         dtype = dtype or linear.weight.dtype
-        layer = cls(in_features, out_features, bits=bits, group_size=group_size, dtype=dtype)
+        has_bias = "bias" in linear
+        layer = cls(in_features, out_features, bits=bits, group_size=group_size, dtype=dtype, bias=has_bias)
         layer.weight, layer.scales, layer.biases = quantize(linear.weight, bits, group_size, dtype=dtype)
+        if has_bias:
+            layer.bias = linear.bias.astype(dtype)
         return layer
 
     def unfreeze(self, *args, **kwargs):
@@ -109,8 +116,9 @@ class QuantizedLinear(nn.Module):
 
     @property
     def runs_bare_per_row_4bit(self) -> bool:
-        """In inference, 4 bits, one scale per row: what the fused CUDA kernels take."""
-        return not self.training and self.bits == 4 and self.group_size is None
+        """In inference, 4 bits, one scale per row, no bias: what the fused CUDA kernels take (they read
+        ``parts`` only)."""
+        return not self.training and self.bits == 4 and self.group_size is None and "bias" not in self
 
     def prepare_decoding(self, dtype: mx.Dtype) -> None:
         """Build now what a one-row call in ``dtype`` will need (MLX's group layout, when that path is
@@ -124,11 +132,14 @@ class QuantizedLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """x (..., in) -> (..., out), computed in ``x.dtype`` (the path: ``matmul.quantized_matmul``)."""
-        return matmul.quantized_matmul(self, x)
+        y = matmul.quantized_matmul(self, x)
+        if "bias" in self:
+            y = y + self.bias.astype(y.dtype)
+        return y
 
     def _extra_repr(self) -> str:
         groups = "per-row" if self.group_size is None else f"group_size={self.group_size}"
         return (
             f"input_dims={self.in_features}, output_dims={self.out_features}, bits={self.bits}, {groups}, "
-            f"dtype={str(self.scales.dtype).rpartition('.')[2]}"
+            f"dtype={str(self.scales.dtype).rpartition('.')[2]}" + (", bias=True" if "bias" in self else "")
         )

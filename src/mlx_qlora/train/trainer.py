@@ -41,7 +41,7 @@ from ..model import load_model
 from ..model.loading import compute_dtype, model_args_from_config, read_config, resolve_dtype
 from ..outputs import RUN, claim_output
 from ..lora.adapters import WEIGHTS_NAME, save_adapters
-from ..lora.apply import apply_lora, format_trainable
+from ..lora.apply import apply_lora, format_trainable, model_targets
 from .checkpoint import (
     CHECKPOINTS_DIR, LATEST_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME, CheckpointDamaged, find_resumable,
     read_latest_pointer, save_checkpoint,
@@ -151,7 +151,12 @@ class Trainer:
         self.dtype = resolve_dtype(dtype)
         self.model = load_model(c.model, dtype=self.dtype)
         self.model.freeze()
-        apply_lora(self.model, c.lora)
+        try:
+            apply_lora(self.model, c.lora)
+        except ValueError as e:  # targets this model does not have (qkv_proj on a Llama), a layer out of range
+            raise UserError(f"{model_config}: lora: {e}") from None
+        # recorded as the model names them (Phi-3's fused qkv_proj / gate_up_proj), as the adapter files do
+        self.config = c = replace(c, lora=replace(c.lora, targets=model_targets(self.model, c.lora.targets)))
         # Adapters and their optimizer state stay in float32 whatever the compute dtype.
         self.model.update(tree_map(lambda p: p.astype(mx.float32), self.model.trainable_parameters()))
         self.model.model.grad_checkpoint = c.grad_checkpoint

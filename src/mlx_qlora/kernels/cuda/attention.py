@@ -28,7 +28,7 @@ import mlx.core as mx
 from ... import settings
 from ...device import on_cuda
 from . import l2_prefetch
-from .sources import sections
+from .sources import cuda_kernel, sections
 
 _CU = sections("attention.cu")
 PARTIAL_HEADER = _CU["partial_header"]
@@ -85,14 +85,14 @@ def combine_source() -> str:
 def _kernels(scale: float, unroll: int, prefetch: int = 0):
     # The scale is a compile-time constant of the first kernel (one per model).
     suffix = f"_pf{prefetch}" if prefetch else ""
-    partial = mx.fast.cuda_kernel(
-        name=f"mlx_qlora_decode_attention_partial_{abs(hash(scale))}_u{unroll}{suffix}",
+    partial = cuda_kernel(  # the scale is in the source, so in the name's digest
+        name=f"mlx_qlora_decode_attention_partial_u{unroll}{suffix}",
         input_names=["q", "k", "v", "offset"] + [f"pf{i}" for i in range(prefetch)],
         output_names=["part_acc", "part_ml"],
         source=partial_source(scale, unroll, prefetch),
         header=PARTIAL_HEADER + (l2_prefetch.HEADER if prefetch else ""),
     )
-    combine = mx.fast.cuda_kernel(
+    combine = cuda_kernel(
         name="mlx_qlora_decode_attention_combine",
         input_names=["part_acc", "part_ml"],
         output_names=["out"],

@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from ... import settings
 from ...device import on_cuda
-from .sources import sections
+from .sources import cuda_kernel, sections
 
 _CU = sections("dequant.cu")
 HEADER = _CU["header"]
@@ -37,7 +37,7 @@ def supports(wq: mx.array, bits: int, group_size, dtype: mx.Dtype) -> bool:
 
 @lru_cache(maxsize=None)
 def _kernel():
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name="mlx_qlora_dequantize_per_row_4bit",
         input_names=["w", "scales", "biases"],
         output_names=["y"],

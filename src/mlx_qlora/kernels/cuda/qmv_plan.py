@@ -19,6 +19,7 @@ from ... import settings
 from ...settings import KernelSettings
 from . import l2_prefetch
 from .qmv_source import HEADER, THREADS, Variant
+from .sources import cuda_kernel
 
 MAX_ROWS = 8  # input rows handled by one launch (every warp keeps one accumulator per row)
 DTYPE_CODES = {mx.float32: 0, mx.bfloat16: 1}  # input dtypes the kernels read (float16: not yet)
@@ -135,7 +136,7 @@ def _launch_args(rows: int, in_features: int, out_rows: tuple[int, ...], variant
 def kernel(variant: Variant, mma: bool, stage: bool, unroll: int, mma_chunks: int, mma_warps: int) -> Callable:
     """The ``mx.fast.cuda_kernel`` of one variant and body, built once (``Variant.source``)."""
     suffix = f"_mma{mma_chunks}w{mma_warps}" if mma else f"_u{unroll}{'_staged' if stage else ''}"
-    return mx.fast.cuda_kernel(
+    return cuda_kernel(
         name=variant.name + suffix,
         input_names=variant.input_names,
         output_names=variant.output_names,

@@ -16,7 +16,7 @@ from typing import Optional
 
 from ... import settings
 from . import l2_prefetch
-from .sources import sections
+from .sources import digest, sections
 
 _CU = sections("qmv.cu")
 HEADER = _CU["header"]
@@ -197,9 +197,9 @@ class Variant:
         extra += ["cache"] if self.cache else []
         extra += [f"pf{self.prefetch}"] if self.prefetch else []
         extra += ["add" + "".join("0" if f is None else "1" for f in self.addend)] if self.has_addend else []
-        consts = abs(hash((self.norm_eps, self.rope_base, self.rope_scale)
-                          + ((self.addend,) if self.has_addend else ()))) if extra else 0
-        return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, str(consts)])
+        consts = digest(self.norm_eps, self.rope_base, self.rope_scale,
+                        *((self.addend,) if self.has_addend else ())) if extra else "0"
+        return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, consts])
 
     def source(self, mma: bool = False, stage: bool = False, unroll: Optional[int] = None,
                mma_chunks: Optional[int] = None, mma_warps: Optional[int] = None) -> str:

@@ -10,10 +10,16 @@ final newline, so a section whose text ends with a newline is followed by a blan
 fragments (a header, a kernel body, a piece a body is assembled from); the Python
 modules put them together and hand them to ``mx.fast.cuda_kernel``. The files are package data
 (``pyproject.toml``), read through ``importlib.resources``, so an installed wheel carries them.
+
+``cuda_kernel`` builds every kernel of the package: MLX keeps what NVRTC compiled in a cache on disk
+(``MLX_PTX_CACHE_DIR``, by default ``<temp dir>/mlx/<version>/ptx``) under the kernel's name, so a name
+that is the same in every process and changes with the text lets a new process load its kernels instead
+of compiling them again (seconds each), and never load another text's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import lru_cache
 from importlib import resources
@@ -49,3 +55,16 @@ def parse(text: str, filename: str = "<text>") -> dict[str, str]:
     if name is not None:
         found[name] = "".join(lines).removesuffix("\n")
     return found
+
+
+def digest(*parts: object) -> str:
+    """A short hex digest of ``parts`` (their ``repr``): the same in every process, unlike ``hash``."""
+    return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:12]
+
+
+def cuda_kernel(name: str, input_names, output_names, source: str, header: str = ""):
+    """``mx.fast.cuda_kernel`` named ``name`` plus a digest of its text (see the module docstring)."""
+    import mlx.core as mx
+
+    return mx.fast.cuda_kernel(name=f"{name}_{digest(source, header)}", input_names=list(input_names),
+                               output_names=list(output_names), source=source, header=header)

@@ -22,6 +22,7 @@ from mlx_qlora.model import load_model
 from mlx_qlora.quant import QuantizedLinear, quantize
 from mlx_qlora.model.modules import quantize_model
 from mlx_qlora import convert as convert_mod
+from mlx_qlora.config import ConvertConfig
 from mlx_qlora.convert import QUANTIZED_KEY, convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,13 +123,26 @@ def test_bfloat16_source(tiny_hf_checkpoint, tmp_path):
     file = src / "model.safetensors"
     save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(file)).items()}, str(file), metadata={"format": "pt"})
     out = tmp_path / "out"
-    convert_checkpoint(src, out, dtype="bfloat16", progress=False)
+    convert_checkpoint(src, out, progress=False)  # dtype auto: the checkpoint's bfloat16
+    assert json.loads((out / "mlx_qlora.json").read_text())["converted"]["dtype"] == "bfloat16"
     written = _read_with_safetensors(out)
     original = load_file(str(file))
     key = "model.layers.0.mlp.up_proj.weight"
     wq, scales, _ = quantize(mx.array(original[key].float().numpy()), 4, None, dtype=mx.bfloat16)
     assert np.array_equal(written[key].astype(np.uint64), np.array(wq).astype(np.uint64))
     assert np.array_equal(written["model.norm.weight"], original["model.norm.weight"].float().numpy())
+
+
+def test_auto_dtype_keeps_half_precision_and_halves_float32(tiny_hf_checkpoint, tmp_path):
+    """``--dtype auto`` (the default) stores what the checkpoint stores in half precision, float16 for float32."""
+    from mlx_qlora.convert import auto_dtype
+
+    assert ConvertConfig().dtype == "auto"
+    out = tmp_path / "out"
+    convert_checkpoint(tiny_hf_checkpoint, out, progress=False)  # the tiny checkpoint is float32
+    model = load_model(out)
+    assert model.model.embed_tokens.weight.dtype == mx.float16 and model.layers[0].mlp.up_proj.scales.dtype == mx.float16
+    assert auto_dtype(sorted(tiny_hf_checkpoint.glob("*.safetensors"))) == "float16"
 
 
 def test_verification_rejects_non_finite_weights(tiny_hf_checkpoint, tmp_path):

@@ -276,13 +276,15 @@ class ConvertConfig(_Config):
 
     bits: int = 4
     group_size: Optional[int] = None  # None: one scale and bias per output row
-    dtype: str = "float16"  # of the unquantized tensors and of the scales / biases
+    # of the unquantized tensors and of the scales / biases; auto: the checkpoint's half precision (bfloat16 or
+    # float16; float16 for a float32 checkpoint)
+    dtype: str = "auto"
     shard_size_gb: float = 3.0  # approximate size of each output shard, GiB
 
     def __post_init__(self):
         self.bits = choice("bits", self.bits, (2, 4, 8))
         self.group_size = choice("group_size", self.group_size, (32, 64, 128), optional=True)
-        self.dtype = choice("dtype", self.dtype, ("float16", "bfloat16", "float32"))
+        self.dtype = choice("dtype", self.dtype, ("auto", "float16", "bfloat16", "float32"))
         self.shard_size_gb = number("shard_size_gb", self.shard_size_gb, above=0)
 
 

@@ -176,6 +176,23 @@ def _check_config(config: dict[str, Any], source: Path, quantize: bool, bits: in
     return args
 
 
+def auto_dtype(files: list[Path]) -> str:
+    """The output dtype of ``--dtype auto``: the checkpoint's own half precision (the one most of its
+    floating-point bytes are stored in), float16 for a float32 checkpoint. Mistral, Llama, Qwen and Gemma
+    publish bfloat16 weights; float16 would narrow their range (Gemma's activations overflow in it)."""
+    by_dtype: dict[mx.Dtype, int] = {}
+    for file in files:
+        for code, shape, _ in read_safetensors_header(file).values():
+            dtype = SAFETENSORS_DTYPES.get(code)
+            if dtype is not None and mx.issubdtype(dtype, mx.floating):
+                size = dtype.size
+                for d in shape:
+                    size *= d
+                by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+    main = max(by_dtype, key=by_dtype.get) if by_dtype else mx.float32
+    return DTYPE_NAMES[main] if main in (mx.bfloat16, mx.float16) else "float16"
+
+
 def _plan(files: list[Path], quantize: bool, bits: int, group_size: Optional[int], dtype: mx.Dtype,
           tied: bool) -> tuple[list[_Tensor], int, int]:
     """Output tensors in input order, the input bytes and the number of quantized weights."""
@@ -279,7 +296,7 @@ def convert_checkpoint(
 
     The seven projections of every decoder layer are quantized to ``bits`` with one scale/bias per row
     (``group_size`` None) or per 32/64/128 inputs, their scales and biases stored in ``dtype``; every other
-    floating-point tensor is cast to ``dtype``. ``quantize=False`` writes a full-precision copy. Writes
+    floating-point tensor is cast to ``dtype`` (``"auto"``: ``auto_dtype``, the checkpoint's own). ``quantize=False`` writes a full-precision copy. Writes
     sharded ``model-XXXXX-of-YYYYY.safetensors`` of about ``shard_bytes`` each with
     ``model.safetensors.index.json``, ``config.json`` (with a ``quantization`` section when quantized), the
     tokenizer files and ``mlx_qlora.json`` (what was converted, plus the source's own ``mlx_qlora.json``, a
@@ -304,15 +321,14 @@ def convert_checkpoint(
         result.source = Path(hf_path_or_repo)
         return result
     started = time.perf_counter()
-    if dtype not in DTYPES:
-        raise UserError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES and dtype != "auto":
+        raise UserError(f"dtype: {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     if quantize and bits not in SUPPORTED_BITS:
         raise UserError(f"bits: {bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
     if quantize and group_size is not None and group_size not in (32, 64, 128):
         raise UserError(f"group_size: {group_size} is not supported (per-row by default, or 32, 64, 128)")
     if shard_bytes < 1:
         raise UserError(f"shard_bytes must be >= 1, got {shard_bytes}")
-    out_dtype = DTYPES[dtype]
     mlx_path = output.path
 
     source = resolve_checkpoint(hf_path_or_repo)
@@ -322,6 +338,8 @@ def convert_checkpoint(
     config = read_config(source)
     args = _check_config(config, source, quantize, bits, group_size)
     files = weight_files(source)
+    dtype = auto_dtype(files) if dtype == "auto" else dtype
+    out_dtype = DTYPES[dtype]
     plan, input_bytes, n_quantized = _plan(files, quantize, bits, group_size, out_dtype, args.tie_word_embeddings)
     output_bytes = sum(t.nbytes for t in plan)
     mlx_path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--group-size",
                    help="inputs sharing one scale and bias: 'row' (one per output row), 32, 64 or 128 "
                         f"(default {group_text(d.group_size)})")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
-                   help=f"dtype of the unquantized tensors and of the scales/biases (default {d.dtype})")
+    p.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
+                   help="dtype of the unquantized tensors and of the scales/biases (default auto: the checkpoint's "
+                        "bfloat16 or float16; float16 for a float32 checkpoint)")
     p.add_argument("--no-quantize", action="store_true", help="write a full-precision MLX copy instead")
     p.add_argument("--shard-size-gb", type=float,
                    help=f"approximate size of each output shard (GiB; default {shown(d.shard_size_gb)})")

@@ -1,5 +1,7 @@
 """Convert a Hugging Face checkpoint of a supported family (``model/families/``: Mistral, Llama, Qwen2,
 Qwen3, Phi-3) into an MLX checkpoint with 4-bit projections (their linear biases, if any, kept as they are).
+A multimodal checkpoint (Gemma 3's ``Gemma3ForConditionalGeneration``, ``families/multimodal.py``) becomes
+a text-only one: its language model, renamed to the text family's names; the vision weights are dropped.
 
 The conversion streams: the output's tensors and shards are planned from the input's safetensors
 headers alone, each output shard file is opened with its header already written, and every tensor is
@@ -96,6 +98,16 @@ class ConvertResult:
     seconds: float
     quantization: Optional[dict[str, Any]] = None
     shards: list[str] = field(default_factory=list)
+    # a multimodal source: what was not converted, {part: {"tensors": n, "bytes": b}} (vision tower, projector)
+    dropped: Optional[dict[str, dict[str, int]]] = None
+
+    def dropped_line(self) -> Optional[str]:
+        """One line saying which parts of a multimodal source were dropped, or None."""
+        if not self.dropped:
+            return None
+        parts = ", ".join(f"{part} ({d['tensors']} tensors, {d['bytes'] / 2**20:.1f} MiB)"
+                          for part, d in self.dropped.items())
+        return f"multimodal checkpoint: converted its language model as a text model; dropped {parts}"
 
 
 def resolve_checkpoint(hf_path_or_repo: Union[str, Path]) -> Path:
@@ -194,11 +206,13 @@ def auto_dtype(files: list[Path]) -> str:
 
 
 def _plan(files: list[Path], quantize: bool, bits: int, group_size: Optional[int], dtype: mx.Dtype,
-          tied: bool) -> tuple[list[_Tensor], int, int]:
-    """Output tensors in input order, the input bytes and the number of quantized weights."""
+          tied: bool, multimodal=None) -> tuple[list[_Tensor], int, int, dict[str, dict[str, int]]]:
+    """Output tensors in input order, the input bytes, the number of quantized weights and, for a
+    ``multimodal`` source (``families.Multimodal``: its names are mapped to ours), the dropped parts."""
     plan: list[_Tensor] = []
     input_bytes = n_quantized = 0
     seen: dict[str, Path] = {}
+    dropped: dict[str, dict[str, int]] = {}
     for file in files:
         header = read_safetensors_header(file)
         for name, (code, shape, _) in sorted(header.items(), key=lambda item: item[1][2]):
@@ -212,19 +226,32 @@ def _plan(files: list[Path], quantize: bool, bits: int, group_size: Optional[int
             for d in shape:
                 size *= d
             input_bytes += size
+            source_name = name
+            if multimodal is not None:
+                try:
+                    name = multimodal.rename(source_name)
+                except ValueError as e:
+                    raise UserError(f"{file}: {e}") from None
+                if name is None:
+                    part = dropped.setdefault(multimodal.dropped_part(source_name), {"tensors": 0, "bytes": 0})
+                    part["tensors"] += 1
+                    part["bytes"] += size
+                    continue
             if name.endswith(DROPPED_KEY_SUFFIXES) or (tied and name == "lm_head.weight"):
                 continue
             if quantize and QUANTIZED_KEY.match(name):
                 out_features, in_features = shape
                 n_groups = n_groups_for(in_features, bits, group_size)
-                plan.append(_Tensor(name, name, file, "weight", mx.uint32, (out_features, in_features * bits // 32)))
+                plan.append(_Tensor(name, source_name, file, "weight", mx.uint32,
+                                    (out_features, in_features * bits // 32)))
                 for kind in ("scales", "biases"):
-                    plan.append(_Tensor(name[: -len("weight")] + kind, name, file, kind, dtype, (out_features, n_groups)))
+                    plan.append(_Tensor(name[: -len("weight")] + kind, source_name, file, kind, dtype,
+                                        (out_features, n_groups)))
                 n_quantized += 1
             else:
                 out_dtype = dtype if mx.issubdtype(source_dtype, mx.floating) else source_dtype
-                plan.append(_Tensor(name, name, file, "copy", out_dtype, shape))
-    return plan, input_bytes, n_quantized
+                plan.append(_Tensor(name, source_name, file, "copy", out_dtype, shape))
+    return plan, input_bytes, n_quantized, dropped
 
 
 def _write_header(f: BinaryIO, tensors: list[_Tensor]) -> None:
@@ -335,12 +362,18 @@ def convert_checkpoint(
 
     from .model.loading import read_config, weight_files
 
+    from .model.families import family_of, multimodal_of
+
     config = read_config(source)
     args = _check_config(config, source, quantize, bits, group_size)
+    multimodal = multimodal_of(config)
+    if multimodal is not None:  # its language model, as a text model (checked by _check_config)
+        config = {**multimodal.text_config(config), "architectures": [family_of(args.model_type).architecture]}
     files = weight_files(source)
     dtype = auto_dtype(files) if dtype == "auto" else dtype
     out_dtype = DTYPES[dtype]
-    plan, input_bytes, n_quantized = _plan(files, quantize, bits, group_size, out_dtype, args.tie_word_embeddings)
+    plan, input_bytes, n_quantized, dropped = _plan(files, quantize, bits, group_size, out_dtype,
+                                                    args.tie_word_embeddings, multimodal)
     output_bytes = sum(t.nbytes for t in plan)
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     _disk_check(mlx_path.parent, output_bytes)
@@ -348,9 +381,13 @@ def convert_checkpoint(
     quantization = {"bits": bits, "group_size": group_size, "mode": "affine"} if quantize else None
     model_meta = {k: v for k, v in read_json(source / MODEL_META_NAME, default={}).items() if k != "converted"}
     model_meta["converted"] = {"quantization": quantization, "dtype": dtype}
+    if multimodal is not None:
+        model_meta["converted"]["multimodal"] = {"model_type": multimodal.model_type,
+                                                 "architecture": multimodal.architecture, "dropped": dropped}
     try:
         with output.atomic_dir() as tmp:
-            names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, input_bytes, progress)
+            read_bytes = input_bytes - sum(d["bytes"] for d in dropped.values())
+            names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, read_bytes, progress)
             out_config = dict(config)
             for key in ("torch_dtype", "dtype"):
                 if key in out_config:
@@ -372,7 +409,7 @@ def convert_checkpoint(
     return ConvertResult(
         path=mlx_path, source=source, n_tensors=len(plan), n_quantized=n_quantized, n_shards=len(names),
         input_bytes=input_bytes, output_bytes=output_bytes, seconds=time.perf_counter() - started,
-        quantization=quantization, shards=names,
+        quantization=quantization, shards=names, dropped=dropped or None,
     )
 
 

@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> None:
         verify=not args.no_verify,
         overwrite=args.overwrite,
     )
+    if result.dropped_line():
+        print(result.dropped_line())
     what = "full precision" if result.quantization is None else (
         f"{result.quantization['bits']}-bit, "
         + ("per-row" if result.quantization["group_size"] is None else f"group size {result.quantization['group_size']}"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,9 +43,12 @@ def read_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
 
 
 def model_args_from_config(config: dict[str, Any], source: str = "config.json") -> ModelArgs:
-    """``ModelArgs`` from a parsed config, turning a bad value into a ``UserError`` naming the file and key."""
+    """``ModelArgs`` from a parsed config (a multimodal one's language model: ``families.text_config``), turning
+    a bad value into a ``UserError`` naming the file and key."""
+    from .families import text_config
+
     try:
-        return ModelArgs.from_hf_config(config)
+        return ModelArgs.from_hf_config(text_config(config))
     except (ValueError, TypeError) as e:
         raise UserError(f"{source}: {e}") from None
 
@@ -168,8 +171,10 @@ def build_model(config: dict[str, Any], source: str = "config.json") -> MistralF
     return model
 
 
-def load_weights(model: nn.Module, files: list[Path], dtype: Optional[mx.Dtype] = None, strict: bool = True) -> None:
-    """Assign the tensors of ``files`` to ``model`` by name, shard by shard; floating tensors cast to ``dtype``."""
+def load_weights(model: nn.Module, files: list[Path], dtype: Optional[mx.Dtype] = None, strict: bool = True,
+                 rename: Optional[Callable[[str], Optional[str]]] = None) -> None:
+    """Assign the tensors of ``files`` to ``model`` by name, shard by shard; floating tensors cast to ``dtype``.
+    rename: checkpoint name -> ours, None to skip the tensor (a multimodal checkpoint's vision weights)."""
     expected = dict(tree_flatten(model.parameters()))
     tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
     seen: set[str] = set()
@@ -180,6 +185,13 @@ def load_weights(model: nn.Module, files: list[Path], dtype: Optional[mx.Dtype] 
             raise UserError(f"{file}: cannot be read as safetensors ({e})") from None
         updates, read = [], {}
         for key, value in tensors.items():
+            if rename is not None:
+                try:
+                    key = rename(key)
+                except ValueError as e:
+                    raise UserError(f"{file}: {e}") from None
+                if key is None:
+                    continue
             if key.endswith(IGNORED_KEY_SUFFIXES) or (tied and key == "lm_head.weight"):
                 continue
             if key not in expected:
@@ -219,12 +231,23 @@ def load_model(path: Union[str, os.PathLike], dtype: Union[None, str, mx.Dtype] 
     """Load a local Hugging Face or converted checkpoint folder.
 
     dtype: cast floating-point tensors to it (None keeps the stored dtypes). The model is frozen by
-    nothing here; training code decides what is trainable. The parsed config stays on ``model.config``.
+    nothing here; training code decides what is trainable. The parsed config stays on ``model.config``: for a
+    multimodal checkpoint (``families/multimodal.py``) its language model's, whose weights alone are loaded.
     """
+    from .families import multimodal_of
+
     path = Path(path)
     config = read_config(path)
+    multimodal = multimodal_of(config)
+    rename = None
+    if multimodal is not None:
+        try:
+            config = multimodal.text_config(config)
+        except ValueError as e:
+            raise UserError(f"{path / 'config.json'}: {e}") from None
+        rename = multimodal.rename
     model = build_model(config, source=str(path / "config.json"))
-    load_weights(model, weight_files(path), resolve_dtype(dtype))
+    load_weights(model, weight_files(path), resolve_dtype(dtype), rename=rename)
     model.config = config
     model.eval()
     return model

@@ -13,6 +13,7 @@ from ...config import number
 from .base import Family
 from .gemma2 import GGUF_NAMES as GEMMA2_GGUF_NAMES
 from .gemma2 import check_llama_cpp, common_gguf_config, common_gguf_metadata, read_common, write_common
+from .multimodal import Multimodal
 
 DEFAULTS = dict(
     vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
@@ -112,4 +113,22 @@ FAMILY = Family(
     "gemma3_text", "Gemma3ForCausalLM", read, write, gguf_architecture="gemma3", gguf_names=GGUF_NAMES,
     gguf_permute_qk=False, gguf_sliding_window=True, gguf_metadata=gguf_metadata, gguf_norm_shift=1.0,
     gguf_config=gguf_config,
+)
+
+# The multimodal release (4B, 12B, 27B: ``model_type: gemma3``, ``Gemma3ForConditionalGeneration``), read as its
+# language model. Checkpoint prefixes: transformers 4.50-4.x and the published files (``language_model.model.``;
+# transformers 5.23's save_pretrained still writes these) and transformers 5's modules (``model.language_model.``).
+MULTIMODAL_NAMES = {
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+    "model.language_model.": "model.",
+    "lm_head.": "lm_head.",
+    "vision_tower.": None,
+    "multi_modal_projector.": None,
+    "model.vision_tower.": None,
+    "model.multi_modal_projector.": None,
+}
+MULTIMODAL = Multimodal(
+    "gemma3", "Gemma3ForConditionalGeneration", "gemma3_text", MULTIMODAL_NAMES,
+    top_level=("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype"),
 )

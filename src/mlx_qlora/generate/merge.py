@@ -211,6 +211,8 @@ def merge_adapters(
         lossless = True
     else:
         base_path, base_config, lossless = model_path, model_config, not quantized
+    base_config, multimodal_note = _text_only(base_config, base_path)
+    notes += [multimodal_note] if multimodal_note else []
     base = load_model(base_path)
     stored = base.model.embed_tokens.weight.dtype
     out_dtype = resolve_dtype(dtype) or stored
@@ -257,6 +259,24 @@ def merge_adapters(
 
         report.gguf_lines = export_gguf(out, gguf_output, gguf_type).lines()
     return report
+
+
+def _text_only(config: dict[str, Any], path: Path) -> tuple[dict[str, Any], Optional[str]]:
+    """A multimodal base's language-model config (the merged output is that text model alone: transformers
+    loads it as the text family's ``...ForCausalLM``) and a note saying so; other configs as they are."""
+    from ..model.families import family_of, multimodal_of
+
+    multimodal = multimodal_of(config)
+    if multimodal is None:
+        return config, None
+    try:
+        text = multimodal.text_config(config)
+    except ValueError as e:
+        raise UserError(f"{path / 'config.json'}: {e}") from None
+    architecture = family_of(text["model_type"]).architecture
+    return {**text, "architectures": [architecture]}, (
+        f"{path} is a multimodal {multimodal.architecture}: merged its language model; the output is a text-only "
+        f"{architecture} (the vision tower and projector are not written)")
 
 
 def _with_adapters(model, adapter_dir: Path):

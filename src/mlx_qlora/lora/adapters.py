@@ -12,6 +12,13 @@ A folder holds two files:
 In memory the adapters are a flat dict keyed by our module paths, ``model.layers.{i}.self_attn.q_proj.lora_A``,
 with the same shapes as PEFT's (``LoRALinear`` stores A as (r, in) and B as (out, r)): the two names differ
 by the prefix ``base_model.model.`` and the suffix ``.weight`` only.
+
+Multimodal bases (Gemma 3's ``Gemma3ForConditionalGeneration``): we train and save the language model as the
+text model it is (``model/families/multimodal.py``), so our files carry the text-only names above and load in
+PEFT onto the text model (``Gemma3ForCausalLM``, e.g. the merged output). We also read a PEFT LoRA made on the
+multimodal model when it adapts the language model only: its names ``base_model.model.model.language_model.
+layers...`` (transformers 5) or ``base_model.model.language_model.model.layers...`` (transformers 4) are read as
+``model.layers...``; a LoRA on the vision tower or projector is refused.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ PROJECTION_PARENT = {
 
 _PROJ = "|".join(KNOWN_TARGETS)
 OUR_KEY = re.compile(rf"^model\.layers\.(\d+)\.(self_attn|mlp)\.({_PROJ})\.lora_(A|B)$")
-PEFT_KEY = re.compile(rf"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.({_PROJ})\.lora_(A|B)(\.default)?\.weight$")
+PEFT_KEY = re.compile(rf"^base_model\.model\.(?:model\.|model\.language_model\.|language_model\.model\.)layers\.(\d+)\.(self_attn|mlp)\.({_PROJ})\.lora_(A|B)(\.default)?\.weight$")
 
 # PEFT LoraConfig fields whose non-default values change the adapter's meaning in ways we do not implement.
 _UNSUPPORTED = {
@@ -59,7 +66,8 @@ _UNSUPPORTED = {
 
 
 def our_path(peft_key: str) -> Optional[str]:
-    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A[.default].weight`` -> our path, or None."""
+    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A[.default].weight`` (or a multimodal model's
+    ``...model.language_model.layers.0...``) -> our path, or None."""
     match = PEFT_KEY.match(peft_key)
     if match is None or PROJECTION_PARENT[match.group(3)] != match.group(2):
         return None

@@ -193,3 +193,30 @@ def test_4bit_convert_finetune_and_merge_into_the_multimodal_original(tmp_path, 
     np.testing.assert_allclose(_logits(theirs, ids), np.array(ours(mx.array(ids))), atol=ATOL, rtol=0)
     # the adapters did train: the merged model is not the original language model
     assert np.abs(_logits(theirs, ids) - np.array(load_model(hf, dtype="float32")(mx.array(ids)))).max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.model.language_model.", "base_model.model.language_model.model."])
+def test_multimodal_adapter_names_read_as_the_text_models(prefix):
+    from mlx_qlora.lora.adapters import our_path, peft_key
+
+    key = f"{prefix}layers.3.mlp.down_proj.lora_B.default.weight"
+    assert our_path(key) == "model.layers.3.mlp.down_proj.lora_B"
+    # we write the text model's names (PEFT loads them onto Gemma3ForCausalLM)
+    assert peft_key(our_path(key)) == "base_model.model.model.layers.3.mlp.down_proj.lora_B.weight"
+
+
+def test_a_lora_on_the_vision_tower_is_refused_in_one_line(tmp_path):
+    from mlx_qlora.config import LoRAConfig
+    from mlx_qlora.errors import UserError
+    from mlx_qlora.lora.adapters import WEIGHTS_NAME, load_adapters, save_adapters
+
+    a, b = mx.zeros((4, 64)), mx.zeros((64, 4))
+    save_adapters(tmp_path, {"model.layers.0.self_attn.q_proj.lora_A": a, "model.layers.0.self_attn.q_proj.lora_B": b},
+                  LoRAConfig(rank=4, alpha=8.0, targets=("q_proj",)))
+    tensors = dict(mx.load(str(tmp_path / WEIGHTS_NAME)))
+    vision = "base_model.model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[vision] = mx.zeros((4, 32))
+    mx.save_safetensors(str(tmp_path / WEIGHTS_NAME), tensors, metadata={"format": "pt"})
+    with pytest.raises(UserError) as error:
+        load_adapters(tmp_path)
+    assert vision in str(error.value) and "\n" not in str(error.value)

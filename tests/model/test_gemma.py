@@ -185,10 +185,12 @@ def test_unsupported_configs_are_one_line_errors(checkpoints, tmp_path):
     for key, value, message in [
         ("hidden_activation", "gelu", r"hidden_activation: only 'gelu_pytorch_tanh' is supported for Gemma"),
         ("use_bidirectional_attention", True, r"use_bidirectional_attention: only causal"),
-        ("model_type", "gemma3", r"model_type: 'gemma3' is not supported \(supported: mistral, llama, qwen2, "
-                                 r"qwen3, phi3, gemma2, gemma3_text\)"),
+        ("model_type", "gemma3n", r"model_type: 'gemma3n' is not supported \(supported: mistral, llama, qwen2, "
+                                  r"qwen3, phi3, gemma2, gemma3_text; multimodal, as text models: gemma3\)"),
+        # the multimodal model type (tests/test_gemma3_multimodal.py) needs its nested text config
+        ("model_type", "gemma3", r"text_config: a gemma3 config needs a text_config object"),
     ]:
-        path = tmp_path / key
+        path = tmp_path / f"{key}-{value}"
         shutil.copytree(checkpoints["gemma3-scaled"], path)
         config = json.loads((path / "config.json").read_text())
         config[key] = value

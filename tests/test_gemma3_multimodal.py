@@ -220,3 +220,37 @@ def test_a_lora_on_the_vision_tower_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError) as error:
         load_adapters(tmp_path)
     assert vision in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_published_4b_style_config_reads_as_transformers_reads_it():
+    """The shape of the multimodal 4B's ``config.json``: a sparse ``text_config`` (the rest from
+    ``Gemma3TextConfig``'s defaults) and the token ids at the top level; our reading against transformers'."""
+    import transformers
+
+    from mlx_qlora.model.loading import model_args_from_config
+
+    config = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "boi_token_index": 255999,
+        "eoi_token_index": 256000, "image_token_index": 262144, "eos_token_id": [1, 106], "mm_tokens_per_image": 256,
+        "initializer_range": 0.02, "torch_dtype": "bfloat16",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 896,
+                          "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 27,
+                          "patch_size": 14, "vision_use_head": False},
+    }
+    ours = model_args_from_config(config)
+    theirs = transformers.Gemma3Config.from_dict(config).text_config
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "sliding_window", "query_pre_attn_scalar", "rms_norm_eps"):
+        assert getattr(ours, key) == getattr(theirs, key), key
+    assert list(ours.layer_types) == list(theirs.layer_types)
+    assert ours.tie_word_embeddings and theirs.tie_word_embeddings
+    full, local = theirs.rope_parameters["full_attention"], theirs.rope_parameters["sliding_attention"]
+    assert (ours.rope_type, ours.rope_scaling_factor, ours.rope_theta) == ("linear", 8.0, full["rope_theta"])
+    assert full["rope_type"] == "linear" and full["factor"] == 8.0
+    assert ours.rope_local_base_freq == local["rope_theta"]
+    # the same sparse config as a text model's (Gemma 3 1B's kind): the global base is Gemma 3's 1e6, not 10000
+    text = transformers.Gemma3TextConfig.from_dict(config["text_config"])
+    assert model_args_from_config(config["text_config"]).rope_theta == text.rope_parameters["full_attention"]["rope_theta"]

@@ -156,8 +156,10 @@ class ModelArgs:
         if model_type is None:
             raise ValueError("model_type: missing")
         family = family_of(model_type)
+        raw = dict(config)
         config.update(_read_rope(config))
-        config.update(family.read(config))
+        # the file's own fields: the common RoPE defaults are not every family's (Gemma 3's global base is 1e6)
+        config.update(family.read(raw))
         for key in ("bos_token_id", "eos_token_id"):
             if isinstance(config.get(key), list):  # some configs list several; the first is the main one
                 config[key] = config[key][0] if config[key] else None

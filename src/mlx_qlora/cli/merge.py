@@ -4,7 +4,8 @@ With --base-weights (the original float16/bfloat16/float32 checkpoint the 4-bit 
 merge is lossless: W + scale * B @ A in float32, cast once. Without it the adapters are merged into the
 dequantized 4-bit base (the output says so). The folder loads with transformers' from_pretrained and with
 this project's scripts; --quantize also writes our 4-bit format of the merged model, --gguf a GGUF file
-for llama.cpp / Ollama (float16, or 8-bit with --gguf-type q8_0).
+for llama.cpp / Ollama (float16, or 8-bit with --gguf-type q8_0). A multimodal original (Gemma 3 4B/12B/27B)
+as --base-weights gives its language model alone: a text-only Gemma3ForCausalLM folder.
 
 Example:
   python scripts/merge_adapters.py --model models/mistral-7b-4bit --adapter runs/dolly \\

@@ -86,6 +86,31 @@ def test_round_trip_float32_per_row(checkpoint_with_tokenizer, tmp_path, monkeyp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_searched_rounding_round_trip(tiny_hf_checkpoint, tmp_path, monkeypatch, group_size):
+    """--rounding search writes quantize(..., rounding="search") exactly (in blocks of rows), the folder
+    loads, and its record says how it was rounded."""
+    monkeypatch.setattr(convert_mod, "CHUNK_ELEMENTS", 1000)
+    out = tmp_path / "searched"
+    convert_checkpoint(tiny_hf_checkpoint, out, group_size=group_size, dtype="float16", rounding="search",
+                       progress=False)
+    assert json.loads((out / "mlx_qlora.json").read_text())["converted"]["rounding"] == "search"
+    original, written = _read_with_safetensors(tiny_hf_checkpoint), _read_with_safetensors(out)
+    for key, value in original.items():
+        if QUANTIZED_KEY.match(key):
+            wq, scales, biases = quantize(mx.array(value), 4, group_size, dtype=mx.float16, rounding="search")
+            stem = key[: -len("weight")]
+            assert np.array_equal(written[key].astype(np.uint64), np.array(wq).astype(np.uint64))
+            assert np.array_equal(written[stem + "scales"], np.array(scales))
+            assert np.array_equal(written[stem + "biases"], np.array(biases))
+    layer = load_model(out).model.layers[1].mlp.down_proj  # loads as any 4-bit folder
+    reference = QuantizedLinear.from_linear(load_model(tiny_hf_checkpoint).model.layers[1].mlp.down_proj,
+                                            group_size=group_size, dtype=mx.float16, rounding="search")
+    assert mx.array_equal(layer.dequantize(mx.float32), reference.dequantize(mx.float32))
+    with pytest.raises(UserError, match="rounding"):
+        convert_checkpoint(tiny_hf_checkpoint, tmp_path / "bad", rounding="magic", progress=False)
+
+
 def test_group_size_and_float16(tiny_hf_checkpoint, tmp_path):
     out = tmp_path / "mlx16"
     convert_checkpoint(tiny_hf_checkpoint, out, group_size=32, dtype="float16", progress=False)

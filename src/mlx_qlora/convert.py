@@ -29,6 +29,7 @@ from .io import atomic_write_json, read_json, read_safetensors_header, temporary
 from .outputs import MODEL, MODEL_META_NAME, Output, as_output
 from .model.loading import check_finite
 from .quant.quantize import SUPPORTED_BITS, n_groups_for, quantize
+from .quant.rounding import ROUNDINGS
 
 # What a conversion needs from a hub repository: never pickled *.bin weights.
 ALLOW_PATTERNS = [
@@ -272,6 +273,7 @@ def convert_checkpoint(
     verify: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    rounding: str = ConvertConfig.rounding,
 ) -> ConvertResult:
     """Convert a Hugging Face Mistral/Llama checkpoint (folder, hub repo id, or a llama.cpp ``.gguf`` file)
     to an MLX checkpoint folder.
@@ -283,7 +285,8 @@ def convert_checkpoint(
     ``model.safetensors.index.json``, ``config.json`` (with a ``quantization`` section when quantized), the
     tokenizer files and ``mlx_qlora.json`` (what was converted, plus the source's own ``mlx_qlora.json``, a
     merged model's template). With ``verify`` the result is loaded with ``load_model`` and checked for NaN/inf
-    before it is moved into place. ``mlx_path`` is claimed first (``outputs.claim_output``): a model folder
+    before it is moved into place. ``rounding`` chooses each row's or group's range (``quant/rounding.py``:
+    ``nearest`` min/max, ``search`` a searched range; the format is the same). ``mlx_path`` is claimed first (``outputs.claim_output``): a model folder
     of ours there is replaced only with ``overwrite``, anything else is refused; a caller that claimed it
     already passes the ``Output``.
     """
@@ -297,7 +300,7 @@ def convert_checkpoint(
         try:
             hf = gguf_to_hf(hf_path_or_repo, tmp / "hf", progress=progress).out
             result = convert_checkpoint(hf, output, bits, group_size, dtype, quantize, shard_bytes, verify,
-                                        overwrite, progress)
+                                        overwrite, progress, rounding)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         result.source = Path(hf_path_or_repo)
@@ -309,6 +312,8 @@ def convert_checkpoint(
         raise UserError(f"bits: {bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
     if quantize and group_size is not None and group_size not in (32, 64, 128):
         raise UserError(f"group_size: {group_size} is not supported (per-row by default, or 32, 64, 128)")
+    if rounding not in ROUNDINGS:
+        raise UserError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
     if shard_bytes < 1:
         raise UserError(f"shard_bytes must be >= 1, got {shard_bytes}")
     out_dtype = DTYPES[dtype]
@@ -329,9 +334,12 @@ def convert_checkpoint(
     quantization = {"bits": bits, "group_size": group_size, "mode": "affine"} if quantize else None
     model_meta = {k: v for k, v in read_json(source / MODEL_META_NAME, default={}).items() if k != "converted"}
     model_meta["converted"] = {"quantization": quantization, "dtype": dtype}
+    if quantize and rounding != "nearest":  # today's folders (min/max) keep today's record
+        model_meta["converted"]["rounding"] = rounding
     try:
         with output.atomic_dir() as tmp:
-            names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, input_bytes, progress)
+            names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, input_bytes, progress,
+                                  rounding)
             out_config = dict(config)
             for key in ("torch_dtype", "dtype"):
                 if key in out_config:
@@ -358,7 +366,7 @@ def convert_checkpoint(
 
 
 def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: int, group_size: Optional[int],
-                  dtype: mx.Dtype, input_bytes: int, progress: bool) -> list[str]:
+                  dtype: mx.Dtype, input_bytes: int, progress: bool, rounding: str = "nearest") -> list[str]:
     """Read, convert and append every planned tensor to its shard file, one tensor in memory at a time;
     return the shard names.
 
@@ -389,7 +397,7 @@ def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: in
                     check_finite({tensor.source: source}, tensor.file)
                     bar.update(source.nbytes)
                     if tensor.kind == "weight":
-                        chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending)
+                        chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending, rounding)
                     else:
                         chunks = _cast_chunks(source, tensor.dtype)
                     del source
@@ -420,11 +428,11 @@ def _cast_chunks(source: mx.array, dtype: mx.Dtype):
 
 
 def _quantized_chunks(source: mx.array, bits: int, group_size: Optional[int], dtype: mx.Dtype, name: str,
-                      pending: dict[str, mx.array]):
+                      pending: dict[str, mx.array], rounding: str = "nearest"):
     """Yield the packed words of ``source`` block of rows by block; leave its scales/biases in ``pending``."""
     scales, biases = [], []
     for start, stop in _row_chunks(source):
-        wq, s, b = quantize(source[start:stop], bits, group_size, dtype=dtype)
+        wq, s, b = quantize(source[start:stop], bits, group_size, dtype=dtype, rounding=rounding)
         mx.eval(wq, s, b)
         scales.append(s)
         biases.append(b)

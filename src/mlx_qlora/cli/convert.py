@@ -34,6 +34,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         f"(default {group_text(d.group_size)})")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                    help=f"dtype of the unquantized tensors and of the scales/biases (default {d.dtype})")
+    p.add_argument("--rounding", choices=("nearest", "search"),
+                   help="how each row's or group's range is chosen: 'nearest' (its min and max) or 'search' (a "
+                        "searched range of lower error; slower, same format; docs/quantization.md) "
+                        f"(default {d.rounding})")
     p.add_argument("--no-quantize", action="store_true", help="write a full-precision MLX copy instead")
     p.add_argument("--shard-size-gb", type=float,
                    help=f"approximate size of each output shard (GiB; default {shown(d.shard_size_gb)})")
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> None:
         shard_bytes=int(config.shard_size_gb * 2**30),
         verify=not args.no_verify,
         overwrite=args.overwrite,
+        rounding=config.rounding,
     )
     what = "full precision" if result.quantization is None else (
         f"{result.quantization['bits']}-bit, "

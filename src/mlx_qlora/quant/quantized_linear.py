@@ -54,15 +54,18 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Module, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None
+        cls, linear: nn.Module, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None,
+        rounding: str = "nearest",
     ) -> "QuantizedLinear":
-        """Quantize a bias-free ``nn.Linear``; scales/biases take ``dtype`` (default: the weight's dtype)."""
+        """Quantize a bias-free ``nn.Linear``; scales/biases take ``dtype`` (default: the weight's dtype);
+        ``rounding`` as ``quantize``'s."""
         if "bias" in linear:
             raise ValueError("QuantizedLinear.from_linear: linear layers with a bias are not supported")
         out_features, in_features = linear.weight.shape
         dtype = dtype or linear.weight.dtype
         layer = cls(in_features, out_features, bits=bits, group_size=group_size, dtype=dtype)
-        layer.weight, layer.scales, layer.biases = quantize(linear.weight, bits, group_size, dtype=dtype)
+        layer.weight, layer.scales, layer.biases = quantize(linear.weight, bits, group_size, dtype=dtype,
+                                                            rounding=rounding)
         return layer
 
     def unfreeze(self, *args, **kwargs):

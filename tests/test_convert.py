@@ -280,3 +280,33 @@ def test_script(tiny_hf_checkpoint, tmp_path):
     assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
         f"error: {out}: already exists (a model folder written by mlx-qlora); give --overwrite to replace it, or "
         "choose another --mlx-path"]
+
+
+def test_calibrated_conversion(tiny_model_dirs, tmp_path):
+    """--calibration-data: GPTQ layer by layer on the prepared data; the folder loads, records how it was
+    made, and its logits on calibration text are closer to the full model's than the searched ranges'."""
+    from mlx_qlora.config import DataConfig
+    from mlx_qlora.data import prepare_dataset
+    from mlx_qlora.data.dataset import PreparedDataset
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "dolly_sample.jsonl"
+    full = tiny_model_dirs["full"]
+    data = tmp_path / "data"
+    prepare_dataset(sample, full / "tokenizer.model", data, DataConfig(max_seq_len=256, val_fraction=0.1))
+    train = PreparedDataset(data, "train")
+    calibrated, searched = tmp_path / "gptq", tmp_path / "search"
+    convert_checkpoint(full, calibrated, rounding="search", calibration_data=data, calibration_examples=24,
+                       dtype="float32", progress=False)
+    convert_checkpoint(full, searched, rounding="search", dtype="float32", progress=False)
+    record = json.loads((calibrated / "mlx_qlora.json").read_text())["converted"]
+    assert record["calibration"]["method"] == "gptq" and record["calibration"]["examples"] == min(24, len(train.lengths))
+
+    ids = mx.array(np.stack([train[i]["input_ids"][:24] for i in range(6)]))
+    reference = load_model(full)(ids)
+
+    def error(folder):
+        return (mx.linalg.norm(load_model(folder)(ids) - reference) / mx.linalg.norm(reference)).item()
+
+    assert error(calibrated) < error(searched)
+    with pytest.raises(UserError, match="not a prepared data directory"):
+        convert_checkpoint(full, tmp_path / "bad", calibration_data=tmp_path / "missing", progress=False)

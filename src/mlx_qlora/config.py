@@ -261,10 +261,16 @@ class ConvertConfig(_Config):
     dtype: str = "float16"  # of the unquantized tensors and of the scales / biases
     shard_size_gb: float = 3.0  # approximate size of each output shard, GiB
     rounding: str = "nearest"  # how each row's / group's range is chosen: "nearest" (min/max) or "search"
+    calibration_examples: int = 128  # sequences of --calibration-data that GPTQ sees
+    calibration_max_tokens: int = 512  # each cut to this many tokens
 
     def __post_init__(self):
         self.bits = choice("bits", self.bits, (2, 4, 8))
         self.rounding = choice("rounding", self.rounding, ("nearest", "search"))
+        self.calibration_examples = number("calibration_examples", self.calibration_examples, integer=True,
+                                           at_least=1)
+        self.calibration_max_tokens = number("calibration_max_tokens", self.calibration_max_tokens, integer=True,
+                                             at_least=1)
         self.group_size = choice("group_size", self.group_size, (32, 64, 128), optional=True)
         self.dtype = choice("dtype", self.dtype, ("float16", "bfloat16", "float32"))
         self.shard_size_gb = number("shard_size_gb", self.shard_size_gb, above=0)

@@ -274,6 +274,9 @@ def convert_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     rounding: str = ConvertConfig.rounding,
+    calibration_data: Optional[Union[str, Path]] = None,
+    calibration_examples: int = ConvertConfig.calibration_examples,
+    calibration_max_tokens: int = ConvertConfig.calibration_max_tokens,
 ) -> ConvertResult:
     """Convert a Hugging Face Mistral/Llama checkpoint (folder, hub repo id, or a llama.cpp ``.gguf`` file)
     to an MLX checkpoint folder.
@@ -286,7 +289,10 @@ def convert_checkpoint(
     tokenizer files and ``mlx_qlora.json`` (what was converted, plus the source's own ``mlx_qlora.json``, a
     merged model's template). With ``verify`` the result is loaded with ``load_model`` and checked for NaN/inf
     before it is moved into place. ``rounding`` chooses each row's or group's range (``quant/rounding.py``:
-    ``nearest`` min/max, ``search`` a searched range; the format is the same). ``mlx_path`` is claimed first (``outputs.claim_output``): a model folder
+    ``nearest`` min/max, ``search`` a searched range; the format is the same). With ``calibration_data`` (a
+    prepared data folder) the projections are quantized by GPTQ on the inputs they see on up to
+    ``calibration_examples`` of its sequences (``calibration.py``), layer by layer before the shards are
+    written, with ranges chosen by ``rounding``. ``mlx_path`` is claimed first (``outputs.claim_output``): a model folder
     of ours there is replaced only with ``overwrite``, anything else is refused; a caller that claimed it
     already passes the ``Output``.
     """
@@ -300,7 +306,8 @@ def convert_checkpoint(
         try:
             hf = gguf_to_hf(hf_path_or_repo, tmp / "hf", progress=progress).out
             result = convert_checkpoint(hf, output, bits, group_size, dtype, quantize, shard_bytes, verify,
-                                        overwrite, progress, rounding)
+                                        overwrite, progress, rounding, calibration_data, calibration_examples,
+                                        calibration_max_tokens)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         result.source = Path(hf_path_or_repo)
@@ -336,10 +343,24 @@ def convert_checkpoint(
     model_meta["converted"] = {"quantization": quantization, "dtype": dtype}
     if quantize and rounding != "nearest":  # today's folders (min/max) keep today's record
         model_meta["converted"]["rounding"] = rounding
+    precomputed = None
+    if quantize and calibration_data is not None:
+        from .calibration import calibrated_quantization, calibration_sequences
+
+        sequences = calibration_sequences(calibration_data, calibration_examples, calibration_max_tokens,
+                                          args.vocab_size)
+        lazy: dict[str, mx.array] = {}
+        for file in files:
+            lazy.update(mx.load(str(file)))  # read only when a tensor is evaluated
+        precomputed = calibrated_quantization(lambda name: lazy[name], args, sequences, bits, group_size, out_dtype,
+                                              rounding, progress)
+        lazy.clear()
+        model_meta["converted"]["calibration"] = {"method": "gptq", "examples": len(sequences),
+                                                  "tokens": int(sum(len(s) for s in sequences))}
     try:
         with output.atomic_dir() as tmp:
             names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, input_bytes, progress,
-                                  rounding)
+                                  rounding, precomputed)
             out_config = dict(config)
             for key in ("torch_dtype", "dtype"):
                 if key in out_config:
@@ -366,10 +387,12 @@ def convert_checkpoint(
 
 
 def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: int, group_size: Optional[int],
-                  dtype: mx.Dtype, input_bytes: int, progress: bool, rounding: str = "nearest") -> list[str]:
+                  dtype: mx.Dtype, input_bytes: int, progress: bool, rounding: str = "nearest",
+                  precomputed: Optional[dict[str, tuple[mx.array, mx.array, mx.array]]] = None) -> list[str]:
     """Read, convert and append every planned tensor to its shard file, one tensor in memory at a time;
     return the shard names.
 
+    ``precomputed`` holds quantized weights made already (calibration), written as they are.
     The shards keep the plan's order (``natural_order=False``): a quantized weight is read before its
     scales and biases, which are made with it. Every shard is named ``model-0000i-of-0000n`` and indexed,
     even a single one.
@@ -396,7 +419,9 @@ def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: in
                     source = _evaluated(loaded[tensor.file].pop(tensor.source))  # reads this tensor only
                     check_finite({tensor.source: source}, tensor.file)
                     bar.update(source.nbytes)
-                    if tensor.kind == "weight":
+                    if tensor.kind == "weight" and precomputed is not None and tensor.source in precomputed:
+                        chunks = _precomputed_chunks(precomputed.pop(tensor.source), tensor.name, pending)
+                    elif tensor.kind == "weight":
                         chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending, rounding)
                     else:
                         chunks = _cast_chunks(source, tensor.dtype)
@@ -440,6 +465,16 @@ def _quantized_chunks(source: mx.array, bits: int, group_size: Optional[int], dt
     stem = name[: -len("weight")]
     pending[stem + "scales"] = _evaluated(mx.concatenate(scales))
     pending[stem + "biases"] = _evaluated(mx.concatenate(biases))
+
+
+def _precomputed_chunks(triple: tuple[mx.array, mx.array, mx.array], name: str, pending: dict[str, mx.array]):
+    """Yield packed words made already, block of rows by block; leave their scales/biases in ``pending``."""
+    wq, scales, biases = triple
+    stem = name[: -len("weight")]
+    pending[stem + "scales"], pending[stem + "biases"] = scales, biases
+    rows = max(1, CHUNK_ELEMENTS // max(1, wq.shape[1] * 8))
+    for start in range(0, wq.shape[0], rows):
+        yield wq[start:start + rows]
 
 
 def _verify(path: Path) -> None:

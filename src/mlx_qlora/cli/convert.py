@@ -38,6 +38,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="how each row's or group's range is chosen: 'nearest' (its min and max) or 'search' (a "
                         "searched range of lower error; slower, same format; docs/quantization.md) "
                         f"(default {d.rounding})")
+    p.add_argument("--calibration-data", metavar="DATA_DIR",
+                   help="a prepared data folder (prepare_data.py output, made with this model's tokenizer): "
+                        "quantize by GPTQ on the inputs each projection sees on its train split, layer by layer")
+    p.add_argument("--calibration-examples", type=int,
+                   help=f"sequences of --calibration-data to use (default {d.calibration_examples}, each cut to "
+                        f"{d.calibration_max_tokens} tokens)")
     p.add_argument("--no-quantize", action="store_true", help="write a full-precision MLX copy instead")
     p.add_argument("--shard-size-gb", type=float,
                    help=f"approximate size of each output shard (GiB; default {shown(d.shard_size_gb)})")
@@ -76,6 +82,9 @@ def run(args: argparse.Namespace) -> None:
         verify=not args.no_verify,
         overwrite=args.overwrite,
         rounding=config.rounding,
+        calibration_data=args.calibration_data,
+        calibration_examples=config.calibration_examples,
+        calibration_max_tokens=config.calibration_max_tokens,
     )
     what = "full precision" if result.quantization is None else (
         f"{result.quantization['bits']}-bit, "

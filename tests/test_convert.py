@@ -310,3 +310,26 @@ def test_calibrated_conversion(tiny_model_dirs, tmp_path):
     assert error(calibrated) < error(searched)
     with pytest.raises(UserError, match="not a prepared data directory"):
         convert_checkpoint(full, tmp_path / "bad", calibration_data=tmp_path / "missing", progress=False)
+
+
+def test_loftq_conversion_and_init(tiny_hf_checkpoint, tmp_path):
+    """--loftq-rank writes Q and the factors; adapters set from them (at another alpha) start nearer the
+    full weights than the plain conversion with the default init (B = 0)."""
+    from mlx_qlora.lora import apply_lora
+    from mlx_qlora.lora.loftq import init_from_loftq
+
+    out, plain = tmp_path / "loftq", tmp_path / "plain"
+    convert_checkpoint(tiny_hf_checkpoint, out, loftq_rank=4, dtype="float32", progress=False)
+    convert_checkpoint(tiny_hf_checkpoint, plain, dtype="float32", progress=False)
+    assert json.loads((out / "mlx_qlora.json").read_text())["converted"]["loftq"]["rank"] == 4
+    model = apply_lora(load_model(out), rank=4, alpha=32.0)
+    assert init_from_loftq(model, out) == 14
+    full = load_model(tiny_hf_checkpoint).model.layers[1].mlp.up_proj.weight
+    adapter = model.model.layers[1].mlp.up_proj
+    start = adapter.base.dequantize(mx.float32) + adapter.delta_weight()
+    default = load_model(plain).model.layers[1].mlp.up_proj.dequantize(mx.float32)
+    assert mx.linalg.norm(full - start).item() < 0.9 * mx.linalg.norm(full - default).item()
+    with pytest.raises(UserError, match="rank 4; pass --lora-rank 4"):
+        init_from_loftq(apply_lora(load_model(out), rank=8), out)
+    with pytest.raises(UserError, match="no LoftQ factors"):
+        init_from_loftq(apply_lora(load_model(plain), rank=4), plain)

@@ -219,10 +219,14 @@ class TrainConfig(_Config):
     save_every: int = 100
     keep_last: int = 3
     loss_chunk: int = 1024  # positions per chunk when computing logits for the loss
+    # how new adapters start: "default" (PEFT's: Kaiming A, zero B) or "loftq" (the model folder's loftq/
+    # factors, written by convert_weights.py --loftq-rank)
+    lora_init: str = "default"
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig.from_dict(self.lora)
+        self.lora_init = choice("lora_init", self.lora_init, ("default", "loftq"))
         positive = ("batch_size", "grad_accum", "eval_every", "log_every", "save_every", "keep_last", "loss_chunk")
         for key in positive:
             setattr(self, key, number(key, getattr(self, key), integer=True, at_least=1))

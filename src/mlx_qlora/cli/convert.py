@@ -44,6 +44,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--calibration-examples", type=int,
                    help=f"sequences of --calibration-data to use (default {d.calibration_examples}, each cut to "
                         f"{d.calibration_max_tokens} tokens)")
+    p.add_argument("--loftq-rank", type=int, metavar="R",
+                   help="quantize by LoftQ's alternation and write the rank-R factors of the remaining error as "
+                        "adapters (loftq/ in the output) for finetune.py --lora-init loftq with --lora-rank R")
     p.add_argument("--no-quantize", action="store_true", help="write a full-precision MLX copy instead")
     p.add_argument("--shard-size-gb", type=float,
                    help=f"approximate size of each output shard (GiB; default {shown(d.shard_size_gb)})")
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> None:
         calibration_data=args.calibration_data,
         calibration_examples=config.calibration_examples,
         calibration_max_tokens=config.calibration_max_tokens,
+        loftq_rank=args.loftq_rank,
     )
     what = "full precision" if result.quantization is None else (
         f"{result.quantization['bits']}-bit, "

@@ -32,7 +32,7 @@ def _group_errors(w, wq, scales, biases, bits, group_size):
     groups = mx.array(w).reshape(out_features, -1, group_size or in_features)
     restored = dequantize(wq, scales, biases, bits, group_size, dtype=mx.float32).reshape(groups.shape)
     diff = restored - groups
-    return np.array(mx.sum(importance(groups) * diff * diff, axis=-1))
+    return np.array(mx.sum(importance(groups, per_row=group_size is None) * diff * diff, axis=-1))
 
 
 @pytest.mark.parametrize("bits,group_size,dtype", [(4, None, mx.float16), (4, 64, mx.float16),

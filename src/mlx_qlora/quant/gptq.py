@@ -43,9 +43,9 @@ def inverse_cholesky(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
     return np.linalg.cholesky(h_inv).T  # upper U with U^T U = h_inv
 
 
-def _ranges(columns: np.ndarray, bits: int, dtype: mx.Dtype, rounding: str) -> tuple[np.ndarray, np.ndarray]:
+def _ranges(columns: np.ndarray, bits: int, dtype: mx.Dtype, rounding: str, per_row: bool) -> tuple[np.ndarray, np.ndarray]:
     """Scales and biases (out, 1) as float32 values of ``dtype`` for ``columns`` (out, group)."""
-    scales, biases = choose_ranges(mx.array(columns[:, None, :]), bits, dtype, rounding)  # (out, 1, 1)
+    scales, biases = choose_ranges(mx.array(columns[:, None, :]), bits, dtype, rounding, per_row)  # (out, 1, 1)
     return (np.array(scales.astype(mx.float32)).reshape(-1, 1), np.array(biases.astype(mx.float32)).reshape(-1, 1))
 
 
@@ -77,7 +77,7 @@ def gptq_quantize(
     scales = np.zeros((out_features, n_groups), dtype=np.float32)
     biases = np.zeros((out_features, n_groups), dtype=np.float32)
     if group_size is None:
-        scale, bias = _ranges(weight, bits, dtype, rounding)
+        scale, bias = _ranges(weight, bits, dtype, rounding, per_row=True)
     for start in range(0, in_features, BLOCK):
         stop = min(start + BLOCK, in_features)
         block = weight[:, start:stop].copy()  # (out, b)
@@ -86,7 +86,7 @@ def gptq_quantize(
         for i in range(stop - start):
             column = start + i
             if group_size is not None and column % group == 0:
-                scale, bias = _ranges(block[:, i : i + group], bits, dtype, rounding)
+                scale, bias = _ranges(block[:, i : i + group], bits, dtype, rounding, per_row=False)
                 scales[:, column // group], biases[:, column // group] = scale[:, 0], bias[:, 0]
             divisor = np.where(scale > 0, scale, 1.0)[:, 0]
             code = np.clip(np.round((block[:, i] - bias[:, 0]) / divisor), 0, levels)

@@ -74,7 +74,7 @@ def quantize(
     dtype = dtype or w.dtype
 
     groups = w.astype(mx.float32).reshape(out_features, n_groups, -1)  # (out, n_groups, group)
-    scales, biases = choose_ranges(groups, bits, dtype, rounding)  # (out, n_groups, 1)
+    scales, biases = choose_ranges(groups, bits, dtype, rounding, per_row=group_size is None)  # (out, n_groups, 1)
     q = codes(groups, scales, biases, bits)
     return pack(q.reshape(out_features, in_features), bits), scales.squeeze(-1), biases.squeeze(-1)
 

@@ -9,10 +9,10 @@ stretches the step of the whole row.
 ``search`` (the idea of llama.cpp's k-quants, ``make_qkx2_quants``) tries ``n_steps + 1`` narrower and
 wider ranges around the min/max one. For each it rounds the group, then fits the scale and bias that
 minimise the *weighted* squared error for those integers (two-parameter least squares), keeps the
-candidate of lowest error and refits it ``REFINE_STEPS`` times (codes, then range). The weights are
-``(mean(|w|) + |w|)**2`` (k-quants without an importance matrix use ``rms + |w|``): large weights count more,
-so the range is not simply clipped at the outliers; plain MSE clipping made SmolLM2-135M worse
-(``docs/quantization.md``). The min/max candidate is always among those tried and the final choice is
+candidate of lowest error and refits it ``REFINE_STEPS`` times (codes, then range). The weights
+(``importance``) are k-quants' ``rms + |w|`` for groups and ``(mean(|w|) + |w|)**2`` for whole rows: large
+weights count more, so the range is not simply clipped at the outliers; plain MSE clipping made
+SmolLM2-135M worse (``docs/quantization.md``). The min/max candidate is always among those tried and the final choice is
 made on the stored (rounded) scale and bias, so the weighted error of every group is never above
 ``nearest``'s.
 """
@@ -30,13 +30,17 @@ SEARCH_DELTA = 0.1
 REFINE_STEPS = 2  # least-squares refits of the best candidate
 
 
-def importance(groups: mx.array) -> mx.array:
-    """The search's per-weight weights, ``(mean(|w|) + |w|)**2`` over the group; groups (..., group) float32.
+def importance(groups: mx.array, per_row: bool = True) -> mx.array:
+    """The search's per-weight weights for groups (..., group) float32: ``(mean(|w|) + |w|)**2`` for whole
+    rows, k-quants' ``rms(group) + |w|`` for groups.
 
-    k-quants use ``rms + |w|``. On SmolLM2-135M per-row (perplexity +134% with min/max) the weights that
-    count large weights more did better: plain MSE +175%, ``rms + |w|`` +162%, ``mean + |w|`` +122%,
-    its square +108%, its cube +123%, its fourth power +129% (``docs/quantization.md``)."""
+    Measured on SmolLM2-135M (``docs/quantization.md``), perplexity change against the full model. Per
+    row (min/max: +134%): plain MSE +175%, ``rms + |w|`` +162%, ``mean + |w|`` +122%, its square +108%, its
+    cube +123%, its fourth power +129%. Group 64 (min/max: +33%): ``rms + |w|`` +27%, the per-row square
+    +34%. A long row has more outliers to weigh than a group of 64."""
     magnitude = mx.abs(groups)
+    if not per_row:
+        return mx.sqrt(mx.mean(groups * groups, axis=-1, keepdims=True)) + magnitude
     floor_plus = mx.mean(magnitude, axis=-1, keepdims=True) + magnitude
     return floor_plus * floor_plus
 
@@ -78,14 +82,15 @@ def _least_squares(q, groups, weights, sum_w, sum_x):
 
 
 def search_ranges(
-    groups: mx.array, bits: int, dtype: mx.Dtype, weights: Optional[mx.array] = None, n_steps: int = SEARCH_STEPS
+    groups: mx.array, bits: int, dtype: mx.Dtype, weights: Optional[mx.array] = None, n_steps: int = SEARCH_STEPS,
+    per_row: bool = True,
 ) -> tuple[mx.array, mx.array]:
     """``search``'s scales and biases (..., 1) in ``dtype`` for groups (..., group) float32.
 
-    ``weights`` (..., group) default to ``importance(groups)``. The result's weighted error is never above
+    ``weights`` (..., group) default to ``importance(groups, per_row)``. The result's weighted error is never above
     that of ``minmax_ranges`` (the min/max candidate is kept where nothing beats it)."""
     levels = 2**bits - 1
-    weights = importance(groups) if weights is None else weights
+    weights = importance(groups, per_row) if weights is None else weights
     sum_w = mx.sum(weights, axis=-1, keepdims=True)
     sum_x = mx.sum(weights * groups, axis=-1, keepdims=True)
     lo = groups.min(axis=-1, keepdims=True)
@@ -118,10 +123,13 @@ def search_ranges(
     return best_s, best_b
 
 
-def choose_ranges(groups: mx.array, bits: int, dtype: mx.Dtype, rounding: str = "nearest") -> tuple[mx.array, mx.array]:
-    """Scales and biases (..., 1) in ``dtype`` for groups (..., group) float32 by the method ``rounding``."""
+def choose_ranges(
+    groups: mx.array, bits: int, dtype: mx.Dtype, rounding: str = "nearest", per_row: bool = True
+) -> tuple[mx.array, mx.array]:
+    """Scales and biases (..., 1) in ``dtype`` for groups (..., group) float32 by the method ``rounding``;
+    ``per_row``: each group is a whole row (the search weighs its weights differently)."""
     if rounding == "nearest":
         return minmax_ranges(groups, bits, dtype)
     if rounding == "search":
-        return search_ranges(groups, bits, dtype)
+        return search_ranges(groups, bits, dtype, per_row=per_row)
     raise ValueError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")

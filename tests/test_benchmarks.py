@@ -238,3 +238,31 @@ def test_qwen3_preset_runs_beside_mlx_lm_qwen3(tmp_path):
     result, _ = _run(["gpu_generate.py", "--preset", "qwen3-tiny", "--prompt-tokens", "16", "--max-tokens", "8",
                       "--repeats", "1", "--stacks", "ours,mlx-lm"], tmp_path)
     assert all(r["decode_tokens_per_s"] > 0 for r in result["rows"])
+
+
+def test_nf4_reference_levels_and_round_trip():
+    """benchmarks/nf4.py, the NF4 peer of the rounding table: its levels follow the definition (16 values,
+    -1 and 1 at the ends, an exact zero, 8 above and 7 below it, each positive one the N(0, 1) quantile of
+    its probability over the last one's), and the round trip gives each weight its block's nearest level."""
+    from statistics import NormalDist
+
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from nf4 import OFFSET, nf4_levels, nf4_roundtrip
+    finally:
+        sys.path.remove(str(BENCH))
+    levels = nf4_levels()
+    assert len(levels) == 16 and levels[0] == -1 and levels[-1] == 1 and np.all(np.diff(levels) > 0)
+    assert (levels > 0).sum() == 8 and (levels < 0).sum() == 7 and 0.0 in levels
+    ppf = NormalDist().inv_cdf
+    np.testing.assert_allclose(levels[8:], [ppf(p) / ppf(OFFSET) for p in np.linspace(0.5, OFFSET, 9)[1:]],
+                               rtol=1e-12)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 128)).astype(np.float32)
+    restored = nf4_roundtrip(w, 64)
+    blocks = w.reshape(4, 2, 64)
+    absmax = np.abs(blocks).max(-1, keepdims=True)
+    nearest = np.abs((blocks / absmax)[..., None] - levels).argmin(-1)
+    np.testing.assert_allclose(restored.reshape(4, 2, 64), levels[nearest] * absmax, rtol=1e-6)

@@ -87,6 +87,31 @@ def test_round_trip_float32_per_row(checkpoint_with_tokenizer, tmp_path, monkeyp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_searched_rounding_round_trip(tiny_hf_checkpoint, tmp_path, monkeypatch, group_size):
+    """--rounding search writes quantize(..., rounding="search") exactly (in blocks of rows), the folder
+    loads, and its record says how it was rounded."""
+    monkeypatch.setattr(convert_mod, "CHUNK_ELEMENTS", 1000)
+    out = tmp_path / "searched"
+    convert_checkpoint(tiny_hf_checkpoint, out, group_size=group_size, dtype="float16", rounding="search",
+                       progress=False)
+    assert json.loads((out / "mlx_qlora.json").read_text())["converted"]["rounding"] == "search"
+    original, written = _read_with_safetensors(tiny_hf_checkpoint), _read_with_safetensors(out)
+    for key, value in original.items():
+        if QUANTIZED_KEY.match(key):
+            wq, scales, biases = quantize(mx.array(value), 4, group_size, dtype=mx.float16, rounding="search")
+            stem = key[: -len("weight")]
+            assert np.array_equal(written[key].astype(np.uint64), np.array(wq).astype(np.uint64))
+            assert np.array_equal(written[stem + "scales"], np.array(scales))
+            assert np.array_equal(written[stem + "biases"], np.array(biases))
+    layer = load_model(out).model.layers[1].mlp.down_proj  # loads as any 4-bit folder
+    reference = QuantizedLinear.from_linear(load_model(tiny_hf_checkpoint).model.layers[1].mlp.down_proj,
+                                            group_size=group_size, dtype=mx.float16, rounding="search")
+    assert mx.array_equal(layer.dequantize(mx.float32), reference.dequantize(mx.float32))
+    with pytest.raises(UserError, match="rounding"):
+        convert_checkpoint(tiny_hf_checkpoint, tmp_path / "bad", rounding="magic", progress=False)
+
+
 def test_group_size_and_float16(tiny_hf_checkpoint, tmp_path):
     out = tmp_path / "mlx16"
     convert_checkpoint(tiny_hf_checkpoint, out, group_size=32, dtype="float16", progress=False)
@@ -269,3 +294,56 @@ def test_script(tiny_hf_checkpoint, tmp_path):
     assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
         f"error: {out}: already exists (a model folder written by mlx-qlora); give --overwrite to replace it, or "
         "choose another --mlx-path"]
+
+
+def test_calibrated_conversion(tiny_model_dirs, tmp_path):
+    """--calibration-data: GPTQ layer by layer on the prepared data; the folder loads, records how it was
+    made, and its logits on calibration text are closer to the full model's than the searched ranges'."""
+    from mlx_qlora.config import DataConfig
+    from mlx_qlora.data import prepare_dataset
+    from mlx_qlora.data.dataset import PreparedDataset
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "dolly_sample.jsonl"
+    full = tiny_model_dirs["full"]
+    data = tmp_path / "data"
+    prepare_dataset(sample, full / "tokenizer.model", data, DataConfig(max_seq_len=256, val_fraction=0.1))
+    train = PreparedDataset(data, "train")
+    calibrated, searched = tmp_path / "gptq", tmp_path / "search"
+    convert_checkpoint(full, calibrated, rounding="search", calibration_data=data, calibration_examples=24,
+                       dtype="float32", progress=False)
+    convert_checkpoint(full, searched, rounding="search", dtype="float32", progress=False)
+    record = json.loads((calibrated / "mlx_qlora.json").read_text())["converted"]
+    assert record["calibration"]["method"] == "gptq" and record["calibration"]["examples"] == min(24, len(train.lengths))
+
+    ids = mx.array(np.stack([train[i]["input_ids"][:24] for i in range(6)]))
+    reference = load_model(full)(ids)
+
+    def error(folder):
+        return (mx.linalg.norm(load_model(folder)(ids) - reference) / mx.linalg.norm(reference)).item()
+
+    assert error(calibrated) < error(searched)
+    with pytest.raises(UserError, match="not a prepared data directory"):
+        convert_checkpoint(full, tmp_path / "bad", calibration_data=tmp_path / "missing", progress=False)
+
+
+def test_loftq_conversion_and_init(tiny_hf_checkpoint, tmp_path):
+    """--loftq-rank writes Q and the factors; adapters set from them (at another alpha) start nearer the
+    full weights than the plain conversion with the default init (B = 0)."""
+    from mlx_qlora.lora import apply_lora
+    from mlx_qlora.lora.loftq import init_from_loftq
+
+    out, plain = tmp_path / "loftq", tmp_path / "plain"
+    convert_checkpoint(tiny_hf_checkpoint, out, loftq_rank=4, dtype="float32", progress=False)
+    convert_checkpoint(tiny_hf_checkpoint, plain, dtype="float32", progress=False)
+    assert json.loads((out / "mlx_qlora.json").read_text())["converted"]["loftq"]["rank"] == 4
+    model = apply_lora(load_model(out), rank=4, alpha=32.0)
+    assert init_from_loftq(model, out) == 14
+    full = load_model(tiny_hf_checkpoint).model.layers[1].mlp.up_proj.weight
+    adapter = model.model.layers[1].mlp.up_proj
+    start = adapter.base.dequantize(mx.float32) + adapter.delta_weight()
+    default = load_model(plain).model.layers[1].mlp.up_proj.dequantize(mx.float32)
+    assert mx.linalg.norm(full - start).item() < 0.9 * mx.linalg.norm(full - default).item()
+    with pytest.raises(UserError, match="rank 4; pass --lora-rank 4"):
+        init_from_loftq(apply_lora(load_model(out), rank=8), out)
+    with pytest.raises(UserError, match="no LoftQ factors"):
+        init_from_loftq(apply_lora(load_model(plain), rank=4), plain)

@@ -20,7 +20,7 @@ LAYERS = [
     {"lora"},
     {"data"},
     {"gguf"},
-    {"convert"},
+    {"convert", "calibration"},
     {"train"},
     {"generate"},
     {"tiny", "info", "cli", "__init__", "__main__"},

@@ -235,10 +235,14 @@ class TrainConfig(_Config):
     save_every: int = 100
     keep_last: int = 3
     loss_chunk: int = 1024  # positions per chunk when computing logits for the loss
+    # how new adapters start: "default" (PEFT's: Kaiming A, zero B) or "loftq" (the model folder's loftq/
+    # factors, written by convert_weights.py --loftq-rank)
+    lora_init: str = "default"
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig.from_dict(self.lora)
+        self.lora_init = choice("lora_init", self.lora_init, ("default", "loftq"))
         positive = ("batch_size", "grad_accum", "eval_every", "log_every", "save_every", "keep_last", "loss_chunk")
         for key in positive:
             setattr(self, key, number(key, getattr(self, key), integer=True, at_least=1))
@@ -280,9 +284,17 @@ class ConvertConfig(_Config):
     # float16; float16 for a float32 checkpoint)
     dtype: str = "auto"
     shard_size_gb: float = 3.0  # approximate size of each output shard, GiB
+    rounding: str = "nearest"  # how each row's / group's range is chosen: "nearest" (min/max) or "search"
+    calibration_examples: int = 128  # sequences of --calibration-data that GPTQ sees
+    calibration_max_tokens: int = 512  # each cut to this many tokens
 
     def __post_init__(self):
         self.bits = choice("bits", self.bits, (2, 4, 8))
+        self.rounding = choice("rounding", self.rounding, ("nearest", "search"))
+        self.calibration_examples = number("calibration_examples", self.calibration_examples, integer=True,
+                                           at_least=1)
+        self.calibration_max_tokens = number("calibration_max_tokens", self.calibration_max_tokens, integer=True,
+                                             at_least=1)
         self.group_size = choice("group_size", self.group_size, (32, 64, 128), optional=True)
         self.dtype = choice("dtype", self.dtype, ("auto", "float16", "bfloat16", "float32"))
         self.shard_size_gb = number("shard_size_gb", self.shard_size_gb, above=0)

@@ -26,12 +26,15 @@ from typing import Any, BinaryIO, Optional, Union
 import mlx.core as mx
 from tqdm import tqdm
 
-from .config import ConvertConfig
+from .config import ConvertConfig, LoRAConfig
 from .errors import UserError
 from .io import atomic_write_json, read_json, read_safetensors_header, temporary_dir, write_safetensors_shards
 from .outputs import MODEL, MODEL_META_NAME, Output, as_output
 from .model.loading import check_finite
 from .quant.quantize import SUPPORTED_BITS, n_groups_for, quantize
+from .quant.rounding import ROUNDINGS
+from .lora.adapters import save_adapters
+from .lora.loftq import LOFTQ_DIR, LOFTQ_ITERS, loftq_quantize
 
 # What a conversion needs from a hub repository: never pickled *.bin weights.
 ALLOW_PATTERNS = [
@@ -317,6 +320,11 @@ def convert_checkpoint(
     verify: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    rounding: str = ConvertConfig.rounding,
+    calibration_data: Optional[Union[str, Path]] = None,
+    calibration_examples: int = ConvertConfig.calibration_examples,
+    calibration_max_tokens: int = ConvertConfig.calibration_max_tokens,
+    loftq_rank: Optional[int] = None,
 ) -> ConvertResult:
     """Convert a Hugging Face checkpoint of a supported family (folder, hub repo id, or a llama.cpp ``.gguf`` file)
     to an MLX checkpoint folder.
@@ -328,7 +336,13 @@ def convert_checkpoint(
     ``model.safetensors.index.json``, ``config.json`` (with a ``quantization`` section when quantized), the
     tokenizer files and ``mlx_qlora.json`` (what was converted, plus the source's own ``mlx_qlora.json``, a
     merged model's template). With ``verify`` the result is loaded with ``load_model`` and checked for NaN/inf
-    before it is moved into place. ``mlx_path`` is claimed first (``outputs.claim_output``): a model folder
+    before it is moved into place. ``rounding`` chooses each row's or group's range (``quant/rounding.py``:
+    ``nearest`` min/max, ``search`` a searched range; the format is the same). With ``calibration_data`` (a
+    prepared data folder) the projections are quantized by GPTQ on the inputs they see on up to
+    ``calibration_examples`` of its sequences (``calibration.py``), layer by layer before the shards are
+    written, with ranges chosen by ``rounding``. With ``loftq_rank`` each projection is quantized by LoftQ's
+    alternation (``lora/loftq.py``) and the rank-r factors of its remaining error are written as a PEFT
+    adapter folder ``loftq/`` in the output, which ``finetune.py --lora-init loftq`` starts from. ``mlx_path`` is claimed first (``outputs.claim_output``): a model folder
     of ours there is replaced only with ``overwrite``, anything else is refused; a caller that claimed it
     already passes the ``Output``.
     """
@@ -342,7 +356,8 @@ def convert_checkpoint(
         try:
             hf = gguf_to_hf(hf_path_or_repo, tmp / "hf", progress=progress).out
             result = convert_checkpoint(hf, output, bits, group_size, dtype, quantize, shard_bytes, verify,
-                                        overwrite, progress)
+                                        overwrite, progress, rounding, calibration_data, calibration_examples,
+                                        calibration_max_tokens, loftq_rank)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         result.source = Path(hf_path_or_repo)
@@ -354,6 +369,10 @@ def convert_checkpoint(
         raise UserError(f"bits: {bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
     if quantize and group_size is not None and group_size not in (32, 64, 128):
         raise UserError(f"group_size: {group_size} is not supported (per-row by default, or 32, 64, 128)")
+    if rounding not in ROUNDINGS:
+        raise UserError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
+    if loftq_rank is not None and (not quantize or calibration_data is not None or loftq_rank < 1):
+        raise UserError("loftq_rank: LoftQ needs quantization without calibration data and a rank >= 1")
     if shard_bytes < 1:
         raise UserError(f"shard_bytes must be >= 1, got {shard_bytes}")
     mlx_path = output.path
@@ -384,10 +403,36 @@ def convert_checkpoint(
     if multimodal is not None:
         model_meta["converted"]["multimodal"] = {"model_type": multimodal.model_type,
                                                  "architecture": multimodal.architecture, "dropped": dropped}
+    if quantize and rounding != "nearest":  # today's folders (min/max) keep today's record
+        model_meta["converted"]["rounding"] = rounding
+    precomputed = None
+    if quantize and calibration_data is not None:
+        if multimodal is not None:
+            raise UserError(f"{source}: --calibration-data is not supported for multimodal checkpoints yet; "
+                            "convert without it, or convert the text model's merged folder")
+        from .calibration import calibrated_quantization, calibration_sequences
+
+        sequences = calibration_sequences(calibration_data, calibration_examples, calibration_max_tokens,
+                                          args.vocab_size)
+        lazy: dict[str, mx.array] = {}
+        for file in files:
+            lazy.update(mx.load(str(file)))  # read only when a tensor is evaluated
+        precomputed = calibrated_quantization(lambda name: lazy[name], args, sequences, bits, group_size, out_dtype,
+                                              rounding, progress)
+        lazy.clear()
+        model_meta["converted"]["calibration"] = {"method": "gptq", "examples": len(sequences),
+                                                  "tokens": int(sum(len(s) for s in sequences))}
+    loftq: Optional[dict[str, mx.array]] = {} if loftq_rank else None
+    if loftq_rank:
+        model_meta["converted"]["loftq"] = {"rank": loftq_rank, "iters": LOFTQ_ITERS, "adapters": LOFTQ_DIR}
     try:
         with output.atomic_dir() as tmp:
             read_bytes = input_bytes - sum(d["bytes"] for d in dropped.values())
-            names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, read_bytes, progress)
+            names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, read_bytes, progress,
+                                  rounding, precomputed, loftq_rank, loftq)
+            if loftq:
+                save_adapters(tmp / LOFTQ_DIR, loftq, LoRAConfig(rank=loftq_rank, alpha=float(loftq_rank)),
+                              str(source))
             out_config = dict(config)
             for key in ("torch_dtype", "dtype"):
                 if key in out_config:
@@ -414,10 +459,14 @@ def convert_checkpoint(
 
 
 def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: int, group_size: Optional[int],
-                  dtype: mx.Dtype, input_bytes: int, progress: bool) -> list[str]:
+                  dtype: mx.Dtype, input_bytes: int, progress: bool, rounding: str = "nearest",
+                  precomputed: Optional[dict[str, tuple[mx.array, mx.array, mx.array]]] = None,
+                  loftq_rank: Optional[int] = None, loftq: Optional[dict[str, mx.array]] = None) -> list[str]:
     """Read, convert and append every planned tensor to its shard file, one tensor in memory at a time;
     return the shard names.
 
+    ``precomputed`` holds quantized weights made already (calibration), written as they are; with
+    ``loftq_rank`` each weight is quantized by LoftQ and its factors are added to ``loftq``.
     The shards keep the plan's order (``natural_order=False``): a quantized weight is read before its
     scales and biases, which are made with it. Every shard is named ``model-0000i-of-0000n`` and indexed,
     even a single one.
@@ -444,8 +493,15 @@ def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: in
                     source = _evaluated(loaded[tensor.file].pop(tensor.source))  # reads this tensor only
                     check_finite({tensor.source: source}, tensor.file)
                     bar.update(source.nbytes)
-                    if tensor.kind == "weight":
-                        chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending)
+                    if tensor.kind == "weight" and precomputed is not None and tensor.source in precomputed:
+                        chunks = _precomputed_chunks(precomputed.pop(tensor.source), tensor.name, pending)
+                    elif tensor.kind == "weight" and loftq_rank:
+                        triple, a, b = loftq_quantize(source, loftq_rank, bits, group_size, dtype, rounding)
+                        stem = tensor.source[: -len(".weight")]
+                        loftq[stem + ".lora_A"], loftq[stem + ".lora_B"] = mx.array(a), mx.array(b)
+                        chunks = _precomputed_chunks(triple, tensor.name, pending)
+                    elif tensor.kind == "weight":
+                        chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending, rounding)
                     else:
                         chunks = _cast_chunks(source, tensor.dtype)
                     del source
@@ -476,11 +532,11 @@ def _cast_chunks(source: mx.array, dtype: mx.Dtype):
 
 
 def _quantized_chunks(source: mx.array, bits: int, group_size: Optional[int], dtype: mx.Dtype, name: str,
-                      pending: dict[str, mx.array]):
+                      pending: dict[str, mx.array], rounding: str = "nearest"):
     """Yield the packed words of ``source`` block of rows by block; leave its scales/biases in ``pending``."""
     scales, biases = [], []
     for start, stop in _row_chunks(source):
-        wq, s, b = quantize(source[start:stop], bits, group_size, dtype=dtype)
+        wq, s, b = quantize(source[start:stop], bits, group_size, dtype=dtype, rounding=rounding)
         mx.eval(wq, s, b)
         scales.append(s)
         biases.append(b)
@@ -488,6 +544,16 @@ def _quantized_chunks(source: mx.array, bits: int, group_size: Optional[int], dt
     stem = name[: -len("weight")]
     pending[stem + "scales"] = _evaluated(mx.concatenate(scales))
     pending[stem + "biases"] = _evaluated(mx.concatenate(biases))
+
+
+def _precomputed_chunks(triple: tuple[mx.array, mx.array, mx.array], name: str, pending: dict[str, mx.array]):
+    """Yield packed words made already, block of rows by block; leave their scales/biases in ``pending``."""
+    wq, scales, biases = triple
+    stem = name[: -len("weight")]
+    pending[stem + "scales"], pending[stem + "biases"] = scales, biases
+    rows = max(1, CHUNK_ELEMENTS // max(1, wq.shape[1] * 8))
+    for start in range(0, wq.shape[0], rows):
+        yield wq[start:start + rows]
 
 
 def _verify(path: Path) -> None:

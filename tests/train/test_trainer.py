@@ -356,3 +356,22 @@ def test_token_budget_empty_rows_add_nothing_and_run_says_how_it_batches(workspa
     for rows in trainer.iterator.plan(0):
         batch = trainer.iterator.make_batch(rows)
         assert batch["input_ids"].size <= 256 or len(batch["input_ids"]) == 1
+
+
+def test_lora_init_loftq_starts_from_the_factors(workspace):
+    """--lora-init loftq: the new adapters' update scale * B @ A is the conversion's LoftQ factors' B @ A
+    (stored at scale 1), here at alpha 8 / rank 4."""
+    from mlx_qlora.convert import convert_checkpoint
+    from mlx_qlora.lora.loftq import LOFTQ_DIR
+
+    folder = workspace["root"] / "loftq-model"
+    convert_checkpoint(workspace["full"], folder, loftq_rank=4, dtype="float32", progress=False)
+    trainer = Trainer(_config(workspace, workspace["root"] / "run-loftq", model=str(folder), lora_init="loftq"),
+                      progress=False)
+    stored, _ = load_adapters(folder / LOFTQ_DIR)
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = trainer.model
+        for part in path.split("."):
+            layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+        expected = np.array(stored[path + ".lora_B"] @ stored[path + ".lora_A"])
+        np.testing.assert_allclose(np.array(layer.delta_weight()), expected, rtol=1e-5, atol=1e-6)

@@ -35,6 +35,19 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
                    help="dtype of the unquantized tensors and of the scales/biases (default auto: the checkpoint's "
                         "bfloat16 or float16; float16 for a float32 checkpoint)")
+    p.add_argument("--rounding", choices=("nearest", "search"),
+                   help="how each row's or group's range is chosen: 'nearest' (its min and max) or 'search' (a "
+                        "searched range of lower error; slower, same format; docs/quantization.md) "
+                        f"(default {d.rounding})")
+    p.add_argument("--calibration-data", metavar="DATA_DIR",
+                   help="a prepared data folder (prepare_data.py output, made with this model's tokenizer): "
+                        "quantize by GPTQ on the inputs each projection sees on its train split, layer by layer")
+    p.add_argument("--calibration-examples", type=int,
+                   help=f"sequences of --calibration-data to use (default {d.calibration_examples}, each cut to "
+                        f"{d.calibration_max_tokens} tokens)")
+    p.add_argument("--loftq-rank", type=int, metavar="R",
+                   help="quantize by LoftQ's alternation and write the rank-R factors of the remaining error as "
+                        "adapters (loftq/ in the output) for finetune.py --lora-init loftq with --lora-rank R")
     p.add_argument("--no-quantize", action="store_true", help="write a full-precision MLX copy instead")
     p.add_argument("--shard-size-gb", type=float,
                    help=f"approximate size of each output shard (GiB; default {shown(d.shard_size_gb)})")
@@ -72,6 +85,11 @@ def run(args: argparse.Namespace) -> None:
         shard_bytes=int(config.shard_size_gb * 2**30),
         verify=not args.no_verify,
         overwrite=args.overwrite,
+        rounding=config.rounding,
+        calibration_data=args.calibration_data,
+        calibration_examples=config.calibration_examples,
+        calibration_max_tokens=config.calibration_max_tokens,
+        loftq_rank=args.loftq_rank,
     )
     if result.dropped_line():
         print(result.dropped_line())

@@ -74,6 +74,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, help=f"dropout on the adapter input (default {shown(lora.dropout)})")
     p.add_argument("--lora-targets", help=f"comma-separated projections (default {targets}; on Phi-3 q/k/v "
                                           "and gate/up name its fused qkv_proj and gate_up_proj)")
+    p.add_argument("--lora-init", choices=["default", "loftq"],
+                   help=f"how new adapters start (default {d.lora_init}): 'loftq' starts them at the rank-r "
+                        "correction of the quantization error that convert_weights.py --loftq-rank wrote into the "
+                        "model folder (loftq/; --lora-rank must be that rank)")
     p.add_argument("--use-rslora", action="store_const", const=True, help="scale = alpha / sqrt(r)")
     p.add_argument("--seed", type=int, help=f"seed for data order, adapter init and dropout (default {d.seed})")
     p.add_argument("--eval-every", type=int, help=f"validate every N steps (default {d.eval_every})")

@@ -26,15 +26,17 @@ def decoder_projections(model: nn.Module) -> Iterator[tuple[str, int, str, nn.Mo
 
 
 def quantize_model(
-    model: nn.Module, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None
+    model: nn.Module, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None,
+    rounding: str = "nearest",
 ) -> nn.Module:
     """Replace every decoder projection that is an ``nn.Linear`` by a ``QuantizedLinear``; returns ``model``.
 
     Embeddings, norms and ``lm_head`` stay as they are. ``dtype`` is the scales' dtype (default: each
-    weight's own).
+    weight's own); ``rounding`` chooses the ranges (``quant/rounding.py``).
     """
     replacements = [
-        (path, QuantizedLinear.from_linear(module, bits=bits, group_size=group_size, dtype=dtype))
+        (path, QuantizedLinear.from_linear(module, bits=bits, group_size=group_size, dtype=dtype,
+                                                   rounding=rounding))
         for path, _, name, module in decoder_projections(model)
         if isinstance(module, nn.Linear) and name in KNOWN_TARGETS
     ]

@@ -20,6 +20,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .. import settings
+from .rounding import choose_ranges, codes
 
 SUPPORTED_BITS = (2, 4, 8)  # widths that fill a uint32 exactly
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -53,36 +54,39 @@ def n_groups_for(in_features: int, bits: int = 4, group_size: Optional[int] = No
 
 
 def quantize(
-    w: mx.array, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None
+    w: mx.array,
+    bits: int = 4,
+    group_size: Optional[int] = None,
+    dtype: Optional[mx.Dtype] = None,
+    rounding: str = "nearest",
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """Quantize ``w`` (out, in) to ``bits`` bits with min/max affine scaling per row or per group.
+    """Quantize ``w`` (out, in) to ``bits`` bits with an affine scale and bias per row or per group.
 
     Returns ``wq`` uint32 (out, in * bits / 32), ``scales`` and ``biases`` (out, n_groups) in ``dtype``
-    (default: ``w``'s dtype). The statistics are computed in float32; when ``dtype`` is narrower the
-    integers are chosen against the rounded scales and biases that will actually be stored.
+    (default: ``w``'s dtype). ``rounding`` chooses each group's range (``rounding.py``): ``nearest`` is
+    the group's min/max, ``search`` a range searched for a lower error. The statistics are computed in
+    float32; the integers are chosen against the rounded scales and biases that will actually be stored.
     """
     if w.ndim != 2:
         raise ValueError(f"quantize expects a 2-D weight (out, in), got shape {tuple(w.shape)}")
     out_features, in_features = w.shape
     n_groups = n_groups_for(in_features, bits, group_size)
     dtype = dtype or w.dtype
-    n_levels = 2**bits - 1
-    per_word = 32 // bits
 
     groups = w.astype(mx.float32).reshape(out_features, n_groups, -1)  # (out, n_groups, group)
-    lo = groups.min(axis=-1, keepdims=True)
-    hi = groups.max(axis=-1, keepdims=True)
-    scales = ((hi - lo) / n_levels).astype(dtype)  # (out, n_groups, 1)
-    biases = lo.astype(dtype)
-    s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
-    # A constant group has scale 0: every q is 0 and the bias alone restores it exactly.
-    divisor = mx.where(s32 > 0, s32, mx.ones_like(s32))
-    q = mx.clip(mx.round((groups - b32) / divisor), 0, n_levels).astype(mx.uint32)
+    scales, biases = choose_ranges(groups, bits, dtype, rounding, per_row=group_size is None)  # (out, n_groups, 1)
+    q = codes(groups, scales, biases, bits)
+    return pack(q.reshape(out_features, in_features), bits), scales.squeeze(-1), biases.squeeze(-1)
 
-    q = q.reshape(out_features, in_features // per_word, per_word)  # (out, words, per_word)
+
+def pack(q: mx.array, bits: int = 4) -> mx.array:
+    """Integers ``q`` (out, in) in 0..2**bits-1 (any numeric dtype) -> packed uint32 (out, in * bits / 32),
+    the first input in the lowest bits."""
+    per_word = 32 // bits
+    out_features, in_features = q.shape
+    q = q.astype(mx.uint32).reshape(out_features, in_features // per_word, per_word)  # (out, words, per_word)
     shifts = mx.arange(per_word, dtype=mx.uint32) * bits
-    wq = mx.sum(q << shifts, axis=-1).astype(mx.uint32)  # disjoint bits: the sum is a bitwise or
-    return wq, scales.squeeze(-1), biases.squeeze(-1)
+    return mx.sum(q << shifts, axis=-1).astype(mx.uint32)  # disjoint bits: the sum is a bitwise or
 
 
 def unpack(wq: mx.array, bits: int = 4) -> mx.array:

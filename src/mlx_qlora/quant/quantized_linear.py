@@ -59,15 +59,17 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Module, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None
+        cls, linear: nn.Module, bits: int = 4, group_size: Optional[int] = None, dtype: Optional[mx.Dtype] = None,
+        rounding: str = "nearest",
     ) -> "QuantizedLinear":
         """Quantize an ``nn.Linear``; scales/biases take ``dtype`` (default: the weight's dtype), and its bias,
-        if any, is kept as it is, cast to ``dtype``."""
+        if any, is kept as it is, cast to ``dtype``; ``rounding`` as ``quantize``'s."""
         out_features, in_features = linear.weight.shape
         dtype = dtype or linear.weight.dtype
         has_bias = "bias" in linear
         layer = cls(in_features, out_features, bits=bits, group_size=group_size, dtype=dtype, bias=has_bias)
-        layer.weight, layer.scales, layer.biases = quantize(linear.weight, bits, group_size, dtype=dtype)
+        layer.weight, layer.scales, layer.biases = quantize(linear.weight, bits, group_size, dtype=dtype,
+                                                            rounding=rounding)
         if has_bias:
             layer.bias = linear.bias.astype(dtype)
         return layer

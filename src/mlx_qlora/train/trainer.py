@@ -42,6 +42,7 @@ from ..model.loading import compute_dtype, model_args_from_config, read_config, 
 from ..outputs import RUN, claim_output
 from ..lora.adapters import WEIGHTS_NAME, save_adapters
 from ..lora.apply import apply_lora, format_trainable, model_targets
+from ..lora.loftq import init_from_loftq
 from .checkpoint import (
     CHECKPOINTS_DIR, LATEST_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME, CheckpointDamaged, find_resumable,
     read_latest_pointer, save_checkpoint,
@@ -157,6 +158,8 @@ class Trainer:
             raise UserError(f"{model_config}: lora: {e}") from None
         # recorded as the model names them (Phi-3's fused qkv_proj / gate_up_proj), as the adapter files do
         self.config = c = replace(c, lora=replace(c.lora, targets=model_targets(self.model, c.lora.targets)))
+        if c.lora_init == "loftq" and not resume:
+            init_from_loftq(self.model, c.model)
         # Adapters and their optimizer state stay in float32 whatever the compute dtype.
         self.model.update(tree_map(lambda p: p.astype(mx.float32), self.model.trainable_parameters()))
         self.model.model.grad_checkpoint = c.grad_checkpoint

@@ -14,11 +14,13 @@ so far (the 4-bit model: about 4 GB for 7B), which ``convert.py`` then writes as
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 import numpy as np
 from tqdm import tqdm
 
@@ -32,7 +34,6 @@ from .quant.quantize import dequantize
 # The projections of a decoder layer, in the order the data reaches them; a group shares its inputs.
 STAGES = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
           ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
-NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
 def calibration_sequences(data_dir: Union[str, Path], n_examples: int, max_tokens: int, vocab_size: int,
@@ -70,12 +71,12 @@ class _InputRecorder(nn.Module):
         return self.base(x)
 
 
-def _run_layer(layer: DecoderLayer, hidden: list[mx.array], sliding_window) -> list[mx.array]:
-    """Each sequence's hidden states (1, L, D) through ``layer``, evaluated one by one."""
+def _run_layer(layer: DecoderLayer, hidden: list[mx.array]) -> list[mx.array]:
+    """Each sequence's hidden states (1, L, D) through ``layer`` (its own window), evaluated one by one."""
     outputs = []
     for h in hidden:
         length = h.shape[1]
-        out = layer(h, lambda key_positions: make_mask(length, 0, key_positions, sliding_window, None, None))
+        out = layer(h, lambda key_positions, window: make_mask(length, 0, key_positions, window, None, None))
         mx.eval(out)
         outputs.append(out)
     return outputs
@@ -96,8 +97,13 @@ def calibrated_quantization(
 
     ``tensor(name)`` returns a checkpoint tensor by its Hugging Face name (read when called);
     ``sequences`` are token-id arrays (``calibration_sequences``)."""
+    if args.fused_projections:
+        raise UserError(f"calibration: model_type {args.model_type!r} keeps q/k/v and gate/up in fused "
+                        "projections, which GPTQ calibration does not handle yet; convert without --calibration-data")
     embed = tensor("model.embed_tokens.weight").astype(mx.float32)
     hidden = [embed[mx.array(s)][None] for s in sequences]  # (1, L, D) each
+    if args.scale_embeddings:  # Gemma: embeddings times sqrt(hidden), as the model does
+        hidden = [h * math.sqrt(args.hidden_size) for h in hidden]
     mx.eval(hidden)
     del embed
     results: dict[str, tuple[mx.array, mx.array, mx.array]] = {}
@@ -106,16 +112,15 @@ def calibrated_quantization(
                disable=not progress)
     for index in range(args.num_hidden_layers):
         prefix = f"model.layers.{index}."
-        layer = DecoderLayer(args)
-        names = [f"{block}.{proj}.weight" for block, projs in STAGES for proj in projs]
-        names += [f"{norm}.weight" for norm in NORMS]
+        layer = DecoderLayer(args, index)
+        names = [name for name, _ in tree_flatten(layer.parameters())]  # every family's norms and biases too
         layer.load_weights([(name, tensor(prefix + name).astype(mx.float32)) for name in names])
         layer.eval()
         for block, projs in STAGES:
             parent = getattr(layer, block)
             recorder = _InputRecorder(getattr(parent, projs[0]))
             setattr(parent, projs[0], recorder)
-            _run_layer(layer, hidden, args.sliding_window)
+            _run_layer(layer, hidden)
             setattr(parent, projs[0], recorder.base)
             for proj in projs:
                 linear = getattr(parent, proj)
@@ -124,7 +129,7 @@ def calibrated_quantization(
                 results[f"{prefix}{block}.{proj}.weight"] = (wq, scales, biases)
                 # later stages see this projection as it will be stored
                 linear.weight = dequantize(wq, scales, biases, bits, group_size, dtype=mx.float32)
-        hidden = _run_layer(layer, hidden, args.sliding_window)
+        hidden = _run_layer(layer, hidden)
         bar.update(1)
     bar.close()
     return results

@@ -248,3 +248,34 @@ def lora_loss_and_grads(model, ids, segment_ids=None, position_ids=None, checkpo
 
     value, grads = mx.value_and_grad(loss)(model.trainable_parameters())
     return float(value), dict(tree_flatten(grads))
+
+
+def hf_reference(path):
+    """transformers' own model of the checkpoint folder ``path``: eager attention, float32, eval mode."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                             dtype=torch.float32).eval()
+
+
+def assert_left_padding_matches(path, pads: Sequence[int], length: int, atol: float, vocab: int = 320,
+                                seed: int = 4) -> None:
+    """Rows left-padded by ``pads`` tokens (one row each): our logits, given the padding as ``position_ids``
+    and ``attention_mask``, equal transformers' (``hf_reference``) on every real position within ``atol``."""
+    import torch
+
+    from mlx_qlora.model import load_model
+
+    ids = np.random.default_rng(seed).integers(3, vocab, size=(len(pads), length))
+    attention_mask = np.ones_like(ids)
+    for row, pad in enumerate(pads):
+        attention_mask[row, :pad] = 0
+    position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
+    ours = np.array(load_model(path)(mx.array(ids), position_ids=mx.array(position_ids),
+                                     attention_mask=mx.array(attention_mask)))
+    with torch.no_grad():
+        ref = hf_reference(path)(torch.tensor(ids), attention_mask=torch.tensor(attention_mask)).logits.numpy()
+    assert np.isfinite(ours).all()
+    for row, pad in enumerate(pads):
+        np.testing.assert_allclose(ours[row, pad:], ref[row, pad:], atol=atol, rtol=0, err_msg=f"row {row}")

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from mlx_qlora.errors import UserError
 from mlx_qlora.model import ModelArgs, load_model
+from support import assert_left_padding_matches
 
 ATOL = 1e-4  # float32 logits; observed differences are around 1e-6
 
@@ -86,17 +87,7 @@ def test_incremental_decoding_matches_full_pass(hf_checkpoint_factory, name):
 
 def test_left_padding_matches_transformers(hf_checkpoint_factory):
     path = hf_checkpoint_factory("gqa2-window16", **CONFIGS["gqa2-window16"][1])
-    model = load_model(path)
-    ids = np.random.default_rng(4).integers(3, 320, size=(2, 24))
-    attention_mask = np.ones_like(ids)
-    attention_mask[0, :5] = 0  # row 0 is left-padded by 5
-    position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
-    ours = np.array(model(mx.array(ids), position_ids=mx.array(position_ids), attention_mask=mx.array(attention_mask)))
-    ref = _reference_logits(path, ids, attention_mask)
-    np.testing.assert_allclose(ours[0, 5:], ref[0, 5:], atol=ATOL)
-    np.testing.assert_allclose(ours[1], ref[1], atol=ATOL)
-    assert np.isfinite(ours).all()
-
+    assert_left_padding_matches(path, pads=(5, 0), length=24, atol=ATOL)
 
 def test_packed_segments_equal_separate_examples(tiny_hf_checkpoint):
     model = load_model(tiny_hf_checkpoint)

@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate
 from mlx_qlora.model import ModelArgs, load_model
-from support import GEMMA_VOCAB as VOCAB, save_gemma
+from support import GEMMA_VOCAB as VOCAB, assert_left_padding_matches, save_gemma
 
 ATOL = 1e-4  # float32 logits
 CONFIGS = {
@@ -106,20 +106,7 @@ def test_logits_match_transformers(checkpoint, length):
 
 
 def test_left_padding_matches_transformers(checkpoint):
-    import torch
-
-    ids = np.random.default_rng(4).integers(3, VOCAB, size=(3, 26))
-    attention_mask = np.ones_like(ids)
-    attention_mask[0, :5] = 0
-    attention_mask[2, :11] = 0
-    position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
-    ours = np.array(load_model(checkpoint)(mx.array(ids), position_ids=mx.array(position_ids),
-                                           attention_mask=mx.array(attention_mask)))
-    with torch.no_grad():
-        ref = reference(checkpoint)(torch.tensor(ids), attention_mask=torch.tensor(attention_mask)).logits.numpy()
-    for row, start in enumerate((5, 0, 11)):
-        np.testing.assert_allclose(ours[row, start:], ref[row, start:], atol=ATOL, rtol=0)
-
+    assert_left_padding_matches(checkpoint, pads=(5, 0, 11), length=26, atol=ATOL, vocab=VOCAB)
 
 def test_incremental_decoding_matches_full_pass(checkpoint):
     """One token at a time, and in uneven pieces: sliding layers keep only their window, global layers all."""

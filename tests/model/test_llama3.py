@@ -21,7 +21,7 @@ from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate
 from mlx_qlora.model import ModelArgs, load_model
 from mlx_qlora.model.layers import llama3_inv_freq
-from support import TINY_MISTRAL
+from support import TINY_MISTRAL, assert_left_padding_matches, hf_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4  # float32 logits
@@ -70,12 +70,7 @@ def checkpoint(request, checkpoints):
     return checkpoints[request.param]
 
 
-def _reference(path):
-    import torch
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
+_reference = hf_reference
 
 
 def test_the_tiny_configs_cover_all_three_bands():
@@ -118,19 +113,7 @@ def test_logits_match_transformers(checkpoint, length):
 
 def test_left_padding_matches_transformers(checkpoint):
     """The ``position_ids`` path of rope uses the same scaled frequencies."""
-    import torch
-
-    ids = np.random.default_rng(4).integers(3, 320, size=(2, 44))
-    attention_mask = np.ones_like(ids)
-    attention_mask[0, :6] = 0
-    position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
-    ours = np.array(load_model(checkpoint)(mx.array(ids), position_ids=mx.array(position_ids),
-                                           attention_mask=mx.array(attention_mask)))
-    with torch.no_grad():
-        ref = _reference(checkpoint)(torch.tensor(ids), attention_mask=torch.tensor(attention_mask)).logits.numpy()
-    np.testing.assert_allclose(ours[0, 6:], ref[0, 6:], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(ours[1], ref[1], atol=ATOL, rtol=0)
-
+    assert_left_padding_matches(checkpoint, pads=(6, 0), length=44, atol=ATOL)
 
 def test_scaling_changes_logits_only_where_positions_are_far(checkpoint):
     """With the scaling dropped, the first position is unchanged (angle 0) and later ones differ: the

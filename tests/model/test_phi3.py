@@ -18,7 +18,7 @@ from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate
 from mlx_qlora.generate.loading import attach_adapters
 from mlx_qlora.model import ModelArgs, load_model
-from support import make_family_checkpoint, write_adapters
+from support import assert_left_padding_matches, hf_reference, make_family_checkpoint, write_adapters
 
 ATOL = 1e-4  # float32 logits
 ORIGINAL = 32  # original_max_position_embeddings: sequences of 40 cross it
@@ -52,12 +52,7 @@ def checkpoint(request, checkpoints):
     return checkpoints[request.param]
 
 
-def _reference(path):
-    import torch
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
+_reference = hf_reference
 
 
 def _hf_logits(model, ids, **kwargs):
@@ -99,16 +94,7 @@ def test_long_factors_matter(checkpoints):
 
 
 def test_left_padding_matches_transformers(checkpoint):
-    ids = np.random.default_rng(4).integers(3, 320, size=(2, 30))
-    mask = np.ones_like(ids)
-    mask[0, :6] = 0
-    position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    ours = np.array(load_model(checkpoint)(mx.array(ids), position_ids=mx.array(position_ids),
-                                           attention_mask=mx.array(mask)))
-    ref = _hf_logits(_reference(checkpoint), ids, attention_mask=mask)
-    np.testing.assert_allclose(ours[0, 6:], ref[0, 6:], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(ours[1], ref[1], atol=ATOL, rtol=0)
-
+    assert_left_padding_matches(checkpoint, pads=(6, 0), length=30, atol=ATOL)
 
 def test_incremental_decoding_matches_full_pass(checkpoint):
     """Within the original length (past it, a full pass rotates every position with the long factors while

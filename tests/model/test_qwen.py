@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate, generate_batch
 from mlx_qlora.model import ModelArgs, load_model
-from support import make_family_checkpoint
+from support import assert_left_padding_matches, hf_reference, make_family_checkpoint
 
 ATOL = 1e-4  # float32 logits
 WINDOW = dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)
@@ -42,12 +42,7 @@ def checkpoint(request, checkpoints):
     return checkpoints[request.param]
 
 
-def _reference(path):
-    import torch
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
+_reference = hf_reference
 
 
 def test_config_is_read_as_transformers_builds_it(checkpoint):
@@ -94,19 +89,7 @@ def test_the_window_matters(checkpoints):
 
 
 def test_left_padding_matches_transformers(checkpoint):
-    import torch
-
-    ids = np.random.default_rng(4).integers(3, 320, size=(2, 30))
-    attention_mask = np.ones_like(ids)
-    attention_mask[0, :6] = 0
-    position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)
-    ours = np.array(load_model(checkpoint)(mx.array(ids), position_ids=mx.array(position_ids),
-                                           attention_mask=mx.array(attention_mask)))
-    with torch.no_grad():
-        ref = _reference(checkpoint)(torch.tensor(ids), attention_mask=torch.tensor(attention_mask)).logits.numpy()
-    np.testing.assert_allclose(ours[0, 6:], ref[0, 6:], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(ours[1], ref[1], atol=ATOL, rtol=0)
-
+    assert_left_padding_matches(checkpoint, pads=(6, 0), length=30, atol=ATOL)
 
 def test_incremental_decoding_matches_full_pass(checkpoint):
     """One token at a time and in uneven chunks; each layer's cache keeps its own window."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..model.families import family_of
+from ..model.families.base import gguf_shape_metadata
 from ..outputs import GGUF_FILE, GGUF_MARKER_KEY, Output, as_output
 from .mapping import gguf_name, reorder_to_gguf
 from .reader import _gguf
@@ -75,16 +76,8 @@ def _config_metadata(args, name: str, arch: str = "llama") -> dict[str, Any]:
     ``llama``, ``qwen2`` and ``qwen3`` read the same keys)."""
     meta: dict[str, Any] = {
         "general.name": name,
-        f"{arch}.vocab_size": args.vocab_size,
-        f"{arch}.context_length": args.max_position_embeddings,
-        f"{arch}.embedding_length": args.hidden_size,
-        f"{arch}.block_count": args.num_hidden_layers,
-        f"{arch}.feed_forward_length": args.intermediate_size,
-        f"{arch}.attention.head_count": args.num_attention_heads,
-        f"{arch}.attention.head_count_kv": args.num_key_value_heads,
-        f"{arch}.rope.freq_base": float(args.rope_theta),
+        **gguf_shape_metadata(args, arch),
         f"{arch}.rope.dimension_count": args.head_dim,
-        f"{arch}.attention.layer_norm_rms_epsilon": float(args.rms_norm_eps),
     }
     if args.head_dim * args.num_attention_heads != args.hidden_size:
         meta[f"{arch}.attention.key_length"] = args.head_dim

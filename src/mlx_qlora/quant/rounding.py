@@ -97,30 +97,26 @@ def search_ranges(
     hi = groups.max(axis=-1, keepdims=True)
     span = mx.where(hi > lo, hi - lo, 1.0)
 
-    best_s, best_b = minmax_ranges(groups, bits, dtype)
-    best_err = weighted_error(groups, weights, best_s, best_b, bits)
-    for step in range(n_steps + 1):
-        inverse = (levels + SEARCH_RMIN + SEARCH_DELTA * step) / span
-        q = mx.clip(mx.round((groups - lo) * inverse), 0, levels)
+    best = minmax_ranges(groups, bits, dtype)
+    best = (*best, weighted_error(groups, weights, *best, bits))
+
+    def keep_better(q: mx.array, best: tuple) -> tuple:
+        """The least-squares range of codes ``q``, where it beats ``best`` (scale, bias, error)."""
         scale, bias = _least_squares(q, groups, weights, sum_w, sum_x)
         scale, bias = scale.astype(dtype), bias.astype(dtype)
         # the stored values decide: the codes are rounded again against them
         err = weighted_error(groups, weights, scale, bias, bits)
-        better = (err < best_err) & (scale > 0)
-        best_s = mx.where(better, scale, best_s)
-        best_b = mx.where(better, bias, best_b)
-        best_err = mx.where(better, err, best_err)
-        mx.eval(best_s, best_b, best_err)  # bounds the graph (and the temporaries) to one candidate
+        better = (err < best[2]) & (scale > 0)
+        best = tuple(mx.where(better, new, old) for new, old in zip((scale, bias, err), best))
+        mx.eval(best)  # bounds the graph (and the temporaries) to one candidate
+        return best
+
+    for step in range(n_steps + 1):
+        inverse = (levels + SEARCH_RMIN + SEARCH_DELTA * step) / span
+        best = keep_better(mx.clip(mx.round((groups - lo) * inverse), 0, levels), best)
     for _ in range(REFINE_STEPS):  # alternate: the best range's codes, then their least-squares range
-        scale, bias = _least_squares(codes(groups, best_s, best_b, bits), groups, weights, sum_w, sum_x)
-        scale, bias = scale.astype(dtype), bias.astype(dtype)
-        err = weighted_error(groups, weights, scale, bias, bits)
-        better = (err < best_err) & (scale > 0)
-        best_s = mx.where(better, scale, best_s)
-        best_b = mx.where(better, bias, best_b)
-        best_err = mx.where(better, err, best_err)
-        mx.eval(best_s, best_b, best_err)
-    return best_s, best_b
+        best = keep_better(codes(groups, best[0], best[1], bits), best)
+    return best[0], best[1]
 
 
 def choose_ranges(

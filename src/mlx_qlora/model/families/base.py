@@ -89,3 +89,19 @@ def qwen_window_config(args) -> dict[str, Any]:
     first = next((i for i, t in enumerate(types) if t == "sliding_attention"), len(types))
     return {"use_sliding_window": True, "sliding_window": args.sliding_window, "max_window_layers": first,
             "layer_types": types}
+
+
+def gguf_shape_metadata(args, arch: str) -> dict[str, Any]:
+    """The ``<arch>.*`` keys of a GGUF file that every llama.cpp architecture reads the same way: sizes,
+    heads, the RMSNorm epsilon and the RoPE base (``args``: ``ModelArgs``)."""
+    return {
+        f"{arch}.vocab_size": args.vocab_size,
+        f"{arch}.context_length": args.max_position_embeddings,
+        f"{arch}.embedding_length": args.hidden_size,
+        f"{arch}.block_count": args.num_hidden_layers,
+        f"{arch}.feed_forward_length": args.intermediate_size,
+        f"{arch}.attention.head_count": args.num_attention_heads,
+        f"{arch}.attention.head_count_kv": args.num_key_value_heads,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(args.rms_norm_eps),
+        f"{arch}.rope.freq_base": float(args.rope_theta),
+    }

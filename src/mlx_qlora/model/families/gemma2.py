@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...config import number
-from .base import Family
+from .base import Family, gguf_shape_metadata
 
 GELU_TANH = "gelu_pytorch_tanh"
 # Shape keys read as they are; transformers' defaults for Gemma 2 where the config omits them.
@@ -161,18 +161,10 @@ def check_llama_cpp(args, pattern: int, largest_layers: int) -> None:
 def common_gguf_metadata(args, arch: str) -> dict[str, Any]:
     """The ``<arch>.*`` shape keys of a Gemma GGUF."""
     return {
-        f"{arch}.vocab_size": args.vocab_size,
-        f"{arch}.context_length": args.max_position_embeddings,
-        f"{arch}.embedding_length": args.hidden_size,
-        f"{arch}.block_count": args.num_hidden_layers,
-        f"{arch}.feed_forward_length": args.intermediate_size,
-        f"{arch}.attention.head_count": args.num_attention_heads,
-        f"{arch}.attention.head_count_kv": args.num_key_value_heads,
+        **gguf_shape_metadata(args, arch),
         f"{arch}.attention.key_length": args.head_dim,
         f"{arch}.attention.value_length": args.head_dim,
-        f"{arch}.attention.layer_norm_rms_epsilon": float(args.rms_norm_eps),
         f"{arch}.attention.sliding_window": args.sliding_window,
-        f"{arch}.rope.freq_base": float(args.rope_theta),
     }
 
 

@@ -171,8 +171,9 @@ def test_convert_merge_and_transformers_loads_the_merged_folder(checkpoints, tmp
     q4 = load_model(tmp_path / "q4")
     assert q4.layers[0].self_attn.qkv_proj.weight.dtype == mx.uint32
     adapter = write_adapters(tmp_path / "adapter", q4.args, rank=4, std=0.2, targets=FUSED, template=None)
-    # (check=False: the folders have no tokenizer for the check prompts; transformers checks below)
-    merge_adapters(tmp_path / "q4", adapter, tmp_path / "merged", base_weights=src, check=False)
+    # the folders hold generation_config.json but no tokenizer: the merge's own check runs on random ids
+    report = merge_adapters(tmp_path / "q4", adapter, tmp_path / "merged", base_weights=src)
+    assert report.check_prompts == 3 and report.max_logit_diff < 1e-3
     ids = np.random.default_rng(5).integers(0, 320, size=(2, 40))
     merged = _reference(tmp_path / "merged")
     assert type(merged).__name__ == "Phi3ForCausalLM"

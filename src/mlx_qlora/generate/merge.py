@@ -226,7 +226,9 @@ def merge_adapters(
     check_finite(merged, f"merged model ({_dtype_name(out_dtype)})",
                  why=f"W + scale * B @ A leaves the range of {_dtype_name(out_dtype)}: choose --dtype float32")
 
-    tokenizer_source = next((p for p in (model_path, base_path) if any((p / f).is_file() for f in TOKENIZER_FILES)), None)
+    # where a tokenizer is (generation_config.json or a template alone is none): else the check uses random ids
+    tokenizer_source = next((p for p in (model_path, base_path)
+                             if any((p / f).is_file() for f in ("tokenizer.model", "tokenizer.json"))), None)
     template = run_config.get("template")
     with output.atomic_dir() as tmp:
         n_shards = _write_shards(merged, tmp, parse_size(max_shard_size))

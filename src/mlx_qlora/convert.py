@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import re
 import shutil
 import struct
@@ -81,10 +82,12 @@ class _Tensor:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.size
-        for d in self.shape:
-            n *= d
-        return n
+        return _nbytes(self.dtype, self.shape)
+
+
+def _nbytes(dtype: mx.Dtype, shape) -> int:
+    """Bytes of a tensor of ``dtype`` and ``shape``."""
+    return dtype.size * math.prod(shape)
 
 
 @dataclass
@@ -200,10 +203,7 @@ def auto_dtype(files: list[Path]) -> str:
         for code, shape, _ in read_safetensors_header(file).values():
             dtype = SAFETENSORS_DTYPES.get(code)
             if dtype is not None and mx.issubdtype(dtype, mx.floating):
-                size = dtype.size
-                for d in shape:
-                    size *= d
-                by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+                by_dtype[dtype] = by_dtype.get(dtype, 0) + _nbytes(dtype, shape)
     main = max(by_dtype, key=by_dtype.get) if by_dtype else mx.float32
     return DTYPE_NAMES[main] if main in (mx.bfloat16, mx.float16) else "float16"
 
@@ -225,9 +225,7 @@ def _plan(files: list[Path], quantize: bool, bits: int, group_size: Optional[int
                 raise UserError(f"{file}: tensor {name!r} is also in {seen[name]}")
             seen[name] = file
             source_dtype = SAFETENSORS_DTYPES[code]
-            size = source_dtype.size
-            for d in shape:
-                size *= d
+            size = _nbytes(source_dtype, shape)
             input_bytes += size
             source_name = name
             if multimodal is not None:

@@ -289,11 +289,10 @@ class BatchIterator:
             return [units[i : i + b] for i in range(0, len(units), b)]
         batches, start, longest = [], 0, 0
         for i, unit in enumerate(units):
-            longest_with = max(longest, int(sizes[unit]))
-            if i > start and i - start + 1 > self.rows_for(self.width(longest_with)):
+            longest = max(longest, int(sizes[unit]))
+            if i > start and i - start + 1 > self.rows_for(self.width(longest)):
                 batches.append(units[start:i])
-                start, longest_with = i, int(sizes[unit])
-            longest = longest_with
+                start, longest = i, int(sizes[unit])
         if start < len(units):
             batches.append(units[start:])
         return batches
@@ -366,15 +365,24 @@ class BatchIterator:
         """Batches in the current epoch."""
         return len(self.plan(self.epoch))
 
+    def batch_shape(self, rows: list[list[int]]) -> tuple[list[int], int, int]:
+        """For one batch's rows of example indices: each row's real tokens, and the batch's row count B and
+        row length L (with ``max_batch_tokens``, B counts the empty rows that ``make_batch`` adds)."""
+        fills = [int(self.dataset.lengths[row].sum()) for row in rows]
+        width = self.width(max(fills))
+        return fills, len(rows) if self.max_batch_tokens is None else self.rows_for(width), width
+
+    def row_lengths(self, epoch: Optional[int] = None) -> list[int]:
+        """The distinct row lengths L of an epoch's batches, in order (one compiled step each)."""
+        return sorted({self.batch_shape(rows)[2] for rows in self.plan(self.epoch if epoch is None else epoch)})
+
     def epoch_efficiency(self, epoch: Optional[int] = None) -> float:
         """Real tokens / tokens computed (B x L summed over batches) for a whole epoch's plan."""
-        lengths = self.dataset.lengths
         real = computed = 0
-        for batch in self.plan(self.epoch if epoch is None else epoch):
-            fills = [int(sum(lengths[i] for i in row)) for row in batch]
+        for rows in self.plan(self.epoch if epoch is None else epoch):
+            fills, b, width = self.batch_shape(rows)
             real += sum(fills)
-            width = self.width(max(fills))
-            computed += (len(batch) if self.max_batch_tokens is None else self.rows_for(width)) * width
+            computed += b * width
         return real / computed
 
     @property
@@ -387,12 +395,9 @@ class BatchIterator:
     def make_batch(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
         """The arrays of one global batch from its rows of example indices (see the module docstring)."""
         ds = self.dataset
-        fills = [int(sum(ds.lengths[i] for i in row)) for row in rows]
-        width = self.width(max(fills))
-        if self.max_batch_tokens is not None:  # empty rows up to the count of this row length: one shape per L
-            missing = self.rows_for(width) - len(rows)
-            rows, fills = list(rows) + [[]] * missing, fills + [0] * missing
-        b = len(rows)
+        fills, b, width = self.batch_shape(rows)
+        # under max_batch_tokens, empty rows up to the count of this row length: one shape per L
+        rows, fills = list(rows) + [[]] * (b - len(rows)), fills + [0] * (b - len(rows))
         input_ids = np.full((b, width), self.pad_id, dtype=np.int32)
         labels = np.full((b, width), CROSS_ENTROPY_IGNORE_INDEX, dtype=np.int32)
         attention_mask = np.zeros((b, width), dtype=np.int32)

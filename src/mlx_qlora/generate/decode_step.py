@@ -14,7 +14,7 @@ chosen while it was traced.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -45,13 +45,11 @@ class DecodeState:
         """The largest layer's slot count (a windowed layer may hold fewer)."""
         return max(keys.shape[2] for keys in self.keys)
 
-    def to_caches(self, windows: Union[Optional[int], Sequence[Optional[int]]]) -> list[KVCache]:
+    def to_caches(self, windows: Sequence[Optional[int]]) -> list[KVCache]:
         """Per-layer ``KVCache``s holding the same positions (the slots keep their convention, position p
-        in slot p % capacity, which is the window's when positions wrapped around). ``windows``: one window
-        for every layer, or each layer's (``[c.max_size for c in caches]``)."""
+        in slot p % capacity, which is the window's when positions wrapped around). ``windows``: each
+        layer's window (``[c.max_size for c in caches]``)."""
         offset = int(self.offset.item())
-        if windows is None or isinstance(windows, int):
-            windows = [windows] * len(self.keys)
         caches = []
         for keys, values, window in zip(self.keys, self.values, windows):
             cache = KVCache(window)

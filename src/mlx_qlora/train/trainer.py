@@ -226,10 +226,8 @@ class Trainer:
         it, c = self.iterator, self.config
         rule = (f"up to {c.max_batch_tokens:,} tokens (rows x padded length)" if c.max_batch_tokens is not None
                 else f"{c.batch_size} rows")
-        plan = it.plan(it.epoch)
-        widths = sorted({it.width(max(sum(int(it.dataset.lengths[i]) for i in row) for row in rows))
-                         for rows in plan})
-        return (f"batches: {rule}{', packed' if c.packing else ''}; {len(plan):,} per epoch, "
+        widths = it.row_lengths()
+        return (f"batches: {rule}{', packed' if c.packing else ''}; {len(it):,} per epoch, "
                 f"{it.epoch_efficiency():.0%} of computed tokens real; {len(widths)} row length(s) "
                 f"{widths[0]}-{widths[-1]}")
 

@@ -279,3 +279,30 @@ def assert_left_padding_matches(path, pads: Sequence[int], length: int, atol: fl
     assert np.isfinite(ours).all()
     for row, pad in enumerate(pads):
         np.testing.assert_allclose(ours[row, pad:], ref[row, pad:], atol=atol, rtol=0, err_msg=f"row {row}")
+
+
+def assert_logits_match(path, rows: int, length: int, atol: float, vocab: int = 320) -> None:
+    """Random ids (rows, length), seeded by ``length``: our logits equal transformers' (``hf_reference``)
+    within ``atol``."""
+    import torch
+
+    from mlx_qlora.model import load_model
+
+    ids = np.random.default_rng(length).integers(0, vocab, size=(rows, length))
+    ours = np.array(load_model(path)(mx.array(ids)))
+    with torch.no_grad():
+        ref = hf_reference(path)(torch.tensor(ids)).logits.numpy()
+    assert ours.shape == ref.shape == (rows, length, vocab)
+    np.testing.assert_allclose(ours, ref, atol=atol, rtol=0)
+
+
+def randomize_peft_lora(peft_model, std: float = 1.0, seed: int = 0) -> None:
+    """Draw every LoRA matrix of a PEFT model from N(0, std^2) (``torch.manual_seed(seed)``): PEFT starts B
+    at zero, which would leave the adapters without effect."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(std * torch.randn_like(p))

@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from mlx_qlora.generate.loading import attach_adapters
 from mlx_qlora.model import load_model
-from support import make_family_checkpoint, write_adapters, write_chatml_tokenizer
+from support import make_family_checkpoint, randomize_peft_lora, write_adapters, write_chatml_tokenizer
 
 pytestmark = pytest.mark.slow  # about 20 s per family on two CPU cores
 
@@ -134,7 +134,6 @@ def test_trained_adapters_cover_all_seven_projections_and_load_in_peft(family_ru
 def test_random_adapters_both_ways_with_peft(family_run, tmp_path):
     """Adapters far from zero (so a mistake shows): ours in PEFT, and PEFT's in ours, logits within 1e-4."""
     import peft
-    import torch
 
     full = family_run["full"]
     ids = np.random.default_rng(2).integers(0, 320, size=(2, 20))
@@ -146,11 +145,7 @@ def test_random_adapters_both_ways_with_peft(family_run, tmp_path):
 
     some = TARGETS[family_run["arch"]][1:3]
     model = peft.get_peft_model(_hf(full), peft.LoraConfig(r=3, lora_alpha=6, target_modules=list(some)))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.copy_(0.2 * torch.randn_like(p))
+    randomize_peft_lora(model, std=0.2)
     model.save_pretrained(tmp_path / "peft")
     ours = load_model(full)
     attach_adapters(ours, tmp_path / "peft")

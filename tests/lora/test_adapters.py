@@ -13,6 +13,7 @@ import mlx.core as mx
 from mlx_qlora.config import LoRAConfig
 from mlx_qlora.errors import UserError
 from mlx_qlora.lora.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
+from support import randomize_peft_lora
 
 # (in, out) of each projection of the tiny fixture model (hidden 64, 4 heads / 2 KV heads of 16, MLP 160).
 SHAPES = {"q_proj": (64, 64), "k_proj": (64, 32), "v_proj": (64, 32), "o_proj": (64, 64),
@@ -63,14 +64,9 @@ def _peft_lora_tensors(peft_model) -> dict[str, np.ndarray]:
 )
 def test_adapters_saved_by_peft_load_exactly(tmp_path, tiny_hf_checkpoint, peft_kwargs, expected):
     import peft
-    import torch
 
     model = peft.get_peft_model(_hf_model(tiny_hf_checkpoint), peft.LoraConfig(task_type="CAUSAL_LM", **peft_kwargs))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.copy_(torch.randn_like(p))
+    randomize_peft_lora(model)
     reference = _peft_lora_tensors(model)
     model.save_pretrained(tmp_path)
 

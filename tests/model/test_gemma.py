@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate
 from mlx_qlora.model import ModelArgs, load_model
-from support import GEMMA_VOCAB as VOCAB, assert_left_padding_matches, save_gemma
+from support import GEMMA_VOCAB as VOCAB, assert_left_padding_matches, assert_logits_match, hf_reference, save_gemma
 
 ATOL = 1e-4  # float32 logits
 CONFIGS = {
@@ -51,12 +51,7 @@ def checkpoint(request, checkpoints):
     return checkpoints[request.param]
 
 
-def reference(path):
-    import torch
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
+reference = hf_reference
 
 
 def test_config_is_read_as_transformers_writes_it(checkpoints):
@@ -95,14 +90,7 @@ def test_exported_config_builds_the_same_transformers_model(checkpoints, tmp_pat
 @pytest.mark.parametrize("length", [5, 30])
 def test_logits_match_transformers(checkpoint, length):
     """Batch 2; 30 positions run well past the window of 8."""
-    import torch
-
-    ids = np.random.default_rng(length).integers(0, VOCAB, size=(2, length))
-    ours = np.array(load_model(checkpoint)(mx.array(ids)))
-    with torch.no_grad():
-        ref = reference(checkpoint)(torch.tensor(ids)).logits.numpy()
-    assert ours.shape == ref.shape == (2, length, VOCAB)
-    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+    assert_logits_match(checkpoint, rows=2, length=length, atol=ATOL, vocab=VOCAB)
 
 
 def test_left_padding_matches_transformers(checkpoint):

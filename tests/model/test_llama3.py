@@ -21,7 +21,7 @@ from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate
 from mlx_qlora.model import ModelArgs, load_model
 from mlx_qlora.model.layers import llama3_inv_freq
-from support import TINY_MISTRAL, assert_left_padding_matches, hf_reference
+from support import TINY_MISTRAL, assert_left_padding_matches, assert_logits_match, hf_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = 1e-4  # float32 logits
@@ -101,14 +101,7 @@ def test_config_is_read_as_transformers_writes_it(checkpoint):
 @pytest.mark.parametrize("length", [7, 48])
 def test_logits_match_transformers(checkpoint, length):
     """Batch 3, positions up to 47: past original_max_position_embeddings (32)."""
-    import torch
-
-    ids = np.random.default_rng(length).integers(0, 320, size=(3, length))
-    ours = np.array(load_model(checkpoint)(mx.array(ids)))
-    with torch.no_grad():
-        ref = _reference(checkpoint)(torch.tensor(ids)).logits.numpy()
-    assert ours.shape == ref.shape == (3, length, 320)
-    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+    assert_logits_match(checkpoint, rows=3, length=length, atol=ATOL)
 
 
 def test_left_padding_matches_transformers(checkpoint):

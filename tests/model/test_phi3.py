@@ -18,7 +18,8 @@ from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate
 from mlx_qlora.generate.loading import attach_adapters
 from mlx_qlora.model import ModelArgs, load_model
-from support import assert_left_padding_matches, hf_reference, make_family_checkpoint, write_adapters
+from support import (assert_left_padding_matches, assert_logits_match, hf_reference, make_family_checkpoint,
+                     randomize_peft_lora, write_adapters)
 
 ATOL = 1e-4  # float32 logits
 ORIGINAL = 32  # original_max_position_embeddings: sequences of 40 cross it
@@ -65,11 +66,7 @@ def _hf_logits(model, ids, **kwargs):
 @pytest.mark.parametrize("length", [7, 40])
 def test_logits_match_transformers(checkpoint, length):
     """Batch 3; at 40 tokens the window (8) matters and longrope takes its long factors (past 32)."""
-    ids = np.random.default_rng(length).integers(0, 320, size=(3, length))
-    ours = np.array(load_model(checkpoint)(mx.array(ids)))
-    ref = _hf_logits(_reference(checkpoint), ids)
-    assert ours.shape == ref.shape == (3, length, 320)
-    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+    assert_logits_match(checkpoint, rows=3, length=length, atol=ATOL)
 
 
 def test_config_is_read_as_transformers_builds_it(checkpoints):
@@ -136,7 +133,6 @@ def test_lora_targets_map_onto_the_fused_layers(checkpoints):
 def test_adapters_on_fused_layers_both_ways_with_peft(checkpoints, tmp_path):
     """Ours in PEFT and PEFT's in ours, on qkv_proj/o_proj/gate_up_proj/down_proj: logits within 1e-4."""
     import peft
-    import torch
 
     path = checkpoints["phi4-mini-partial-tied"]
     ids = np.random.default_rng(2).integers(0, 320, size=(2, 36))
@@ -147,11 +143,7 @@ def test_adapters_on_fused_layers_both_ways_with_peft(checkpoints, tmp_path):
     np.testing.assert_allclose(np.array(ours(mx.array(ids))), _hf_logits(peft_model, ids), atol=ATOL, rtol=0)
 
     model = peft.get_peft_model(_reference(path), peft.LoraConfig(r=3, lora_alpha=6, target_modules=list(FUSED)))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.copy_(0.2 * torch.randn_like(p))
+    randomize_peft_lora(model, std=0.2)
     model.save_pretrained(tmp_path / "peft")
     ours = load_model(path)
     attach_adapters(ours, tmp_path / "peft")

@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx_qlora.errors import UserError
 from mlx_qlora.generate.generator import generate, generate_batch
 from mlx_qlora.model import ModelArgs, load_model
-from support import assert_left_padding_matches, hf_reference, make_family_checkpoint
+from support import assert_left_padding_matches, assert_logits_match, hf_reference, make_family_checkpoint
 
 ATOL = 1e-4  # float32 logits
 WINDOW = dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)
@@ -64,14 +64,7 @@ def test_config_is_read_as_transformers_builds_it(checkpoint):
 @pytest.mark.parametrize("length", [7, 40])
 def test_logits_match_transformers(checkpoint, length):
     """Batch 3; at length 40 the window (8) is far shorter than the sequence."""
-    import torch
-
-    ids = np.random.default_rng(length).integers(0, 320, size=(3, length))
-    ours = np.array(load_model(checkpoint)(mx.array(ids)))
-    with torch.no_grad():
-        ref = _reference(checkpoint)(torch.tensor(ids)).logits.numpy()
-    assert ours.shape == ref.shape == (3, length, 320)
-    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+    assert_logits_match(checkpoint, rows=3, length=length, atol=ATOL)
 
 
 def test_the_window_matters(checkpoints):

@@ -125,7 +125,8 @@ def render_chat(source: str, messages: Sequence[dict], add_generation_prompt: bo
         raise UserError(f"chat template: rendering failed ({type(e).__name__}: {e})") from None
 
 
-def _source(tokenizer) -> str:
+def template_source(tokenizer) -> str:
+    """The tokenizer's chat template (Jinja source); ``UserError`` when it has none."""
     source = getattr(tokenizer, "chat_template", None)
     if not source:
         raise UserError(f"template 'chat': the tokenizer {tokenizer.path} has no chat template (no chat_template in "
@@ -133,7 +134,8 @@ def _source(tokenizer) -> str:
     return source
 
 
-def _eos_text(tokenizer) -> str:
+def eos_text(tokenizer) -> str:
+    """The text of the tokenizer's EOS token ("" without one), as templates receive it."""
     return tokenizer.id_to_piece(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
 
 
@@ -149,7 +151,7 @@ def template_turns(tokenizer, messages: Sequence[dict]) -> list[tuple[str, Optio
     ``{"role": "assistant", "content": ...}``, starting with a user message; the last response is None
     when the conversation ends with a user message. See the module docstring for the cut.
     """
-    source, eos = _source(tokenizer), _eos_text(tokenizer)
+    source, eos = template_source(tokenizer), eos_text(tokenizer)
     chat_turns("dolly", messages)  # the same checks of roles and contents as for named templates
     plain = [{"role": m["role"], "content": _user_content(m) if m["role"] == "user" else m["content"]}
              for m in messages]
@@ -179,7 +181,7 @@ def template_turns(tokenizer, messages: Sequence[dict]) -> list[tuple[str, Optio
 def check_template(tokenizer, template_name: str) -> None:
     """``UserError`` unless ``template_name`` is a named template, or ``"chat"`` and the tokenizer has one."""
     if template_name == CHAT_TEMPLATE_NAME:
-        _source(tokenizer)
+        template_source(tokenizer)
     else:
         get_template(template_name)
 

@@ -46,8 +46,10 @@ from .chat_template import (
     CHAT_TEMPLATE_NAME,
     GENERATION_END,
     GENERATION_START,
+    eos_text,
     has_generation_marks,
     render_chat,
+    template_source,
 )
 from .constants import CROSS_ENTROPY_IGNORE_INDEX
 
@@ -64,21 +66,9 @@ class Rendered:
     rule: str
 
 
-def _eos_text(tokenizer) -> str:
-    return tokenizer.id_to_piece(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
-
-
-def _source(tokenizer) -> str:
-    source = getattr(tokenizer, "chat_template", None)
-    if not source:
-        raise UserError(f"template 'chat': the tokenizer {tokenizer.path} has no chat template; choose a named "
-                        "template (dolly, alpaca, mistral) for conversations of user and assistant turns")
-    return source
-
-
 def render(tokenizer, messages: Sequence[dict], tools=None, add_generation_prompt: bool = False) -> str:
     """The tokenizer's chat template applied to ``messages`` (and ``tools``), as text."""
-    return render_chat(_source(tokenizer), messages, add_generation_prompt, eos_token=_eos_text(tokenizer),
+    return render_chat(template_source(tokenizer), messages, add_generation_prompt, eos_token=eos_text(tokenizer),
                        tools=tools)
 
 
@@ -101,8 +91,8 @@ def _spans_between_marks(marked: str) -> tuple[str, list[tuple[int, int]]]:
 
 def render_with_spans(tokenizer, messages: Sequence[dict], tools=None) -> Rendered:
     """The conversation's text and every assistant turn's learned characters (see the module docstring)."""
-    source = _source(tokenizer)
-    eos = _eos_text(tokenizer)
+    source = template_source(tokenizer)
+    eos = eos_text(tokenizer)
     text = render_chat(source, messages, eos_token=eos, tools=tools)
     if GENERATION_START in text or GENERATION_END in text:
         raise UserError("the conversation holds the private-use characters U+E000/U+E001, which mark learned text")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -306,3 +306,22 @@ def randomize_peft_lora(peft_model, std: float = 1.0, seed: int = 0) -> None:
         for name, p in peft_model.named_parameters():
             if ".lora_" in name:
                 p.copy_(std * torch.randn_like(p))
+
+
+def run_script(name: str, *args: str, env: Optional[dict] = None, timeout: float = 300):
+    """``scripts/<name>`` with ``args`` in a fresh process, the checkout's ``src/`` first on its path and
+    ``env`` added to the environment: the ``subprocess.CompletedProcess`` (text output captured)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "PYTHONPATH": str(root / "src"), **(env or {})}
+    return subprocess.run([sys.executable, str(root / "scripts" / name), *args], capture_output=True, text=True,
+                          env=environment, timeout=timeout)
+
+
+def script_output(done) -> str:
+    """The standard output of a script run (``run_script``) that must have succeeded."""
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

@@ -9,10 +9,7 @@ finetune, lossless merge into the multimodal original) ends in a ``Gemma3ForCaus
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +21,8 @@ import mlx.core as mx
 from mlx_qlora.convert import convert_checkpoint
 from mlx_qlora.generate.loading import attach_adapters
 from mlx_qlora.model import load_model
-from support import GEMMA_VOCAB, TINY_GEMMA
+from support import GEMMA_VOCAB, TINY_GEMMA, run_script, script_output
 
-ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # float32 logits
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # local and global layers alternating, a linearly scaled global RoPE: the text features of Gemma 3 4B+
@@ -135,17 +131,6 @@ def test_peft_lora_on_the_multimodal_language_model_loads_here(tmp_path):
     assert np.abs(expected - plain).max() > 100 * ATOL  # the adapters change the model
 
 
-def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def _ok(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
 @pytest.mark.parametrize("model_type,text_type", [("mistral3", "mistral"), ("gemma3", "gemma2")])
 def test_multimodal_config_of_another_family_is_one_line(tmp_path, model_type, text_type):
     hf = tmp_path / "hf"
@@ -154,7 +139,7 @@ def test_multimodal_config_of_another_family_is_one_line(tmp_path, model_type, t
     (hf / "config.json").write_text(json.dumps({
         "model_type": model_type, "architectures": [architecture[model_type]],
         "text_config": {"model_type": text_type, "hidden_size": 64}, "vision_config": {}}))
-    done = _script("convert_weights.py", "--hf-path", str(hf), "--mlx-path", str(tmp_path / "out"))
+    done = run_script("convert_weights.py", "--hf-path", str(hf), "--mlx-path", str(tmp_path / "out"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     assert str(hf / "config.json") in done.stderr
     named = {"mistral3": "Mistral3ForConditionalGeneration", "gemma3": "text_config.model_type: 'gemma2'"}
@@ -172,17 +157,18 @@ def test_4bit_convert_finetune_and_merge_into_the_multimodal_original(tmp_path, 
     shutil.copy(tiny_spm_path, hf / "tokenizer.model")
     (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     q4 = tmp_path / "q4"
-    out = _ok(_script("convert_weights.py", "--hf-path", str(hf), "--mlx-path", str(q4), "--dtype", "float32"))
+    out = script_output(run_script("convert_weights.py", "--hf-path", str(hf), "--mlx-path", str(q4),
+                                   "--dtype", "float32"))
     assert "dropped" in out and "vision_tower" in out
     data, run = tmp_path / "data", tmp_path / "run"
-    _ok(_script("prepare_data.py", "--tokenizer", str(q4), "--out", str(data), "--template", "chat",
-                "--max-seq-len", "96", "--min-response-tokens", "4", "--no-progress"))
-    _ok(_script("finetune.py", "--model", str(q4), "--data", str(data), "--out", str(run), "--iters", "2",
-                "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "4", "--lora-alpha", "8",
-                "--eval-every", "2", "--eval-batches", "1", "--save-every", "100", "--no-progress"))
+    script_output(run_script("prepare_data.py", "--tokenizer", str(q4), "--out", str(data), "--template", "chat",
+                             "--max-seq-len", "96", "--min-response-tokens", "4", "--no-progress"))
+    script_output(run_script("finetune.py", "--model", str(q4), "--data", str(data), "--out", str(run), "--iters", "2",
+                             "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "4", "--lora-alpha", "8",
+                             "--eval-every", "2", "--eval-batches", "1", "--save-every", "100", "--no-progress"))
     merged = tmp_path / "merged"
-    out = _ok(_script("merge_adapters.py", "--model", str(q4), "--adapter", str(run), "--base-weights", str(hf),
-                      "--out", str(merged), "--dtype", "float32"))
+    out = script_output(run_script("merge_adapters.py", "--model", str(q4), "--adapter", str(run),
+                                   "--base-weights", str(hf), "--out", str(merged), "--dtype", "float32"))
     assert "lossless merge" in out and "text-only Gemma3ForCausalLM" in out
     theirs = transformers.AutoModelForCausalLM.from_pretrained(merged, attn_implementation="eager",
                                                                dtype=torch.float32).eval()

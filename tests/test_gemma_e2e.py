@@ -10,11 +10,7 @@ before any work
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +20,10 @@ import mlx.core as mx
 
 from mlx_qlora.generate.loading import attach_adapters
 from mlx_qlora.model import load_model
-from support import GEMMA_VOCAB, save_gemma
+from support import GEMMA_VOCAB, run_script, save_gemma, script_output
 
 pytestmark = pytest.mark.slow  # five script runs per family, about 15 s each family on two cores
 
-ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4  # float32 logits
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Gemma's turn format; the answer ends with EOS, which the chat-template cut needs (data/chat_template.py)
@@ -44,17 +39,6 @@ FAMILIES = {
     "gemma2": dict(attn_logit_softcapping=5.0, final_logit_softcapping=8.0),
     "gemma3_text": dict(sliding_window_pattern=2, rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
-
-
-def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def _ok(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
 
 
 def _reference(path):
@@ -80,14 +64,14 @@ def chain(request, tmp_path_factory, tiny_spm_path):
     shutil.copy(tiny_spm_path, hf / "tokenizer.model")
     (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     q4 = root / "q4"
-    _ok(_script("convert_weights.py", "--hf-path", str(hf), "--mlx-path", str(q4), "--dtype", "float32"))
+    script_output(run_script("convert_weights.py", "--hf-path", str(hf), "--mlx-path", str(q4), "--dtype", "float32"))
     data = root / "data"
-    _ok(_script("prepare_data.py", "--tokenizer", str(q4), "--out", str(data), "--template", "chat",
-                "--max-seq-len", "96", "--min-response-tokens", "4", "--no-progress"))
+    script_output(run_script("prepare_data.py", "--tokenizer", str(q4), "--out", str(data), "--template", "chat",
+                             "--max-seq-len", "96", "--min-response-tokens", "4", "--no-progress"))
     run = root / "run"
-    _ok(_script("finetune.py", "--model", str(q4), "--data", str(data), "--out", str(run), "--iters", "4",
-                "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "4", "--lora-alpha", "8",
-                "--eval-every", "4", "--eval-batches", "1", "--save-every", "100", "--no-progress"))
+    script_output(run_script("finetune.py", "--model", str(q4), "--data", str(data), "--out", str(run), "--iters", "4",
+                             "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "4", "--lora-alpha", "8",
+                             "--eval-every", "4", "--eval-batches", "1", "--save-every", "100", "--no-progress"))
     return {"family": request.param, "hf": hf, "q4": q4, "data": data, "run": run, "root": root}
 
 
@@ -110,8 +94,8 @@ def test_finetune_trained_all_seven_projections(chain):
 
 
 def test_generate_script_answers_with_the_chat_template(chain):
-    out = _ok(_script("generate.py", "--model", str(chain["q4"]), "--adapter", str(chain["run"]),
-                      "--prompt", "Name a river.", "--max-tokens", "6"))
+    out = script_output(run_script("generate.py", "--model", str(chain["q4"]), "--adapter", str(chain["run"]),
+                                   "--prompt", "Name a river.", "--max-tokens", "6"))
     assert out.strip()
 
 
@@ -149,8 +133,8 @@ def test_peft_adapters_load_here_with_equal_logits(chain, tmp_path):
 
 def test_merge_is_lossless_and_transformers_loads_it(chain):
     merged = chain["root"] / "merged"
-    out = _ok(_script("merge_adapters.py", "--model", str(chain["q4"]), "--adapter", str(chain["run"]),
-                      "--base-weights", str(chain["hf"]), "--out", str(merged), "--dtype", "float32"))
+    out = script_output(run_script("merge_adapters.py", "--model", str(chain["q4"]), "--adapter", str(chain["run"]),
+                                   "--base-weights", str(chain["hf"]), "--out", str(merged), "--dtype", "float32"))
     assert "lossless merge" in out
     ids = np.random.default_rng(5).integers(3, GEMMA_VOCAB, size=(2, 20))
     ours = load_model(chain["hf"])
@@ -172,8 +156,8 @@ def test_merge_is_lossless_and_transformers_loads_it(chain):
 
 
 def test_unfaithful_gguf_export_is_refused_in_one_line(chain):
-    done = _script("merge_adapters.py", "--model", str(chain["q4"]), "--adapter", str(chain["run"]),
-                   "--out", str(chain["root"] / "m2"), "--gguf", str(chain["root"] / "m.gguf"))
+    done = run_script("merge_adapters.py", "--model", str(chain["q4"]), "--adapter", str(chain["run"]),
+                      "--out", str(chain["root"] / "m2"), "--gguf", str(chain["root"] / "m.gguf"))
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "cannot be exported to GGUF faithfully: " in done.stderr
     assert not (chain["root"] / "m2").exists() and not (chain["root"] / "m.gguf").exists()

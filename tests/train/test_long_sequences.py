@@ -5,16 +5,15 @@ and the tiled layers (``model/blockwise.py``, ``model/tiled.py``), with a finite
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from support import run_script
+
 WORDS = "the river city music science history blue green quick fox dog seven write list explain".split()
 
 
@@ -28,10 +27,9 @@ def _long_records(path: Path, lengths: list[int], seed: int = 0) -> None:
 
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MLX_QLORA_BLOCKWISE_FROM": "2048",
-           "MLX_QLORA_LAYER_TILE": "2048"}  # both long-sequence paths on rows of a few thousand tokens
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    # both long-sequence paths on rows of a few thousand tokens
+    return run_script(name, *args, env={"MLX_QLORA_BLOCKWISE_FROM": "2048", "MLX_QLORA_LAYER_TILE": "2048"},
+                      timeout=600)
 
 
 @pytest.mark.slow  # a model conversion, data preparation and two training steps on one packed row of about 8k tokens, about 20 s

@@ -225,9 +225,17 @@ def test_fused_decode_layer_with_adapters_equals_the_layer_by_layer_path(monkeyp
     subset of them in one layer (the other layer bare), every layer of every step takes ``layer_step`` (the
     kernels replaced by their formulas, addends included) and its logits equal the operation-by-operation
     LoRA layers' within the bare path's tolerance; the adapters move the logits far more than that."""
+    from mlx_qlora.model import fused_decode
+
     model, state, tokens, eager = _quantized_model_and_eager_steps(steps=8, adapters=(targets, layers))
+    taken = []
+    stacks = fused_decode._stacks
+    monkeypatch.setattr(fused_decode, "_stacks", lambda layer, low, dtype: taken.append(
+        [s is p for s, p in zip(stacks(layer, low, dtype), layer.__dict__["_decode_stacks"])]) or stacks(layer, low, dtype))
     fused = _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens)
     np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
+    # the compiled decoder's stacks, prepared before tracing, were the ones used (none built per token)
+    assert taken and all(all(layer_taken) for layer_taken in taken)
     from mlx_qlora.lora import LoRALinear
 
     for module in model.modules():

@@ -7,7 +7,7 @@ import numpy as np
 
 from mlx_qlora.lora import LoRALinear
 from mlx_qlora.quant import QuantizedLinear
-from mlx_qlora.quant.low_rank import fused_form, low_rank_addend, plus_low_rank
+from mlx_qlora.quant.low_rank import Stacked, fused_form
 
 
 def _lora(out_f=48, in_f=64, group_size=None, seed=0) -> LoRALinear:
@@ -19,27 +19,73 @@ def _lora(out_f=48, in_f=64, group_size=None, seed=0) -> LoRALinear:
 
 
 def test_base_plus_the_update_is_the_lora_layer():
-    """``base(x) + F * addend`` and ``plus_low_rank(residual, x)`` + base equal ``residual + layer(x)``
-    (float32, 1e-5), with F the layer's scale."""
+    """``base(x) + F * addend`` and ``plus(residual, x)`` + base equal ``residual + layer(x)`` (float32, 1e-5),
+    with F the layer's scale."""
     layer = _lora()
     base, low_rank = fused_form(layer)
     assert base is layer.base and low_rank[2] == layer.scale == 3.0
     x, residual = mx.random.normal((3, 1, 64)), mx.random.normal((3, 1, 48))
-    factor, addend = low_rank_addend(x, low_rank)
-    assert addend.shape == (3, 48)
+    stack = Stacked([low_rank], mx.float32)
+    (factor, addend), = stack.addends(x)
+    assert addend.shape == (3, 48) and factor == 3.0
     want = layer(x)
     np.testing.assert_allclose(np.array(base(x) + factor * addend.reshape(3, 1, 48)), np.array(want), atol=1e-5)
-    np.testing.assert_allclose(np.array(plus_low_rank(residual, x, low_rank) + base(x)), np.array(residual + want),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.array(stack.plus(residual, x) + base(x)), np.array(residual + want), atol=1e-5)
     assert float(mx.abs(want - base(x)).max()) > 1e-2  # the update is not negligible
+
+
+def test_stacked_updates_equal_each_projections_update():
+    """Three projections of one input, the middle one not adapted, ranks 4 and 2 and different scales: one
+    stacked pair of matmuls gives each adapted projection ``scale * (x @ A.T) @ B.T`` (the formula, 1e-5)
+    and None for the other; A is (in, 4 + 2), B block-diagonal (6, 48 + 40) with zeros off its blocks."""
+    mx.random.seed(1)
+    q = (mx.random.normal((4, 64)), mx.random.normal((48, 4)), 3.0)
+    v = (mx.random.normal((2, 64)), mx.random.normal((40, 2)), 0.5)
+    stack = Stacked([q, None, v], mx.float32)
+    assert stack.a_t.shape == (64, 6) and stack.b_t.shape == (6, 88)
+    assert float(mx.abs(stack.b_t[:4, 48:]).max()) == 0 and float(mx.abs(stack.b_t[4:, :48]).max()) == 0
+    x = mx.random.normal((2, 1, 64))
+    got = stack.addends(x)
+    assert got[1] is None
+    for (factor, addend), (a, b, scale) in zip((got[0], got[2]), (q, v)):
+        assert factor == scale
+        want = (x.reshape(2, 64) @ a.T) @ b.T
+        np.testing.assert_allclose(np.array(addend), np.array(want), rtol=1e-5, atol=1e-4)
+    assert Stacked.build([None, None], mx.float32) is None
+
+
+def test_a_stack_holds_only_the_arrays_it_was_built_from():
+    """``holds``: the same adapter objects, scales and dtype; a replaced array (as an optimizer step
+    replaces it), another scale or dtype, or another set of adapted projections is not held."""
+    a, b = mx.ones((2, 8)), mx.ones((6, 2))
+    stack = Stacked([(a, b, 2.0), None], mx.float16)
+    assert stack.holds([(a, b, 2.0), None], mx.float16)
+    assert not stack.holds([(a, mx.ones((6, 2)), 2.0), None], mx.float16)
+    assert not stack.holds([(a, b, 1.0), None], mx.float16)
+    assert not stack.holds([(a, b, 2.0), None], mx.float32)
+    assert not stack.holds([(a, b, 2.0), (a, b, 2.0)], mx.float16)
+    assert stack.a_t.dtype == stack.b_t.dtype == mx.float16
+
+
+def test_prepared_decoding_is_the_layer_until_its_adapters_change():
+    """``LoRALinear.prepare_decoding``: the layer's output is unchanged (1e-5) and comes from the prepared
+    stack; once lora_B is replaced the stale stack is not used and the output follows the new B."""
+    layer = _lora()
+    x = mx.random.normal((1, 1, 64))
+    before = layer(x)
+    layer.prepare_decoding(mx.float32)
+    assert layer.decoding_stack(mx.float32) is layer.__dict__["_decoding"]
+    np.testing.assert_allclose(np.array(layer(x)), np.array(before), atol=1e-5)
+    layer.lora_B = 2 * layer.lora_B
+    assert layer.decoding_stack(mx.float32) is not layer.__dict__["_decoding"]
+    want = layer.base(x) + layer.scale * (x @ layer.lora_A.T) @ layer.lora_B.T
+    np.testing.assert_allclose(np.array(layer(x)), np.array(want), atol=1e-5)
+    assert float(mx.abs(layer(x) - before).max()) > 1e-2
 
 
 def test_which_layers_have_a_fused_form():
     layer = _lora()
     assert fused_form(layer.base) == (layer.base, None)  # a bare per-row 4-bit layer
-    assert low_rank_addend(mx.zeros((1, 64)), None) is None
-    residual = mx.ones((1, 48))
-    assert plus_low_rank(residual, mx.zeros((1, 64)), None) is residual
     layer.train()
     assert fused_form(layer) is None  # training: dropout and gradients
     assert fused_form(_lora(group_size=32)) is None  # 4-bit with groups

@@ -22,7 +22,6 @@ from mlx.utils import tree_flatten
 from .. import settings
 from ..model.cache import KVCache
 from ..model.static_cache import StaticKVCache, static_capacity
-from ..quant.quantized_linear import QuantizedLinear
 
 
 class DecodeState:
@@ -75,7 +74,7 @@ class CompiledDecoder:
     def __init__(self, model):
         self.model = model
         self.fingerprint = _fingerprint(model)
-        _prepare_layouts(model)
+        _prepare_decoding(model)
         self._compiled = mx.compile(self._forward)
 
     def _forward(self, tokens, offset, keys, values):
@@ -105,10 +104,13 @@ def _fingerprint(model) -> tuple:
     return (model.training, settings.current()) + tuple(id(v) for _, v in tree_flatten(model.parameters()))
 
 
-def _prepare_layouts(model) -> None:
-    """Build the cached group layouts of the layers that decode through ``mx.quantized_matmul`` now:
-    inside ``mx.compile`` they cannot be cached and would be rebuilt on every token."""
+def _prepare_decoding(model) -> None:
+    """Build now what compiled decoding would otherwise rebuild on every token, inside ``mx.compile``
+    where nothing can be cached: the group layouts of the layers that decode through
+    ``mx.quantized_matmul``, the adapters cast to the compute dtype and stacked per input
+    (``prepare_decoding`` of ``QuantizedLinear``, ``LoRALinear`` and ``DecoderLayer``)."""
     dtype = model.model.embed_tokens.weight.dtype
     for _, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            module.prepare_decoding(dtype)
+        prepare = getattr(module, "prepare_decoding", None)
+        if callable(prepare):
+            prepare(dtype)

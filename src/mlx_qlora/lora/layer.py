@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from ..config import LoRAConfig
 from ..quant.dequant import dequantize_weight
+from ..quant.low_rank import Stacked
 from ..quant.quantized_linear import QuantizedLinear
 from .matmul import lora_matmul_fn
 from .merge import lora_delta, lora_scale, merge_weight
@@ -102,6 +103,9 @@ class LoRALinear(nn.Module):
         if fused is not None:
             return fused
         y = self.base(x)
+        stack = None if self.training else self._prepared(x.dtype)
+        if stack is not None:
+            return stack.plus(y, x)  # the adapters as prepared for decoding, cast once
         h = self.dropout(x) @ self.lora_A.astype(x.dtype).T  # (..., rank)
         return y + (self.scale * (h @ self.lora_B.astype(x.dtype).T)).astype(y.dtype)
 
@@ -122,6 +126,22 @@ class LoRALinear(nn.Module):
         if "bias" in base:
             y = y + base.bias.astype(y.dtype)
         return y
+
+    def prepare_decoding(self, dtype: mx.Dtype) -> None:
+        """Cast the adapters to ``dtype`` now, for the few-row calls of compiled decoding (which would
+        otherwise cast them on every token); used while this layer holds the same adapter arrays."""
+        self.__dict__["_decoding"] = Stacked([(self.lora_A, self.lora_B, self.scale)], dtype)  # not a parameter
+        mx.eval(self.__dict__["_decoding"].arrays)
+
+    def _prepared(self, dtype: mx.Dtype) -> Optional[Stacked]:
+        """``prepare_decoding``'s stack while it holds this layer's adapter arrays and scale, else None."""
+        stack = self.__dict__.get("_decoding")
+        return stack if stack is not None and stack.holds([(self.lora_A, self.lora_B, self.scale)], dtype) else None
+
+    def decoding_stack(self, dtype: mx.Dtype) -> Stacked:
+        """The update as a one-projection ``Stacked`` in ``dtype`` (for the fused kernels' addends):
+        ``prepare_decoding``'s, else built now."""
+        return self._prepared(dtype) or Stacked([(self.lora_A, self.lora_B, self.scale)], dtype)
 
     def low_rank_form(self) -> Optional[tuple[BaseLinear, mx.array, mx.array, float]]:
         """``(base, lora_A, lora_B, scale)`` where this layer's call is exactly ``base(x) + scale * (x @

@@ -11,10 +11,12 @@ adapters attached in inference, a layer runs as:
 5. ``matmul_residual``: down_proj plus the residual.
 
 Adapters (any subset of the seven projections) stay on this path: each update ``scale * (n @ A.T) @ B.T``
-is two small matmuls beside the launches (``quant/low_rank.py``): q/k/v's and gate/up's, of the normed
-input, are added inside their kernels before the rotation, the cache write and SwiGLU; o_proj's and
-down_proj's are folded into the residual that their kernels add (with all seven adapted: two RMSNorms and
-fourteen small matmuls per layer beside the six launches).
+is computed by small matmuls beside the launches (``quant/low_rank.py``): q/k/v's and gate/up's, of the
+normed input, are added inside their kernels before the rotation, the cache write and SwiGLU; o_proj's and
+down_proj's are folded into the residual that their kernels add. The updates of one input are stacked
+(``Stacked``: A's side by side, B's block-diagonally) and cast to the compute dtype once, by ``prepare``
+before tracing: with all seven adapted, two RMSNorms and eight small matmuls per layer beside the six
+launches (fourteen matmuls and twenty-eight casts per layer unstacked).
 
 ``DecoderLayer.__call__`` asks ``applies`` and otherwise runs the layer operation by operation. The
 norms, rotations and residual sums happen in float32 inside the kernels and are rounded once, so outputs
@@ -39,7 +41,7 @@ import mlx.core as mx
 from .. import settings
 from ..kernels.cuda import attention as attention_cuda
 from ..kernels.cuda import qmv as qmv_cuda
-from ..quant.low_rank import fused_form, low_rank_addend, plus_low_rank
+from ..quant.low_rank import Stacked, fused_form
 from ..quant.quantized_linear import QuantizedLinear
 from .static_cache import StaticKVCache
 
@@ -64,12 +66,8 @@ def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
     if not (settings.current().fused_decode and isinstance(cache, StaticKVCache) and position_ids is None
             and x.ndim == 3 and x.shape[1] == 1):
         return False
-    if "qkv_proj" in layer.self_attn:  # Phi-3's fused projections: the kernels take q/k/v and gate/up apart
-        return False
-    if gemma_like(layer):
-        return False
-    forms = _forms(layer)
-    if not all(form is not None and type(form[0]) is QuantizedLinear for form in forms):
+    forms = _structure_forms(layer)
+    if forms is None:
         return False
     a = layer.self_attn
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
@@ -83,6 +81,18 @@ def applies(layer, x: mx.array, cache, position_ids=None) -> bool:
         and attention_cuda.supports_shapes((x.shape[0], a.n_heads, 1, a.head_dim), cache.keys.shape,
                                            x.dtype, cache.keys.dtype)
     )
+
+
+def _structure_forms(layer) -> Optional[list]:
+    """``_forms`` where the layer's structure is one the kernels take: q/k/v and gate/up apart (not Phi-3's
+    fused projections), no Gemma feature (``gemma_like``), every projection a per-row 4-bit layer in
+    inference, bare or under LoRA; else None."""
+    if "qkv_proj" in layer.self_attn or gemma_like(layer):
+        return None
+    forms = _forms(layer)
+    if not all(form is not None and type(form[0]) is QuantizedLinear for form in forms):
+        return None
+    return forms
 
 
 def gemma_like(layer) -> bool:
@@ -109,21 +119,22 @@ def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     B = x.shape[0]
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     (qkv, o_proj, gate_proj, up_proj, down_proj), low = _bases_and_updates(layer)
+    qkv_up, o_up, gate_up_up, down_up = _stacks(layer, low, x.dtype)
     position = cache.offset  # of this token
     # q (B, H, 1, hd); this position's k and v written into the cache's buffers (B, Hkv, C, hd) in place
     q, keys, values = qmv_cuda.qkv_norm_rope(
         x, norm1.weight, norm1.eps, [p.parts for p in qkv], position, a.head_dim,
         a.rope_theta, a.rope_scale, (B, a.n_heads, 1, a.head_dim), cache=(cache.keys, cache.values),
-        addends=_addends(norm1, x, low[:3]))
+        addends=_addends(norm1, x, qkv_up))
     cache.keys, cache.values = keys, values
     attn = attention_cuda.decode_attention(q, keys, values, position, a.scale,
                                            prefetch=o_proj.parts if s.prefetch_o else ())  # (B, 1, H * hd)
     gate_up = [_first_mb(w, s.prefetch_gate_up_mb) for w in (gate_proj.weight, up_proj.weight)]
     # (B, 1, hidden); o_proj's update (if adapted) rides in the residual, which the kernel adds
-    h = qmv_cuda.matmul_residual(attn, o_proj.parts, plus_low_rank(x, attn, low[3]), prefetch=gate_up)
+    h = qmv_cuda.matmul_residual(attn, o_proj.parts, _plus(x, attn, o_up), prefetch=gate_up)
     act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, gate_proj.parts, up_proj.parts,
-                               addends=_addends(norm2, h, low[4:6]))
-    return qmv_cuda.matmul_residual(act, down_proj.parts, plus_low_rank(h, act, low[6]))
+                               addends=_addends(norm2, h, gate_up_up))
+    return qmv_cuda.matmul_residual(act, down_proj.parts, _plus(h, act, down_up))
 
 
 def _bases_and_updates(layer) -> tuple[tuple, list]:
@@ -133,10 +144,45 @@ def _bases_and_updates(layer) -> tuple[tuple, list]:
     return (bases[0:3], *bases[3:]), [low_rank for _, low_rank in forms]
 
 
-def _addends(norm, x: mx.array, updates: list) -> Optional[list]:
+GROUPS = (slice(0, 3), slice(3, 4), slice(4, 6), slice(6, 7))  # q/k/v, o, gate/up, down: one input each
+
+
+def prepare(layer, dtype: mx.Dtype) -> None:
+    """Stack and cast the layer's adapters for ``dtype`` now (evaluated), outside a traced graph;
+    ``layer_step`` takes them while the layer still holds those adapter arrays (``Stacked.holds``) and
+    builds them inline otherwise. Nothing for a layer without adapters or off the fused path."""
+    forms = _structure_forms(layer)
+    if forms is None:
+        return
+    low = [low_rank for _, low_rank in forms]
+    stacks = [Stacked.build(low[g], dtype) for g in GROUPS]
+    mx.eval([a for s in stacks if s is not None for a in s.arrays])
+    layer.__dict__["_decode_stacks"] = stacks  # not a parameter: outside the module's tree
+
+
+def _stacks(layer, low: list, dtype: mx.Dtype) -> list[Optional[Stacked]]:
+    """The stacked updates of q/k/v, o, gate/up and down (None where none is adapted): ``prepare``'s
+    while they hold the current adapters, else built here."""
+    prepared = layer.__dict__.get("_decode_stacks")
+    stacks = []
+    for g, group in enumerate(GROUPS):
+        updates = low[group]
+        have = prepared[g] if prepared is not None else None
+        if have is not None and have.holds(updates, dtype):
+            stacks.append(have)
+        else:
+            stacks.append(Stacked.build(updates, dtype))
+    return stacks
+
+
+def _plus(residual: mx.array, x: mx.array, stack: Optional[Stacked]) -> mx.array:
+    """``residual`` plus a single projection's update of ``x`` (the residual itself without one)."""
+    return residual if stack is None else stack.plus(residual, x)
+
+
+def _addends(norm, x: mx.array, stack: Optional[Stacked]) -> Optional[list]:
     """The addends of q/k/v or gate/up: their updates of ``norm(x)`` (the layer's own RMSNorm, as the
     operation-by-operation path feeds them); None where none is adapted (the plain kernel)."""
-    if all(u is None for u in updates):
+    if stack is None:
         return None
-    n = norm(x)  # (B, 1, hidden)
-    return [low_rank_addend(n, u) for u in updates]
+    return stack.addends(norm(x))  # (B, 1, hidden) -> per projection (B, out) or None

@@ -1,5 +1,5 @@
 """A projection as the fused few-row kernels take it: a bare per-row 4-bit base, and optionally a low-rank
-update computed beside the launch.
+update computed beside the launch (``Stacked``: several projections' updates of one input as two matmuls).
 
 A LoRA layer in inference computes ``base(x) + scale * (x @ A.T) @ B.T``. The kernels read the base's
 packed weight once per token; the update is two small matmuls (M <= 8 rows, rank r) done in MLX beside
@@ -7,12 +7,13 @@ the launch and handed to it: as an addend that the kernel adds to its float32 su
 (q/k/v before the rotary embeddings and the cache write, gate/up before SwiGLU: ``qmv_source.Variant.addend``),
 or, where the kernel's output is linear in its residual input (o_proj, down_proj), folded into that
 residual. ``fused_form`` says whether a layer is such a projection. The LoRA layer lives above this
-package (``lora/layer.py``), so it is recognised by what it offers: ``low_rank_form()``.
+package (``lora/layer.py``), so it is recognised by what it offers: ``low_rank_form()`` (and
+``decoding_stack(dtype)``, its update as a ``Stacked`` of one, cast once before compiled decoding).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 
@@ -36,25 +37,63 @@ def fused_form(layer) -> Optional[tuple[object, Optional[LowRank]]]:
     return base, (lora_a, lora_b, float(scale))
 
 
-def low_rank_addend(x: mx.array, low_rank: Optional[LowRank]) -> Optional[tuple[float, mx.array]]:
-    """``(scale, (x @ A.T) @ B.T)``: x (..., in) -> an addend (M, out) for a kernel that multiplies it by
-    ``scale`` (``qmv.Addend``); None without an update. The adapters compute in x's dtype, as the LoRA
-    layer's own call does."""
-    if low_rank is None:
-        return None
-    lora_a, lora_b, scale = low_rank
-    x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-    return scale, (x2 @ lora_a.astype(x.dtype).T) @ lora_b.astype(x.dtype).T  # (M, r) -> (M, out)
+class Stacked:
+    """The updates of projections that read one input, as two matmuls whatever their number: ``x @ a_t``
+    with the adapted projections' A matrices stacked, (M, in) @ (in, R) -> (M, R) with R the sum of their
+    ranks, then ``@ b_t``, their B matrices block-diagonally, (M, R) @ (R, N) -> (M, N) with N the sum of
+    their outputs (the zeros add exact zeros). Both are cast to the compute dtype once: built before
+    tracing (``prepare``), a compiled decoding graph neither casts the float32 adapters nor runs a matmul
+    per projection on every token. q/k/v's three updates then cost two matmuls, gate/up's two, o_proj's
+    and down_proj's one plus an ``addmm``."""
 
+    def __init__(self, updates: Sequence[Optional[LowRank]], dtype: mx.Dtype):
+        adapted = [u for u in updates if u is not None]
+        self.dtype = dtype
+        self.sources = tuple(None if u is None else (u[0], u[1], float(u[2])) for u in updates)  # what it holds
+        ranks = [a.shape[0] for a, _, _ in adapted]
+        outs = [b.shape[0] for _, b, _ in adapted]
+        self.a_t = mx.concatenate([a.astype(dtype) for a, _, _ in adapted], axis=0).T  # (in, R)
+        b_t = mx.zeros((sum(ranks), sum(outs)), dtype)  # (R, N), block-diagonal
+        self.columns: list[Optional[tuple[float, int, int]]] = []  # per projection: (scale, first, count)
+        r0 = c0 = 0
+        it = iter(zip(adapted, ranks, outs))
+        for u in updates:
+            if u is None:
+                self.columns.append(None)
+                continue
+            (_, b, scale), r, n = next(it)
+            b_t[r0:r0 + r, c0:c0 + n] = b.astype(dtype).T
+            self.columns.append((float(scale), c0, n))
+            r0, c0 = r0 + r, c0 + n
+        self.b_t = b_t
 
-def plus_low_rank(residual: mx.array, x: mx.array, low_rank: Optional[LowRank]) -> mx.array:
-    """``residual + scale * (x @ A.T) @ B.T`` (one matmul with the sum and the scale in its epilogue):
-    x (..., in), residual (..., out) -> residual's shape; ``residual`` itself without an update. A kernel
-    computing ``residual + x @ W.T`` then computes the LoRA layer's output plus the residual."""
-    if low_rank is None:
-        return residual
-    lora_a, lora_b, scale = low_rank
-    x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-    h = x2 @ lora_a.astype(x.dtype).T  # (M, r)
-    out = mx.addmm(residual.reshape(-1, residual.shape[-1]), h, lora_b.astype(x.dtype).T, alpha=scale)
-    return out.reshape(residual.shape)
+    @classmethod
+    def build(cls, updates: Sequence[Optional[LowRank]], dtype: mx.Dtype) -> Optional["Stacked"]:
+        """The stack of ``updates`` (None where a projection is not adapted); None where none is."""
+        return cls(updates, dtype) if any(u is not None for u in updates) else None
+
+    def holds(self, updates: Sequence[Optional[LowRank]], dtype: mx.Dtype) -> bool:
+        """Whether this stack was built from exactly these adapter arrays (the same objects: an update
+        of the adapters replaces them) and scales, for ``dtype``."""
+        return dtype == self.dtype and len(updates) == len(self.sources) and all(
+            (u is None) == (s is None) and (u is None or (u[0] is s[0] and u[1] is s[1] and float(u[2]) == s[2]))
+            for u, s in zip(updates, self.sources))
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return [self.a_t, self.b_t]
+
+    def addends(self, x: mx.array) -> list[Optional[tuple[float, mx.array]]]:
+        """Per projection ``(scale, (x @ A.T) @ B.T)``, x (..., in) -> addends (M, out) for a kernel that
+        multiplies each by its scale (``qmv.Addend``); None where not adapted."""
+        u = (x.reshape(-1, x.shape[-1]) @ self.a_t) @ self.b_t  # (M, in) -> (M, R) -> (M, N)
+        return [None if c is None else (c[0], u[:, c[1]:c[1] + c[2]]) for c in self.columns]
+
+    def plus(self, residual: mx.array, x: mx.array) -> mx.array:
+        """``residual + scale * (x @ A.T) @ B.T`` for a stack of one projection (the sum and the scale in
+        the second matmul's epilogue): x (..., in), residual (..., out) -> residual's shape. A kernel
+        computing ``residual + x @ W.T`` then computes the LoRA layer's output plus the residual."""
+        (scale, _, _), = self.columns
+        h = x.reshape(-1, x.shape[-1]) @ self.a_t  # (M, r)
+        out = mx.addmm(residual.reshape(-1, residual.shape[-1]), h, self.b_t, alpha=scale)
+        return out.reshape(residual.shape)

@@ -32,7 +32,7 @@ from ..device import device_type
 from ..kernels.cuda import qmv as qmv_cuda
 from .dequant import dequantize_weight
 from .dequant_matmul import dequantized_matmul_fn
-from .low_rank import fused_form, low_rank_addend
+from .low_rank import fused_form
 from .quantize import mlx_group_size
 
 # Largest number of input rows for which ``mx.quantized_matmul`` is used, per device type: where it was
@@ -79,7 +79,9 @@ def fuses(layers: Sequence, x: mx.array) -> bool:
 def _fused_parts(layers: Sequence, x: mx.array) -> tuple[list, Optional[list]]:
     """The bases' kernel arrays and the adapters' addends (None where no layer has adapters)."""
     forms = [fused_form(layer) for layer in layers]
-    addends = [low_rank_addend(x, low_rank) for _, low_rank in forms]
+    # a LoRA layer's update, cast once where ``prepare_decoding`` ran (``LoRALinear.decoding_stack``)
+    addends = [None if low_rank is None else layer.decoding_stack(x.dtype).addends(x)[0]
+               for layer, (_, low_rank) in zip(layers, forms)]
     return [base.parts for base, _ in forms], addends if any(a is not None for a in addends) else None
 
 

@@ -242,26 +242,44 @@ def test_fused_decode_leaves_llama3_layers_to_the_plain_path(monkeypatch):
     assert applies == {"default": True, "llama3": False}
 
 
-def test_gguf_export_refuses_llama3_rope(checkpoints, tmp_path):
-    """GGUF carries llama3 scaling as a ``rope_freqs`` tensor that the writer does not make yet: one line,
-    no file, rather than a GGUF that rotates with plain RoPE."""
-    pytest.importorskip("gguf")
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gguf_export_writes_llama3_rope_as_rope_freqs(checkpoints, name, tiny_spm_path, tmp_path):
+    """llama.cpp takes llama3 scaling as a float32 ``rope_freqs.weight`` (head_dim/2,) that ggml's rope
+    divides each plain frequency by: ``base**(-2i/D) / rope_freqs[i]`` read back from the file equals
+    transformers' own inverse frequencies of the checkpoint (1e-6 relative), over all three bands; no
+    linear scaling is declared in the metadata."""
+    gguf = pytest.importorskip("gguf")
     from mlx_qlora.gguf.writer import export_gguf
 
-    with pytest.raises(UserError, match=r"config\.json: rope_type 'llama3' \(Llama 3\.1\+\) cannot be exported to GGUF"):
-        export_gguf(checkpoints["llama3.1-untied"], tmp_path / "out.gguf", "f32")
-    assert not (tmp_path / "out.gguf").exists()
+    src = shutil.copytree(checkpoints[name], tmp_path / "model")
+    shutil.copy(tiny_spm_path, src / "tokenizer.model")
+    report = export_gguf(src, tmp_path / "out.gguf", "f32")
+    reader = gguf.GGUFReader(str(tmp_path / "out.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    freqs = np.array(tensors["rope_freqs.weight"].data)
+    assert freqs.dtype == np.float32 and freqs.shape == (8,) and report.n_tensors == len(tensors)
+    fields = {f.name for f in reader.fields.values()}
+    assert "llama.rope.scaling.type" not in fields
+    base = float(reader.fields["llama.rope.freq_base"].parts[-1][0])
+    want = hf_reference(src).model.rotary_emb.inv_freq.numpy()  # (8,)
+    ggml = base ** (-np.arange(0, 16, 2) / 16) / freqs
+    np.testing.assert_allclose(ggml, want, rtol=1e-6)
+    assert freqs.min() == pytest.approx(1.0) and freqs.max() == pytest.approx(CONFIGS[name]["rope_scaling"]["factor"])
 
 
-def test_merge_with_gguf_refuses_llama3_before_any_work(checkpoints, tiny_spm_path, tmp_path):
+def test_merge_with_gguf_of_llama3(checkpoints, tiny_spm_path, tmp_path):
+    """merge_adapters --gguf on a Llama 3.1 checkpoint: the merged folder keeps llama3 scaling and the GGUF
+    carries it as rope_freqs (the same values as a direct export of the merged folder)."""
+    gguf = pytest.importorskip("gguf")
     from mlx_qlora.generate.merge import merge_adapters
+    from mlx_qlora.gguf.writer import rope_freqs
     from support import write_adapters
 
     src = shutil.copytree(checkpoints["llama3.1-untied"], tmp_path / "model")
     shutil.copy(tiny_spm_path, src / "tokenizer.model")
     adapter = write_adapters(tmp_path / "adapter", load_model(src).args)
-    with pytest.raises(UserError, match=r"rope_type 'llama3' \(Llama 3\.1\+\) cannot be exported to GGUF"):
-        merge_adapters(src, adapter, tmp_path / "merged", gguf=tmp_path / "merged.gguf")
-    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.gguf").exists()
-    merge_adapters(src, adapter, tmp_path / "merged")  # without --gguf the merge runs
-    assert load_model(tmp_path / "merged").args.rope_type == "llama3"
+    merge_adapters(src, adapter, tmp_path / "merged", gguf=tmp_path / "merged.gguf")
+    args = load_model(tmp_path / "merged").args
+    assert args.rope_type == "llama3"
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "merged.gguf")).tensors}
+    np.testing.assert_array_equal(np.array(tensors["rope_freqs.weight"].data), rope_freqs(args))

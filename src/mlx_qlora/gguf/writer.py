@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import UserError
 from ..model.families import family_of
 from ..model.families.base import gguf_shape_metadata
+from ..model.layers import llama3_inv_freq
 from ..outputs import GGUF_FILE, GGUF_MARKER_KEY, Output, as_output
 from .mapping import gguf_name, reorder_to_gguf
 from .reader import _gguf
@@ -66,9 +67,9 @@ def check_exportable(args, source: Path) -> None:
             family.gguf_metadata(args)
         except ValueError as e:  # llama.cpp would compute another model from the file
             raise UserError(f"{source}: cannot be exported to GGUF faithfully: {e}") from None
-    if args.rope_type == "llama3":  # llama.cpp takes it as a rope_freqs tensor, which is not written yet
-        raise UserError(f"{source}: rope_type 'llama3' (Llama 3.1+) cannot be exported to GGUF yet "
-                        f"(supported: default, linear)")
+    if args.rope_type == "llama3" and not _has_rope_freqs(family.gguf_architecture):
+        raise UserError(f"{source}: rope_type 'llama3' cannot be exported to llama.cpp's "
+                        f"{family.gguf_architecture!r} architecture (it has no rope_freqs tensor)")
 
 
 def _config_metadata(args, name: str, arch: str = "llama") -> dict[str, Any]:
@@ -82,10 +83,27 @@ def _config_metadata(args, name: str, arch: str = "llama") -> dict[str, Any]:
     if args.head_dim * args.num_attention_heads != args.hidden_size:
         meta[f"{arch}.attention.key_length"] = args.head_dim
         meta[f"{arch}.attention.value_length"] = args.head_dim
-    if args.rope_scaling_factor != 1.0:
+    if args.rope_type == "linear" or (args.rope_type == "default" and args.rope_scaling_factor != 1.0):
         meta[f"{arch}.rope.scaling.type"] = "linear"
         meta[f"{arch}.rope.scaling.factor"] = float(args.rope_scaling_factor)
     return meta
+
+
+def _has_rope_freqs(arch: str) -> bool:
+    """Whether llama.cpp's architecture ``arch`` reads a ``rope_freqs`` tensor (the gguf package's tables)."""
+    gguf = _gguf()
+    arch_id = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), None)
+    return arch_id is not None and gguf.MODEL_TENSOR.ROPE_FREQS in gguf.MODEL_TENSORS.get(arch_id, ())
+
+
+def rope_freqs(args) -> np.ndarray:
+    """llama.cpp's ``rope_freqs.weight`` (head_dim/2,) float32 for Llama 3.1-style RoPE (``rope_type``
+    llama3): per frequency, the factor ggml's rope divides it by, ``theta_i = p * base**(-2i/D) /
+    rope_freqs[i]``; that is, plain RoPE's frequency over the scaled one (``llama3_inv_freq``): 1 for the
+    kept frequencies, ``factor`` for the divided ones, between them for the smoothed band."""
+    dims = args.head_dim
+    plain = 1.0 / (args.rope_theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims))  # (D/2,)
+    return (plain / np.array(llama3_inv_freq(args), dtype=np.float64)).astype(np.float32)
 
 
 def _add_metadata(writer, meta: dict[str, Any]) -> None:
@@ -169,6 +187,7 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
     _, tensors = model_tensors(model_path)
     if args.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    extra = {"rope_freqs.weight": rope_freqs(args)} if args.rope_type == "llama3" else {}  # llama.cpp's names
 
     ggml_file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                       "f32": gguf.LlamaFileType.ALL_F32}[file_type]
@@ -206,6 +225,10 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
             report.tensor_types[type_name] = report.tensor_types.get(type_name, 0) + 1
             report.n_tensors += 1
         tensors.clear()
+        for target, values in extra.items():  # float32 vectors, as llama.cpp's converter writes them
+            writer.add_tensor(target, values)
+            report.tensor_types["F32"] = report.tensor_types.get("F32", 0) + 1
+            report.n_tensors += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)

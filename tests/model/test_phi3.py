@@ -211,16 +211,42 @@ def _reference_gguf(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file="m.gguf", dtype=torch.float32).eval()
 
 
-def test_gguf_export_refuses_longrope_and_partial_rotary(checkpoints, tmp_path):
-    """Their factors go to llama.cpp as rope_factors_* tensors, which the writer does not make: one line,
-    no file."""
-    pytest.importorskip("gguf")
-    from mlx_qlora.gguf.writer import export_gguf
+@pytest.mark.parametrize("name,rotated", [("phi3.5-longrope", 16), ("phi4-mini-partial-tied", 12)])
+def test_gguf_export_of_longrope_and_partial_rotary(checkpoints, name, rotated, tiny_spm_path, tmp_path):
+    """llama.cpp's phi3 takes longrope as float32 ``rope_factors_long`` / ``_short`` tensors (rotated
+    dimensions / 2 each), the original context length and the attention factor as metadata, and partial
+    rotary embeddings as ``rope.dimension_count``: read back from the file, the factors are the config's,
+    the attention factor transformers' own (its longrope initialisation, 1e-6) and the count the rotated
+    dimensions. Importing such a file is refused with one line."""
+    gguf = pytest.importorskip("gguf")
+    import shutil
 
-    for name in ("phi3.5-longrope", "phi4-mini-partial-tied"):
-        with pytest.raises(UserError, match=r"config\.json: longrope scaling and partial rotary embeddings") as info:
-            export_gguf(checkpoints[name], tmp_path / "out.gguf", "f32")
-        assert "\n" not in str(info.value) and not (tmp_path / "out.gguf").exists()
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mlx_qlora.gguf.writer import export_gguf
+    from mlx_qlora.gguf.reader import gguf_to_hf
+
+    src = shutil.copytree(checkpoints[name], tmp_path / "model")
+    shutil.copy(tiny_spm_path, src / "tokenizer.model")
+    export_gguf(src, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    field = lambda key: reader.fields[key].parts[-1][0]  # noqa: E731
+    config = json.loads((src / "config.json").read_text())
+    rope = config.get("rope_parameters") or config["rope_scaling"]
+    for kind in ("long", "short"):
+        got = tensors[f"rope_factors_{kind}.weight"]
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, np.array(rope[f"{kind}_factor"], dtype=np.float32))
+    hf_config = transformers.AutoConfig.from_pretrained(src)
+    _, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](hf_config, "cpu")
+    assert float(field("phi3.rope.scaling.attn_factor")) == pytest.approx(attention_factor, rel=1e-6)
+    assert int(field("phi3.rope.scaling.original_context_length")) == ORIGINAL
+    assert int(field("phi3.rope.dimension_count")) == rotated
+    with pytest.raises(UserError) as info:
+        gguf_to_hf(tmp_path / "m.gguf", tmp_path / "back")
+    assert "\n" not in str(info.value) and ("rope_factors_long" in str(info.value) or "dimension_count" in str(info.value))
 
 
 def test_fused_decode_leaves_phi3_layers_to_the_plain_path(monkeypatch):

@@ -122,6 +122,8 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
         raise UserError(f"{source}: {arch}.rope.scaling.type = {scaling!r} is not supported (supported: linear)")
     if "rope_freqs.weight" in tensor_names:
         raise UserError(f"{source}: has rope_freqs.weight (Llama 3.1-style RoPE scaling), which is not supported")
+    if "rope_factors_long.weight" in tensor_names:
+        raise UserError(f"{source}: has rope_factors_long.weight (Phi-3 longrope scaling), which is not supported")
     if family.gguf_sliding_window and meta.get(f"{arch}.attention.sliding_window"):
         config["sliding_window"] = int(meta[f"{arch}.attention.sliding_window"])
     config.setdefault("rms_norm_eps", 1e-5)

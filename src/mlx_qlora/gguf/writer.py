@@ -59,15 +59,15 @@ def check_exportable(args, source: Path) -> None:
     if args.attention_bias or (args.qkv_bias and "blk.{i}.attn_q.bias" not in family.gguf_names):
         raise UserError(f"{source}: attention_bias: llama.cpp's {family.gguf_architecture!r} architecture has no "
                         f"biases on these attention projections")
-    if args.rope_type == "longrope" or args.rotary_dims != args.head_dim:  # rope_factors_* tensors not written
-        raise UserError(f"{source}: longrope scaling and partial rotary embeddings (Phi-3.5, Phi-4-mini, Phi-3 "
-                        f"128k) cannot be exported to GGUF yet")
+    if args.rope_type == "longrope" and not _has_tensor(family.gguf_architecture, "ROPE_FACTORS_LONG"):
+        raise UserError(f"{source}: longrope scaling cannot be exported to llama.cpp's "
+                        f"{family.gguf_architecture!r} architecture (it has no rope_factors tensors)")
     if family.gguf_metadata is not None:
         try:
             family.gguf_metadata(args)
         except ValueError as e:  # llama.cpp would compute another model from the file
             raise UserError(f"{source}: cannot be exported to GGUF faithfully: {e}") from None
-    if args.rope_type == "llama3" and not _has_rope_freqs(family.gguf_architecture):
+    if args.rope_type == "llama3" and not _has_tensor(family.gguf_architecture, "ROPE_FREQS"):
         raise UserError(f"{source}: rope_type 'llama3' cannot be exported to llama.cpp's "
                         f"{family.gguf_architecture!r} architecture (it has no rope_freqs tensor)")
 
@@ -78,22 +78,26 @@ def _config_metadata(args, name: str, arch: str = "llama") -> dict[str, Any]:
     meta: dict[str, Any] = {
         "general.name": name,
         **gguf_shape_metadata(args, arch),
-        f"{arch}.rope.dimension_count": args.head_dim,
+        f"{arch}.rope.dimension_count": args.rotary_dims,  # partial rotary embeddings: fewer than head_dim
     }
     if args.head_dim * args.num_attention_heads != args.hidden_size:
         meta[f"{arch}.attention.key_length"] = args.head_dim
         meta[f"{arch}.attention.value_length"] = args.head_dim
+    if args.rope_type == "longrope":  # with rope_factors_long / _short (``rope_tensors``), as llama.cpp's phi3
+        meta[f"{arch}.rope.scaling.attn_factor"] = float(args.rope_attention_factor)
+        meta[f"{arch}.rope.scaling.original_context_length"] = int(args.rope_original_max_position_embeddings)
     if args.rope_type == "linear" or (args.rope_type == "default" and args.rope_scaling_factor != 1.0):
         meta[f"{arch}.rope.scaling.type"] = "linear"
         meta[f"{arch}.rope.scaling.factor"] = float(args.rope_scaling_factor)
     return meta
 
 
-def _has_rope_freqs(arch: str) -> bool:
-    """Whether llama.cpp's architecture ``arch`` reads a ``rope_freqs`` tensor (the gguf package's tables)."""
+def _has_tensor(arch: str, tensor: str) -> bool:
+    """Whether llama.cpp's architecture ``arch`` reads the tensor ``tensor`` (a ``gguf.MODEL_TENSOR`` member
+    name: ``ROPE_FREQS``, ``ROPE_FACTORS_LONG``), by the gguf package's tables."""
     gguf = _gguf()
     arch_id = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), None)
-    return arch_id is not None and gguf.MODEL_TENSOR.ROPE_FREQS in gguf.MODEL_TENSORS.get(arch_id, ())
+    return arch_id is not None and getattr(gguf.MODEL_TENSOR, tensor) in gguf.MODEL_TENSORS.get(arch_id, ())
 
 
 def rope_freqs(args) -> np.ndarray:
@@ -104,6 +108,19 @@ def rope_freqs(args) -> np.ndarray:
     dims = args.head_dim
     plain = 1.0 / (args.rope_theta ** (np.arange(0, dims, 2, dtype=np.float64) / dims))  # (D/2,)
     return (plain / np.array(llama3_inv_freq(args), dtype=np.float64)).astype(np.float32)
+
+
+def rope_tensors(args) -> dict[str, np.ndarray]:
+    """The RoPE tensors llama.cpp reads beside the weights, float32 by its names: ``rope_freqs.weight`` for
+    llama3 scaling, ``rope_factors_long.weight`` and ``rope_factors_short.weight`` (rotated dimensions / 2
+    each: the per-frequency divisors, llama.cpp picking one set by the context length as transformers does by
+    the sequence's) for longrope; none otherwise."""
+    if args.rope_type == "llama3":
+        return {"rope_freqs.weight": rope_freqs(args)}
+    if args.rope_type == "longrope":
+        return {"rope_factors_long.weight": np.array(args.rope_long_factor, dtype=np.float32),
+                "rope_factors_short.weight": np.array(args.rope_short_factor, dtype=np.float32)}
+    return {}
 
 
 def _add_metadata(writer, meta: dict[str, Any]) -> None:
@@ -187,7 +204,7 @@ def export_gguf(model_path: Union[str, Path], out: Union[str, Path, Output], fil
     _, tensors = model_tensors(model_path)
     if args.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
-    extra = {"rope_freqs.weight": rope_freqs(args)} if args.rope_type == "llama3" else {}  # llama.cpp's names
+    extra = rope_tensors(args)
 
     ggml_file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                       "f32": gguf.LlamaFileType.ALL_F32}[file_type]

@@ -27,6 +27,8 @@ import importlib.util
 import os
 import platform
 import time
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -115,7 +117,14 @@ def load_gguf(path: str):
     return args, weights, types, tokenizer
 
 
-def eval_text() -> str:
+def eval_text(kind: str = "docs") -> str:
+    """The held-out text: ``docs``, Python's own documentation topics (the tables' text), or ``dolly``, the
+    shipped sample's records from the 257th on (the calibrated rows use the first 256: other text)."""
+    if kind == "dolly":
+        import json
+
+        rows = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "data" / "sample" / "dolly_sample.jsonl").read_text().splitlines()]
+        return "\n\n".join(f"{r['instruction']}\n{r.get('context', '')}\n{r['response']}" for r in rows[256:])
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
@@ -250,19 +259,21 @@ def calibration_sequences(tokenizer, n_examples: int, max_tokens: int) -> list[n
     return [np.array(tokenizer.encode(t).ids[:max_tokens], dtype=np.int32) for t in texts]
 
 
-def rounding_table(gguf_path: str, n_tokens: int, seq_len: int, calibration_examples: int) -> dict:
+def rounding_table(gguf_path: str, n_tokens: int, seq_len: int, calibration_examples: int,
+                   methods: Optional[set[str]] = None, text: str = "docs") -> dict:
     """Per-row and group 64 x {nearest, search, calibrated}, and NF4 block 64: projection weight and output
     errors (mean over the 210 matrices, inputs from the first evaluation sequence), logits error, KL, top-1
     agreement and perplexity of the whole model with all seven projections of every layer replaced."""
     from nf4 import nf4_roundtrip
 
     from mlx_qlora.calibration import calibrated_quantization
+    from mlx_qlora.convert import input_norm_name
 
     args, weights, _, tokenizer = load_gguf(gguf_path)
     model = MistralForCausalLM(args)
     model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
     model.eval()
-    ids = tokenizer.encode(eval_text()).ids[: n_tokens]
+    ids = tokenizer.encode(eval_text(text)).ids[: n_tokens]
     n_seq = len(ids) // seq_len
     tokens = np.array(ids[: n_seq * seq_len], dtype=np.int32).reshape(n_seq, seq_len)
     recorders = [(path, Recorder(module)) for path, _, _, module in decoder_projections(model)]
@@ -277,6 +288,8 @@ def rounding_table(gguf_path: str, n_tokens: int, seq_len: int, calibration_exam
 
     rows = []
     for label, group_size, method in ROUNDING_METHODS:
+        if methods and method not in methods:
+            continue
         start = time.perf_counter()
         if method == "nf4":
             restored = {n: nf4_roundtrip(weights[n], group_size) for n in names}
@@ -285,7 +298,10 @@ def rounding_table(gguf_path: str, n_tokens: int, seq_len: int, calibration_exam
                 triples = calibrated_quantization(lambda name: mx.array(weights[name]), args, sequences, 4, group_size,
                                                   mx.float16, rounding="search", progress=False)
             else:
-                triples = {n: quantize(mx.array(weights[n]), 4, group_size, dtype=mx.float16, rounding=method)
+                # as convert_weights.py: a per-row search weighs the columns by the norm the projection reads
+                norm = {n: input_norm_name(n, weights) for n in names}
+                triples = {n: quantize(mx.array(weights[n]), 4, group_size, dtype=mx.float16, rounding=method,
+                                       column_weights=None if norm[n] is None else mx.array(weights[norm[n]]))
                            for n in names}
             restored = {n: np.array(dequantize(*triples[n], 4, group_size, dtype=mx.float32)) for n in names}
         seconds = time.perf_counter() - start
@@ -399,6 +415,10 @@ def main() -> None:
                         help="compute dtype for --speed (default: float32 on CPU, bfloat16 on GPU)")
     parser.add_argument("--rounding", action="store_true",
                         help="only the rounding table: per-row / group 64 x nearest / search / calibrated, and NF4")
+    parser.add_argument("--methods", help="with --rounding: only these methods, comma-separated "
+                        "(nearest, search, calibrated, nf4; default all)")
+    parser.add_argument("--text", default="docs", choices=("docs", "dolly"),
+                        help="with --rounding: the held-out text (default: Python's documentation)")
     parser.add_argument("--conversion-time", action="store_true",
                         help="only time each method on one 7B-shaped matrix and extrapolate to the 7B model")
     parser.add_argument("--calibration-examples", type=int, default=256,
@@ -413,7 +433,9 @@ def main() -> None:
     elif args.rounding:
         print(f"\n{'layout':<13} {'method':<11} {'W err':>8} {'out err':>8} {'logits':>8} {'KL':>8} {'top-1':>7} "
               f"{'ppl':>8} {'change':>8} {'seconds':>7}")
-        report["rounding"] = rounding_table(find_gguf(args.gguf), args.tokens, args.seq_len, args.calibration_examples)
+        methods = set(args.methods.split(",")) if args.methods else None
+        report["rounding"] = rounding_table(find_gguf(args.gguf), args.tokens, args.seq_len, args.calibration_examples,
+                                            methods, args.text)
         print(f"reference perplexity {report['rounding']['reference_perplexity']:.3f} on "
               f"{report['rounding']['eval_tokens']} tokens; calibration: {report['rounding']['calibration_examples']} "
               f"records, {report['rounding']['calibration_tokens']} tokens")

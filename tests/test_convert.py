@@ -97,19 +97,44 @@ def test_searched_rounding_round_trip(tiny_hf_checkpoint, tmp_path, monkeypatch,
                        progress=False)
     assert json.loads((out / "mlx_qlora.json").read_text())["converted"]["rounding"] == "search"
     original, written = _read_with_safetensors(tiny_hf_checkpoint), _read_with_safetensors(out)
+    weighed = 0
     for key, value in original.items():
         if QUANTIZED_KEY.match(key):
-            wq, scales, biases = quantize(mx.array(value), 4, group_size, dtype=mx.float16, rounding="search")
+            # per row, q/k/v and gate/up weigh their columns by the norm they read (o_proj, down_proj: none)
+            norm = convert_mod.input_norm_name(key, original) if group_size is None else None
+            weighed += norm is not None
+            wq, scales, biases = quantize(mx.array(value), 4, group_size, dtype=mx.float16, rounding="search",
+                                          column_weights=None if norm is None else mx.array(original[norm]))
             stem = key[: -len("weight")]
             assert np.array_equal(written[key].astype(np.uint64), np.array(wq).astype(np.uint64))
             assert np.array_equal(written[stem + "scales"], np.array(scales))
             assert np.array_equal(written[stem + "biases"], np.array(biases))
+    assert weighed == (5 * 2 if group_size is None else 0)  # two layers
     layer = load_model(out).model.layers[1].mlp.down_proj  # loads as any 4-bit folder
     reference = QuantizedLinear.from_linear(load_model(tiny_hf_checkpoint).model.layers[1].mlp.down_proj,
                                             group_size=group_size, dtype=mx.float16, rounding="search")
     assert mx.array_equal(layer.dequantize(mx.float32), reference.dequantize(mx.float32))
     with pytest.raises(UserError, match="rounding"):
         convert_checkpoint(tiny_hf_checkpoint, tmp_path / "bad", rounding="magic", progress=False)
+
+
+def test_input_norm_names():
+    """Which norm each projection reads: q/k/v (Phi-3's qkv_proj) input_layernorm; gate/up (gate_up_proj)
+    Gemma's pre_feedforward_layernorm where it exists, else post_attention_layernorm; o/down none; any
+    prefix (a multimodal checkpoint's language model)."""
+    layer = "model.layers.3"
+    plain = {f"{layer}.input_layernorm.weight", f"{layer}.post_attention_layernorm.weight"}
+    gemma = plain | {f"{layer}.pre_feedforward_layernorm.weight"}
+    name = convert_mod.input_norm_name
+    assert name(f"{layer}.self_attn.k_proj.weight", plain) == f"{layer}.input_layernorm.weight"
+    assert name(f"{layer}.self_attn.qkv_proj.weight", plain) == f"{layer}.input_layernorm.weight"
+    assert name(f"{layer}.mlp.gate_up_proj.weight", plain) == f"{layer}.post_attention_layernorm.weight"
+    assert name(f"{layer}.mlp.up_proj.weight", gemma) == f"{layer}.pre_feedforward_layernorm.weight"
+    assert name(f"{layer}.self_attn.o_proj.weight", plain) is None
+    assert name(f"{layer}.mlp.down_proj.weight", plain) is None
+    assert name(f"{layer}.mlp.gate_proj.weight", set()) is None  # no norm in the checkpoint: unweighed
+    lm = "language_model.model.layers.0"
+    assert name(f"{lm}.self_attn.q_proj.weight", {f"{lm}.input_layernorm.weight"}) == f"{lm}.input_layernorm.weight"
 
 
 def test_group_size_and_float16(tiny_hf_checkpoint, tmp_path):

@@ -426,8 +426,10 @@ def convert_checkpoint(
     try:
         with output.atomic_dir() as tmp:
             read_bytes = input_bytes - sum(d["bytes"] for d in dropped.values())
+            norms = (input_norms(plan, args.norm_weight_offset)
+                     if quantize and rounding == "search" and group_size is None else None)
             names = _write_shards(tmp, plan, shard_bytes, bits, group_size, out_dtype, read_bytes, progress,
-                                  rounding, precomputed, loftq_rank, loftq)
+                                  rounding, precomputed, loftq_rank, loftq, norms)
             if loftq:
                 save_adapters(tmp / LOFTQ_DIR, loftq, LoRAConfig(rank=loftq_rank, alpha=float(loftq_rank)),
                               str(source))
@@ -459,12 +461,14 @@ def convert_checkpoint(
 def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: int, group_size: Optional[int],
                   dtype: mx.Dtype, input_bytes: int, progress: bool, rounding: str = "nearest",
                   precomputed: Optional[dict[str, tuple[mx.array, mx.array, mx.array]]] = None,
-                  loftq_rank: Optional[int] = None, loftq: Optional[dict[str, mx.array]] = None) -> list[str]:
+                  loftq_rank: Optional[int] = None, loftq: Optional[dict[str, mx.array]] = None,
+                  norms: Optional[dict[str, mx.array]] = None) -> list[str]:
     """Read, convert and append every planned tensor to its shard file, one tensor in memory at a time;
     return the shard names.
 
     ``precomputed`` holds quantized weights made already (calibration), written as they are; with
-    ``loftq_rank`` each weight is quantized by LoftQ and its factors are added to ``loftq``.
+    ``loftq_rank`` each weight is quantized by LoftQ and its factors are added to ``loftq``. ``norms``: the
+    input norm's weight of each projection that reads one (``input_norms``), for the per-row search.
     The shards keep the plan's order (``natural_order=False``): a quantized weight is read before its
     scales and biases, which are made with it. Every shard is named ``model-0000i-of-0000n`` and indexed,
     even a single one.
@@ -499,7 +503,8 @@ def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: in
                         loftq[stem + ".lora_A"], loftq[stem + ".lora_B"] = mx.array(a), mx.array(b)
                         chunks = _precomputed_chunks(triple, tensor.name, pending)
                     elif tensor.kind == "weight":
-                        chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending, rounding)
+                        chunks = _quantized_chunks(source, bits, group_size, dtype, tensor.name, pending, rounding,
+                                                   (norms or {}).get(tensor.source))
                     else:
                         chunks = _cast_chunks(source, tensor.dtype)
                     del source
@@ -513,6 +518,44 @@ def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: in
     finally:
         bar.close()
         loaded.clear()
+
+
+# projections that read an RMSNorm's output, and the norms they may read (the first that exists)
+NORM_READERS = {"self_attn": (("q_proj", "k_proj", "v_proj", "qkv_proj"), ("input_layernorm",)),
+                "mlp": (("gate_proj", "up_proj", "gate_up_proj"), ("pre_feedforward_layernorm",
+                                                                   "post_attention_layernorm"))}
+
+
+def input_norm_name(weight: str, names) -> Optional[str]:
+    """The checkpoint name of the RMSNorm whose output the projection ``weight`` reads, among ``names``:
+    attention's q/k/v (Phi-3's qkv_proj) read ``input_layernorm``, the MLP's gate/up (gate_up_proj) read
+    ``pre_feedforward_layernorm`` (Gemma 2/3) or else ``post_attention_layernorm``; None for o_proj and
+    down_proj (their inputs come from no norm) and anything else."""
+    for block, (readers, norms) in NORM_READERS.items():
+        prefix, marker, rest = weight.rpartition(f".{block}.")
+        if marker and rest.split(".")[0] in readers:
+            return next((f"{prefix}.{norm}.weight" for norm in norms if f"{prefix}.{norm}.weight" in names), None)
+    return None
+
+
+def input_norms(plan: list[_Tensor], offset: float = 0.0) -> dict[str, mx.array]:
+    """For the per-row search: each quantized projection's input norm weight (``offset + w``: Gemma's
+    norms store ``w`` and compute with ``1 + w``), by the projection's source name; small vectors, read
+    once before the shards are written."""
+    sources = {t.source: t for t in plan}
+    wanted = {t.source: input_norm_name(t.source, sources) for t in plan if t.kind == "weight"}
+    by_file: dict[Path, set[str]] = {}
+    for norm in filter(None, wanted.values()):
+        by_file.setdefault(sources[norm].file, set()).add(norm)
+    values: dict[str, mx.array] = {}
+    for file, norms in by_file.items():
+        try:
+            lazy = mx.load(str(file))
+        except RuntimeError as e:  # changed since its header was read
+            raise UserError(f"{file}: cannot be read as safetensors ({e})") from None
+        for norm in norms:
+            values[norm] = _evaluated(lazy[norm].astype(mx.float32) + offset)
+    return {weight: values[norm] for weight, norm in wanted.items() if norm is not None}
 
 
 def _evaluated(value: mx.array) -> mx.array:
@@ -530,11 +573,13 @@ def _cast_chunks(source: mx.array, dtype: mx.Dtype):
 
 
 def _quantized_chunks(source: mx.array, bits: int, group_size: Optional[int], dtype: mx.Dtype, name: str,
-                      pending: dict[str, mx.array], rounding: str = "nearest"):
+                      pending: dict[str, mx.array], rounding: str = "nearest",
+                      column_weights: Optional[mx.array] = None):
     """Yield the packed words of ``source`` block of rows by block; leave its scales/biases in ``pending``."""
     scales, biases = [], []
     for start, stop in _row_chunks(source):
-        wq, s, b = quantize(source[start:stop], bits, group_size, dtype=dtype, rounding=rounding)
+        wq, s, b = quantize(source[start:stop], bits, group_size, dtype=dtype, rounding=rounding,
+                            column_weights=column_weights)
         mx.eval(wq, s, b)
         scales.append(s)
         biases.append(b)

@@ -49,6 +49,36 @@ def test_search_never_worse_than_nearest_per_group(bits, group_size, dtype):
     assert np.array_equal(np.array(dequantize(*searched, bits, group_size, dtype=mx.float32))[5], np.full(256, -0.5, np.float32))
 
 
+def test_column_weights_steer_the_per_row_search():
+    """Per row with a norm's weights: the search's objective (importance x |gamma|**0.5 per column) is never
+    above min/max's for any row, and the columns with a large gamma end with a lower squared error than
+    the same search without column weights gives them (the search traded error towards the others)."""
+    from mlx_qlora.quant.rounding import column_importance
+
+    w = _weights()
+    rng = np.random.default_rng(3)
+    gamma = np.where(rng.random(256) < 0.1, 8.0, 0.2).astype(np.float32)
+    col = column_importance(mx.array(gamma))
+    assert col.shape == (256,) and abs(float(mx.mean(col)) - 1) < 1e-6
+    groups = mx.array(w).reshape(64, 1, 256)
+    weights = importance(groups, per_row=True) * col.reshape(1, 1, -1)
+    near = quantize(mx.array(w), 4, None, dtype=mx.float16)
+    steered = quantize(mx.array(w), 4, None, dtype=mx.float16, rounding="search", column_weights=mx.array(gamma))
+    plain = quantize(mx.array(w), 4, None, dtype=mx.float16, rounding="search")
+
+    def errors(triple):
+        d = np.array(dequantize(*triple, 4, None, dtype=mx.float32)) - w  # (64, 256)
+        return np.array(mx.sum(weights.reshape(64, 256) * mx.array(d * d), axis=-1)), d
+
+    (e_near, _), (e_steered, d_steered), (_, d_plain) = errors(near), errors(steered), errors(plain)
+    assert np.all(e_steered <= e_near * (1 + 1e-6) + 1e-30)
+    heavy = gamma > 1
+    assert (d_steered[:, heavy] ** 2).sum() < (d_plain[:, heavy] ** 2).sum()
+    grouped = quantize(mx.array(w), 4, 64, dtype=mx.float16, rounding="search", column_weights=mx.array(gamma))
+    assert all(mx.array_equal(a, b) for a, b in zip(grouped, quantize(mx.array(w), 4, 64, dtype=mx.float16,
+                                                                       rounding="search")))  # groups: not used
+
+
 def test_search_codes_are_nearest_for_the_stored_range():
     """The stored integers are the nearest ones for the stored scale and bias (what loading assumes)."""
     w = _weights(seed=2)

@@ -59,13 +59,16 @@ def quantize(
     group_size: Optional[int] = None,
     dtype: Optional[mx.Dtype] = None,
     rounding: str = "nearest",
+    column_weights: Optional[mx.array] = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Quantize ``w`` (out, in) to ``bits`` bits with an affine scale and bias per row or per group.
 
     Returns ``wq`` uint32 (out, in * bits / 32), ``scales`` and ``biases`` (out, n_groups) in ``dtype``
     (default: ``w``'s dtype). ``rounding`` chooses each group's range (``rounding.py``): ``nearest`` is
-    the group's min/max, ``search`` a range searched for a lower error. The statistics are computed in
-    float32; the integers are chosen against the rounded scales and biases that will actually be stored.
+    the group's min/max, ``search`` a range searched for a lower error (per row: each input column
+    weighed by ``column_weights`` (in,), the weight of the norm the layer reads, where given). The
+    statistics are computed in float32; the integers are chosen against the rounded scales and biases that
+    will actually be stored.
     """
     if w.ndim != 2:
         raise ValueError(f"quantize expects a 2-D weight (out, in), got shape {tuple(w.shape)}")
@@ -74,7 +77,8 @@ def quantize(
     dtype = dtype or w.dtype
 
     groups = w.astype(mx.float32).reshape(out_features, n_groups, -1)  # (out, n_groups, group)
-    scales, biases = choose_ranges(groups, bits, dtype, rounding, per_row=group_size is None)  # (out, n_groups, 1)
+    scales, biases = choose_ranges(groups, bits, dtype, rounding, per_row=group_size is None,
+                                   column_weights=column_weights)  # (out, n_groups, 1)
     q = codes(groups, scales, biases, bits)
     return pack(q.reshape(out_features, in_features), bits), scales.squeeze(-1), biases.squeeze(-1)
 

@@ -323,6 +323,8 @@ def convert_checkpoint(
     calibration_examples: int = ConvertConfig.calibration_examples,
     calibration_max_tokens: int = ConvertConfig.calibration_max_tokens,
     loftq_rank: Optional[int] = None,
+    *,
+    source_name: Optional[str] = None,
 ) -> ConvertResult:
     """Convert a Hugging Face checkpoint of a supported family (folder, hub repo id, or a llama.cpp ``.gguf`` file)
     to an MLX checkpoint folder.
@@ -340,7 +342,9 @@ def convert_checkpoint(
     ``calibration_examples`` of its sequences (``calibration.py``), layer by layer before the shards are
     written, with ranges chosen by ``rounding``. With ``loftq_rank`` each projection is quantized by LoftQ's
     alternation (``lora/loftq.py``) and the rank-r factors of its remaining error are written as a PEFT
-    adapter folder ``loftq/`` in the output, which ``finetune.py --lora-init loftq`` starts from. ``mlx_path`` is claimed first (``outputs.claim_output``): a model folder
+    adapter folder ``loftq/`` in the output, which ``finetune.py --lora-init loftq`` starts from (its
+    ``base_model_name_or_path``: ``source_name``, default the checkpoint given; a GGUF file's own path, not
+    the temporary folder it is read through). ``mlx_path`` is claimed first (``outputs.claim_output``): a model folder
     of ours there is replaced only with ``overwrite``, anything else is refused; a caller that claimed it
     already passes the ``Output``.
     """
@@ -355,7 +359,7 @@ def convert_checkpoint(
             hf = gguf_to_hf(hf_path_or_repo, tmp / "hf", progress=progress).out
             result = convert_checkpoint(hf, output, bits, group_size, dtype, quantize, shard_bytes, verify,
                                         overwrite, progress, rounding, calibration_data, calibration_examples,
-                                        calibration_max_tokens, loftq_rank)
+                                        calibration_max_tokens, loftq_rank, source_name=str(hf_path_or_repo))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         result.source = Path(hf_path_or_repo)
@@ -432,7 +436,7 @@ def convert_checkpoint(
                                   rounding, precomputed, loftq_rank, loftq, norms)
             if loftq:
                 save_adapters(tmp / LOFTQ_DIR, loftq, LoRAConfig(rank=loftq_rank, alpha=float(loftq_rank)),
-                              str(source))
+                              source_name or str(source))
             out_config = dict(config)
             for key in ("torch_dtype", "dtype"):
                 if key in out_config:

@@ -214,6 +214,18 @@ def test_convert_weights_reads_a_gguf_path(llama_dir, exported, tmp_path):
                                atol=1e-5)
 
 
+def test_loftq_adapters_of_a_gguf_name_the_gguf(exported, tmp_path):
+    """LoftQ from a GGUF file: the adapters' base model is the file the user gave, not the temporary
+    folder it was read through (removed after the conversion)."""
+    import json
+
+    from mlx_qlora.convert import convert_checkpoint
+
+    convert_checkpoint(exported["f32"], tmp_path / "conv", loftq_rank=2, dtype="float32", progress=False)
+    config = json.loads((tmp_path / "conv" / "loftq" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(exported["f32"])
+
+
 def test_merge_adapters_writes_a_gguf(llama_dir, tmp_path):
     from support import write_adapters
 

@@ -11,10 +11,11 @@ fragments (a header, a kernel body, a piece a body is assembled from); the Pytho
 modules put them together and hand them to ``mx.fast.cuda_kernel``. The files are package data
 (``pyproject.toml``), read through ``importlib.resources``, so an installed wheel carries them.
 
-``cuda_kernel`` builds every kernel of the package: MLX keeps what NVRTC compiled in a cache on disk
-(``MLX_PTX_CACHE_DIR``, by default ``<temp dir>/mlx/<version>/ptx``) under the kernel's name, so a name
-that is the same in every process and changes with the text lets a new process load its kernels instead
-of compiling them again (seconds each), and never load another text's.
+``cuda_kernel`` builds every kernel of the package under a name that is the same in every process and
+changes with the text. MLX 0.32.4 keeps its own JIT kernels in a cache on disk (``<temp dir>/mlx/<version>/ptx``)
+but not ``mx.fast.cuda_kernel``'s: each process compiles ours with NVRTC when it first launches them
+(measured on an H100: 15-20 s before a fresh ``generate.py`` decodes at speed, ``benchmarks/RESULTS.md``).
+The stable names are what a cache keyed by name needs, and never let one text's kernel stand for another's.
 """
 
 from __future__ import annotations

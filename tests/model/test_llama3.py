@@ -267,6 +267,43 @@ def test_gguf_export_writes_llama3_rope_as_rope_freqs(checkpoints, name, tiny_sp
     assert freqs.min() == pytest.approx(1.0) and freqs.max() == pytest.approx(CONFIGS[name]["rope_scaling"]["factor"])
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gguf_of_llama3_reads_back(checkpoints, name, tiny_spm_path, tmp_path):
+    """convert_weights.py's GGUF import recovers the scaling from rope_freqs: the same factor, original
+    length and band edges as the checkpoint's config (low_freq_factor 1, as written), and logits equal to
+    transformers' on the original checkpoint (float32, 1e-4) at positions past the original length; a
+    rope_freqs that follows no llama3 scaling is refused with one line."""
+    gguf = pytest.importorskip("gguf")
+    from mlx_qlora.gguf.reader import gguf_to_hf, llama3_scaling
+    from mlx_qlora.gguf.writer import export_gguf
+
+    src = shutil.copytree(checkpoints[name], tmp_path / "model")
+    shutil.copy(tiny_spm_path, src / "tokenizer.model")
+    export_gguf(src, tmp_path / "m.gguf", "f32")
+    info = gguf_to_hf(tmp_path / "m.gguf", tmp_path / "back")
+    got = info.config["rope_scaling"]  # head_dim 16 smooths one frequency: edges not identifiable, the model is
+    assert got["rope_type"] == "llama3" and got["factor"] == CONFIGS[name]["rope_scaling"]["factor"]
+    ids = np.random.default_rng(5).integers(3, 320, size=(1, 48))  # past the original length (32)
+    ref = hf_reference(src)
+    import torch
+
+    with torch.no_grad():
+        expected = ref(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.array(load_model(tmp_path / "back")(mx.array(ids))), expected, atol=ATOL)
+    # Llama 3.1 8B's own shape and scaling (head_dim 128, theta 5e5): the parameters come back exactly
+    from types import SimpleNamespace
+
+    from mlx_qlora.gguf.writer import rope_freqs
+
+    real = SimpleNamespace(head_dim=128, rope_theta=500000.0, rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                           rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192)
+    assert llama3_scaling(rope_freqs(real), 500000.0, 128, "x.gguf") == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+    with pytest.raises(UserError, match=r"x\.gguf: rope_freqs\.weight does not follow Llama 3\.1"):
+        llama3_scaling(np.array([1.0, 3.0, 1.5, 8.0, 2.0, 8.0, 8.0, 8.0], np.float32), 10000.0, 16, "x.gguf")
+
+
 def test_merge_with_gguf_of_llama3(checkpoints, tiny_spm_path, tmp_path):
     """merge_adapters --gguf on a Llama 3.1 checkpoint: the merged folder keeps llama3 scaling and the GGUF
     carries it as rope_freqs (the same values as a direct export of the merged folder)."""

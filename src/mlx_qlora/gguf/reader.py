@@ -84,9 +84,11 @@ def _float(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict[str, Any]:
+def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str],
+              rope_freqs: Optional[np.ndarray] = None) -> dict[str, Any]:
     """The Hugging Face ``config.json`` for a GGUF's metadata and tensor names (tied embeddings when the
-    file has no ``output.weight``)."""
+    file has no ``output.weight``); ``rope_freqs``: the values of a ``rope_freqs.weight`` tensor, read back
+    as Llama 3.1's scaling (``llama3_scaling``)."""
     arch = meta.get("general.architecture")
     family = gguf_family(arch)
     if family is not None:
@@ -121,7 +123,10 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
     elif scaling not in (None, "none"):
         raise UserError(f"{source}: {arch}.rope.scaling.type = {scaling!r} is not supported (supported: linear)")
     if "rope_freqs.weight" in tensor_names:
-        raise UserError(f"{source}: has rope_freqs.weight (Llama 3.1-style RoPE scaling), which is not supported")
+        if rope_freqs is None:
+            raise UserError(f"{source}: has rope_freqs.weight (Llama 3.1-style RoPE scaling), which is not supported")
+        theta = float(config.get("rope_theta", 10000.0))
+        config["rope_scaling"] = llama3_scaling(rope_freqs, theta, config["head_dim"], source)
     if "rope_factors_long.weight" in tensor_names:
         raise UserError(f"{source}: has rope_factors_long.weight (Phi-3 longrope scaling), which is not supported")
     if family.gguf_sliding_window and meta.get(f"{arch}.attention.sliding_window"):
@@ -135,6 +140,64 @@ def hf_config(meta: dict[str, Any], source: str, tensor_names: set[str]) -> dict
         value = meta.get(f"tokenizer.ggml.{name}_token_id")
         config[key] = int(value) if value is not None else None
     return config
+
+
+def llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int, source: str) -> dict[str, Any]:
+    """Llama 3.1's ``rope_scaling`` that gives llama.cpp's ``rope_freqs`` (head_dim/2 divisors of the plain
+    frequencies): ``factor`` the largest divisor; the frequencies between the kept (divisor 1) and the
+    divided ones satisfy ``1/f = 1/factor + s (1 - 1/factor)`` with ``s = (original / wavelength - low) /
+    (high - low)``, a line in 1/wavelength fitted to them. Only ``original/low`` and ``original/high``
+    change the frequencies, so ``low_freq_factor`` is taken as 1 (Llama 3.1's and 3.2's own value; then
+    ``original`` comes out as their 8192). The result is checked by recomputing the divisors (``UserError``
+    naming the file when they do not follow this scaling). With fewer than two smoothed frequencies (a
+    small head) the parameters are not identifiable: edges that give the same divisors are returned."""
+    from types import SimpleNamespace
+
+    from ..model.layers import llama3_inv_freq
+
+    f = np.asarray(freqs, dtype=np.float64).reshape(-1)
+    plain = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if f.shape != plain.shape or not np.all(np.isfinite(f)) or f.min() <= 0:
+        raise UserError(f"{source}: rope_freqs.weight has {f.size} values, expected {plain.size} positive ones")
+    wavelength = 2 * np.pi / plain
+    factor = float(f.max())
+    factor = round(factor, 3) if abs(factor - round(factor, 3)) < 1e-5 * factor else factor  # float32's 8.0000006
+    kept, divided = np.isclose(f, 1.0, rtol=1e-5), np.isclose(f, factor, rtol=1e-5)
+    medium = ~(kept | divided)
+    if factor > 1 and medium.sum() >= 2:
+        s = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
+        (a, b), *_ = np.linalg.lstsq(np.stack([1 / wavelength[medium], np.ones(int(medium.sum()))], 1), s, rcond=None)
+        high = 1 - 1 / b if b < 0 else float("nan")  # low = 1: high - low = -1 / b, original = a (high - low)
+        original = -a / b if b < 0 else float("nan")
+        candidates = [(original, high)]
+    else:  # not identifiable: any edges that reproduce the divisors describe the same model; try a range
+        long_edge = wavelength[divided].min() if divided.any() else wavelength.max() * 2
+        low_end = wavelength[medium].max() if medium.any() else (wavelength[kept].max() if kept.any() else
+                                                                  wavelength.min() / 2)
+        candidates = []  # original: a whole number of positions (as configs hold it), at most 256 tried
+        for original in np.unique(np.geomspace(np.floor(low_end) + 1, max(np.ceil(long_edge) - 1, np.floor(low_end) + 1),
+                                               256).round()):
+            if medium.any():  # its one divisor fixes high for this original
+                s = (1 / f[medium][0] - 1 / factor) / (1 - 1 / factor)
+                high = 1 + (original / wavelength[medium][0] - 1) / s if s > 0 else float("nan")
+            else:
+                high = original / (low_end * 1.0001) if kept.any() else 2.0
+            candidates.append((original, high))
+    for original, high in candidates:
+        if not (np.isfinite(original) and np.isfinite(high) and high > 1):
+            continue
+        original = int(round(original))  # configs hold a whole number; the check below judges it
+        if abs(high - round(high, 3)) < 1e-4 * high:
+            high = round(high, 3)
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                   "high_freq_factor": float(high), "original_max_position_embeddings": original}
+        args = SimpleNamespace(head_dim=head_dim, rope_theta=theta, rope_scaling_factor=scaling["factor"],
+                               rope_low_freq_factor=1.0, rope_high_freq_factor=scaling["high_freq_factor"],
+                               rope_original_max_position_embeddings=original)
+        if np.allclose(plain / np.array(llama3_inv_freq(args), dtype=np.float64), f, rtol=1e-4):
+            return scaling
+    raise UserError(f"{source}: rope_freqs.weight does not follow Llama 3.1's RoPE scaling, which is the only "
+                    f"one supported")
 
 
 def gguf_family(arch: Optional[str]):
@@ -250,7 +313,9 @@ def gguf_to_hf(path: Union[str, Path], out: Union[str, Path], dtype: str = "floa
     reader = open_gguf(path)
     meta = read_metadata(reader)
     source = str(path)
-    config = hf_config(meta, source, {t.name for t in reader.tensors})
+    by_gguf = {t.name: t for t in reader.tensors}
+    freqs = by_gguf.get("rope_freqs.weight")
+    config = hf_config(meta, source, set(by_gguf), None if freqs is None else np.asarray(freqs.data, np.float32))
     family = _family(config)
     plan = plan_tensors(reader, source, family)
     files = tokenizer_files(meta, source)

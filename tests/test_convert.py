@@ -372,3 +372,22 @@ def test_loftq_conversion_and_init(tiny_hf_checkpoint, tmp_path):
         init_from_loftq(apply_lora(load_model(out), rank=8), out)
     with pytest.raises(UserError, match="no LoftQ factors"):
         init_from_loftq(apply_lora(load_model(plain), rank=4), plain)
+
+
+def test_loftq_with_searched_rows_weighs_columns_as_the_plain_search(tiny_hf_checkpoint, tmp_path):
+    """--loftq-rank with --rounding search (per row): each quantization of LoftQ's alternation weighs the
+    columns by the input norm as the plain search does: the written q_proj is exactly loftq_quantize's with
+    the checkpoint's input_layernorm, and differs from the one without it."""
+    from mlx_qlora.lora.loftq import loftq_quantize
+
+    out = tmp_path / "loftq-search"
+    convert_checkpoint(tiny_hf_checkpoint, out, loftq_rank=4, rounding="search", dtype="float32", progress=False)
+    original, written = _read_with_safetensors(tiny_hf_checkpoint), _read_with_safetensors(out)
+    key = "model.layers.1.self_attn.q_proj.weight"
+    norm = mx.array(original["model.layers.1.input_layernorm.weight"])
+    with_norm = loftq_quantize(mx.array(original[key]), 4, 4, None, mx.float32, "search", column_weights=norm)[0]
+    without = loftq_quantize(mx.array(original[key]), 4, 4, None, mx.float32, "search")[0]
+    stem = key[: -len("weight")]
+    assert np.array_equal(written[stem + "scales"], np.array(with_norm[1]))
+    assert np.array_equal(written[key].astype(np.uint64), np.array(with_norm[0]).astype(np.uint64))
+    assert not np.array_equal(np.array(without[1]), np.array(with_norm[1]))

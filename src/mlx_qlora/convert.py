@@ -502,7 +502,8 @@ def _write_shards(out_dir: Path, plan: list[_Tensor], shard_bytes: int, bits: in
                     if tensor.kind == "weight" and precomputed is not None and tensor.source in precomputed:
                         chunks = _precomputed_chunks(precomputed.pop(tensor.source), tensor.name, pending)
                     elif tensor.kind == "weight" and loftq_rank:
-                        triple, a, b = loftq_quantize(source, loftq_rank, bits, group_size, dtype, rounding)
+                        triple, a, b = loftq_quantize(source, loftq_rank, bits, group_size, dtype, rounding,
+                                                      column_weights=(norms or {}).get(tensor.source))
                         stem = tensor.source[: -len(".weight")]
                         loftq[stem + ".lora_A"], loftq[stem + ".lora_B"] = mx.array(a), mx.array(b)
                         chunks = _precomputed_chunks(triple, tensor.name, pending)

@@ -48,9 +48,11 @@ def loftq_quantize(
     dtype: Optional[mx.Dtype] = None,
     rounding: str = "nearest",
     iters: int = LOFTQ_ITERS,
+    column_weights: Optional[mx.array] = None,
 ) -> tuple[tuple[mx.array, mx.array, mx.array], np.ndarray, np.ndarray]:
     """LoftQ's alternation on ``w`` (out, in): returns ``((wq, scales, biases), A (r, in), B (out, r))`` with
-    ``dequantize(wq, ...) + B @ A ~= w`` (float32 factors, unscaled)."""
+    ``dequantize(wq, ...) + B @ A ~= w`` (float32 factors, unscaled). ``column_weights``: as ``quantize``'s
+    (the input norm's weight, for a per-row search)."""
     if iters < 1:
         raise ValueError(f"iters: must be >= 1, got {iters}")
     if not 1 <= rank <= min(w.shape):
@@ -58,7 +60,8 @@ def loftq_quantize(
     weight = np.array(w.astype(mx.float32))
     residual = weight
     for i in range(iters):
-        triple = quantize(mx.array(residual), bits, group_size, dtype=dtype or w.dtype, rounding=rounding)
+        triple = quantize(mx.array(residual), bits, group_size, dtype=dtype or w.dtype, rounding=rounding,
+                          column_weights=column_weights)
         restored = np.array(dequantize(*triple, bits, group_size, dtype=mx.float32))
         b, a = low_rank(weight - restored, rank)
         if i + 1 < iters:

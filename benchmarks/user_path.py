@@ -17,8 +17,8 @@ convert / lora / generate``), timed by the wall clock from process start and rea
   turn of a chat (streamed output: the reply's tokens after its first / seconds from its first to its last
   byte).
 
-The model is a random Hugging Face folder (``transformers``' ``MistralConfig`` + ``save_pretrained``) of a
-preset's shape with the real Mistral v1 ``tokenizer.model`` (from ``mistral-common``), so vocab 32000 for
+The model is a random Hugging Face folder (``transformers``' ``MistralConfig``; weights drawn by MLX and written
+as safetensors shards: ``write_hf_folder``) of a preset's shape with the real Mistral v1 ``tokenizer.model`` (from ``mistral-common``), so vocab 32000 for
 every preset. Two data sets: the shipped sample (``data/sample/``) and generated longer records (200 to 1,000
 tokens, seeded; their length distribution is printed and recorded). The training command is the README's
 step 3 (a token budget per batch: ``--max-batch-tokens``) with ``--iters`` for ``--epochs 1`` (and
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -129,18 +130,56 @@ def first_byte_after(chunks: list[tuple[float, bytes]], offset: int) -> float | 
 
 # ---------------------------------------------------------------- inputs
 
+def hf_tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """The tensors of a Hugging Face Mistral checkpoint of ``cfg``'s shape (untied head), by name."""
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(cfg["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        shapes.update({f"{layer}.input_layernorm.weight": (hidden,), f"{layer}.post_attention_layernorm.weight": (hidden,),
+                       f"{layer}.self_attn.q_proj.weight": (q, hidden), f"{layer}.self_attn.k_proj.weight": (kv, hidden),
+                       f"{layer}.self_attn.v_proj.weight": (kv, hidden), f"{layer}.self_attn.o_proj.weight": (hidden, q),
+                       f"{layer}.mlp.gate_proj.weight": (inter, hidden), f"{layer}.mlp.up_proj.weight": (inter, hidden),
+                       f"{layer}.mlp.down_proj.weight": (hidden, inter)})
+    return shapes
+
+
 def write_hf_folder(cfg: dict, path: Path, seed: int = 0, tokenizer: Path | None = None) -> None:
     """A random Mistral checkpoint of ``cfg``'s shape in bfloat16, with the real Mistral v1 tokenizer
-    (``tokenizer``, default: the file in ``mistral-common``)."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    (``tokenizer``, default: the file in ``mistral-common``): ``config.json`` from transformers'
+    ``MistralConfig``, the weights drawn by MLX on its default device as transformers initialises them
+    (normal, std ``initializer_range`` 0.02; norms 1), in safetensors shards of 5 GB with their index (a
+    7B folder in seconds on a GPU, where building transformers' model took minutes)."""
+    import mlx.core as mx
+    from transformers import MistralConfig
 
-    torch.manual_seed(seed)
+    from mlx_qlora.io import write_safetensors_shards
+
     config = MistralConfig(**{k: v for k, v in cfg.items() if k != "model_type"}, bos_token_id=1, eos_token_id=2,
                            tie_word_embeddings=False)
-    with torch.device("cpu"):
-        model = MistralForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
+    config.architectures = ["MistralForCausalLM"]
+    config.save_pretrained(path)
+    meta = json.loads((path / "config.json").read_text())
+    meta.update(torch_dtype="bfloat16", dtype="bfloat16")
+    (path / "config.json").write_text(json.dumps(meta, indent=2))
+    shapes = hf_tensor_shapes(cfg)
+    index = {name: i for i, name in enumerate(shapes)}
+    std = config.initializer_range
+
+    def tensor(name: str) -> mx.array:
+        if name.endswith("norm.weight"):
+            return mx.ones(shapes[name], dtype=mx.bfloat16)
+        key = mx.random.key(seed * 1_000_003 + index[name])
+        return (std * mx.random.normal(shapes[name], key=key)).astype(mx.bfloat16)
+
+    def write_shard(file: Path, names: list[str]) -> None:
+        mx.save_safetensors(str(file), {name: tensor(name) for name in names}, metadata={"format": "pt"})
+
+    sizes = {name: 2 * math.prod(shape) for name, shape in shapes.items()}
+    write_safetensors_shards(path, sizes, 5 << 30, write_shard)
     if tokenizer is None:
         import mistral_common
 

@@ -76,14 +76,27 @@ class CompiledDecoder:
         self.fingerprint = _fingerprint(model)
         _prepare_decoding(model)
         self._compiled = mx.compile(self._forward)
+        self._compiled_rows = mx.compile(self._forward_rows)
 
     def _forward(self, tokens, offset, keys, values):
         caches = [StaticKVCache(k, v, offset) for k, v in zip(keys, values)]
         logits = self.model(tokens, cache=caches)[:, -1, :]  # (B, vocab)
         return logits, [c.keys for c in caches], [c.values for c in caches]
 
-    def step(self, state: DecodeState, tokens: mx.array) -> mx.array:
-        logits, state.keys, state.values = self._compiled(tokens, state.offset, state.keys, state.values)
+    def _forward_rows(self, tokens, offset, keys, values, position_ids, attention_mask):
+        caches = [StaticKVCache(k, v, offset) for k, v in zip(keys, values)]
+        logits = self.model(tokens, cache=caches, position_ids=position_ids, attention_mask=attention_mask)[:, -1, :]
+        return logits, [c.keys for c in caches], [c.values for c in caches]
+
+    def step(self, state: DecodeState, tokens: mx.array, position_ids: Optional[mx.array] = None,
+             attention_mask: Optional[mx.array] = None) -> mx.array:
+        """``position_ids`` (B, 1) and ``attention_mask`` (B, capacity) over the slots' positions (0 for a
+        row's left padding): rows of different prompt lengths (``generate_batch``), a graph of their own."""
+        if position_ids is None and attention_mask is None:
+            logits, state.keys, state.values = self._compiled(tokens, state.offset, state.keys, state.values)
+        else:
+            logits, state.keys, state.values = self._compiled_rows(tokens, state.offset, state.keys, state.values,
+                                                                   position_ids, attention_mask)
         state.offset = state.offset + 1
         return logits
 

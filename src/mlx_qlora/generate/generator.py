@@ -367,8 +367,12 @@ def generate_batch(
     seed: int = 0,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     eos_ids: Optional[set[int]] = None,
+    compiled: bool = True,
 ) -> list[GenerationResult]:
     """Generate for several prompts at once (left padding, attention mask, per-row positions).
+
+    ``compiled``: the decoding steps replay one compiled graph over static caches (``decode_step``), the
+    left padding as a mask over the slots; else each step runs operation by operation.
 
     Each row stops on its own (EOS, stop string, ``max_tokens`` or the context); the batch ends when every
     row has. Greedy results equal ``generate`` on each prompt alone. ``stats`` of every result are the
@@ -407,13 +411,28 @@ def generate_batch(
     streams = [TextStream(tokenizer, stop) for _ in prompts]
     reasons: list[Optional[str]] = [None] * B
     steps = max(row_max)
+    state = None
+    needed = ids_np.shape[1] + steps
+    widest = None if any(c.max_size is None for c in cache) else max(c.max_size for c in cache)
+    capacity = static_capacity(needed, widest)
+    # compiled where the static slots hold the whole padded prompt (a window narrower than the prompt
+    # decodes operation by operation: its ring would need the padding of positions it no longer holds)
+    if compiled and steps > 1 and capacity >= ids_np.shape[1]:
+        decoder = decoder_for(model)
+        state = DecodeState.from_caches(cache, needed, capacity)
+        slots = np.ones((B, state.capacity), dtype=np.int32)  # every slot to come is a real token
+        slots[:, : mask_np.shape[1]] = mask_np
+        slot_mask = mx.array(slots)  # (B, capacity), by slot position as the eager mask is
     for n in range(1, steps + 1):
         if n < steps:
             if use_seen:
                 seen = mark_seen(seen, token)
-            attention_mask = mx.concatenate([attention_mask, ones], axis=1)
-            logits = model(token[:, None], cache=cache, position_ids=next_position[:, None],
-                           attention_mask=attention_mask)[:, -1, :]
+            if state is not None:
+                logits = decoder.step(state, token[:, None], next_position[:, None], slot_mask)
+            else:
+                attention_mask = mx.concatenate([attention_mask, ones], axis=1)
+                logits = model(token[:, None], cache=cache, position_ids=next_position[:, None],
+                               attention_mask=attention_mask)[:, -1, :]
             next_position = next_position + 1
             next_token = sample(logits, sampler, None if sampler.greedy else keys.next(), seen)
             mx.async_eval(next_token)

@@ -35,7 +35,10 @@ def build_mask(
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, L, L)
         allowed = allowed & same[:, None]
     if attention_mask is not None:
-        valid = mx.take(attention_mask, key_positions, axis=1).astype(mx.bool_)  # (B, S)
+        # a static cache's empty slots (``EMPTY_SLOT``) and positions past the mask's length (a ring that
+        # wrapped) read its last column: causality hides the former, the latter are past any left padding
+        index = mx.minimum(key_positions, attention_mask.shape[1] - 1)
+        valid = mx.take(attention_mask, index, axis=1).astype(mx.bool_)  # (B, S)
         allowed = allowed & valid[:, None, None, :]
         # A padding query would otherwise see no key at all and produce NaNs that reach later layers.
         allowed = allowed | (k == q)[None, None]

@@ -230,8 +230,13 @@ def test_fused_decode_layer_with_adapters_equals_the_layer_by_layer_path(monkeyp
     model, state, tokens, eager = _quantized_model_and_eager_steps(steps=8, adapters=(targets, layers))
     taken = []
     stacks = fused_decode._stacks
+    def prepared(layer):  # q/k/v's and gate/up's from fused_decode.prepare, o's and down's the LoRA layers' own
+        qkv, gate_up = layer.__dict__["_decode_stacks"]
+        own = [p.__dict__.get("_decoding") for p in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+        return [qkv, own[0], gate_up, own[1]]
+
     monkeypatch.setattr(fused_decode, "_stacks", lambda layer, low, dtype: taken.append(
-        [s is p for s, p in zip(stacks(layer, low, dtype), layer.__dict__["_decode_stacks"])]) or stacks(layer, low, dtype))
+        [s is p for s, p in zip(stacks(layer, low, dtype), prepared(layer))]) or stacks(layer, low, dtype))
     fused = _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens)
     np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
     # the compiled decoder's stacks, prepared before tracing, were the ones used (none built per token)

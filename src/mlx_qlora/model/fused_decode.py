@@ -144,35 +144,33 @@ def _bases_and_updates(layer) -> tuple[tuple, list]:
     return (bases[0:3], *bases[3:]), [low_rank for _, low_rank in forms]
 
 
-GROUPS = (slice(0, 3), slice(3, 4), slice(4, 6), slice(6, 7))  # q/k/v, o, gate/up, down: one input each
+SHARED = (slice(0, 3), slice(4, 6))  # q/k/v and gate/up: several projections of one input, stacked here
 
 
 def prepare(layer, dtype: mx.Dtype) -> None:
-    """Stack and cast the layer's adapters for ``dtype`` now (evaluated), outside a traced graph;
+    """Stack and cast q/k/v's and gate/up's adapters for ``dtype`` now (evaluated), outside a traced graph;
     ``layer_step`` takes them while the layer still holds those adapter arrays (``Stacked.holds``) and
-    builds them inline otherwise. Nothing for a layer without adapters or off the fused path."""
+    builds them inline otherwise. (o_proj's and down_proj's are the LoRA layers' own, cast by their
+    ``prepare_decoding``.) Nothing for a layer without adapters or off the fused path."""
     forms = _structure_forms(layer)
     if forms is None:
         return
     low = [low_rank for _, low_rank in forms]
-    stacks = [Stacked.build(low[g], dtype) for g in GROUPS]
+    stacks = [Stacked.build(low[g], dtype) for g in SHARED]
     mx.eval([a for s in stacks if s is not None for a in s.arrays])
     layer.__dict__["_decode_stacks"] = stacks  # not a parameter: outside the module's tree
 
 
 def _stacks(layer, low: list, dtype: mx.Dtype) -> list[Optional[Stacked]]:
-    """The stacked updates of q/k/v, o, gate/up and down (None where none is adapted): ``prepare``'s
-    while they hold the current adapters, else built here."""
-    prepared = layer.__dict__.get("_decode_stacks")
-    stacks = []
-    for g, group in enumerate(GROUPS):
-        updates = low[group]
-        have = prepared[g] if prepared is not None else None
-        if have is not None and have.holds(updates, dtype):
-            stacks.append(have)
-        else:
-            stacks.append(Stacked.build(updates, dtype))
-    return stacks
+    """The stacked updates of q/k/v, o, gate/up and down (None where none is adapted): ``prepare``'s for
+    q/k/v and gate/up while they hold the current adapters (else built here), the LoRA layer's own
+    ``decoding_stack`` for o_proj and down_proj."""
+    prepared = layer.__dict__.get("_decode_stacks") or [None] * len(SHARED)
+    shared = [have if have is not None and have.holds(low[group], dtype) else Stacked.build(low[group], dtype)
+              for have, group in zip(prepared, SHARED)]
+    o, down = [None if low[i] is None else projection.decoding_stack(dtype)
+               for i, projection in ((3, layer.self_attn.o_proj), (6, layer.mlp.down_proj))]
+    return [shared[0], o, shared[1], down]
 
 
 def _plus(residual: mx.array, x: mx.array, stack: Optional[Stacked]) -> mx.array:

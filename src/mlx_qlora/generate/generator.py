@@ -267,9 +267,7 @@ def generate_stream(
     if compiled and max_tokens > 1:
         decoder = decoder_for(model)
         needed = len(prompt_ids) + max_tokens
-        # the widest layer's window decides (layers may differ: Qwen2's max_window_layers); narrower ones
-        # keep their own (DecodeState.from_caches)
-        widest = None if any(c.max_size is None for c in cache) else max(c.max_size for c in cache)
+        widest = _widest_window(cache)
         capacity = static_capacity(needed, widest)
         if prompt_cache is not None and prompt_cache.capacity:  # grow by doubling: few traced graphs
             capacity = max(capacity, prompt_cache.capacity)
@@ -357,6 +355,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return ids, mask, positions
 
 
+def _widest_window(cache) -> Optional[int]:
+    """The window that sizes static caches: the widest layer's (layers may differ: Qwen2's
+    max_window_layers; narrower ones keep their own, ``DecodeState.from_caches``), None if any has none."""
+    return None if any(c.max_size is None for c in cache) else max(c.max_size for c in cache)
+
+
 def generate_batch(
     model,
     tokenizer,
@@ -413,8 +417,7 @@ def generate_batch(
     steps = max(row_max)
     state = None
     needed = ids_np.shape[1] + steps
-    widest = None if any(c.max_size is None for c in cache) else max(c.max_size for c in cache)
-    capacity = static_capacity(needed, widest)
+    capacity = static_capacity(needed, _widest_window(cache))
     # compiled where the static slots hold the whole padded prompt (a window narrower than the prompt
     # decodes operation by operation: its ring would need the padding of positions it no longer holds)
     if compiled and steps > 1 and capacity >= ids_np.shape[1]:

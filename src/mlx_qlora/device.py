@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
 
@@ -16,3 +18,9 @@ def on_cuda() -> bool:
         return device_type() == "gpu" and mx.cuda.is_available()
     except AttributeError:  # an MLX without the mx.cuda namespace
         return False
+
+
+def cuda_toolkit() -> str:
+    """The CUDA toolkit folder MLX falls back on for its kernels' headers: ``$CUDA_HOME``, ``$CUDA_PATH`` or
+    ``/usr/local/cuda`` (``kernels/cuda/nvrtc.py`` looks there as MLX does)."""
+    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"

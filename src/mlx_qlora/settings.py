@@ -163,6 +163,12 @@ class KernelSettings:
                                         "holds; 0: the whole pass at once)", check=_non_negative,
                                         expect="an integer >= 0")
 
+    # Compiled CUDA kernels kept across processes (kernels/cuda/kernel_cache.py): MLX 0.32.4 keeps
+    # mx.fast.cuda_kernel's compilations in the process only.
+    kernel_cache: str = _setting("~/.cache/mlx-qlora/kernels", "MLX_QLORA_KERNEL_CACHE", SWITCH,
+                                 "folder where our CUDA kernels are kept once compiled, for every later process "
+                                 "(`kernels/cuda/kernel_cache.py`); `off`: each process compiles them again")
+
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)

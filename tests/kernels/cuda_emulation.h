@@ -18,6 +18,7 @@
 #include <vector>
 
 #define __device__
+#define __global__
 #define __forceinline__ inline
 #define __shared__ static
 

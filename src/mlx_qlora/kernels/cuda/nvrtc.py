@@ -106,7 +106,10 @@ def architecture() -> str:
     (as MLX compiles its own kernels)."""
     import mlx.core as mx
 
-    info = mx.device_info(mx.gpu)
+    try:
+        info = mx.device_info(mx.gpu)
+    except (RuntimeError, ValueError, TypeError):
+        info = {}
     major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
     if major is None or minor is None:
         major, minor = _capability_from_driver()

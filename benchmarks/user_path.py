@@ -455,8 +455,10 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
     # generation with the adapters of the sample run; each command twice: the first process compiles the
     # kernels it has not met before (kept on disk: MLX's own, and ours by kernels/cuda/kernel_cache.py), the
     # second is what a user sees from then on
+    # with adapters where the sample data's training ran (in this run, or in --work before)
+    trained = {"ours": work / "run-ours-sample", "mlx-lm": work / "adapters-mlx-lm-sample"}
     for stack in ([] if args.no_generate else stacks):
-        for adapter in (None, "sample"):
+        for adapter in (None, "sample") if trained[stack].exists() else (None,):
             if stack == "ours":
                 gen = lambda: our_generate(ours_model, work / f"run-ours-{adapter}" if adapter else None, args)  # noqa: E731
             else:
@@ -469,7 +471,7 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
             payload["generate"].append({"stack": stack, "adapter": bool(adapter), **row,
                                         "first_process_wall_s": first["wall_s"],
                                         "first_process_first_token_s": first["first_token_s"]})
-    if "ours" in stacks and not args.no_generate:  # twice too, the second reported
+    if "ours" in stacks and not args.no_generate and trained["ours"].exists():  # twice too, the second reported
         first = our_chat(ours_model, work / "run-ours-sample", args)
         row = our_chat(ours_model, work / "run-ours-sample", args)
         print(f"chat: turn 3 {row['turn3_decode_tokens_per_s']} tokens/s, wall {row['wall_s']:.2f} s (first process: "

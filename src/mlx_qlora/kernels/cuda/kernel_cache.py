@@ -16,7 +16,9 @@ shapes and dtypes, ``init_value``), it
 3. launches it with ``mx.fast.precompiled_cuda_kernel``.
 
 A process keeps every cubin it used in memory, keyed by the template and the dtypes, so the work above is
-done once per kernel and process. Where it cannot be done (the cache is ``off``, NVRTC is missing, or
+done once per kernel and process. The cache is off by default (``MLX_QLORA_KERNEL_CACHE=off``): its CPU tests
+check the text it compiles (run through ``tests/kernels/cuda_emulation.h``) and its bookkeeping, but it has
+not yet run on a GPU; set the variable to a folder to use it. Where it cannot be done (the cache is ``off``, NVRTC is missing, or
 NVRTC refuses a text here that MLX's own headers would take) the kernel is built by
 ``mx.fast.cuda_kernel`` as before, and one line on stderr says why (once per process).
 """

@@ -33,8 +33,7 @@ HERE = Path(__file__).resolve().parent
 CXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++)")
 
-_C_TYPES = {mx.uint32: "uint32_t", mx.int32: "int32_t", mx.float32: "float", mx.bfloat16: "__nv_bfloat16",
-            mx.uint8: "uint8_t"}
+_C_TYPES = kernel_cache.C_TYPES  # the C type of each dtype, as the compiled text declares it
 
 
 def _bytes(a: mx.array) -> bytes:

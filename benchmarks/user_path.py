@@ -452,17 +452,16 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
             print(f"trained: mlx-lm on {name}: {row['steady_tokens_per_s']:,.0f} tokens/s steady, "
                   f"{row['end_to_end_tokens_per_s']:,.0f} end to end", flush=True)
 
-    # generation with the adapters of the sample run; each command twice: the first process compiles the
-    # kernels it has not met before (kept on disk: MLX's own, and ours by kernels/cuda/kernel_cache.py), the
-    # second is what a user sees from then on
-    # with adapters where the sample data's training ran (in this run, or in --work before)
+    # generation without adapters, and with the sample run's where its training ran (in this run, or in --work
+    # before); each command twice: the first process compiles the kernels it has not met before (kept on
+    # disk: MLX's own, and ours by kernels/cuda/kernel_cache.py), the second is what a user sees from then on
     trained = {"ours": work / "run-ours-sample", "mlx-lm": work / "adapters-mlx-lm-sample"}
     for stack in ([] if args.no_generate else stacks):
-        for adapter in (None, "sample") if trained[stack].exists() else (None,):
+        for adapter in (None, trained[stack]) if trained[stack].exists() else (None,):
             if stack == "ours":
-                gen = lambda: our_generate(ours_model, work / f"run-ours-{adapter}" if adapter else None, args)  # noqa: E731
+                gen = lambda: our_generate(ours_model, adapter, args)  # noqa: E731
             else:
-                gen = lambda: mlx_lm_generate(peer_model, work / f"adapters-mlx-lm-{adapter}" if adapter else None, args)  # noqa: E731
+                gen = lambda: mlx_lm_generate(peer_model, adapter, args)  # noqa: E731
             first = gen()
             row = gen()
             print(f"generated: {stack}{' with adapter' if adapter else ''}: wall {row['wall_s']:.2f} s, first token "
@@ -472,8 +471,8 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
                                         "first_process_wall_s": first["wall_s"],
                                         "first_process_first_token_s": first["first_token_s"]})
     if "ours" in stacks and not args.no_generate and trained["ours"].exists():  # twice too, the second reported
-        first = our_chat(ours_model, work / "run-ours-sample", args)
-        row = our_chat(ours_model, work / "run-ours-sample", args)
+        first = our_chat(ours_model, trained["ours"], args)
+        row = our_chat(ours_model, trained["ours"], args)
         print(f"chat: turn 3 {row['turn3_decode_tokens_per_s']} tokens/s, wall {row['wall_s']:.2f} s (first process: "
               f"turn 3 {first['turn3_decode_tokens_per_s']}, wall {first['wall_s']:.2f} s)", flush=True)
         payload["chat"].append({"stack": "ours", **row, "first_process_wall_s": first["wall_s"],

@@ -35,6 +35,7 @@ import mlx.core as mx
 
 from ... import settings
 from . import nvrtc
+from .sources import digest
 
 # The C type of each dtype in a kernel's parameters and ``using`` lines (MLX's ``dtype_to_cuda_type``).
 C_TYPES = {mx.bool_: "bool", mx.int8: "int8_t", mx.int16: "int16_t", mx.int32: "int32_t", mx.int64: "int64_t",
@@ -112,7 +113,7 @@ def load_or_compile(directory: Path, kernel_name: str, text: str) -> bytes:
 
 
 class Kernel:
-    """One kernel of the package (see the module docstring); ``digest`` is ``sources.digest``."""
+    """One kernel of the package (see the module docstring)."""
 
     def __init__(self, name: str, input_names: Sequence[str], output_names: Sequence[str], source: str,
                  header: str = ""):
@@ -140,8 +141,6 @@ class Kernel:
             return self._built[key]
         built = None
         if self._precompilable and all(dt in C_TYPES for dt in (*input_dtypes, *output_dtypes)):
-            from .sources import digest
-
             try:
                 directory = folder()
                 if directory is not None:

@@ -18,7 +18,8 @@ from mlx_qlora.config import LoRAConfig
 from mlx_qlora.generate.decode_step import DecodeState, decoder_for
 from mlx_qlora.model import KVCache, build_mask, load_model
 from mlx_qlora.kernels.cuda import attention as attention_cuda
-from mlx_qlora.model.static_cache import EMPTY_SLOT, StaticKVCache, slot_positions, static_capacity
+from mlx_qlora.model.static_cache import (EMPTY_SLOT, StaticKVCache, grown_capacity, slot_positions,
+                                          static_capacity)
 from mlx_qlora.quant import QuantizedLinear, matmul
 from mlx_qlora.lora import apply_lora
 from mlx_qlora.kernels.cuda import qmv as qmv_cuda
@@ -97,6 +98,19 @@ def test_slot_positions_and_capacity():
     assert slot_positions(mx.array(1), 4).tolist() == [0, 1, EMPTY_SLOT, EMPTY_SLOT]
     assert static_capacity(300, None) == 512 and static_capacity(300, 4096) == 512
     assert static_capacity(5000, 4096) == 4096 and static_capacity(10, 16) == 16
+
+
+def test_a_conversation_doubles_its_capacity_instead_of_rounding_each_turn():
+    """Turns of about 320 positions each: 512, 1024, 1024, 2048 slots (three graphs for four turns, where
+    rounding each turn up to 256 gives four); a window caps the doubling; no previous turn: rounding."""
+    capacities, previous = [], 0
+    for needed in (320, 640, 960, 1280):
+        previous = grown_capacity(needed, None, previous)
+        capacities.append(previous)
+    assert capacities == [512, 1024, 1024, 2048]
+    assert [static_capacity(n, None) for n in (320, 640, 960, 1280)] == [512, 768, 1024, 1280]
+    assert grown_capacity(3000, 4096, 2048) == 4096 and grown_capacity(9000, 4096, 4096) == 4096
+    assert grown_capacity(3000, 3000, 2048) == 3000 and grown_capacity(100, None, 0) == 256
 
 
 def test_static_cache_refuses_a_capacity_that_loses_positions():

@@ -396,6 +396,24 @@ def test_prompt_cache_runs_only_new_tokens_and_equals_a_fresh_pass(compiled, win
         assert [s.token for s in run] == generate(model, None, on, max_tokens=5, eos_ids=set()).tokens
 
 
+def test_a_conversation_traces_its_decoding_graph_again_only_when_the_capacity_doubles():
+    """Prompts of 300, 600 and 800 tokens (no common prefix) in one ``PromptCache``: the compiled decoding
+    runs on 512, 1024 and again 1024 slots (``grown_capacity``), and each reply equals a fresh pass."""
+    from mlx_qlora.generate.generator import PromptCache
+    from support import tiny_model
+
+    model = tiny_model(seed=5, max_position_embeddings=1024, sliding_window=None)
+    model.eval()
+    rng = np.random.default_rng(3)
+    cache, capacities = PromptCache(), []
+    for length in (300, 600, 800):
+        ids = [1] + rng.integers(3, 320, size=length - 1).tolist()
+        run = list(generate_stream(model, None, ids, 4, eos_ids=set(), prompt_cache=cache))
+        assert [s.token for s in run] == generate(model, None, ids, max_tokens=4, eos_ids=set()).tokens
+        capacities.append(cache.capacity)
+    assert capacities == [512, 1024, 1024]
+
+
 def test_chat_session_keeps_the_conversation_cache(model_dir):
     """Turn two of a chat runs only the tokens the first turn did not feed, and replies as a new session
     given the same history does; /reset forgets the cache."""

@@ -23,7 +23,7 @@ import numpy as np
 from .. import settings
 from ..errors import UserError
 from ..model.cache import KVCache
-from ..model.static_cache import static_capacity
+from ..model.static_cache import grown_capacity, static_capacity
 from .decode_step import DecodeState, decoder_for
 from .sampling import KeyStream, SamplerConfig, mark_seen, sample, seen_mask
 
@@ -268,11 +268,7 @@ def generate_stream(
         decoder = decoder_for(model)
         needed = len(prompt_ids) + max_tokens
         widest = _widest_window(cache)
-        capacity = static_capacity(needed, widest)
-        if prompt_cache is not None and prompt_cache.capacity:  # grow by doubling: few traced graphs
-            capacity = max(capacity, prompt_cache.capacity)
-            while capacity < needed and capacity != widest:
-                capacity = min(capacity * 2, widest or capacity * 2)
+        capacity = grown_capacity(needed, widest, prompt_cache.capacity if prompt_cache is not None else 0)
         state = DecodeState.from_caches(cache, needed, capacity)
 
         def forward(tokens):

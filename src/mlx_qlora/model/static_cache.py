@@ -82,3 +82,16 @@ def static_capacity(positions_needed: int, window: Optional[int], step: int = 25
     nearby lengths share one compiled graph), and never more than the sliding window."""
     capacity = ((positions_needed + step - 1) // step) * step
     return capacity if window is None else min(capacity, window)
+
+
+def grown_capacity(positions_needed: int, window: Optional[int], previous: int = 0, step: int = 256) -> int:
+    """Slots for the next turn of a conversation whose last compiled decoding had ``previous`` slots (0: none
+    yet, then ``static_capacity``): kept while it holds the positions, else doubled until it does (never past
+    the window). Each capacity is one traced graph and its own kernel builds, so turns that each add a few
+    hundred positions trace a new graph every other doubling, not every turn."""
+    if not previous:
+        return static_capacity(positions_needed, window, step)
+    capacity = previous
+    while capacity < positions_needed and capacity != window:
+        capacity = capacity * 2 if window is None else min(capacity * 2, window)
+    return capacity

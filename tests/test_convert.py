@@ -391,3 +391,54 @@ def test_loftq_with_searched_rows_weighs_columns_as_the_plain_search(tiny_hf_che
     assert np.array_equal(written[stem + "scales"], np.array(with_norm[1]))
     assert np.array_equal(written[key].astype(np.uint64), np.array(with_norm[0]).astype(np.uint64))
     assert not np.array_equal(np.array(without[1]), np.array(with_norm[1]))
+
+
+def test_calibrated_loftq_conversion(tiny_model_dirs, tmp_path):
+    """--calibration-data with --loftq-rank: GPTQ's weights with factors fitted on the same inputs. The
+    first layer's q_proj (whose inputs do not depend on any factor) is exactly the plain calibrated
+    conversion's, its factors are ``calibrated_factors`` of its error on those inputs, and the start
+    ``Q + B A`` gives logits nearer the full model's than Q alone."""
+    from mlx_qlora.calibration import calibration_sequences
+    from mlx_qlora.config import DataConfig
+    from mlx_qlora.data import prepare_dataset
+    from mlx_qlora.data.dataset import PreparedDataset
+    from mlx_qlora.lora import apply_lora
+    from mlx_qlora.lora.adapters import load_adapters
+    from mlx_qlora.lora.loftq import calibrated_factors, init_from_loftq
+    from mlx_qlora.quant.gptq import DAMP
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "dolly_sample.jsonl"
+    full = tiny_model_dirs["full"]
+    data = tmp_path / "data"
+    prepare_dataset(sample, full / "tokenizer.model", data, DataConfig(max_seq_len=256, val_fraction=0.1))
+    both, gptq = tmp_path / "both", tmp_path / "gptq"
+    for folder, rank in ((both, 4), (gptq, None)):
+        convert_checkpoint(full, folder, rounding="search", calibration_data=data, calibration_examples=12,
+                           loftq_rank=rank, dtype="float32", progress=False)
+    record = json.loads((both / "mlx_qlora.json").read_text())["converted"]
+    assert record["loftq"] == {"rank": 4, "adapters": "loftq", "fit": "calibrated"}
+    written, plain = _read_with_safetensors(both), _read_with_safetensors(gptq)
+    key = "model.layers.0.self_attn.q_proj"
+    for part in ("weight", "scales", "biases"):
+        assert np.array_equal(written[f"{key}.{part}"], plain[f"{key}.{part}"]), part
+
+    model = load_model(full)
+    sequences = calibration_sequences(data, 12, 512, model.args.vocab_size)
+    hidden = [model.model.layers[0].input_layernorm(model.model.embed_tokens(mx.array(s)[None]))[0] for s in sequences]
+    x = np.concatenate([np.array(h, dtype=np.float64) for h in hidden])  # (tokens, in) of layer 0's q/k/v
+    w = np.array(model.model.layers[0].self_attn.q_proj.weight, dtype=np.float64)
+    q = np.array(load_model(gptq).model.layers[0].self_attn.q_proj.dequantize(mx.float32), dtype=np.float64)
+    factors, _ = load_adapters(both / "loftq")
+    a, b = np.array(factors[key + ".lora_A"]), np.array(factors[key + ".lora_B"])
+    eb, ea = calibrated_factors(w - q, x.T @ x, 4, DAMP)
+    np.testing.assert_allclose(b @ a, eb @ ea, atol=1e-4)
+
+    ids = mx.array(np.stack([PreparedDataset(data, "train")[i]["input_ids"][:24] for i in range(6)]))
+    reference = model(ids)
+    start = apply_lora(load_model(both), rank=4, alpha=8.0)
+    assert init_from_loftq(start, both) == 14
+
+    def error(m):
+        return (mx.linalg.norm(m(ids) - reference) / mx.linalg.norm(reference)).item()
+
+    assert error(start) < error(load_model(gptq))

@@ -6,6 +6,9 @@ quantized in the order the data flows: q/k/v on the attention's inputs, then o_p
 output computed with the quantized q/k/v, then gate/up, then down_proj on the activations of the
 quantized gate/up; the layer's output, from its quantized projections, is the next layer's input. Each
 projection is quantized by ``quant.gptq.gptq_quantize`` with the sum of ``x^T x`` over its inputs.
+With a LoftQ rank, each projection's remaining error ``W - Q`` also gets the rank-r factors that fit it best
+on those same inputs (``lora.loftq.calibrated_factors``), and later stages see ``Q + B @ A``: the model the
+adapters start from.
 
 Memory: one layer in float32, the hidden states of the calibration tokens (tokens x hidden x 4 bytes:
 65k tokens of a 4096-wide model are 1 GB), one ``in x in`` Hessian, and the quantized projections made
@@ -28,7 +31,8 @@ from .errors import UserError
 from .model.args import ModelArgs
 from .model.layers import DecoderLayer
 from .model.mask import make_mask
-from .quant.gptq import gptq_quantize
+from .lora.loftq import calibrated_factors
+from .quant.gptq import DAMP, gptq_quantize
 from .quant.quantize import dequantize
 
 # The projections of a decoder layer, in the order the data reaches them; a group shares its inputs.
@@ -91,12 +95,17 @@ def calibrated_quantization(
     dtype: mx.Dtype,
     rounding: str = "search",
     progress: bool = True,
+    loftq_rank: Optional[int] = None,
+    factors: Optional[dict[str, mx.array]] = None,
 ) -> dict[str, tuple[mx.array, mx.array, mx.array]]:
     """GPTQ-quantize every decoder projection; returns ``{"model.layers.{i}.{...}.weight": (wq, scales,
     biases)}`` in ``quantize``'s format.
 
     ``tensor(name)`` returns a checkpoint tensor by its Hugging Face name (read when called);
-    ``sequences`` are token-id arrays (``calibration_sequences``)."""
+    ``sequences`` are token-id arrays (``calibration_sequences``). With ``loftq_rank``, ``factors`` receives
+    ``{"model.layers.{i}.{...}.lora_A": (r, in), ".lora_B": (out, r)}`` (float32, for a scale of 1)."""
+    if loftq_rank and factors is None:
+        raise ValueError("loftq_rank needs a factors dictionary to fill")
     if args.fused_projections:
         raise UserError(f"calibration: model_type {args.model_type!r} keeps q/k/v and gate/up in fused "
                         "projections, which GPTQ calibration does not handle yet; convert without --calibration-data")
@@ -127,8 +136,14 @@ def calibrated_quantization(
                 wq, scales, biases = gptq_quantize(linear.weight, recorder.hessian, bits, group_size, dtype, rounding)
                 mx.eval(wq, scales, biases)
                 results[f"{prefix}{block}.{proj}.weight"] = (wq, scales, biases)
-                # later stages see this projection as it will be stored
-                linear.weight = dequantize(wq, scales, biases, bits, group_size, dtype=mx.float32)
+                # later stages see this projection as it will be stored (plus the adapters' start)
+                restored = dequantize(wq, scales, biases, bits, group_size, dtype=mx.float32)
+                if loftq_rank:
+                    b, a = calibrated_factors(np.array(linear.weight - restored), recorder.hessian, loftq_rank, DAMP)
+                    factors[f"{prefix}{block}.{proj}.lora_A"], factors[f"{prefix}{block}.{proj}.lora_B"] = (
+                        mx.array(a), mx.array(b))
+                    restored = restored + mx.array(b) @ mx.array(a)
+                linear.weight = restored
         hidden = _run_layer(layer, hidden)
         bar.update(1)
     bar.close()

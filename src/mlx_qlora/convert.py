@@ -373,8 +373,8 @@ def convert_checkpoint(
         raise UserError(f"group_size: {group_size} is not supported (per-row by default, or 32, 64, 128)")
     if rounding not in ROUNDINGS:
         raise UserError(f"rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
-    if loftq_rank is not None and (not quantize or calibration_data is not None or loftq_rank < 1):
-        raise UserError("loftq_rank: LoftQ needs quantization without calibration data and a rank >= 1")
+    if loftq_rank is not None and (not quantize or loftq_rank < 1):
+        raise UserError("loftq_rank: LoftQ needs quantization and a rank >= 1")
     if shard_bytes < 1:
         raise UserError(f"shard_bytes must be >= 1, got {shard_bytes}")
     mlx_path = output.path
@@ -408,6 +408,7 @@ def convert_checkpoint(
     if quantize and rounding != "nearest":  # today's folders (min/max) keep today's record
         model_meta["converted"]["rounding"] = rounding
     precomputed = None
+    loftq: Optional[dict[str, mx.array]] = {} if loftq_rank else None
     if quantize and calibration_data is not None:
         if multimodal is not None:
             raise UserError(f"{source}: --calibration-data is not supported for multimodal checkpoints yet; "
@@ -420,13 +421,14 @@ def convert_checkpoint(
         for file in files:
             lazy.update(mx.load(str(file)))  # read only when a tensor is evaluated
         precomputed = calibrated_quantization(lambda name: lazy[name], args, sequences, bits, group_size, out_dtype,
-                                              rounding, progress)
+                                              rounding, progress, loftq_rank, loftq)
         lazy.clear()
         model_meta["converted"]["calibration"] = {"method": "gptq", "examples": len(sequences),
                                                   "tokens": int(sum(len(s) for s in sequences))}
-    loftq: Optional[dict[str, mx.array]] = {} if loftq_rank else None
-    if loftq_rank:
-        model_meta["converted"]["loftq"] = {"rank": loftq_rank, "iters": LOFTQ_ITERS, "adapters": LOFTQ_DIR}
+    if loftq_rank:  # calibrated: one closed-form fit on the calibration inputs; else LoftQ's alternation
+        model_meta["converted"]["loftq"] = {"rank": loftq_rank, "adapters": LOFTQ_DIR,
+                                            **({"fit": "calibrated"} if precomputed is not None
+                                               else {"iters": LOFTQ_ITERS})}
     try:
         with output.atomic_dir() as tmp:
             read_bytes = input_bytes - sum(d["bytes"] for d in dropped.values())

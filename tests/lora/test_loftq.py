@@ -77,3 +77,25 @@ def test_scaled_factors_keep_the_update():
     for scale in (2.0, 0.5, 32 / np.sqrt(16)):
         a2, b2 = scaled_factors(a, b, 1.0, scale)
         np.testing.assert_allclose(np.array(scale * (b2 @ a2)), np.array(b @ a), rtol=1e-5, atol=1e-6)
+
+
+def test_calibrated_factors_are_the_best_rank_r_fit_on_the_inputs():
+    """``calibrated_factors`` against the Eckart-Young bound of the weighted problem: with H = X^T X (full
+    rank, no damping) the error ``||(E - B A) X^T||^2`` is the sum of the squared singular values of
+    ``E L`` past r, no larger than the plain SVD's factors give on the same inputs; H = I gives the plain
+    factors (``low_rank``)."""
+    from mlx_qlora.lora.loftq import calibrated_factors, low_rank
+
+    rng = np.random.default_rng(0)
+    out, inp, r = 24, 16, 3
+    error = rng.standard_normal((out, inp))
+    x = rng.standard_normal((200, inp)) * np.linspace(0.1, 3.0, inp)  # (tokens, in): uneven columns
+    h = x.T @ x
+    b, a = calibrated_factors(error, h, r, damp=0.0)
+    weighted = lambda m: np.linalg.norm(m @ x.T) ** 2  # noqa: E731
+    s = np.linalg.svd(error @ np.linalg.cholesky(h), compute_uv=False)
+    assert weighted(error - b @ a) == pytest.approx(np.sum(s[r:] ** 2), rel=1e-4)
+    pb, pa = low_rank(error, r)
+    assert weighted(error - b @ a) < weighted(error - pb @ pa)
+    ib, ia = calibrated_factors(error, np.eye(inp), r, damp=0.0)
+    np.testing.assert_allclose(ib @ ia, pb @ pa, atol=1e-5)

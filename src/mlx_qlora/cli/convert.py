@@ -47,7 +47,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         f"{d.calibration_max_tokens} tokens)")
     p.add_argument("--loftq-rank", type=int, metavar="R",
                    help="quantize by LoftQ's alternation and write the rank-R factors of the remaining error as "
-                        "adapters (loftq/ in the output) for finetune.py --lora-init loftq with --lora-rank R")
+                        "adapters (loftq/ in the output) for finetune.py --lora-init loftq with --lora-rank R; with "
+                        "--calibration-data the factors are fitted to GPTQ's error on the calibration inputs")
     p.add_argument("--no-quantize", action="store_true", help="write a full-precision MLX copy instead")
     p.add_argument("--shard-size-gb", type=float,
                    help=f"approximate size of each output shard (GiB; default {shown(d.shard_size_gb)})")

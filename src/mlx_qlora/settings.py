@@ -164,11 +164,11 @@ class KernelSettings:
                                         expect="an integer >= 0")
 
     # Compiled CUDA kernels kept across processes (kernels/cuda/kernel_cache.py): MLX 0.32.4 keeps
-    # mx.fast.cuda_kernel's compilations in the process only. Off by default until it is measured on a GPU.
-    kernel_cache: str = _setting("off", "MLX_QLORA_KERNEL_CACHE", SWITCH,
-                                 "a folder (e.g. `~/.cache/mlx-qlora/kernels`): our CUDA kernels are compiled once "
-                                 "and kept there for every later process (`kernels/cuda/kernel_cache.py`; not yet "
-                                 "verified on a GPU); `off`: each process compiles them again")
+    # mx.fast.cuda_kernel's compilations in the process only (a fresh generate.py: 10 s before decoding).
+    kernel_cache: str = _setting("~/.cache/mlx-qlora/kernels", "MLX_QLORA_KERNEL_CACHE", SWITCH,
+                                 "the folder where our CUDA kernels, compiled once, are kept for every later "
+                                 "process (`kernels/cuda/kernel_cache.py`); `off`: each process compiles them "
+                                 "again")
 
     def __post_init__(self):
         for f in fields(self):

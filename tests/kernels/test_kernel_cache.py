@@ -128,6 +128,21 @@ def test_the_translation_unit_declares_what_mlx_declares():
             '  using T = float;\n  constexpr bool FLAG = true;\n  constexpr int N = 7;\n\n  // the body\n}\n') in text
 
 
+def test_the_prelude_defines_the_math_macros_the_kernels_use():
+    """NVRTC's own headers have no <math.h>: a macro of it that a kernel's text uses (INFINITY in the attention
+    kernels) must come from the prelude, as MLX's headers give it to MLX's own builds; on a GPU its absence
+    sent those kernels back to MLX's per-process compilation."""
+    import re
+    from importlib import resources
+
+    texts = "\n".join(f.read_text() for f in resources.files("mlx_qlora.kernels.cuda").iterdir()
+                      if f.name.endswith(".cu"))
+    used = {m for m in ("INFINITY", "NAN", "HUGE_VALF", "M_PI", "M_LN2", "M_LOG2E") if re.search(rf"\b{m}\b", texts)}
+    assert "INFINITY" in used
+    for macro in used:
+        assert f"#define {macro} " in kernel_cache.PRELUDE, macro
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not on_cuda(), reason="needs MLX on a CUDA GPU")
 def test_cached_kernels_equal_mlx_builds_and_load_without_compiling(tmp_path, monkeypatch):

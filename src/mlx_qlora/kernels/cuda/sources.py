@@ -14,7 +14,8 @@ modules put them together and hand them to ``mx.fast.cuda_kernel``. The files ar
 ``cuda_kernel`` builds every kernel of the package under a name that is the same in every process and
 changes with the text, so one text's kernel never stands for another's. MLX 0.32.4 keeps its own JIT kernels
 in a cache on disk but compiles an ``mx.fast.cuda_kernel`` again in each process; ``kernel_cache`` keeps
-ours compiled across processes when ``MLX_QLORA_KERNEL_CACHE`` names a folder.
+ours compiled across processes (in ``~/.cache/mlx-qlora/kernels`` unless ``MLX_QLORA_KERNEL_CACHE`` says
+otherwise).
 """
 
 from __future__ import annotations

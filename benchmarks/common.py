@@ -73,7 +73,9 @@ OUR_VARIANTS = {
     "ours-prefill4": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "4"},  # ... in groups of 4 layers
     "ours-prefill1": {"MLX_QLORA_PREFILL_EVAL_LAYERS": "1"},  # ... a layer at a time (the default)
     "ours-plain": {"MLX_QLORA_BLOCKWISE_FROM": "0", "MLX_QLORA_LAYER_TILE": "0"},  # no block-wise attention, no tiles
-    "ours-long2k": {"MLX_QLORA_BLOCKWISE_FROM": "2048", "MLX_QLORA_LAYER_TILE": "2048"},  # ... both from 2k tokens
+    "ours-long2k": {"MLX_QLORA_BLOCKWISE_FROM": "2048", "MLX_QLORA_BLOCKWISE_SHARE": "0",
+                    "MLX_QLORA_LAYER_TILE": "2048"},  # ... both from 2k tokens, whatever the memory
+    "ours-blockwise": {"MLX_QLORA_BLOCKWISE_SHARE": "0"},  # block-wise from 8k whatever the memory (as before)
 }
 
 

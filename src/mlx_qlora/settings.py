@@ -145,6 +145,15 @@ class KernelSettings:
                                    "attention without a cache (training, evaluation) over this many tokens or more "
                                    "runs block-wise with memory linear in the length (`model/blockwise.py`); "
                                    "0: never", check=_non_negative, expect="an integer >= 0")
+    # Block-wise attention trades speed for memory (an H100 at 8,192 tokens: 2,727 tokens/s in 10.9 GB against
+    # the plain path's 7,069 in 15.1 GB), so from the threshold on it runs only where the plain path's scores
+    # would take more than this share of MLX's memory limit.
+    blockwise_share: float = _setting(0.4, "MLX_QLORA_BLOCKWISE_SHARE", SWITCH,
+                                      "from `MLX_QLORA_BLOCKWISE_FROM` tokens on, attention still runs plain (faster) "
+                                      "while its scores, two (B, H, L, L) arrays in the compute dtype, fit in this "
+                                      "share of MLX's memory limit (`mx.get_memory_limit()`); 0: block-wise from the "
+                                      "threshold whatever the memory", check=_non_negative,
+                                      expect="a number >= 0")
     blockwise_block: int = _setting(512, "MLX_QLORA_BLOCKWISE_BLOCK", KNOB,
                                     "query (and key) rows per chunk of block-wise attention; halved for full "
                                     "attention while a chunk's float32 scores exceed 512 MB (down to 64)",

@@ -126,10 +126,10 @@ def test_softcapped_scores_equal_the_plain_softcap_branch(name):
 def test_the_seam_gives_a_softcapped_rule_to_blockwise_from_the_threshold():
     q, k, v, _ = _inputs(L=40)
     rule = MaskRule(40, None)
-    with settings.override(blockwise_from=41):
+    with settings.override(blockwise_share=0, blockwise_from=41):
         below = scaled_dot_product_attention(q, k, v, 0.25, rule, training=True, softcap=2.0)
     fresh = MaskRule(40, None)
-    with settings.override(blockwise_from=40, blockwise_block=16):
+    with settings.override(blockwise_share=0, blockwise_from=40, blockwise_block=16):
         above = scaled_dot_product_attention(q, k, v, 0.25, fresh, training=True, softcap=2.0)
         assert not fresh._built
     np.testing.assert_allclose(np.array(above), np.array(below), atol=ATOL)
@@ -147,15 +147,38 @@ def test_the_seam_picks_blockwise_from_the_threshold_on():
     q, k, v, _ = _inputs(L=40)
     rule = MaskRule(40, 8, mx.array([[0] * 25 + [1] * 15] * 2))
     plain = np.array(_plain(q, k, v, 0.25, 8, rule.segment_ids, None))
-    with settings.override(blockwise_from=41):  # below: the dense mask and MLX's kernel
+    with settings.override(blockwise_share=0, blockwise_from=41):  # below: the dense mask and MLX's kernel
         below = scaled_dot_product_attention(q, k, v, 0.25, rule, training=True)
         assert rule._built
     fresh = MaskRule(40, 8, rule.segment_ids)
-    with settings.override(blockwise_from=40, blockwise_block=16):
+    with settings.override(blockwise_share=0, blockwise_from=40, blockwise_block=16):
         above = scaled_dot_product_attention(q, k, v, 0.25, fresh, training=True)
         assert not fresh._built  # no (L, L) mask was made
     np.testing.assert_allclose(np.array(below), plain, atol=ATOL)
     np.testing.assert_allclose(np.array(above), plain, atol=ATOL)
+
+
+def test_from_the_threshold_plain_attention_runs_while_its_scores_fit_the_memory_share():
+    """``uses_blockwise``: below the threshold never; from it on, block-wise exactly where two (B*H, L, L)
+    score arrays exceed the share of MLX's memory limit (a share of 0: always); and the seam follows it (no
+    (L, L) mask built on the block-wise side)."""
+    from mlx_qlora.model.attention import plain_scores_bytes, uses_blockwise
+
+    limit = mx.get_memory_limit()
+    assert plain_scores_bytes(32, 8192, 2) == 2 * 32 * 8192 * 8192 * 2
+    fits = int((0.4 * limit / (2 * 32 * 2)) ** 0.5)  # the longest length whose scores fit 40% of the limit
+    with settings.override(blockwise_from=1024, blockwise_share=0.4):
+        assert not uses_blockwise(1000, 32, 2)
+        assert not uses_blockwise(fits, 32, 2) and uses_blockwise(fits + 1, 32, 2)
+        assert uses_blockwise(fits, 64, 2)  # twice the rows: twice the scores
+    with settings.override(blockwise_from=1024, blockwise_share=0):
+        assert uses_blockwise(1024, 1, 2) and not uses_blockwise(1023, 1, 2)
+    q, k, v, _ = _inputs(L=40)
+    for share, blockwise in ((0.4, False), (0.0, True)):
+        rule = MaskRule(40, 8, None)
+        with settings.override(blockwise_from=40, blockwise_share=share, blockwise_block=16):
+            scaled_dot_product_attention(q, k, v, 0.25, rule, training=True)
+        assert rule._built is not blockwise
 
 
 def test_full_attention_chunks_shrink_to_the_score_budget():
@@ -174,7 +197,7 @@ def test_a_model_trains_the_same_on_either_path(tiny_model, checkpoint):
     positions = mx.array(np.concatenate([np.arange(45), np.arange(L - 45)])[None])
     results = []
     for threshold in (0, 32):  # 0: never block-wise
-        with settings.override(blockwise_from=threshold, blockwise_block=16, layer_tile=0):
+        with settings.override(blockwise_share=0, blockwise_from=threshold, blockwise_block=16, layer_tile=0):
             results.append(lora_loss_and_grads(tiny_model(seed=3), ids, segments, positions, checkpoint))
     (plain_loss, plain), (ours_loss, ours) = results
     assert len(plain) == 2 * 7 * 2  # lora_A and lora_B of seven projections in two layers
@@ -191,7 +214,7 @@ def test_blockwise_logits_match_transformers_past_the_window(tiny_hf_checkpoint)
     from mlx_qlora.model import load_model
 
     ids = np.random.default_rng(1).integers(0, 320, size=(2, 50))
-    with settings.override(blockwise_from=1, blockwise_block=16):
+    with settings.override(blockwise_share=0, blockwise_from=1, blockwise_block=16):
         ours = np.array(load_model(tiny_hf_checkpoint)(mx.array(ids)))
     ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_checkpoint, attn_implementation="eager",
                                                             dtype=torch.float32).eval()
@@ -225,7 +248,7 @@ def test_training_memory_grows_linearly_with_the_length(tiny_model, layer_tile):
     model = tiny_model(seed=0, max_position_embeddings=4096)
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
     model.model.grad_checkpoint = True
-    with settings.override(blockwise_from=1, blockwise_block=32, layer_tile=layer_tile):
+    with settings.override(blockwise_share=0, blockwise_from=1, blockwise_block=32, layer_tile=layer_tile):
         peaks = [_training_peak(model, length) for length in (256, 512, 1024)]
     ratio = (peaks[2] - peaks[1]) / (peaks[1] - peaks[0])
     assert ratio < 2.8, (peaks, ratio)

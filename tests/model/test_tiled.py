@@ -24,7 +24,8 @@ def test_tiles_give_the_whole_layers_loss_and_gradients(tiny_model, checkpoint, 
     positions = mx.array(np.concatenate([np.arange(45), np.arange(L - 45)])[None])
     results = []
     for layer_tile in (0, tile):  # 0: never tiled
-        with settings.override(layer_tile=layer_tile, blockwise_from=blockwise_from, blockwise_block=16):
+        with settings.override(layer_tile=layer_tile, blockwise_share=0, blockwise_from=blockwise_from,
+                               blockwise_block=16):
             results.append(lora_loss_and_grads(tiny_model(seed=3), ids, segments, positions, checkpoint))
     (plain_loss, plain), (tiled_loss, tiled) = results
     assert len(plain) == 2 * 7 * 2
@@ -73,7 +74,7 @@ def test_tiles_bound_a_layers_activations(tiny_model):
     layer = model.model.layers[0]
     growth = {}
     for tile in (0, 128):
-        with settings.override(layer_tile=tile, blockwise_from=1, blockwise_block=64):
+        with settings.override(layer_tile=tile, blockwise_share=0, blockwise_from=1, blockwise_block=64):
             growth[tile] = _layer_peak(layer, 2048) - _layer_peak(layer, 1024)
     assert growth[128] < 0.5 * growth[0], growth
 
@@ -101,7 +102,8 @@ def test_tiles_run_every_decoder_layer_variant(tiny_model, family):
     positions = mx.array(np.concatenate([np.arange(45), np.arange(L - 45)])[None])
     results = []
     for layer_tile, blockwise_from in ((0, 0), (0, 32), (24, 32)):  # 0: never tiled, never block-wise
-        with settings.override(layer_tile=layer_tile, blockwise_from=blockwise_from, blockwise_block=16):
+        with settings.override(layer_tile=layer_tile, blockwise_share=0, blockwise_from=blockwise_from,
+                               blockwise_block=16):
             model = tiny_model(seed=3, **FAMILY_SWITCHES[family])
             results.append(lora_loss_and_grads(model, ids, segments, positions))
     plain_loss, plain = results[0]

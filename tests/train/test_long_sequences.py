@@ -28,8 +28,8 @@ def _long_records(path: Path, lengths: list[int], seed: int = 0) -> None:
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
     # both long-sequence paths on rows of a few thousand tokens
-    return run_script(name, *args, env={"MLX_QLORA_BLOCKWISE_FROM": "2048", "MLX_QLORA_LAYER_TILE": "2048"},
-                      timeout=600)
+    return run_script(name, *args, env={"MLX_QLORA_BLOCKWISE_FROM": "2048", "MLX_QLORA_BLOCKWISE_SHARE": "0",
+                                        "MLX_QLORA_LAYER_TILE": "2048"}, timeout=600)
 
 
 @pytest.mark.slow  # a model conversion, data preparation and two training steps on one packed row of about 8k tokens, about 20 s

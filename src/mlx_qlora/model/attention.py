@@ -2,7 +2,8 @@
 
 The model calls ``scaled_dot_product_attention`` with the plain arguments; this picks the variant:
 
-- without a cache, over ``settings.blockwise_from`` tokens or more: block-wise attention in MLX operations
+- without a cache, over ``settings.blockwise_from`` tokens or more, where the plain path's scores would not
+  fit in ``settings.blockwise_share`` of MLX's memory limit: block-wise attention in MLX operations
   (``model/blockwise.py``), whose memory is linear in the length, forward and backward; the mask stays a
   rule (``mask.MaskRule``) and no (L, L) array is built; a soft-cap (below) is applied inside each chunk;
 - training on CUDA without a cache (``settings.sdpa_pad``): the query length padded to cuDNN's tile, so
@@ -38,7 +39,7 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
     ``"causal"``, a boolean or additive array broadcastable to (B, H, L, S), or None; ``cache``: the
     layer's cache (None in training); ``softcap``: soft-capping of the scores (None: none)."""
     if isinstance(mask, MaskRule):
-        if cache is None and uses_blockwise(mask.length):
+        if cache is None and uses_blockwise(mask.length, q.shape[0] * q.shape[1], q.dtype.size):
             block = blockwise_block(q.shape[0] * q.shape[1], mask.length, mask.window)
             return blockwise_attention(q, k, v, scale, mask.window, mask.segment_ids, mask.attention_mask,
                                        block=block, softcap=softcap)
@@ -49,10 +50,21 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
     return sdpa.attention(q, k, v, scale, mask, pad=pad)
 
 
-def uses_blockwise(length: int) -> bool:
-    """Whether attention without a cache over ``length`` tokens runs block-wise (``settings.blockwise_from``)."""
-    threshold = settings.current().blockwise_from
-    return threshold > 0 and length >= threshold
+def plain_scores_bytes(rows: int, length: int, itemsize: int) -> int:
+    """What the plain path's attention holds at its peak, as counted by ``uses_blockwise``: two (rows, L, L)
+    arrays (scores and probabilities; rows = B * H) of ``itemsize`` bytes."""
+    return 2 * rows * length * length * itemsize
+
+
+def uses_blockwise(length: int, rows: int = 1, itemsize: int = 4) -> bool:
+    """Whether attention without a cache over ``length`` tokens (``rows`` = B * H query rows of ``itemsize``
+    bytes) runs block-wise: from ``settings.blockwise_from`` tokens on, where ``plain_scores_bytes`` exceeds
+    ``settings.blockwise_share`` of ``mx.get_memory_limit()`` (always, with a share of 0)."""
+    s = settings.current()
+    if s.blockwise_from <= 0 or length < s.blockwise_from:
+        return False
+    budget = s.blockwise_share * mx.get_memory_limit()
+    return s.blockwise_share <= 0 or plain_scores_bytes(rows, length, itemsize) > budget
 
 
 def blockwise_block(rows: int, length: int, window) -> int:

@@ -54,10 +54,13 @@ def _kernel():
     return cuda_kernel("scale", ["x"], ["y"], SOURCE)
 
 
-def test_a_kernel_is_compiled_once_and_read_back_by_the_next_process(tmp_path, monkeypatch):
+def test_a_kernel_is_compiled_once_and_read_back_by_the_next_process(tmp_path, monkeypatch, capsys):
     rec = Recorder(monkeypatch)
+    kernel_cache._said.clear()
     with settings.override(kernel_cache=str(tmp_path)):
         assert _launch(_kernel()) == ["launched"]
+        assert capsys.readouterr().err.splitlines() == [  # why the first run waits, once
+            f"mlx-qlora: compiling CUDA kernels for this GPU; they are kept in {tmp_path} for later runs"]
         [(name, text, arch)] = rec.compiled
         assert arch == "sm_90a" and name.startswith(_kernel().name + "_")
         # the cubin is kept under the MLX version, NVRTC version and architecture, named by the kernel
@@ -79,7 +82,7 @@ def test_a_kernel_is_compiled_once_and_read_back_by_the_next_process(tmp_path, m
         names = [n for n, _, _ in rec.compiled]
         assert len(names) == len(set(names)) == 3
         assert "  using" not in rec.compiled[1][1] and "const __nv_bfloat16* x" in rec.compiled[2][1]
-    assert not rec.mlx_built
+    assert not rec.mlx_built and capsys.readouterr().err == ""
 
 
 def test_an_empty_cached_file_is_compiled_again(tmp_path, monkeypatch):

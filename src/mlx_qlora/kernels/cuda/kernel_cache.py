@@ -104,6 +104,8 @@ def load_or_compile(directory: Path, kernel_name: str, text: str) -> bytes:
     except OSError:
         pass
     data = nvrtc.compile_cubin(text, kernel_name, nvrtc.architecture())
+    # the machine's first run (or a new version's) waits for this: say why, once per process
+    _say_once(f"compiling CUDA kernels for this GPU; they are kept in {directory.parent} for later runs")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{kernel_name}.", suffix=".tmp")

@@ -26,6 +26,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from ..quant.gptq import damped
 from ..quant.quantize import dequantize, quantize
 
 LOFTQ_DIR = "loftq"  # the adapter folder inside a converted model folder
@@ -47,11 +48,7 @@ def calibrated_factors(error: np.ndarray, hessian: np.ndarray, rank: int, damp: 
     With ``H + damp * mean(diag H) * I = L L^T`` (damped as GPTQ damps it, so that L is invertible), the
     minimum is the truncated SVD of ``error @ L``: ``U_r S_r V_r^T``, then ``B = U_r sqrt(S_r)`` and
     ``A = sqrt(S_r) V_r^T L^-1``. ``hessian = I`` (no damping) gives ``low_rank``'s factors."""
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
-    lower = np.linalg.cholesky(h)  # (in, in), h = L L^T
+    lower = np.linalg.cholesky(damped(hessian, damp))  # (in, in), H + damping = L L^T
     b, weighted_a = low_rank(error.astype(np.float64) @ lower, rank)  # weighted_a = sqrt(S_r) V_r^T
     a = np.linalg.solve(lower.T, weighted_a.astype(np.float64).T).T  # sqrt(S_r) V_r^T L^-1
     return b, a.astype(np.float32)

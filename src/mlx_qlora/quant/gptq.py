@@ -27,15 +27,19 @@ BLOCK = 128  # columns per lazy batch; a multiple of every group size
 DAMP = 0.01  # added to H's diagonal, times its mean: keeps the inverse well conditioned
 
 
-def inverse_cholesky(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``), float64.
-
-    Inputs that were always zero (a zero diagonal) get a diagonal of 1 so the inverse exists; their weights
-    then take no correction."""
+def damped(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """``H + damp * mean(diag H) * I`` in float64, inputs that were always zero (a zero diagonal) given a
+    diagonal of 1 first, so that it is positive definite; their weights then take no correction."""
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
+    return h
+
+
+def inverse_cholesky(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """Upper Cholesky factor ``U`` of ``damped(H)^-1`` (``U^T U = H^-1``), float64."""
+    h = damped(hessian, damp)
     lower = np.linalg.cholesky(h)  # h = L L^T
     eye = np.eye(len(h))
     lower_inv = np.linalg.solve(lower, eye)  # L^-1

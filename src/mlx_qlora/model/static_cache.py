@@ -87,8 +87,8 @@ def static_capacity(positions_needed: int, window: Optional[int], step: int = 25
 def grown_capacity(positions_needed: int, window: Optional[int], previous: int = 0, step: int = 256) -> int:
     """Slots for the next turn of a conversation whose last compiled decoding had ``previous`` slots (0: none
     yet, then ``static_capacity``): kept while it holds the positions, else doubled until it does (never past
-    the window). Each capacity is one traced graph and its own kernel builds, so turns that each add a few
-    hundred positions trace a new graph every other doubling, not every turn."""
+    the window). Each capacity is one traced graph, so a conversation whose turns each add a few hundred
+    positions traces a new one only when the slot count doubles, not at every turn."""
     if not previous:
         return static_capacity(positions_needed, window, step)
     capacity = previous

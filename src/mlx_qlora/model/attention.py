@@ -39,8 +39,9 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
     ``"causal"``, a boolean or additive array broadcastable to (B, H, L, S), or None; ``cache``: the
     layer's cache (None in training); ``softcap``: soft-capping of the scores (None: none)."""
     if isinstance(mask, MaskRule):
-        if cache is None and uses_blockwise(mask.length, q.shape[0] * q.shape[1], q.dtype.size):
-            block = blockwise_block(q.shape[0] * q.shape[1], mask.length, mask.window)
+        rows = q.shape[0] * q.shape[1]  # B * H
+        if cache is None and uses_blockwise(mask.length, rows, q.dtype.size):
+            block = blockwise_block(rows, mask.length, mask.window)
             return blockwise_attention(q, k, v, scale, mask.window, mask.segment_ids, mask.attention_mask,
                                        block=block, softcap=softcap)
         mask = mask.dense()
@@ -63,8 +64,9 @@ def uses_blockwise(length: int, rows: int = 1, itemsize: int = 4) -> bool:
     s = settings.current()
     if s.blockwise_from <= 0 or length < s.blockwise_from:
         return False
-    budget = s.blockwise_share * mx.get_memory_limit()
-    return s.blockwise_share <= 0 or plain_scores_bytes(rows, length, itemsize) > budget
+    if s.blockwise_share <= 0:
+        return True
+    return plain_scores_bytes(rows, length, itemsize) > s.blockwise_share * mx.get_memory_limit()
 
 
 def blockwise_block(rows: int, length: int, window) -> int:

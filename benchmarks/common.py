@@ -75,7 +75,8 @@ OUR_VARIANTS = {
     "ours-plain": {"MLX_QLORA_BLOCKWISE_FROM": "0", "MLX_QLORA_LAYER_TILE": "0"},  # no block-wise attention, no tiles
     "ours-long2k": {"MLX_QLORA_BLOCKWISE_FROM": "2048", "MLX_QLORA_BLOCKWISE_SHARE": "0",
                     "MLX_QLORA_LAYER_TILE": "2048"},  # ... both from 2k tokens, whatever the memory
-    "ours-blockwise": {"MLX_QLORA_BLOCKWISE_SHARE": "0"},  # block-wise from 8k whatever the memory (as before)
+    "ours-blockwise": {"MLX_QLORA_BLOCKWISE_SHARE": "0", "MLX_QLORA_ATTENTION_CHUNK": "0"},  # block-wise from 8k
+    "ours-band-all": {"MLX_QLORA_ATTENTION_CHUNK_UP_TO": "0"},  # the band of chunks at every length (CUDA)
 }
 
 

@@ -325,3 +325,42 @@ def script_output(done) -> str:
     """The standard output of a script run (``run_script``) that must have succeeded."""
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def attention_inputs(B=2, H=4, Hkv=2, L=77, D=16, seed=0):
+    """Random q (B, H, L, D), k, v (B, Hkv, L, D) and per-output loss weights (B, H, L, D), float32: attention
+    paths compared with a loss that weighs every output differently."""
+    keys = mx.random.split(mx.random.key(seed), 4)
+    q = mx.random.normal((B, H, L, D), key=keys[0])
+    k = mx.random.normal((B, Hkv, L, D), key=keys[1])
+    v = mx.random.normal((B, Hkv, L, D), key=keys[2])
+    weights = mx.random.normal((B, H, L, D), key=keys[3])
+    return q, k, v, weights
+
+
+def left_padding(L: int, pad: int = 10) -> mx.array:
+    """(2, L) attention mask: row 0 left-padded by ``pad`` tokens, row 1 not."""
+    mask = np.ones((2, L), dtype=np.int32)
+    mask[0, :pad] = 0
+    return mx.array(mask)
+
+
+def assert_same_lora_training(results, atol: float) -> None:
+    """``results``: two ``lora_loss_and_grads`` results of the tiny two-layer model (all seven projections
+    adapted); their losses and every LoRA gradient agree within ``atol``."""
+    (plain_loss, plain), (ours_loss, ours) = results
+    assert len(plain) == 2 * 7 * 2  # lora_A and lora_B of seven projections in two layers
+    assert abs(plain_loss - ours_loss) < atol
+    for key in plain:
+        np.testing.assert_allclose(np.array(ours[key]), np.array(plain[key]), atol=atol, rtol=0, err_msg=key)
+
+
+def assert_same_attention(ours_fn, plain_fn, q, k, v, weights, atol: float) -> None:
+    """Two attention functions ``(q, k, v) -> out`` agree within ``atol`` on their outputs and on the
+    gradients of q, k and v of ``sum(out * weights)`` (same shapes and dtypes)."""
+    np.testing.assert_allclose(np.array(ours_fn(q, k, v)), np.array(plain_fn(q, k, v)), atol=atol, rtol=0)
+    ours = mx.grad(lambda q, k, v: mx.sum(ours_fn(q, k, v) * weights), argnums=(0, 1, 2))(q, k, v)
+    plain = mx.grad(lambda q, k, v: mx.sum(plain_fn(q, k, v) * weights), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", ours, plain):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=atol, rtol=0, err_msg=f"d{name}")

@@ -85,6 +85,18 @@ def test_attention_probe_tiny(tmp_path):
     assert "| slots |" in stdout
 
 
+def test_long_attention_probe_tiny(tmp_path):
+    """Past the window, the band of chunks (boolean or additive masks) gives block-wise attention's output."""
+    result, stdout = _run(["probes/long_attention_probe.py", "--lengths", "300", "--chunks", "32,64", "--window", "96",
+                           "--heads", "4,2,16"], tmp_path)
+    rows = {r["path"]: r for r in result["rows"]}
+    assert set(rows) == {"causal", "banded C=32", "banded C=64", "banded-bool C=32", "blockwise"}
+    assert all(r["ms"] > 0 and r["peak_gb"] >= 0 for r in rows.values())
+    for name in ("banded C=32", "banded C=64", "banded-bool C=32"):
+        assert rows[name]["max_diff_vs_blockwise"] < 1e-5  # float32 on the CPU
+    assert "| tokens | path |" in stdout
+
+
 def test_dequant_probe_tiny(tmp_path):
     result, stdout = _run(["probes/dequant_probe.py", "--shapes", "64x128", "--tokens", "8", "--repeats", "1"],
                           tmp_path)

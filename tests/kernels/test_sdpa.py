@@ -48,6 +48,35 @@ def test_padded_attention_equals_attention(name, L):
         np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("name", ["segments", "window and key padding"])
+def test_on_cuda_a_boolean_mask_reaches_the_kernel_additive_at_its_own_shape(monkeypatch, name, pad):
+    """MLX broadcasts a boolean mask to (B, H, L, S) before making it additive; handed an additive one, it keeps
+    the mask's shape. Outputs and gradients equal those with the boolean mask (the CPU's formula, 1e-5)."""
+    L = 37
+    q, k, v = _qkv(L)
+    mask = _masks(L)[name]
+    cot = mx.random.normal(q.shape)
+    seen = []
+    real = mx.fast.scaled_dot_product_attention
+
+    def spy(*args, mask=None, **kwargs):
+        seen.append(mask)
+        return real(*args, mask=mask, **kwargs)
+
+    (want,), want_grads = mx.vjp(lambda q, k, v: sdpa.attention(q, k, v, 0.25, mask, pad), [q, k, v], [cot])
+    monkeypatch.setattr(sdpa, "on_cuda", lambda: True)
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", spy)
+    (got,), got_grads = mx.vjp(lambda q, k, v: sdpa.attention(q, k, v, 0.25, mask, pad), [q, k, v], [cot])
+    length = sdpa.padded_length(L) if pad else L
+    assert seen[-1].dtype == q.dtype and seen[-1].shape == (*mask.shape[:2], length, length)
+    allowed = np.array(sdpa.padded_mask(mask, L) if pad else mask)
+    assert np.array_equal(np.array(seen[-1]) == 0, allowed) and np.all(np.isneginf(np.array(seen[-1])[~allowed]))
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-5)
+
+
 def test_padded_mask_hides_padded_keys_and_lets_padded_queries_see_themselves():
     mask = _masks(6)["segments"]
     padded = sdpa.padded_mask(mask, 6)

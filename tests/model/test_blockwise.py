@@ -14,18 +14,9 @@ from mlx_qlora import settings
 from mlx_qlora.model.attention import blockwise_block, scaled_dot_product_attention
 from mlx_qlora.model.blockwise import blockwise_attention
 from mlx_qlora.model.mask import MaskRule, build_mask
-from support import lora_loss_and_grads
+from support import assert_same_attention, assert_same_lora_training, attention_inputs, left_padding, lora_loss_and_grads
 
 ATOL = 1e-5  # float32; observed differences are around 1e-6
-
-
-def _inputs(B=2, H=4, Hkv=2, L=77, D=16, seed=0):
-    keys = mx.random.split(mx.random.key(seed), 4)
-    q = mx.random.normal((B, H, L, D), key=keys[0])
-    k = mx.random.normal((B, Hkv, L, D), key=keys[1])
-    v = mx.random.normal((B, Hkv, L, D), key=keys[2])
-    weights = mx.random.normal((B, H, L, D), key=keys[3])  # a loss that weighs every output differently
-    return q, k, v, weights
 
 
 def _plain(q, k, v, scale, window, segment_ids, attention_mask):
@@ -37,12 +28,6 @@ def _plain(q, k, v, scale, window, segment_ids, attention_mask):
 def _segments(L):
     # row 0: three packed examples; row 1: two
     return mx.array(np.stack([np.repeat([0, 1, 2], [30, 20, L - 50]), np.repeat([0, 1], [50, L - 50])]))
-
-
-def _left_padding(L):
-    mask = np.ones((2, L), dtype=np.int32)
-    mask[0, :10] = 0
-    return mx.array(mask)
 
 
 CASES = {
@@ -59,28 +44,20 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_outputs_and_gradients_equal_the_plain_path(name, block):
     window, segments, padding, n_kv = CASES[name]
-    q, k, v, weights = _inputs(Hkv=n_kv)
+    q, k, v, weights = attention_inputs(Hkv=n_kv)
     L = q.shape[2]
     seg = _segments(L) if segments else None
-    pad = _left_padding(L) if padding else None
-
-    def loss(fn):
-        return lambda q, k, v: mx.sum(fn(q, k, v) * weights)
+    pad = left_padding(L) if padding else None
 
     ours_fn = lambda q, k, v: blockwise_attention(q, k, v, 0.25, window, seg, pad, block=block)  # noqa: E731
     plain_fn = lambda q, k, v: _plain(q, k, v, 0.25, window, seg, pad)  # noqa: E731
-    np.testing.assert_allclose(np.array(ours_fn(q, k, v)), np.array(plain_fn(q, k, v)), atol=ATOL, rtol=0)
-    ours = mx.grad(loss(ours_fn), argnums=(0, 1, 2))(q, k, v)
-    plain = mx.grad(loss(plain_fn), argnums=(0, 1, 2))(q, k, v)
-    for name_, a, b in zip("qkv", ours, plain):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_allclose(np.array(a), np.array(b), atol=ATOL, rtol=0, err_msg=f"d{name_}")
+    assert_same_attention(ours_fn, plain_fn, q, k, v, weights, ATOL)
 
 
 def test_bfloat16_stays_within_half_precision_of_the_float32_plain_path():
     """bfloat16 inputs: outputs and gradients within 3e-2 of the plain path in float32 on the same (rounded)
     inputs; the scores and softmax are float32 inside, the products bfloat16."""
-    q, k, v, weights = [a.astype(mx.bfloat16) for a in _inputs(Hkv=2)]
+    q, k, v, weights = [a.astype(mx.bfloat16) for a in attention_inputs(Hkv=2)]
     seg = _segments(q.shape[2])
 
     def grads(fn, *arrays):
@@ -104,11 +81,11 @@ def test_softcapped_scores_equal_the_plain_softcap_branch(name):
     from mlx_qlora.model.attention import softcapped_attention
 
     window, segments, padding, n_kv = CASES[name]
-    q, k, v, weights = _inputs(Hkv=n_kv)
+    q, k, v, weights = attention_inputs(Hkv=n_kv)
     q = q * 3  # scores well past the cap
     L = q.shape[2]
     seg = _segments(L) if segments else None
-    pad = _left_padding(L) if padding else None
+    pad = left_padding(L) if padding else None
     positions = mx.arange(L, dtype=mx.int32)
     mask = build_mask(positions, positions, window, seg, pad)
     ours_fn = lambda q, k, v: blockwise_attention(q, k, v, 0.25, window, seg, pad, block=16, softcap=2.0)  # noqa: E731
@@ -124,7 +101,7 @@ def test_softcapped_scores_equal_the_plain_softcap_branch(name):
 
 
 def test_the_seam_gives_a_softcapped_rule_to_blockwise_from_the_threshold():
-    q, k, v, _ = _inputs(L=40)
+    q, k, v, _ = attention_inputs(L=40)
     rule = MaskRule(40, None)
     with settings.override(blockwise_share=0, blockwise_from=41):
         below = scaled_dot_product_attention(q, k, v, 0.25, rule, training=True, softcap=2.0)
@@ -137,14 +114,14 @@ def test_the_seam_gives_a_softcapped_rule_to_blockwise_from_the_threshold():
 
 def test_the_window_is_applied_in_the_backward_pass_too():
     """An invariant: with window 8, a loss over the queries before 40 gives keys 40.. no gradient, key 39 some."""
-    q, k, v, weights = _inputs(L=64)
+    q, k, v, weights = attention_inputs(L=64)
     grad = mx.grad(lambda k: mx.sum((blockwise_attention(q, k, v, 0.25, 8, block=16) * weights)[:, :, :40]))(k)
     assert float(mx.abs(grad[:, :, 40:]).max()) == 0.0
     assert float(mx.abs(grad[:, :, 39]).max()) > 0.0
 
 
 def test_the_seam_picks_blockwise_from_the_threshold_on():
-    q, k, v, _ = _inputs(L=40)
+    q, k, v, _ = attention_inputs(L=40)
     rule = MaskRule(40, 8, mx.array([[0] * 25 + [1] * 15] * 2))
     plain = np.array(_plain(q, k, v, 0.25, 8, rule.segment_ids, None))
     with settings.override(blockwise_share=0, blockwise_from=41):  # below: the dense mask and MLX's kernel
@@ -173,7 +150,7 @@ def test_from_the_threshold_plain_attention_runs_while_its_scores_fit_the_memory
         assert uses_blockwise(fits, 64, 2)  # twice the rows: twice the scores
     with settings.override(blockwise_from=1024, blockwise_share=0):
         assert uses_blockwise(1024, 1, 2) and not uses_blockwise(1023, 1, 2)
-    q, k, v, _ = _inputs(L=40)
+    q, k, v, _ = attention_inputs(L=40)
     for share, blockwise in ((0.4, False), (0.0, True)):
         rule = MaskRule(40, 8, None)
         with settings.override(blockwise_from=40, blockwise_share=share, blockwise_block=16):
@@ -199,11 +176,7 @@ def test_a_model_trains_the_same_on_either_path(tiny_model, checkpoint):
     for threshold in (0, 32):  # 0: never block-wise
         with settings.override(blockwise_share=0, blockwise_from=threshold, blockwise_block=16, layer_tile=0):
             results.append(lora_loss_and_grads(tiny_model(seed=3), ids, segments, positions, checkpoint))
-    (plain_loss, plain), (ours_loss, ours) = results
-    assert len(plain) == 2 * 7 * 2  # lora_A and lora_B of seven projections in two layers
-    assert abs(plain_loss - ours_loss) < 1e-5
-    for key in plain:
-        np.testing.assert_allclose(np.array(ours[key]), np.array(plain[key]), atol=ATOL, rtol=0, err_msg=key)
+    assert_same_lora_training(results, ATOL)
 
 
 def test_blockwise_logits_match_transformers_past_the_window(tiny_hf_checkpoint):

@@ -120,6 +120,10 @@ def test_gptq_output_error_not_above_search(group_size):
     searched = output_error(quantize(mx.array(w), 4, group_size, dtype=mx.float32, rounding="search"))
     gptq = output_error(gptq_quantize(mx.array(w), hessian, 4, group_size, dtype=mx.float32, rounding="search"))
     assert gptq < 0.8 * searched
+    if group_size is None:  # act order (the default per row) against the columns' order
+        in_order = output_error(gptq_quantize(mx.array(w), hessian, 4, None, dtype=mx.float32, rounding="search",
+                                              act_order=False))
+        assert gptq < in_order, (gptq, in_order)
 
 
 def _obq_reference(w, hessian, scale, bias, levels=15, damp=0.01):
@@ -140,14 +144,22 @@ def _obq_reference(w, hessian, scale, bias, levels=15, damp=0.01):
     return q
 
 
-def test_gptq_matches_the_obs_reference_on_a_tiny_matrix():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_matches_the_obs_reference_on_a_tiny_matrix(act_order):
+    """In the columns' order, or (act order) from the largest Hessian diagonal down: the reference then runs
+    on the permuted matrix and its codes are put back in the columns' order."""
     x = _correlated_inputs(n=64, in_features=16, seed=1)
+    x[:, 12:] *= 8.0  # the most energetic inputs last: act order visits them first
     w = _weights(out_features=6, in_features=16, seed=4)
     w[5] = np.linspace(-1, 1, 16)  # no constant row here: its codes are arbitrary
     hessian = x.T.astype(np.float64) @ x
-    wq, scales, biases = gptq_quantize(mx.array(w), hessian, 4, None, dtype=mx.float32, rounding="nearest")
+    wq, scales, biases = gptq_quantize(mx.array(w), hessian, 4, None, dtype=mx.float32, rounding="nearest",
+                                       act_order=act_order)
     q = np.array(unpack(wq, 4)).astype(np.float64)
-    ref = _obq_reference(w, hessian, np.array(scales)[:, 0].astype(np.float64), np.array(biases)[:, 0].astype(np.float64))
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(16)
+    assert not act_order or not np.array_equal(order, np.arange(16))  # a real permutation
+    ref = _obq_reference(w[:, order], hessian[order][:, order], np.array(scales)[:, 0].astype(np.float64),
+                         np.array(biases)[:, 0].astype(np.float64))[:, np.argsort(order)]
     # float32 against float64 may round a code that sits on a tie the other way: allow 1 in 100
     assert (q != ref).mean() <= 0.01
     assert np.abs(q - ref).max() <= 1

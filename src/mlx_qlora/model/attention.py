@@ -2,6 +2,10 @@
 
 The model calls ``scaled_dot_product_attention`` with the plain arguments; this picks the variant:
 
+- without a cache on CUDA, with a sliding window narrower than the sequence (Mistral v0.1 past 4,096 tokens)
+  up to ``settings.attention_chunk_up_to`` tokens: the window as a band of chunks, each through MLX's fused
+  attention (``model/banded.py``), memory linear in the length at the fused kernel's speed
+  (``settings.attention_chunk``);
 - without a cache, over ``settings.blockwise_from`` tokens or more, where the plain path's scores would not
   fit in ``settings.blockwise_share`` of MLX's memory limit: block-wise attention in MLX operations
   (``model/blockwise.py``), whose memory is linear in the length, forward and backward; the mask stays a
@@ -12,6 +16,9 @@ The model calls ``scaled_dot_product_attention`` with the plain arguments; this 
 - with ``softcap`` (Gemma 2: scores become ``cap * tanh(scores / cap)`` before the mask), which MLX's fused
   attention cannot apply, below the block-wise threshold or with a cache: the plain formula in MLX
   operations (``softcapped_attention``), on every backend.
+
+Causal attention without a window, segments or padding never goes block-wise on CUDA: the fused kernel
+holds no scores there, forward or backward.
 
 Compiled decoding on CUDA does not come here: its decoder layers run attention inside the fused layer
 step (``fused_decode.py``), over the static cache without a mask.
@@ -26,6 +33,7 @@ import mlx.core as mx
 from .. import settings
 from ..device import on_cuda
 from ..kernels.cuda import sdpa
+from .banded import banded_attention
 from .blockwise import blockwise_attention
 from .mask import Mask, MaskRule
 
@@ -40,7 +48,11 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
     layer's cache (None in training); ``softcap``: soft-capping of the scores (None: none)."""
     if isinstance(mask, MaskRule):
         rows = q.shape[0] * q.shape[1]  # B * H
-        if cache is None and uses_blockwise(mask.length, rows, q.dtype.size):
+        fused = softcap is None and on_cuda() and fused_shapes(q)
+        if cache is None and fused and uses_banded(mask):
+            return banded_attention(q, k, v, scale, mask, settings.current().attention_chunk)
+        if cache is None and not (fused and mask.causal_only()) and uses_blockwise(mask.length, rows,
+                                                                                   q.dtype.size):
             block = blockwise_block(rows, mask.length, mask.window)
             return blockwise_attention(q, k, v, scale, mask.window, mask.segment_ids, mask.attention_mask,
                                        block=block, softcap=softcap)
@@ -49,6 +61,23 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
         return softcapped_attention(q, k, v, scale, mask, softcap)
     pad = training and cache is None and on_cuda() and settings.current().sdpa_pad
     return sdpa.attention(q, k, v, scale, mask, pad=pad)
+
+
+def fused_shapes(q: mx.array) -> bool:
+    """Whether MLX's fused attention (cuDNN's, on CUDA) takes queries like ``q`` (B, H, L, D): half precision,
+    a head dimension that is a multiple of 8 up to 128."""
+    D = q.shape[-1]
+    return q.dtype in (mx.bfloat16, mx.float16) and D % 8 == 0 and D <= 128
+
+
+def uses_banded(rule: MaskRule) -> bool:
+    """Whether attention under ``rule`` runs as a band of chunks (``model/banded.py``): a window narrower than
+    the sequence, ``settings.attention_chunk`` on and the length within ``settings.attention_chunk_up_to`` (the
+    caller checks the backend and shapes)."""
+    s = settings.current()
+    if s.attention_chunk <= 0 or rule.window is None or rule.length <= rule.window:
+        return False
+    return s.attention_chunk_up_to <= 0 or rule.length <= s.attention_chunk_up_to
 
 
 def plain_scores_bytes(rows: int, length: int, itemsize: int) -> int:

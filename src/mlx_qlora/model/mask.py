@@ -88,6 +88,12 @@ class MaskRule:
         self._dense: Mask = None
         self._built = False
 
+    def causal_only(self) -> bool:
+        """Whether the rule is plain causal attention (``dense()`` is ``"causal"``): no segments, no padding,
+        and no window or one at least as long as the sequence."""
+        return (self.segment_ids is None and self.attention_mask is None
+                and (self.window is None or self.length <= self.window))
+
     def dense(self) -> Mask:
         """``make_mask(length, 0, None, window, segment_ids, attention_mask)``, built on the first call."""
         if not self._built:

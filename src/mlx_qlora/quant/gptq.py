@@ -61,11 +61,15 @@ def gptq_quantize(
     dtype: Optional[mx.Dtype] = None,
     rounding: str = "search",
     damp: float = DAMP,
+    act_order: bool = True,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Quantize ``w`` (out, in) for inputs whose ``X^T X`` is ``hessian`` (in, in).
 
     Returns ``quantize``'s triple: ``wq`` uint32 (out, in * bits / 32), ``scales``, ``biases`` (out,
-    n_groups) in ``dtype`` (default: ``w``'s). ``rounding`` chooses the ranges (``rounding.py``)."""
+    n_groups) in ``dtype`` (default: ``w``'s). ``rounding`` chooses the ranges (``rounding.py``). ``act_order``
+    (per row only): the columns are taken from the largest ``H`` diagonal (the inputs of most energy) down, so
+    that the columns that matter most are rounded first and the later ones absorb their error; the integers
+    go back to the columns' own order, so the format does not change."""
     out_features, in_features = w.shape
     n_groups = n_groups_for(in_features, bits, group_size)
     if hessian.shape != (in_features, in_features):
@@ -75,6 +79,10 @@ def gptq_quantize(
     group = group_size or in_features
     weight = np.array(w.astype(mx.float32), dtype=np.float32)  # (out, in), updated in place
     weight[:, np.diag(hessian) == 0] = 0.0
+    order = None
+    if act_order and group_size is None:
+        order = np.argsort(-np.diag(hessian), kind="stable")
+        weight, hessian = weight[:, order], hessian[order][:, order]
     upper = inverse_cholesky(hessian, damp).astype(np.float32)
 
     q = np.zeros((out_features, in_features), dtype=np.float32)
@@ -101,4 +109,6 @@ def gptq_quantize(
         weight[:, stop:] -= errors @ upper[start:stop, stop:]
     if group_size is None:
         scales[:, 0], biases[:, 0] = scale[:, 0], bias[:, 0]
+    if order is not None:
+        q = q[:, np.argsort(order)]
     return (pack(mx.array(q), bits), mx.array(scales).astype(dtype), mx.array(biases).astype(dtype))

@@ -9,6 +9,12 @@ prediction. Padded to the tile, forward + backward of one layer's attention runs
 gains from it only where the host does not wait for the gradients before building the update: otherwise
 the host's work, not the GPU's, sets the step's length.
 
+A boolean mask goes to the kernel as an additive one in the inputs' dtype, at its own shape: MLX turns a
+boolean mask into an additive one after broadcasting it to (B, H, L, S), which materializes B * H * L * S
+half-precision values (4.3 GB for one 8,192-token row of a 32-head model), while an additive mask is
+handed to cuDNN as the broadcast view it is (``additive``; ``on_cuda`` callers only: on other backends
+MLX takes boolean masks as they are).
+
 Padding changes nothing in the result. The padded keys come after every real query: a causal mask hides
 them already, and an array mask gets ``False`` there. Each padded query sees only itself, so its softmax
 is defined, and its rows are sliced off (their cotangent is zero). ``model/attention.py`` asks for ``pad``
@@ -21,6 +27,8 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import mlx.core as mx
+
+from ...device import on_cuda
 
 TILE = 128  # cuDNN's flash backward needs the query length to be a multiple of this
 
@@ -37,11 +45,25 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Union[N
     L = q.shape[2]
     mask_p = padded_mask(mask, L) if pad and L % TILE and k.shape[2] == L else None
     if mask_p is None:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=additive(mask, q.dtype))
     widths = [(0, 0), (0, 0), (0, padded_length(L) - L), (0, 0)]
     out = mx.fast.scaled_dot_product_attention(mx.pad(q, widths), mx.pad(k, widths), mx.pad(v, widths),
-                                               scale=scale, mask=mask_p)
+                                               scale=scale, mask=additive(mask_p, q.dtype))
     return out[:, :, :L, :]
+
+
+def additive(mask: Union[None, str, mx.array], dtype: mx.Dtype) -> Union[None, str, mx.array]:
+    """A boolean mask as 0 where allowed and -inf elsewhere in ``dtype``, at the mask's own shape, on CUDA
+    (see the module docstring); any other mask, or any mask elsewhere, as it is. Every row must allow a
+    key (``model/mask.py``'s rule does: a query always sees itself)."""
+    if not isinstance(mask, mx.array) or mask.dtype != mx.bool_ or not on_cuda():
+        return mask
+    return additive_of(mask, dtype)
+
+
+def additive_of(mask: mx.array, dtype: mx.Dtype) -> mx.array:
+    """Boolean ``mask`` -> 0 / -inf in ``dtype``, same shape."""
+    return mx.where(mask, mx.array(0.0, dtype=dtype), mx.array(-float("inf"), dtype=dtype))
 
 
 def padded_mask(mask: Union[None, str, mx.array], length: int) -> Optional[Union[str, mx.array]]:

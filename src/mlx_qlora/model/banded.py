@@ -1,0 +1,130 @@
+"""Sliding-window attention as a band of chunks, each through MLX's fused attention: memory linear in the length.
+
+With a window W (Hugging Face Mistral's), a query at position p sees the keys (p - W, p]. Taken ``C``
+queries at a time, the chunk j (queries [jC, (j+1)C)) sees no key before (j - m)C with m = ceil((W - 1) / C),
+so its attention is exact over the keys [(j - m)C, (j+1)C): (m + 1)C keys under one band mask, the same
+(C, (m + 1)C) array for every chunk once j >= m. The sequence is padded with zeros to a multiple of C and
+runs as two calls of ``mx.fast.scaled_dot_product_attention``:
+
+- the first mC tokens (no window cuts there when C divides W): causal attention over themselves;
+- the other chunks folded into the batch, (B g, H, C, D) queries against their (m + 1)C keys, gathered
+  as m + 1 shifted slices of the key chunks, g chunks per call (``MAX_ELEMENTS``).
+
+Where the fused kernel exists (CUDA's cuDNN attention, forward and backward, for query lengths that are
+multiples of 128) nothing holds (L, L) scores or an (L, L) mask: the peak is the keys and values taken
+m + 1 times and a (C, (m + 1)C) mask (additive, in the inputs' dtype: MLX would broadcast a boolean one to
+every head and chunk, see ``kernels/cuda/sdpa.py``), and the work (m + 1)C keys a query instead of the window's W (25% more
+at C = W / 4). Packed segments and key padding become a mask for each chunk, (B (n - m), 1, C, (m + 1)C),
+evaluated from the same rule as ``model/mask.py``'s. Padded positions after the sequence are their own
+segment and only the sequence's rows are returned, so that their keys are never seen by a real query
+(causality hides them) and their own rows always see themselves.
+
+On backends without the fused backward (the CPU, where the tests run) MLX differentiates the composed
+formula per call, so the chunks' scores exist all at once: ``model/attention.py`` takes this path on CUDA
+only and block-wise attention elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+from ..kernels.cuda.sdpa import additive_of
+from .mask import MaskRule
+
+
+# Elements of one call's mask as MLX broadcasts it, (B g, H, C, (m + 1)C): kept under 2**31. Measured on an
+# H100 (MLX 0.32.4), one call of 28 chunks of 1,024 queries against 5,120 keys with 32 heads (4.7e9 elements)
+# ran out of 80 GB where 20 chunks (3.4e9) took 4.6 GB for forward and backward.
+MAX_ELEMENTS = (1 << 31) - 1
+
+
+def first_keys(window: int, chunk: int) -> int:
+    """m: how many whole chunks before its own a chunk of ``chunk`` queries sees under ``window``."""
+    return -(-(window - 1) // chunk)
+
+
+def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: MaskRule,
+                     chunk: int) -> mx.array:
+    """q (B, H, L, D), k/v (B, Hkv, L, D) -> (B, H, L, D): attention without a cache under ``rule`` (which has
+    a window), ``chunk`` query rows at a time (see the module docstring)."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    W = rule.window
+    if W is None:
+        raise ValueError("banded attention needs a sliding window")
+    C = chunk
+    m = first_keys(W, C)
+    n = max(-(-L // C), m + 1)  # chunks after padding: at least one past the first m
+    Lp = n * C
+    if Lp > L:
+        widths = [(0, 0), (0, 0), (0, Lp - L), (0, 0)]
+        q, k, v = mx.pad(q, widths), mx.pad(k, widths), mx.pad(v, widths)
+    masked = rule.segment_ids is not None or rule.attention_mask is not None
+    info = _row_info(rule, B, L, Lp) if masked else None
+
+    # The first mC tokens: their keys start at 0.
+    P = m * C
+    if P:
+        head_mask = "causal"  # no window cuts there when C divides W
+        if masked or P > W:
+            positions = mx.arange(P, dtype=mx.int32)[None]
+            head_mask = additive_of(_allowed(info, positions, positions, W), q.dtype)  # (B or 1, 1, P, P)
+        head = mx.fast.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale=scale,
+                                                    mask=head_mask)
+    # The chunks m .. n-1 folded into the batch, ``group`` chunks per call: queries (B g, H, C, D) against keys
+    # (B g, Hkv, (m + 1)C, D).
+    K = (m + 1) * C
+    group = max(1, MAX_ELEMENTS // (B * H * C * K))
+    if not masked:
+        q_pos = m * C + mx.arange(C, dtype=mx.int32)[None]  # (1, C): chunk m, like every chunk after it
+        band_mask = additive_of(_allowed(None, q_pos, mx.arange(K, dtype=mx.int32)[None], W), q.dtype)
+    outs = [head] if P else []
+    for a in range(m, n, group):
+        b = min(a + group, n)
+        g = b - a
+        qg = q[:, :, a * C:b * C].reshape(B, H, g, C, D).transpose(0, 2, 1, 3, 4).reshape(B * g, H, C, D)
+        if masked:
+            q_pos = mx.arange(a * C, b * C, dtype=mx.int32).reshape(g, C)  # (g, C)
+            k_pos = ((mx.arange(a, b, dtype=mx.int32) - m) * C)[:, None] + mx.arange(K, dtype=mx.int32)[None]
+            mask = additive_of(_allowed(info, q_pos, k_pos, W).reshape(B * g, 1, C, K), q.dtype)
+        else:
+            mask = band_mask  # (1, 1, C, K)
+
+        def band(x, a=a, b=b, g=g):  # keys [(a - m)C, bC) -> (B g, Hkv, (m + 1)C, D)
+            xc = x[:, :, (a - m) * C:b * C].reshape(B, Hkv, g + m, C, D)
+            xs = mx.concatenate([xc[:, :, i:i + g] for i in range(m + 1)], axis=3)  # (B, Hkv, g, K, D)
+            return xs.transpose(0, 2, 1, 3, 4).reshape(B * g, Hkv, K, D)
+
+        out = mx.fast.scaled_dot_product_attention(qg, band(k), band(v), scale=scale, mask=mask)
+        outs.append(out.reshape(B, g, H, C, D).transpose(0, 2, 1, 3, 4).reshape(B, H, g * C, D))
+    out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return out[:, :, :L] if Lp > L else out
+
+
+def _row_info(rule: MaskRule, B: int, L: int, Lp: int) -> mx.array:
+    """(B, 2, Lp) int32: each position's segment id and whether it is a key (1) or padding (0); positions
+    from L on are one segment of their own (-1), keys."""
+    seg = rule.segment_ids if rule.segment_ids is not None else mx.zeros((B, L), dtype=mx.int32)
+    valid = rule.attention_mask if rule.attention_mask is not None else mx.ones((B, L), dtype=mx.int32)
+    seg = mx.broadcast_to(seg.astype(mx.int32), (B, L))
+    valid = mx.broadcast_to(valid.astype(mx.int32), (B, L))
+    if Lp > L:
+        seg = mx.concatenate([seg, mx.full((B, Lp - L), -1, dtype=mx.int32)], axis=1)
+        valid = mx.concatenate([valid, mx.ones((B, Lp - L), dtype=mx.int32)], axis=1)
+    return mx.stack([seg, valid], axis=1)
+
+
+def _allowed(info: Optional[mx.array], q_pos: mx.array, k_pos: mx.array, window: int) -> mx.array:
+    """q_pos (N, Rq), k_pos (N, Rk) absolute positions -> (B or 1, N, Rq, Rk) booleans under ``model/mask.py``'s
+    rule: causal, inside the window, same segment, key not padding (a padding query sees itself)."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # (N, Rq, 1), (N, 1, Rk)
+    ok = (kp <= qp) & (kp > qp - window)
+    ok = ok[None]  # (1, N, Rq, Rk)
+    if info is None:
+        return ok
+    seg, valid = info[:, 0], info[:, 1]  # (B, Lp)
+    same = mx.take(seg, q_pos, axis=1)[..., :, None] == mx.take(seg, k_pos, axis=1)[..., None, :]
+    key_ok = mx.take(valid, k_pos, axis=1).astype(mx.bool_)[..., None, :]  # (B, N, 1, Rk)
+    return (ok & same & key_ok) | (kp == qp)[None]

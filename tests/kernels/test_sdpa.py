@@ -112,3 +112,23 @@ def test_the_model_pads_only_when_training_on_cuda(monkeypatch):
     model.train()
     mx.eval(model(tokens, cache=model.make_cache()))
     assert seen == [True, False, False, False, False, False]
+
+
+def test_the_fused_kernel_runs_where_mlx_gives_cudnn_the_attention(monkeypatch):
+    """MLX's conditions for cuDNN's attention: CUDA, compute capability 8.0 or newer, half precision, a head
+    dimension that is a multiple of 8 up to 128."""
+    from mlx_qlora.kernels.cuda import nvrtc
+
+    def q(dtype=mx.bfloat16, D=128):
+        return mx.zeros((1, 2, 4, D), dtype=dtype)
+
+    monkeypatch.setattr(sdpa, "on_cuda", lambda: True)
+    monkeypatch.setattr(nvrtc, "capability", lambda: (8, 0))
+    assert sdpa.fused_kernel(q()) and sdpa.fused_kernel(q(mx.float16, 64))
+    assert not sdpa.fused_kernel(q(mx.float32)) and not sdpa.fused_kernel(q(D=160))
+    assert not sdpa.fused_kernel(q(D=100))
+    monkeypatch.setattr(nvrtc, "capability", lambda: (7, 5))
+    assert not sdpa.fused_kernel(q())
+    monkeypatch.setattr(sdpa, "on_cuda", lambda: False)
+    monkeypatch.setattr(nvrtc, "capability", lambda: (9, 0))
+    assert not sdpa.fused_kernel(q())

@@ -2,8 +2,8 @@
 
 The model calls ``scaled_dot_product_attention`` with the plain arguments; this picks the variant:
 
-- without a cache on CUDA, with a sliding window narrower than the sequence (Mistral v0.1 past 4,096 tokens)
-  up to ``settings.attention_chunk_up_to`` tokens: the window as a band of chunks, each through MLX's fused
+- without a cache where cuDNN's fused kernel runs (``sdpa.fused_kernel``), with a sliding window narrower
+  than the sequence (Mistral v0.1 past 4,096 tokens) up to ``settings.attention_chunk_up_to`` tokens: the window as a band of chunks, each through MLX's fused
   attention (``model/banded.py``), memory linear in the length at the fused kernel's speed
   (``settings.attention_chunk``);
 - without a cache, over ``settings.blockwise_from`` tokens or more, where the plain path's scores would not
@@ -17,8 +17,9 @@ The model calls ``scaled_dot_product_attention`` with the plain arguments; this 
   attention cannot apply, below the block-wise threshold or with a cache: the plain formula in MLX
   operations (``softcapped_attention``), on every backend.
 
-Causal attention without a window, segments or padding never goes block-wise on CUDA: the fused kernel
-holds no scores there, forward or backward.
+Causal attention without a window, segments or padding never goes block-wise where cuDNN's fused kernel
+runs it (``sdpa.fused_kernel``: CUDA on compute capability 8.0 or newer): it holds no scores there,
+forward or backward.
 
 Compiled decoding on CUDA does not come here: its decoder layers run attention inside the fused layer
 step (``fused_decode.py``), over the static cache without a mask.
@@ -48,7 +49,7 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
     layer's cache (None in training); ``softcap``: soft-capping of the scores (None: none)."""
     if isinstance(mask, MaskRule):
         rows = q.shape[0] * q.shape[1]  # B * H
-        fused = softcap is None and on_cuda() and fused_shapes(q)
+        fused = softcap is None and sdpa.fused_kernel(q)
         if cache is None and fused and uses_banded(mask):
             return banded_attention(q, k, v, scale, mask, settings.current().attention_chunk)
         if cache is None and not (fused and mask.causal_only()) and uses_blockwise(mask.length, rows,
@@ -61,13 +62,6 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
         return softcapped_attention(q, k, v, scale, mask, softcap)
     pad = training and cache is None and on_cuda() and settings.current().sdpa_pad
     return sdpa.attention(q, k, v, scale, mask, pad=pad)
-
-
-def fused_shapes(q: mx.array) -> bool:
-    """Whether MLX's fused attention (cuDNN's, on CUDA) takes queries like ``q`` (B, H, L, D): half precision,
-    a head dimension that is a multiple of 8 up to 128."""
-    D = q.shape[-1]
-    return q.dtype in (mx.bfloat16, mx.float16) and D % 8 == 0 and D <= 128
 
 
 def uses_banded(rule: MaskRule) -> bool:

@@ -101,9 +101,8 @@ def compile_cubin(source: str, name: str, arch: str) -> bytes:
 
 
 @lru_cache(maxsize=None)
-def architecture() -> str:
-    """The default GPU's architecture as NVRTC names it: ``sm_<major><minor>``, with ``a`` from 9.0 on
-    (as MLX compiles its own kernels)."""
+def capability() -> tuple[int, int]:
+    """The default GPU's compute capability, (major, minor): MLX's device info, else the CUDA driver's."""
     import mlx.core as mx
 
     try:
@@ -112,8 +111,15 @@ def architecture() -> str:
         info = {}
     major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
     if major is None or minor is None:
-        major, minor = _capability_from_driver()
-    return f"sm_{major}{minor}{'a' if int(major) >= 9 else ''}"
+        return _capability_from_driver()
+    return int(major), int(minor)
+
+
+def architecture() -> str:
+    """The default GPU's architecture as NVRTC names it: ``sm_<major><minor>``, with ``a`` from 9.0 on
+    (as MLX compiles its own kernels)."""
+    major, minor = capability()
+    return f"sm_{major}{minor}{'a' if major >= 9 else ''}"
 
 
 def _capability_from_driver() -> tuple[int, int]:

@@ -29,8 +29,19 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from ...device import on_cuda
+from . import nvrtc
 
 TILE = 128  # cuDNN's flash backward needs the query length to be a multiple of this
+
+
+def fused_kernel(q: mx.array) -> bool:
+    """Whether MLX runs attention over queries like ``q`` (B, H, L, D) with cuDNN's fused kernel, forward and
+    backward (the backward for L a multiple of ``TILE``): CUDA on a GPU of compute capability 8.0 or newer,
+    half precision, a head dimension that is a multiple of 8 up to 128 (MLX's own conditions). Elsewhere
+    MLX composes attention from operations that hold the (B, H, L, S) scores."""
+    D = q.shape[-1]
+    return (q.dtype in (mx.bfloat16, mx.float16) and D % 8 == 0 and D <= 128 and on_cuda()
+            and nvrtc.capability()[0] >= 8)
 
 
 def padded_length(length: int) -> int:

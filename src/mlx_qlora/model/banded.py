@@ -31,7 +31,7 @@ from typing import Optional
 import mlx.core as mx
 
 from ..kernels.cuda.sdpa import additive_of
-from .mask import MaskRule
+from .mask import MaskRule, row_info
 
 
 # Elements of one call's mask as MLX broadcasts it, (B g, H, C, (m + 1)C): kept under 2**31. Measured on an
@@ -62,7 +62,7 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: 
         widths = [(0, 0), (0, 0), (0, Lp - L), (0, 0)]
         q, k, v = mx.pad(q, widths), mx.pad(k, widths), mx.pad(v, widths)
     masked = rule.segment_ids is not None or rule.attention_mask is not None
-    info = _row_info(rule, B, L, Lp) if masked else None
+    info = row_info(rule.segment_ids, rule.attention_mask, B, L, Lp) if masked else None
 
     # The first mC tokens: their keys start at 0.
     P = m * C
@@ -101,19 +101,6 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: 
         outs.append(out.reshape(B, g, H, C, D).transpose(0, 2, 1, 3, 4).reshape(B, H, g * C, D))
     out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     return out[:, :, :L] if Lp > L else out
-
-
-def _row_info(rule: MaskRule, B: int, L: int, Lp: int) -> mx.array:
-    """(B, 2, Lp) int32: each position's segment id and whether it is a key (1) or padding (0); positions
-    from L on are one segment of their own (-1), keys."""
-    seg = rule.segment_ids if rule.segment_ids is not None else mx.zeros((B, L), dtype=mx.int32)
-    valid = rule.attention_mask if rule.attention_mask is not None else mx.ones((B, L), dtype=mx.int32)
-    seg = mx.broadcast_to(seg.astype(mx.int32), (B, L))
-    valid = mx.broadcast_to(valid.astype(mx.int32), (B, L))
-    if Lp > L:
-        seg = mx.concatenate([seg, mx.full((B, Lp - L), -1, dtype=mx.int32)], axis=1)
-        valid = mx.concatenate([valid, mx.ones((B, Lp - L), dtype=mx.int32)], axis=1)
-    return mx.stack([seg, valid], axis=1)
 
 
 def _allowed(info: Optional[mx.array], q_pos: mx.array, k_pos: mx.array, window: int) -> mx.array:

@@ -28,6 +28,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .mask import row_info
+
 
 def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: Optional[int] = None,
                         segment_ids: Optional[mx.array] = None, attention_mask: Optional[mx.array] = None,
@@ -45,9 +47,7 @@ def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, win
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     # Segment ids and the padding mask travel as one int32 array (an input of the custom function).
-    rows = [segment_ids if segment_ids is not None else mx.zeros((B, L), dtype=mx.int32),
-            attention_mask if attention_mask is not None else mx.ones((B, L), dtype=mx.int32)]
-    info = mx.stack([r.astype(mx.int32) for r in rows], axis=1)  # (B or 1, 2, L)
+    info = row_info(segment_ids, attention_mask, B, L)  # (B, 2, L)
     fn = _attention_fn(scale, window, segment_ids is not None, attention_mask is not None, block, softcap)
     return fn(q, k, v, info)[0]
 

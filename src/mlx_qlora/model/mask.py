@@ -74,6 +74,23 @@ def make_mask(
     return build_mask(query_positions, key_positions, window, None, attention_mask)
 
 
+def row_info(segment_ids: Optional[mx.array], attention_mask: Optional[mx.array], batch: int, length: int,
+             padded_length: Optional[int] = None) -> mx.array:
+    """Segment ids (B, L) and the padding mask (B, L), either None, as one (B, 2, padded_length) int32 array
+    for the chunked attentions (``blockwise.py``, ``banded.py``): each position's segment id (0 without
+    packing) and whether it is a key (1) or padding (0). Positions from ``length`` on (a sequence padded to
+    whole chunks) are one segment of their own (-1), keys."""
+    seg = segment_ids if segment_ids is not None else mx.zeros((batch, length), dtype=mx.int32)
+    valid = attention_mask if attention_mask is not None else mx.ones((batch, length), dtype=mx.int32)
+    seg = mx.broadcast_to(seg.astype(mx.int32), (batch, length))
+    valid = mx.broadcast_to(valid.astype(mx.int32), (batch, length))
+    extra = (padded_length or length) - length
+    if extra:
+        seg = mx.concatenate([seg, mx.full((batch, extra), -1, dtype=mx.int32)], axis=1)
+        valid = mx.concatenate([valid, mx.ones((batch, extra), dtype=mx.int32)], axis=1)
+    return mx.stack([seg, valid], axis=1)
+
+
 class MaskRule:
     """The mask of ``length`` tokens without a cache, kept as its inputs until a path needs the array.
 

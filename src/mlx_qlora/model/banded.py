@@ -31,7 +31,7 @@ from typing import Optional
 import mlx.core as mx
 
 from ..kernels.cuda.sdpa import additive_of
-from .mask import MaskRule, row_info
+from .mask import MaskRule, allowed, row_info
 
 
 # Elements of one call's mask as MLX broadcasts it, (B g, H, C, (m + 1)C): kept under 2**31. Measured on an
@@ -106,12 +106,11 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: 
 def _allowed(info: Optional[mx.array], q_pos: mx.array, k_pos: mx.array, window: int) -> mx.array:
     """q_pos (N, Rq), k_pos (N, Rk) absolute positions -> (B or 1, N, Rq, Rk) booleans under ``model/mask.py``'s
     rule: causal, inside the window, same segment, key not padding (a padding query sees itself)."""
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]  # (N, Rq, 1), (N, 1, Rk)
-    ok = (kp <= qp) & (kp > qp - window)
-    ok = ok[None]  # (1, N, Rq, Rk)
+    qp, kp = q_pos[None, :, :, None], k_pos[None, :, None, :]  # (1, N, Rq, 1), (1, N, 1, Rk)
     if info is None:
-        return ok
+        return allowed(qp, kp, window)
     seg, valid = info[:, 0], info[:, 1]  # (B, Lp)
-    same = mx.take(seg, q_pos, axis=1)[..., :, None] == mx.take(seg, k_pos, axis=1)[..., None, :]
-    key_ok = mx.take(valid, k_pos, axis=1).astype(mx.bool_)[..., None, :]  # (B, N, 1, Rk)
-    return (ok & same & key_ok) | (kp == qp)[None]
+    q_seg = mx.take(seg, q_pos, axis=1)[..., :, None]  # (B, N, Rq, 1)
+    k_seg = mx.take(seg, k_pos, axis=1)[..., None, :]  # (B, N, 1, Rk)
+    k_valid = mx.take(valid, k_pos, axis=1).astype(mx.bool_)[..., None, :]  # (B, N, 1, Rk)
+    return allowed(qp, kp, window, q_seg, k_seg, k_valid)

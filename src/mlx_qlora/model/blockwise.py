@@ -28,7 +28,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .mask import row_info
+from .mask import allowed as mask_rule, row_info
 
 
 def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, window: Optional[int] = None,
@@ -59,19 +59,12 @@ def _attention_fn(scale: float, window: Optional[int], segments: bool, padding: 
 
     def allowed(info: mx.array, qa: int, qb: int, ka: int, kb: int) -> mx.array:
         """(B or 1, 1, 1, qb - qa, kb - ka) booleans: may query qa + i see key ka + j."""
-        qp = mx.arange(qa, qb, dtype=mx.int32)[:, None]  # (Rq, 1)
-        kp = mx.arange(ka, kb, dtype=mx.int32)[None, :]  # (1, Rk)
-        ok = kp <= qp
-        if span is not None:
-            ok = ok & (kp > qp - span)
-        ok = ok[None, None, None]  # (1, 1, 1, Rq, Rk)
-        if segments:
-            same = info[:, 0, qa:qb, None] == info[:, 0, None, ka:kb]  # (B, Rq, Rk)
-            ok = ok & same[:, None, None]
-        if padding:
-            ok = ok & (info[:, 1, ka:kb] != 0)[:, None, None, None, :]
-            ok = ok | (kp == qp)[None, None, None]  # a padding query sees itself (its softmax is defined)
-        return ok
+        qp = mx.arange(qa, qb, dtype=mx.int32)[None, None, None, :, None]  # (1, 1, 1, Rq, 1)
+        kp = mx.arange(ka, kb, dtype=mx.int32)[None, None, None, None, :]  # (1, 1, 1, 1, Rk)
+        q_seg = info[:, 0, qa:qb][:, None, None, :, None] if segments else None  # (B, 1, 1, Rq, 1)
+        k_seg = info[:, 0, ka:kb][:, None, None, None, :] if segments else None  # (B, 1, 1, 1, Rk)
+        valid = (info[:, 1, ka:kb] != 0)[:, None, None, None, :] if padding else None
+        return mask_rule(qp, kp, span, q_seg, k_seg, valid)
 
     def first_key(qa: int) -> int:
         return 0 if span is None else max(0, qa - span + 1)

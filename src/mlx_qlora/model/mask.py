@@ -25,24 +25,34 @@ def build_mask(
     query_positions (L,), key_positions (S,): absolute positions. segment_ids (B, L) when queries and keys
     are the same tokens. attention_mask (B, T) over all positions so far, 0 for padding.
     """
-    q = query_positions[:, None]  # (L, 1)
-    k = key_positions[None, :]  # (1, S)
-    allowed = k <= q
-    if window is not None:
-        allowed = allowed & (k > q - window)
-    allowed = allowed[None, None]  # (1, 1, L, S)
+    q = query_positions[None, None, :, None]  # (1, 1, L, 1)
+    k = key_positions[None, None, None, :]  # (1, 1, 1, S)
+    q_seg = k_seg = valid = None
     if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, L, L)
-        allowed = allowed & same[:, None]
+        q_seg, k_seg = segment_ids[:, None, :, None], segment_ids[:, None, None, :]  # (B, 1, L, 1), (B, 1, 1, L)
     if attention_mask is not None:
         # a static cache's empty slots (``EMPTY_SLOT``) and positions past the mask's length (a ring that
         # wrapped) read its last column: causality hides the former, the latter are past any left padding
         index = mx.minimum(key_positions, attention_mask.shape[1] - 1)
-        valid = mx.take(attention_mask, index, axis=1).astype(mx.bool_)  # (B, S)
-        allowed = allowed & valid[:, None, None, :]
+        valid = mx.take(attention_mask, index, axis=1).astype(mx.bool_)[:, None, None, :]  # (B, 1, 1, S)
+    return allowed(q, k, window, q_seg, k_seg, valid)
+
+
+def allowed(q: mx.array, k: mx.array, window: Optional[int] = None, q_seg: Optional[mx.array] = None,
+            k_seg: Optional[mx.array] = None, k_valid: Optional[mx.array] = None) -> mx.array:
+    """The rule itself, on arrays that broadcast against each other: query and key positions ``q`` and ``k``
+    (absolute), the queries' and the keys' segment ids (packing; both or neither) and whether each key is a
+    token (False: padding) -> booleans of the broadcast shape. Every mask of this package comes from here
+    (``build_mask``; block-wise and banded attention chunk by chunk)."""
+    ok = k <= q
+    if window is not None:
+        ok = ok & (k > q - window)
+    if q_seg is not None:
+        ok = ok & (q_seg == k_seg)
+    if k_valid is not None:
         # A padding query would otherwise see no key at all and produce NaNs that reach later layers.
-        allowed = allowed | (k == q)[None, None]
-    return allowed
+        ok = (ok & k_valid) | (k == q)
+    return ok
 
 
 def make_mask(

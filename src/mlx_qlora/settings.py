@@ -172,6 +172,17 @@ class KernelSettings:
                                     "query (and key) rows per chunk of block-wise attention; halved for full "
                                     "attention while a chunk's float32 scores exceed 512 MB (down to 64)",
                                     check=_positive, expect="an integer > 0")
+    # Gradient checkpointing in segments of layers (model/mistral.py): the layer inputs kept are one per segment,
+    # the inputs inside a segment recomputed when the backward pass reaches it, at one more forward pass of the
+    # segment's layers but its last.
+    checkpoint_span: int = _setting(0, "MLX_QLORA_CHECKPOINT_SPAN", SWITCH,
+                                    "with gradient checkpointing, the decoder layers whose inputs are kept are one "
+                                    "in this many (each segment of layers recomputed as a whole, its layers "
+                                    "checkpointed inside it): for N layers about N / span + span layer inputs "
+                                    "held instead of N, at up to one more forward pass; 1: every layer's input; "
+                                    "0: 1 while every layer's input takes at most a tenth of MLX's memory limit, "
+                                    "else the whole number nearest the square root of N",
+                                    check=_non_negative, expect="an integer >= 0")
     layer_tile: int = _setting(8192, "MLX_QLORA_LAYER_TILE", SWITCH,
                                "without a cache, a sequence longer than this many tokens runs each decoder layer's "
                                "per-token parts (norms, projections, MLP) in tiles of this many tokens, each "

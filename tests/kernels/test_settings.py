@@ -39,7 +39,7 @@ def test_the_defaults_are_the_measured_defaults():
         qmv_mma_chunks=2, qmv_mma_warps=4, qmv_unroll=4, qmv_stage="norm", qmv_stage_bytes=32 * 1024,
         fused=True, fused_decode=True, prefetch=True, prefetch_blocks=32, prefetch_o=True,
         prefetch_gate_up_mb=4.0, attention_slots=64, attention_threads=256, attention_unroll=8, dequant=True,
-        dequant_words=4, expand_group=0, sdpa_pad=True, attention_chunk=1024, attention_chunk_up_to=16384, blockwise_from=8192, blockwise_share=0.4, blockwise_block=512,
+        dequant_words=4, expand_group=0, sdpa_pad=True, attention_chunk=1024, attention_chunk_up_to=16384, blockwise_from=8192, blockwise_share=0.4, blockwise_block=512, checkpoint_span=0,
         layer_tile=8192, prefill_eval_layers=1, kernel_cache="~/.cache/mlx-qlora/kernels")
 
 
@@ -55,7 +55,8 @@ def test_the_defaults_are_the_measured_defaults():
     ("MLX_QLORA_BLOCKWISE_FROM", "0", "blockwise_from", 0), ("MLX_QLORA_BLOCKWISE_SHARE", "0.25", "blockwise_share", 0.25),
     ("MLX_QLORA_BLOCKWISE_BLOCK", "256", "blockwise_block", 256),
     ("MLX_QLORA_ATTENTION_CHUNK", "0", "attention_chunk", 0), ("MLX_QLORA_ATTENTION_CHUNK", "2048", "attention_chunk", 2048),
-    ("MLX_QLORA_LAYER_TILE", "0", "layer_tile", 0), ("MLX_QLORA_KERNEL_CACHE", "~/kc", "kernel_cache", "~/kc"),
+    ("MLX_QLORA_LAYER_TILE", "0", "layer_tile", 0), ("MLX_QLORA_CHECKPOINT_SPAN", "4", "checkpoint_span", 4),
+    ("MLX_QLORA_KERNEL_CACHE", "~/kc", "kernel_cache", "~/kc"),
     ("MLX_QLORA_KERNEL_CACHE", "off", "kernel_cache", "off"),
 ])
 def test_each_variable_sets_its_field(env, value, field, want):

@@ -40,6 +40,7 @@ CASES = {
     "left-padding": (100, 24, 16, False, True, 2),
     "gqa4-segments-padding": (100, 20, 8, True, True, 1),
     "one-band-past-the-head": (50, 48, 16, False, False, 2),  # padded to 64 tokens: four chunks
+    "many-calls": (100, 16, 8, True, False, 2),  # m = 2, 13 chunks: 11 calls of one (split in two levels)
 }
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_qlora.errors import UserError
 from mlx_qlora.model import ModelArgs, load_model
@@ -118,6 +118,52 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_hf_checkpoint):
     assert plain.keys() == ckpt.keys()
     for key in plain:
         np.testing.assert_allclose(np.array(ckpt[key]), np.array(plain[key]), atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("span", [2, 3, 5])
+def test_checkpointing_in_segments_gives_the_same_gradients(span):
+    # Five layers in segments of 2 (2 + 2 + 1), 3 (3 + 2) and 5 (one): the same gradients as without
+    # checkpointing, for the LoRA matrices (the trainable arrays) and for a full fine-tune's.
+    from mlx_qlora import settings
+    from mlx_qlora.config import LoRAConfig
+    from mlx_qlora.lora import apply_lora
+    from mlx_qlora.model import MistralForCausalLM, ModelArgs
+
+    mx.random.seed(3)
+    args = ModelArgs(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=5,
+                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                     sliding_window=6)
+    ids = mx.array(np.random.default_rng(7).integers(0, 64, size=(2, 17)))
+
+    def loss_fn(m):
+        return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
+
+    for lora in (False, True):
+        model = MistralForCausalLM(args)
+        if lora:
+            apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+            # B starts at zero: random B so that every LoRA gradient is non-trivial
+            model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, model.trainable_parameters()))
+        plain = dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model)[1]))
+        model.model.grad_checkpoint = True
+        with settings.override(checkpoint_span=span):
+            ckpt = dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model)[1]))
+        assert plain.keys() == ckpt.keys() and len(plain) > 0
+        for key in plain:
+            np.testing.assert_allclose(np.array(ckpt[key]), np.array(plain[key]), atol=1e-6, err_msg=key)
+
+
+def test_checkpoint_span_follows_the_setting_or_the_memory_limit():
+    from mlx_qlora import settings
+    from mlx_qlora.model.mistral import SPAN_SHARE, checkpoint_span
+
+    limit = 16 * 2**30
+    fits = int(SPAN_SHARE * limit) // 32  # 32 inputs of this size take exactly the share
+    assert checkpoint_span(32, fits, limit) == 1
+    assert checkpoint_span(32, fits + 1, limit) == 6  # round(sqrt(32))
+    assert checkpoint_span(5, limit, limit) == 2  # round(sqrt(5))
+    with settings.override(checkpoint_span=3):
+        assert checkpoint_span(32, fits, limit) == 3 and checkpoint_span(32, limit, limit) == 3
 
 
 def test_bfloat16_checkpoint_loads_and_casts(tmp_path, tiny_hf_checkpoint):

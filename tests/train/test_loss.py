@@ -166,3 +166,17 @@ def test_bad_shapes_and_chunk_are_refused():
         loss_sums(h, lambda x: x, mx.zeros((2, 4), dtype=mx.int32))
     with pytest.raises(ValueError, match="chunk"):
         loss_sums(h, lambda x: x, mx.zeros((2, 3), dtype=mx.int32), chunk=0)
+
+
+def test_the_backward_pass_is_not_an_array_of_the_sequence_per_chunk():
+    # 64 chunks: the gradient with respect to the hidden states is a concatenation of the chunks' (their
+    # slices' gradients would be 64 (B*L, D) arrays, about 13 times the hidden states' size at the peak).
+    n, dim, vocab = 64 * 256, 256, 128
+    hidden = mx.random.normal((1, n, dim), key=mx.random.key(0))
+    weight = mx.random.normal((vocab, dim), key=mx.random.key(1)) * 0.02
+    labels = mx.random.randint(0, vocab, (1, n), key=mx.random.key(2))
+    mx.eval(hidden, weight, labels)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(mx.grad(lambda h: loss_sums(h, lambda x: x @ weight.T, labels, chunk=256)[0])(hidden))
+    assert (mx.get_peak_memory() - base) / hidden.nbytes <= 4.0  # about 3 (MLX 0.32.4 on the CPU)

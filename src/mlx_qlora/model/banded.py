@@ -28,10 +28,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import itertools
+
 import mlx.core as mx
 
 from ..kernels.cuda.sdpa import additive_of
 from .mask import MaskRule, allowed, row_info
+from .split import split
 
 
 # Elements of one call's mask as MLX broadcasts it, (B g, H, C, (m + 1)C): kept under 2**31. Measured on an
@@ -64,40 +67,46 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: 
     masked = rule.segment_ids is not None or rule.attention_mask is not None
     info = row_info(rule.segment_ids, rule.attention_mask, B, L, Lp) if masked else None
 
-    # The first mC tokens: their keys start at 0.
+    # The chunks m .. n-1 folded into the batch, ``group`` chunks per call: queries (B g, H, C, D) against keys
+    # (B g, Hkv, (m + 1)C, D). Every piece is taken by ``split`` (its gradient is one concatenation) or by one
+    # slice per key shift, never by a slice per call: a slice's gradient is an array of its whole input.
+    K = (m + 1) * C
+    group = max(1, MAX_ELEMENTS // (B * H * C * K))
+    starts = list(range(m, n, group))  # the calls' first chunks
+    sizes = [min(group, n - a) for a in starts]
     P = m * C
+    q_parts = split(q, ([P] if P else []) + [a * C for a in starts[1:]], axis=2)  # the head's, then each call's
+    outs = []
+    # The first mC tokens: their keys start at 0.
     if P:
         head_mask = "causal"  # no window cuts there when C divides W
         if masked or P > W:
             positions = mx.arange(P, dtype=mx.int32)[None]
             head_mask = additive_of(_allowed(info, positions, positions, W), q.dtype)  # (B or 1, 1, P, P)
-        head = mx.fast.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], scale=scale,
-                                                    mask=head_mask)
-    # The chunks m .. n-1 folded into the batch, ``group`` chunks per call: queries (B g, H, C, D) against keys
-    # (B g, Hkv, (m + 1)C, D).
-    K = (m + 1) * C
-    group = max(1, MAX_ELEMENTS // (B * H * C * K))
+        outs.append(mx.fast.scaled_dot_product_attention(q_parts.pop(0), k[:, :, :P], v[:, :, :P], scale=scale,
+                                                         mask=head_mask))
     if not masked:
         q_pos = m * C + mx.arange(C, dtype=mx.int32)[None]  # (1, C): chunk m, like every chunk after it
         band_mask = additive_of(_allowed(None, q_pos, mx.arange(K, dtype=mx.int32)[None], W), q.dtype)
-    outs = [head] if P else []
-    for a in range(m, n, group):
-        b = min(a + group, n)
-        g = b - a
-        qg = q[:, :, a * C:b * C].reshape(B, H, g, C, D).transpose(0, 2, 1, 3, 4).reshape(B * g, H, C, D)
+
+    def bands(x):  # per call [a, a + g): the keys [(a - m)C, (a + g)C) as (B g, Hkv, (m + 1)C, D)
+        xc = x.reshape(B, Hkv, n, C, D)
+        bounds = list(itertools.accumulate(sizes[:-1]))
+        # shift i: key chunk c - m + i of every query chunk c = m .. n-1, split into the calls
+        shifted = [split(xc[:, :, i:i + n - m], bounds, axis=2) for i in range(m + 1)]
+        for j, g in enumerate(sizes):
+            xs = mx.concatenate([parts[j] for parts in shifted], axis=3)  # (B, Hkv, g, K, D)
+            yield xs.transpose(0, 2, 1, 3, 4).reshape(B * g, Hkv, K, D)
+
+    for a, g, qg, kg, vg in zip(starts, sizes, q_parts, bands(k), bands(v)):
+        qg = qg.reshape(B, H, g, C, D).transpose(0, 2, 1, 3, 4).reshape(B * g, H, C, D)
         if masked:
-            q_pos = mx.arange(a * C, b * C, dtype=mx.int32).reshape(g, C)  # (g, C)
-            k_pos = ((mx.arange(a, b, dtype=mx.int32) - m) * C)[:, None] + mx.arange(K, dtype=mx.int32)[None]
+            q_pos = mx.arange(a * C, (a + g) * C, dtype=mx.int32).reshape(g, C)  # (g, C)
+            k_pos = ((mx.arange(a, a + g, dtype=mx.int32) - m) * C)[:, None] + mx.arange(K, dtype=mx.int32)[None]
             mask = additive_of(_allowed(info, q_pos, k_pos, W).reshape(B * g, 1, C, K), q.dtype)
         else:
             mask = band_mask  # (1, 1, C, K)
-
-        def band(x, a=a, b=b, g=g):  # keys [(a - m)C, bC) -> (B g, Hkv, (m + 1)C, D)
-            xc = x[:, :, (a - m) * C:b * C].reshape(B, Hkv, g + m, C, D)
-            xs = mx.concatenate([xc[:, :, i:i + g] for i in range(m + 1)], axis=3)  # (B, Hkv, g, K, D)
-            return xs.transpose(0, 2, 1, 3, 4).reshape(B * g, Hkv, K, D)
-
-        out = mx.fast.scaled_dot_product_attention(qg, band(k), band(v), scale=scale, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(qg, kg, vg, scale=scale, mask=mask)
         outs.append(out.reshape(B, g, H, C, D).transpose(0, 2, 1, 3, 4).reshape(B, H, g * C, D))
     out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     return out[:, :, :L] if Lp > L else out

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import settings
 from .args import ModelArgs
 from .cache import KVCache
 from .layers import DecoderLayer, RMSNorm, softcap
@@ -58,12 +59,14 @@ class MistralModel(nn.Module):
                     built[key] = make_mask(L, offset, key_positions, window, segment_ids, attention_mask)
             return built[key]
 
+        if self.grad_checkpoint and cache is None:
+            span = checkpoint_span(len(self.layers), h.nbytes, mx.get_memory_limit())
+            for start in range(0, len(self.layers), span):
+                h = _checkpointed(self.layers[start:start + span], h, mask_fn, position_ids)
+            return self.norm(h)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache else None
-            if self.grad_checkpoint and cache is None:
-                h = _checkpointed(layer, h, mask_fn, position_ids)
-            else:
-                h = layer(h, mask_fn, layer_cache, position_ids)
+            h = layer(h, mask_fn, layer_cache, position_ids)
             if eval_every and (i + 1) % eval_every == 0 and i + 1 < len(self.layers):
                 mx.async_eval(h)
                 if pending is not None:
@@ -72,14 +75,38 @@ class MistralModel(nn.Module):
         return self.norm(h)
 
 
-def _checkpointed(layer: DecoderLayer, h: mx.array, mask_fn, position_ids) -> mx.array:
-    """Run ``layer`` so that its activations are recomputed in the backward pass instead of stored."""
+# With ``settings.checkpoint_span`` 0, segments start where every layer's input would take more than this share of
+# MLX's memory limit.
+SPAN_SHARE = 0.1
+
+
+def checkpoint_span(layers: int, input_bytes: int, memory_limit: int) -> int:
+    """Decoder layers per checkpointed segment: ``settings.checkpoint_span``, or where that is 0, 1 while the
+    ``layers`` inputs of ``input_bytes`` each take at most ``SPAN_SHARE`` of ``memory_limit``, else the whole
+    number nearest sqrt(layers), which about minimizes the inputs held (layers / span kept, span recomputed)."""
+    span = settings.current().checkpoint_span
+    if span:
+        return span
+    if layers * input_bytes <= SPAN_SHARE * memory_limit:
+        return 1
+    return max(1, round(layers ** 0.5))
+
+
+def _checkpointed(layers: list[DecoderLayer], h: mx.array, mask_fn, position_ids) -> mx.array:
+    """Run ``layers`` so that their activations are recomputed in the backward pass instead of stored: one layer
+    alone, or several as a segment whose own input alone is kept, each of its layers checkpointed inside it
+    when the segment is recomputed."""
 
     def run(params, x):
-        layer.update(params)
-        return layer(x, mask_fn, None, position_ids)
+        for layer, p in zip(layers, params):
+            layer.update(p)
+        if len(layers) == 1:
+            return layers[0](x, mask_fn, None, position_ids)
+        for layer in layers:
+            x = _checkpointed([layer], x, mask_fn, position_ids)
+        return x
 
-    return checkpoint(run)(layer.trainable_parameters(), h)
+    return checkpoint(run)([layer.trainable_parameters() for layer in layers], h)
 
 
 class MistralForCausalLM(nn.Module):

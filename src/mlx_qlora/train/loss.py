@@ -18,6 +18,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ..data.constants import CROSS_ENTROPY_IGNORE_INDEX
+from ..model.split import split
 
 
 def shift_for_next_token(inputs: mx.array, labels: mx.array) -> tuple[mx.array, mx.array]:
@@ -109,8 +110,10 @@ def loss_sums(
     flat_labels = labels.reshape(n).astype(mx.int32)  # (B*L,)
     chunk_loss = _fused_chunk(lm_head_fn) if fused else _plain_chunk(lm_head_fn)
     total, previous = mx.array(0.0, dtype=mx.float32), None
-    for start in range(0, n, chunk):
-        chunk_hidden = flat_hidden[start:start + chunk]  # (n_chunk, D)
+    # split, not slices: the backward pass then concatenates the chunks' gradients instead of summing one
+    # (B*L, D) array per chunk
+    cuts = list(range(chunk, n, chunk))
+    for start, chunk_hidden in zip(range(0, n, chunk), split(flat_hidden, cuts, axis=0)):  # (n_chunk, D)
         if previous is not None:
             # Start a chunk only once the previous one is finished: MLX would otherwise evaluate the
             # independent chunks side by side and hold all their logits at once.

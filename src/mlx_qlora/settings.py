@@ -146,9 +146,9 @@ class KernelSettings:
                                     "window reaches, through the fused kernel (`model/banded.py`): memory linear "
                                     "in the length; a multiple of 128; 0: never",
                                     check=lambda v: v >= 0 and v % 128 == 0, expect="0 or a multiple of 128")
-    # Measured on an H100 up to 16,384 tokens (7,770 tokens/s in 15.2 GB against block-wise's 2,451 in 15.0 GB);
-    # longer sequences keep the block-wise path measured up to 65,536 tokens until the band is measured there.
-    attention_chunk_up_to: int = _setting(16384, "MLX_QLORA_ATTENTION_CHUNK_UP_TO", SWITCH,
+    # Measured on an H100 (Mistral-7B shapes) at 16,384 tokens (7,770 tokens/s in 15.2 GB against block-wise's
+    # 2,451 in 15.0 GB), 32,768 (7,548 against 2,258) and 65,536 (5,763 against 2,176, checkpoint segments on).
+    attention_chunk_up_to: int = _setting(0, "MLX_QLORA_ATTENTION_CHUNK_UP_TO", SWITCH,
                                           "the longest sequence that `MLX_QLORA_ATTENTION_CHUNK` applies to (longer "
                                           "ones run block-wise, see `MLX_QLORA_BLOCKWISE_FROM`); 0: no bound",
                                           check=_non_negative, expect="an integer >= 0")
@@ -183,7 +183,9 @@ class KernelSettings:
                                     "0: 1 while every layer's input takes at most a tenth of MLX's memory limit, "
                                     "else the whole number nearest the square root of N",
                                     check=_non_negative, expect="an integer >= 0")
-    layer_tile: int = _setting(8192, "MLX_QLORA_LAYER_TILE", SWITCH,
+    # 4,096 rather than 8,192 tokens: at 16,384 tokens on an H100, 13.3 GB against 15.1 GB at 5% of the speed
+    # (7,585 tokens/s against 7,988); at 32,768 with checkpoint segments, 16.0 GB against 16.9.
+    layer_tile: int = _setting(4096, "MLX_QLORA_LAYER_TILE", SWITCH,
                                "without a cache, a sequence longer than this many tokens runs each decoder layer's "
                                "per-token parts (norms, projections, MLP) in tiles of this many tokens, each "
                                "recomputed in the backward pass (`model/tiled.py`): activations per tile, at "

@@ -161,7 +161,8 @@ def test_checkpoint_span_follows_the_setting_or_the_memory_limit():
     fits = int(SPAN_SHARE * limit) // 32  # 32 inputs of this size take exactly the share
     assert checkpoint_span(32, fits, limit) == 1
     assert checkpoint_span(32, fits + 1, limit) == 6  # round(sqrt(32))
-    assert checkpoint_span(5, limit, limit) == 2  # round(sqrt(5))
+    assert checkpoint_span(6, limit, limit) == 2  # round(sqrt(6)): 3 inputs kept + 2 recomputed < 6
+    assert checkpoint_span(5, limit, limit) == 1  # round(sqrt(5)) = 2 would hold 3 + 2: no fewer than 5
     with settings.override(checkpoint_span=3):
         assert checkpoint_span(32, fits, limit) == 3 and checkpoint_span(32, limit, limit) == 3
 

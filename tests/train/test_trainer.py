@@ -146,6 +146,25 @@ def test_overlapping_steps_train_exactly_as_waiting_for_each(workspace, tmp_path
         np.testing.assert_array_equal(value, runs[False][1][key], err_msg=key)
 
 
+def test_the_checkpointing_note_names_the_segments_the_largest_batch_gets(workspace, tmp_path, monkeypatch):
+    from mlx_qlora import settings
+    from mlx_qlora.train import trainer as trainer_module
+
+    assert Trainer(_config(workspace, tmp_path / "a"), progress=False).checkpoint_note() is None
+    trainer = Trainer(_config(workspace, tmp_path / "b", grad_checkpoint=True), progress=False)
+    layers = len(trainer.model.layers)
+    assert trainer.checkpoint_note() == f"gradient checkpointing: every layer's input kept ({layers} layers)"
+    with settings.override(checkpoint_span=2):
+        assert "one input per segment of 2 layers" in trainer.checkpoint_note()
+    # the note asks the model's own rule about the largest batch: batch size x the longest padded row
+    tokens = 4 * trainer.iterator.row_lengths()[-1]
+    asked = []
+    monkeypatch.setattr(trainer_module, "checkpoint_span", lambda *args: asked.append(args) or 3)
+    assert trainer.checkpoint_note() == (f"gradient checkpointing: the largest batch ({tokens:,} tokens) keeps one "
+                                         f"input per segment of 3 layers ({layers} layers; MLX_QLORA_CHECKPOINT_SPAN)")
+    assert asked == [(layers, tokens * trainer.model.args.hidden_size * trainer.dtype.size, mx.get_memory_limit())]
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(workspace, tmp_path):
     trainer = Trainer(_config(workspace, tmp_path / "run", save_every=2), progress=False)
     grad, calls = trainer.grad_fn, []

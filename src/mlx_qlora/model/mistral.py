@@ -83,13 +83,15 @@ SPAN_SHARE = 0.1
 def checkpoint_span(layers: int, input_bytes: int, memory_limit: int) -> int:
     """Decoder layers per checkpointed segment: ``settings.checkpoint_span``, or where that is 0, 1 while the
     ``layers`` inputs of ``input_bytes`` each take at most ``SPAN_SHARE`` of ``memory_limit``, else the whole
-    number nearest sqrt(layers), which about minimizes the inputs held (layers / span kept, span recomputed)."""
+    number nearest sqrt(layers), which about minimizes the inputs held (layers / span kept, span recomputed),
+    where that holds fewer than ``layers``."""
     span = settings.current().checkpoint_span
     if span:
         return span
-    if layers * input_bytes <= SPAN_SHARE * memory_limit:
-        return 1
-    return max(1, round(layers ** 0.5))
+    span = max(1, round(layers ** 0.5))
+    if layers * input_bytes <= SPAN_SHARE * memory_limit or -(-layers // span) + span >= layers:
+        return 1  # the inputs fit, or segments would hold no fewer (five layers or fewer)
+    return span
 
 
 def _checkpointed(layers: list[DecoderLayer], h: mx.array, mask_fn, position_ids) -> mx.array:

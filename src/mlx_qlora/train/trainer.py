@@ -38,6 +38,7 @@ from ..device import device_type
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text, json_line
 from ..model import load_model
+from ..model.mistral import checkpoint_span
 from ..model.loading import compute_dtype, model_args_from_config, read_config, resolve_dtype
 from ..outputs import RUN, claim_output
 from ..lora.adapters import WEIGHTS_NAME, save_adapters
@@ -230,6 +231,20 @@ class Trainer:
         return (f"batches: {rule}{', packed' if c.packing else ''}; {len(it):,} per epoch, "
                 f"{it.epoch_efficiency():.0%} of computed tokens real; {len(widths)} row length(s) "
                 f"{widths[0]}-{widths[-1]}")
+
+    def checkpoint_note(self) -> Optional[str]:
+        """With gradient checkpointing, one line on which layer inputs are kept for the largest batch
+        (``model/mistral.checkpoint_span``); None without checkpointing."""
+        c = self.config
+        if not c.grad_checkpoint:
+            return None
+        tokens = c.max_batch_tokens if c.max_batch_tokens is not None else c.batch_size * self.iterator.row_lengths()[-1]
+        layers = len(self.model.layers)
+        span = checkpoint_span(layers, tokens * self.model.args.hidden_size * self.dtype.size, mx.get_memory_limit())
+        if span == 1:
+            return f"gradient checkpointing: every layer's input kept ({layers} layers)"
+        return (f"gradient checkpointing: the largest batch ({tokens:,} tokens) keeps one input per segment of {span} "
+                f"layers ({layers} layers; MLX_QLORA_CHECKPOINT_SPAN)")
 
     def _total_steps(self) -> int:
         c = self.config
@@ -504,6 +519,8 @@ class Trainer:
             if main:
                 print(self.dtype_note)
                 print(self.batch_note())
+                if self.checkpoint_note():
+                    print(self.checkpoint_note())
             if self.state.step == 0:
                 if main:
                     print(format_trainable(self.model))

@@ -66,7 +66,8 @@ def layer_forward(layer, x: mx.array, mask_fn, position_ids: Optional[mx.array] 
     rest_params = {name: p for name, p in trainable.items() if name not in ("self_attn", "input_layernorm")}
     rest_params["self_attn"] = {"o_proj": attn_params.get("o_proj", {})}
     heads = in_tiles(qkv, tile, output_axis=2)(qkv_params, x)  # (B, H + 2 Hkv, L, hd)
-    q, k, v = heads[:, :H], heads[:, H:H + Hkv], heads[:, H + Hkv:]
+    # split: one concatenation in the backward pass, where three slices give three (B, H + 2 Hkv, L, hd) arrays
+    q, k, v = mx.split(heads, [H, H + Hkv], axis=1)
     mask = mask_fn(None, attn.sliding_window)
     out = scaled_dot_product_attention(q, k, v, attn.scale, mask, None, layer.training, attn.softcap)
     out = out.transpose(0, 2, 1, 3).reshape(B, L, H * hd).astype(x.dtype)  # (B, L, H*hd)

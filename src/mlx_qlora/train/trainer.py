@@ -238,7 +238,9 @@ class Trainer:
         c = self.config
         if not c.grad_checkpoint:
             return None
-        tokens = c.max_batch_tokens if c.max_batch_tokens is not None else c.batch_size * self.iterator.row_lengths()[-1]
+        tokens = c.max_batch_tokens
+        if tokens is None:
+            tokens = c.batch_size * self.iterator.row_lengths()[-1]
         layers = len(self.model.layers)
         span = checkpoint_span(layers, tokens * self.model.args.hidden_size * self.dtype.size, mx.get_memory_limit())
         if span == 1:

@@ -4,8 +4,8 @@ The model calls ``scaled_dot_product_attention`` with the plain arguments; this 
 
 - without a cache where cuDNN's fused kernel runs (``sdpa.fused_kernel``), with a sliding window narrower
   than the sequence (Mistral v0.1 past 4,096 tokens), at any length unless ``settings.attention_chunk_up_to``
-  bounds it: the window as a band of chunks, each through MLX's fused attention (``model/banded.py``), memory linear in the
-  length at the fused kernel's speed (``settings.attention_chunk``);
+  bounds it: the window as a band of chunks, each through MLX's fused attention (``model/banded.py``),
+  memory linear in the length at the fused kernel's speed (``settings.attention_chunk``);
 - without a cache, over ``settings.blockwise_from`` tokens or more, where the plain path's scores would not
   fit in ``settings.blockwise_share`` of MLX's memory limit: block-wise attention in MLX operations
   (``model/blockwise.py``), whose memory is linear in the length, forward and backward; the mask stays a

@@ -11,12 +11,12 @@ runs as two calls of ``mx.fast.scaled_dot_product_attention``:
   as m + 1 shifted slices of the key chunks, g chunks per call (``MAX_ELEMENTS``).
 
 Where the fused kernel exists (CUDA's cuDNN attention, forward and backward, for query lengths that are
-multiples of 128) nothing holds (L, L) scores or an (L, L) mask: the peak is the keys and values taken
-m + 1 times and a (C, (m + 1)C) mask (additive, in the inputs' dtype: MLX would broadcast a boolean one to
-every head and chunk, see ``kernels/cuda/sdpa.py``), and the work (m + 1)C keys a query instead of the
-window's W (25% more at C = W / 4). Packed segments and key padding become a mask for each chunk, (B (n - m), 1, C, (m + 1)C),
-evaluated from the same rule as ``model/mask.py``'s. Padded positions after the sequence are their own
-segment and only the sequence's rows are returned, so that their keys are never seen by a real query
+multiples of 128) nothing holds (L, L) scores or an (L, L) mask: the peak is the keys and values taken m + 1
+times and a (C, (m + 1)C) mask (additive, in the inputs' dtype: MLX would broadcast a boolean one to every
+head and chunk, see ``kernels/cuda/sdpa.py``), and the work (m + 1)C keys a query instead of the window's W
+(25% more at C = W / 4). Packed segments and key padding become a mask for each chunk,
+(B (n - m), 1, C, (m + 1)C), evaluated from the same rule as ``model/mask.py``'s. Padded positions after the
+sequence are their own segment and only the sequence's rows are returned, so that their keys are never seen by a real query
 (causality hides them) and their own rows always see themselves.
 
 On backends without the fused backward (the CPU, where the tests run) MLX differentiates the composed
@@ -26,9 +26,8 @@ only and block-wise attention elsewhere.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import itertools
+from typing import Optional
 
 import mlx.core as mx
 

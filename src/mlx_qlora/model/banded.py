@@ -16,8 +16,8 @@ times and a (C, (m + 1)C) mask (additive, in the inputs' dtype: MLX would broadc
 head and chunk, see ``kernels/cuda/sdpa.py``), and the work (m + 1)C keys a query instead of the window's W
 (25% more at C = W / 4). Packed segments and key padding become a mask for each chunk,
 (B (n - m), 1, C, (m + 1)C), evaluated from the same rule as ``model/mask.py``'s. Padded positions after the
-sequence are their own segment and only the sequence's rows are returned, so that their keys are never seen by a real query
-(causality hides them) and their own rows always see themselves.
+sequence are their own segment and only the sequence's rows are returned, so that their keys are never seen
+by a real query (causality hides them) and their own rows always see themselves.
 
 On backends without the fused backward (the CPU, where the tests run) MLX differentiates the composed
 formula per call, so the chunks' scores exist all at once: ``model/attention.py`` takes this path on CUDA

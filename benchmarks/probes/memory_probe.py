@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--cache-limit-gb", type=float, help="cap MLX's buffer cache (0 frees buffers at once)")
     args = p.parse_args()
     set_memory_limits(args.cache_limit_gb, args.memory_limit_gb)
+    from mlx_qlora.train.run_ahead import bound_run_ahead
+
+    bound_run_ahead(args.checkpointing != "off")  # as finetune.py and gpu_train.py bound MLX's queue
     cfg = {**PRESETS[args.preset], "num_hidden_layers": args.layers}
     rows = []
     for ckpt in CHECKPOINTING[args.checkpointing]:

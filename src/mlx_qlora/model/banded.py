@@ -8,7 +8,8 @@ runs as two calls of ``mx.fast.scaled_dot_product_attention``:
 
 - the first mC tokens (no window cuts there when C divides W): causal attention over themselves;
 - the other chunks folded into the batch, (B g, H, C, D) queries against their (m + 1)C keys, gathered
-  as m + 1 shifted slices of the key chunks, g chunks per call (``MAX_ELEMENTS``).
+  from the key chunks (each a piece of ``model/split.py``'s, used by m + 1 query chunks), g chunks per
+  call (``MAX_ELEMENTS``).
 
 Where the fused kernel exists (CUDA's cuDNN attention, forward and backward, for query lengths that are
 multiples of 128) nothing holds (L, L) scores or an (L, L) mask: the peak is the keys and values taken m + 1
@@ -26,7 +27,6 @@ only and block-wise attention elsewhere.
 
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import mlx.core as mx
@@ -67,8 +67,8 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: 
     info = row_info(rule.segment_ids, rule.attention_mask, B, L, Lp) if masked else None
 
     # The chunks m .. n-1 folded into the batch, ``group`` chunks per call: queries (B g, H, C, D) against keys
-    # (B g, Hkv, (m + 1)C, D). Every piece is taken by ``split`` (its gradient is one concatenation) or by one
-    # slice per key shift, never by a slice per call: a slice's gradient is an array of its whole input.
+    # (B g, Hkv, (m + 1)C, D). Every piece is taken by ``split`` (its gradient is one concatenation), never by a
+    # slice of the sequence: a slice's gradient is an array of its whole input.
     K = (m + 1) * C
     group = max(1, MAX_ELEMENTS // (B * H * C * K))
     starts = list(range(m, n, group))  # the calls' first chunks
@@ -89,13 +89,14 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: 
         band_mask = additive_of(_allowed(None, q_pos, mx.arange(K, dtype=mx.int32)[None], W), q.dtype)
 
     def bands(x):  # per call [a, a + g): the keys [(a - m)C, (a + g)C) as (B g, Hkv, (m + 1)C, D)
-        xc = x.reshape(B, Hkv, n, C, D)
-        bounds = list(itertools.accumulate(sizes[:-1]))
-        # shift i: key chunk c - m + i of every query chunk c = m .. n-1, split into the calls
-        shifted = [split(xc[:, :, i:i + n - m], bounds, axis=2) for i in range(m + 1)]
-        for j, g in enumerate(sizes):
-            xs = mx.concatenate([parts[j] for parts in shifted], axis=3)  # (B, Hkv, g, K, D)
-            yield xs.transpose(0, 2, 1, 3, 4).reshape(B * g, Hkv, K, D)
+        # One piece per key chunk: in the backward pass a chunk's m + 1 uses add up chunk-sized, then one
+        # concatenation (a slice of the sequence per shift would add up m + 1 sequence-sized arrays).
+        pieces = split(x.reshape(B, Hkv, n, C, D), list(range(1, n)), axis=2)  # n x (B, Hkv, 1, C, D)
+        for a, g in zip(starts, sizes):
+            # shift i, query chunk c (a .. a + g - 1): key chunk c - m + i
+            xs = mx.concatenate([pieces[c - m + i] for i in range(m + 1) for c in range(a, a + g)], axis=2)
+            xs = xs.reshape(B, Hkv, m + 1, g, C, D).transpose(0, 3, 1, 2, 4, 5)  # (B, g, Hkv, m + 1, C, D)
+            yield xs.reshape(B * g, Hkv, K, D)
 
     for a, g, qg, kg, vg in zip(starts, sizes, q_parts, bands(k), bands(v)):
         qg = qg.reshape(B, H, g, C, D).transpose(0, 2, 1, 3, 4).reshape(B * g, H, C, D)

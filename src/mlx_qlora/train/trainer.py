@@ -38,8 +38,8 @@ from ..device import device_type
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text, json_line
 from ..model import load_model
-from ..model.mistral import checkpoint_span
 from ..model.loading import compute_dtype, model_args_from_config, read_config, resolve_dtype
+from ..model.mistral import checkpoint_span
 from ..outputs import RUN, claim_output
 from ..lora.adapters import WEIGHTS_NAME, save_adapters
 from ..lora.apply import apply_lora, format_trainable, model_targets
@@ -242,11 +242,12 @@ class Trainer:
         if tokens is None:
             tokens = c.batch_size * self.iterator.row_lengths()[-1]
         layers = len(self.model.layers)
-        span = checkpoint_span(layers, tokens * self.model.args.hidden_size * self.dtype.size, mx.get_memory_limit())
+        input_bytes = tokens * self.model.args.hidden_size * self.dtype.size  # one layer's input, (B, L, D)
+        span = checkpoint_span(layers, input_bytes, mx.get_memory_limit())
         if span == 1:
             return f"gradient checkpointing: every layer's input kept ({layers} layers)"
-        return (f"gradient checkpointing: the largest batch ({tokens:,} tokens) keeps one input per segment of {span} "
-                f"layers ({layers} layers; MLX_QLORA_CHECKPOINT_SPAN)")
+        return (f"gradient checkpointing: the largest batch ({tokens:,} tokens) keeps one input per segment of "
+                f"{span} layers ({layers} layers; MLX_QLORA_CHECKPOINT_SPAN)")
 
     def _total_steps(self) -> int:
         c = self.config
@@ -521,8 +522,9 @@ class Trainer:
             if main:
                 print(self.dtype_note)
                 print(self.batch_note())
-                if self.checkpoint_note():
-                    print(self.checkpoint_note())
+                note = self.checkpoint_note()
+                if note:
+                    print(note)
             if self.state.step == 0:
                 if main:
                     print(format_trainable(self.model))

@@ -75,6 +75,8 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: 
     sizes = [min(group, n - a) for a in starts]
     P = m * C
     q_parts = split(q, ([P] if P else []) + [a * C for a in starts[1:]], axis=2)  # the head's, then each call's
+    # One piece per key chunk: in the backward pass a chunk's uses add up chunk-sized, then one concatenation.
+    k_pieces, v_pieces = (split(x.reshape(B, Hkv, n, C, D), list(range(1, n)), axis=2) for x in (k, v))
     outs = []
     # The first mC tokens: their keys start at 0.
     if P:
@@ -82,23 +84,21 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: 
         if masked or P > W:
             positions = mx.arange(P, dtype=mx.int32)[None]
             head_mask = additive_of(_allowed(info, positions, positions, W), q.dtype)  # (B or 1, 1, P, P)
-        outs.append(mx.fast.scaled_dot_product_attention(q_parts.pop(0), k[:, :, :P], v[:, :, :P], scale=scale,
-                                                         mask=head_mask))
+        k_head, v_head = (mx.concatenate(pieces[:m], axis=2).reshape(B, Hkv, P, D) for pieces in (k_pieces, v_pieces))
+        outs.append(mx.fast.scaled_dot_product_attention(q_parts.pop(0), k_head, v_head, scale=scale, mask=head_mask))
     if not masked:
         q_pos = m * C + mx.arange(C, dtype=mx.int32)[None]  # (1, C): chunk m, like every chunk after it
         band_mask = additive_of(_allowed(None, q_pos, mx.arange(K, dtype=mx.int32)[None], W), q.dtype)
 
-    def bands(x):  # per call [a, a + g): the keys [(a - m)C, (a + g)C) as (B g, Hkv, (m + 1)C, D)
-        # One piece per key chunk: in the backward pass a chunk's m + 1 uses add up chunk-sized, then one
-        # concatenation (a slice of the sequence per shift would add up m + 1 sequence-sized arrays).
-        pieces = split(x.reshape(B, Hkv, n, C, D), list(range(1, n)), axis=2)  # n x (B, Hkv, 1, C, D)
+    def bands(pieces):  # n x (B, Hkv, 1, C, D) -> per call [a, a + g): the keys [(a - m)C, (a + g)C) as
+        # (B g, Hkv, (m + 1)C, D)
         for a, g in zip(starts, sizes):
             # shift i, query chunk c (a .. a + g - 1): key chunk c - m + i
             xs = mx.concatenate([pieces[c - m + i] for i in range(m + 1) for c in range(a, a + g)], axis=2)
             xs = xs.reshape(B, Hkv, m + 1, g, C, D).transpose(0, 3, 1, 2, 4, 5)  # (B, g, Hkv, m + 1, C, D)
             yield xs.reshape(B * g, Hkv, K, D)
 
-    for a, g, qg, kg, vg in zip(starts, sizes, q_parts, bands(k), bands(v)):
+    for a, g, qg, kg, vg in zip(starts, sizes, q_parts, bands(k_pieces), bands(v_pieces)):
         qg = qg.reshape(B, H, g, C, D).transpose(0, 2, 1, 3, 4).reshape(B * g, H, C, D)
         if masked:
             q_pos = mx.arange(a * C, (a + g) * C, dtype=mx.int32).reshape(g, C)  # (g, C)

@@ -52,20 +52,20 @@ def step(title: str, args: list[str], log: list[dict]) -> None:
     print(f"({seconds:.1f}s)", flush=True)
 
 
-def prepare(out: Path, log: list[dict]) -> None:
+def prepare(out: Path, log: list[dict], seed: int = 0) -> None:
     """Step 2 through the library (the same call prepare_data.py makes with --template chat)."""
     from mlx_qlora.config import DataConfig
     from mlx_qlora.data import prepare_dataset
 
     print("\n=== prepare the sample data with the model's chat template (template 'chat', 80/10/10 split)", flush=True)
     start = time.perf_counter()
-    config = DataConfig(template="chat", max_seq_len=512, val_fraction=0.1, test_fraction=0.1)
+    config = DataConfig(template="chat", max_seq_len=512, val_fraction=0.1, test_fraction=0.1, seed=seed)
     meta = prepare_dataset(ROOT / "data" / "sample" / "dolly_sample.jsonl", out / "smollm2-4bit", out / "data", config)
     print({name: split["examples"] for name, split in meta["splits"].items()})
     log.append({"step": "prepare the sample data with the model's chat template",
                 "command": "python scripts/prepare_data.py --dataset data/sample/dolly_sample.jsonl --tokenizer "
                            f"{out / 'smollm2-4bit'} --out {out / 'data'} --template chat --max-seq-len 512 "
-                           "--val-fraction 0.1 --test-fraction 0.1",
+                           f"--val-fraction 0.1 --test-fraction 0.1{f' --seed {seed}' if seed else ''}",
                 "seconds": round(time.perf_counter() - start, 1)})
 
 
@@ -86,6 +86,9 @@ def main() -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="convert_weights.py --calibration-data on the prepared training split (GPTQ): the data is "
                         "prepared with a first, plain conversion's tokenizer, then the model converted again")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the 80/10/10 split and of the fine-tune (default 0): other seeds hold out other "
+                        "examples, for a mean over several held-out splits")
     p.add_argument("--json", help="write the table and the settings as JSON here")
     args = p.parse_args()
     if not args.gguf or not Path(args.gguf).is_file():
@@ -98,13 +101,13 @@ def main() -> None:
                "--dtype", "float32", "--overwrite"]
     if args.calibrate:  # the tokenizer first (any layout gives the same), the data, then the calibrated model
         step("convert the GGUF (for its tokenizer)", convert + ["--group-size", "32"], log)
-        prepare(out, log)
+        prepare(out, log, args.seed)
     step("convert the GGUF to our 4-bit format", convert + [
         "--group-size", args.group_size, "--rounding", args.rounding,
         *(["--loftq-rank", str(args.loftq_rank)] if args.loftq_rank else []),
         *(["--calibration-data", str(out / "data")] if args.calibrate else [])], log)
     if not args.calibrate:
-        prepare(out, log)
+        prepare(out, log, args.seed)
     run = out / "run"
     if run.exists():
         import shutil
@@ -114,6 +117,7 @@ def main() -> None:
         "scripts/finetune.py", "--model", str(out / "smollm2-4bit"), "--data", str(out / "data"), "--out", str(run),
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
         "--warmup-steps", "4", "--log-every", "4", "--eval-every", "16", "--save-every", "100", "--no-progress",
+        *(["--seed", str(args.seed)] if args.seed else []),
         *(["--lora-init", "loftq"] if args.loftq_rank else [])], log)
     step("evaluate base vs tuned on the held-out test split", [
         "scripts/evaluate.py", "--model", str(out / "smollm2-4bit"), "--adapter", str(run), "--data", str(out / "data"),

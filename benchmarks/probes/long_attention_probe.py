@@ -3,10 +3,11 @@
 (``--window``, 4,096), by each path the seam can take, with the peak memory above its inputs, the time and
 the largest difference of its output from block-wise attention's.
 
-Paths: ``causal`` (MLX's fused kernel with ``mask="causal"``: no window, the lower bound), ``banded`` (the
-window as a band of chunks through the fused kernel, ``model/banded.py``; ``--chunks`` sizes), ``banded-bool``
-(the same with the band mask handed over boolean, which MLX broadcasts to every head and chunk before making
-it additive), and ``blockwise`` (``model/blockwise.py``, MLX operations). Mistral-7B's heads (32 query,
+Paths: ``causal`` (MLX's fused kernel with ``mask="causal"``: no window, the lower bound),
+``causal-chunks`` (the same as calls of at most ``MLX_QLORA_CAUSAL_CALL_PAIRS`` query-key pairs,
+``model/causal_chunks.py``), ``banded`` (the window as a band of chunks through the fused kernel,
+``model/banded.py``; ``--chunks`` sizes), ``banded-bool`` (the same with the band mask handed over boolean,
+which MLX broadcasts to every head and chunk before making it additive), and ``blockwise`` (``model/blockwise.py``, MLX operations). Mistral-7B's heads (32 query,
 8 key/value, head size 128; ``--heads``), batch 1, the compute dtype; ``--lengths`` tokens.
 
   python benchmarks/probes/long_attention_probe.py --lengths 16384,24576 --json out.json   # on a GPU
@@ -27,7 +28,9 @@ from common import compute_dtype, environment, print_table, write_json
 import mlx.core as mx
 
 from mlx_qlora.model import banded
+from mlx_qlora import settings
 from mlx_qlora.model.banded import banded_attention
+from mlx_qlora.model.causal_chunks import chunk_rows, chunked_causal_attention
 from mlx_qlora.model.blockwise import blockwise_attention
 from mlx_qlora.model.mask import MaskRule
 
@@ -48,6 +51,8 @@ def measure(fn, q, k, v) -> tuple[float, float]:
 def paths(length: int, window: int, chunks: list[int], scale: float) -> dict:
     rule = MaskRule(length, window)
     out = {"causal": lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")}
+    rows = chunk_rows(length, settings.current().causal_call_pairs or length * length)
+    out[f"causal-chunks C={rows}"] = lambda q, k, v: chunked_causal_attention(q, k, v, scale, rows)
     for c in chunks:
         out[f"banded C={c}"] = lambda q, k, v, c=c: banded_attention(q, k, v, scale, rule, c)
     out[f"banded-bool C={chunks[0]}"] = lambda q, k, v: _boolean_masks(q, k, v, scale, rule, chunks[0])
@@ -91,7 +96,7 @@ def main() -> None:
             try:
                 ms, gb = measure(fn, q, k, v)
                 rows.append({"length": length, "path": name, "ms": ms, "peak_gb": gb})
-                if name != "causal":
+                if not name.startswith("causal"):
                     if reference is None:
                         reference = fns["blockwise"](q, k, v).astype(mx.float32)
                     diff = mx.abs(fn(q, k, v).astype(mx.float32) - reference).max()

@@ -152,6 +152,15 @@ class KernelSettings:
                                           "the longest sequence that `MLX_QLORA_ATTENTION_CHUNK` applies to (longer "
                                           "ones run block-wise, see `MLX_QLORA_BLOCKWISE_FROM`); 0: no bound",
                                           check=_non_negative, expect="an integer >= 0")
+    # Causal attention without a window, segments or padding on CUDA (model/causal_chunks.py): one cuDNN call
+    # over 32,768 tokens took 2.02 GB above its inputs (forward and backward, Llama 3 8B's heads, an H100) and
+    # one over 65,536 ran out of 80 GB, so longer sequences run as calls of at most as many query-key pairs.
+    causal_call_pairs: int = _setting(1 << 30, "MLX_QLORA_CAUSAL_CALL_PAIRS", SWITCH,
+                                      "on CUDA, causal attention without a cache whose one call would cover more "
+                                      "query-key pairs than this runs as calls of fewer queries, each against the "
+                                      "keys before them, through the fused kernel (`model/causal_chunks.py`); "
+                                      "0: one call at any length", check=_non_negative,
+                                      expect="an integer >= 0")
     # Attention without a cache on long sequences (model/blockwise.py, chosen by model/attention.py): memory
     # linear in the length instead of the plain path's (B, H, L, L) scores and (L, L) mask; below the
     # threshold the plain path (cuDNN's fused kernel on CUDA) runs as before.

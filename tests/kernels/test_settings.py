@@ -39,7 +39,7 @@ def test_the_defaults_are_the_measured_defaults():
         qmv_mma_chunks=2, qmv_mma_warps=4, qmv_unroll=4, qmv_stage="norm", qmv_stage_bytes=32 * 1024,
         fused=True, fused_decode=True, prefetch=True, prefetch_blocks=32, prefetch_o=True,
         prefetch_gate_up_mb=4.0, attention_slots=64, attention_threads=256, attention_unroll=8, dequant=True,
-        dequant_words=4, expand_group=0, sdpa_pad=True, attention_chunk=1024, attention_chunk_up_to=0, blockwise_from=8192, blockwise_share=0.4, blockwise_block=512, checkpoint_span=0,
+        dequant_words=4, expand_group=0, sdpa_pad=True, attention_chunk=1024, attention_chunk_up_to=0, causal_call_pairs=1 << 30, blockwise_from=8192, blockwise_share=0.4, blockwise_block=512, checkpoint_span=0,
         layer_tile=4096, prefill_eval_layers=1, kernel_cache="~/.cache/mlx-qlora/kernels")
 
 

@@ -19,7 +19,8 @@ The model calls ``scaled_dot_product_attention`` with the plain arguments; this 
 
 Causal attention without a window, segments or padding never goes block-wise where cuDNN's fused kernel
 runs it (``sdpa.fused_kernel``: CUDA on compute capability 8.0 or newer): it holds no scores there,
-forward or backward.
+forward or backward; past ``settings.causal_call_pairs`` query-key pairs (a 32,768-token sequence's) it runs
+as chunks of queries, each one call against the keys before it (``model/causal_chunks.py``).
 
 Compiled decoding on CUDA does not come here: its decoder layers run attention inside the fused layer
 step (``fused_decode.py``), over the static cache without a mask.
@@ -36,6 +37,7 @@ from ..device import on_cuda
 from ..kernels.cuda import sdpa
 from .banded import banded_attention
 from .blockwise import blockwise_attention
+from .causal_chunks import chunk_rows, chunked_causal_attention
 from .mask import Mask, MaskRule
 
 SCORE_BUDGET = 1 << 27  # float32 scores of one chunk of full (not windowed) block-wise attention: 512 MB
@@ -52,6 +54,9 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
         fused = softcap is None and sdpa.fused_kernel(q)
         if cache is None and fused and uses_banded(mask):
             return banded_attention(q, k, v, scale, mask, settings.current().attention_chunk)
+        if cache is None and fused and mask.causal_only() and uses_causal_chunks(mask.length):
+            chunk = chunk_rows(mask.length, settings.current().causal_call_pairs)
+            return chunked_causal_attention(q, k, v, scale, chunk)
         if cache is None and not (fused and mask.causal_only()) and uses_blockwise(mask.length, rows,
                                                                                    q.dtype.size):
             block = blockwise_block(rows, mask.length, mask.window)
@@ -72,6 +77,14 @@ def uses_banded(rule: MaskRule) -> bool:
     if s.attention_chunk <= 0 or rule.window is None or rule.length <= rule.window:
         return False
     return s.attention_chunk_up_to <= 0 or rule.length <= s.attention_chunk_up_to
+
+
+def uses_causal_chunks(length: int) -> bool:
+    """Whether causal attention over ``length`` tokens runs as chunks of queries (``model/causal_chunks.py``):
+    one call would cover more query-key pairs than ``settings.causal_call_pairs`` (the caller checks the
+    backend, the shapes and that the mask is plainly causal)."""
+    pairs = settings.current().causal_call_pairs
+    return pairs > 0 and length * length > pairs
 
 
 def plain_scores_bytes(rows: int, length: int, itemsize: int) -> int:

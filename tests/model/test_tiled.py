@@ -4,6 +4,8 @@ not divide the length; and its activations do not grow with the sequence."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -65,7 +67,7 @@ def _layer_peak(layer, length: int) -> int:
 
 def test_tiles_bound_a_layers_activations(tiny_model):
     """CPU peak of one LoRA layer's forward and backward: from 1024 to 2048 tokens it grows by less than half
-    as much in tiles of 128 as the whole layer (observed: 2.8 MB against 11.7 MB)."""
+    as much in tiles of 128 as the whole layer (observed: 3.9 MB against 11.1 MB)."""
     from mlx_qlora.config import LoRAConfig
     from mlx_qlora.lora import apply_lora
 

@@ -364,3 +364,20 @@ def assert_same_attention(ours_fn, plain_fn, q, k, v, weights, atol: float) -> N
     for name, a, b in zip("qkv", ours, plain):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(np.array(a), np.array(b), atol=atol, rtol=0, err_msg=f"d{name}")
+
+
+def seam_calls(monkeypatch, on_cuda: bool, capability=(9, 0)) -> list:
+    """Record which path ``model/attention.py``'s seam took (the band, causal chunks, block-wise; nothing for
+    the plain path), with the backend seen as CUDA of that compute capability, or not."""
+    from mlx_qlora.kernels.cuda import nvrtc, sdpa
+    from mlx_qlora.model import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "on_cuda", lambda: on_cuda)
+    monkeypatch.setattr(sdpa, "on_cuda", lambda: on_cuda)
+    monkeypatch.setattr(nvrtc, "capability", lambda: capability)
+    for name in ("banded_attention", "chunked_causal_attention", "blockwise_attention"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name),
+                                                                                          _real(*a, **kw))[1])
+    return calls

@@ -12,11 +12,11 @@ import pytest
 import mlx.core as mx
 
 from mlx_qlora import settings
-from mlx_qlora.kernels.cuda import nvrtc, sdpa
 from mlx_qlora.model import attention, banded
 from mlx_qlora.model.banded import banded_attention, first_keys
 from mlx_qlora.model.mask import MaskRule, build_mask
-from support import assert_same_attention, assert_same_lora_training, attention_inputs, left_padding, lora_loss_and_grads
+from support import (assert_same_attention, assert_same_lora_training, attention_inputs, left_padding,
+                     lora_loss_and_grads, seam_calls)
 
 ATOL = 1e-5  # float32; observed differences are around 1e-6
 
@@ -73,24 +73,11 @@ def test_the_window_is_applied_in_the_backward_pass_too():
     assert float(mx.abs(grad[:, :, 33]).max()) > 0.0 and float(mx.abs(grad[:, :, 40]).max()) > 0.0
 
 
-def _seam_calls(monkeypatch, on_cuda: bool, capability=(9, 0)):
-    """Record which path the seam took, with the backend seen as CUDA (of that compute capability) or not."""
-    calls = []
-    monkeypatch.setattr(attention, "on_cuda", lambda: on_cuda)
-    monkeypatch.setattr(sdpa, "on_cuda", lambda: on_cuda)
-    monkeypatch.setattr(nvrtc, "capability", lambda: capability)
-    for name in ("banded_attention", "blockwise_attention"):
-        real = getattr(attention, name)
-        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name),
-                                                                                          _real(*a, **kw))[1])
-    return calls
-
-
 @pytest.mark.parametrize("on_cuda", [True, False])
 def test_the_seam_takes_the_band_on_cuda_for_windows_narrower_than_the_sequence(monkeypatch, on_cuda):
     q, k, v, _ = attention_inputs(L=100)
     q, k, v = (x.astype(mx.bfloat16) for x in (q, k, v))
-    calls = _seam_calls(monkeypatch, on_cuda)
+    calls = seam_calls(monkeypatch, on_cuda)
     want = np.array(_plain(q, k, v, 0.25, MaskRule(100, 48)).astype(mx.float32))
     with settings.override(attention_chunk=128, blockwise_from=0, sdpa_pad=False):
         wide = MaskRule(100, 128)  # the window covers the sequence: plain causal attention
@@ -119,7 +106,7 @@ def test_gpus_before_compute_capability_8_keep_the_blockwise_path(monkeypatch):
     q, k, v, _ = attention_inputs(L=100)
     q, k, v = (x.astype(mx.bfloat16) for x in (q, k, v))
     for capability, path in (((7, 5), "blockwise_attention"), ((8, 0), "banded_attention")):
-        calls = _seam_calls(monkeypatch, True, capability)
+        calls = seam_calls(monkeypatch, True, capability)
         with settings.override(attention_chunk=128, blockwise_from=1, blockwise_share=0, blockwise_block=16,
                                sdpa_pad=False):
             attention.scaled_dot_product_attention(q, k, v, 0.25, MaskRule(100, 48), training=True)
@@ -134,7 +121,7 @@ def test_causal_only_rules_stay_off_the_blockwise_path_on_cuda(monkeypatch, on_c
     with segments, and any rule on other backends, still go block-wise."""
     q, k, v, _ = attention_inputs(L=64)
     q, k, v = (x.astype(mx.bfloat16) for x in (q, k, v))
-    calls = _seam_calls(monkeypatch, on_cuda)
+    calls = seam_calls(monkeypatch, on_cuda)
     with settings.override(blockwise_from=1, blockwise_share=0, blockwise_block=16, sdpa_pad=False):
         attention.scaled_dot_product_attention(q, k, v, 0.25, MaskRule(64, None), training=True)
         assert calls == ([] if on_cuda else ["blockwise_attention"])
@@ -153,7 +140,7 @@ def test_a_model_trains_the_same_with_the_band(monkeypatch, tiny_model, checkpoi
     segments = mx.array(np.repeat([0, 1], [first, L - first])[None])
     positions = mx.array(np.concatenate([np.arange(first), np.arange(L - first)])[None])
     results = []
-    calls = _seam_calls(monkeypatch, True)
+    calls = seam_calls(monkeypatch, True)
     monkeypatch.setattr(sdpa, "fused_kernel", lambda q: True)  # float32 here: as if half precision
     for chunk in (0, 128):  # 0: never the band
         with settings.override(attention_chunk=chunk, blockwise_from=0, layer_tile=0, sdpa_pad=False):

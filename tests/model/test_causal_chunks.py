@@ -11,12 +11,11 @@ import pytest
 import mlx.core as mx
 
 from mlx_qlora import settings
-from mlx_qlora.kernels.cuda import nvrtc, sdpa
 from mlx_qlora.kernels.cuda.sdpa import TILE
 from mlx_qlora.model import attention
 from mlx_qlora.model.causal_chunks import chunk_rows, chunked_causal_attention
 from mlx_qlora.model.mask import MaskRule, build_mask
-from support import assert_same_attention, attention_inputs
+from support import assert_same_attention, attention_inputs, seam_calls
 
 ATOL = 1e-5  # float32; observed differences are around 1e-6
 
@@ -55,24 +54,12 @@ def test_a_call_covers_at_most_the_pairs_allowed_in_tiles(length, pairs):
     assert chunk_rows(65536, 1 << 30) == 16384 and chunk_rows(32768, 1 << 30) == 32768
 
 
-def _seam_calls(monkeypatch, on_cuda: bool):
-    calls = []
-    monkeypatch.setattr(attention, "on_cuda", lambda: on_cuda)
-    monkeypatch.setattr(sdpa, "on_cuda", lambda: on_cuda)
-    monkeypatch.setattr(nvrtc, "capability", lambda: (9, 0))
-    for name in ("chunked_causal_attention", "blockwise_attention", "banded_attention"):
-        real = getattr(attention, name)
-        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name),
-                                                                                          _real(*a, **kw))[1])
-    return calls
-
-
 @pytest.mark.parametrize("on_cuda", [True, False])
 def test_the_seam_chunks_long_causal_attention_on_cuda_only(monkeypatch, on_cuda):
     q, k, v, _ = attention_inputs(L=300)
     q, k, v = (x.astype(mx.bfloat16) for x in (q, k, v))
     want = np.array(_plain(q, k, v, 0.25).astype(mx.float32))
-    calls = _seam_calls(monkeypatch, on_cuda)
+    calls = seam_calls(monkeypatch, on_cuda)
     for pairs, rule, chunked in ((300 * 300 - 1, MaskRule(300, None), True),
                                  (300 * 300, MaskRule(300, None), False),  # one call covers them
                                  (0, MaskRule(300, None), False),  # 0: one call at any length

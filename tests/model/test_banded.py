@@ -12,6 +12,7 @@ import pytest
 import mlx.core as mx
 
 from mlx_qlora import settings
+from mlx_qlora.kernels.cuda import sdpa
 from mlx_qlora.model import attention, banded
 from mlx_qlora.model.banded import banded_attention, first_keys
 from mlx_qlora.model.mask import MaskRule, build_mask

@@ -86,11 +86,13 @@ def test_attention_probe_tiny(tmp_path):
 
 
 def test_long_attention_probe_tiny(tmp_path):
-    """Past the window, the band of chunks (boolean or additive masks) gives block-wise attention's output."""
+    """Past the window, the band of chunks (boolean or additive masks) gives block-wise attention's output;
+    causal attention in chunks of 128 queries (three calls) gives one call's."""
     result, stdout = _run(["probes/long_attention_probe.py", "--lengths", "300", "--chunks", "32,64", "--window", "96",
-                           "--heads", "4,2,16"], tmp_path)
+                           "--heads", "4,2,16", "--call-pairs", str(128 * 384)], tmp_path)
     rows = {r["path"]: r for r in result["rows"]}
-    assert set(rows) == {"causal", "banded C=32", "banded C=64", "banded-bool C=32", "blockwise"}
+    assert set(rows) == {"causal", "causal-chunks C=128", "banded C=32", "banded C=64", "banded-bool C=32", "blockwise"}
+    assert rows["causal-chunks C=128"]["max_diff_vs_causal"] < 1e-5
     assert all(r["ms"] > 0 and r["peak_gb"] >= 0 for r in rows.values())
     for name in ("banded C=32", "banded C=64", "banded-bool C=32"):
         assert rows[name]["max_diff_vs_blockwise"] < 1e-5  # float32 on the CPU

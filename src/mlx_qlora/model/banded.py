@@ -31,7 +31,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..kernels.cuda.sdpa import additive_of
+from ..kernels.cuda.sdpa import additive_of, pad_sequence
 from .mask import MaskRule, allowed, row_info
 from .split import split
 
@@ -61,8 +61,7 @@ def banded_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, rule: 
     n = max(-(-L // C), m + 1)  # chunks after padding: at least one past the first m
     Lp = n * C
     if Lp > L:
-        widths = [(0, 0), (0, 0), (0, Lp - L), (0, 0)]
-        q, k, v = mx.pad(q, widths), mx.pad(k, widths), mx.pad(v, widths)
+        q, k, v = (pad_sequence(x, Lp) for x in (q, k, v))
     masked = rule.segment_ids is not None or rule.attention_mask is not None
     info = row_info(rule.segment_ids, rule.attention_mask, B, L, Lp) if masked else None
 

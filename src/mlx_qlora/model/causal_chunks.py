@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..kernels.cuda.sdpa import TILE, padded_length
+from ..kernels.cuda.sdpa import TILE, pad_sequence, padded_length
 from .split import split
 
 
@@ -43,8 +43,7 @@ def chunked_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float
     L = q.shape[2]
     padded = padded_length(L)
     if padded != L:
-        widths = [(0, 0), (0, 0), (0, padded - L), (0, 0)]
-        q, k, v = mx.pad(q, widths), mx.pad(k, widths), mx.pad(v, widths)
+        q, k, v = (pad_sequence(x, padded) for x in (q, k, v))
     ends = list(range(chunk, padded, chunk)) + [padded]
     pieces = split(q, ends[:-1], axis=2)  # (B, H, C, D) each, the last one possibly shorter
     outs = [mx.fast.scaled_dot_product_attention(piece, k[:, :, :end], v[:, :, :end], scale=scale, mask="causal")

@@ -57,10 +57,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Union[N
     mask_p = padded_mask(mask, L) if pad and L % TILE and k.shape[2] == L else None
     if mask_p is None:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=additive(mask, q.dtype))
-    widths = [(0, 0), (0, 0), (0, padded_length(L) - L), (0, 0)]
-    out = mx.fast.scaled_dot_product_attention(mx.pad(q, widths), mx.pad(k, widths), mx.pad(v, widths),
-                                               scale=scale, mask=additive(mask_p, q.dtype))
+    padded = padded_length(L)
+    out = mx.fast.scaled_dot_product_attention(*(pad_sequence(x, padded) for x in (q, k, v)), scale=scale,
+                                               mask=additive(mask_p, q.dtype))
     return out[:, :, :L, :]
+
+
+def pad_sequence(x: mx.array, length: int) -> mx.array:
+    """(B, H, L, D) -> (B, H, ``length``, D): zeros after the sequence."""
+    return mx.pad(x, [(0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)])
 
 
 def additive(mask: Union[None, str, mx.array], dtype: mx.Dtype) -> Union[None, str, mx.array]:

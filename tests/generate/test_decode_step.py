@@ -243,17 +243,13 @@ def test_fused_decode_layer_with_adapters_equals_the_layer_by_layer_path(monkeyp
 
     model, state, tokens, eager = _quantized_model_and_eager_steps(steps=8, adapters=(targets, layers))
     taken = []
-    stacks = fused_decode._stacks
-    def prepared(layer):  # q/k/v's and gate/up's from fused_decode.prepare, o's and down's the LoRA layers' own
-        qkv, gate_up = layer.__dict__["_decode_stacks"]
-        own = [p.__dict__.get("_decoding") for p in (layer.self_attn.o_proj, layer.mlp.down_proj)]
-        return [qkv, own[0], gate_up, own[1]]
-
-    monkeypatch.setattr(fused_decode, "_stacks", lambda layer, low, dtype: taken.append(
-        [s is p for s, p in zip(stacks(layer, low, dtype), prepared(layer))]) or stacks(layer, low, dtype))
+    terms = fused_decode._terms
+    monkeypatch.setattr(fused_decode, "_terms", lambda layer, low, dtype: taken.append(
+        [t is p for t, p in zip(terms(layer, low, dtype), layer.__dict__["_decode_terms"])]) or terms(layer, low, dtype))
     fused = _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens)
     np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
-    # the compiled decoder's stacks, prepared before tracing, were the ones used (none built per token)
+    # the compiled decoder's terms, built by fused_decode.prepare before tracing, were the ones used (none
+    # built per token)
     assert taken and all(all(layer_taken) for layer_taken in taken)
     from mlx_qlora.lora import LoRALinear
 
@@ -267,28 +263,35 @@ def _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens) -> mx
     """``_traced_steps`` with the fused decoder layer on and its kernels replaced by their formulas; checks
     that every layer of every step took the fused path."""
 
-    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache, addends=None):
+    def normed_terms(x, eps, low_rank):  # low-rank terms of a launch that norms its input: times its 1/rms
+        return qmv_cuda.low_rank_addends(low_rank, qmv_cuda.reference_inv_rms(x.reshape(-1, x.shape[-1]), eps))
+
+    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache, low_rank=None):
         # the kernel writes k and v into the cache's buffers in place; here: a slice_update at its slot
         q, k, v = [o.astype(x.dtype) for o in qmv_cuda.reference_qkv_norm_rope(
-            x.reshape(-1, x.shape[-1]), gamma, eps, weights, int(position.item()), head_dim, base, scale, addends)]
+            x.reshape(-1, x.shape[-1]), gamma, eps, weights, int(position.item()), head_dim, base, scale,
+            normed_terms(x, eps, low_rank))]
         slot = (position % cache[0].shape[2]).reshape(1)
         kv_shape = (x.shape[0], -1, 1, head_dim)  # (B, Hkv, 1, hd)
         return [q.reshape(q_shape)] + [mx.slice_update(c, n.reshape(kv_shape), slot, axes=(2,))
                                        for c, n in zip(cache, (k, v))]
 
-    def swiglu(x, gamma, eps, gate, up, addends=None):
+    def swiglu(x, gamma, eps, gate, up, low_rank=None):
         normed = qmv_cuda.reference_rms_norm(x.reshape(-1, x.shape[-1]), gamma, eps)
-        return qmv_cuda.reference_swiglu(normed, gate, up, addends).reshape(*x.shape[:-1], gate[0].shape[0])
+        return qmv_cuda.reference_swiglu(normed, gate, up, normed_terms(x, eps, low_rank)).reshape(
+            *x.shape[:-1], gate[0].shape[0])
 
-    def residual(x, weight, res, prefetch=()):
-        return (qmv_cuda.reference(x.reshape(-1, x.shape[-1]), *weight) + res.reshape(-1, res.shape[-1])).reshape(
-            res.shape)
+    def residual(x, weight, res, prefetch=(), low_rank=None):
+        y = qmv_cuda.reference(x.reshape(-1, x.shape[-1]), *weight) + res.reshape(-1, res.shape[-1])
+        for factor, update in qmv_cuda.low_rank_addends(low_rank) or []:
+            y = y + factor * update
+        return y.reshape(res.shape)
 
     calls = []
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)  # head dim 16 here
     monkeypatch.setattr(qmv_cuda, "qkv_norm_rope",
-                        lambda *a, cache, addends=None: calls.append("qkv") or qkv(*a, cache, addends))
+                        lambda *a, cache, low_rank=None: calls.append("qkv") or qkv(*a, cache, low_rank))
     monkeypatch.setattr(qmv_cuda, "swiglu_norm", swiglu)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(attention_cuda, "decode_attention",
@@ -314,14 +317,14 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
     x = mx.zeros((1, 1, a.q_proj.in_features))
     seen = []
 
-    def qkv(*args, cache, addends=None):
+    def qkv(*args, cache, low_rank=None):
         return [mx.zeros((1, a.n_heads, 1, a.head_dim)), *cache]
 
     def attention(q, k, v, pos, scale, prefetch=()):
         seen.append(list(prefetch))
         return mx.zeros((1, 1, a.n_heads * a.head_dim))
 
-    def residual(x, weight, res, prefetch=()):
+    def residual(x, weight, res, prefetch=(), low_rank=None):
         seen.append(list(prefetch))
         return res
 
@@ -329,7 +332,7 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
     monkeypatch.setattr(attention_cuda, "decode_attention", attention)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(qmv_cuda, "swiglu_norm",
-                        lambda h, *args, addends=None: mx.zeros((1, 1, m.gate_proj.out_features)))
+                        lambda h, *args, low_rank=None: mx.zeros((1, 1, m.gate_proj.out_features)))
     with settings.override(prefetch_gate_up_mb=1 / 1024):  # 1 KB of each
         fused_decode.layer_step(layer, x, StaticKVCache(state.keys[0], state.values[0], state.offset))
     attention_pf, o_pf, down_pf = seen

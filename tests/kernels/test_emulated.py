@@ -24,6 +24,7 @@ from mlx_qlora.kernels.cuda import dequant as dequant_cuda
 from mlx_qlora.kernels.cuda import kernel_cache
 from mlx_qlora.kernels.cuda import qmv as qmv_cuda
 from mlx_qlora.kernels.cuda import qmv_plan
+from mlx_qlora.kernels.cuda import qmv_source
 from mlx_qlora.kernels.cuda.qmv_source import HEADER as QMV_HEADER
 from mlx_qlora.kernels.cuda.qmv_source import Variant
 from mlx_qlora.quant import QuantizedLinear
@@ -100,12 +101,13 @@ def _layer(out_f: int, in_f: int, seed: int, dtype=mx.bfloat16) -> QuantizedLine
     return layer
 
 
-def _assert_close_to_rounded(got: mx.array, exact: mx.array):
+def _assert_close_to_rounded(got: mx.array, exact: mx.array, steps: int = 1):
     """Computed in float32 and rounded once: within one bfloat16 step of the exact value (plus float32
-    summation error), relative to the largest output."""
+    summation error), relative to the largest output; ``steps`` 2 where the tensor-core body has rounded its
+    (normed) inputs to bfloat16 as well."""
     scale = float(mx.abs(exact).max().item())
     err = float(mx.abs(got.astype(mx.float32) - exact.astype(mx.float32)).max().item())
-    assert err <= 2.0**-8 * scale + 1e-5, (err, scale)
+    assert err <= steps * 2.0**-8 * scale + 1e-5, (err, scale)
 
 
 # 1,056 and 2,080 inputs: 33 and 65 chunks of 32 weights, so lanes loop 2 and 3 times, the last time lane 0 alone.
@@ -432,3 +434,103 @@ def test_split_kernel_with_addends(tmp_path, per_warp):
     for out, layer, addend in zip(outs, layers, addends):
         want = qmv_cuda.reference(x, *layer.parts)
         _assert_close_to_rounded(out, want if addend is None else want + addend[0] * addend[1].astype(mx.float32))
+
+
+# ---- low-rank terms (``Variant.low_rank``): B's rows times the A-products h in the epilogue ----------------------
+
+LOW_RANK_HEADER = QMV_HEADER + "\n" + qmv_source.LOW_RANK_HEADER
+
+
+def _low_rank_inputs(rows: int, sizes, adapted, rank: int, dtype, seed: int) -> qmv_cuda.LowRank:
+    """h (rows, rank * adapted) and per matrix None or (factor, first column, b (N, rank)), as ``LowRank``."""
+    mx.random.seed(seed)
+    n_adapted = sum(adapted)
+    h = mx.random.normal((rows, rank * n_adapted)).astype(dtype)
+    terms, col = [], 0
+    for g, (n, on) in enumerate(zip(sizes, adapted)):
+        if not on:
+            terms.append(None)
+            continue
+        terms.append((0.5 + g, col, (0.1 * mx.random.normal((n, rank))).astype(dtype)))
+        col += rank
+    return h, terms
+
+
+def _low_rank_extra(variant: Variant, low_rank) -> dict:
+    _, arrays = qmv_cuda._low_rank(variant, low_rank)
+    return dict(zip([n for n in variant.input_names if n == "lh" or n.startswith("lb")], arrays))
+
+
+@pytest.mark.parametrize("adapted,dtype,in_f,stage", [
+    ((True, True, True), mx.bfloat16, 128, False), ((True, False, True), mx.bfloat16, 256, False),
+    ((False, True, False), mx.float32, 128, True), ((True, True, True), mx.bfloat16, 512, False)])
+def test_qkv_kernel_with_low_rank_terms(tmp_path, adapted, dtype, in_f, stage):
+    """q/k/v with RMSNorm, rotary embeddings and the cache write, low-rank terms on a subset of the three:
+    the reference with the addends they amount to (h @ B.T times the row's 1/rms, added before the rotation
+    and the cache write). 256 and 512 inputs in bfloat16: the tensor-core body (its 1/rms from the warps' sums)."""
+    capacity, position = 8, 13
+    layers = [_layer(n, in_f, 60 + i, dtype) for i, n in enumerate((64, 32, 32))]
+    x = (3.0 * mx.random.normal((2, in_f))).astype(dtype)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(dtype)
+    kc, vc = (mx.random.normal((2, 2, capacity, 16)).astype(dtype) for _ in range(2))
+    low_rank = _low_rank_inputs(2, (64, 32, 32), adapted, 4, dtype, 7)
+    variant, _ = qmv_cuda._low_rank(Variant(3, norm_eps=1e-5, rope=(True, True, False), cache=True), low_rank)
+    per_warp = qmv_plan.MMA_ROWS if in_f >= 256 else 0
+    args = qmv_plan.launch_args(2, in_f, (64, 32, 32), variant, dtype, per_warp, ((2, 4, 1, 16),), 16, capacity)
+    assert qmv_plan.uses_mma(args) == (in_f >= 256)
+    q, kc_after, vc_after = emulate(
+        tmp_path, variant.source(mma=qmv_plan.uses_mma(args), stage=stage), LOW_RANK_HEADER,
+        _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32), kc=kc, vc=vc,
+                **_low_rank_extra(variant, low_rank)),
+        variant.output_names, args, changed=("kc", "vc"))
+    addends = qmv_cuda.low_rank_addends(low_rank, qmv_cuda.reference_inv_rms(x, 1e-5))
+    parts = [layer.parts for layer in layers]
+    want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, parts, position, 16, 10000.0, 1.0, addends)
+    slot = position % capacity
+    for got, ref in ((q.reshape(2, 64), want[0]), (kc_after[:, :, slot].reshape(2, 32), want[1]),
+                     (vc_after[:, :, slot].reshape(2, 32), want[2])):
+        if dtype == mx.float32:
+            np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-4, atol=1e-4)
+        else:
+            _assert_close_to_rounded(got, ref)
+    plain = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, parts, position, 16, 10000.0, 1.0)
+    for g, on in enumerate(adapted):  # the terms change exactly the adapted outputs
+        assert bool(mx.any(mx.abs(want[g] - plain[g]) > 1e-3)) == on
+
+
+@pytest.mark.parametrize("adapted,in_f,per_warp,stage", [
+    ((True, True), 128, 4, True), ((True, False), 1024, 16, False), ((False, True), 128, 2, False),
+    ((True, True), 256, 16, False)])
+def test_swiglu_kernel_with_low_rank_terms(tmp_path, adapted, in_f, per_warp, stage):
+    """gate/up with the RMSNorm prologue and SwiGLU, low-rank terms on gate, up or both (added before the
+    activation, times the row's 1/rms): the reference with the addends they amount to."""
+    gate, up = _layer(64, in_f, 71), _layer(64, in_f, 72)
+    x = (2.0 * mx.random.normal((2, in_f))).astype(mx.bfloat16)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(mx.bfloat16)
+    low_rank = _low_rank_inputs(2, (64, 64), adapted, 8, mx.bfloat16, 8)
+    variant, _ = qmv_cuda._low_rank(Variant(2, swiglu=True, norm_eps=1e-6), low_rank)
+    args = qmv_plan.launch_args(2, in_f, (64, 64), variant, mx.bfloat16, per_warp)
+    (y,) = emulate(tmp_path, variant.source(mma=qmv_plan.uses_mma(args), stage=stage), LOW_RANK_HEADER,
+                   _inputs([gate, up], x, gamma=gamma, **_low_rank_extra(variant, low_rank)), ["y"], args)
+    normed = qmv_cuda.reference_rms_norm(x, gamma, 1e-6)
+    addends = qmv_cuda.low_rank_addends(low_rank, qmv_cuda.reference_inv_rms(x, 1e-6))
+    want = qmv_cuda.reference_swiglu(normed, gate.parts, up.parts, addends)
+    _assert_close_to_rounded(y, want, steps=2 if qmv_plan.uses_mma(args) else 1)
+    assert float(mx.abs(want - qmv_cuda.reference_swiglu(normed, gate.parts, up.parts)).max()) > 1e-2
+
+
+@pytest.mark.parametrize("per_warp", [2, 16])
+def test_matmul_residual_kernel_with_a_low_rank_term(tmp_path, per_warp):
+    """o_proj's and down_proj's launch: residual + x @ W.T + F * h @ B.T (no norm: no 1/rms)."""
+    layer = _layer(48, 256, 40)
+    x = mx.random.normal((2, 256)).astype(mx.bfloat16)
+    res = (4.0 * mx.random.normal((2, 48))).astype(mx.bfloat16)
+    low_rank = _low_rank_inputs(2, (48,), (True,), 16, mx.bfloat16, 9)
+    variant, _ = qmv_cuda._low_rank(Variant(1, residual=True), low_rank)
+    args = qmv_plan.launch_args(2, 256, (48,), variant, mx.bfloat16, per_warp)
+    (y,) = emulate(tmp_path, variant.source(mma=qmv_plan.uses_mma(args)), LOW_RANK_HEADER,
+                   _inputs([layer], x, res=res, **_low_rank_extra(variant, low_rank)), ["y0"], args)
+    (factor, update), = qmv_cuda.low_rank_addends(low_rank)
+    want = qmv_cuda.reference(x, *layer.parts) + res.astype(mx.float32) + factor * update
+    _assert_close_to_rounded(y, want)
+    assert float(mx.abs(factor * update).max()) > 0.1  # the term is far above the rounding

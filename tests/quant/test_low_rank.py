@@ -7,7 +7,8 @@ import numpy as np
 
 from mlx_qlora.lora import LoRALinear
 from mlx_qlora.quant import QuantizedLinear
-from mlx_qlora.quant.low_rank import Stacked, fused_form
+from mlx_qlora.model.layers import RMSNorm
+from mlx_qlora.quant.low_rank import Stacked, Terms, fused_form
 
 
 def _lora(out_f=48, in_f=64, group_size=None, seed=0) -> LoRALinear:
@@ -91,3 +92,42 @@ def test_which_layers_have_a_fused_form():
     assert fused_form(_lora(group_size=32)) is None  # 4-bit with groups
     full = LoRALinear.from_base(nn.Linear(64, 48, bias=False), rank=4).eval()
     assert fused_form(full) is None and fused_form(nn.Linear(64, 48)) is None  # full precision
+
+
+def test_terms_through_the_norm_weight_are_each_projections_update_of_the_normed_input():
+    """``Terms`` of three projections of one normed input (the middle one not adapted, ranks 4 and 2): the
+    one matmul of the raw input, h = x @ (A * gamma).T, with each B times the row's 1/rms (what the kernel
+    applies), is ``scale * (norm(x) @ A.T) @ B.T`` of the RMSNorm module's output (float32, 1e-4); without
+    gamma, h is x @ A.T."""
+    mx.random.seed(2)
+    q = (mx.random.normal((4, 64)), mx.random.normal((48, 4)), 3.0)
+    v = (mx.random.normal((2, 64)), mx.random.normal((40, 2)), 0.5)
+    norm = RMSNorm(64, eps=1e-5)
+    norm.weight = 1.0 + 0.2 * mx.random.normal((64,))
+    x = 3.0 * mx.random.normal((2, 1, 64))
+    terms = Terms([q, None, v], mx.float32, norm.weight)
+    h, per = terms.low_rank(x)
+    assert h.shape == (2, 6) and per[1] is None and [t[1] for t in (per[0], per[2])] == [0, 4]
+    inv_rms = mx.rsqrt(mx.mean(x.reshape(2, 64) ** 2, axis=-1, keepdims=True) + 1e-5)  # (2, 1)
+    n = norm(x).reshape(2, 64)
+    for (factor, first, b), (a, b_want, scale) in zip((per[0], per[2]), (q, v)):
+        assert factor == scale and b is not None and b.shape == b_want.shape
+        got = factor * inv_rms * (h[:, first:first + a.shape[0]] @ b.T)
+        want = scale * (n @ a.T) @ b_want.T
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+    plain, _ = Terms([q, None, v], mx.float32).low_rank(x)
+    np.testing.assert_allclose(np.array(plain[:, :4]), np.array(x.reshape(2, 64) @ q[0].T), rtol=1e-5, atol=1e-4)
+    assert Terms.build([None, None], mx.float32) is None
+
+
+def test_terms_hold_only_the_arrays_and_norm_weight_they_were_built_from():
+    """``Terms.holds``: the same adapter objects, scales, dtype and norm weight; another norm weight (or none)
+    is not held."""
+    a, b, gamma = mx.ones((2, 8)), mx.ones((6, 2)), mx.ones((8,))
+    terms = Terms([(a, b, 2.0)], mx.bfloat16, gamma)
+    assert terms.holds([(a, b, 2.0)], mx.bfloat16, gamma)
+    assert not terms.holds([(a, b, 2.0)], mx.bfloat16, mx.ones((8,)))
+    assert not terms.holds([(a, b, 2.0)], mx.bfloat16)
+    assert not terms.holds([(a, mx.ones((6, 2)), 2.0)], mx.bfloat16, gamma)
+    assert not terms.holds([(a, b, 2.0)], mx.float32, gamma)
+    assert all(arr.dtype == mx.bfloat16 for arr in terms.arrays)

@@ -10,13 +10,15 @@ adapters attached in inference, a layer runs as:
 4. ``swiglu_norm``: post-attention RMSNorm, gate, up and SwiGLU;
 5. ``matmul_residual``: down_proj plus the residual.
 
-Adapters (any subset of the seven projections) stay on this path: each update ``scale * (n @ A.T) @ B.T``
-is computed by small matmuls beside the launches (``quant/low_rank.py``): q/k/v's and gate/up's, of the
-normed input, are added inside their kernels before the rotation, the cache write and SwiGLU; o_proj's and
-down_proj's are folded into the residual that their kernels add. The updates of one input are stacked
-(``Stacked``: A's side by side, B's block-diagonally) and cast to the compute dtype once, by ``prepare``
-before tracing: with all seven adapted, two RMSNorms and eight small matmuls per layer beside the six
-launches (fourteen matmuls and twenty-eight casts per layer unstacked).
+Adapters (any subset of the seven projections) stay on this path, half inside the kernels
+(``quant/low_rank.Terms``): each update ``scale * (n @ A.T) @ B.T`` is one small matmul beside the launch,
+``x @ A.T`` for every adapted projection of that input at once, and the kernel's epilogue multiplies its
+columns by each output row's B and adds the result to that row's float32 sum, before the rotation, the
+cache write, SwiGLU or the residual. Where the kernel norms its input (q/k/v, gate/up), A is taken through
+the RMSNorm's weight and the kernel applies its own 1/rms, so no normed copy of the input is made. The
+arrays are cast to the compute dtype once, by ``prepare`` before tracing: with all seven adapted, four
+small matmuls per layer beside the six launches (before: two RMSNorms, eight matmuls and five slices, the
+updates computed whole beside the launches and added by them).
 
 ``DecoderLayer.__call__`` asks ``applies`` and otherwise runs the layer operation by operation. The
 norms, rotations and residual sums happen in float32 inside the kernels and are rounded once, so outputs
@@ -41,7 +43,7 @@ import mlx.core as mx
 from .. import settings
 from ..kernels.cuda import attention as attention_cuda
 from ..kernels.cuda import qmv as qmv_cuda
-from ..quant.low_rank import Stacked, fused_form
+from ..quant.low_rank import Terms, fused_form
 from ..quant.quantized_linear import QuantizedLinear
 from .static_cache import StaticKVCache
 
@@ -119,22 +121,22 @@ def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     B = x.shape[0]
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     (qkv, o_proj, gate_proj, up_proj, down_proj), low = _bases_and_updates(layer)
-    qkv_up, o_up, gate_up_up, down_up = _stacks(layer, low, x.dtype)
+    qkv_lr, o_lr, gate_up_lr, down_lr = _terms(layer, low, x.dtype)
     position = cache.offset  # of this token
     # q (B, H, 1, hd); this position's k and v written into the cache's buffers (B, Hkv, C, hd) in place
     q, keys, values = qmv_cuda.qkv_norm_rope(
         x, norm1.weight, norm1.eps, [p.parts for p in qkv], position, a.head_dim,
         a.rope_theta, a.rope_scale, (B, a.n_heads, 1, a.head_dim), cache=(cache.keys, cache.values),
-        addends=_addends(norm1, x, qkv_up))
+        low_rank=_low_rank(qkv_lr, x))
     cache.keys, cache.values = keys, values
     attn = attention_cuda.decode_attention(q, keys, values, position, a.scale,
                                            prefetch=o_proj.parts if s.prefetch_o else ())  # (B, 1, H * hd)
     gate_up = [_first_mb(w, s.prefetch_gate_up_mb) for w in (gate_proj.weight, up_proj.weight)]
-    # (B, 1, hidden); o_proj's update (if adapted) rides in the residual, which the kernel adds
-    h = qmv_cuda.matmul_residual(attn, o_proj.parts, _plus(x, attn, o_up), prefetch=gate_up)
+    h = qmv_cuda.matmul_residual(attn, o_proj.parts, x, prefetch=gate_up,
+                                 low_rank=_low_rank(o_lr, attn))  # (B, 1, hidden)
     act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, gate_proj.parts, up_proj.parts,
-                               addends=_addends(norm2, h, gate_up_up))
-    return qmv_cuda.matmul_residual(act, down_proj.parts, _plus(h, act, down_up))
+                               low_rank=_low_rank(gate_up_lr, h))
+    return qmv_cuda.matmul_residual(act, down_proj.parts, h, low_rank=_low_rank(down_lr, act))
 
 
 def _bases_and_updates(layer) -> tuple[tuple, list]:
@@ -144,43 +146,36 @@ def _bases_and_updates(layer) -> tuple[tuple, list]:
     return (bases[0:3], *bases[3:]), [low_rank for _, low_rank in forms]
 
 
-SHARED = (slice(0, 3), slice(4, 6))  # q/k/v and gate/up: several projections of one input, stacked here
+GROUPS = (slice(0, 3), slice(3, 4), slice(4, 6), slice(6, 7))  # projections of one input: q/k/v, o, gate/up, down
+
+
+def _gammas(layer) -> tuple:
+    """The RMSNorm weight each group's kernel applies to its input (None: o_proj's and down_proj's)."""
+    return (layer.input_layernorm.weight, None, layer.post_attention_layernorm.weight, None)
 
 
 def prepare(layer, dtype: mx.Dtype) -> None:
-    """Stack and cast q/k/v's and gate/up's adapters for ``dtype`` now (evaluated), outside a traced graph;
-    ``layer_step`` takes them while the layer still holds those adapter arrays (``Stacked.holds``) and
-    builds them inline otherwise. (o_proj's and down_proj's are the LoRA layers' own, cast by their
-    ``prepare_decoding``.) Nothing for a layer without adapters or off the fused path."""
+    """Build and cast the layer's low-rank terms for ``dtype`` now (evaluated), outside a traced graph;
+    ``layer_step`` takes them while the layer still holds those adapter arrays and norm weights
+    (``Terms.holds``) and builds them inline otherwise. Nothing for a layer without adapters or off the
+    fused path."""
     forms = _structure_forms(layer)
     if forms is None:
         return
     low = [low_rank for _, low_rank in forms]
-    stacks = [Stacked.build(low[g], dtype) for g in SHARED]
-    mx.eval([a for s in stacks if s is not None for a in s.arrays])
-    layer.__dict__["_decode_stacks"] = stacks  # not a parameter: outside the module's tree
+    terms = [Terms.build(low[g], dtype, gamma) for g, gamma in zip(GROUPS, _gammas(layer))]
+    mx.eval([a for t in terms if t is not None for a in t.arrays])
+    layer.__dict__["_decode_terms"] = terms  # not a parameter: outside the module's tree
 
 
-def _stacks(layer, low: list, dtype: mx.Dtype) -> list[Optional[Stacked]]:
-    """The stacked updates of q/k/v, o, gate/up and down (None where none is adapted): ``prepare``'s for
-    q/k/v and gate/up while they hold the current adapters (else built here), the LoRA layer's own
-    ``decoding_stack`` for o_proj and down_proj."""
-    prepared = layer.__dict__.get("_decode_stacks") or [None] * len(SHARED)
-    shared = [have if have is not None and have.holds(low[group], dtype) else Stacked.build(low[group], dtype)
-              for have, group in zip(prepared, SHARED)]
-    o, down = [None if low[i] is None else projection.decoding_stack(dtype)
-               for i, projection in ((3, layer.self_attn.o_proj), (6, layer.mlp.down_proj))]
-    return [shared[0], o, shared[1], down]
+def _terms(layer, low: list, dtype: mx.Dtype) -> list[Optional[Terms]]:
+    """The low-rank terms of q/k/v, o, gate/up and down (None where none is adapted): ``prepare``'s while
+    they hold the current adapters and norm weights, else built here."""
+    prepared = layer.__dict__.get("_decode_terms") or [None] * len(GROUPS)
+    return [have if have is not None and have.holds(low[g], dtype, gamma) else Terms.build(low[g], dtype, gamma)
+            for have, g, gamma in zip(prepared, GROUPS, _gammas(layer))]
 
 
-def _plus(residual: mx.array, x: mx.array, stack: Optional[Stacked]) -> mx.array:
-    """``residual`` plus a single projection's update of ``x`` (the residual itself without one)."""
-    return residual if stack is None else stack.plus(residual, x)
-
-
-def _addends(norm, x: mx.array, stack: Optional[Stacked]) -> Optional[list]:
-    """The addends of q/k/v or gate/up: their updates of ``norm(x)`` (the layer's own RMSNorm, as the
-    operation-by-operation path feeds them); None where none is adapted (the plain kernel)."""
-    if stack is None:
-        return None
-    return stack.addends(norm(x))  # (B, 1, hidden) -> per projection (B, out) or None
+def _low_rank(terms: Optional[Terms], x: mx.array):
+    """A launch's ``low_rank`` argument: the terms' A-products of ``x`` and their B's; None without adapters."""
+    return None if terms is None else terms.low_rank(x)

@@ -235,7 +235,7 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = norm()
 
     def prepare_decoding(self, dtype: mx.Dtype) -> None:
-        """Before compiled decoding in ``dtype``: the fused layer's stacked adapters (``fused_decode.prepare``)."""
+        """Before compiled decoding in ``dtype``: the fused layer's low-rank terms (``fused_decode.prepare``)."""
         fused_decode.prepare(self, dtype)
 
     def __call__(self, x: mx.array, mask_fn, cache: Optional[KVCache] = None, position_ids=None) -> mx.array:

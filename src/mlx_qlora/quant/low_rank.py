@@ -1,5 +1,6 @@
 """A projection as the fused few-row kernels take it: a bare per-row 4-bit base, and optionally a low-rank
-update computed beside the launch (``Stacked``: several projections' updates of one input as two matmuls).
+update computed beside the launch (``Stacked``: several projections' updates of one input as two matmuls) or
+half inside it (``Terms``: one matmul beside the launch, the second in the kernel's epilogue).
 
 A LoRA layer in inference computes ``base(x) + scale * (x @ A.T) @ B.T``. The kernels read the base's
 packed weight once per token; the update is two small matmuls (M <= 8 rows, rank r) done in MLX beside
@@ -9,6 +10,11 @@ or, where the kernel's output is linear in its residual input (o_proj, down_proj
 residual. ``fused_form`` says whether a layer is such a projection. The LoRA layer lives above this
 package (``lora/layer.py``), so it is recognised by what it offers: ``low_rank_form()`` (and
 ``decoding_stack(dtype)``, its update as a ``Stacked`` of one, cast once before compiled decoding).
+
+The fused decoder layer (``model/fused_decode.py``) takes ``Terms``: there each input's updates cost one
+small matmul beside the launch, ``x @ A.T`` of every adapted projection at once, and no normed copy of the
+input: ``norm(x) @ A.T = (x @ (A * gamma).T) / rms(x)``, and the kernel, which computes 1/rms for its own
+RMSNorm, applies it together with B (``qmv.LowRank``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ def fused_form(layer) -> Optional[tuple[object, Optional[LowRank]]]:
     if not getattr(base, "runs_bare_per_row_4bit", False):
         return None
     return base, (lora_a, lora_b, float(scale))
+
+
+def _same(sources: tuple, updates: Sequence[Optional[LowRank]]) -> bool:
+    """Whether ``updates`` are the very arrays and scales recorded in ``sources`` (None where not adapted)."""
+    return len(updates) == len(sources) and all(
+        (u is None) == (s is None) and (u is None or (u[0] is s[0] and u[1] is s[1] and float(u[2]) == s[2]))
+        for u, s in zip(updates, sources))
 
 
 class Stacked:
@@ -75,9 +88,7 @@ class Stacked:
     def holds(self, updates: Sequence[Optional[LowRank]], dtype: mx.Dtype) -> bool:
         """Whether this stack was built from exactly these adapter arrays (the same objects: an update
         of the adapters replaces them) and scales, for ``dtype``."""
-        return dtype == self.dtype and len(updates) == len(self.sources) and all(
-            (u is None) == (s is None) and (u is None or (u[0] is s[0] and u[1] is s[1] and float(u[2]) == s[2]))
-            for u, s in zip(updates, self.sources))
+        return dtype == self.dtype and _same(self.sources, updates)
 
     @property
     def arrays(self) -> list[mx.array]:
@@ -97,3 +108,51 @@ class Stacked:
         h = x.reshape(-1, x.shape[-1]) @ self.a_t  # (M, r)
         out = mx.addmm(residual.reshape(-1, residual.shape[-1]), h, self.b_t, alpha=scale)
         return out.reshape(residual.shape)
+
+
+class Terms:
+    """The updates of projections that read one input, as a fused kernel's low-rank terms (``qmv.LowRank``):
+    ``h = x @ a_t``, (M, in) @ (in, R) -> (M, R), the adapted projections' A matrices side by side, is the
+    one matmul beside the launch; the kernel adds ``scale * h[:, c:c + r] @ B.T`` to each adapted
+    projection in its epilogue, B (N, r) as the LoRA layer holds it. With ``gamma`` (the weight of the
+    RMSNorm that the kernel applies to its input) the A matrices are taken through it, ``A * gamma``, so
+    that h is of the raw input and the kernel's 1/rms of the row completes ``norm(x) @ A.T``. Cast to the
+    compute dtype once (``fused_decode.prepare``, before tracing), in float32 before the one rounding."""
+
+    def __init__(self, updates: Sequence[Optional[LowRank]], dtype: mx.Dtype, gamma: Optional[mx.array] = None):
+        adapted = [u for u in updates if u is not None]
+        self.dtype, self.gamma = dtype, gamma
+        self.sources = tuple(None if u is None else (u[0], u[1], float(u[2])) for u in updates)  # what it holds
+        a = mx.concatenate([a.astype(mx.float32) for a, _, _ in adapted], axis=0)  # (R, in)
+        if gamma is not None:
+            a = a * gamma.astype(mx.float32)
+        self.a_t = a.astype(dtype).T  # (in, R)
+        self.terms: list[Optional[tuple[float, int, mx.array]]] = []  # per projection: (scale, first column, B)
+        first = 0
+        for u in updates:
+            if u is None:
+                self.terms.append(None)
+                continue
+            lora_a, lora_b, scale = u
+            self.terms.append((float(scale), first, lora_b.astype(dtype)))  # B (N, r)
+            first += lora_a.shape[0]
+
+    @classmethod
+    def build(cls, updates: Sequence[Optional[LowRank]], dtype: mx.Dtype,
+              gamma: Optional[mx.array] = None) -> Optional["Terms"]:
+        """The terms of ``updates`` (None where a projection is not adapted); None where none is."""
+        return cls(updates, dtype, gamma) if any(u is not None for u in updates) else None
+
+    def holds(self, updates: Sequence[Optional[LowRank]], dtype: mx.Dtype, gamma: Optional[mx.array] = None) -> bool:
+        """Whether these terms were built from exactly these adapter arrays, scales and norm weight (the same
+        objects: an update replaces them), for ``dtype``."""
+        return gamma is self.gamma and dtype == self.dtype and _same(self.sources, updates)
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return [self.a_t] + [t[2] for t in self.terms if t is not None]
+
+    def low_rank(self, x: mx.array) -> tuple[mx.array, list]:
+        """The kernel's ``low_rank`` argument for input x (..., in): (h (M, R), per projection (scale, first
+        column, B) or None)."""
+        return x.reshape(-1, x.shape[-1]) @ self.a_t, self.terms

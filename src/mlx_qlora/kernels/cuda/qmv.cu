@@ -491,4 +491,38 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, unsigned int a0, unsign
         y[(size_t)m * ROWS + n] = static_cast<T>(g / (1.0f + __expf(-g)) * u);
       }
 
+/// Low-rank terms (Variant.low_rank): the second matmul of a LoRA update in the epilogue. lh (M, low_rank_cols)
+/// holds x @ A.T of every adapted matrix of the input; output n of matrix g adds F * (lb<g>[n] . lh[m, c:c + r]),
+/// times the row's 1/rms where the kernel norms its input (lr_scale: the body's own inv_rms, or in the
+/// tensor-core body the same number again from the warps' sums of squares, which stay in shared memory).
+// @section low_rank_header: a row of B times a row of A-products, in float32
+
+template <int RK, typename U, typename V>
+__device__ __forceinline__ float low_rank_dot(const U* b, const V* h, size_t n, size_t h0) {
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < RK; ++j) {
+    s = fmaf(static_cast<float>(b[n * RK + j]), static_cast<float>(h[h0 + j]), s);
+  }
+  return s;
+}
+
+// @section low_rank_scale: the CUDA-core body's 1/rms of each input row for the low-rank terms
+      float lr_scale[M];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        lr_scale[m] = inv_rms[m];
+      }
+// @section low_rank_scale_mma: the tensor-core body's 1/rms of each input row for the low-rank terms
+      float lr_scale[M];
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float sq = 0.0f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) {
+          sq += part_x[v][1][m];
+        }
+        lr_scale[m] = rsqrtf(sq / (float)K + EPS);
+      }
+
 /// end of qmv.cu (the blank line above ends the last section)

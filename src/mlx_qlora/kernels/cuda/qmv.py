@@ -42,6 +42,26 @@ Weight = tuple[mx.array, mx.array, mx.array]  # (packed (N, K/8) uint32, scales 
 # What a launch adds to one weight's float32 sums before its epilogue: factor F and an array (..., N) (a LoRA
 # update: F = scale, the array (x @ A.T) @ B.T); per weight, None for none.
 Addend = tuple[float, mx.array]
+# A launch's low-rank terms (``Variant.low_rank``): h (..., R), the A-products x @ A.T of the adapted weights side
+# by side, and per weight None or (F, c, b) with b (N, r) its B: F * h[..., c:c + r] @ b.T is added to that
+# weight's float32 sums (with the RMSNorm launches, h is of the raw input through A * gamma, and the kernel
+# multiplies the term by its 1/rms).
+LowRank = tuple[mx.array, Sequence[Optional[tuple[float, int, mx.array]]]]
+
+
+def _low_rank(variant: Variant, low_rank: Optional[LowRank]) -> tuple[Variant, list[mx.array]]:
+    """``variant`` with its ``low_rank`` terms and their inputs ``lh``, ``lb<g>..``; unchanged without any."""
+    if low_rank is None or all(t is None for t in low_rank[1]):
+        return variant, []
+    h, terms = low_rank
+    if len(terms) != variant.n_matrices:
+        raise ValueError(f"one low-rank term (or None) per weight: {variant.n_matrices} weights, {len(terms)} terms")
+    h2 = h.reshape(-1, h.shape[-1])  # (M, R)
+    spec = tuple(None if t is None else (float(t[0]), int(t[1]), int(t[2].shape[1])) for t in terms)
+    for t in spec:
+        if t is not None and t[1] + t[2] > h2.shape[1]:
+            raise ValueError(f"columns {t[1]}..{t[1] + t[2]} of a low-rank term outside h's {h2.shape[1]}")
+    return replace(variant, low_rank=spec, low_rank_cols=h2.shape[1]), [h2] + [t[2] for t in terms if t is not None]
 
 
 def _addends(variant: Variant, addends: Optional[Sequence[Optional[Addend]]]) -> tuple[Variant, list[mx.array]]:
@@ -149,7 +169,8 @@ def qmv_swiglu(x: mx.array, gate: Weight, up: Weight,
 def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[Weight], position: mx.array,
                   head_dim: int, rope_base: float, rope_scale: float, q_shape: tuple[int, ...],
                   cache: tuple[mx.array, mx.array],
-                  addends: Optional[Sequence[Optional[Addend]]] = None) -> list[mx.array]:
+                  addends: Optional[Sequence[Optional[Addend]]] = None,
+                  low_rank: Optional[LowRank] = None) -> list[mx.array]:
     """q, k and v of ``rms_norm(x, gamma, eps)`` (x (M, K), M sequences of one token) in one launch, with
     rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d); q comes
     out in ``q_shape`` (any shape of its elements in row-major order).
@@ -161,32 +182,38 @@ def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[We
     (the cache's are dropped as it advances).
 
     ``addends``: per weight, None or ``(F, a)`` with a (M, N_g): ``F * a`` is added to that projection
-    before the rotation and the cache write (a LoRA update of the normed input)."""
+    before the rotation and the cache write (a LoRA update of the normed input). ``low_rank``: the same
+    updates as ``LowRank`` terms, h = x @ (A * gamma).T of the raw input (the kernel applies 1/rms and B)."""
     variant, add = _addends(Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
                                     rope_scale=float(rope_scale), cache=True), addends)
+    variant, lr = _low_rank(variant, low_rank)
     q = launch(x.reshape(-1, x.shape[-1]), weights, variant, shapes=(tuple(q_shape),),
-               extra=[gamma, position.astype(mx.int32), *cache, *add], head_dim=head_dim,
+               extra=[gamma, position.astype(mx.int32), *cache, *add, *lr], head_dim=head_dim,
                capacity=cache[0].shape[2])
     return q + list(cache)
 
 
 def swiglu_norm(x: mx.array, gamma: mx.array, eps: float, gate: Weight, up: Weight,
-                addends: Optional[Sequence[Optional[Addend]]] = None) -> mx.array:
+                addends: Optional[Sequence[Optional[Addend]]] = None,
+                low_rank: Optional[LowRank] = None) -> mx.array:
     """``silu(gate(n)) * up(n)`` with ``n = rms_norm(x, gamma, eps)``, in one launch: x (..., K) -> (..., N).
-    ``addends``: as ``qkv_norm_rope``'s, of gate and of up (added before the activation)."""
+    ``addends``, ``low_rank``: as ``qkv_norm_rope``'s, of gate and of up (added before the activation)."""
     lead = x.shape[:-1]
     variant, add = _addends(Variant(2, swiglu=True, norm_eps=float(eps)), addends)
+    variant, lr = _low_rank(variant, low_rank)
     return launch(x.reshape(-1, x.shape[-1]), [gate, up], variant, shapes=((*lead, gate[0].shape[0]),),
-                  extra=[gamma, *add])[0]
+                  extra=[gamma, *add, *lr])[0]
 
 
-def matmul_residual(x: mx.array, weight: Weight, residual: mx.array, prefetch=()) -> mx.array:
+def matmul_residual(x: mx.array, weight: Weight, residual: mx.array, prefetch=(),
+                    low_rank: Optional[LowRank] = None) -> mx.array:
     """``residual + x @ W.T`` in one launch (added in float32, rounded once): x (..., K) -> residual's shape.
     ``prefetch``: arrays or (array, begin, end) byte ranges that blocks appended to the launch ask L2 for
-    (``l2_prefetch``)."""
-    variant = Variant(1, residual=True)
+    (``l2_prefetch``). ``low_rank``: a LoRA update of x as a ``LowRank`` term (h = x @ A.T), added before the
+    residual."""
+    variant, lr = _low_rank(Variant(1, residual=True), low_rank)
     return launch(x.reshape(-1, x.shape[-1]), [weight], variant, shapes=(tuple(residual.shape),),
-                  extra=[residual.reshape(-1, residual.shape[-1])], prefetch=prefetch)[0]
+                  extra=[residual.reshape(-1, residual.shape[-1]), *lr], prefetch=prefetch)[0]
 
 
 # ---- the same formulas in MLX operations ------------------------------------------------------------------
@@ -218,6 +245,30 @@ def reference_rms_norm(x: mx.array, gamma: mx.array, eps: float) -> mx.array:
     """float32 RMSNorm: x (M, K) -> (M, K)."""
     xf = x.astype(mx.float32)
     return xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps) * gamma.astype(mx.float32)
+
+
+def reference_inv_rms(x: mx.array, eps: float) -> mx.array:
+    """float32 1/rms of each row: x (M, K) -> (M, 1)."""
+    xf = x.astype(mx.float32)
+    return mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def low_rank_addends(low_rank: Optional[LowRank], inv_rms: Optional[mx.array] = None) -> Optional[list]:
+    """The terms of ``low_rank`` as the addends (F, (M, N) float32) they amount to, for the references:
+    ``h[:, c:c + r] @ b.T``, times ``inv_rms`` (M, 1) where the launch norms its input."""
+    if low_rank is None:
+        return None
+    h, terms = low_rank
+    h = h.reshape(-1, h.shape[-1]).astype(mx.float32)
+    out = []
+    for t in terms:
+        if t is None:
+            out.append(None)
+            continue
+        factor, first, b = t
+        u = h[:, first:first + b.shape[1]] @ b.astype(mx.float32).T  # (M, N)
+        out.append((factor, u if inv_rms is None else u * inv_rms))
+    return out
 
 
 def reference_qkv_norm_rope(x, gamma, eps, weights, position: int, head_dim: int, rope_base: float,

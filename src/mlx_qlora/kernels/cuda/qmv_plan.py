@@ -18,7 +18,7 @@ import mlx.core as mx
 from ... import settings
 from ...settings import KernelSettings
 from . import l2_prefetch
-from .qmv_source import HEADER, THREADS, Variant
+from .qmv_source import HEADER, LOW_RANK_HEADER, THREADS, Variant
 from .sources import cuda_kernel
 
 MAX_ROWS = 8  # input rows handled by one launch (every warp keeps one accumulator per row)
@@ -141,7 +141,8 @@ def kernel(variant: Variant, mma: bool, stage: bool, unroll: int, mma_chunks: in
         input_names=variant.input_names,
         output_names=variant.output_names,
         source=variant.source(mma=mma, stage=stage, unroll=unroll, mma_chunks=mma_chunks, mma_warps=mma_warps),
-        header=HEADER + (l2_prefetch.HEADER if variant.prefetch else ""),
+        header=HEADER + (l2_prefetch.HEADER if variant.prefetch else "") + (
+            "\n" + LOW_RANK_HEADER if variant.has_low_rank else ""),
     )
 
 

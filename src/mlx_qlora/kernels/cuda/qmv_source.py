@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from ... import settings
 from . import l2_prefetch
@@ -20,6 +20,7 @@ from .sources import digest, sections
 
 _CU = sections("qmv.cu")
 HEADER = _CU["header"]
+LOW_RANK_HEADER = _CU["low_rank_header"]  # added to the header of a variant with ``low_rank`` terms
 THREADS = 256  # threads per block of the CUDA-core body (8 warps)
 
 
@@ -66,6 +67,23 @@ def _addend(addend: tuple, g: int, index: str) -> str:
     return f" + {float(addend[g])!r}f * load_res(add{g}, {index})"
 
 
+def _low_rank(low_rank: tuple, cols: int, normed: bool, g: int, row: str) -> str:
+    """`` + F * lr_scale[m] * (lb<g>[row] . lh[m, c:c + r])`` where matrix g has a low-rank term (F, c, r)
+    (``Variant.low_rank``; ``lr_scale`` only where the input is normed), else ``""``."""
+    if g >= len(low_rank) or low_rank[g] is None:
+        return ""
+    factor, first, rank = low_rank[g]
+    scale = " * lr_scale[m]" if normed else ""
+    return (f" + {float(factor)!r}f{scale} * low_rank_dot<{int(rank)}>(lb{g}, lh, (size_t)({row}), "
+            f"(size_t)m * {int(cols)} + {int(first)})")
+
+
+def _terms(v: "Variant", g: int, index: str, row: str) -> str:
+    """What matrix g adds to its float32 sum at output ``index`` (row ``row``) before its epilogue: the
+    addend and the low-rank term of ``Variant``, either, both or neither."""
+    return _addend(v.addend, g, index) + _low_rank(v.low_rank, v.low_rank_cols, v.norm_eps is not None, g, row)
+
+
 def _store(g: int, n: str, value: str, cache: bool) -> str:
     """Write ``value`` to output row ``n`` (of sequence m) of matrix g; with ``cache``, matrices 1 and 2 (k
     and v) go to slot ``rope_pos[0] % C`` of the key/value cache instead, (M, N/HD, C, HD) in place."""
@@ -77,10 +95,12 @@ def _store(g: int, n: str, value: str, cache: bool) -> str:
 
 
 def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool = False, cache: bool = False,
-                   addend: tuple[Optional[float], ...] = ()) -> str:
+                   terms: Optional[Callable[[int, str, str], str]] = None) -> str:
     """Lane r's writes. Plain rows: row local + r of matrix g. Roped matrices: lanes r < R/2 write the pair
     (p, p + HD/2), p = (local % HD) / 2 + r, rotated by position ``rope_pos[0]``. ``cache``: see ``_store``.
-    ``addend``: see ``Variant.addend`` (added before the rotation and the residual)."""
+    ``terms(g, index, row)``: what matrix g adds to its float32 sum at output ``index`` (row ``row``) before
+    the rotation and the residual (``_terms``: LoRA addends and low-rank terms); nothing without it."""
+    terms = terms or (lambda g, index, row: "")
     lines = ["      " + line.strip() for line in _matrix_branches(n_matrices)]
     lines += [f"      const bool roped = {_roped_expr(rope)};"]
     if any(rope):
@@ -99,9 +119,9 @@ def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool 
                       f"            const float sb = static_cast<float>(s{g}[nb]), bb = static_cast<float>(b{g}[nb]);",
                       "#pragma unroll", "            for (int m = 0; m < M; ++m) {",
                       "              const float va = sa * acc[r][m] + ba * xsum[m]"
-                      + _addend(addend, g, f"(size_t)m * N{g} + na") + ";",
+                      + terms(g, f"(size_t)m * N{g} + na", "na") + ";",
                       "              const float vb = sb * acc[R / 2 + r][m] + bb * xsum[m]"
-                      + _addend(addend, g, f"(size_t)m * N{g} + nb") + ";",
+                      + terms(g, f"(size_t)m * N{g} + nb", "nb") + ";",
                       "              " + _store(g, "na", "va * cs - vb * sn", cache),
                       "              " + _store(g, "nb", "vb * cs + va * sn", cache),
                       "            }", "          }"]
@@ -115,7 +135,7 @@ def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool 
                   f"          const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
                   "#pragma unroll", "          for (int m = 0; m < M; ++m) {",
                   "            " + _store(g, "local_n", "s * acc[r][m] + b * xsum[m]"
-                                           + _addend(addend, g, f"(size_t)m * N{g} + local_n") + res, cache),
+                                           + terms(g, f"(size_t)m * N{g} + local_n", "local_n") + res, cache),
                   "          }", "        }"]
     lines += ["      }"]
     return "\n".join(lines)
@@ -155,7 +175,15 @@ class Variant:
     the kernel reads, float32 or bfloat16), and ``F * add<g>`` is added to its float32 sum before the
     epilogue (rotary embeddings, the cache write, SwiGLU, the residual): a LoRA update ``scale * (x @ A.T)
     @ B.T`` computed beside the launch, with F = scale. A variant without addends is the same source as
-    before they existed."""
+    before they existed.
+
+    ``low_rank``: per matrix, None or (F, c, r): the variant then has an input ``lh`` (M,
+    ``low_rank_cols``), the A-products of the adapted matrices side by side, and per adapted matrix g an
+    input ``lb<g>`` (N_g, r), its B, and ``F * (lb<g>[n] . lh[m, c:c + r])`` is added to output n's sum
+    where an addend would be: the update's second matmul done in the epilogue, so one small matmul beside
+    the launch is left, ``x @ A.T`` for every adapted matrix of the input at once. With the RMSNorm the
+    term is also multiplied by the kernel's 1/rms of the row: ``lh`` is then ``x @ (A * gamma).T`` of the
+    raw input, and no normed copy of the input exists outside the kernel."""
 
     n_matrices: int = 1
     swiglu: bool = False
@@ -167,6 +195,8 @@ class Variant:
     cache: bool = False
     prefetch: int = 0  # inputs pf0.. that appended blocks ask L2 for
     addend: tuple[Optional[float], ...] = ()  # per matrix: None or the factor of its addend input add<g>
+    low_rank: tuple[Optional[tuple[float, int, int]], ...] = ()  # per matrix: None or (F, first column, rank)
+    low_rank_cols: int = 0  # columns of ``lh``
 
     @property
     def input_names(self) -> list[str]:
@@ -176,6 +206,8 @@ class Variant:
         names += ["kc", "vc"] if self.cache else []
         names += ["res"] if self.residual else []
         names += [f"add{g}" for g, f in enumerate(self.addend) if f is not None]
+        if self.has_low_rank:
+            names += ["lh"] + [f"lb{g}" for g, t in enumerate(self.low_rank) if t is not None]
         return names + [f"pf{i}" for i in range(self.prefetch)]
 
     @property
@@ -189,6 +221,10 @@ class Variant:
         return any(f is not None for f in self.addend)
 
     @property
+    def has_low_rank(self) -> bool:
+        return any(t is not None for t in self.low_rank)
+
+    @property
     def name(self) -> str:
         kind = "swiglu" if self.swiglu else f"split{self.n_matrices}"
         extra = [] if self.norm_eps is None else ["norm"]
@@ -197,8 +233,10 @@ class Variant:
         extra += ["cache"] if self.cache else []
         extra += [f"pf{self.prefetch}"] if self.prefetch else []
         extra += ["add" + "".join("0" if f is None else "1" for f in self.addend)] if self.has_addend else []
+        extra += ["lr" + "".join("0" if t is None else "1" for t in self.low_rank)] if self.has_low_rank else []
         consts = digest(self.norm_eps, self.rope_base, self.rope_scale,
-                        *((self.addend,) if self.has_addend else ())) if extra else "0"
+                        *((self.addend,) if self.has_addend else ()),
+                        *((self.low_rank, self.low_rank_cols) if self.has_low_rank else ())) if extra else "0"
         return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, consts])
 
     def source(self, mma: bool = False, stage: bool = False, unroll: Optional[int] = None,
@@ -214,13 +252,18 @@ class Variant:
         norm = self.norm_eps is not None
         if stage and (mma or not norm):
             raise ValueError("only the CUDA-core body of an RMSNorm variant stages its input")
+        def terms(g: int, index: str, row: str) -> str:
+            return _terms(self, g, index, row)
+
         if self.swiglu:
             select = _CU["select_swiglu_mma"] if mma else _CU["select_swiglu"]
-            epilogue = (_CU["epilogue_swiglu"].replace("@ADD_GATE@", _addend(self.addend, 0, "(size_t)m * ROWS + n"))
-                        .replace("@ADD_UP@", _addend(self.addend, 1, "(size_t)m * ROWS + n")))
+            epilogue = (_CU["epilogue_swiglu"].replace("@ADD_GATE@", terms(0, "(size_t)m * ROWS + n", "n"))
+                        .replace("@ADD_UP@", terms(1, "(size_t)m * ROWS + n", "n")))
         else:
             select = select_split(self.n_matrices, self.rope, mma)
-            epilogue = epilogue_split(self.n_matrices, self.rope, self.residual, self.cache, self.addend)
+            epilogue = epilogue_split(self.n_matrices, self.rope, self.residual, self.cache, terms)
+        if self.has_low_rank and norm:  # the terms' 1/rms of each input row, where the epilogue can read it
+            epilogue = _CU["low_rank_scale_mma" if mma else "low_rank_scale"] + "\n" + epilogue
         if mma:
             body = (_CU["body_mma"].replace("MMA_CHUNKS", str(mma_chunks)).replace("MMA_WARPS", str(mma_warps))
                     .replace("@SELECT@", select)

@@ -231,25 +231,31 @@ def test_fused_decode_layer_wiring_with_reference_kernels(monkeypatch):
     np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("targets,layers", [
-    (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), None),
-    (("k_proj", "o_proj", "gate_proj"), [1]), (("q_proj", "up_proj", "down_proj"), [0])])
-def test_fused_decode_layer_with_adapters_equals_the_layer_by_layer_path(monkeypatch, targets, layers):
+@pytest.mark.parametrize("targets,layers,scratch", [
+    (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), None, True),
+    (("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), None, False),
+    (("k_proj", "o_proj", "gate_proj"), [1], True), (("q_proj", "up_proj", "down_proj"), [0], True)])
+def test_fused_decode_layer_with_adapters_equals_the_layer_by_layer_path(monkeypatch, targets, layers, scratch):
     """LoRA attached at run time stays on the fused path: with adapters on all seven projections, or on a
     subset of them in one layer (the other layer bare), every layer of every step takes ``layer_step`` (the
-    kernels replaced by their formulas, addends included) and its logits equal the operation-by-operation
-    LoRA layers' within the bare path's tolerance; the adapters move the logits far more than that."""
+    kernels replaced by their formulas, low-rank terms included: read from the layer's scratch where the
+    launch before wrote them, or with ``lora_scratch`` off from a matmul beside each launch) and its logits
+    equal the operation-by-operation LoRA layers' within the bare path's tolerance; the adapters move the
+    logits far more than that."""
     from mlx_qlora.model import fused_decode
 
     model, state, tokens, eager = _quantized_model_and_eager_steps(steps=8, adapters=(targets, layers))
     taken = []
-    terms = fused_decode._terms
+    terms, scratches = fused_decode._terms, fused_decode._scratch
     monkeypatch.setattr(fused_decode, "_terms", lambda layer, low, dtype: taken.append(
         [t is p for t, p in zip(terms(layer, low, dtype), layer.__dict__["_decode_terms"])]) or terms(layer, low, dtype))
-    fused = _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens)
+    monkeypatch.setattr(fused_decode, "_scratch", lambda layer, t: taken.append(
+        [scratches(layer, t) is layer.__dict__["_decode_scratch"]]) or scratches(layer, t))
+    with settings.override(lora_scratch=scratch):
+        fused = _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens)
     np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
-    # the compiled decoder's terms, built by fused_decode.prepare before tracing, were the ones used (none
-    # built per token)
+    # the compiled decoder's terms and scratch, built by fused_decode.prepare before tracing, were the ones
+    # used (none built per token)
     assert taken and all(all(layer_taken) for layer_taken in taken)
     from mlx_qlora.lora import LoRALinear
 
@@ -263,10 +269,33 @@ def _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens) -> mx
     """``_traced_steps`` with the fused decoder layer on and its kernels replaced by their formulas; checks
     that every layer of every step took the fused path."""
 
-    def normed_terms(x, eps, low_rank):  # low-rank terms of a launch that norms its input: times its 1/rms
-        return qmv_cuda.low_rank_addends(low_rank, qmv_cuda.reference_inv_rms(x.reshape(-1, x.shape[-1]), eps))
+    # The layer's low-rank scratch as the kernels use it: the first launch zeroes it, a launch with ``emit`` adds
+    # its output (as written) @ ea at an offset, a later launch reads its terms' h there. Here the scratch's
+    # contents are kept by (array, offset), since the references cannot write into an array in place.
+    written = {}
 
-    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache, low_rank=None):
+    def zero(scratch):
+        for key in [k for k in written if k[0] is scratch]:
+            del written[key]
+
+    def emit(y, target):
+        if target is not None:
+            ea, scratch, offset = target
+            rows = y.reshape(-1, ea.shape[0])
+            written[(scratch, offset)] = written.get((scratch, offset), 0) + rows @ ea.astype(mx.float32)
+
+    def h_of(low_rank, offset):  # a launch's h: the matmul's (no scratch) or what was written at the offset
+        if low_rank is None or low_rank[0].ndim > 1:
+            return low_rank
+        return [v for k, v in written.items() if k[0] is low_rank[0] and k[1] == offset][0], low_rank[1]
+
+    def normed_terms(x, eps, low_rank, offset=0):  # terms of a launch that norms its input: times its 1/rms
+        return qmv_cuda.low_rank_addends(h_of(low_rank, offset),
+                                         qmv_cuda.reference_inv_rms(x.reshape(-1, x.shape[-1]), eps))
+
+    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache, low_rank=None, zero_=None):
+        if zero_ is not None:
+            zero(zero_)
         # the kernel writes k and v into the cache's buffers in place; here: a slice_update at its slot
         q, k, v = [o.astype(x.dtype) for o in qmv_cuda.reference_qkv_norm_rope(
             x.reshape(-1, x.shape[-1]), gamma, eps, weights, int(position.item()), head_dim, base, scale,
@@ -276,27 +305,39 @@ def _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens) -> mx
         return [q.reshape(q_shape)] + [mx.slice_update(c, n.reshape(kv_shape), slot, axes=(2,))
                                        for c, n in zip(cache, (k, v))]
 
-    def swiglu(x, gamma, eps, gate, up, low_rank=None):
+    def swiglu(x, gamma, eps, gate, up, low_rank=None, low_rank_offset=0, emit=None):
         normed = qmv_cuda.reference_rms_norm(x.reshape(-1, x.shape[-1]), gamma, eps)
-        return qmv_cuda.reference_swiglu(normed, gate, up, normed_terms(x, eps, low_rank)).reshape(
-            *x.shape[:-1], gate[0].shape[0])
+        y = qmv_cuda.reference_swiglu(normed, gate, up, normed_terms(x, eps, low_rank, low_rank_offset)).reshape(
+            *x.shape[:-1], gate[0].shape[0]).astype(x.dtype)
+        emit_(y, emit)
+        return y
 
-    def residual(x, weight, res, prefetch=(), low_rank=None):
+    def residual(x, weight, res, prefetch=(), low_rank=None, low_rank_offset=0, emit=None):
         y = qmv_cuda.reference(x.reshape(-1, x.shape[-1]), *weight) + res.reshape(-1, res.shape[-1])
-        for factor, update in qmv_cuda.low_rank_addends(low_rank) or []:
+        for factor, update in qmv_cuda.low_rank_addends(h_of(low_rank, low_rank_offset)) or []:
             y = y + factor * update
-        return y.reshape(res.shape)
+        y = y.reshape(res.shape).astype(res.dtype)
+        emit_(y, emit)
+        return y
+
+    def attention(q, k, v, pos, scale, prefetch=(), emit=None):
+        out = attention_cuda.reference(q, k, v, int(pos.item()), scale).astype(q.dtype)
+        emit_(out, emit)
+        return out
+
+    emit_ = emit
 
     calls = []
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)  # head dim 16 here
     monkeypatch.setattr(qmv_cuda, "qkv_norm_rope",
-                        lambda *a, cache, low_rank=None: calls.append("qkv") or qkv(*a, cache, low_rank))
+                        lambda *a, cache, low_rank=None, zero=None: calls.append("qkv") or qkv(
+                            *a, cache, low_rank, zero))
     monkeypatch.setattr(qmv_cuda, "swiglu_norm", swiglu)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
-    monkeypatch.setattr(attention_cuda, "decode_attention",
-                        lambda q, k, v, pos, scale, prefetch=(): attention_cuda.reference(q, k, v, int(pos.item()),
-                                                                                          scale))
+    monkeypatch.setattr(attention_cuda, "decode_attention", attention)
+    monkeypatch.setattr(qmv_cuda, "a_products", lambda x, a: x.reshape(-1, x.shape[-1]).astype(mx.float32)
+                        @ a.astype(mx.float32).T)
     with settings.override(fused_decode=True):
         fused = _traced_steps(model, state, tokens)
     monkeypatch.undo()
@@ -317,14 +358,14 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
     x = mx.zeros((1, 1, a.q_proj.in_features))
     seen = []
 
-    def qkv(*args, cache, low_rank=None):
+    def qkv(*args, cache, low_rank=None, zero=None):
         return [mx.zeros((1, a.n_heads, 1, a.head_dim)), *cache]
 
-    def attention(q, k, v, pos, scale, prefetch=()):
+    def attention(q, k, v, pos, scale, prefetch=(), emit=None):
         seen.append(list(prefetch))
         return mx.zeros((1, 1, a.n_heads * a.head_dim))
 
-    def residual(x, weight, res, prefetch=(), low_rank=None):
+    def residual(x, weight, res, prefetch=(), low_rank=None, low_rank_offset=0, emit=None):
         seen.append(list(prefetch))
         return res
 
@@ -332,7 +373,8 @@ def test_fused_decode_layer_hands_each_launch_what_it_prefetches(monkeypatch):
     monkeypatch.setattr(attention_cuda, "decode_attention", attention)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(qmv_cuda, "swiglu_norm",
-                        lambda h, *args, low_rank=None: mx.zeros((1, 1, m.gate_proj.out_features)))
+                        lambda h, *args, low_rank=None, low_rank_offset=0, emit=None: mx.zeros(
+                            (1, 1, m.gate_proj.out_features)))
     with settings.override(prefetch_gate_up_mb=1 / 1024):  # 1 KB of each
         fused_decode.layer_step(layer, x, StaticKVCache(state.keys[0], state.values[0], state.offset))
     attention_pf, o_pf, down_pf = seen

@@ -84,6 +84,27 @@ inline float __shfl_xor_sync(unsigned int, float value, int lane_mask) {
 
 inline void __syncwarp() { (*g_warps)[threadIdx.x >> 5]->sync.arrive_and_wait(); }
 
+// __shfl_sync with a source lane (the whole warp calls it, as our kernels do).
+inline float __shfl_sync(unsigned int, float value, int src_lane) {
+  EmulatedWarp& w = *(*g_warps)[threadIdx.x >> 5];
+  const int lane = threadIdx.x & 31;
+  w.exchange[lane] = value;
+  w.sync.arrive_and_wait();
+  const float other = w.exchange[src_lane & 31];
+  w.sync.arrive_and_wait();
+  return other;
+}
+
+// float atomicAdd: a compare-and-swap loop on the bits (blocks run one after another, threads of a block at once).
+inline float atomicAdd(float* p, float v) {
+  unsigned int* u = reinterpret_cast<unsigned int*>(p);
+  unsigned int old = __atomic_load_n(u, __ATOMIC_SEQ_CST);
+  while (!__atomic_compare_exchange_n(u, &old, __float_as_uint(__uint_as_float(old) + v), false, __ATOMIC_SEQ_CST,
+                                      __ATOMIC_SEQ_CST)) {
+  }
+  return __uint_as_float(old);
+}
+
 // mma.sync.m16n8k16 (bfloat16 in, float32 accumulate) for the warp: each lane hands in its fragments, then
 // computes its four outputs from the whole A (16 x 16) and b (16 x 8), products summed in float32 in k order.
 #define MLX_QLORA_MMA_DEFINED

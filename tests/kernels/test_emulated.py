@@ -534,3 +534,127 @@ def test_matmul_residual_kernel_with_a_low_rank_term(tmp_path, per_warp):
     want = qmv_cuda.reference(x, *layer.parts) + res.astype(mx.float32) + factor * update
     _assert_close_to_rounded(y, want)
     assert float(mx.abs(factor * update).max()) > 0.1  # the term is far above the rounding
+
+
+# ---- the layer's low-rank scratch: a launch writes the next launch's A-products (``Variant.emit_cols``), the
+# first launch of the layer zeroes it (``Variant.zero``), a launch reads its low-rank terms from it --------------
+
+
+def _scratch(size: int, seed: int) -> mx.array:
+    mx.random.seed(seed)
+    return mx.random.normal((size,))  # float32; what was there before
+
+
+def _check_emitted(after: mx.array, before: mx.array, offset: int, y: mx.array, ea: mx.array):
+    """``after`` is ``before`` plus y (as written, rounded) @ ea at [offset, offset + M * C), unchanged elsewhere
+    (float32 sums in another order: 1e-4 relative to the largest term)."""
+    rows, cols = y.reshape(-1, ea.shape[0]).shape[0], ea.shape[1]
+    want = y.reshape(rows, -1).astype(mx.float32) @ ea.astype(mx.float32)  # (M, C)
+    got = (after - before)[offset:offset + rows * cols].reshape(rows, cols)
+    scale = float(mx.abs(want).max())
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=1e-4 * scale + 1e-5)
+    outside = mx.concatenate([mx.arange(offset), mx.arange(offset + rows * cols, before.size)])
+    assert mx.array_equal(after[outside], before[outside])
+
+
+@pytest.mark.parametrize("per_warp", [2, 4, 16])
+def test_matmul_residual_kernel_emits_the_next_a_products(tmp_path, per_warp):
+    """o_proj's launch: its output as before, and y @ ea added into the scratch at the offset (float atomics;
+    per warp in the CUDA-core body, by warp 0 in the tensor-core body); nothing else of the scratch changes.
+    Its own low-rank term read from the same scratch at another offset."""
+    layer = _layer(64, 256, 41)
+    x = mx.random.normal((2, 256)).astype(mx.bfloat16)
+    res = (4.0 * mx.random.normal((2, 64))).astype(mx.bfloat16)
+    ea = (0.1 * mx.random.normal((64, 24))).astype(mx.bfloat16)  # the next launch's A.T (N, C)
+    scratch = _scratch(200, 3)
+    (_, terms) = _low_rank_inputs(2, (64,), (True,), 16, mx.bfloat16, 9)
+    low_rank = (scratch, terms)  # the term's h: rows of 16 from float 10 of the scratch
+    variant, _ = qmv_cuda._low_rank(Variant(1, residual=True), low_rank, 10)
+    variant, _ = qmv_cuda._emit_zero(variant, (ea, scratch, 100), None)
+    args = qmv_plan.launch_args(2, 256, (64,), variant, mx.bfloat16, per_warp)
+    assert qmv_plan.uses_mma(args) == (per_warp == 16)
+    y, after = emulate(tmp_path, variant.source(mma=qmv_plan.uses_mma(args)), LOW_RANK_HEADER,
+                       _inputs([layer], x, res=res, lh=scratch, lb0=terms[0][2], ea=ea, eh=scratch), ["y0"], args,
+                       changed=("eh",))
+    h = scratch[10:10 + 32].reshape(2, 16)
+    (factor, update), = qmv_cuda.low_rank_addends((h, terms))
+    _assert_close_to_rounded(y, qmv_cuda.reference(x, *layer.parts) + res.astype(mx.float32) + factor * update)
+    _check_emitted(after, scratch, 100, y, ea)
+
+
+@pytest.mark.parametrize("in_f,per_warp,stage", [(128, 4, True), (128, 2, False), (256, 16, False)])
+def test_swiglu_kernel_reads_its_terms_from_the_scratch_and_emits_down_projs(tmp_path, in_f, per_warp, stage):
+    """gate/up with the RMSNorm and SwiGLU, its low-rank terms read from the scratch, down_proj's A-products of
+    its output added into the scratch."""
+    gate, up = _layer(64, in_f, 73), _layer(64, in_f, 74)
+    x = (2.0 * mx.random.normal((2, in_f))).astype(mx.bfloat16)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(mx.bfloat16)
+    _, terms = _low_rank_inputs(2, (64, 64), (True, True), 8, mx.bfloat16, 11)
+    scratch = _scratch(120, 4)
+    ea = (0.1 * mx.random.normal((64, 16))).astype(mx.bfloat16)
+    variant, _ = qmv_cuda._low_rank(Variant(2, swiglu=True, norm_eps=1e-6), (scratch, terms), 0)
+    variant, _ = qmv_cuda._emit_zero(variant, (ea, scratch, 64), None)
+    args = qmv_plan.launch_args(2, in_f, (64, 64), variant, mx.bfloat16, per_warp)
+    y, after = emulate(tmp_path, variant.source(mma=qmv_plan.uses_mma(args), stage=stage), LOW_RANK_HEADER,
+                       _inputs([gate, up], x, gamma=gamma, lh=scratch, lb0=terms[0][2], lb1=terms[1][2], ea=ea,
+                               eh=scratch), ["y"], args, changed=("eh",))
+    normed = qmv_cuda.reference_rms_norm(x, gamma, 1e-6)
+    addends = qmv_cuda.low_rank_addends((scratch[:32].reshape(2, 16), terms), qmv_cuda.reference_inv_rms(x, 1e-6))
+    _assert_close_to_rounded(y, qmv_cuda.reference_swiglu(normed, gate.parts, up.parts, addends),
+                             steps=2 if qmv_plan.uses_mma(args) else 1)
+    _check_emitted(after, scratch, 64, y, ea)
+
+
+@pytest.mark.parametrize("in_f,stage", [(128, False), (128, True), (256, False)])
+def test_qkv_kernel_zeroes_the_layers_scratch(tmp_path, in_f, stage):
+    """The first launch of the layer zeroes the whole scratch (block 0), and its outputs are unchanged."""
+    layers = [_layer(n, in_f, 90 + i) for i, n in enumerate((64, 32, 32))]
+    x = (3.0 * mx.random.normal((2, in_f))).astype(mx.bfloat16)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(mx.bfloat16)
+    kc, vc = (mx.random.normal((2, 2, 8, 16)).astype(mx.bfloat16) for _ in range(2))
+    scratch = _scratch(1000, 5)  # more floats than the block has threads
+    variant, _ = qmv_cuda._emit_zero(Variant(3, norm_eps=1e-5, rope=(True, True, False), cache=True), None, scratch)
+    args = qmv_plan.launch_args(2, in_f, (64, 32, 32), variant, mx.bfloat16, 16 if in_f >= 256 else 0,
+                                ((2, 4, 1, 16),), 16, 8)
+    q, zb = emulate(tmp_path, variant.source(mma=qmv_plan.uses_mma(args), stage=stage), QMV_HEADER,
+                    _inputs(layers, x, gamma=gamma, rope_pos=mx.array([5], dtype=mx.int32), kc=kc, vc=vc,
+                            zb=scratch), variant.output_names, args, changed=("zb",))
+    assert float(mx.abs(zb).max()) == 0.0 and float(mx.abs(scratch).max()) > 0
+    want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], 5, 16, 10000.0, 1.0)
+    _assert_close_to_rounded(q.reshape(2, 64), want[0])
+
+
+@pytest.mark.parametrize("D", [128, 64])
+def test_decode_attention_combine_emits_o_projs_a_products(tmp_path, D):
+    """Pass 2 with o_proj's A.T: its output as before, and out (rounded) @ ea added into the scratch (threads
+    past the head dimension add nothing)."""
+    mx.random.seed(12)
+    B, H, HKV, C, offset = 2, 4, 2, 64, 40
+    q = mx.random.normal((B, H, 1, D)).astype(mx.bfloat16)
+    keys, values = (mx.random.normal((B, HKV, C, D)).astype(mx.bfloat16) for _ in range(2))
+    partial_args, combine_args = attention_cuda.launch_args(B, H, HKV, D, C, mx.bfloat16)
+    part_acc, part_ml = emulate(
+        tmp_path / "partial", attention_cuda.partial_source(D**-0.5, settings.current().attention_unroll),
+        attention_cuda.PARTIAL_HEADER, {"q": q, "k": keys, "v": values, "offset": mx.array([offset], dtype=mx.int32)},
+        ["part_acc", "part_ml"], partial_args)
+    ea = (0.1 * mx.random.normal((H * D, 16))).astype(mx.bfloat16)
+    scratch = _scratch(100, 6)
+    out, after = emulate(tmp_path / "combine", attention_cuda.combine_source(16, 48), "",
+                         {"part_acc": part_acc, "part_ml": part_ml, "ea": ea, "eh": scratch}, ["out"], combine_args,
+                         changed=("eh",))
+    _assert_close_to_rounded(out, attention_cuda.reference(q, keys, values, offset, D**-0.5))
+    _check_emitted(after, scratch, 48, out, ea)
+
+
+@pytest.mark.parametrize("rows,in_f,cols,dtype", [(1, 4096, 48, mx.bfloat16), (3, 2080, 16, mx.bfloat16),
+                                                  (2, 256, 5, mx.float32)])
+def test_a_products_kernel(tmp_path, rows, in_f, cols, dtype):
+    """``a_products``: x @ A.T in float32, one block per column (2,080 inputs: the threads' last round partly
+    idle): the formula in float32, to float32 summation order."""
+    mx.random.seed(rows)
+    x = (2.0 * mx.random.normal((rows, in_f))).astype(dtype)
+    a = (0.1 * mx.random.normal((cols, in_f))).astype(dtype)
+    args = qmv_cuda.a_products_args(rows, in_f, cols, dtype)
+    (h,) = emulate(tmp_path, qmv_cuda._a_products_kernel().source, QMV_HEADER, {"x": x, "a": a}, ["h"], args)
+    want = x.astype(mx.float32) @ a.astype(mx.float32).T
+    np.testing.assert_allclose(np.array(h), np.array(want), rtol=1e-5, atol=1e-4)

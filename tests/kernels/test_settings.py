@@ -37,7 +37,7 @@ def test_the_defaults_are_the_measured_defaults():
     assert dataclasses.asdict(KernelSettings()) == dict(
         qmv=True, qmv_min_weights=1 << 25, qmv_min_warps=2048, qmv_mma=True, qmv_mma_min_rows=8192,
         qmv_mma_chunks=2, qmv_mma_warps=4, qmv_unroll=4, qmv_stage="norm", qmv_stage_bytes=32 * 1024,
-        fused=True, fused_decode=True, prefetch=True, prefetch_blocks=32, prefetch_o=True,
+        fused=True, fused_decode=True, lora_scratch=True, prefetch=True, prefetch_blocks=32, prefetch_o=True,
         prefetch_gate_up_mb=4.0, attention_slots=64, attention_threads=256, attention_unroll=8, dequant=True,
         dequant_words=4, expand_group=0, sdpa_pad=True, attention_chunk=1024, attention_chunk_up_to=0, causal_call_pairs=1 << 30, blockwise_from=8192, blockwise_share=0.4, blockwise_block=512, checkpoint_span=0,
         layer_tile=4096, prefill_eval_layers=1, kernel_cache="~/.cache/mlx-qlora/kernels")
@@ -49,6 +49,7 @@ def test_the_defaults_are_the_measured_defaults():
     ("MLX_QLORA_QMV_STAGE", "none", "qmv_stage", "none"), ("MLX_QLORA_PREFETCH", "0", "prefetch", False),
     ("MLX_QLORA_PREFETCH_GATE_UP_MB", "0.5", "prefetch_gate_up_mb", 0.5),
     ("MLX_QLORA_DEQUANT", "mlx", "dequant", False), ("MLX_QLORA_FUSED_DECODE", "0", "fused_decode", False),
+    ("MLX_QLORA_LORA_SCRATCH", "0", "lora_scratch", False),
     ("MLX_QLORA_EXPAND_GROUP", "128", "expand_group", 128),
     ("MLX_QLORA_PREFILL_EVAL_LAYERS", "0", "prefill_eval_layers", 0),
     ("MLX_QLORA_SDPA_PAD", "0", "sdpa_pad", False), ("MLX_QLORA_EXPAND_GROUP", "", "expand_group", 0),  # empty: unset

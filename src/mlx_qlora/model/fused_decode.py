@@ -43,6 +43,7 @@ import mlx.core as mx
 from .. import settings
 from ..kernels.cuda import attention as attention_cuda
 from ..kernels.cuda import qmv as qmv_cuda
+from ..kernels.cuda.qmv_plan import MAX_ROWS
 from ..quant.low_rank import Terms, fused_form
 from ..quant.quantized_linear import QuantizedLinear
 from .static_cache import StaticKVCache
@@ -121,22 +122,26 @@ def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     B = x.shape[0]
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     (qkv, o_proj, gate_proj, up_proj, down_proj), low = _bases_and_updates(layer)
-    qkv_lr, o_lr, gate_up_lr, down_lr = _terms(layer, low, x.dtype)
+    terms = _terms(layer, low, x.dtype)
+    scratch = _scratch(layer, terms) if s.lora_scratch else None
+    qkv_lr, o_lr, gate_up_lr, down_lr = terms
+    lr = _Feed(terms, scratch)
     position = cache.offset  # of this token
-    # q (B, H, 1, hd); this position's k and v written into the cache's buffers (B, Hkv, C, hd) in place
+    # q (B, H, 1, hd); this position's k and v written into the cache's buffers (B, Hkv, C, hd) in place;
+    # the layer's scratch zeroed for the launches below
     q, keys, values = qmv_cuda.qkv_norm_rope(
         x, norm1.weight, norm1.eps, [p.parts for p in qkv], position, a.head_dim,
         a.rope_theta, a.rope_scale, (B, a.n_heads, 1, a.head_dim), cache=(cache.keys, cache.values),
-        low_rank=_low_rank(qkv_lr, x))
+        low_rank=_low_rank(qkv_lr, x), zero=None if scratch is None else scratch[0])
     cache.keys, cache.values = keys, values
-    attn = attention_cuda.decode_attention(q, keys, values, position, a.scale,
-                                           prefetch=o_proj.parts if s.prefetch_o else ())  # (B, 1, H * hd)
+    attn = attention_cuda.decode_attention(q, keys, values, position, a.scale,  # (B, 1, H * hd)
+                                           prefetch=o_proj.parts if s.prefetch_o else (), emit=lr.emit(1))
     gate_up = [_first_mb(w, s.prefetch_gate_up_mb) for w in (gate_proj.weight, up_proj.weight)]
-    h = qmv_cuda.matmul_residual(attn, o_proj.parts, x, prefetch=gate_up,
-                                 low_rank=_low_rank(o_lr, attn))  # (B, 1, hidden)
-    act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, gate_proj.parts, up_proj.parts,
-                               low_rank=_low_rank(gate_up_lr, h))
-    return qmv_cuda.matmul_residual(act, down_proj.parts, h, low_rank=_low_rank(down_lr, act))
+    h = qmv_cuda.matmul_residual(attn, o_proj.parts, x, prefetch=gate_up, emit=lr.emit(2),
+                                 **lr.read(1, attn))  # (B, 1, hidden)
+    act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, gate_proj.parts, up_proj.parts, emit=lr.emit(3),
+                               **lr.read(2, h))
+    return qmv_cuda.matmul_residual(act, down_proj.parts, h, **lr.read(3, act))
 
 
 def _bases_and_updates(layer) -> tuple[tuple, list]:
@@ -164,8 +169,11 @@ def prepare(layer, dtype: mx.Dtype) -> None:
         return
     low = [low_rank for _, low_rank in forms]
     terms = [Terms.build(low[g], dtype, gamma) for g, gamma in zip(GROUPS, _gammas(layer))]
-    mx.eval([a for t in terms if t is not None for a in t.arrays])
-    layer.__dict__["_decode_terms"] = terms  # not a parameter: outside the module's tree
+    size, offsets = _scratch_layout(terms)
+    scratch = (mx.zeros((size,), mx.float32), offsets) if size else None
+    mx.eval([a for t in terms if t is not None for a in t.arrays] + ([scratch[0]] if scratch else []))
+    layer.__dict__["_decode_terms"] = terms  # not parameters: outside the module's tree
+    layer.__dict__["_decode_scratch"] = scratch
 
 
 def _terms(layer, low: list, dtype: mx.Dtype) -> list[Optional[Terms]]:
@@ -177,5 +185,55 @@ def _terms(layer, low: list, dtype: mx.Dtype) -> list[Optional[Terms]]:
 
 
 def _low_rank(terms: Optional[Terms], x: mx.array):
-    """A launch's ``low_rank`` argument: the terms' A-products of ``x`` and their B's; None without adapters."""
-    return None if terms is None else terms.low_rank(x)
+    """A launch's ``low_rank`` argument: the terms' A-products of ``x`` (a launch of their own, not a matmul:
+    ``qmv.a_products``) and their B's; None without adapters."""
+    return None if terms is None else (qmv_cuda.a_products(x, terms.a), terms.terms)
+
+
+Scratch = tuple[mx.array, tuple]  # the layer's float32 scratch, and per group the offset of its A-products (or None)
+
+
+def _scratch_layout(terms: list[Optional[Terms]]) -> tuple[int, tuple]:
+    """Floats of the scratch and the offsets of o's, gate/up's and down's A-products in it ((MAX_ROWS, R)
+    each, for every batch the kernels take; q/k/v's come from a matmul of the layer's input: None)."""
+    offsets, size = [None], 0
+    for t in terms[1:]:
+        offsets.append(None if t is None else size)
+        size += 0 if t is None else MAX_ROWS * t.cols
+    return size, tuple(offsets)
+
+
+def _scratch(layer, terms: list[Optional[Terms]]) -> Optional[Scratch]:
+    """The layer's low-rank scratch (``settings.lora_scratch``): ``prepare``'s where it fits these terms,
+    else a new one (zeroed by the layer's first launch either way); None where o_proj, gate/up and down_proj
+    have no adapters."""
+    size, offsets = _scratch_layout(terms)
+    if size == 0:
+        return None
+    have = layer.__dict__.get("_decode_scratch")
+    if have is not None and have[0].size == size and have[1] == offsets:
+        return have
+    return mx.zeros((size,), mx.float32), offsets
+
+
+class _Feed:
+    """Where each launch's low-rank terms come from: with a scratch, the launch before writes the A-products
+    of its output there (``emit``: the next group's A.T, the scratch, the offset) and the launch reads them
+    (``read``); without one, a matmul of the launch's input beside it. Groups: 0 q/k/v, 1 o, 2 gate/up, 3 down."""
+
+    def __init__(self, terms: list[Optional[Terms]], scratch: Optional[Scratch]):
+        self.terms, self.scratch = terms, scratch
+
+    def emit(self, group: int) -> Optional[tuple]:
+        t = self.terms[group]
+        if self.scratch is None or t is None:
+            return None
+        return t.a_t, self.scratch[0], self.scratch[1][group]
+
+    def read(self, group: int, x: mx.array) -> dict:
+        t = self.terms[group]
+        if t is None:
+            return {}
+        if self.scratch is None:
+            return {"low_rank": _low_rank(t, x)}
+        return {"low_rank": (self.scratch[0], t.terms), "low_rank_offset": self.scratch[1][group]}

@@ -126,7 +126,8 @@ class Terms:
         a = mx.concatenate([a.astype(mx.float32) for a, _, _ in adapted], axis=0)  # (R, in)
         if gamma is not None:
             a = a * gamma.astype(mx.float32)
-        self.a_t = a.astype(dtype).T  # (in, R)
+        self.a = a.astype(dtype)  # (R, in): the rows ``kernels/cuda/qmv.a_products`` reads
+        self.a_t = mx.contiguous(self.a.T)  # (in, R), row-major: row n is what input n adds to h
         self.terms: list[Optional[tuple[float, int, mx.array]]] = []  # per projection: (scale, first column, B)
         first = 0
         for u in updates:
@@ -150,9 +151,14 @@ class Terms:
 
     @property
     def arrays(self) -> list[mx.array]:
-        return [self.a_t] + [t[2] for t in self.terms if t is not None]
+        return [self.a, self.a_t] + [t[2] for t in self.terms if t is not None]
 
     def low_rank(self, x: mx.array) -> tuple[mx.array, list]:
         """The kernel's ``low_rank`` argument for input x (..., in): (h (M, R), per projection (scale, first
         column, B) or None)."""
         return x.reshape(-1, x.shape[-1]) @ self.a_t, self.terms
+
+    @property
+    def cols(self) -> int:
+        """R: the columns of h."""
+        return self.a_t.shape[1]

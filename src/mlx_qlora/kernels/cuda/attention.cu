@@ -208,4 +208,25 @@ struct RowLoad<__nv_bfloat16, 4> {
     out[(size_t)bh * D + d] = static_cast<T>(acc / L);
   }
 
+/// With the o_proj launch's low-rank term on the layer's scratch (qmv_source.Variant.emit_cols): each thread
+/// multiplies the value it wrote by its row of ea (o_proj's A.T) and the block's warps add their sums into
+/// the scratch with float atomics, so the A-product of the attention output is no launch of its own.
+// @section combine_emit: pass 2 also writes o_proj's A-products of the output
+
+  {
+    const float v = d < D ? static_cast<float>(static_cast<T>(acc / L)) : 0.0f;
+    const size_t n = (size_t)(bh % H) * D + d;  // the value's index in its row of H * D
+    float* emit_to = const_cast<float*>(eh) + EMIT_OFFSET + (size_t)(bh / H) * EMIT_COLS;
+    for (int j = 0; j < EMIT_COLS; ++j) {
+      float sum = d < D ? v * static_cast<float>(ea[n * EMIT_COLS + j]) : 0.0f;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      }
+      if ((threadIdx.x & 31) == 0) {
+        atomicAdd(emit_to + j, sum);
+      }
+    }
+  }
+
 /// end of attention.cu (the blank line above ends the last section)

@@ -76,9 +76,13 @@ def partial_source(scale: float, unroll: int, prefetch: int = 0) -> str:
     return l2_prefetch.prefix(prefetch) + body
 
 
-def combine_source() -> str:
-    """Pass 2 as a kernel body (one block per (sequence, query head))."""
-    return _CU["combine"]
+def combine_source(emit_cols: int = 0, emit_offset: int = 0) -> str:
+    """Pass 2 as a kernel body (one block per (sequence, query head)); with ``emit_cols``, it also adds o_proj's
+    A-products of its output to the layer's scratch (inputs ``ea``, ``eh``; ``qmv.Emit``)."""
+    if not emit_cols:
+        return _CU["combine"]
+    return _CU["combine"] + "\n" + (_CU["combine_emit"].replace("EMIT_OFFSET", str(int(emit_offset)))
+                                    .replace("EMIT_COLS", str(int(emit_cols))))
 
 
 @lru_cache(maxsize=None)
@@ -92,13 +96,18 @@ def _kernels(scale: float, unroll: int, prefetch: int = 0):
         source=partial_source(scale, unroll, prefetch),
         header=PARTIAL_HEADER + (l2_prefetch.HEADER if prefetch else ""),
     )
-    combine = cuda_kernel(
-        name="mlx_qlora_decode_attention_combine",
-        input_names=["part_acc", "part_ml"],
+    return partial, _combine_kernel(0, 0)
+
+
+@lru_cache(maxsize=None)
+def _combine_kernel(emit_cols: int, emit_offset: int):
+    suffix = f"_emit{emit_cols}_{emit_offset}" if emit_cols else ""
+    return cuda_kernel(
+        name="mlx_qlora_decode_attention_combine" + suffix,
+        input_names=["part_acc", "part_ml"] + (["ea", "eh"] if emit_cols else []),
         output_names=["out"],
-        source=combine_source(),
+        source=combine_source(emit_cols, emit_offset),
     )
-    return partial, combine
 
 
 def launch_args(B: int, H: int, HKV: int, D: int, C: int, dtype: mx.Dtype,
@@ -127,16 +136,21 @@ def launch_args(B: int, H: int, HKV: int, D: int, C: int, dtype: mx.Dtype,
 
 
 def decode_attention(q: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float,
-                     prefetch=()) -> mx.array:
+                     prefetch=(), emit=None) -> mx.array:
     """q (B, H, 1, D), keys/values (B, HKV, C, D) with position ``offset`` just written -> (B, 1, H * D).
     ``prefetch``: arrays (or (array, begin, end) byte ranges) the next kernels read, asked into L2 during
-    pass 1 where ``l2_prefetch`` is on."""
+    pass 1 where ``l2_prefetch`` is on. ``emit``: ``qmv.Emit`` of o_proj's low-rank term, (o_proj's A.T
+    (H * D, r), the layer's scratch, offset), written by pass 2."""
     B, H, _, D = q.shape
     prefetch, pf_ranges = l2_prefetch.ranges(prefetch)
     partial_args, combine_args = launch_args(B, H, keys.shape[1], D, keys.shape[2], q.dtype, pf_ranges)
     partial, combine = _kernels(float(scale), settings.current().attention_unroll, len(prefetch))
     part_acc, part_ml = partial(inputs=[q, keys, values, offset.astype(mx.int32), *prefetch], **partial_args)
-    return combine(inputs=[part_acc, part_ml], **combine_args)[0]
+    if emit is None:
+        return combine(inputs=[part_acc, part_ml], **combine_args)[0]
+    ea, scratch, emit_offset = emit
+    return _combine_kernel(int(ea.shape[1]), int(emit_offset))(inputs=[part_acc, part_ml, ea, scratch],
+                                                               **combine_args)[0]
 
 
 def reference(q: mx.array, keys: mx.array, values: mx.array, offset: int, scale: float) -> mx.array:

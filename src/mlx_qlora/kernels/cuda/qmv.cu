@@ -525,4 +525,91 @@ __device__ __forceinline__ float low_rank_dot(const U* b, const V* h, size_t n, 
         lr_scale[m] = rsqrtf(sq / (float)K + EPS);
       }
 
+/// The layer's low-rank scratch (Variant.emit, Variant.zero): one float32 array per decoder layer holds the
+/// A-products that a launch's outputs feed to the next launch's low-rank terms. The first launch of the layer
+/// zeroes it (zero_scratch, block 0); a launch with emit adds, for each row n it writes and each column j,
+/// value * ea[n, j] to eh[EMIT_OFFSET + m * EMIT_COLS + j] (the rows' sums taken across the warp, then one
+/// float atomicAdd per column): the next launch reads those columns as its lh, so the A-product is no
+/// launch of its own. ev[m] holds the value lane r wrote (rounded to T, as the next launch reads it).
+// @section zero_scratch: block 0 zeroes the layer's low-rank scratch
+  if (blockIdx.x == 0) {
+    float* zero_to = const_cast<float*>(zb);
+    for (int i = threadIdx.x; i < ZERO_FLOATS; i += blockDim.x) {
+      zero_to[i] = 0.0f;
+    }
+  }
+// @section emit: the next launch's A-products of the rows this warp wrote
+
+  {
+    float* emit_to = const_cast<float*>(eh) + EMIT_OFFSET;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        v[r] = __shfl_sync(0xffffffffu, ev[m], r);
+      }
+      for (int j = lane; j < EMIT_COLS; j += 32) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          sum = fmaf(v[r], static_cast<float>(ea[(size_t)(n0 + r) * EMIT_COLS + j]), sum);
+        }
+        atomicAdd(emit_to + m * EMIT_COLS + j, sum);
+      }
+    }
+  }
+
+/// The A-products of a launch's low-rank terms where no earlier launch wrote them (q/k/v's, of the layer's
+/// input): h (M, R) = x (M, K) @ A.T for A (R, K) in x's dtype, in float32, as a kernel of its own instead of
+/// a matmul (in MLX's CUDA graphs a cuBLAS matmul is a captured child graph, and one whose kernels run in
+/// clusters makes the whole graph one that is instantiated again at every launch instead of updated).
+// @section a_products: h = x @ A.T, one block per column of h (row of A)
+
+  constexpr int XBYTES = DT == 0 ? 4 : 2;
+  constexpr int WARPS = A_THREADS / 32;
+  const int j = blockIdx.x;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const unsigned char* xb = reinterpret_cast<const unsigned char*>(x);
+  const unsigned char* ab = reinterpret_cast<const unsigned char*>(a) + (size_t)j * K * XBYTES;
+  __shared__ float part[M][WARPS];
+  float sum[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    sum[m] = 0.0f;
+  }
+  for (int k = threadIdx.x * 8; k < K; k += A_THREADS * 8) {
+    float av[8];
+    load_x8<DT>(ab, k, av);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xv[8];
+      load_x8<DT>(xb + (size_t)m * K * XBYTES, k, xv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        sum[m] = fmaf(av[i], xv[i], sum[m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      sum[m] += __shfl_xor_sync(0xffffffffu, sum[m], o);
+    }
+    if (lane == 0) {
+      part[m][warp] = sum[m];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < M) {
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      total += part[threadIdx.x][w];
+    }
+    h[(size_t)threadIdx.x * R + j] = total;
+  }
+
 /// end of qmv.cu (the blank line above ends the last section)

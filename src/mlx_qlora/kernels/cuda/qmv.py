@@ -36,32 +36,50 @@ import mlx.core as mx
 from ... import settings
 from ...device import on_cuda
 from .qmv_plan import DTYPE_CODES, MAX_ROWS, launch
-from .qmv_source import Variant
+from .qmv_source import HEADER, Variant
+from .sources import cuda_kernel, sections
 
 Weight = tuple[mx.array, mx.array, mx.array]  # (packed (N, K/8) uint32, scales (N, 1), biases (N, 1))
 # What a launch adds to one weight's float32 sums before its epilogue: factor F and an array (..., N) (a LoRA
 # update: F = scale, the array (x @ A.T) @ B.T); per weight, None for none.
 Addend = tuple[float, mx.array]
-# A launch's low-rank terms (``Variant.low_rank``): h (..., R), the A-products x @ A.T of the adapted weights side
-# by side, and per weight None or (F, c, b) with b (N, r) its B: F * h[..., c:c + r] @ b.T is added to that
-# weight's float32 sums (with the RMSNorm launches, h is of the raw input through A * gamma, and the kernel
-# multiplies the term by its 1/rms).
+# A launch's low-rank terms (``Variant.low_rank``): h, the A-products x @ A.T of the adapted weights side by side
+# ((..., R), or the layer's scratch where an earlier launch wrote them: see ``Emit``), and per weight None or
+# (F, c, b) with b (N, r) its B: F * h[..., c:c + r] @ b.T is added to that weight's float32 sums (with the
+# RMSNorm launches, h is of the raw input through A * gamma, and the kernel multiplies the term by its 1/rms).
 LowRank = tuple[mx.array, Sequence[Optional[tuple[float, int, mx.array]]]]
+# A launch that writes the next launch's A-products of its outputs (``Variant.emit_cols``): (ea (N, C), the next
+# launch's A.T; scratch, the layer's float32 scratch; offset, where the (M, C) A-products start in it).
+Emit = tuple[mx.array, mx.array, int]
 
 
-def _low_rank(variant: Variant, low_rank: Optional[LowRank]) -> tuple[Variant, list[mx.array]]:
-    """``variant`` with its ``low_rank`` terms and their inputs ``lh``, ``lb<g>..``; unchanged without any."""
+def _low_rank(variant: Variant, low_rank: Optional[LowRank], offset: int = 0) -> tuple[Variant, list[mx.array]]:
+    """``variant`` with its ``low_rank`` terms (h's rows from ``offset``) and their inputs ``lh``, ``lb<g>..``;
+    unchanged without any."""
     if low_rank is None or all(t is None for t in low_rank[1]):
         return variant, []
     h, terms = low_rank
     if len(terms) != variant.n_matrices:
         raise ValueError(f"one low-rank term (or None) per weight: {variant.n_matrices} weights, {len(terms)} terms")
-    h2 = h.reshape(-1, h.shape[-1])  # (M, R)
     spec = tuple(None if t is None else (float(t[0]), int(t[1]), int(t[2].shape[1])) for t in terms)
-    for t in spec:
-        if t is not None and t[1] + t[2] > h2.shape[1]:
-            raise ValueError(f"columns {t[1]}..{t[1] + t[2]} of a low-rank term outside h's {h2.shape[1]}")
-    return replace(variant, low_rank=spec, low_rank_cols=h2.shape[1]), [h2] + [t[2] for t in terms if t is not None]
+    cols = max(t[1] + t[2] for t in spec if t is not None)  # the terms' columns, side by side from 0
+    if offset == 0 and h.ndim > 1 and h.shape[-1] != cols:
+        raise ValueError(f"h has {h.shape[-1]} columns, the low-rank terms {cols}")
+    return (replace(variant, low_rank=spec, low_rank_cols=cols, low_rank_offset=int(offset)),
+            [h] + [t[2] for t in terms if t is not None])
+
+
+def _emit_zero(variant: Variant, emit: Optional[Emit], zero: Optional[mx.array]) -> tuple[Variant, list[mx.array]]:
+    """``variant`` writing A-products (``emit``) and zeroing a scratch first (``zero``), with their inputs."""
+    extra = []
+    if emit is not None:
+        ea, scratch, offset = emit
+        variant = replace(variant, emit_cols=int(ea.shape[1]), emit_offset=int(offset))
+        extra += [ea, scratch]
+    if zero is not None:
+        variant = replace(variant, zero=int(zero.size))
+        extra.append(zero)
+    return variant, extra
 
 
 def _addends(variant: Variant, addends: Optional[Sequence[Optional[Addend]]]) -> tuple[Variant, list[mx.array]]:
@@ -170,7 +188,7 @@ def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[We
                   head_dim: int, rope_base: float, rope_scale: float, q_shape: tuple[int, ...],
                   cache: tuple[mx.array, mx.array],
                   addends: Optional[Sequence[Optional[Addend]]] = None,
-                  low_rank: Optional[LowRank] = None) -> list[mx.array]:
+                  low_rank: Optional[LowRank] = None, zero: Optional[mx.array] = None) -> list[mx.array]:
     """q, k and v of ``rms_norm(x, gamma, eps)`` (x (M, K), M sequences of one token) in one launch, with
     rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d); q comes
     out in ``q_shape`` (any shape of its elements in row-major order).
@@ -183,37 +201,70 @@ def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[We
 
     ``addends``: per weight, None or ``(F, a)`` with a (M, N_g): ``F * a`` is added to that projection
     before the rotation and the cache write (a LoRA update of the normed input). ``low_rank``: the same
-    updates as ``LowRank`` terms, h = x @ (A * gamma).T of the raw input (the kernel applies 1/rms and B)."""
+    updates as ``LowRank`` terms, h = x @ (A * gamma).T of the raw input (the kernel applies 1/rms and B).
+    ``zero``: the layer's low-rank scratch, zeroed by the launch before anything else (``Variant.zero``)."""
     variant, add = _addends(Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
                                     rope_scale=float(rope_scale), cache=True), addends)
     variant, lr = _low_rank(variant, low_rank)
+    variant, ez = _emit_zero(variant, None, zero)
     q = launch(x.reshape(-1, x.shape[-1]), weights, variant, shapes=(tuple(q_shape),),
-               extra=[gamma, position.astype(mx.int32), *cache, *add, *lr], head_dim=head_dim,
+               extra=[gamma, position.astype(mx.int32), *cache, *add, *lr, *ez], head_dim=head_dim,
                capacity=cache[0].shape[2])
     return q + list(cache)
 
 
 def swiglu_norm(x: mx.array, gamma: mx.array, eps: float, gate: Weight, up: Weight,
                 addends: Optional[Sequence[Optional[Addend]]] = None,
-                low_rank: Optional[LowRank] = None) -> mx.array:
+                low_rank: Optional[LowRank] = None, low_rank_offset: int = 0,
+                emit: Optional[Emit] = None) -> mx.array:
     """``silu(gate(n)) * up(n)`` with ``n = rms_norm(x, gamma, eps)``, in one launch: x (..., K) -> (..., N).
-    ``addends``, ``low_rank``: as ``qkv_norm_rope``'s, of gate and of up (added before the activation)."""
+    ``addends``, ``low_rank``: as ``qkv_norm_rope``'s, of gate and of up (added before the activation), h's
+    rows from ``low_rank_offset``. ``emit``: the next launch's A-products of the output (``Emit``)."""
     lead = x.shape[:-1]
     variant, add = _addends(Variant(2, swiglu=True, norm_eps=float(eps)), addends)
-    variant, lr = _low_rank(variant, low_rank)
+    variant, lr = _low_rank(variant, low_rank, low_rank_offset)
+    variant, ez = _emit_zero(variant, emit, None)
     return launch(x.reshape(-1, x.shape[-1]), [gate, up], variant, shapes=((*lead, gate[0].shape[0]),),
-                  extra=[gamma, *add, *lr])[0]
+                  extra=[gamma, *add, *lr, *ez])[0]
 
 
 def matmul_residual(x: mx.array, weight: Weight, residual: mx.array, prefetch=(),
-                    low_rank: Optional[LowRank] = None) -> mx.array:
+                    low_rank: Optional[LowRank] = None, low_rank_offset: int = 0,
+                    emit: Optional[Emit] = None) -> mx.array:
     """``residual + x @ W.T`` in one launch (added in float32, rounded once): x (..., K) -> residual's shape.
     ``prefetch``: arrays or (array, begin, end) byte ranges that blocks appended to the launch ask L2 for
-    (``l2_prefetch``). ``low_rank``: a LoRA update of x as a ``LowRank`` term (h = x @ A.T), added before the
-    residual."""
-    variant, lr = _low_rank(Variant(1, residual=True), low_rank)
+    (``l2_prefetch``). ``low_rank``: a LoRA update of x as a ``LowRank`` term (h = x @ A.T, its rows from
+    ``low_rank_offset``), added before the residual. ``emit``: the next launch's A-products of the output."""
+    variant, lr = _low_rank(Variant(1, residual=True), low_rank, low_rank_offset)
+    variant, ez = _emit_zero(variant, emit, None)
     return launch(x.reshape(-1, x.shape[-1]), [weight], variant, shapes=(tuple(residual.shape),),
-                  extra=[residual.reshape(-1, residual.shape[-1]), *lr], prefetch=prefetch)[0]
+                  extra=[residual.reshape(-1, residual.shape[-1]), *lr, *ez], prefetch=prefetch)[0]
+
+
+_A_THREADS = 256  # threads per block of ``a_products``
+
+
+@lru_cache(maxsize=None)
+def _a_products_kernel():
+    return cuda_kernel(name="mlx_qlora_a_products", input_names=["x", "a"], output_names=["h"],
+                       source=sections("qmv.cu")["a_products"].replace("A_THREADS", str(_A_THREADS)), header=HEADER)
+
+
+def a_products_args(rows: int, in_features: int, cols: int, dtype: mx.Dtype) -> dict:
+    """Launch arguments of ``a_products``: one block per column."""
+    return dict(template=[("DT", DTYPE_CODES[dtype]), ("M", rows), ("K", in_features), ("R", cols)],
+                grid=(cols * _A_THREADS, 1, 1), threadgroup=(_A_THREADS, 1, 1), output_shapes=[(rows, cols)],
+                output_dtypes=[mx.float32])
+
+
+def a_products(x: mx.array, a: mx.array) -> mx.array:
+    """``x @ a.T`` in float32 in one launch of our own: x (..., K) with at most ``MAX_ROWS`` rows, a (R, K) in
+    x's dtype -> (M, R). The low-rank terms' A-products where no earlier launch writes them (see the
+    ``a_products`` section of ``qmv.cu`` for why not a matmul). Inference only."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if a.dtype != x2.dtype or a.shape[1] != x2.shape[1]:
+        raise ValueError(f"a_products: x (..., {x2.shape[1]}) {x2.dtype} against a {a.shape} {a.dtype}")
+    return _a_products_kernel()(inputs=[x2, a], **a_products_args(x2.shape[0], x2.shape[1], a.shape[0], x2.dtype))[0]
 
 
 # ---- the same formulas in MLX operations ------------------------------------------------------------------
@@ -259,7 +310,7 @@ def low_rank_addends(low_rank: Optional[LowRank], inv_rms: Optional[mx.array] = 
     if low_rank is None:
         return None
     h, terms = low_rank
-    h = h.reshape(-1, h.shape[-1]).astype(mx.float32)
+    h = h.reshape(-1, h.shape[-1]).astype(mx.float32)  # (M, R)
     out = []
     for t in terms:
         if t is None:

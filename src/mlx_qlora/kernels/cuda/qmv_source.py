@@ -67,26 +67,31 @@ def _addend(addend: tuple, g: int, index: str) -> str:
     return f" + {float(addend[g])!r}f * load_res(add{g}, {index})"
 
 
-def _low_rank(low_rank: tuple, cols: int, normed: bool, g: int, row: str) -> str:
-    """`` + F * lr_scale[m] * (lb<g>[row] . lh[m, c:c + r])`` where matrix g has a low-rank term (F, c, r)
-    (``Variant.low_rank``; ``lr_scale`` only where the input is normed), else ``""``."""
+def _low_rank(low_rank: tuple, cols: int, offset: int, normed: bool, g: int, row: str) -> str:
+    """`` + F * lr_scale[m] * (lb<g>[row] . lh[offset + m * cols + c:... + r])`` where matrix g has a
+    low-rank term (F, c, r) (``Variant.low_rank``; ``lr_scale`` only where the input is normed), else ``""``."""
     if g >= len(low_rank) or low_rank[g] is None:
         return ""
     factor, first, rank = low_rank[g]
     scale = " * lr_scale[m]" if normed else ""
     return (f" + {float(factor)!r}f{scale} * low_rank_dot<{int(rank)}>(lb{g}, lh, (size_t)({row}), "
-            f"(size_t)m * {int(cols)} + {int(first)})")
+            f"(size_t){int(offset)} + (size_t)m * {int(cols)} + {int(first)})")
 
 
 def _terms(v: "Variant", g: int, index: str, row: str) -> str:
     """What matrix g adds to its float32 sum at output ``index`` (row ``row``) before its epilogue: the
     addend and the low-rank term of ``Variant``, either, both or neither."""
-    return _addend(v.addend, g, index) + _low_rank(v.low_rank, v.low_rank_cols, v.norm_eps is not None, g, row)
+    return _addend(v.addend, g, index) + _low_rank(v.low_rank, v.low_rank_cols, v.low_rank_offset,
+                                                   v.norm_eps is not None, g, row)
 
 
-def _store(g: int, n: str, value: str, cache: bool) -> str:
+def _store(g: int, n: str, value: str, cache: bool, emit: bool = False) -> str:
     """Write ``value`` to output row ``n`` (of sequence m) of matrix g; with ``cache``, matrices 1 and 2 (k
-    and v) go to slot ``rope_pos[0] % C`` of the key/value cache instead, (M, N/HD, C, HD) in place."""
+    and v) go to slot ``rope_pos[0] % C`` of the key/value cache instead, (M, N/HD, C, HD) in place. ``emit``:
+    the value as written is also kept in ``ev[m]`` (``Variant.emit``)."""
+    if emit:
+        return (f"{{ const T yv = static_cast<T>({value}); y{g}[(size_t)m * N{g} + {n}] = yv; "
+                f"ev[m] = static_cast<float>(yv); }}")
     if cache and g in (1, 2):
         buf = "kc" if g == 1 else "vc"
         return (f"const_cast<T*>({buf})[(((size_t)m * (N{g} / HD) + ({n}) / HD) * C + rope_pos[0] % C) * HD "
@@ -95,11 +100,12 @@ def _store(g: int, n: str, value: str, cache: bool) -> str:
 
 
 def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool = False, cache: bool = False,
-                   terms: Optional[Callable[[int, str, str], str]] = None) -> str:
+                   terms: Optional[Callable[[int, str, str], str]] = None, emit: bool = False) -> str:
     """Lane r's writes. Plain rows: row local + r of matrix g. Roped matrices: lanes r < R/2 write the pair
     (p, p + HD/2), p = (local % HD) / 2 + r, rotated by position ``rope_pos[0]``. ``cache``: see ``_store``.
     ``terms(g, index, row)``: what matrix g adds to its float32 sum at output ``index`` (row ``row``) before
-    the rotation and the residual (``_terms``: LoRA addends and low-rank terms); nothing without it."""
+    the rotation and the residual (``_terms``: LoRA addends and low-rank terms); nothing without it. ``emit``:
+    see ``_store`` (one plain matrix only)."""
     terms = terms or (lambda g, index, row: "")
     lines = ["      " + line.strip() for line in _matrix_branches(n_matrices)]
     lines += [f"      const bool roped = {_roped_expr(rope)};"]
@@ -135,7 +141,8 @@ def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool 
                   f"          const float s = static_cast<float>(s{g}[local_n]), b = static_cast<float>(b{g}[local_n]);",
                   "#pragma unroll", "          for (int m = 0; m < M; ++m) {",
                   "            " + _store(g, "local_n", "s * acc[r][m] + b * xsum[m]"
-                                           + terms(g, f"(size_t)m * N{g} + local_n", "local_n") + res, cache),
+                                           + terms(g, f"(size_t)m * N{g} + local_n", "local_n") + res, cache,
+                                    emit),
                   "          }", "        }"]
     lines += ["      }"]
     return "\n".join(lines)
@@ -183,7 +190,15 @@ class Variant:
     where an addend would be: the update's second matmul done in the epilogue, so one small matmul beside
     the launch is left, ``x @ A.T`` for every adapted matrix of the input at once. With the RMSNorm the
     term is also multiplied by the kernel's 1/rms of the row: ``lh`` is then ``x @ (A * gamma).T`` of the
-    raw input, and no normed copy of the input exists outside the kernel."""
+    raw input, and no normed copy of the input exists outside the kernel. ``low_rank_offset``: lh's rows
+    start there (lh is then the layer's scratch, below).
+
+    ``emit_cols``: the launch also writes the next launch's A-products of its outputs: for every row n it
+    writes (value v, sequence m) it adds ``v * ea[n, j]`` to ``eh[emit_offset + m * emit_cols + j]`` with
+    float atomics (inputs ``ea`` (N, emit_cols), the next launch's ``A.T``, and ``eh``, float32, changed in
+    place); one matrix (a residual launch) or gate/up with SwiGLU. ``zero``: block 0 first zeroes that many
+    floats of input ``zb`` (changed in place): the first launch of a decoder layer zeroes the layer's
+    scratch that its later launches add to (``zero_scratch``, ``emit``)."""
 
     n_matrices: int = 1
     swiglu: bool = False
@@ -197,6 +212,10 @@ class Variant:
     addend: tuple[Optional[float], ...] = ()  # per matrix: None or the factor of its addend input add<g>
     low_rank: tuple[Optional[tuple[float, int, int]], ...] = ()  # per matrix: None or (F, first column, rank)
     low_rank_cols: int = 0  # columns of ``lh``
+    low_rank_offset: int = 0  # where ``lh``'s first row starts (in the layer's scratch)
+    emit_cols: int = 0  # columns of the A-products written to ``eh`` (0: none)
+    emit_offset: int = 0  # where they start in ``eh``
+    zero: int = 0  # floats of ``zb`` that block 0 zeroes first (0: none)
 
     @property
     def input_names(self) -> list[str]:
@@ -208,6 +227,8 @@ class Variant:
         names += [f"add{g}" for g, f in enumerate(self.addend) if f is not None]
         if self.has_low_rank:
             names += ["lh"] + [f"lb{g}" for g, t in enumerate(self.low_rank) if t is not None]
+        names += ["ea", "eh"] if self.emit_cols else []
+        names += ["zb"] if self.zero else []
         return names + [f"pf{i}" for i in range(self.prefetch)]
 
     @property
@@ -234,9 +255,13 @@ class Variant:
         extra += [f"pf{self.prefetch}"] if self.prefetch else []
         extra += ["add" + "".join("0" if f is None else "1" for f in self.addend)] if self.has_addend else []
         extra += ["lr" + "".join("0" if t is None else "1" for t in self.low_rank)] if self.has_low_rank else []
+        extra += ["emit"] if self.emit_cols else []
+        extra += ["zero"] if self.zero else []
         consts = digest(self.norm_eps, self.rope_base, self.rope_scale,
                         *((self.addend,) if self.has_addend else ()),
-                        *((self.low_rank, self.low_rank_cols) if self.has_low_rank else ())) if extra else "0"
+                        *((self.low_rank, self.low_rank_cols, self.low_rank_offset) if self.has_low_rank else ()),
+                        *((self.emit_cols, self.emit_offset) if self.emit_cols else ()),
+                        *((self.zero,) if self.zero else ())) if extra else "0"
         return "_".join(["mlx_qlora_qmv_per_row_4bit", kind, *extra, consts])
 
     def source(self, mma: bool = False, stage: bool = False, unroll: Optional[int] = None,
@@ -255,13 +280,21 @@ class Variant:
         def terms(g: int, index: str, row: str) -> str:
             return _terms(self, g, index, row)
 
+        emit = bool(self.emit_cols)
+        if emit and not (self.swiglu or (self.n_matrices == 1 and not any(self.rope) and not self.cache)):
+            raise ValueError("a launch emits A-products of one plain matrix's or of SwiGLU's outputs only")
         if self.swiglu:
             select = _CU["select_swiglu_mma"] if mma else _CU["select_swiglu"]
             epilogue = (_CU["epilogue_swiglu"].replace("@ADD_GATE@", terms(0, "(size_t)m * ROWS + n", "n"))
                         .replace("@ADD_UP@", terms(1, "(size_t)m * ROWS + n", "n")))
+            if emit:
+                store = "y[(size_t)m * ROWS + n] = static_cast<T>(g / (1.0f + __expf(-g)) * u);"
+                assert store in epilogue
+                epilogue = epilogue.replace(store, "{ const T yv = static_cast<T>(g / (1.0f + __expf(-g)) * u); "
+                                                   "y[(size_t)m * ROWS + n] = yv; ev[m] = static_cast<float>(yv); }")
         else:
             select = select_split(self.n_matrices, self.rope, mma)
-            epilogue = epilogue_split(self.n_matrices, self.rope, self.residual, self.cache, terms)
+            epilogue = epilogue_split(self.n_matrices, self.rope, self.residual, self.cache, terms, emit)
         if self.has_low_rank and norm:  # the terms' 1/rms of each input row, where the epilogue can read it
             epilogue = _CU["low_rank_scale_mma" if mma else "low_rank_scale"] + "\n" + epilogue
         if mma:
@@ -280,6 +313,12 @@ class Variant:
                     .replace("@PROLOGUE@", prologue)
                     .replace("@XSCALE@", _CU["norm_xscale"] if norm and not stage else "")
                     .replace("@POSTREDUCE@", _CU["norm_postreduce"] if norm else ""))
+        if self.zero:
+            body = _CU["zero_scratch"].replace("ZERO_FLOATS", str(int(self.zero))) + "\n" + body
+        if emit:
+            body = ("  float ev[M] = {};\n" + body + "\n"
+                    + _CU["emit"].replace("EMIT_OFFSET", str(int(self.emit_offset)))
+                    .replace("EMIT_COLS", str(int(self.emit_cols))))
         body = l2_prefetch.prefix(self.prefetch) + body
         if norm:
             body = body.replace("EPS", repr(float(self.norm_eps)) + "f")

@@ -254,15 +254,26 @@ def test_fused_decode_layer_with_adapters_equals_the_layer_by_layer_path(monkeyp
     with settings.override(lora_scratch=scratch):
         fused = _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens)
     np.testing.assert_allclose(np.array(fused), np.array(eager), rtol=1e-4, atol=1e-4)
-    # the compiled decoder's terms and scratch, built by fused_decode.prepare before tracing, were the ones
-    # used (none built per token)
+    # the compiled decoder's terms and scratch, built by fused_decode.prepare and link before tracing, were
+    # the ones used (none built per token)
     assert taken and all(all(layer_taken) for layer_taken in taken)
+    # A-products as launches of their own: with the scratch only the first layer's q/k/v's (every other
+    # layer's are written by the launch before, the layer before's down_proj, bare or not); without it,
+    # every adapted group's of every adapted layer
+    adapted = {0: ("q_proj", "k_proj", "v_proj"), 1: ("o_proj",), 2: ("gate_proj", "up_proj"), 3: ("down_proj",)}
+    groups = sum(any(t in targets for t in names) for names in adapted.values())
+    layers_adapted = model.args.num_hidden_layers if layers is None else len(layers)
+    first_qkv = any(t in targets for t in adapted[0]) and (layers is None or 0 in layers)
+    assert products_per_step[-1] == (int(first_qkv) if scratch else groups * layers_adapted)
     from mlx_qlora.lora import LoRALinear
 
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.scale = 0.0  # the same model without its updates
     assert float(mx.abs(_teacher_forced_logits(model, tokens) - eager).max()) > 1e-2
+
+
+products_per_step = []  # launches of ``a_products`` per step of the last ``_fused_steps_with_reference_kernels``
 
 
 def _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens) -> mx.array:
@@ -293,13 +304,15 @@ def _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens) -> mx
         return qmv_cuda.low_rank_addends(h_of(low_rank, offset),
                                          qmv_cuda.reference_inv_rms(x.reshape(-1, x.shape[-1]), eps))
 
-    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache, low_rank=None, zero_=None):
+    def qkv(x, gamma, eps, weights, position, head_dim, base, scale, q_shape, cache, low_rank=None,
+            low_rank_offset=0, zero_=None):
+        terms = normed_terms(x, eps, low_rank, low_rank_offset)  # read before the zeroing: another layer's
         if zero_ is not None:
             zero(zero_)
         # the kernel writes k and v into the cache's buffers in place; here: a slice_update at its slot
         q, k, v = [o.astype(x.dtype) for o in qmv_cuda.reference_qkv_norm_rope(
             x.reshape(-1, x.shape[-1]), gamma, eps, weights, int(position.item()), head_dim, base, scale,
-            normed_terms(x, eps, low_rank))]
+            terms)]
         slot = (position % cache[0].shape[2]).reshape(1)
         kv_shape = (x.shape[0], -1, 1, head_dim)  # (B, Hkv, 1, hd)
         return [q.reshape(q_shape)] + [mx.slice_update(c, n.reshape(kv_shape), slot, axes=(2,))
@@ -331,17 +344,19 @@ def _fused_steps_with_reference_kernels(monkeypatch, model, state, tokens) -> mx
     monkeypatch.setattr(qmv_cuda, "on_cuda", lambda: True)
     monkeypatch.setattr(attention_cuda, "supports_shapes", lambda *a: True)  # head dim 16 here
     monkeypatch.setattr(qmv_cuda, "qkv_norm_rope",
-                        lambda *a, cache, low_rank=None, zero=None: calls.append("qkv") or qkv(
-                            *a, cache, low_rank, zero))
+                        lambda *a, cache, low_rank=None, low_rank_offset=0, zero=None: calls.append("qkv") or qkv(
+                            *a, cache, low_rank, low_rank_offset, zero))
     monkeypatch.setattr(qmv_cuda, "swiglu_norm", swiglu)
     monkeypatch.setattr(qmv_cuda, "matmul_residual", residual)
     monkeypatch.setattr(attention_cuda, "decode_attention", attention)
-    monkeypatch.setattr(qmv_cuda, "a_products", lambda x, a: x.reshape(-1, x.shape[-1]).astype(mx.float32)
-                        @ a.astype(mx.float32).T)
+    monkeypatch.setattr(qmv_cuda, "a_products", lambda x, a: calls.append("a_products") or (
+        x.reshape(-1, x.shape[-1]).astype(mx.float32) @ a.astype(mx.float32).T))
     with settings.override(fused_decode=True):
         fused = _traced_steps(model, state, tokens)
     monkeypatch.undo()
-    assert len(calls) == (len(tokens) - 1) * model.args.num_hidden_layers  # every layer of every step: fused
+    steps = len(tokens) - 1
+    assert calls.count("qkv") == steps * model.args.num_hidden_layers  # every layer of every step: fused
+    products_per_step.append(calls.count("a_products") / steps)
     return fused
 
 

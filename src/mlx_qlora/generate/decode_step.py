@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import settings
+from ..model import fused_decode
 from ..model.cache import KVCache
 from ..model.static_cache import StaticKVCache, static_capacity
 
@@ -127,3 +128,6 @@ def _prepare_decoding(model) -> None:
         prepare = getattr(module, "prepare_decoding", None)
         if callable(prepare):
             prepare(dtype)
+    layers = getattr(model, "layers", None)
+    if layers is not None:
+        fused_decode.link(layers, dtype)  # each layer's last launch writes the next one's A-products

@@ -123,16 +123,22 @@ def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
     norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
     (qkv, o_proj, gate_proj, up_proj, down_proj), low = _bases_and_updates(layer)
     terms = _terms(layer, low, x.dtype)
-    scratch = _scratch(layer, terms) if s.lora_scratch else None
+    next_qkv = _next_qkv(layer, x.dtype) if s.lora_scratch else None  # the next layer's q/k/v terms
+    scratch = _scratch(layer, terms + [next_qkv]) if s.lora_scratch else None
     qkv_lr, o_lr, gate_up_lr, down_lr = terms
-    lr = _Feed(terms, scratch)
+    lr = _Feed(terms + [next_qkv], scratch)
+    handed = layer.__dict__.pop("_qkv_handoff", None)  # what the layer before wrote for this one's q/k/v
+    if qkv_lr is not None and handed is not None and handed[0] is x and handed[3] is qkv_lr:
+        qkv_low_rank = {"low_rank": (handed[1], qkv_lr.terms), "low_rank_offset": handed[2]}
+    else:
+        qkv_low_rank = {"low_rank": _low_rank(qkv_lr, x)}
     position = cache.offset  # of this token
     # q (B, H, 1, hd); this position's k and v written into the cache's buffers (B, Hkv, C, hd) in place;
     # the layer's scratch zeroed for the launches below
     q, keys, values = qmv_cuda.qkv_norm_rope(
         x, norm1.weight, norm1.eps, [p.parts for p in qkv], position, a.head_dim,
         a.rope_theta, a.rope_scale, (B, a.n_heads, 1, a.head_dim), cache=(cache.keys, cache.values),
-        low_rank=_low_rank(qkv_lr, x), zero=None if scratch is None else scratch[0])
+        zero=None if scratch is None else scratch[0], **qkv_low_rank)
     cache.keys, cache.values = keys, values
     attn = attention_cuda.decode_attention(q, keys, values, position, a.scale,  # (B, 1, H * hd)
                                            prefetch=o_proj.parts if s.prefetch_o else (), emit=lr.emit(1))
@@ -141,7 +147,10 @@ def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
                                  **lr.read(1, attn))  # (B, 1, hidden)
     act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, gate_proj.parts, up_proj.parts, emit=lr.emit(3),
                                **lr.read(2, h))
-    return qmv_cuda.matmul_residual(act, down_proj.parts, h, **lr.read(3, act))
+    out = qmv_cuda.matmul_residual(act, down_proj.parts, h, emit=lr.emit(4), **lr.read(3, act))
+    if lr.emit(4) is not None:  # the next layer reads its q/k/v A-products where this launch wrote them
+        layer.__dict__["_next_layer"].__dict__["_qkv_handoff"] = (out, scratch[0], scratch[1][4], next_qkv)
+    return out
 
 
 def _bases_and_updates(layer) -> tuple[tuple, list]:
@@ -194,8 +203,9 @@ Scratch = tuple[mx.array, tuple]  # the layer's float32 scratch, and per group t
 
 
 def _scratch_layout(terms: list[Optional[Terms]]) -> tuple[int, tuple]:
-    """Floats of the scratch and the offsets of o's, gate/up's and down's A-products in it ((MAX_ROWS, R)
-    each, for every batch the kernels take; q/k/v's come from a matmul of the layer's input: None)."""
+    """Floats of the scratch and the offsets of o's, gate/up's, down's and the next layer's q/k/v's
+    A-products in it ((MAX_ROWS, R) each, for every batch the kernels take; this layer's q/k/v's are in the
+    layer before's scratch, or come from ``a_products`` of the layer's input: None)."""
     offsets, size = [None], 0
     for t in terms[1:]:
         offsets.append(None if t is None else size)
@@ -203,10 +213,37 @@ def _scratch_layout(terms: list[Optional[Terms]]) -> tuple[int, tuple]:
     return size, tuple(offsets)
 
 
+def _next_qkv(layer, dtype: mx.Dtype) -> Optional[Terms]:
+    """The q/k/v terms of the layer after this one (``link``) where it decodes through these kernels with
+    adapters on q, k or v; else None."""
+    after = layer.__dict__.get("_next_layer")
+    forms = None if after is None else _structure_forms(after)
+    if forms is None:
+        return None
+    return _terms(after, [low_rank for _, low_rank in forms], dtype)[0]
+
+
+def link(layers, dtype: mx.Dtype) -> None:
+    """After ``prepare`` of every layer: tell each layer the one after it, whose q/k/v A-products its last
+    launch writes into its scratch, and lay the scratch out for that (evaluated now, outside a traced graph)."""
+    for i, layer in enumerate(layers):
+        layer.__dict__["_next_layer"] = layers[i + 1] if i + 1 < len(layers) else None
+        layer.__dict__.pop("_qkv_handoff", None)
+    for layer in layers:
+        terms = layer.__dict__.get("_decode_terms")
+        if terms is None:
+            continue
+        size, offsets = _scratch_layout(terms + [_next_qkv(layer, dtype)])
+        scratch = (mx.zeros((size,), mx.float32), offsets) if size else None
+        if scratch is not None:
+            mx.eval(scratch[0])
+        layer.__dict__["_decode_scratch"] = scratch
+
+
 def _scratch(layer, terms: list[Optional[Terms]]) -> Optional[Scratch]:
-    """The layer's low-rank scratch (``settings.lora_scratch``): ``prepare``'s where it fits these terms,
-    else a new one (zeroed by the layer's first launch either way); None where o_proj, gate/up and down_proj
-    have no adapters."""
+    """The layer's low-rank scratch (``settings.lora_scratch``): ``prepare``'s or ``link``'s where it fits
+    these terms, else a new one (zeroed by the layer's first launch either way); None where no launch of the
+    layer writes A-products for another."""
     size, offsets = _scratch_layout(terms)
     if size == 0:
         return None
@@ -219,7 +256,8 @@ def _scratch(layer, terms: list[Optional[Terms]]) -> Optional[Scratch]:
 class _Feed:
     """Where each launch's low-rank terms come from: with a scratch, the launch before writes the A-products
     of its output there (``emit``: the next group's A.T, the scratch, the offset) and the launch reads them
-    (``read``); without one, a matmul of the launch's input beside it. Groups: 0 q/k/v, 1 o, 2 gate/up, 3 down."""
+    (``read``); without one, ``a_products`` of the launch's input beside it. Groups: 0 q/k/v, 1 o, 2
+    gate/up, 3 down, 4 the next layer's q/k/v."""
 
     def __init__(self, terms: list[Optional[Terms]], scratch: Optional[Scratch]):
         self.terms, self.scratch = terms, scratch

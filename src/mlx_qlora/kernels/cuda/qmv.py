@@ -188,7 +188,8 @@ def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[We
                   head_dim: int, rope_base: float, rope_scale: float, q_shape: tuple[int, ...],
                   cache: tuple[mx.array, mx.array],
                   addends: Optional[Sequence[Optional[Addend]]] = None,
-                  low_rank: Optional[LowRank] = None, zero: Optional[mx.array] = None) -> list[mx.array]:
+                  low_rank: Optional[LowRank] = None, low_rank_offset: int = 0,
+                  zero: Optional[mx.array] = None) -> list[mx.array]:
     """q, k and v of ``rms_norm(x, gamma, eps)`` (x (M, K), M sequences of one token) in one launch, with
     rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d); q comes
     out in ``q_shape`` (any shape of its elements in row-major order).
@@ -202,10 +203,11 @@ def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[We
     ``addends``: per weight, None or ``(F, a)`` with a (M, N_g): ``F * a`` is added to that projection
     before the rotation and the cache write (a LoRA update of the normed input). ``low_rank``: the same
     updates as ``LowRank`` terms, h = x @ (A * gamma).T of the raw input (the kernel applies 1/rms and B).
-    ``zero``: the layer's low-rank scratch, zeroed by the launch before anything else (``Variant.zero``)."""
+    h's rows from ``low_rank_offset`` (in the layer before's scratch). ``zero``: the layer's low-rank scratch,
+    zeroed by the launch before anything else (``Variant.zero``)."""
     variant, add = _addends(Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
                                     rope_scale=float(rope_scale), cache=True), addends)
-    variant, lr = _low_rank(variant, low_rank)
+    variant, lr = _low_rank(variant, low_rank, low_rank_offset)
     variant, ez = _emit_zero(variant, None, zero)
     q = launch(x.reshape(-1, x.shape[-1]), weights, variant, shapes=(tuple(q_shape),),
                extra=[gamma, position.astype(mx.int32), *cache, *add, *lr, *ez], head_dim=head_dim,

@@ -10,15 +10,21 @@ adapters attached in inference, a layer runs as:
 4. ``swiglu_norm``: post-attention RMSNorm, gate, up and SwiGLU;
 5. ``matmul_residual``: down_proj plus the residual.
 
-Adapters (any subset of the seven projections) stay on this path, half inside the kernels
-(``quant/low_rank.Terms``): each update ``scale * (n @ A.T) @ B.T`` is one small matmul beside the launch,
-``x @ A.T`` for every adapted projection of that input at once, and the kernel's epilogue multiplies its
-columns by each output row's B and adds the result to that row's float32 sum, before the rotation, the
-cache write, SwiGLU or the residual. Where the kernel norms its input (q/k/v, gate/up), A is taken through
-the RMSNorm's weight and the kernel applies its own 1/rms, so no normed copy of the input is made. The
-arrays are cast to the compute dtype once, by ``prepare`` before tracing: with all seven adapted, four
-small matmuls per layer beside the six launches (before: two RMSNorms, eight matmuls and five slices, the
-updates computed whole beside the launches and added by them).
+Adapters (any subset of the seven projections) stay on this path with no launch of their own
+(``quant/low_rank.Terms``). Each update ``scale * (n @ A.T) @ B.T`` is split at its rank: the kernel that
+reads the input n adds ``scale * h @ B.T`` to each output row's float32 sum in its epilogue (before the
+rotation, the cache write, SwiGLU or the residual), and h = n @ A.T, the A-products, is written by the
+launch before it, which multiplies each value it writes by that input's row of A.T and adds the products
+into the layer's scratch with float atomics (``Variant.emit_cols``): attention's second pass writes
+o_proj's, o_proj's launch gate/up's, the SwiGLU launch down_proj's, and down_proj's launch the next
+layer's q/k/v's (``link``: the next layer finds them through ``_qkv_handoff`` when its input is this
+layer's output). The first launch of each layer zeroes its scratch. Only the first layer's q/k/v
+A-products, of the embeddings, are a launch of their own (``qmv.a_products``; not a matmul: a cuBLAS
+matmul in MLX's CUDA graph made every graph of the token be instantiated again instead of updated, which
+doubled the host's time per token). Where a kernel norms its input (q/k/v, gate/up), A is taken through
+the RMSNorm's weight and the kernel applies its own 1/rms, so no normed copy of the input is made.
+``settings.lora_scratch`` off: each launch's A-products are an ``a_products`` launch beside it. Arrays and
+scratches are built once before tracing (``prepare``, ``link``).
 
 ``DecoderLayer.__call__`` asks ``applies`` and otherwise runs the layer operation by operation. The
 norms, rotations and residual sums happen in float32 inside the kernels and are rounded once, so outputs

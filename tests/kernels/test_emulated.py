@@ -355,6 +355,17 @@ def _check_decode_attention(tmp_path, offset, capacity, heads, D=32, dtype=mx.fl
 # ---- LoRA addends (``Variant.addend``): F * add<g> added to matrix g's float32 sums before the epilogue --------
 
 
+def _check_qkv_written(q, kc_after, vc_after, want, slot: int, dtype):
+    """q (2 sequences, 4 heads of 16) and the k and v written at ``slot`` of the cache against ``want``:
+    float32 to summation order, bfloat16 to one rounding."""
+    for got, ref in ((q.reshape(2, 64), want[0]), (kc_after[:, :, slot].reshape(2, 32), want[1]),
+                     (vc_after[:, :, slot].reshape(2, 32), want[2])):
+        if dtype == mx.float32:
+            np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-4, atol=1e-4)
+        else:
+            _assert_close_to_rounded(got, ref)
+
+
 def _addend_inputs(rows: int, sizes, adapted, dtype, seed: int):
     """Per matrix, None or (factor, addend (rows, N)) for the adapted ones; the addends of a LoRA's size."""
     mx.random.seed(seed)
@@ -387,13 +398,7 @@ def test_qkv_kernel_with_addends(tmp_path, adapted, dtype, in_f, stage):
         variant.output_names, args, changed=("kc", "vc"))
     want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], position, 16,
                                             10000.0, 1.0, addends)
-    slot = position % capacity
-    for got, ref in ((q.reshape(2, 64), want[0]), (kc_after[:, :, slot].reshape(2, 32), want[1]),
-                     (vc_after[:, :, slot].reshape(2, 32), want[2])):
-        if dtype == mx.float32:
-            np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-4, atol=1e-4)
-        else:
-            _assert_close_to_rounded(got, ref)
+    _check_qkv_written(q, kc_after, vc_after, want, position % capacity, dtype)
     plain = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], position, 16,
                                              10000.0, 1.0)
     for g, on in enumerate(adapted):  # the addends change exactly the adapted outputs
@@ -486,13 +491,7 @@ def test_qkv_kernel_with_low_rank_terms(tmp_path, adapted, dtype, in_f, stage):
     addends = qmv_cuda.low_rank_addends(low_rank, qmv_cuda.reference_inv_rms(x, 1e-5))
     parts = [layer.parts for layer in layers]
     want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, parts, position, 16, 10000.0, 1.0, addends)
-    slot = position % capacity
-    for got, ref in ((q.reshape(2, 64), want[0]), (kc_after[:, :, slot].reshape(2, 32), want[1]),
-                     (vc_after[:, :, slot].reshape(2, 32), want[2])):
-        if dtype == mx.float32:
-            np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-4, atol=1e-4)
-        else:
-            _assert_close_to_rounded(got, ref)
+    _check_qkv_written(q, kc_after, vc_after, want, position % capacity, dtype)
     plain = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, parts, position, 16, 10000.0, 1.0)
     for g, on in enumerate(adapted):  # the terms change exactly the adapted outputs
         assert bool(mx.any(mx.abs(want[g] - plain[g]) > 1e-3)) == on

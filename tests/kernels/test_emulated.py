@@ -657,3 +657,32 @@ def test_a_products_kernel(tmp_path, rows, in_f, cols, dtype):
     (h,) = emulate(tmp_path, qmv_cuda._a_products_kernel().source, QMV_HEADER, {"x": x, "a": a}, ["h"], args)
     want = x.astype(mx.float32) @ a.astype(mx.float32).T
     np.testing.assert_allclose(np.array(h), np.array(want), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("in_f,stage", [(128, False), (128, True), (256, False)])
+def test_qkv_kernel_reads_its_terms_from_the_layer_befores_scratch(tmp_path, in_f, stage):
+    """A layer's q/k/v launch as ``link`` wires it: its low-rank terms read from the layer before's scratch
+    (float32, from an offset) while it zeroes its own layer's scratch."""
+    capacity, position = 8, 13
+    layers = [_layer(n, in_f, 95 + i) for i, n in enumerate((64, 32, 32))]
+    x = (3.0 * mx.random.normal((2, in_f))).astype(mx.bfloat16)
+    gamma = (1.0 + 0.1 * mx.random.normal((in_f,))).astype(mx.bfloat16)
+    kc, vc = (mx.random.normal((2, 2, capacity, 16)).astype(mx.bfloat16) for _ in range(2))
+    _, terms = _low_rank_inputs(2, (64, 32, 32), (True, True, True), 4, mx.bfloat16, 13)
+    before, own = _scratch(60, 7), _scratch(40, 8)
+    variant, _ = qmv_cuda._low_rank(Variant(3, norm_eps=1e-5, rope=(True, True, False), cache=True),
+                                    (before, terms), 17)
+    variant, _ = qmv_cuda._emit_zero(variant, None, own)
+    args = qmv_plan.launch_args(2, in_f, (64, 32, 32), variant, mx.bfloat16, 16 if in_f >= 256 else 0,
+                                ((2, 4, 1, 16),), 16, capacity)
+    q, kc_after, vc_after, zb = emulate(
+        tmp_path, variant.source(mma=qmv_plan.uses_mma(args), stage=stage), LOW_RANK_HEADER,
+        _inputs(layers, x, gamma=gamma, rope_pos=mx.array([position], dtype=mx.int32), kc=kc, vc=vc, lh=before,
+                lb0=terms[0][2], lb1=terms[1][2], lb2=terms[2][2], zb=own),
+        variant.output_names, args, changed=("kc", "vc", "zb"))
+    h = before[17:17 + 2 * 12].reshape(2, 12)
+    addends = qmv_cuda.low_rank_addends((h, terms), qmv_cuda.reference_inv_rms(x, 1e-5))
+    want = qmv_cuda.reference_qkv_norm_rope(x, gamma, 1e-5, [layer.parts for layer in layers], position, 16,
+                                            10000.0, 1.0, addends)
+    _check_qkv_written(q, kc_after, vc_after, want, position % capacity, mx.bfloat16)
+    assert float(mx.abs(zb).max()) == 0.0

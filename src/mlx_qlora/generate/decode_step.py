@@ -121,8 +121,9 @@ def _fingerprint(model) -> tuple:
 def _prepare_decoding(model) -> None:
     """Build now what compiled decoding would otherwise rebuild on every token, inside ``mx.compile``
     where nothing can be cached: the group layouts of the layers that decode through
-    ``mx.quantized_matmul``, the adapters cast to the compute dtype and stacked per input
-    (``prepare_decoding`` of ``QuantizedLinear``, ``LoRALinear`` and ``DecoderLayer``)."""
+    ``mx.quantized_matmul``, the adapters cast to the compute dtype and laid out for the fused layer's
+    kernels (``prepare_decoding`` of ``QuantizedLinear``, ``LoRALinear`` and ``DecoderLayer``), and the
+    layers' scratches (``fused_decode.link``)."""
     dtype = model.model.embed_tokens.weight.dtype
     for _, module in model.named_modules():
         prepare = getattr(module, "prepare_decoding", None)

@@ -6,8 +6,9 @@ Each command runs in a fresh process (``scripts/convert_weights.py``, ``prepare_
 convert / lora / generate``), timed by the wall clock from process start and read from what it logs itself:
 
 - training tokens/s: steady (the median of the logged windows after the first: ``metrics.jsonl`` rows with
-  ``--log-every 1``, mlx-lm's reports every ``--grad-accum`` iterations) and end to end (trained tokens / the
-  process's wall-clock); peak memory (ours: ``metrics.jsonl``; ``mlx_lm lora`` does not print it);
+  ``--log-every 1``, mlx-lm's reports every ``--grad-accum`` iterations; none with fewer than two) and end
+  to end (trained tokens / the process's wall-clock); peak memory (ours: ``metrics.jsonl``; ``mlx_lm lora``
+  does not print it);
 - time to first step: process start to the first training row (ours: in ``metrics.jsonl``; mlx-lm: its
   first report line);
 - time to first token: process start to the first byte of the reply on standard output; each generation
@@ -244,6 +245,17 @@ def write_mlx_lm_data(data_dir: Path, tokenizer_path: Path, out: Path) -> None:
 GEN_STATS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tokens/s \| generation: (\d+) tokens, ([\d.]+) tokens/s")
 
 
+def _steady(speeds: list[float]) -> float | None:
+    """The median of the logged speeds after the first (which holds compilation); None with fewer than two
+    of them: one window alone is no steady rate (a two-step run on an H100 logged 13.6 million tokens/s for
+    its second)."""
+    return median(speeds[1:]) if len(speeds) >= 3 else None
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def our_train(model: Path, data: Path, out: Path, args, batching: str) -> dict:
     """finetune.py as the README runs it: ``batching`` "tokens" (``--max-batch-tokens``, the README's command)
     or "rows" (``--batch-size``, as mlx-lm batches)."""
@@ -258,11 +270,11 @@ def our_train(model: Path, data: Path, out: Path, args, batching: str) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("tokens_per_sec") is not None]
     tokens = sum(r["tokens"] for r in train)
-    steady = [r["tokens_per_sec"] for r in train[1:]] or [train[0]["tokens_per_sec"]]
+    steady = _steady([r["tokens_per_sec"] for r in train])
     lines = result["stdout"].splitlines()
     return {"command": " ".join(cmd[1:]), "batching": batching, "first_lines": lines[:2],
             "wall_s": result["wall_s"], "first_step_s": result["first_row_s"], "steps": len(train),
-            "tokens": tokens, "steady_tokens_per_s": median(steady), "end_to_end_tokens_per_s": tokens / result["wall_s"],
+            "tokens": tokens, "steady_tokens_per_s": steady, "end_to_end_tokens_per_s": tokens / result["wall_s"],
             "peak_gb": max(r["peak_memory_gb"] for r in train)}
 
 
@@ -317,10 +329,10 @@ def mlx_lm_train(model: Path, data: Path, adapters: Path, args) -> dict:
         raise RuntimeError(f"no training report in mlx_lm lora's output:\n{result['stdout'][-2000:]}")
     # the first report's byte offset (NO_COLOR: the output holds no colour codes, so it matches the bytes read)
     offset = len(result["stdout"][:LORA_REPORT.search(result["stdout"]).start()].encode())
-    steady = [r[1] for r in reports[1:]] or [reports[0][1]]
+    steady = _steady([r[1] for r in reports])
     tokens = reports[-1][2]  # its running count, printed in thousands
     return {"command": " ".join(cmd[1:]), "wall_s": result["wall_s"], "first_step_s": first_byte_after(result["chunks"], offset),
-            "steps": len(reports), "tokens": tokens, "steady_tokens_per_s": median(steady),
+            "steps": len(reports), "tokens": tokens, "steady_tokens_per_s": steady,
             "end_to_end_tokens_per_s": tokens / result["wall_s"], "peak_gb": None}
 
 
@@ -442,14 +454,14 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
                 out = work / f"run-ours-{name}{suffix}"
                 row = our_train(ours_model, data, out, args, batching)
                 payload["train"].append({"stack": "ours", "dataset": name, **row})
-                print(f"trained: ours ({batching}) on {name}: {row['steady_tokens_per_s']:,.0f} tokens/s steady, "
+                print(f"trained: ours ({batching}) on {name}: {_rate(row['steady_tokens_per_s'])} tokens/s steady, "
                       f"{row['end_to_end_tokens_per_s']:,.0f} end to end, peak {row['peak_gb']:.2f} GB", flush=True)
         if "mlx-lm" in stacks:
             peer_data = work / f"data-mlx-lm-{name}"
             write_mlx_lm_data(data, ours_model / "tokenizer.model", peer_data)
             row = mlx_lm_train(peer_model, peer_data, work / f"adapters-mlx-lm-{name}", args)
             payload["train"].append({"stack": "mlx-lm", "dataset": name, **row})
-            print(f"trained: mlx-lm on {name}: {row['steady_tokens_per_s']:,.0f} tokens/s steady, "
+            print(f"trained: mlx-lm on {name}: {_rate(row['steady_tokens_per_s'])} tokens/s steady, "
                   f"{row['end_to_end_tokens_per_s']:,.0f} end to end", flush=True)
 
     # generation without adapters, and with the sample run's where its training ran (in this run, or in --work

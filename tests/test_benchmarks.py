@@ -200,8 +200,9 @@ def test_probes_readme_lists_every_probe():
 @pytest.mark.slow
 def test_user_path_tiny(tmp_path):
     """The README's scripts and mlx-lm's commands, each in its own process, on a random tiny checkpoint with
-    the real Mistral tokenizer: every measured number is there and positive."""
-    result, stdout = _run(["user_path.py", "--preset", "tiny", "--steps", "2", "--batch-size", "1", "--grad-accum",
+    the real Mistral tokenizer: every measured number is there and positive (three steps: a steady rate
+    needs two logged windows after the first)."""
+    result, stdout = _run(["user_path.py", "--preset", "tiny", "--steps", "3", "--batch-size", "1", "--grad-accum",
                            "1", "--long-records", "40", "--max-tokens", "4", "--chat-tokens", "3",
                            "--ours-batching", "tokens,rows", "--work", str(tmp_path / "work")], tmp_path)
     assert set(result["datasets"]) == {"sample", "long"}
@@ -213,7 +214,7 @@ def test_user_path_tiny(tmp_path):
         if row["label"] == "ours (tokens)":
             assert "--max-batch-tokens 256" in row["command"] and row["first_lines"][1].startswith("batches: up to 256")
     for row in result["train"]:
-        assert row["steps"] == 2 and row["tokens"] > 0 and row["wall_s"] > row["first_step_s"] > 0
+        assert row["steps"] == 3 and row["tokens"] > 0 and row["wall_s"] > row["first_step_s"] > 0
         assert row["steady_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0
         assert row["steady_vs_mlx_lm"] > 0
         assert row["peak_gb"] is None if row["stack"] == "mlx-lm" else row["peak_gb"] > 0

@@ -11,10 +11,10 @@ residual. ``fused_form`` says whether a layer is such a projection. The LoRA lay
 package (``lora/layer.py``), so it is recognised by what it offers: ``low_rank_form()`` (and
 ``decoding_stack(dtype)``, its update as a ``Stacked`` of one, cast once before compiled decoding).
 
-The fused decoder layer (``model/fused_decode.py``) takes ``Terms``: there each input's updates cost one
-small matmul beside the launch, ``x @ A.T`` of every adapted projection at once, and no normed copy of the
-input: ``norm(x) @ A.T = (x @ (A * gamma).T) / rms(x)``, and the kernel, which computes 1/rms for its own
-RMSNorm, applies it together with B (``qmv.LowRank``).
+The fused decoder layer (``model/fused_decode.py``) takes ``Terms``: there each input's updates cost no
+launch of their own and no normed copy of the input: ``norm(x) @ A.T = (x @ (A * gamma).T) / rms(x)``, the
+launch before writes ``x @ (A * gamma).T``, and the kernel, which computes 1/rms for its own RMSNorm,
+applies it together with B (``qmv.LowRank``).
 """
 
 from __future__ import annotations
@@ -112,12 +112,13 @@ class Stacked:
 
 class Terms:
     """The updates of projections that read one input, as a fused kernel's low-rank terms (``qmv.LowRank``):
-    ``h = x @ a_t``, (M, in) @ (in, R) -> (M, R), the adapted projections' A matrices side by side, is the
-    one matmul beside the launch; the kernel adds ``scale * h[:, c:c + r] @ B.T`` to each adapted
-    projection in its epilogue, B (N, r) as the LoRA layer holds it. With ``gamma`` (the weight of the
-    RMSNorm that the kernel applies to its input) the A matrices are taken through it, ``A * gamma``, so
-    that h is of the raw input and the kernel's 1/rms of the row completes ``norm(x) @ A.T``. Cast to the
-    compute dtype once (``fused_decode.prepare``, before tracing), in float32 before the one rounding."""
+    the A-products ``h = x @ a.T``, (M, in) -> (M, R) with ``a`` (R, in) the adapted projections' A matrices
+    stacked, come from the launch before (which multiplies each value it writes by its row of ``a_t``) or
+    from ``qmv.a_products``; the kernel adds ``scale * h[:, c:c + r] @ B.T`` to each adapted projection in
+    its epilogue, B (N, r) as the LoRA layer holds it. With ``gamma`` (the weight of the RMSNorm that the
+    kernel applies to its input) the A matrices are taken through it, ``A * gamma``, so that h is of the raw
+    input and the kernel's 1/rms of the row completes ``norm(x) @ A.T``. Cast to the compute dtype once
+    (``fused_decode.prepare``, before tracing), in float32 before the one rounding."""
 
     def __init__(self, updates: Sequence[Optional[LowRank]], dtype: mx.Dtype, gamma: Optional[mx.array] = None):
         adapted = [u for u in updates if u is not None]
@@ -152,11 +153,6 @@ class Terms:
     @property
     def arrays(self) -> list[mx.array]:
         return [self.a, self.a_t] + [t[2] for t in self.terms if t is not None]
-
-    def low_rank(self, x: mx.array) -> tuple[mx.array, list]:
-        """The kernel's ``low_rank`` argument for input x (..., in): (h (M, R), per projection (scale, first
-        column, B) or None)."""
-        return x.reshape(-1, x.shape[-1]) @ self.a_t, self.terms
 
     @property
     def cols(self) -> int:

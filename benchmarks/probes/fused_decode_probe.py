@@ -5,7 +5,7 @@ six launches (``model/fused_decode.py``, ``settings.fused_decode``). Reports ms 
 host's share (time inside ``mx.async_eval``) and each path's largest logit difference from the first path
 over the same tokens. ``--adapters RANK``: both paths with random LoRA adapters attached on all seven
 projections (in the compute dtype, as ``generate.py --adapter`` attaches them), which the six launches add
-beside and inside their kernels.
+inside their kernels (``MLX_QLORA_LORA_SCRATCH=0``: with an A-products launch beside each).
 
   python benchmarks/probes/fused_decode_probe.py --preset mistral-7b --layers 32     # on a CUDA GPU
   python benchmarks/probes/fused_decode_probe.py --preset mistral-7b --adapters 16

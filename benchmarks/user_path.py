@@ -17,7 +17,8 @@ convert / lora / generate``), timed by the wall clock from process start and rea
   beside);
 - decode tokens/s of a fresh process (the script's own printed speed), with adapters, and on the third
   turn of a chat (streamed output: the reply's tokens after its first / seconds from its first to its last
-  byte).
+  byte), beside the warm benchmark without adapters run in the same command (``gpu_generate.py --stacks
+  ours``: the chat's target is 90% of it).
 
 The model is a random Hugging Face folder (``transformers``' ``MistralConfig``; weights drawn by MLX and written
 as safetensors shards: ``write_hf_folder``) of a preset's shape with the real Mistral v1 ``tokenizer.model`` (from ``mistral-common``), so vocab 32000 for
@@ -288,6 +289,17 @@ def our_generate(model: Path, adapter: Path | None, args) -> dict:
             "decode_tokens_per_s": float(m.group(4))}
 
 
+def warm_reference(args, work: Path) -> float:
+    """The yardstick of a chat's third turn: ``gpu_generate.py --stacks ours`` (warm, compiled decoding without
+    adapters, the same shapes), its decode tokens/s, in this run (tiny: a short prompt and reply)."""
+    out = work / "warm_reference.json"
+    size = ["--prompt-tokens", "16", "--max-tokens", "8", "--repeats", "1"] if args.preset == "tiny" else []
+    run_timed([PY, str(ROOT / "benchmarks" / "gpu_generate.py"), "--preset", args.preset, "--stacks", "ours", *size,
+               "--json", str(out)])
+    (row,) = [r for r in json.loads(out.read_text())["rows"] if r["stack"] == "ours"]
+    return row["decode_tokens_per_s"]
+
+
 def our_chat(model: Path, adapter: Path, args) -> dict:
     """Three turns on standard input: the third reply's streamed decoding speed."""
     cmd = [PY, str(SCRIPTS / "generate.py"), "--model", str(model), "--adapter", str(adapter),
@@ -487,8 +499,12 @@ def run(args, cfg: dict, stacks: list[str], work: Path) -> dict:
         row = our_chat(ours_model, trained["ours"], args)
         print(f"chat: turn 3 {row['turn3_decode_tokens_per_s']} tokens/s, wall {row['wall_s']:.2f} s (first process: "
               f"turn 3 {first['turn3_decode_tokens_per_s']}, wall {first['wall_s']:.2f} s)", flush=True)
+        warm = warm_reference(args, work)
+        print(f"warm benchmark (gpu_generate.py --stacks ours, no adapters): {warm:.1f} tokens/s decoding", flush=True)
         payload["chat"].append({"stack": "ours", **row, "first_process_wall_s": first["wall_s"],
-                                "first_process_turn3_decode_tokens_per_s": first["turn3_decode_tokens_per_s"]})
+                                "first_process_turn3_decode_tokens_per_s": first["turn3_decode_tokens_per_s"],
+                                "warm_benchmark_tokens_per_s": warm,
+                                "turn3_vs_warm": ratio(row["turn3_decode_tokens_per_s"], warm)})
     if "mlx-lm" in stacks:
         payload["notes"].append("mlx-lm's chat (mlx_lm chat) is not run: it needs a chat template, which the Mistral "
                                 "v1 tokenizer.model does not carry; mlx_lm lora prints no peak memory")
@@ -536,7 +552,9 @@ def report(payload: dict) -> None:
                                       ("session_decode_tokens_per_s", "session decode tok/s", "{:.1f}"),
                                       ("wall_s", "wall s", "{:.2f}"),
                                       ("first_process_turn3_decode_tokens_per_s", "1st process: turn 3 tok/s",
-                                       "{:.1f}"), ("first_process_wall_s", "1st process: wall s", "{:.2f}")])
+                                       "{:.1f}"), ("first_process_wall_s", "1st process: wall s", "{:.2f}"),
+                                      ("warm_benchmark_tokens_per_s", "warm benchmark tok/s", "{:.1f}"),
+                                      ("turn3_vs_warm", "turn 3 / warm", "{:.0%}")])
     for note in payload["notes"]:
         print(f"note: {note}")
 

@@ -226,6 +226,9 @@ def test_user_path_tiny(tmp_path):
     (chat,) = result["chat"]
     assert chat["turns"] == 3 and chat["session_decode_tokens_per_s"] > 0
     assert chat["turn3_decode_tokens_per_s"] is None or chat["turn3_decode_tokens_per_s"] > 0
+    assert chat["warm_benchmark_tokens_per_s"] > 0  # the yardstick, gpu_generate.py in the same command
+    assert chat["turn3_decode_tokens_per_s"] is None or chat["turn3_vs_warm"] == pytest.approx(
+        chat["turn3_decode_tokens_per_s"] / chat["warm_benchmark_tokens_per_s"])
     assert "| sample | ours (tokens) |" in stdout and "| long | mlx-lm |" in stdout
 
 

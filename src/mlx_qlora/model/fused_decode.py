@@ -153,8 +153,9 @@ def layer_step(layer, x: mx.array, cache: StaticKVCache) -> mx.array:
                                  **lr.read(1, attn))  # (B, 1, hidden)
     act = qmv_cuda.swiglu_norm(h, norm2.weight, norm2.eps, gate_proj.parts, up_proj.parts, emit=lr.emit(3),
                                **lr.read(2, h))
-    out = qmv_cuda.matmul_residual(act, down_proj.parts, h, emit=lr.emit(4), **lr.read(3, act))
-    if lr.emit(4) is not None:  # the next layer reads its q/k/v A-products where this launch wrote them
+    for_next = lr.emit(4)  # the next layer's q/k/v A-products, where this launch writes them
+    out = qmv_cuda.matmul_residual(act, down_proj.parts, h, emit=for_next, **lr.read(3, act))
+    if for_next is not None:
         layer.__dict__["_next_layer"].__dict__["_qkv_handoff"] = (out, scratch[0], scratch[1][4], next_qkv)
     return out
 
@@ -178,17 +179,14 @@ def prepare(layer, dtype: mx.Dtype) -> None:
     """Build and cast the layer's low-rank terms for ``dtype`` now (evaluated), outside a traced graph;
     ``layer_step`` takes them while the layer still holds those adapter arrays and norm weights
     (``Terms.holds``) and builds them inline otherwise. Nothing for a layer without adapters or off the
-    fused path."""
+    fused path. (Its scratch, which depends on the next layer's terms too, is ``link``'s.)"""
     forms = _structure_forms(layer)
     if forms is None:
         return
     low = [low_rank for _, low_rank in forms]
     terms = [Terms.build(low[g], dtype, gamma) for g, gamma in zip(GROUPS, _gammas(layer))]
-    size, offsets = _scratch_layout(terms)
-    scratch = (mx.zeros((size,), mx.float32), offsets) if size else None
-    mx.eval([a for t in terms if t is not None for a in t.arrays] + ([scratch[0]] if scratch else []))
+    mx.eval([a for t in terms if t is not None for a in t.arrays])
     layer.__dict__["_decode_terms"] = terms  # not parameters: outside the module's tree
-    layer.__dict__["_decode_scratch"] = scratch
 
 
 def _terms(layer, low: list, dtype: mx.Dtype) -> list[Optional[Terms]]:
@@ -247,9 +245,9 @@ def link(layers, dtype: mx.Dtype) -> None:
 
 
 def _scratch(layer, terms: list[Optional[Terms]]) -> Optional[Scratch]:
-    """The layer's low-rank scratch (``settings.lora_scratch``): ``prepare``'s or ``link``'s where it fits
-    these terms, else a new one (zeroed by the layer's first launch either way); None where no launch of the
-    layer writes A-products for another."""
+    """The layer's low-rank scratch (``settings.lora_scratch``): ``link``'s where it fits these terms, else a
+    new one (zeroed by the layer's first launch either way); None where no launch of the layer writes
+    A-products for another."""
     size, offsets = _scratch_layout(terms)
     if size == 0:
         return None

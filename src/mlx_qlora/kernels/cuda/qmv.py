@@ -186,10 +186,8 @@ def qmv_swiglu(x: mx.array, gate: Weight, up: Weight,
 
 def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[Weight], position: mx.array,
                   head_dim: int, rope_base: float, rope_scale: float, q_shape: tuple[int, ...],
-                  cache: tuple[mx.array, mx.array],
-                  addends: Optional[Sequence[Optional[Addend]]] = None,
-                  low_rank: Optional[LowRank] = None, low_rank_offset: int = 0,
-                  zero: Optional[mx.array] = None) -> list[mx.array]:
+                  cache: tuple[mx.array, mx.array], low_rank: Optional[LowRank] = None,
+                  low_rank_offset: int = 0, zero: Optional[mx.array] = None) -> list[mx.array]:
     """q, k and v of ``rms_norm(x, gamma, eps)`` (x (M, K), M sequences of one token) in one launch, with
     rotary embeddings (Hugging Face's rotate-half pairs) on q and k at ``position`` (int32, 0-d); q comes
     out in ``q_shape`` (any shape of its elements in row-major order).
@@ -200,34 +198,30 @@ def qkv_norm_rope(x: mx.array, gamma: mx.array, eps: float, weights: Sequence[We
     buffers must depend on q (attention does) and nothing may read the buffers' old contents afterwards
     (the cache's are dropped as it advances).
 
-    ``addends``: per weight, None or ``(F, a)`` with a (M, N_g): ``F * a`` is added to that projection
-    before the rotation and the cache write (a LoRA update of the normed input). ``low_rank``: the same
-    updates as ``LowRank`` terms, h = x @ (A * gamma).T of the raw input (the kernel applies 1/rms and B).
-    h's rows from ``low_rank_offset`` (in the layer before's scratch). ``zero``: the layer's low-rank scratch,
-    zeroed by the launch before anything else (``Variant.zero``)."""
-    variant, add = _addends(Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
-                                    rope_scale=float(rope_scale), cache=True), addends)
-    variant, lr = _low_rank(variant, low_rank, low_rank_offset)
+    ``low_rank``: LoRA updates of the normed input as ``LowRank`` terms, added before the rotation and the
+    cache write; h = x @ (A * gamma).T of the raw input (the kernel applies 1/rms and B), its rows from
+    ``low_rank_offset`` (in the layer before's scratch). ``zero``: the layer's low-rank scratch, zeroed by
+    the launch before anything else (``Variant.zero``)."""
+    variant, lr = _low_rank(Variant(3, norm_eps=float(eps), rope=(True, True, False), rope_base=float(rope_base),
+                                    rope_scale=float(rope_scale), cache=True), low_rank, low_rank_offset)
     variant, ez = _emit_zero(variant, None, zero)
     q = launch(x.reshape(-1, x.shape[-1]), weights, variant, shapes=(tuple(q_shape),),
-               extra=[gamma, position.astype(mx.int32), *cache, *add, *lr, *ez], head_dim=head_dim,
+               extra=[gamma, position.astype(mx.int32), *cache, *lr, *ez], head_dim=head_dim,
                capacity=cache[0].shape[2])
     return q + list(cache)
 
 
 def swiglu_norm(x: mx.array, gamma: mx.array, eps: float, gate: Weight, up: Weight,
-                addends: Optional[Sequence[Optional[Addend]]] = None,
                 low_rank: Optional[LowRank] = None, low_rank_offset: int = 0,
                 emit: Optional[Emit] = None) -> mx.array:
     """``silu(gate(n)) * up(n)`` with ``n = rms_norm(x, gamma, eps)``, in one launch: x (..., K) -> (..., N).
-    ``addends``, ``low_rank``: as ``qkv_norm_rope``'s, of gate and of up (added before the activation), h's
-    rows from ``low_rank_offset``. ``emit``: the next launch's A-products of the output (``Emit``)."""
+    ``low_rank``: as ``qkv_norm_rope``'s, of gate and of up (added before the activation), h's rows from
+    ``low_rank_offset``. ``emit``: the next launch's A-products of the output (``Emit``)."""
     lead = x.shape[:-1]
-    variant, add = _addends(Variant(2, swiglu=True, norm_eps=float(eps)), addends)
-    variant, lr = _low_rank(variant, low_rank, low_rank_offset)
+    variant, lr = _low_rank(Variant(2, swiglu=True, norm_eps=float(eps)), low_rank, low_rank_offset)
     variant, ez = _emit_zero(variant, emit, None)
     return launch(x.reshape(-1, x.shape[-1]), [gate, up], variant, shapes=((*lead, gate[0].shape[0]),),
-                  extra=[gamma, *add, *lr, *ez])[0]
+                  extra=[gamma, *lr, *ez])[0]
 
 
 def matmul_residual(x: mx.array, weight: Weight, residual: mx.array, prefetch=(),

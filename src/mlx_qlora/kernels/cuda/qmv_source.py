@@ -85,13 +85,17 @@ def _terms(v: "Variant", g: int, index: str, row: str) -> str:
                                                    v.norm_eps is not None, g, row)
 
 
+def _store_kept(target: str, value: str) -> str:
+    """``target = value`` rounded to T, the written value also kept in ``ev[m]`` for ``emit``."""
+    return f"{{ const T yv = static_cast<T>({value}); {target} = yv; ev[m] = static_cast<float>(yv); }}"
+
+
 def _store(g: int, n: str, value: str, cache: bool, emit: bool = False) -> str:
     """Write ``value`` to output row ``n`` (of sequence m) of matrix g; with ``cache``, matrices 1 and 2 (k
     and v) go to slot ``rope_pos[0] % C`` of the key/value cache instead, (M, N/HD, C, HD) in place. ``emit``:
     the value as written is also kept in ``ev[m]`` (``Variant.emit``)."""
     if emit:
-        return (f"{{ const T yv = static_cast<T>({value}); y{g}[(size_t)m * N{g} + {n}] = yv; "
-                f"ev[m] = static_cast<float>(yv); }}")
+        return _store_kept(f"y{g}[(size_t)m * N{g} + {n}]", value)
     if cache and g in (1, 2):
         buf = "kc" if g == 1 else "vc"
         return (f"const_cast<T*>({buf})[(((size_t)m * (N{g} / HD) + ({n}) / HD) * C + rope_pos[0] % C) * HD "
@@ -187,8 +191,9 @@ class Variant:
     ``low_rank``: per matrix, None or (F, c, r): the variant then has an input ``lh`` (M,
     ``low_rank_cols``), the A-products of the adapted matrices side by side, and per adapted matrix g an
     input ``lb<g>`` (N_g, r), its B, and ``F * (lb<g>[n] . lh[m, c:c + r])`` is added to output n's sum
-    where an addend would be: the update's second matmul done in the epilogue, so one small matmul beside
-    the launch is left, ``x @ A.T`` for every adapted matrix of the input at once. With the RMSNorm the
+    where an addend would be: the update's second matmul done in the epilogue; its first, ``x @ A.T`` for
+    every adapted matrix of the input at once, is written by an earlier launch (``emit_cols``) or is one
+    small launch beside (``qmv.a_products``). With the RMSNorm the
     term is also multiplied by the kernel's 1/rms of the row: ``lh`` is then ``x @ (A * gamma).T`` of the
     raw input, and no normed copy of the input exists outside the kernel. ``low_rank_offset``: lh's rows
     start there (lh is then the layer's scratch, below).
@@ -288,10 +293,10 @@ class Variant:
             epilogue = (_CU["epilogue_swiglu"].replace("@ADD_GATE@", terms(0, "(size_t)m * ROWS + n", "n"))
                         .replace("@ADD_UP@", terms(1, "(size_t)m * ROWS + n", "n")))
             if emit:
-                store = "y[(size_t)m * ROWS + n] = static_cast<T>(g / (1.0f + __expf(-g)) * u);"
+                target, value = "y[(size_t)m * ROWS + n]", "g / (1.0f + __expf(-g)) * u"
+                store = f"{target} = static_cast<T>({value});"
                 assert store in epilogue
-                epilogue = epilogue.replace(store, "{ const T yv = static_cast<T>(g / (1.0f + __expf(-g)) * u); "
-                                                   "y[(size_t)m * ROWS + n] = yv; ev[m] = static_cast<float>(yv); }")
+                epilogue = epilogue.replace(store, _store_kept(target, value))
         else:
             select = select_split(self.n_matrices, self.rope, mma)
             epilogue = epilogue_split(self.n_matrices, self.rope, self.residual, self.cache, terms, emit)

@@ -55,6 +55,7 @@ from .run_ahead import bound_run_ahead
 from .run_config import parse_duration
 from .run_state import RunState, run_state_from, trim_metrics
 from .schedule import build_schedule
+from .throughput import step_done_at
 from .flat import FLAT, MOMENTS, FlatLayout
 from .params import TrainableSlots
 from .step import add_trees, make_eval_fn, make_grad_fn, make_update_fn
@@ -540,9 +541,12 @@ class Trainer:
                 # The next step is queued before this one's loss is read, so the device never waits for the
                 # host to build a step; a step that is being stopped after is not followed by another.
                 ahead = None
+                queue_start = time.perf_counter()
                 if not stopping and self._may_overlap(self.state.step + 1):
                     ahead = self._queue_step()
+                finish_start = time.perf_counter()
                 metrics = self._finish_step(queued)
+                done = step_done_at(queue_start, finish_start, time.perf_counter(), ahead is not None)
                 queued = ahead
                 bar.update(1)
                 # this rank's tokens: with several ranks metrics["tokens"] counts all of them
@@ -550,11 +554,10 @@ class Trainer:
                 self.state.elapsed = time.perf_counter() - start
                 step = self.state.step
                 if step % c.log_every == 0 or step == self.total_steps:
-                    now = time.perf_counter()
                     record = {"step": step, **metrics,
-                              **self._throughput(window_tokens, now - window_start, mx.get_peak_memory() / 1e9),
+                              **self._throughput(window_tokens, done - window_start, mx.get_peak_memory() / 1e9),
                               "elapsed": self.state.elapsed}
-                    window_start, window_tokens = now, 0
+                    window_start, window_tokens = done, 0
                     self._log(record)
                     tokens_per_sec = record["tokens_per_sec"]
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}",

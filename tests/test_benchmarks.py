@@ -284,3 +284,10 @@ def test_nf4_reference_levels_and_round_trip():
     absmax = np.abs(blocks).max(-1, keepdims=True)
     nearest = np.abs((blocks / absmax)[..., None] - levels).argmin(-1)
     np.testing.assert_allclose(restored.reshape(4, 2, 64), levels[nearest] * absmax, rtol=1e-6)
+
+
+def test_launch_cost_probe_needs_cuda():
+    """On the CPU the probe times nothing: it says why and fails."""
+    proc = subprocess.run([sys.executable, "probes/launch_cost_probe.py", "--pad-kb", "0"], cwd=BENCH,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "needs MLX's CUDA backend" in proc.stderr

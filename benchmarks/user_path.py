@@ -273,7 +273,7 @@ def our_train(model: Path, data: Path, out: Path, args, batching: str) -> dict:
     tokens = sum(r["tokens"] for r in train)
     steady = _steady([r["tokens_per_sec"] for r in train])
     lines = result["stdout"].splitlines()
-    return {"command": " ".join(cmd[1:]), "batching": batching, "first_lines": lines[:2],
+    return {"command": shown(cmd), "batching": batching, "first_lines": lines[:2],
             "wall_s": result["wall_s"], "first_step_s": result["first_row_s"], "steps": len(train),
             "tokens": tokens, "steady_tokens_per_s": steady, "end_to_end_tokens_per_s": tokens / result["wall_s"],
             "peak_gb": max(r["peak_memory_gb"] for r in train)}
@@ -343,7 +343,7 @@ def mlx_lm_train(model: Path, data: Path, adapters: Path, args) -> dict:
     offset = len(result["stdout"][:LORA_REPORT.search(result["stdout"]).start()].encode())
     steady = _steady([r[1] for r in reports])
     tokens = reports[-1][2]  # its running count, printed in thousands
-    return {"command": " ".join(cmd[1:]), "wall_s": result["wall_s"], "first_step_s": first_byte_after(result["chunks"], offset),
+    return {"command": shown(cmd), "wall_s": result["wall_s"], "first_step_s": first_byte_after(result["chunks"], offset),
             "steps": len(reports), "tokens": tokens, "steady_tokens_per_s": steady,
             "end_to_end_tokens_per_s": tokens / result["wall_s"], "peak_gb": None}
 
@@ -364,6 +364,11 @@ def mlx_lm_generate(model: Path, adapter: Path | None, args) -> dict:
 
 
 # ---------------------------------------------------------------- the run
+
+def shown(cmd: list[str]) -> str:
+    """A command as the results record it: its arguments, the repository's paths relative to it."""
+    return " ".join(arg.replace(f"{ROOT}{os.sep}", "") for arg in cmd[1:])
+
 
 def ratio(a, b):
     return a / b if a and b else None

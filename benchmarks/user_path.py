@@ -249,7 +249,7 @@ GEN_STATS = re.compile(r"prompt: (\d+) tokens, ([\d.]+) tokens/s \| generation: 
 def _steady(speeds: list[float]) -> float | None:
     """The median of the logged speeds after the first (which holds compilation); None with fewer than two
     of them: one window alone is no steady rate (a two-step run on an H100 logged 13.6 million tokens/s for
-    its second)."""
+    its second, before ``finetune.py`` timed its windows where each step is done: ``train/throughput.py``)."""
     return median(speeds[1:]) if len(speeds) >= 3 else None
 
 

@@ -99,8 +99,8 @@ class KernelSettings:
                                   values=_ON_OFF)
     lora_scratch: bool = _setting(True, "MLX_QLORA_LORA_SCRATCH", SWITCH,
                                   "adapters in the fused layer: each launch writes the next one's A-products "
-                                  "into the layer's scratch (`model/fused_decode.py`); `0`: a small matmul beside "
-                                  "the launch for each", values=_ON_OFF)
+                                  "into the layer's scratch (`model/fused_decode.py`); `0`: each launch's "
+                                  "A-products by a small launch of their own beside it", values=_ON_OFF)
     prefetch: bool = _setting(True, "MLX_QLORA_PREFETCH", SWITCH,
                               "blocks appended to some decoding launches prefetch the next kernels' weights into "
                               "L2, one prefetch per 128-byte line (`kernels/cuda/l2_prefetch.py`); `0`: none",

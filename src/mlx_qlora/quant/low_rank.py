@@ -1,6 +1,7 @@
 """A projection as the fused few-row kernels take it: a bare per-row 4-bit base, and optionally a low-rank
 update computed beside the launch (``Stacked``: several projections' updates of one input as two matmuls) or
-half inside it (``Terms``: one matmul beside the launch, the second in the kernel's epilogue).
+inside the fused layer's launches (``Terms``: the A-products written by the launch before, B applied in the
+kernel's epilogue).
 
 A LoRA layer in inference computes ``base(x) + scale * (x @ A.T) @ B.T``. The kernels read the base's
 packed weight once per token; the update is two small matmuls (M <= 8 rows, rank r) done in MLX beside

@@ -290,8 +290,7 @@ def reference_swiglu(x: mx.array, gate: Weight, up: Weight,
 
 def reference_rms_norm(x: mx.array, gamma: mx.array, eps: float) -> mx.array:
     """float32 RMSNorm: x (M, K) -> (M, K)."""
-    xf = x.astype(mx.float32)
-    return xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps) * gamma.astype(mx.float32)
+    return x.astype(mx.float32) * reference_inv_rms(x, eps) * gamma.astype(mx.float32)
 
 
 def reference_inv_rms(x: mx.array, eps: float) -> mx.array:

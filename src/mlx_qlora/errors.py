@@ -79,13 +79,26 @@ def os_error_message(e: OSError) -> str:
     return f"{path}: {reason}"
 
 
+# What a compiler says when it cannot write its output (MLX's CPU backend compiles fused operations with the
+# system's C++ compiler into a folder of its own, and gives the compiler's whole output when that fails).
+_WRITE_FAILURES = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
+                   "Permission denied")
+
+
 def library_file_error(e: Exception) -> Optional[str]:
     """The message of a library's failure to write a file, which is not an ``OSError``: MLX's
-    (``[write] Unable to write 300092 bytes to file.``, ``[save_safetensors] Failed to open file ...``) and
-    safetensors' (``SafetensorError: ... I/O error: ... (os error 28)``); None for any other exception."""
+    (``[write] Unable to write 300092 bytes to file.``, ``[save_safetensors] Failed to open file ...``, and
+    ``[Compile::eval_cpu] Failed to compile function ...`` where the compiler could not write its output:
+    said in one line) and safetensors' (``SafetensorError: ... I/O error: ... (os error 28)``); None for any
+    other exception."""
     text = one_line(e)
     if isinstance(e, RuntimeError) and re.match(r"^\[(write|save|save_safetensors|save_gguf)\] ", text):
         return text
+    if isinstance(e, RuntimeError) and text.startswith("[Compile::eval_cpu]"):
+        reason = next((r for r in _WRITE_FAILURES if r in text), None)
+        target = re.search(r'-o "([^"]+)"', text)
+        if reason is not None and target is not None:
+            return f"MLX could not write the code it compiles into {os.path.dirname(target.group(1))}: {reason}"
     if type(e).__name__ == "SafetensorError" and "I/O error" in text:
         return text
     return None

@@ -219,6 +219,15 @@ class KernelSettings:
                                  "process (`kernels/cuda/kernel_cache.py`); `off`: each process compiles them "
                                  "again")
 
+    # What a precompiled kernel is launched as (kernels/cuda/fatbin.py): MLX 0.32.4 hashes the whole image
+    # at every launch, so a compressed one should cost the host less per launch (not yet timed on a GPU).
+    kernel_image: str = _setting("cubin", "MLX_QLORA_KERNEL_IMAGE", KNOB,
+                                 "what our compiled CUDA kernels are launched as (`kernels/cuda/fatbin.py`): "
+                                 "`cubin`, the cubin itself; `size`, a fatbin compressed as small as nvFatbin "
+                                 "can; `default`, nvFatbin's faster compression (either falls back on the "
+                                 "cubin where nvFatbin is missing)",
+                                 values={"size": "size", "default": "default", "cubin": "cubin"})
+
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)

@@ -374,6 +374,29 @@ def test_run_cli_statuses(error, status, line, capsys):
     assert capsys.readouterr().err.strip() == line
 
 
+COMPILE_UNDER_LIMIT = """
+import resource, sys
+import mlx.core as mx
+from mlx_qlora.errors import run_cli
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+mx.set_default_device(mx.cpu)
+run_cli(lambda: mx.eval(mx.compile(lambda x: mx.exp(x) * 3.0 + x)(mx.ones((8,)))))
+"""
+
+
+def test_mlx_compiling_onto_a_full_disk_is_one_line(tmp_path):
+    """MLX's CPU backend compiles fused operations with the C++ compiler into a folder under $TMPDIR; a
+    full disk there (a file-size limit here, on a cold folder) fails inside ``mx.eval`` with the compiler's
+    whole output. That is one line naming the folder and the reason."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.run([sys.executable, "-c", COMPILE_UNDER_LIMIT], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmp)})
+    line = assert_one_line_error(proc.returncode, proc.stderr)
+    assert line.startswith(f"error: writing a file failed: MLX could not write the code it compiles into {tmp}")
+    assert line.endswith(": File too large"), line
+
+
 def test_run_cli_lets_our_bugs_show_their_traceback():
     with pytest.raises(RuntimeError, match="something else"):
         run_cli(_raising(RuntimeError("something else")))

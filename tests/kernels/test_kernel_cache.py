@@ -11,17 +11,17 @@ import pytest
 
 from mlx_qlora import settings
 from mlx_qlora.device import on_cuda
-from mlx_qlora.kernels.cuda import dequant, kernel_cache, nvrtc
+from mlx_qlora.kernels.cuda import dequant, fatbin, kernel_cache, nvrtc
 from mlx_qlora.kernels.cuda.sources import cuda_kernel
 
 SOURCE = "  const int i = threadIdx.x; y[i] = x[i] * S;"
 
 
 class Recorder:
-    """Stands for NVRTC and for MLX's two ways of launching; records what each was asked."""
+    """Stands for NVRTC, nvFatbin and MLX's two ways of launching; records what each was asked."""
 
-    def __init__(self, monkeypatch, fail: str = ""):
-        self.compiled, self.launched, self.mlx_built = [], [], []
+    def __init__(self, monkeypatch, fail: str = "", no_fatbin: bool = False):
+        self.compiled, self.launched, self.mlx_built, self.wrapped = [], [], [], []
         monkeypatch.setattr(nvrtc, "version", lambda: (13, 0))
         monkeypatch.setattr(nvrtc, "architecture", lambda: "sm_90a")
 
@@ -39,7 +39,12 @@ class Recorder:
             self.mlx_built.append(kw["name"])
             return lambda **call: ["mlx"]
 
+        def wrap(cubin, arch, mode):
+            self.wrapped.append((arch, mode))
+            return None if no_fatbin else b"fatbin of " + cubin
+
         monkeypatch.setattr(nvrtc, "compile_cubin", compile_cubin)
+        monkeypatch.setattr(fatbin, "wrap", wrap)
         monkeypatch.setattr(mx.fast, "precompiled_cuda_kernel", precompiled)
         monkeypatch.setattr(mx.fast, "cuda_kernel", mlx_kernel)
 
@@ -57,7 +62,7 @@ def _kernel():
 def test_a_kernel_is_compiled_once_and_read_back_by_the_next_process(tmp_path, monkeypatch, capsys):
     rec = Recorder(monkeypatch)
     kernel_cache._said.clear()
-    with settings.override(kernel_cache=str(tmp_path)):
+    with settings.override(kernel_cache=str(tmp_path), kernel_image="size"):
         assert _launch(_kernel()) == ["launched"]
         assert capsys.readouterr().err.splitlines() == [  # why the first run waits, once
             f"mlx-qlora: compiling CUDA kernels for this GPU; they are kept in {tmp_path} for later runs"]
@@ -68,7 +73,9 @@ def test_a_kernel_is_compiled_once_and_read_back_by_the_next_process(tmp_path, m
         assert kept.read_bytes() == f"cubin of {name}".encode()
         assert [p.name for p in kept.parent.iterdir()] == [kept.name]  # no temporary file left
         launch = rec.launched[0]
-        assert launch["name"] == name and launch["compiled_source"] == kept.read_bytes()
+        # launched as a compressed fatbin of that cubin (settings.kernel_image = "size")
+        assert launch["name"] == name and launch["compiled_source"] == b"fatbin of " + kept.read_bytes()
+        assert rec.wrapped == [("sm_90a", "size")]
         assert launch["ensure_row_contiguous"] and launch["scalars"] == [] and launch["grid"] == (32, 1, 1)
         assert f'extern "C" __global__ void {name}(' in text and "  constexpr int S = 2;" in text
 
@@ -93,6 +100,23 @@ def test_an_empty_cached_file_is_compiled_again(tmp_path, monkeypatch):
         kept.write_bytes(b"")  # an interrupted writer of another program, say
         _launch(_kernel())
         assert len(rec.compiled) == 2 and kept.read_bytes().startswith(b"cubin of")
+
+
+def test_the_cubin_is_launched_as_it_is_where_asked_or_without_nvfatbin(tmp_path, monkeypatch):
+    for no_fatbin, image in ((False, "cubin"), (True, "size")):
+        rec = Recorder(monkeypatch, no_fatbin=no_fatbin)
+        with settings.override(kernel_cache=str(tmp_path), kernel_image=image):
+            _launch(_kernel())
+        [kept] = list(tmp_path.rglob("*.cubin"))
+        assert rec.launched[0]["compiled_source"] == kept.read_bytes()
+        assert len(rec.wrapped) == (1 if no_fatbin else 0)
+    rec = Recorder(monkeypatch)  # the setting is part of what a kernel object keeps per launch
+    kernel = _kernel()
+    for image in ("cubin", "default", "cubin"):
+        with settings.override(kernel_cache=str(tmp_path), kernel_image=image):
+            _launch(kernel)
+    assert [k["compiled_source"].startswith(b"fatbin of") for k in rec.launched] == [False, True, False]
+    assert rec.wrapped == [("sm_90a", "default")]
 
 
 def test_the_cache_off_or_nvrtc_failing_falls_back_to_mlx_and_says_so_once(tmp_path, monkeypatch, capsys):
@@ -170,3 +194,7 @@ def test_cached_kernels_equal_mlx_builds_and_load_without_compiling(tmp_path, mo
                                           ("name", "input_names", "output_names", "source", "header")})
         again = fresh(inputs=[wq, scales, biases], **args)[0]
         assert mx.array_equal(again, mlx).item()
+        for image in ("cubin", "size", "default"):  # the driver takes each image and runs the same code
+            with settings.override(kernel_image=image):
+                out = fresh(inputs=[wq, scales, biases], **args)[0]
+                assert mx.array_equal(out, mlx).item(), image

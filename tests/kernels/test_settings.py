@@ -40,7 +40,7 @@ def test_the_defaults_are_the_measured_defaults():
         fused=True, fused_decode=True, lora_scratch=True, prefetch=True, prefetch_blocks=32, prefetch_o=True,
         prefetch_gate_up_mb=4.0, attention_slots=64, attention_threads=256, attention_unroll=8, dequant=True,
         dequant_words=4, expand_group=0, sdpa_pad=True, attention_chunk=1024, attention_chunk_up_to=0, causal_call_pairs=1 << 30, blockwise_from=8192, blockwise_share=0.4, blockwise_block=512, checkpoint_span=0,
-        layer_tile=4096, prefill_eval_layers=1, kernel_cache="~/.cache/mlx-qlora/kernels")
+        layer_tile=4096, prefill_eval_layers=1, kernel_cache="~/.cache/mlx-qlora/kernels", kernel_image="cubin")
 
 
 @pytest.mark.parametrize("env,value,field,want", [

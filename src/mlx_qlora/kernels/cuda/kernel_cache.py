@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from ... import settings
-from . import nvrtc
+from . import fatbin, nvrtc
 from .sources import digest
 
 # The C type of each dtype in a kernel's parameters and ``using`` lines (MLX's ``dtype_to_cuda_type``).
@@ -117,6 +117,16 @@ def load_or_compile(directory: Path, kernel_name: str, text: str) -> bytes:
     return data
 
 
+def image(cubin: bytes) -> bytes:
+    """What a launch hands MLX: ``cubin`` wrapped as a compressed fatbin (``settings.kernel_image``,
+    ``fatbin.wrap``), or the cubin where that is off or nvFatbin is missing."""
+    mode = settings.current().kernel_image
+    if mode == "cubin":
+        return cubin
+    wrapped = fatbin.wrap(cubin, nvrtc.architecture(), mode)
+    return cubin if wrapped is None else wrapped
+
+
 class Kernel:
     """One kernel of the package (see the module docstring)."""
 
@@ -141,7 +151,7 @@ class Kernel:
     def build(self, input_dtypes: Sequence[mx.Dtype], output_dtypes: Sequence[mx.Dtype],
               template: Sequence[tuple[str, object]]) -> Optional[tuple[str, bytes]]:
         """(name in the cubin, cubin) of one launch's dtypes and template, or ``None``: MLX's path."""
-        key = (tuple(input_dtypes), tuple(output_dtypes), tuple(template))
+        key = (tuple(input_dtypes), tuple(output_dtypes), tuple(template), settings.current().kernel_image)
         if key in self._built:
             return self._built[key]
         built = None
@@ -155,7 +165,7 @@ class Kernel:
                     kernel_name = f"{self.name}_{digest(draft)}"
                     text = translation_unit(kernel_name, self.header, self.source, self.input_names,
                                             input_dtypes, self.output_names, output_dtypes, template)
-                    built = (kernel_name, load_or_compile(directory, kernel_name, text))
+                    built = (kernel_name, image(load_or_compile(directory, kernel_name, text)))
             except nvrtc.CompileError as e:
                 _say_once(f"CUDA kernels compile in each process ({str(e).splitlines()[0][:300]})")
         self._built[key] = built

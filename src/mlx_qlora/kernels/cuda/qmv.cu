@@ -167,6 +167,7 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, unsigned int a0, unsign
     }
   }
   @POSTREDUCE@
+  @LOW_RANK@
   // Lane r writes row n0 + r (unrolled with a compare: indexing registers by lane would spill them).
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -323,13 +324,12 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, unsigned int a0, unsign
   for (int m = 0; m < M; ++m) {
     xsum[m] = sum_x[m];
   }
-  // Lane r writes row n0 + r.
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r == lane) {
-      const int n = n0 + r;
-      @EPILOGUE@
-    }
+  // Lane r < R writes row n0 + r: acc is in shared memory, so r is the lane (the lanes write in parallel,
+  // and the epilogue is in the code once).
+  if (lane < R) {
+    const int r = lane;
+    const int n = n0 + r;
+    @EPILOGUE@
   }
 
 // @section mma_xprep_norm: the tensor-core body's RMSNorm: x * gamma and the sum of squares

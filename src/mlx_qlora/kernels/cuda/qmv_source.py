@@ -67,22 +67,73 @@ def _addend(addend: tuple, g: int, index: str) -> str:
     return f" + {float(addend[g])!r}f * load_res(add{g}, {index})"
 
 
-def _low_rank(low_rank: tuple, cols: int, offset: int, normed: bool, g: int, row: str) -> str:
-    """`` + F * lr_scale[m] * (lb<g>[row] . lh[offset + m * cols + c:... + r])`` where matrix g has a
-    low-rank term (F, c, r) (``Variant.low_rank``; ``lr_scale`` only where the input is normed), else ``""``."""
-    if g >= len(low_rank) or low_rank[g] is None:
-        return ""
-    factor, first, rank = low_rank[g]
-    scale = " * lr_scale[m]" if normed else ""
-    return (f" + {float(factor)!r}f{scale} * low_rank_dot<{int(rank)}>(lb{g}, lh, (size_t)({row}), "
-            f"(size_t){int(offset)} + (size_t)m * {int(cols)} + {int(first)})")
+def _low_rank_value(v: "Variant", g: int, row: str) -> str:
+    """``F * lr_scale[m] * (lb<g>[row] . lh[offset + m * cols + c:... + r])`` of matrix g's low-rank term
+    (F, c, r) (``Variant.low_rank``; ``lr_scale`` only where the input is normed)."""
+    factor, first, rank = v.low_rank[g]
+    scale = " * lr_scale[m]" if v.norm_eps is not None else ""
+    return (f"{float(factor)!r}f{scale} * low_rank_dot<{int(rank)}>(lb{g}, lh, (size_t)({row}), "
+            f"(size_t){int(v.low_rank_offset)} + (size_t)m * {int(v.low_rank_cols)} + {int(first)})")
 
 
-def _terms(v: "Variant", g: int, index: str, row: str) -> str:
+def _has_low_rank(v: "Variant", g: int) -> bool:
+    return g < len(v.low_rank) and v.low_rank[g] is not None
+
+
+def _terms(v: "Variant", g: int, index: str, row: str, lane_terms: bool = False) -> str:
     """What matrix g adds to its float32 sum at output ``index`` (row ``row``) before its epilogue: the
-    addend and the low-rank term of ``Variant``, either, both or neither."""
-    return _addend(v.addend, g, index) + _low_rank(v.low_rank, v.low_rank_cols, v.low_rank_offset,
-                                                   v.norm_eps is not None, g, row)
+    addend and the low-rank term of ``Variant``, either, both or neither. ``lane_terms``: the low-rank term
+    is the one ``lane_low_rank`` computed before the epilogue (``lr0[m]``, or ``lr1[m]`` for up's, or for
+    the second row ``nb`` of a rotary pair), not computed here."""
+    low_rank = ""
+    if _has_low_rank(v, g):
+        second = row == "nb" or (v.swiglu and g == 1)
+        low_rank = f" + lr{int(second)}[m]" if lane_terms else " + " + _low_rank_value(v, g, row)
+    return _addend(v.addend, g, index) + low_rank
+
+
+def lane_low_rank(v: "Variant") -> str:
+    """The CUDA-core body's low-rank terms of the rows lane r will write, computed by all lanes at once
+    before the epilogue (which is unrolled over r with a compare, each copy run by one lane): ``lr0[m]``
+    (gate's with SwiGLU; the row, or the pair's first row na with rotary embeddings) and ``lr1[m]`` (up's;
+    the pair's second row nb). The same operations as in the epilogue, so the same numbers."""
+    lines = ["  float lr0[M] = {}, lr1[M] = {};", "  {"]
+    if v.norm_eps is not None:
+        lines += ["    " + line.strip() for line in _CU["low_rank_scale"].strip("\n").splitlines()]
+    lines += ["    const int r = lane;"]
+
+    def fill(indent: str, pairs) -> list[str]:
+        out = [f"{indent}#pragma unroll", f"{indent}for (int m = 0; m < M; ++m) {{"]
+        out += [f"{indent}  lr{slot}[m] = {_low_rank_value(v, g, row)};" for slot, g, row in pairs]
+        return out + [f"{indent}}}"]
+
+    if v.swiglu:
+        lines += ["    if (r < R) {", "      const int n = n0 + r;"]
+        lines += fill("      ", [(g, g, "n") for g in (0, 1) if _has_low_rank(v, g)])
+        lines += ["    }"]
+    else:
+        lines += ["    " + line.strip() for line in _matrix_branches(v.n_matrices)]
+        lines += [f"    const bool roped = {_roped_expr(v.rope)};"]
+        if any(v.rope):
+            lines += ["    if (roped) {", "      if (r < R / 2) {",
+                      "        const int na = (local / HD) * HD + (local % HD) / 2 + r;",
+                      "        const int nb = na + HD / 2;"]
+            for g, on in enumerate(v.rope):
+                if on and _has_low_rank(v, g):
+                    lines += [f"        if (g == {g}) {{"]
+                    lines += fill("          ", [(0, g, "na"), (1, g, "nb")])
+                    lines += ["        }"]
+            lines += ["      }", "    } else if (r < R) {"]
+        else:
+            lines += ["    if (r < R) {"]
+        lines += ["      const int local_n = local + r;"]
+        for g in range(v.n_matrices):
+            if _has_low_rank(v, g) and not (g < len(v.rope) and v.rope[g]):
+                lines += [f"      if (g == {g}) {{"]
+                lines += fill("        ", [(0, g, "local_n")])
+                lines += ["      }"]
+        lines += ["    }"]
+    return "\n".join(lines + ["  }"])
 
 
 def _store_kept(target: str, value: str) -> str:
@@ -282,8 +333,10 @@ class Variant:
         norm = self.norm_eps is not None
         if stage and (mma or not norm):
             raise ValueError("only the CUDA-core body of an RMSNorm variant stages its input")
+        lane_terms = self.has_low_rank and not mma  # see lane_low_rank
+
         def terms(g: int, index: str, row: str) -> str:
-            return _terms(self, g, index, row)
+            return _terms(self, g, index, row, lane_terms)
 
         emit = bool(self.emit_cols)
         if emit and not (self.swiglu or (self.n_matrices == 1 and not any(self.rope) and not self.cache)):
@@ -300,8 +353,8 @@ class Variant:
         else:
             select = select_split(self.n_matrices, self.rope, mma)
             epilogue = epilogue_split(self.n_matrices, self.rope, self.residual, self.cache, terms, emit)
-        if self.has_low_rank and norm:  # the terms' 1/rms of each input row, where the epilogue can read it
-            epilogue = _CU["low_rank_scale_mma" if mma else "low_rank_scale"] + "\n" + epilogue
+        if self.has_low_rank and norm and mma:  # the terms' 1/rms of each input row, where the epilogue reads it
+            epilogue = _CU["low_rank_scale_mma"] + "\n" + epilogue
         if mma:
             body = (_CU["body_mma"].replace("MMA_CHUNKS", str(mma_chunks)).replace("MMA_WARPS", str(mma_warps))
                     .replace("@SELECT@", select)
@@ -315,6 +368,7 @@ class Variant:
             prologue = (_CU["norm_prologue_staged"] if stage else _CU["norm_prologue"]) if norm else ""
             body = (body.replace("@UNROLL@", str(unroll))
                     .replace("@SELECT@", select).replace("@EPILOGUE@", epilogue)
+                    .replace("@LOW_RANK@", lane_low_rank(self) if lane_terms else "")
                     .replace("@PROLOGUE@", prologue)
                     .replace("@XSCALE@", _CU["norm_xscale"] if norm and not stage else "")
                     .replace("@POSTREDUCE@", _CU["norm_postreduce"] if norm else ""))

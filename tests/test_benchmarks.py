@@ -108,12 +108,14 @@ def test_dequant_probe_tiny(tmp_path):
 
 
 def test_fused_decode_probe_tiny(tmp_path):
-    result, stdout = _run(["probes/fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4", "--adapters", "2"],
-                          tmp_path)
-    (row,) = result["rows"]  # on the CPU only the default path runs
-    assert row["path"] == "mlx attention" and row["ms_per_token"] > 0 and row["max_logit_diff"] == 0
-    assert row["adapter_rank"] == 2 and row["fused_layer"] is False
-    assert "| path |" in stdout
+    result, stdout = _run(["probes/fused_decode_probe.py", "--prompt-tokens", "8", "--steps", "4", "--adapters", "2",
+                           "--images", "cubin,size"], tmp_path)
+    rows = result["rows"]  # on the CPU only the default path runs, once per kernel image asked for
+    assert [(r["path"], r["image"]) for r in rows] == [("mlx attention", "cubin"), ("mlx attention", "size")]
+    for row in rows:
+        assert row["ms_per_token"] > 0 and row["max_logit_diff"] == 0
+        assert row["adapter_rank"] == 2 and row["fused_layer"] is False
+    assert "| path | image |" in stdout
 
 
 def test_variant_stacks_run_in_their_own_environment(tmp_path):

@@ -5,7 +5,9 @@ six launches (``model/fused_decode.py``, ``settings.fused_decode``). Reports ms 
 host's share (time inside ``mx.async_eval``) and each path's largest logit difference from the first path
 over the same tokens. ``--adapters RANK``: both paths with random LoRA adapters attached on all seven
 projections (in the compute dtype, as ``generate.py --adapter`` attaches them), which the six launches add
-inside their kernels (``MLX_QLORA_LORA_SCRATCH=0``: with an A-products launch beside each).
+inside their kernels (``MLX_QLORA_LORA_SCRATCH=0``: with an A-products launch beside each). ``--images
+cubin,size``: each path with the kernels launched as cubins and as compressed fatbins
+(``MLX_QLORA_KERNEL_IMAGE``), alternated in one process (the logits must not differ).
 
   python benchmarks/probes/fused_decode_probe.py --preset mistral-7b --layers 32     # on a CUDA GPU
   python benchmarks/probes/fused_decode_probe.py --preset mistral-7b --adapters 16
@@ -67,6 +69,8 @@ def main() -> None:
     p.add_argument("--paths", help="comma list of the paths to run (default: all): " + ", ".join(PATHS))
     p.add_argument("--adapters", type=int, default=0, metavar="RANK",
                    help="random LoRA adapters of this rank on all seven projections (0: none)")
+    p.add_argument("--images", help="comma-separated MLX_QLORA_KERNEL_IMAGE values to run each path with "
+                   "(cubin, size, default; default: the setting's), alternated in this process")
     p.add_argument("--json")
     args = p.parse_args()
     cfg = dict(PRESETS[args.preset])
@@ -83,20 +87,23 @@ def main() -> None:
     unknown = [n for n in chosen if n not in PATHS]
     if unknown:
         p.error(f"unknown paths {unknown}; choose from {list(PATHS)}")
+    images = args.images.split(",") if args.images else [settings.current().kernel_image]
     rows, base = [], None
     for name in chosen:
         fused = PATHS[name]
         if fused and not on_cuda():
             continue  # the kernels need CUDA
-        with settings.override(fused_decode=fused):
-            logits, ms, host_ms = decode(model, prompt, tokens)
-            taken = takes_fused_layer(model, compute_dtype())
-        base = logits if base is None else base
-        row = {"path": name, "adapter_rank": args.adapters, "fused_layer": taken, "ms_per_token": ms, "host_ms_per_token": host_ms, "tokens_per_s": 1e3 / ms,
-               "max_logit_diff": mx.abs(logits - base).max().item(), "max_abs_logit": mx.abs(base).max().item()}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print_table(rows, [("path", "path", ""), ("ms_per_token", "ms/token", "{:.2f}"),
+        for image in images:
+            with settings.override(fused_decode=fused, kernel_image=image):
+                logits, ms, host_ms = decode(model, prompt, tokens)
+                taken = takes_fused_layer(model, compute_dtype())
+            base = logits if base is None else base
+            row = {"path": name, "image": image, "adapter_rank": args.adapters, "fused_layer": taken,
+                   "ms_per_token": ms, "host_ms_per_token": host_ms, "tokens_per_s": 1e3 / ms,
+                   "max_logit_diff": mx.abs(logits - base).max().item(), "max_abs_logit": mx.abs(base).max().item()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print_table(rows, [("path", "path", ""), ("image", "image", ""), ("ms_per_token", "ms/token", "{:.2f}"),
                        ("host_ms_per_token", "host ms/token", "{:.2f}"), ("tokens_per_s", "tokens/s", "{:.1f}"),
                        ("max_logit_diff", "max logit diff", "{:.3g}"), ("max_abs_logit", "max |logit|", "{:.3g}"),
                        ("fused_layer", "fused layer", "{}")])

@@ -7,6 +7,8 @@ every evaluation, and for a precompiled kernel (``mx.fast.precompiled_cuda_kerne
 ``--launches`` times in a chain inside ``mx.compile`` and pads its cubin with an initialised device array of
 ``--pad-kb`` kilobytes (read at a data-dependent index, so it is kept), or gives it ``--inputs`` inputs: the
 host time of each evaluation (inside ``mx.async_eval``) per launch, for each case, precompiled and (``--mlx-jit``) as MLX compiles it.
+``--images cubin,size``: each case launched as the cubin and as a compressed fatbin (``kernels/cuda/fatbin.py``;
+the padding compresses to almost nothing).
 CUDA only.
 
   python benchmarks/probes/launch_cost_probe.py --pad-kb 0,16,64,256 --inputs 1,8,16 --launches 192
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 
 from common import environment, median, print_table, write_json  # noqa: E402
+from mlx_qlora import settings  # noqa: E402
 from mlx_qlora.device import on_cuda  # noqa: E402
 from mlx_qlora.kernels.cuda.sources import cuda_kernel  # noqa: E402
 
@@ -74,6 +77,8 @@ def main() -> None:
     p.add_argument("--inputs", default="1", help="comma-separated inputs per launch (at no padding)")
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--mlx-jit", action="store_true", help="also launch each kernel as MLX compiles it")
+    p.add_argument("--images", help="comma-separated MLX_QLORA_KERNEL_IMAGE values to launch each case as "
+                   "(cubin, size, default; default: the setting's)")
     p.add_argument("--json")
     args = p.parse_args()
     if not on_cuda():
@@ -81,17 +86,22 @@ def main() -> None:
     rows = []
     cases = [(int(kb), 1) for kb in args.pad_kb.split(",")]
     cases += [(0, int(n)) for n in args.inputs.split(",") if int(n) != 1]
+    images = args.images.split(",") if args.images else [settings.current().kernel_image]
     for kb, n_inputs in cases:
         kernel = padded_kernel(kb * 1024, n_inputs)
-        built = kernel.build([mx.float32] * n_inputs, [mx.float32], [])
-        row = {"pad_kb": kb, "inputs": n_inputs, "cubin_bytes": len(built[1]) if built else None,
-               "host_us_per_launch": host_us_per_launch(kernel, args.launches, args.repeats, True, n_inputs)}
-        if args.mlx_jit:
-            row["mlx_jit_host_us_per_launch"] = host_us_per_launch(kernel, args.launches, args.repeats, False,
-                                                                   n_inputs)
-        rows.append(row)
-        print(row, flush=True)
-    print_table(rows, [("pad_kb", "pad KB", ""), ("inputs", "inputs", ""), ("cubin_bytes", "cubin bytes", "{:,}"),
+        for image in images:
+            with settings.override(kernel_image=image):
+                built = kernel.build([mx.float32] * n_inputs, [mx.float32], [])
+                row = {"pad_kb": kb, "inputs": n_inputs, "image": image,
+                       "image_bytes": len(built[1]) if built else None,
+                       "host_us_per_launch": host_us_per_launch(kernel, args.launches, args.repeats, True, n_inputs)}
+            if args.mlx_jit and image == images[0]:
+                row["mlx_jit_host_us_per_launch"] = host_us_per_launch(kernel, args.launches, args.repeats, False,
+                                                                       n_inputs)
+            rows.append(row)
+            print(row, flush=True)
+    print_table(rows, [("pad_kb", "pad KB", ""), ("inputs", "inputs", ""), ("image", "image", ""),
+                       ("image_bytes", "image bytes", "{:,}"),
                        ("host_us_per_launch", "host us/launch (precompiled)", "{:.2f}"),
                        ("mlx_jit_host_us_per_launch", "host us/launch (MLX's JIT)", "{:.2f}")])
     write_json(args.json, {"environment": environment(), "args": vars(args), "rows": rows})

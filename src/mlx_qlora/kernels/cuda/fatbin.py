@@ -19,26 +19,18 @@ import ctypes.util
 import glob
 import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Optional
 
 from ...device import cuda_toolkit
+from .nvrtc import wheel_libraries
 
 
 @lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
-    """libnvfatbin: from the ``nvidia`` wheels beside MLX, the system's loader, or the CUDA toolkit; None."""
-    candidates = []
-    try:
-        import mlx.core as mx
-
-        wheels = Path(mx.__file__).resolve().parent.parent / "nvidia"
-        for pattern in ("*/lib/libnvfatbin.so*", "*/*/lib/libnvfatbin.so*"):
-            candidates += sorted(glob.glob(str(wheels / pattern)), reverse=True)
-    except (ImportError, AttributeError, TypeError):
-        pass
+    """libnvfatbin: from the system's loader, the ``nvidia`` wheels beside MLX, or the CUDA toolkit; None."""
     found = ctypes.util.find_library("nvfatbin")
-    candidates += ([found] if found else []) + ["libnvfatbin.so.13", "libnvfatbin.so.12", "libnvfatbin.so"]
+    candidates = ([found] if found else []) + ["libnvfatbin.so.13", "libnvfatbin.so.12", "libnvfatbin.so"]
+    candidates += wheel_libraries("libnvfatbin")
     candidates += sorted(glob.glob(os.path.join(cuda_toolkit(), "lib64", "libnvfatbin.so*")), reverse=True)
     for name in candidates:
         try:

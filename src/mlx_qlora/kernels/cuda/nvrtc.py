@@ -2,9 +2,10 @@
 
 MLX's CUDA build links NVRTC (``libnvrtc.so.<major>``), so in a process that imported ``mlx.core`` on CUDA
 the library is already mapped; ``library()`` takes that one (from ``/proc/self/maps``) before searching.
-The include folders are the ones MLX gives NVRTC for its own kernels: the MLX package's ``include`` (and
-its ``cccl``), then the CUDA headers of the ``nvidia`` wheels beside MLX, else ``$CUDA_HOME``,
-``$CUDA_PATH`` or ``/usr/local/cuda``. The architecture is the device's own (``sm_90a`` on an H100), so
+Elsewhere (MLX's CPU build, where the tests compile our kernels to check them) it is the
+``nvidia-cuda-nvrtc`` wheel's. The include folders are the ones MLX gives NVRTC for its own kernels: the
+MLX package's ``include`` (and its ``cccl``, else the ``nvidia-cuda-cccl`` wheel's), then the CUDA headers
+of the ``nvidia`` wheels beside MLX, else ``$CUDA_HOME``, ``$CUDA_PATH`` or ``/usr/local/cuda``. The architecture is the device's own (``sm_90a`` on an H100), so
 the driver loads the result without compiling it again.
 """
 
@@ -23,6 +24,20 @@ class CompileError(RuntimeError):
     """NVRTC is missing, or refused a source (the message carries its log)."""
 
 
+def wheel_libraries(stem: str) -> list[str]:
+    """The files ``<stem>.so*`` of the ``nvidia`` wheels installed beside MLX (``nvidia/<part>/lib``, or
+    ``nvidia/<cu13>/<part>/lib``), newest name first; empty where there are none."""
+    import glob
+
+    import mlx.core as mx
+
+    wheels = Path(mx.__file__).resolve().parent.parent / "nvidia"
+    found = []
+    for pattern in (f"*/lib/{stem}.so*", f"*/*/lib/{stem}.so*"):
+        found += sorted(glob.glob(str(wheels / pattern)), reverse=True)
+    return found
+
+
 @lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
     """The NVRTC library of this process (see the module docstring)."""
@@ -37,6 +52,7 @@ def library() -> ctypes.CDLL:
         pass
     found = ctypes.util.find_library("nvrtc")
     candidates += ([found] if found else []) + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+    candidates += wheel_libraries("libnvrtc")  # the nvidia-cuda-nvrtc wheel, where no loader path has it
     for name in candidates:
         try:
             return ctypes.CDLL(name)
@@ -65,8 +81,10 @@ def include_paths() -> tuple[str, ...]:
     import mlx.core as mx
 
     package = Path(mx.__file__).resolve().parent  # .../site-packages/mlx
-    found = [package / "include", package / "include" / "cccl"]
     wheels = package.parent / "nvidia"
+    found = [package / "include", package / "include" / "cccl"]
+    if not found[1].is_dir():  # MLX's CPU build has no cccl: the nvidia-cuda-cccl wheel's, if installed
+        found.append(wheels / "cuda_cccl" / "include")
     cuda_headers = [wheels / name / "include" for name in ("cu13", "cuda_runtime")]
     cuda_headers.append(Path(cuda_toolkit()) / "include")
     found += [next((p for p in cuda_headers if (p / "cuda_fp16.h").exists()), cuda_headers[-1])]

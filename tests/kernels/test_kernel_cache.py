@@ -102,14 +102,19 @@ def test_an_empty_cached_file_is_compiled_again(tmp_path, monkeypatch):
         assert len(rec.compiled) == 2 and kept.read_bytes().startswith(b"cubin of")
 
 
-def test_the_cubin_is_launched_as_it_is_where_asked_or_without_nvfatbin(tmp_path, monkeypatch):
+def test_the_cubin_is_launched_as_it_is_where_asked_or_without_nvfatbin(tmp_path, monkeypatch, capsys):
     for no_fatbin, image in ((False, "cubin"), (True, "size")):
         rec = Recorder(monkeypatch, no_fatbin=no_fatbin)
+        kernel_cache._said.clear()
         with settings.override(kernel_cache=str(tmp_path), kernel_image=image):
             _launch(_kernel())
         [kept] = list(tmp_path.rglob("*.cubin"))
         assert rec.launched[0]["compiled_source"] == kept.read_bytes()
         assert len(rec.wrapped) == (1 if no_fatbin else 0)
+        said = [line for line in capsys.readouterr().err.splitlines() if "KERNEL_IMAGE" in line]
+        assert said == ([f"mlx-qlora: MLX_QLORA_KERNEL_IMAGE=size: nvFatbin (libnvfatbin, the nvidia-nvfatbin "
+                         "wheel) was not found or refused a kernel; the kernels are launched as cubins"]
+                        if no_fatbin else [])
     rec = Recorder(monkeypatch)  # the setting is part of what a kernel object keeps per launch
     kernel = _kernel()
     for image in ("cubin", "default", "cubin"):

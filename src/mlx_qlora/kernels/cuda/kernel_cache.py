@@ -124,7 +124,11 @@ def image(cubin: bytes) -> bytes:
     if mode == "cubin":
         return cubin
     wrapped = fatbin.wrap(cubin, nvrtc.architecture(), mode)
-    return cubin if wrapped is None else wrapped
+    if wrapped is None:
+        _say_once(f"MLX_QLORA_KERNEL_IMAGE={mode}: nvFatbin (libnvfatbin, the nvidia-nvfatbin wheel) was not "
+                  "found or refused a kernel; the kernels are launched as cubins")
+        return cubin
+    return wrapped
 
 
 class Kernel:

@@ -38,7 +38,6 @@ SHAPE = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num
 
 def _launches(monkeypatch, adapters: bool) -> list[tuple[str, str]]:
     """(kernel name, translation unit) of each launch of one fused decoding step of a bfloat16 layer."""
-
     model = tiny_model(seed=0, **SHAPE)
     quantize_model(model, bits=4)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -54,12 +53,7 @@ def _launches(monkeypatch, adapters: bool) -> list[tuple[str, str]]:
     recorded = []
 
     def record(self, *, inputs, template=(), grid, threadgroup, output_shapes, output_dtypes, **kw):
-        draft = kernel_cache.translation_unit("K", self.header, self.source, self.input_names,
-                                              [a.dtype for a in inputs], self.output_names, output_dtypes, template)
-        name = f"{self.name}_{kernel_cache.digest(draft)}"
-        recorded.append((name, kernel_cache.translation_unit(name, self.header, self.source, self.input_names,
-                                                             [a.dtype for a in inputs], self.output_names,
-                                                             output_dtypes, template)))
+        recorded.append(self.text([a.dtype for a in inputs], output_dtypes, template))  # what build compiles
         return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
 
     monkeypatch.setattr(kernel_cache.Kernel, "__call__", record)

@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Optional
 
 from ...device import cuda_toolkit
-from .nvrtc import wheel_libraries
+from .nvrtc import first_loadable, wheel_libraries
 
 
 @lru_cache(maxsize=None)
@@ -32,12 +32,7 @@ def library() -> Optional[ctypes.CDLL]:
     candidates = ([found] if found else []) + ["libnvfatbin.so.13", "libnvfatbin.so.12", "libnvfatbin.so"]
     candidates += wheel_libraries("libnvfatbin")
     candidates += sorted(glob.glob(os.path.join(cuda_toolkit(), "lib64", "libnvfatbin.so*")), reverse=True)
-    for name in candidates:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
+    return first_loadable(candidates)
 
 
 def wrap(cubin: bytes, arch: str, mode: str = "size") -> Optional[bytes]:

@@ -152,6 +152,16 @@ class Kernel:
                                                    header=self.header)
         return self._mlx_kernel
 
+    def text(self, input_dtypes: Sequence[mx.Dtype], output_dtypes: Sequence[mx.Dtype],
+             template: Sequence[tuple[str, object]]) -> tuple[str, str]:
+        """(kernel name, translation unit) of one launch's dtypes and template: the digest of a first text
+        names the second, whose name is in it."""
+        draft = translation_unit("K", self.header, self.source, self.input_names, input_dtypes,
+                                 self.output_names, output_dtypes, template)
+        kernel_name = f"{self.name}_{digest(draft)}"
+        return kernel_name, translation_unit(kernel_name, self.header, self.source, self.input_names, input_dtypes,
+                                             self.output_names, output_dtypes, template)
+
     def build(self, input_dtypes: Sequence[mx.Dtype], output_dtypes: Sequence[mx.Dtype],
               template: Sequence[tuple[str, object]]) -> Optional[tuple[str, bytes]]:
         """(name in the cubin, cubin) of one launch's dtypes and template, or ``None``: MLX's path."""
@@ -163,12 +173,7 @@ class Kernel:
             try:
                 directory = folder()
                 if directory is not None:
-                    # the digest of a first text names the second, whose name is in it
-                    draft = translation_unit("K", self.header, self.source, self.input_names, input_dtypes,
-                                             self.output_names, output_dtypes, template)
-                    kernel_name = f"{self.name}_{digest(draft)}"
-                    text = translation_unit(kernel_name, self.header, self.source, self.input_names,
-                                            input_dtypes, self.output_names, output_dtypes, template)
+                    kernel_name, text = self.text(input_dtypes, output_dtypes, template)
                     built = (kernel_name, image(load_or_compile(directory, kernel_name, text)))
             except nvrtc.CompileError as e:
                 _say_once(f"CUDA kernels compile in each process ({str(e).splitlines()[0][:300]})")

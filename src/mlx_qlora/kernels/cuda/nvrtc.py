@@ -5,8 +5,9 @@ the library is already mapped; ``library()`` takes that one (from ``/proc/self/m
 Elsewhere (MLX's CPU build, where the tests compile our kernels to check them) it is the
 ``nvidia-cuda-nvrtc`` wheel's. The include folders are the ones MLX gives NVRTC for its own kernels: the
 MLX package's ``include`` (and its ``cccl``, else the ``nvidia-cuda-cccl`` wheel's), then the CUDA headers
-of the ``nvidia`` wheels beside MLX, else ``$CUDA_HOME``, ``$CUDA_PATH`` or ``/usr/local/cuda``. The architecture is the device's own (``sm_90a`` on an H100), so
-the driver loads the result without compiling it again.
+of the ``nvidia`` wheels beside MLX, else ``$CUDA_HOME``, ``$CUDA_PATH`` or ``/usr/local/cuda``. The
+architecture is the device's own (``sm_90a`` on an H100), so the driver loads the result without compiling
+it again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ctypes.util
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 from ...device import cuda_toolkit
 
@@ -38,6 +40,16 @@ def wheel_libraries(stem: str) -> list[str]:
     return found
 
 
+def first_loadable(candidates: list[str]) -> Optional[ctypes.CDLL]:
+    """The first of ``candidates`` (paths or loader names) that loads; None."""
+    for name in candidates:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
 @lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
     """The NVRTC library of this process (see the module docstring)."""
@@ -53,12 +65,10 @@ def library() -> ctypes.CDLL:
     found = ctypes.util.find_library("nvrtc")
     candidates += ([found] if found else []) + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
     candidates += wheel_libraries("libnvrtc")  # the nvidia-cuda-nvrtc wheel, where no loader path has it
-    for name in candidates:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    raise CompileError("NVRTC (libnvrtc.so) was not found")
+    lib = first_loadable(candidates)
+    if lib is None:
+        raise CompileError("NVRTC (libnvrtc.so) was not found")
+    return lib
 
 
 def version() -> tuple[int, int]:

@@ -60,6 +60,13 @@ def select_split(n_matrices: int, rope: tuple[bool, ...] = (), mma: bool = False
     return "\n".join(lines)
 
 
+def _rope_pair(indent: str) -> list[str]:
+    """C lines naming lane r's rotary pair of a roped matrix: p (its index in the head's first half) and
+    rows na = head start + p and nb = na + HD/2."""
+    return [f"{indent}const int p = (local % HD) / 2 + r;", f"{indent}const int na = (local / HD) * HD + p;",
+            f"{indent}const int nb = na + HD / 2;"]
+
+
 def _addend(addend: tuple, g: int, index: str) -> str:
     """`` + F * add<g>[index]`` where matrix g has an addend of factor F (``Variant.addend``), else ``""``."""
     if g >= len(addend) or addend[g] is None:
@@ -116,8 +123,7 @@ def lane_low_rank(v: "Variant") -> str:
         lines += [f"    const bool roped = {_roped_expr(v.rope)};"]
         if any(v.rope):
             lines += ["    if (roped) {", "      if (r < R / 2) {",
-                      "        const int na = (local / HD) * HD + (local % HD) / 2 + r;",
-                      "        const int nb = na + HD / 2;"]
+                      *_rope_pair("        ")]
             for g, on in enumerate(v.rope):
                 if on and _has_low_rank(v, g):
                     lines += [f"        if (g == {g}) {{"]
@@ -166,9 +172,7 @@ def epilogue_split(n_matrices: int, rope: tuple[bool, ...] = (), residual: bool 
     lines += [f"      const bool roped = {_roped_expr(rope)};"]
     if any(rope):
         lines += ["      if (roped) {", "        if (r < R / 2) {",
-                  "          const int p = (local % HD) / 2 + r;",
-                  "          const int na = (local / HD) * HD + p;",
-                  "          const int nb = na + HD / 2;",
+                  *_rope_pair("          "),
                   "          const float angle = (float)rope_pos[0] * ROPE_SCALE * exp2f(-(float)p * LOG2_BASE / (HD / 2));",
                   "          float sn, cs;",
                   "          sincosf(angle, &sn, &cs);"]

@@ -11,7 +11,7 @@ import mlx_qlora  # noqa: F401  (loads OpenBLAS before MLX)
 import mlx.core as mx
 
 from mlx_qlora.quant import dequantize, quantize
-from mlx_qlora.quant.gptq import gptq_quantize
+from mlx_qlora.quant.gptq import damped, gptq_quantize, refit_rows
 from mlx_qlora.quant.quantize import unpack
 from mlx_qlora.quant.rounding import importance, weighted_error
 
@@ -154,7 +154,7 @@ def test_gptq_matches_the_obs_reference_on_a_tiny_matrix(act_order):
     w[5] = np.linspace(-1, 1, 16)  # no constant row here: its codes are arbitrary
     hessian = x.T.astype(np.float64) @ x
     wq, scales, biases = gptq_quantize(mx.array(w), hessian, 4, None, dtype=mx.float32, rounding="nearest",
-                                       act_order=act_order)
+                                       act_order=act_order, refit=False)
     q = np.array(unpack(wq, 4)).astype(np.float64)
     order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(16)
     assert not act_order or not np.array_equal(order, np.arange(16))  # a real permutation
@@ -163,3 +163,35 @@ def test_gptq_matches_the_obs_reference_on_a_tiny_matrix(act_order):
     # float32 against float64 may round a code that sits on a tie the other way: allow 1 in 100
     assert (q != ref).mean() <= 0.01
     assert np.abs(q - ref).max() <= 1
+
+
+def test_refit_rows_is_the_least_squares_fit_on_the_inputs():
+    """The 2x2 normal equations against numpy's least squares on the inputs themselves: per row,
+    ``min ||X w - s X q - b X 1||``."""
+    x = _correlated_inputs(n=256, in_features=32, seed=2).astype(np.float64)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((8, 32))
+    q = np.clip(np.round((w + 3) / 0.4) + rng.integers(-1, 2, size=w.shape), 0, 15)  # codes of w, perturbed
+    start = np.full((8, 1), 1e-3, dtype=np.float32)  # a poor range: every row's refit is better
+    scale, bias = refit_rows(w, q, start, start, x.T @ x, mx.float32)
+    for row in range(8):
+        design = np.stack([x @ q[row], x.sum(axis=1)], axis=1)  # (n, 2): X q, X 1
+        (s, b), *_ = np.linalg.lstsq(design, x @ w[row], rcond=None)
+        np.testing.assert_allclose([scale[row, 0], bias[row, 0]], [s, b], rtol=1e-5, atol=1e-6)
+
+
+def test_gptq_refit_lowers_every_rows_output_error():
+    """Refitting never raises a row's error on GPTQ's (damped) objective, and lowers the total."""
+    x = _correlated_inputs()
+    w = _weights(out_features=48, in_features=128, seed=3)
+    hessian = x.T.astype(np.float64) @ x
+    h = damped(hessian)
+
+    def row_errors(triple):
+        e = np.array(dequantize(*triple, 4, None, dtype=mx.float32)).astype(np.float64) - w
+        return np.einsum("oi,ij,oj->o", e, h, e)
+
+    plain = row_errors(gptq_quantize(mx.array(w), hessian, 4, None, dtype=mx.float16, refit=False))
+    refitted = row_errors(gptq_quantize(mx.array(w), hessian, 4, None, dtype=mx.float16))
+    assert np.all(refitted <= plain * (1 + 1e-9))
+    assert refitted.sum() < 0.99 * plain.sum()

@@ -9,8 +9,9 @@ column by column, to the rest of the matrix once per block (the "lazy batch" of 
 
 The storage format is unchanged: scales and biases are chosen first (per row: from the whole original row;
 per group: from the group's columns as the updates have left them, when its first column is reached), by
-``rounding.choose_ranges``; GPTQ only chooses the integers. Computed in numpy, float32 for the weights
-and float64 for the inverse.
+``rounding.choose_ranges``; GPTQ then chooses the integers. Per row, the scale and bias are refitted last
+to the integers GPTQ chose (``refit_rows``: the least-squares fit on the same Hessian, two numbers per row).
+Computed in numpy, float32 for the weights and float64 for the inverse and the refit.
 """
 
 from __future__ import annotations
@@ -53,6 +54,41 @@ def _ranges(columns: np.ndarray, bits: int, dtype: mx.Dtype, rounding: str, per_
     return (np.array(scales.astype(mx.float32)).reshape(-1, 1), np.array(biases.astype(mx.float32)).reshape(-1, 1))
 
 
+def refit_rows(w: np.ndarray, q: np.ndarray, scale: np.ndarray, bias: np.ndarray, hessian: np.ndarray,
+               dtype: mx.Dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the scale ``s`` and bias ``b`` minimising ``(w - s q - b)^T H (w - s q - b)``, the output
+    error on the inputs of ``H`` once the codes ``q`` are fixed: a 2x2 least-squares system per row.
+
+    GPTQ chose its codes for ranges picked before any error was moved; the codes, once chosen, are fitted
+    better by other ranges. ``w``, ``q`` (out, in) in the columns' order, ``scale``, ``bias`` (out, 1) the
+    ranges the codes were made with, ``hessian`` the damped ``H`` (in, in). Returns (out, 1) float32 arrays
+    holding values of ``dtype``; a row keeps its old range where the new one, rounded to ``dtype``, is not
+    lower in error (a row of equal codes has no 2x2 solution), so no row gets worse."""
+    w64, q64 = w.astype(np.float64), q.astype(np.float64)
+    qh = q64 @ hessian  # (out, in)
+    h1 = hessian.sum(axis=1)  # H 1, (in,)
+    qhq, qh1, qhw = np.einsum("oi,oi->o", qh, q64), q64 @ h1, np.einsum("oi,oi->o", qh, w64)
+    ones, whw = h1.sum(), np.einsum("oi,oi->o", w64 @ hessian, w64)
+    wh1 = w64 @ h1
+    det = qhq * ones - qh1 * qh1
+    solvable = det > 1e-9 * qhq * ones
+    safe = np.where(solvable, det, 1.0)
+    new_scale = (qhw * ones - qh1 * wh1) / safe
+    new_bias = (qhq * wh1 - qh1 * qhw) / safe
+
+    def stored(values: np.ndarray) -> np.ndarray:
+        return np.array(mx.array(values.astype(np.float32)).astype(dtype).astype(mx.float32), dtype=np.float64)
+
+    def error(s: np.ndarray, b: np.ndarray) -> np.ndarray:  # the quadratic form, expanded (out,)
+        return whw - 2 * s * qhw - 2 * b * wh1 + s * s * qhq + 2 * s * b * qh1 + b * b * ones
+
+    new_scale, new_bias = stored(new_scale), stored(new_bias)
+    old_scale, old_bias = scale[:, 0].astype(np.float64), bias[:, 0].astype(np.float64)
+    better = solvable & (new_scale > 0) & (error(new_scale, new_bias) < error(old_scale, old_bias))
+    return (np.where(better, new_scale, old_scale).astype(np.float32)[:, None],
+            np.where(better, new_bias, old_bias).astype(np.float32)[:, None])
+
+
 def gptq_quantize(
     w: mx.array,
     hessian: np.ndarray,
@@ -62,6 +98,7 @@ def gptq_quantize(
     rounding: str = "search",
     damp: float = DAMP,
     act_order: bool = True,
+    refit: bool = True,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Quantize ``w`` (out, in) for inputs whose ``X^T X`` is ``hessian`` (in, in).
 
@@ -69,7 +106,8 @@ def gptq_quantize(
     n_groups) in ``dtype`` (default: ``w``'s). ``rounding`` chooses the ranges (``rounding.py``). ``act_order``
     (per row only): the columns are taken from the largest ``H`` diagonal (the inputs of most energy) down, so
     that the columns that matter most are rounded first and the later ones absorb their error; the integers
-    go back to the columns' own order, so the format does not change."""
+    go back to the columns' own order, so the format does not change. ``refit`` (per row only): the scale and
+    bias are refitted to the chosen codes (``refit_rows``)."""
     out_features, in_features = w.shape
     n_groups = n_groups_for(in_features, bits, group_size)
     if hessian.shape != (in_features, in_features):
@@ -79,6 +117,7 @@ def gptq_quantize(
     group = group_size or in_features
     weight = np.array(w.astype(mx.float32), dtype=np.float32)  # (out, in), updated in place
     weight[:, np.diag(hessian) == 0] = 0.0
+    original, original_hessian = weight.copy(), hessian
     order = None
     if act_order and group_size is None:
         order = np.argsort(-np.diag(hessian), kind="stable")
@@ -107,8 +146,10 @@ def gptq_quantize(
             block[:, i:] -= np.outer(error, u[i, i:])
             errors[:, i] = error
         weight[:, stop:] -= errors @ upper[start:stop, stop:]
-    if group_size is None:
-        scales[:, 0], biases[:, 0] = scale[:, 0], bias[:, 0]
     if order is not None:
         q = q[:, np.argsort(order)]
+    if group_size is None:
+        if refit:
+            scale, bias = refit_rows(original, q, scale, bias, damped(original_hessian, damp), dtype)
+        scales[:, 0], biases[:, 0] = scale[:, 0], bias[:, 0]
     return (pack(mx.array(q), bits), mx.array(scales).astype(dtype), mx.array(biases).astype(dtype))

@@ -4,7 +4,6 @@ not divide the length; and its activations do not grow with the sequence."""
 
 from __future__ import annotations
 
-import gc
 
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx_qlora.quant import dequantize, quantize
 from mlx_qlora.quant.gptq import damped, gptq_quantize, refit_rows
 from mlx_qlora.quant.quantize import unpack
-from mlx_qlora.quant.rounding import importance, weighted_error
+from mlx_qlora.quant.rounding import importance
 
 
 def _weights(out_features=64, in_features=256, seed=0) -> np.ndarray:

@@ -260,7 +260,7 @@ def calibration_sequences(tokenizer, n_examples: int, max_tokens: int) -> list[n
 
 
 def rounding_table(gguf_path: str, n_tokens: int, seq_len: int, calibration_examples: int,
-                   methods: Optional[set[str]] = None, text: str = "docs") -> dict:
+                   methods: Optional[set[str]] = None, text: str = "docs", layouts: Optional[set[str]] = None) -> dict:
     """Per-row and group 64 x {nearest, search, calibrated}, and NF4 block 64: projection weight and output
     errors (mean over the 210 matrices, inputs from the first evaluation sequence), logits error, KL, top-1
     agreement and perplexity of the whole model with all seven projections of every layer replaced."""
@@ -288,7 +288,7 @@ def rounding_table(gguf_path: str, n_tokens: int, seq_len: int, calibration_exam
 
     rows = []
     for label, group_size, method in ROUNDING_METHODS:
-        if methods and method not in methods:
+        if (methods and method not in methods) or (layouts and label.split()[0] not in layouts):
             continue
         start = time.perf_counter()
         if method == "nf4":
@@ -417,6 +417,8 @@ def main() -> None:
                         help="only the rounding table: per-row / group 64 x nearest / search / calibrated, and NF4")
     parser.add_argument("--methods", help="with --rounding: only these methods, comma-separated "
                         "(nearest, search, calibrated, nf4; default all)")
+    parser.add_argument("--layouts", help="with --rounding: only these layouts, comma-separated "
+                        "(per-row, group, NF4; default all)")
     parser.add_argument("--text", default="docs", choices=("docs", "dolly"),
                         help="with --rounding: the held-out text (default: Python's documentation)")
     parser.add_argument("--conversion-time", action="store_true",
@@ -434,8 +436,9 @@ def main() -> None:
         print(f"\n{'layout':<13} {'method':<11} {'W err':>8} {'out err':>8} {'logits':>8} {'KL':>8} {'top-1':>7} "
               f"{'ppl':>8} {'change':>8} {'seconds':>7}")
         methods = set(args.methods.split(",")) if args.methods else None
+        layouts = set(args.layouts.split(",")) if args.layouts else None
         report["rounding"] = rounding_table(find_gguf(args.gguf), args.tokens, args.seq_len, args.calibration_examples,
-                                            methods, args.text)
+                                            methods, args.text, layouts)
         print(f"reference perplexity {report['rounding']['reference_perplexity']:.3f} on "
               f"{report['rounding']['eval_tokens']} tokens; calibration: {report['rounding']['calibration_examples']} "
               f"records, {report['rounding']['calibration_tokens']} tokens")

@@ -68,8 +68,7 @@ def refit_rows(w: np.ndarray, q: np.ndarray, scale: np.ndarray, bias: np.ndarray
     qh = q64 @ hessian  # (out, in)
     h1 = hessian.sum(axis=1)  # H 1, (in,)
     qhq, qh1, qhw = np.einsum("oi,oi->o", qh, q64), q64 @ h1, np.einsum("oi,oi->o", qh, w64)
-    ones, whw = h1.sum(), np.einsum("oi,oi->o", w64 @ hessian, w64)
-    wh1 = w64 @ h1
+    ones, wh1 = h1.sum(), w64 @ h1
     det = qhq * ones - qh1 * qh1
     solvable = det > 1e-9 * qhq * ones
     safe = np.where(solvable, det, 1.0)
@@ -79,8 +78,8 @@ def refit_rows(w: np.ndarray, q: np.ndarray, scale: np.ndarray, bias: np.ndarray
     def stored(values: np.ndarray) -> np.ndarray:
         return np.array(mx.array(values.astype(np.float32)).astype(dtype).astype(mx.float32), dtype=np.float64)
 
-    def error(s: np.ndarray, b: np.ndarray) -> np.ndarray:  # the quadratic form, expanded (out,)
-        return whw - 2 * s * qhw - 2 * b * wh1 + s * s * qhq + 2 * s * b * qh1 + b * b * ones
+    def error(s: np.ndarray, b: np.ndarray) -> np.ndarray:  # the quadratic form less w^T H w, expanded (out,)
+        return -2 * s * qhw - 2 * b * wh1 + s * s * qhq + 2 * s * b * qh1 + b * b * ones
 
     new_scale, new_bias = stored(new_scale), stored(new_bias)
     old_scale, old_bias = scale[:, 0].astype(np.float64), bias[:, 0].astype(np.float64)

@@ -147,6 +147,7 @@ def gptq_quantize(
         weight[:, stop:] -= errors @ upper[start:stop, stop:]
     if order is not None:
         q = q[:, np.argsort(order)]
+    del upper  # (in, in): freed before the refit's own in x in arrays
     if group_size is None:
         if refit:
             scale, bias = refit_rows(original, q, scale, bias, damped(original_hessian, damp), dtype)

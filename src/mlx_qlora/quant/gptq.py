@@ -116,12 +116,13 @@ def gptq_quantize(
     group = group_size or in_features
     weight = np.array(w.astype(mx.float32), dtype=np.float32)  # (out, in), updated in place
     weight[:, np.diag(hessian) == 0] = 0.0
-    original, original_hessian = weight.copy(), hessian
-    order = None
+    original = weight.copy() if refit and group_size is None else None  # the loop updates weight in place
+    order, ordered = None, hessian
     if act_order and group_size is None:
         order = np.argsort(-np.diag(hessian), kind="stable")
-        weight, hessian = weight[:, order], hessian[order][:, order]
-    upper = inverse_cholesky(hessian, damp).astype(np.float32)
+        weight, ordered = weight[:, order], hessian[order][:, order]
+    upper = inverse_cholesky(ordered, damp).astype(np.float32)
+    del ordered
 
     q = np.zeros((out_features, in_features), dtype=np.float32)
     scales = np.zeros((out_features, n_groups), dtype=np.float32)
@@ -150,6 +151,6 @@ def gptq_quantize(
     del upper  # (in, in): freed before the refit's own in x in arrays
     if group_size is None:
         if refit:
-            scale, bias = refit_rows(original, q, scale, bias, damped(original_hessian, damp), dtype)
+            scale, bias = refit_rows(original, q, scale, bias, damped(hessian, damp), dtype)
         scales[:, 0], biases[:, 0] = scale[:, 0], bias[:, 0]
     return (pack(mx.array(q), bits), mx.array(scales).astype(dtype), mx.array(biases).astype(dtype))

@@ -15,22 +15,19 @@ cubins for sm_90a, one fused decoder layer's launches shrink from 167 KB to 39 K
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import glob
 import os
 from functools import lru_cache
 from typing import Optional
 
 from ...device import cuda_toolkit
-from .nvrtc import first_loadable, wheel_libraries
+from .nvrtc import first_loadable, library_candidates
 
 
 @lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """libnvfatbin: from the system's loader, the ``nvidia`` wheels beside MLX, or the CUDA toolkit; None."""
-    found = ctypes.util.find_library("nvfatbin")
-    candidates = ([found] if found else []) + ["libnvfatbin.so.13", "libnvfatbin.so.12", "libnvfatbin.so"]
-    candidates += wheel_libraries("libnvfatbin")
+    candidates = library_candidates("nvfatbin")
     candidates += sorted(glob.glob(os.path.join(cuda_toolkit(), "lib64", "libnvfatbin.so*")), reverse=True)
     return first_loadable(candidates)
 

@@ -40,6 +40,14 @@ def wheel_libraries(stem: str) -> list[str]:
     return found
 
 
+def library_candidates(name: str) -> list[str]:
+    """Where the CUDA library ``lib<name>`` may be, in order: the system loader's name for it, its CUDA 13
+    and 12 sonames, then the files of the ``nvidia`` wheels beside MLX (``wheel_libraries``)."""
+    found = ctypes.util.find_library(name)
+    stem = f"lib{name}"
+    return ([found] if found else []) + [f"{stem}.so.13", f"{stem}.so.12", f"{stem}.so"] + wheel_libraries(stem)
+
+
 def first_loadable(candidates: list[str]) -> Optional[ctypes.CDLL]:
     """The first of ``candidates`` (paths or loader names) that loads; None."""
     for name in candidates:
@@ -62,9 +70,7 @@ def library() -> ctypes.CDLL:
                     candidates.append(path)
     except OSError:
         pass
-    found = ctypes.util.find_library("nvrtc")
-    candidates += ([found] if found else []) + ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
-    candidates += wheel_libraries("libnvrtc")  # the nvidia-cuda-nvrtc wheel, where no loader path has it
+    candidates += library_candidates("nvrtc")  # the nvidia-cuda-nvrtc wheel last, where no loader path has it
     lib = first_loadable(candidates)
     if lib is None:
         raise CompileError("NVRTC (libnvrtc.so) was not found")
